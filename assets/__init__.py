@@ -1,0 +1,1 @@
+"""Thin Dagster definitions per stage: they call the library, attach metadata and declare checks."""

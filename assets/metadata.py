@@ -1,0 +1,29 @@
+"""Metadata helpers shared by every asset: schemas, sample tables, images."""
+
+from __future__ import annotations
+
+import base64
+import posixpath
+from collections.abc import Sequence
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+
+from tulu_pipeline.reporting import markdown_table
+from tulu_pipeline.storage import Store
+
+
+def table_schema(schema: pa.Schema) -> dg.TableSchema:
+    return dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in schema])
+
+
+def image(store: Store, rel_path: str, png: bytes) -> dg.MetadataValue:
+    """Save a PNG under TULU_HOME and return it as markdown the Dagster UI renders inline."""
+    store.write_bytes(rel_path, png)
+    encoded = base64.b64encode(png).decode()
+    return dg.MetadataValue.md(f"![{posixpath.basename(rel_path)}](data:image/png;base64,{encoded})")
+
+
+def samples(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> dg.MetadataValue:
+    return dg.MetadataValue.md(markdown_table(rows, columns))

@@ -1,0 +1,149 @@
+"""The `tulu` command: inspect sources, prepare the base model, trace rows, set up the instance.
+
+It runs without Dagster: everything here reads the registry and TULU_HOME directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from tulu_pipeline import settings
+
+
+def _store(args: argparse.Namespace):
+    from tulu_pipeline.storage import Store
+
+    return Store(args.home or settings.tulu_home())
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from tulu_pipeline.provenance.ledger import Ledger
+
+    result = Ledger(_store(args)).trace(args.row_id)
+    print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+    if not result["found"]:
+        print(f"tulu trace: no ledger events for row {args.row_id!r} under {args.home or settings.tulu_home()}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_sources_list(args: argparse.Namespace) -> int:
+    from tulu_pipeline.data.registry import registry
+
+    rows = [spec.table_row() for spec in registry()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'id':44} {'role':15} {'suite':7} {'rows':>6}  license")
+    for row in rows:
+        print(f"{row['id']:44} {row['role']:15} {row['suite'] or '':7} {row['rows']:>6}  {row['license']}")
+    return 0
+
+
+def cmd_sources_verify(args: argparse.Namespace) -> int:
+    from tulu_pipeline.data.registry import RegistryError, registry, verify_file
+
+    failures = 0
+    root = Path(args.data_dir) if args.data_dir else None
+    for spec in registry():
+        try:
+            verify_file(spec, root)
+            print(f"ok       {spec.path}")
+        except RegistryError as exc:
+            failures += 1
+            print(f"FAILED   {exc}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_sources_fetch(args: argparse.Namespace) -> int:
+    from tulu_pipeline.data.registry import fetch_source, get_source
+
+    root = Path(args.data_dir) if args.data_dir else None
+    for source_id in args.source_ids:
+        spec = get_source(source_id)
+        if spec.local_path(root).exists() and not args.force:
+            print(f"present  {spec.local_path(root)}")
+            continue
+        print(f"fetched  {fetch_source(spec, root)}")
+    return 0
+
+
+def cmd_model_prepare(args: argparse.Namespace) -> int:
+    from tulu_pipeline.models.base_model import prepare_base_model
+
+    target = args.out or str(Path(_store(args).path("models", "base_model")))
+    info = prepare_base_model(target)
+    print(json.dumps({"path": str(info.path), "parameter_count": info.parameter_count,
+                      "weights_sha256": info.weights_sha256, "sample_generation": info.sample_generation}, indent=2))
+    return 0
+
+
+def cmd_instance(args: argparse.Namespace) -> int:
+    """Write $DAGSTER_HOME/dagster.yaml from the repo's SQLite or Postgres template."""
+    dagster_home = Path(os.environ.get("DAGSTER_HOME") or Path(settings.tulu_home()) / "dagster")
+    backend = args.storage or os.environ.get("TULU_DAGSTER_STORAGE", "sqlite")
+    templates = {"sqlite": "dagster.yaml", "postgres": "dagster.postgres.yaml"}
+    if backend not in templates:
+        print(f"tulu instance: storage must be one of {sorted(templates)}, got {backend!r}", file=sys.stderr)
+        return 2
+    template = settings.repo_root() / templates[backend]
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    tmp = dagster_home / "dagster.yaml.tmp"
+    shutil.copyfile(template, tmp)
+    tmp.replace(dagster_home / "dagster.yaml")
+    print(f"DAGSTER_HOME={dagster_home} ({backend} storage, from {template.name})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tulu", description=__doc__)
+    parser.add_argument("--home", help="TULU_HOME (fsspec URL or path); default $TULU_HOME or <repo>/.tulu")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    trace = sub.add_parser("trace", help="print what the row ledger knows about a row, as JSON")
+    trace.add_argument("row_id")
+    trace.set_defaults(func=cmd_trace)
+
+    sources = sub.add_parser("sources", help="the source registry")
+    sources_sub = sources.add_subparsers(dest="sources_command", required=True)
+    listing = sources_sub.add_parser("list", help="registered sources with role, suite, rows and license")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_sources_list)
+    verify = sources_sub.add_parser("verify", help="check every bundle file's sha256 against the manifest")
+    verify.add_argument("--data-dir")
+    verify.set_defaults(func=cmd_sources_verify)
+    fetch = sources_sub.add_parser("fetch", help="download missing source files from their upstream location")
+    fetch.add_argument("source_ids", nargs="+")
+    fetch.add_argument("--data-dir")
+    fetch.add_argument("--force", action="store_true")
+    fetch.set_defaults(func=cmd_sources_fetch)
+
+    model = sub.add_parser("model", help="models")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    prepare = model_sub.add_parser("prepare", help="convert the embedded SmolLM2 GGUF to safetensors")
+    prepare.add_argument("--out", help="target directory (default TULU_HOME/models/base_model)")
+    prepare.set_defaults(func=cmd_model_prepare)
+
+    instance = sub.add_parser("instance", help="write $DAGSTER_HOME/dagster.yaml (sqlite or postgres)")
+    instance.add_argument("--storage", choices=["sqlite", "postgres"])
+    instance.set_defaults(func=cmd_instance)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"tulu {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

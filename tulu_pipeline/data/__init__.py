@@ -1,0 +1,1 @@
+"""Row schema, source registry and loaders."""

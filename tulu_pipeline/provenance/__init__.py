@@ -1,0 +1,1 @@
+"""Row ledger and audit."""

@@ -1,0 +1,191 @@
+"""The artifact store: an fsspec root (local directory by default, an object store in production).
+
+Every write is atomic: bytes go to a temporary sibling first and are renamed into place, so a crash
+never leaves a half-written file where a reader would find it. Datasets are published the same way,
+a whole version directory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TMP_MARKER = ".tmp-"
+
+
+class StorePathError(ValueError):
+    """A relative path that would escape the store root."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Where a published dataset version lives and how big it is."""
+
+    name: str
+    version: str
+    path: str
+    rows: int
+    parts: tuple[str, ...]
+
+
+class Store:
+    """Files under one fsspec root. All paths given to it are relative and may not escape the root."""
+
+    def __init__(self, root: str):
+        self.url = root
+        self.fs, self.root = fsspec.core.url_to_fs(root)
+        self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        if self.is_local:
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    # -- paths -------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        """Full path inside the filesystem for a relative path; rejects absolute paths and '..'."""
+        rel = posixpath.join(*[str(p) for p in parts]) if parts else ""
+        if rel.startswith("/") or "\\" in rel:
+            raise StorePathError(f"path {rel!r} must be relative to TULU_HOME ({self.url})")
+        normalized = posixpath.normpath(rel) if rel else ""
+        if normalized == ".." or normalized.startswith("../"):
+            raise StorePathError(f"path {rel!r} escapes TULU_HOME ({self.url})")
+        return posixpath.join(self.root, normalized) if normalized not in ("", ".") else self.root
+
+    def uri(self, *parts: str) -> str:
+        """A user-facing location (local path or URL) for a relative path."""
+        full = self.path(*parts)
+        return full if self.is_local else self.fs.unstrip_protocol(full)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def listdir(self, *parts: str) -> list[str]:
+        """Names directly under a relative directory (empty when it does not exist)."""
+        full = self.path(*parts)
+        if not self.fs.exists(full):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(full, detail=False))
+
+    # -- atomic writes -------------------------------------------------------------------------
+    @contextmanager
+    def atomic_open(self, rel: str, mode: str = "wb") -> Iterator[Any]:
+        """Open a temporary sibling of ``rel`` for writing; rename it into place only on success."""
+        final = self.path(rel)
+        tmp = f"{final}{TMP_MARKER}{uuid.uuid4().hex}"
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        try:
+            with self.fs.open(tmp, mode) as handle:
+                yield handle
+            self.fs.mv(tmp, final)
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+            raise
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        with self.atomic_open(rel, "wb") as handle:
+            handle.write(data)
+        return self.uri(rel)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open(self.path(rel), "rb") as handle:
+            return handle.read()
+
+    def write_json(self, rel: str, obj: Any) -> str:
+        return self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    # -- datasets ------------------------------------------------------------------------------
+    def dataset_dir(self, name: str, version: str) -> str:
+        return posixpath.join("data", name, version)
+
+    def write_dataset(
+        self,
+        name: str,
+        version: str,
+        batches: Iterable[list[dict[str, Any]]],
+        schema: pa.Schema,
+        rows_per_part: int = 50_000,
+    ) -> DatasetInfo:
+        """Publish ``data/<name>/<version>/part-*.parquet`` from batches of row dicts.
+
+        Parts are written into a temporary directory that is renamed into place when complete,
+        and ``data/<name>/LATEST`` then points at the version. Memory stays bounded by one batch.
+        """
+        final_rel = self.dataset_dir(name, version)
+        tmp_rel = f"{final_rel}{TMP_MARKER}{uuid.uuid4().hex}"
+        self.fs.makedirs(self.path(tmp_rel), exist_ok=True)
+        parts: list[str] = []
+        rows = 0
+        writer: pq.ParquetWriter | None = None
+        handle = None
+        in_part = 0
+
+        def close_part() -> None:
+            nonlocal writer, handle
+            if writer is not None:
+                writer.close()
+                handle.close()
+                writer, handle = None, None
+
+        try:
+            for batch in batches:
+                if not batch:
+                    continue
+                if writer is None or in_part >= rows_per_part:
+                    close_part()
+                    part_name = f"part-{len(parts):05d}.parquet"
+                    parts.append(part_name)
+                    handle = self.fs.open(self.path(tmp_rel, part_name), "wb")
+                    writer = pq.ParquetWriter(handle, schema)
+                    in_part = 0
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                in_part += len(batch)
+                rows += len(batch)
+            if not parts:  # an empty dataset still has a readable schema
+                part_name = "part-00000.parquet"
+                parts.append(part_name)
+                with self.fs.open(self.path(tmp_rel, part_name), "wb") as empty:
+                    pq.write_table(schema.empty_table(), empty)
+            close_part()
+            with self.fs.open(self.path(tmp_rel, "_dataset.json"), "wb") as meta:
+                meta.write(json.dumps({"name": name, "version": version, "rows": rows, "parts": parts}).encode())
+            if self.fs.exists(self.path(final_rel)):
+                self.fs.rm(self.path(final_rel), recursive=True)
+            self.fs.mv(self.path(tmp_rel), self.path(final_rel), recursive=True)
+        except BaseException:
+            close_part()
+            if self.fs.exists(self.path(tmp_rel)):
+                self.fs.rm(self.path(tmp_rel), recursive=True)
+            raise
+        self.write_bytes(posixpath.join("data", name, "LATEST"), version.encode())
+        return DatasetInfo(name, version, self.uri(final_rel), rows, tuple(parts))
+
+    def latest_version(self, name: str) -> str | None:
+        rel = posixpath.join("data", name, "LATEST")
+        return self.read_bytes(rel).decode().strip() if self.exists(rel) else None
+
+    def dataset_info(self, name: str, version: str | None = None) -> DatasetInfo:
+        """The published dataset ``name`` at ``version`` (default: the latest)."""
+        version = version or self.latest_version(name)
+        if version is None:
+            raise FileNotFoundError(f"dataset {name!r} has not been materialized under {self.url}")
+        meta = self.read_json(posixpath.join(self.dataset_dir(name, version), "_dataset.json"))
+        return DatasetInfo(name, version, self.uri(self.dataset_dir(name, version)), meta["rows"], tuple(meta["parts"]))
+
+    def iter_dataset(self, name: str, version: str | None = None, batch_size: int = 10_000) -> Iterator[list[dict]]:
+        """Yield a dataset's rows in batches of dicts, one Parquet row group at a time."""
+        info = self.dataset_info(name, version)
+        for part in info.parts:
+            with self.fs.open(self.path(self.dataset_dir(name, info.version), part), "rb") as handle:
+                for record_batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size):
+                    yield record_batch.to_pylist()
