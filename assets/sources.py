@@ -46,7 +46,7 @@ def build_raw_source_asset(spec: SourceSpec) -> dg.AssetsDefinition:
         if data_bundle.download_missing and not spec.local_path(root).exists():
             context.log.info(f"downloading {spec.path} from {spec.upstream_url}")
             fetch_source(spec, root)
-        result = ingest_source(spec, store, context.run_id, root=root, on_error=config.on_error)
+        result = ingest_source(spec, store, context.run.run_id, root=root, on_error=config.on_error)
         histogram = image(store, f"reports/raw/{spec.id}/{result.version}/lengths.png",
                           histogram_png(result.text_lengths, f"{spec.id}: text length", "characters"))
         loaded = result.dataset.rows + len(result.quarantined)

@@ -1,0 +1,58 @@
+"""The row ledger: atomic per-run publication, idempotent retries, and trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tulu_pipeline.data.ingest import ingest_source
+from tulu_pipeline.data.registry import get_source
+from tulu_pipeline.provenance.ledger import Ledger, LedgerWriter
+from tulu_pipeline.storage import Store
+
+
+def test_empty_ledger_answers(store: Store) -> None:
+    assert Ledger(store).query("SELECT count(*) AS n FROM events") == [{"n": 0}]
+    assert Ledger(store).trace("nope")["found"] is False
+
+
+def test_events_are_invisible_until_commit_and_dropped_on_error(store: Store) -> None:
+    ledger = Ledger(store)
+    with pytest.raises(RuntimeError):
+        with LedgerWriter(store, "curation", "dedup", "v1", "run-a") as writer:
+            writer.record("r1", "kept")
+            raise RuntimeError("crash")
+    assert ledger.query("SELECT count(*) AS n FROM events") == [{"n": 0}]
+    assert not any(Path(store.root).rglob("*.parquet"))
+
+    writer = LedgerWriter(store, "curation", "dedup", "v1", "run-a", rows_per_part=2)
+    for i in range(5):
+        writer.record(f"r{i}", "kept")
+    assert ledger.query("SELECT count(*) AS n FROM events") == [{"n": 0}]  # staged parts are not events yet
+    assert writer.commit() == 5
+    assert ledger.query("SELECT count(*) AS n FROM events") == [{"n": 5}]
+
+
+def test_retry_of_the_same_run_replaces_its_events(store: Store) -> None:
+    for _attempt in range(2):
+        with LedgerWriter(store, "curation", "dedup", "v1", "run-a") as writer:
+            writer.record("r1", "dropped_duplicate", reason="exact duplicate", related_ids=["r0"])
+    with LedgerWriter(store, "curation", "dedup", "v1", "run-b") as writer:
+        writer.record("r1", "dropped_duplicate", reason="exact duplicate", related_ids=["r0"])
+    rows = Ledger(store).query("SELECT run_id, count(*) AS n FROM events GROUP BY run_id ORDER BY run_id")
+    assert rows == [{"run_id": "run-a", "n": 1}, {"run_id": "run-b", "n": 1}]
+
+
+def test_trace_shows_origin_and_related_rows(store: Store, bundle: Path) -> None:
+    result = ingest_source(get_source("vicuna_bench"), store, "run-1", root=bundle)
+    row_id = result.samples[0]["row_id"]
+    with LedgerWriter(store, "curation", "dedup", "v1", "run-2") as writer:
+        writer.record("other-row", "dropped_duplicate", reason="exact duplicate", related_ids=[row_id])
+    trace = Ledger(store).trace(row_id)
+    assert trace["found"]
+    assert trace["origin"]["file"] == "eval/vicuna_bench/question.jsonl"
+    assert trace["origin"]["line"] == 1
+    assert trace["origin"]["file_sha256"] == get_source("vicuna_bench").sha256
+    assert [e["event"] for e in trace["events"]] == ["ingested"]
+    assert trace["referenced_by"][0]["row_id"] == "other-row"

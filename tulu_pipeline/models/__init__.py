@@ -1,0 +1,1 @@
+"""Model artifacts: the embedded base model, converted once to a Hugging Face directory."""
