@@ -14,7 +14,7 @@ import posixpath
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,6 +40,25 @@ EVENT_SCHEMA = pa.schema(
 
 EVENTS_DIR = "ledger/events"
 STAGING_DIR = "ledger/_staging"
+
+
+class DecisionSink(Protocol):
+    """Where a library step reports per-row decisions; `LedgerWriter` is the real one."""
+
+    def record(self, row_id: str, event: str, decision: str | None = None, reason: str | None = None,
+               related_ids: Sequence[str] = (), details: dict[str, Any] | None = None) -> None: ...
+
+
+class MemorySink:
+    """A `DecisionSink` that keeps events in a list (tests, dry runs, the CLI)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def record(self, row_id: str, event: str, decision: str | None = None, reason: str | None = None,
+               related_ids: Sequence[str] = (), details: dict[str, Any] | None = None) -> None:
+        self.events.append({"row_id": row_id, "event": event, "decision": decision, "reason": reason,
+                            "related_ids": list(related_ids), "details": details})
 
 
 def _safe(part: str) -> str:
