@@ -22,6 +22,18 @@ import pyarrow.parquet as pq
 TMP_MARKER = ".tmp-"
 
 
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of up to ``size`` items."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 class StorePathError(ValueError):
     """A relative path that would escape the store root."""
 
@@ -169,6 +181,23 @@ class Store:
             raise
         self.write_bytes(posixpath.join("data", name, "LATEST"), version.encode())
         return DatasetInfo(name, version, self.uri(final_rel), rows, tuple(parts))
+
+    def write_rows(self, name: str, version: str, rows: Iterable[dict[str, Any]], schema: pa.Schema,
+                   batch_size: int = 5_000) -> DatasetInfo:
+        """`write_dataset` from a stream of single rows."""
+        return self.write_dataset(name, version, batched(rows, batch_size), schema)
+
+    def write_jsonl(self, rel: str, records: Iterable[dict[str, Any]]) -> str:
+        """Write JSON lines atomically (quarantines and other append-free record files)."""
+        with self.atomic_open(rel, "wb") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True, default=str).encode() + b"\n")
+        return self.uri(rel)
+
+    def iter_rows(self, name: str, version: str | None = None) -> Iterator[dict[str, Any]]:
+        """A dataset's rows one at a time (read a row group at a time)."""
+        for batch in self.iter_dataset(name, version):
+            yield from batch
 
     def latest_version(self, name: str) -> str | None:
         rel = posixpath.join("data", name, "LATEST")
