@@ -31,7 +31,7 @@ run: instance
 	@echo
 	@echo "Pipeline materialized under $(TULU_HOME)."
 	@echo "Open the Dagster UI:  make ui   (then http://localhost:$(PORT))"
-	@echo "Trace a row:          $(BIN)/tulu trace <row_id>"
+	@echo "Trace a row:          $(BIN)/tulu trace $$($(BIN)/tulu rows raw/gsm8k_train --limit 1 | $(BIN)/python -c 'import json,sys; print(json.loads(sys.stdin.readline())["row_id"])')"
 
 ui: instance
 	$(BIN)/dagster dev -w workspace.yaml -p $(PORT)

@@ -40,3 +40,16 @@ def test_instance_writes_sqlite_config(tmp_path: Path, monkeypatch) -> None:
     written = yaml.safe_load((tmp_path / "dh" / "dagster.yaml").read_text())
     assert written == yaml.safe_load((REPO / "dagster.yaml").read_text())
     assert "storage" not in written  # SQLite under DAGSTER_HOME is Dagster's default
+
+
+def test_rows_lists_a_dataset(capsys, store, bundle: Path) -> None:
+    from tulu_pipeline.data.ingest import ingest_source
+    from tulu_pipeline.data.registry import get_source
+
+    ingest_source(get_source("koala"), store, "run-1", root=bundle)
+    assert tulu(["--home", store.root, "rows", "raw/koala", "--limit", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["source_key"] for line in lines] == ["eval/koala/koala_test_set.jsonl:1",
+                                                      "eval/koala/koala_test_set.jsonl:2"]
+    assert tulu(["--home", store.root, "rows", "raw/nothing"]) == 2
+    assert "raw/nothing' has not been materialized" in capsys.readouterr().err

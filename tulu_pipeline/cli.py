@@ -33,6 +33,19 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rows(args: argparse.Namespace) -> int:
+    """Print rows of a published dataset as JSON lines (the latest version unless --version)."""
+    store = _store(args)
+    shown = 0
+    for row in store.iter_rows(args.dataset, args.version):
+        if shown >= args.limit:
+            break
+        print(json.dumps(row if args.full else {k: row[k] for k in ("row_id", "source", "source_key")},
+                         ensure_ascii=False, default=str))
+        shown += 1
+    return 0
+
+
 def cmd_sources_list(args: argparse.Namespace) -> int:
     from tulu_pipeline.data.registry import registry
 
@@ -109,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     trace = sub.add_parser("trace", help="print what the row ledger knows about a row, as JSON")
     trace.add_argument("row_id")
     trace.set_defaults(func=cmd_trace)
+
+    rows = sub.add_parser("rows", help="print rows of a dataset (e.g. raw/gsm8k_train, decontaminated_prompts)")
+    rows.add_argument("dataset")
+    rows.add_argument("--limit", type=int, default=10)
+    rows.add_argument("--version", help="dataset version (default: the latest)")
+    rows.add_argument("--full", action="store_true", help="whole rows, not just ids and locations")
+    rows.set_defaults(func=cmd_rows)
 
     sources = sub.add_parser("sources", help="the source registry")
     sources_sub = sources.add_subparsers(dest="sources_command", required=True)
