@@ -46,6 +46,16 @@ def cmd_rows(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_decontam(args: argparse.Namespace) -> int:
+    from tulu_pipeline.curation.decontaminate import DecontamConfig
+    from tulu_pipeline.curation.files import decontaminate_file
+
+    config = DecontamConfig(ngram=args.ngram, threshold=args.threshold, include_response=args.include_response)
+    report = decontaminate_file(Path(args.train), Path(args.out), config, evals=args.evals, skip_bad=args.skip_bad)
+    print(json.dumps({k: report[k] for k in ("rows_in", "rows_clean", "rows_quarantined", "bad_lines")}))
+    return 0
+
+
 def cmd_sources_list(args: argparse.Namespace) -> int:
     from tulu_pipeline.data.registry import registry
 
@@ -129,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     rows.add_argument("--version", help="dataset version (default: the latest)")
     rows.add_argument("--full", action="store_true", help="whole rows, not just ids and locations")
     rows.set_defaults(func=cmd_rows)
+
+    decontam = sub.add_parser("decontam", help="decontaminate a JSONL file against eval benchmarks")
+    decontam.add_argument("--train", required=True, help="JSONL: {id, messages} or {id, prompt[, response]}")
+    decontam.add_argument("--evals", help="a directory of JSONL files, or benchmark/source/suite names "
+                          "separated by commas (default: every bundled eval benchmark)")
+    decontam.add_argument("--ngram", type=int, default=8)
+    decontam.add_argument("--threshold", type=float, default=0.5)
+    decontam.add_argument("--include-response", action="store_true", help="match assistant turns too")
+    decontam.add_argument("--skip-bad", action="store_true", help="quarantine malformed lines instead of stopping")
+    decontam.add_argument("--out", required=True, help="directory for clean.jsonl, quarantine.jsonl, report.json")
+    decontam.set_defaults(func=cmd_decontam)
 
     sources = sub.add_parser("sources", help="the source registry")
     sources_sub = sources.add_subparsers(dest="sources_command", required=True)

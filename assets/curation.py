@@ -1,0 +1,152 @@
+"""Curation: normalized → deduplicated → decontaminated prompts, the decontamination report, and the
+blocking checks that gate every training stage."""
+
+import json
+
+import dagster as dg
+from pydantic import Field
+
+from assets.metadata import image, samples, table_schema
+from resources import TuluStorage
+from tulu_pipeline.curation.config import DEFAULT_SOURCE_PRIORITY, CurationConfig, EvalSelection
+from tulu_pipeline.curation.decontaminate import DecontamConfig
+from tulu_pipeline.curation.dedup import DedupConfig
+from tulu_pipeline.curation.normalize import NormalizeConfig
+from tulu_pipeline.curation.pipeline import (
+    CURATION_CODE_VERSION, StageResult, decontaminate_prompts, decontamination_report, deduplicate_prompts,
+    normalize_prompts, schema_violations, verify_no_eval_overlap, build_eval_index,
+)
+from tulu_pipeline.curation.report import heatmap_png, report_markdown
+from tulu_pipeline.data.registry import registry
+from tulu_pipeline.data.schema import ROW_SCHEMA
+from tulu_pipeline.reporting import histogram_png
+
+TRAIN_KEYS = [dg.AssetKey(["raw", s.id]) for s in registry() if s.role == "train"]
+EVAL_KEYS = [dg.AssetKey(["raw", s.id]) for s in registry() if s.role == "eval"]
+SAMPLE_COLUMNS = ["row_id", "source", "messages"]
+
+
+class NormalizeStageConfig(dg.Config):
+    train_sources: list[str] | None = None
+    max_chars: int = NormalizeConfig().max_chars
+    strip_template_artifacts: bool = True
+
+
+class DedupStageConfig(dg.Config):
+    key: str = "prompt"
+    near_duplicates: bool = True
+    shingle_size: int = 5
+    num_perm: int = 128
+    threshold: float = 0.8
+    seed: int = 1
+    source_priority: list[str] = Field(default_factory=lambda: list(DEFAULT_SOURCE_PRIORITY))
+
+
+class DecontamStageConfig(dg.Config):
+    ngram: int = 8
+    threshold: float = 0.5
+    include_response: bool = False
+    suites: list[str] = Field(default_factory=lambda: ["dev", "unseen"])
+    benchmarks: list[str] | None = None
+    flag_share: float = 0.02
+
+
+def _stage_metadata(store, result: StageResult) -> dict:
+    return {
+        "dagster/row_count": result.dataset.rows,
+        "dagster/column_schema": table_schema(ROW_SCHEMA),
+        "path": dg.MetadataValue.path(result.dataset.path),
+        "version": result.version,
+        "quarantined": result.quarantined,
+        "quarantine_path": dg.MetadataValue.path(result.quarantine_path or ""),
+        "ledger_events": result.ledger_events,
+        "stats": dg.MetadataValue.json(json.loads(json.dumps(result.stats, default=str))),
+        "inputs": dg.MetadataValue.json(result.inputs),
+        "samples": samples(result.samples, SAMPLE_COLUMNS),
+        "length_histogram": image(store, f"reports/{result.name}/{result.version}/lengths.png",
+                                  histogram_png(result.text_lengths, f"{result.name}: text length", "characters")),
+    }
+
+
+@dg.asset(group_name="curation", kinds={"parquet"}, code_version=CURATION_CODE_VERSION, deps=TRAIN_KEYS,
+          description="Every training pool in the row schema, Unicode-NFC and whitespace normalized, template "
+          "artifacts stripped; empty and over-long rows quarantined with a reason.")
+def normalized_prompts(context: dg.AssetExecutionContext, config: NormalizeStageConfig,
+                       storage: TuluStorage) -> dg.MaterializeResult:
+    store = storage.store()
+    curation = CurationConfig(train_sources=config.train_sources, normalize=NormalizeConfig(
+        max_chars=config.max_chars, strip_template_artifacts=config.strip_template_artifacts))
+    result = normalize_prompts(store, curation, context.run.run_id)
+    return dg.MaterializeResult(metadata=_stage_metadata(store, result), data_version=dg.DataVersion(result.version))
+
+
+@dg.asset(group_name="curation", kinds={"parquet"}, code_version=CURATION_CODE_VERSION, deps=[normalized_prompts],
+          description="Exact duplicates (normalized text) and MinHash-LSH near duplicates removed; the first row "
+          "by source priority, then row_id, is kept; each dropped row's ledger event names the row it duplicates.")
+def deduplicated_prompts(context: dg.AssetExecutionContext, config: DedupStageConfig,
+                         storage: TuluStorage) -> dg.MaterializeResult:
+    store = storage.store()
+    curation = CurationConfig(dedup=DedupConfig(**config.model_dump()))
+    result = deduplicate_prompts(store, curation, context.run.run_id)
+    return dg.MaterializeResult(metadata=_stage_metadata(store, result), data_version=dg.DataVersion(result.version))
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec("decontaminated_prompts", group_name="curation", kinds={"parquet"},
+                     code_version=CURATION_CODE_VERSION, deps=[deduplicated_prompts, *EVAL_KEYS],
+                     description="Deduplicated prompts with every row that overlaps an evaluation item removed "
+                     "(exhaustive word n-gram matching, no hit cap); the quarantine keeps benchmark, eval id, "
+                     "score and span. Its blocking checks gate all training."),
+        dg.AssetSpec("decontamination_report", group_name="curation", kinds={"json"},
+                     code_version=CURATION_CODE_VERSION, deps=["decontaminated_prompts"],
+                     description="Per training source × benchmark: rows removed and share of the benchmark's "
+                     "items hit (flagged above 2%), as a table and a heatmap."),
+    ],
+    check_specs=[
+        dg.AssetCheckSpec("no_eval_overlap", asset="decontaminated_prompts", blocking=True,
+                          description="an independent reference pass finds no clean row over the threshold"),
+        dg.AssetCheckSpec("schema_valid", asset="decontaminated_prompts", blocking=True,
+                          description="every row matches the row schema"),
+        dg.AssetCheckSpec("unique_row_ids", asset="decontaminated_prompts", blocking=True,
+                          description="no two rows share a row_id"),
+    ],
+)
+def decontamination(context: dg.AssetExecutionContext, config: DecontamStageConfig, storage: TuluStorage):
+    store = storage.store()
+    curation = CurationConfig(
+        decontam=DecontamConfig(ngram=config.ngram, threshold=config.threshold, include_response=config.include_response),
+        evals=EvalSelection(suites=config.suites, benchmarks=config.benchmarks), flag_share=config.flag_share)
+    index = build_eval_index(store, curation)
+    result = decontaminate_prompts(store, curation, context.run.run_id, index=index)
+    yield dg.MaterializeResult(asset_key="decontaminated_prompts", metadata=_stage_metadata(store, result),
+                               data_version=dg.DataVersion(result.version))
+
+    violations = verify_no_eval_overlap(store, result.version, index[0], curation)
+    problems, duplicates = schema_violations(store, "decontaminated_prompts", result.version)
+    yield dg.AssetCheckResult(asset_key="decontaminated_prompts", check_name="no_eval_overlap",
+                              passed=not violations, metadata={"violations": dg.MetadataValue.json(violations)})
+    yield dg.AssetCheckResult(asset_key="decontaminated_prompts", check_name="schema_valid",
+                              passed=not problems, metadata={"problems": dg.MetadataValue.json(problems)})
+    yield dg.AssetCheckResult(asset_key="decontaminated_prompts", check_name="unique_row_ids",
+                              passed=duplicates == 0, metadata={"duplicates": duplicates})
+
+    report = decontamination_report(store, result.version, curation)
+    base = f"reports/decontamination/{result.version}"
+    store.write_json(f"{base}/report.json", report)
+    markdown = report_markdown(report)
+    store.write_bytes(f"{base}/report.md", markdown.encode())
+    yield dg.MaterializeResult(
+        asset_key="decontamination_report",
+        metadata={
+            "rows_removed": report["rows_removed"],
+            "flagged_cells": len(report["flagged"]),
+            "report": dg.MetadataValue.md(markdown),
+            "heatmap": image(store, f"{base}/heatmap.png", heatmap_png(report)),
+            "path": dg.MetadataValue.path(store.uri(f"{base}/report.json")),
+        },
+        data_version=dg.DataVersion(result.version),
+    )
+
+
+curation_assets = [normalized_prompts, deduplicated_prompts, decontamination]

@@ -1,0 +1,40 @@
+"""One typed configuration for the curation stages, with defaults that run on the bundled data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tulu_pipeline.curation.decontaminate import DecontamConfig
+from tulu_pipeline.curation.dedup import DedupConfig
+from tulu_pipeline.curation.normalize import NormalizeConfig
+
+# Earlier sources win exact and near-duplicate ties: curated, verifiable sources first.
+DEFAULT_SOURCE_PRIORITY = ["gsm8k_train", "math_train", "code_alpaca", "self_instruct_seed",
+                           "fine_grained_rlhf_qa", "hh_rlhf_harmless"]
+
+
+class EvalSelection(BaseModel):
+    """Which registered evaluation benchmarks the training prompts are decontaminated against."""
+
+    model_config = ConfigDict(extra="forbid")
+    suites: list[Literal["dev", "unseen"]] = Field(default_factory=lambda: ["dev", "unseen"])
+    benchmarks: list[str] | None = None  # None: every benchmark of the selected suites
+
+
+class CurationConfig(BaseModel):
+    """Normalization, deduplication and decontamination settings for one curation run."""
+
+    model_config = ConfigDict(extra="forbid")
+    train_sources: list[str] | None = None  # None: every registry source with role "train"
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    dedup: DedupConfig = Field(default_factory=lambda: DedupConfig(source_priority=DEFAULT_SOURCE_PRIORITY))
+    decontam: DecontamConfig = Field(default_factory=DecontamConfig)
+    evals: EvalSelection = Field(default_factory=EvalSelection)
+    flag_share: float = Field(default=0.02, gt=0, le=1)  # Tülu flags a benchmark above 2% of items hit
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,260 @@
+"""The curation stages over TULU_HOME: each reads the previous stage's published dataset, runs one
+library step, publishes its own dataset and quarantine, and writes its ledger events.
+
+Versions are content addresses: a stage's version hashes its code version, its configuration and
+the versions of every input dataset, so the same inputs and config always publish to the same path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from itertools import chain
+from typing import Any
+
+import pyarrow as pa
+
+from tulu_pipeline.curation.config import CurationConfig
+from tulu_pipeline.curation.decontaminate import (
+    Decontaminator, EvalIndex, eval_items_from_rows, reference_matches, training_text,
+)
+from tulu_pipeline.curation.dedup import Deduplicator, dedup_order
+from tulu_pipeline.curation.normalize import Normalizer
+from tulu_pipeline.data.ingest import raw_dataset_name
+from tulu_pipeline.data.registry import SourceSpec, get_source, registry
+from tulu_pipeline.data.schema import ROW_SCHEMA, row_problems, row_text
+from tulu_pipeline.provenance.ledger import LedgerWriter
+from tulu_pipeline.storage import DatasetInfo, Store
+
+CURATION_CODE_VERSION = "1"
+
+QUARANTINE_SCHEMA = ROW_SCHEMA.append(pa.field("benchmark", pa.string())) \
+    .append(pa.field("eval_id", pa.string()).with_name("matched_eval_id")) \
+    .append(pa.field("score", pa.float64())) \
+    .append(pa.field("span", pa.string())) \
+    .append(pa.field("matches", pa.string()))
+
+
+class MissingInputError(RuntimeError):
+    """A stage's input dataset has not been materialized yet."""
+
+
+@dataclass
+class StageResult:
+    """What one curation stage published, for metadata, checks and the CLI."""
+
+    name: str
+    version: str
+    dataset: DatasetInfo
+    stats: dict[str, Any]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    text_lengths: list[int] = field(default_factory=list)
+    ledger_events: int = 0
+    quarantine_path: str | None = None
+    quarantined: int = 0
+    inputs: dict[str, str] = field(default_factory=dict)
+
+
+def stage_version(stage: str, config: Any, inputs: dict[str, str]) -> str:
+    payload = json.dumps({"stage": stage, "code": CURATION_CODE_VERSION, "config": config, "inputs": inputs},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _input_version(store: Store, name: str) -> str:
+    version = store.latest_version(name)
+    if version is None:
+        raise MissingInputError(f"{name} has not been materialized under {store.url}; materialize it first")
+    return version
+
+
+def train_specs(config: CurationConfig) -> list[SourceSpec]:
+    if config.train_sources is None:
+        return [s for s in registry() if s.role == "train"]
+    specs = [get_source(source_id) for source_id in config.train_sources]
+    not_train = [s.id for s in specs if s.role != "train"]
+    if not_train:
+        raise ValueError(f"train_sources must be training pools; these are evaluation files: {not_train}")
+    return specs
+
+
+def eval_specs(config: CurationConfig) -> list[SourceSpec]:
+    """Every registered eval file of the selected suites (and benchmarks, when named)."""
+    specs = [s for s in registry() if s.role == "eval" and s.suite in config.evals.suites]
+    if config.evals.benchmarks is not None:
+        known = {s.benchmark for s in registry() if s.role == "eval"}
+        unknown = sorted(set(config.evals.benchmarks) - known)
+        if unknown:
+            raise ValueError(f"unknown benchmarks {unknown}; registered: {sorted(known)}")
+        specs = [s for s in specs if s.benchmark in config.evals.benchmarks]
+    return specs
+
+
+class _Sampler:
+    """Keeps the first few rows and every row's text length while rows stream past."""
+
+    def __init__(self, size: int = 5):
+        self.size, self.samples, self.lengths = size, [], []
+
+    def __call__(self, rows):
+        for row in rows:
+            if len(self.samples) < self.size:
+                self.samples.append(row)
+            self.lengths.append(len(row_text(row)))
+            yield row
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+# ---------------------------------------------------------------------------------------------
+def normalize_prompts(store: Store, config: CurationConfig, run_id: str) -> StageResult:
+    """normalized_prompts: every training source, normalized; empty or over-long rows quarantined."""
+    specs = train_specs(config)
+    inputs = {raw_dataset_name(s.id): _input_version(store, raw_dataset_name(s.id)) for s in specs}
+    version = stage_version("normalized_prompts", config.normalize.model_dump(), inputs)
+    sampler = _Sampler()
+    with LedgerWriter(store, "curation", "normalized_prompts", version, run_id) as ledger:
+        normalizer = Normalizer(config.normalize, ledger)
+        rows = chain.from_iterable(store.iter_rows(name, v) for name, v in inputs.items())
+        info = store.write_rows("normalized_prompts", version, sampler(normalizer(rows)), ROW_SCHEMA)
+        quarantine = store.write_jsonl(posixpath.join("quarantine", "normalized_prompts", f"{version}.jsonl"),
+                                       (_dropped_record(d) for d in normalizer.dropped))
+    return StageResult("normalized_prompts", version, info, normalizer.stats, sampler.samples, sampler.lengths,
+                       ledger.count, quarantine, len(normalizer.dropped), inputs)
+
+
+def _dropped_record(dropped: dict[str, Any]) -> dict[str, Any]:
+    row = dropped["row"]
+    return {"row_id": row.get("row_id") if isinstance(row, dict) else None, "reason": dropped["reason"], "row": row}
+
+
+def deduplicate_prompts(store: Store, config: CurationConfig, run_id: str) -> StageResult:
+    """deduplicated_prompts: exact and MinHash near duplicates removed, keep-first by source priority."""
+    inputs = {"normalized_prompts": _input_version(store, "normalized_prompts")}
+    version = stage_version("deduplicated_prompts", config.dedup.model_dump(), inputs)
+    # The keep-first rule needs a global order (priority, source, row_id): the pool is sorted in memory.
+    ordered = dedup_order(store.iter_rows("normalized_prompts", inputs["normalized_prompts"]),
+                          config.dedup.source_priority)
+    sampler = _Sampler()
+    with LedgerWriter(store, "curation", "deduplicated_prompts", version, run_id) as ledger:
+        dedup = Deduplicator(config.dedup, ledger)
+        info = store.write_rows("deduplicated_prompts", version, sampler(dedup(ordered)), ROW_SCHEMA)
+        quarantine = store.write_jsonl(posixpath.join("quarantine", "deduplicated_prompts", f"{version}.jsonl"),
+                                       dedup.dropped)
+    return StageResult("deduplicated_prompts", version, info, dedup.stats, sampler.samples, sampler.lengths,
+                       ledger.count, quarantine, len(dedup.dropped), inputs)
+
+
+def build_eval_index(store: Store, config: CurationConfig) -> tuple[EvalIndex, dict[str, str]]:
+    """The n-gram index of every selected eval item, from the materialized raw eval datasets."""
+    specs = eval_specs(config)
+    inputs = {raw_dataset_name(s.id): _input_version(store, raw_dataset_name(s.id)) for s in specs}
+    items = chain.from_iterable(
+        eval_items_from_rows(store.iter_rows(raw_dataset_name(s.id), inputs[raw_dataset_name(s.id)]), s.benchmark)
+        for s in specs
+    )
+    index = EvalIndex.build(items, ngram=config.decontam.ngram, min_item_tokens=config.decontam.min_item_tokens)
+    return index, inputs
+
+
+def _quarantine_record(entry: dict[str, Any]) -> dict[str, Any]:
+    best = entry["matches"][0]
+    return {
+        **entry["row"],
+        "benchmark": best.benchmark, "matched_eval_id": best.eval_id, "score": best.score, "span": best.span,
+        "matches": json.dumps([asdict(m) for m in entry["matches"]], ensure_ascii=False),
+    }
+
+
+def decontaminate_prompts(store: Store, config: CurationConfig, run_id: str,
+                          index: tuple[EvalIndex, dict[str, str]] | None = None) -> StageResult:
+    """decontaminated_prompts: rows overlapping any eval item set aside in decontamination_quarantine."""
+    eval_index, eval_inputs = index or build_eval_index(store, config)
+    inputs = {"deduplicated_prompts": _input_version(store, "deduplicated_prompts"), **eval_inputs}
+    version = stage_version("decontaminated_prompts",
+                            {"decontam": config.decontam.model_dump(), "evals": config.evals.model_dump()}, inputs)
+    sampler = _Sampler()
+    with LedgerWriter(store, "decontamination", "decontaminated_prompts", version, run_id) as ledger:
+        step = Decontaminator(eval_index, config.decontam, ledger)
+        rows = store.iter_rows("deduplicated_prompts", inputs["deduplicated_prompts"])
+        info = store.write_rows("decontaminated_prompts", version, sampler(step(rows)), ROW_SCHEMA)
+        quarantine = store.write_rows("decontamination_quarantine", version,
+                                      (_quarantine_record(e) for e in step.quarantine), QUARANTINE_SCHEMA)
+    stats = {**step.stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks)}
+    return StageResult("decontaminated_prompts", version, info, stats, sampler.samples, sampler.lengths,
+                       ledger.count, quarantine.path, quarantine.rows, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks and report
+# ---------------------------------------------------------------------------------------------
+def verify_no_eval_overlap(store: Store, version: str, index: EvalIndex, config: CurationConfig,
+                           limit: int = 20) -> list[dict[str, Any]]:
+    """Re-check every clean row with the independent reference implementation; returns violations."""
+    violations: list[dict[str, Any]] = []
+    for row in store.iter_rows("decontaminated_prompts", version):
+        text = training_text(row, config.decontam.include_response)
+        matches = reference_matches(index.items, text, config.decontam.ngram, config.decontam.threshold)
+        if matches:
+            violations.append({"row_id": row["row_id"], "benchmark": matches[0].benchmark,
+                               "eval_id": matches[0].eval_id, "score": matches[0].score})
+            if len(violations) >= limit:
+                break
+    return violations
+
+
+def schema_violations(store: Store, name: str, version: str, limit: int = 20) -> tuple[list[dict], int]:
+    """Rows breaking the row schema (first ``limit``), and the number of duplicated row ids."""
+    problems, seen, duplicates = [], set(), 0
+    for row in store.iter_rows(name, version):
+        found = row_problems(row)
+        if found and len(problems) < limit:
+            problems.append({"row_id": row.get("row_id"), "problems": found})
+        duplicates += row["row_id"] in seen
+        seen.add(row["row_id"])
+    return problems, duplicates
+
+
+def decontamination_report(store: Store, version: str, config: CurationConfig) -> dict[str, Any]:
+    """Per training source × benchmark: rows removed and the share of the benchmark's items hit."""
+    items_per_benchmark: Counter[str] = Counter()
+    suites: dict[str, str] = {}
+    for spec in eval_specs(config):
+        items_per_benchmark[spec.benchmark] += store.dataset_info(raw_dataset_name(spec.id)).rows
+        suites[spec.benchmark] = spec.suite
+    rows_in: Counter[str] = Counter(r["source"] for r in store.iter_rows("deduplicated_prompts"))
+    removed: Counter[tuple[str, str]] = Counter()
+    items_hit: dict[tuple[str, str], set[str]] = defaultdict(set)
+    removed_rows: Counter[str] = Counter()
+    for row in store.iter_rows("decontamination_quarantine", version):
+        removed_rows[row["source"]] += 1
+        for benchmark in {m["benchmark"] for m in json.loads(row["matches"])}:
+            removed[(row["source"], benchmark)] += 1
+        for match in json.loads(row["matches"]):
+            items_hit[(row["source"], match["benchmark"])].add(match["eval_id"])
+    cells = []
+    for source in sorted(rows_in):
+        for benchmark in sorted(items_per_benchmark):
+            hit = len(items_hit[(source, benchmark)])
+            share = hit / items_per_benchmark[benchmark] if items_per_benchmark[benchmark] else 0.0
+            cells.append({"source": source, "benchmark": benchmark, "rows_removed": removed[(source, benchmark)],
+                          "items_hit": hit, "share_items_hit": round(share, 6), "flagged": share > config.flag_share})
+    benchmark_hits = {b: len(set().union(*(items_hit[(s, b)] for s in rows_in))) for b in items_per_benchmark}
+    return {
+        "version": version,
+        "ngram": config.decontam.ngram,
+        "threshold": config.decontam.threshold,
+        "include_response": config.decontam.include_response,
+        "flag_share": config.flag_share,
+        "sources": {s: {"rows_in": rows_in[s], "rows_removed": removed_rows[s]} for s in sorted(rows_in)},
+        "benchmarks": {b: {"suite": suites[b], "items": items_per_benchmark[b], "items_hit": benchmark_hits[b],
+                           "share_items_hit": round(benchmark_hits[b] / items_per_benchmark[b], 6)
+                           if items_per_benchmark[b] else 0.0}
+                       for b in sorted(items_per_benchmark)},
+        "cells": cells,
+        "flagged": [c for c in cells if c["flagged"]],
+        "rows_removed": sum(removed_rows.values()),
+    }
