@@ -1,0 +1,810 @@
+"""Exhaustive n-gram decontamination: training rows against every eval item, no hit cap.
+
+**The rule.** A training row is contaminated by an eval item when the row's text covers at least
+``threshold`` (default 50%) of the item's *distinct* word n-grams (default n = 8), or, for an item
+shorter than n tokens, when the row contains the item's whole token sequence. Coverage is
+``|distinct item n-grams found in the row| / |distinct item n-grams|``. Every item at or above the
+threshold is reported (no cap on hits per row, no cap on rows per item).
+
+**The texts.** A row's text is its system and user turns (and assistant turns with
+``include_response``) joined with ``"\\n"`` in message order, so n-grams span turn boundaries and an
+item split across two turns is still found. An eval item's text is its system and user turns.
+
+**Tokenization** (`tokenize`): NFKC, then `str.casefold`, then tokens are
+
+- maximal runs of *word characters*: letters and digits of any script (``str.isalnum()``, i.e.
+  Python's Unicode ``\\w`` without the underscore) plus combining marks (categories M*, so that a
+  Devanagari word with vowel signs stays one token, which ``\\w`` alone would split);
+- except that each Han ideograph and each Hiragana/Katakana character is a token by itself (those
+  scripts put no spaces between words, so a whole sentence would otherwise be one token). Other
+  scripts written without spaces (Thai, Lao, Khmer, Myanmar) are not split: a run between spaces or
+  punctuation is one token there.
+
+Everything else (punctuation, symbols, emoji, whitespace, the underscore) separates tokens, so case,
+punctuation, full-width forms and compatibility characters do not hide an overlap
+(``has_close_elements`` is three tokens). Items with fewer than ``min_item_tokens`` tokens
+(default 1: only empty items) are not indexed (`EvalIndex.skipped`). With the default, a two-token
+item such as AlpacaEval's ``Write "Test"`` flags every row containing "write test": that is the
+rule; raise ``min_item_tokens`` to exempt such items.
+
+**Matches** name the item (benchmark, eval id, eval source and row id), its coverage and the span
+of the training text from the first to the last matched token, in the original casing (at most
+`SPAN_MAX_CHARS`, cut in the middle with "…").
+
+**The fast path** (`EvalIndex.match_texts`) is a candidate filter followed by exact verification:
+
+1. a batch of texts is normalized in Python (only non-ASCII texts need it: for ASCII, casefold is a
+   byte table), encoded, and tokenized *in numpy on the bytes of the whole batch* (a code-point
+   class table decides word / standalone / separator); each token gets a 32-bit polynomial hash of
+   its UTF-8 bytes from one prefix sum over the batch;
+2. 64-bit hashes of every window of n tokens are rolled over the whole batch at once and probed in
+   a bitmap of the eval n-gram hashes; items shorter than n are found by probing every 2-token
+   window against their first two tokens, then rolling the few survivors out to the item lengths;
+3. the few bitmap survivors are confirmed against the sorted eval hashes (`np.searchsorted`), which
+   also gives their postings (item, position); (row, item) pairs whose hash-level coverage reaches
+   the threshold (an upper bound of the exact coverage) go to
+4. exact verification in Python: the row is re-tokenized with `tokenize` and every candidate window
+   is compared token by token with the item's n-gram, so hash collisions never produce a match.
+
+`reference_matches` is a deliberately plain implementation of the same rule (sets of n-gram tuples,
+no hashing, no numpy), used to re-verify outputs and as the benchmark baseline.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from tulu_pipeline.provenance.ledger import DecisionSink
+
+log = logging.getLogger(__name__)
+
+STAGE = "decontamination"
+SPAN_MAX_CHARS = 300
+
+# Letters of these blocks are tokens by themselves (Han ideographs, kana, iteration marks). NFKC has
+# already mapped half-width kana, compatibility ideographs and Kangxi radicals into these blocks.
+_STANDALONE_BLOCKS = (
+    (0x3005, 0x3007), (0x3021, 0x3029), (0x3031, 0x3035), (0x3038, 0x303C), (0x3040, 0x30FF),
+    (0x31F0, 0x31FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x3FFFF),
+)
+_SEPARATOR, _WORD, _STANDALONE = 0, 1, 2
+
+
+class DecontamConfig(BaseModel):
+    """How decontamination decides (defaults: 8-grams, 50% coverage, prompts only)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ngram: int = Field(8, ge=1, description="n of the word n-grams")
+    threshold: float = Field(0.5, gt=0, le=1, description="contaminated when coverage >= threshold")
+    include_response: bool = Field(False, description="also match the assistant turns of training rows")
+    min_item_tokens: int = Field(1, ge=1, description="eval items with fewer tokens are not indexed")
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenization
+# ---------------------------------------------------------------------------------------------
+def normalize(text: str) -> str:
+    """NFKC, then casefold: the text that tokens are cut from."""
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+@functools.cache
+def _char_classes() -> np.ndarray:
+    """Class of every code point: 0 separator, 1 word character, 2 standalone token."""
+    word = bytes(c.isalnum() or unicodedata.category(c)[0] == "M" for c in map(chr, range(0x110000)))
+    table = np.frombuffer(word, dtype=np.uint8).copy()
+    for lo, hi in _STANDALONE_BLOCKS:
+        block = table[lo:hi + 1]
+        block[block == _WORD] = _STANDALONE
+    table.setflags(write=False)
+    return table
+
+
+def _char_class_regex(table: np.ndarray, value: int) -> str:
+    """A regex character class body for the BMP code points of class ``value``."""
+    cps = np.flatnonzero(table[:0x10000] == value)
+    if not len(cps):
+        return ""
+    breaks = np.flatnonzero(np.diff(cps) != 1)
+    firsts, lasts = cps[np.r_[0, breaks + 1]], cps[np.r_[breaks, len(cps) - 1]]
+    return "".join(f"\\u{a:04x}" if a == b else f"\\u{a:04x}-\\u{b:04x}" for a, b in zip(firsts, lasts))
+
+
+_ASCII_TOKEN = re.compile(r"[a-z0-9]+")
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+
+
+@functools.cache
+def _bmp_token_regex() -> re.Pattern[str]:
+    # Only BMP classes: the regex engine tests BMP sets in O(1), astral ranges one by one.
+    table = _char_classes()
+    return re.compile(f"[{_char_class_regex(table, _STANDALONE)}]|[{_char_class_regex(table, _WORD)}]+")
+
+
+def _tokens_by_char(normalized: str) -> list[str]:
+    """The tokenization rule spelled out character by character (texts with astral characters)."""
+    table = _char_classes()
+    tokens: list[str] = []
+    current: list[str] = []
+    for ch in normalized:
+        kind = table[ord(ch)]
+        if kind == _WORD:
+            current.append(ch)
+            continue
+        if current:
+            tokens.append("".join(current))
+            current = []
+        if kind == _STANDALONE:
+            tokens.append(ch)
+    if current:
+        tokens.append("".join(current))
+    return tokens
+
+
+def _tokens_of_normalized(normalized: str) -> list[str]:
+    if normalized.isascii():
+        return _ASCII_TOKEN.findall(normalized)
+    if _ASTRAL.search(normalized) is None:
+        return _bmp_token_regex().findall(normalized)
+    return _tokens_by_char(normalized)
+
+
+def tokenize(text: str) -> list[str]:
+    """The word tokens of ``text`` (see the module docstring): NFKC, casefold, punctuation stripped."""
+    return _tokens_of_normalized(normalize(text))
+
+
+def _token_spans(normalized: str) -> list[tuple[int, int]]:
+    """(start, end) of each token of an already normalized text."""
+    if normalized.isascii():
+        return [m.span() for m in _ASCII_TOKEN.finditer(normalized)]
+    spans: list[tuple[int, int]] = []
+    table = _char_classes()
+    begin = -1
+    for i, ch in enumerate(normalized):
+        kind = table[ord(ch)]
+        if kind != _WORD and begin >= 0:
+            spans.append((begin, i))
+            begin = -1
+        if kind == _STANDALONE:
+            spans.append((i, i + 1))
+        elif kind == _WORD and begin < 0:
+            begin = i
+    if begin >= 0:
+        spans.append((begin, len(normalized)))
+    return spans
+
+
+def _token_offsets(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """Where the tokens of `tokenize(text)` sit: ``(source, [(start, end), ...])``.
+
+    ``source`` is ``text`` itself whenever normalization can be aligned with it character by
+    character (always for ASCII; per combining sequence otherwise); in the rare case where it
+    cannot, ``source`` is the normalized text and the offsets point into that.
+    """
+    if text.isascii():
+        return text, _token_spans(text.lower())
+    pieces: list[str] = []
+    begins: list[int] = []
+    ends: list[int] = []
+    seg = 0
+    for i in range(1, len(text) + 1):
+        if i < len(text) and (unicodedata.combining(text[i]) or 0x1160 <= ord(text[i]) <= 0x11FF):
+            continue  # a combining character (or Hangul medial/final jamo) joins the previous one
+        piece = normalize(text[seg:i])
+        pieces.append(piece)
+        begins.extend([seg] * len(piece))
+        ends.extend([i] * len(piece))
+        seg = i
+    normalized = normalize(text)
+    if "".join(pieces) != normalized:
+        return normalized, _token_spans(normalized)
+    return text, [(begins[start], ends[end - 1]) for start, end in _token_spans(normalized)]
+
+
+def _span(source: str, offsets: list[tuple[int, int]], first: int, last: int) -> str:
+    """The text from token ``first`` to token ``last`` (inclusive), truncated in the middle."""
+    span = source[offsets[first][0]:offsets[last][1]]
+    if len(span) > SPAN_MAX_CHARS:
+        head = SPAN_MAX_CHARS * 2 // 3
+        span = span[:head] + "…" + span[len(span) - (SPAN_MAX_CHARS - head - 1):]
+    return span
+
+
+# ---------------------------------------------------------------------------------------------
+# rows and eval items
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalItem:
+    """One eval prompt to protect; ``text`` is its system and user turns joined with newlines."""
+
+    benchmark: str
+    eval_id: str
+    source: str
+    row_id: str
+    text: str
+
+
+def _turns(row: dict[str, Any], roles: tuple[str, ...]) -> str:
+    return "\n".join(m["content"] for m in row["messages"] if m["role"] in roles)
+
+
+def eval_items_from_rows(rows: Iterable[dict[str, Any]], benchmark: str) -> Iterator[EvalItem]:
+    """Eval items from rows of an eval source (its ``eval_id`` or, failing that, its ``row_id``)."""
+    for row in rows:
+        yield EvalItem(benchmark=benchmark, eval_id=str(row.get("eval_id") or row["row_id"]),
+                       source=row["source"], row_id=row["row_id"], text=_turns(row, ("system", "user")))
+
+
+def registry_eval_items(root: Path | None = None) -> list[EvalItem]:
+    """Eval items of every registry source with role ``eval`` (the decontamination targets)."""
+    from tulu_pipeline.data.loaders import iter_source_rows
+    from tulu_pipeline.data.registry import registry
+
+    items: list[EvalItem] = []
+    for spec in registry():
+        if spec.role == "eval":
+            items.extend(eval_items_from_rows(iter_source_rows(spec, root), spec.benchmark or spec.id))
+    return items
+
+
+def training_text(row: dict[str, Any], include_response: bool) -> str:
+    """System and user turns (and assistant turns with ``include_response``) joined with newlines."""
+    roles = ("system", "user", "assistant") if include_response else ("system", "user")
+    return _turns(row, roles)
+
+
+@dataclass(frozen=True)
+class Match:
+    """One eval item a training text is contaminated by."""
+
+    benchmark: str
+    eval_id: str
+    source: str
+    eval_row_id: str
+    score: float  # coverage: matched_ngrams / item_ngrams (1.0 for a contained short item)
+    matched_ngrams: int
+    item_ngrams: int
+    span: str  # training text from the first to the last matched token, original casing
+
+
+def _sort_matches(matches: list[Match]) -> list[Match]:
+    return sorted(matches, key=lambda m: (-m.score, m.benchmark, m.eval_id, m.eval_row_id))
+
+
+# ---------------------------------------------------------------------------------------------
+# hashing (numpy)
+# ---------------------------------------------------------------------------------------------
+_TOKEN_P = 0x01000193  # odd, so invertible modulo 2**32
+_TOKEN_P_INV = pow(_TOKEN_P, -1, 1 << 32)
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_WINDOW_Q = np.uint64(0xC2B2AE3D27D4EB4F)
+_BATCH_BYTES = 1 << 21  # texts are hashed in slices of about this many bytes (bounds memory)
+
+_ASCII_CLASS = np.zeros(256, np.uint8)
+_BYTE_VALUE = np.zeros(256, np.uint32)
+for _c in b"0123456789abcdefghijklmnopqrstuvwxyz":
+    _ASCII_CLASS[_c] = _WORD
+    _BYTE_VALUE[_c] = _c
+for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+    _ASCII_CLASS[_c] = _WORD
+    _BYTE_VALUE[_c] = _c + 32  # casefold of ASCII is lowercase
+_BYTE_VALUE[0x80:] = np.arange(0x80, 0x100, dtype=np.uint32)
+
+
+class _Powers:
+    """P**j and P**-j modulo 2**32 for byte positions j; kept for sizes up to ``keep`` bytes."""
+
+    def __init__(self, keep: int = 4 * _BATCH_BYTES) -> None:
+        self.keep = keep
+        self.fwd = np.ones(1, np.uint32)
+        self.inv = np.ones(1, np.uint32)
+
+    @staticmethod
+    def _table(base: int, size: int) -> np.ndarray:
+        return np.cumprod(np.r_[1, np.full(size - 1, base)].astype(np.uint32), dtype=np.uint32)
+
+    def get(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        if size > self.keep:  # one huge text: computed for it alone, not kept
+            return self._table(_TOKEN_P, size), self._table(_TOKEN_P_INV, size)
+        if size > len(self.fwd):
+            grown = min(self.keep, max(size, 2 * len(self.fwd)))
+            self.fwd, self.inv = self._table(_TOKEN_P, grown), self._table(_TOKEN_P_INV, grown)
+        return self.fwd[:size], self.inv
+
+
+_POWERS = _Powers()
+
+
+def _token_hashes(encoded: Sequence[bytes], ascii_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """32-bit hashes of the tokens of normalized UTF-8 texts, in order, and each text's token count.
+
+    Must cut exactly the tokens `tokenize` cuts (tested), since the filter is only as exhaustive
+    as this agreement.
+    """
+    buf = b"\n" + b"\n".join(encoded) + b"\n\0\0\0"  # leading separator: every token starts at >= 1
+    b = np.frombuffer(buf, np.uint8)
+    size = len(b)
+    # Byte values to hash: lower-cased ASCII letters and digits, every byte of a non-ASCII character
+    # for now; 0 for separators.
+    values = np.take(_BYTE_VALUE, b)
+    standalone = standalone_end = np.zeros(0, np.int64)
+    if not ascii_only:
+        lead = np.flatnonzero(b >= 0xC0)
+        if len(lead):  # decode the code point of every multi-byte character
+            b0 = b[lead].astype(np.uint32)
+            b1 = b[lead + 1].astype(np.uint32) & 0x3F
+            b2 = b[lead + 2].astype(np.uint32) & 0x3F
+            b3 = b[lead + 3].astype(np.uint32) & 0x3F
+            two, four = b0 < 0xE0, b0 >= 0xF0
+            cp = np.where(two, ((b0 & 0x1F) << 6) | b1,
+                          np.where(four, ((b0 & 0x07) << 18) | (b1 << 12) | (b2 << 6) | b3,
+                                   ((b0 & 0x0F) << 12) | (b1 << 6) | b2))
+            kind = _char_classes()[np.minimum(cp, 0x10FFFF)]
+            width = 2 + (b0 >= 0xE0) + four
+            separator = kind == _SEPARATOR
+            for k in range(4):  # a non-ASCII separator (curly quote, dash, emoji ...) hashes as nothing
+                values[lead[separator & (width > k)] + k] = 0
+            is_standalone = kind == _STANDALONE
+            standalone, standalone_end = lead[is_standalone], (lead + width)[is_standalone]
+    word = values != 0
+    start = np.zeros(size, bool)
+    np.greater(word[1:], word[:-1], out=start[1:])
+    if len(standalone):  # a standalone character is a token, and so is what follows it
+        start[standalone_end] = word[standalone_end]
+        start[standalone] = True
+    starts = np.flatnonzero(start)
+    powers, inverse_powers = _POWERS.get(size)
+    values *= powers
+    prefix = np.cumsum(values, dtype=np.uint32)
+    edges = prefix[np.append(starts, size) - 1]
+    hashes = (edges[1:] - edges[:-1]) * inverse_powers[starts]
+    bounds = np.cumsum(np.fromiter((len(e) + 1 for e in encoded), dtype=np.int64, count=len(encoded)))
+    counts = np.diff(np.searchsorted(starts, np.r_[1, bounds + 1]))
+    return hashes, counts
+
+
+def _mix(token_hashes: np.ndarray, pad: int) -> np.ndarray:
+    """64-bit token keys (padded with ``pad`` zeros) that windows are rolled over."""
+    keys = np.zeros(len(token_hashes) + pad, np.uint64)
+    keys[:len(token_hashes)] = token_hashes
+    keys += np.uint64(1)
+    keys *= _MIX
+    keys ^= keys >> np.uint64(31)
+    return keys
+
+
+class _BitFilter:
+    """A one-probe Bloom filter (a bitmap indexed by the top bits of a 64-bit hash)."""
+
+    def __init__(self, hashes: np.ndarray, bits_per_key: int = 32):
+        size = 1 << 12
+        while size < bits_per_key * len(hashes) and size < 1 << 28:
+            size <<= 1
+        self.shift = np.uint64(64 - size.bit_length() + 1)
+        self.bits = np.zeros(size >> 3, np.uint8)
+        slots = hashes >> self.shift
+        np.bitwise_or.at(self.bits, slots >> np.uint64(3), np.left_shift(1, (slots & np.uint64(7)).astype(np.uint8)))
+
+    def probe(self, hashes: np.ndarray) -> np.ndarray:
+        """Positions of ``hashes`` that may be in the set."""
+        slots = hashes >> self.shift
+        found = self.bits[slots >> np.uint64(3)]
+        found >>= (slots & np.uint64(7)).astype(np.uint8)
+        found &= 1
+        return np.flatnonzero(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# the index
+# ---------------------------------------------------------------------------------------------
+class EvalIndex:
+    """Every n-gram of every eval item (and the whole token sequence of items shorter than n).
+
+    ``items`` are the indexed items (``skipped`` the ones under ``min_item_tokens``);
+    ``benchmarks`` counts indexed items per benchmark.
+    """
+
+    def __init__(self) -> None:  # use EvalIndex.build
+        self.items: list[EvalItem] = []
+        self.skipped: list[EvalItem] = []
+        self.benchmarks: dict[str, int] = {}
+        self.ngram = 8
+        self.min_item_tokens = 1
+
+    @classmethod
+    def build(cls, items: Iterable[EvalItem], ngram: int = 8, min_item_tokens: int = 1) -> "EvalIndex":
+        if ngram < 1 or min_item_tokens < 1:
+            raise ValueError(f"ngram and min_item_tokens must be >= 1, got {ngram}, {min_item_tokens}")
+        index = cls()
+        index.ngram, index.min_item_tokens = ngram, min_item_tokens
+        interned: dict[str, str] = {}
+        tokens: list[list[str]] = []
+        for item in items:
+            toks = [interned.setdefault(t, t) for t in tokenize(item.text)]
+            if len(toks) < min_item_tokens:
+                index.skipped.append(item)
+                continue
+            index.items.append(item)
+            tokens.append(toks)
+        index._item_tokens = tokens
+        index.benchmarks = dict(Counter(item.benchmark for item in index.items))
+        # Hash the items' own tokens (already normalized; one token per space-separated word), so the
+        # index is defined by `tokenize` alone.
+        hashes, lengths = [], []
+        for lo in range(0, len(tokens), 4096):
+            chunk = [" ".join(t).encode("utf-8", "surrogatepass") for t in tokens[lo:lo + 4096]]
+            h, counts = _token_hashes(chunk, all(c.isascii() for c in chunk))
+            hashes.append(h)
+            lengths.append(counts)
+        token_hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint32)
+        counts = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+        if counts.tolist() != [len(t) for t in tokens]:
+            raise RuntimeError("byte tokenizer disagrees with tokenize() on eval items")
+        first_token = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
+        window_hashes = index._window_hashes(_mix(token_hashes, ngram), ngram)
+
+        main_hash, main_item, main_pos = [], [], []
+        short_hash, short_item, short_len = [], [], []
+        item_ngrams = np.ones(len(tokens), np.int64)
+        for i, toks in enumerate(tokens):
+            start = int(first_token[i])
+            if len(toks) < ngram:
+                short_hash.append(window_hashes[len(toks)][start])
+                short_item.append(i)
+                short_len.append(len(toks))
+                continue
+            seen: set[tuple[str, ...]] = set()
+            for pos in range(len(toks) - ngram + 1):
+                gram = tuple(toks[pos:pos + ngram])
+                if gram not in seen:  # distinct n-grams only: coverage counts each once
+                    seen.add(gram)
+                    main_hash.append(window_hashes[ngram][start + pos])
+                    main_item.append(i)
+                    main_pos.append(pos)
+            item_ngrams[i] = len(seen)
+        index._item_ngrams = item_ngrams
+        order = np.argsort(np.array(main_hash, np.uint64), kind="stable")
+        index._main_hash = np.array(main_hash, np.uint64)[order]
+        index._main_item = np.array(main_item, np.int64)[order]
+        index._main_pos = np.array(main_pos, np.int64)[order]
+        order = np.argsort(np.array(short_hash, np.uint64), kind="stable")
+        index._short_hash = np.array(short_hash, np.uint64)[order]
+        index._short_item = np.array(short_item, np.int64)[order]
+        index._short_lengths = sorted(set(short_len))
+        # Entry ids: main n-grams first (in hash order), then short items (in hash order).
+        index._entry_item = np.concatenate([index._main_item, index._short_item])
+        index._entry_pos = np.concatenate([index._main_pos, np.zeros(len(index._short_item), np.int64)])
+        index._main_filter = _BitFilter(index._main_hash)
+        index._short_length_set = set(short_len)
+        single = np.array([h for h, ln in zip(short_hash, short_len) if ln == 1], np.uint64)
+        starts = np.array([first_token[i] for i, ln in zip(short_item, short_len) if ln >= 2], np.int64)
+        index._single_filter = _BitFilter(single, bits_per_key=256)
+        index._prefix_filter = _BitFilter(window_hashes[2][starts] if ngram >= 2 else np.zeros(0, np.uint64),
+                                          bits_per_key=256)
+        return index
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def summary(self) -> dict[str, Any]:
+        """Sizes for asset metadata and benchmark reports."""
+        return {"items": len(self.items), "skipped_items": len(self.skipped), "benchmarks": dict(self.benchmarks),
+                "ngram": self.ngram, "min_item_tokens": self.min_item_tokens,
+                "indexed_ngrams": int(len(self._main_hash)), "short_items": int(len(self._short_hash)),
+                "short_item_lengths": self._short_lengths}
+
+    def _window_hashes(self, keys: np.ndarray, ngram: int) -> dict[int, np.ndarray]:
+        """Hashes of the windows of every length 1..ngram starting at each token (build time)."""
+        size = len(keys) - ngram
+        out = {1: keys[:size].copy()}
+        for length in range(2, ngram + 1):
+            out[length] = out[length - 1] * _WINDOW_Q + keys[length - 1:length - 1 + size]
+        return out
+
+    # ---- matching -----------------------------------------------------------------------------
+    def match_texts(self, texts: Sequence[str], threshold: float) -> list[list[Match]]:
+        """For each text, every item it is contaminated by (coverage >= ``threshold``), best first."""
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        results: list[list[Match]] = [[] for _ in texts]
+        if not self.items:
+            return results
+        chunk: list[bytes] = []
+        chunk_start, chunk_bytes, ascii_only = 0, 0, True
+        for i, text in enumerate(texts):
+            if text.isascii():
+                chunk.append(text.encode("ascii"))
+            else:
+                ascii_only = False
+                chunk.append(normalize(text).encode("utf-8", "surrogatepass"))
+            chunk_bytes += len(chunk[-1]) + 1
+            if chunk_bytes >= _BATCH_BYTES:
+                self._match_chunk(texts, chunk_start, chunk, ascii_only, threshold, results)
+                chunk, chunk_start, chunk_bytes, ascii_only = [], i + 1, 0, True
+        if chunk:
+            self._match_chunk(texts, chunk_start, chunk, ascii_only, threshold, results)
+        return results
+
+    def _match_chunk(self, texts: Sequence[str], offset: int, encoded: list[bytes], ascii_only: bool,
+                     threshold: float, results: list[list[Match]]) -> None:
+        n = self.ngram
+        token_hashes, counts = _token_hashes(encoded, ascii_only)
+        total = len(token_hashes)
+        if total == 0:
+            return
+        row_first = np.r_[0, np.cumsum(counts)].astype(np.int64)  # first token of each row, and the end
+        keys = _mix(token_hashes, n)
+        # Candidate windows: (global token position, window length, entry range) per filter hit.
+        found_pos, found_len, found_lo, found_hi = [], [], [], []
+
+        def confirm(pos: np.ndarray, h: np.ndarray, length: int, table: np.ndarray, base: int) -> None:
+            """Keep the windows whose hash is in ``table`` and that lie inside one row."""
+            lo = np.searchsorted(table, h, "left")
+            ok = lo < len(table)
+            ok[ok] = table[lo[ok]] == h[ok]
+            pos, h, lo = pos[ok], h[ok], lo[ok]
+            if not len(pos):
+                return
+            row = np.searchsorted(row_first, pos, "right") - 1
+            ok = pos + length <= row_first[row + 1]
+            found_pos.append(pos[ok])
+            found_len.append(np.full(int(ok.sum()), length, np.int64))
+            found_lo.append(lo[ok] + base)
+            found_hi.append(np.searchsorted(table, h[ok], "right") + base)
+
+        n_main = len(self._main_hash)
+        with np.errstate(over="ignore"):
+            window = keys[:total].copy()
+            if self._short_lengths and self._short_lengths[0] == 1:  # one-token items: probe every token
+                pos = self._single_filter.probe(window)
+                confirm(pos, window[pos], 1, self._short_hash, n_main)
+            for length in range(2, n + 1):
+                window *= _WINDOW_Q
+                window += keys[length - 1:length - 1 + total]
+                if length == 2 and self._short_lengths and self._short_lengths[-1] >= 2:
+                    # Items of 2..n-1 tokens: probe their first two tokens, then roll the few
+                    # surviving positions out to each short length.
+                    pos = self._prefix_filter.probe(window)
+                    h = window[pos]
+                    for short_length in range(2, self._short_lengths[-1] + 1):
+                        if short_length > 2:
+                            h = h * _WINDOW_Q + keys[pos + short_length - 1]
+                        if short_length in self._short_length_set:
+                            confirm(pos, h, short_length, self._short_hash, n_main)
+            pos = self._main_filter.probe(window)
+            confirm(pos, window[pos], n, self._main_hash, 0)
+        if not found_pos:
+            return
+        pos = np.concatenate(found_pos)
+        if not len(pos):
+            return
+        length = np.concatenate(found_len)
+        lo, hi = np.concatenate(found_lo), np.concatenate(found_hi)
+        # Expand each candidate window to the entries (item n-grams) sharing its hash.
+        reps = hi - lo
+        cand = np.repeat(np.arange(len(pos)), reps)
+        entry = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps) + lo[cand]
+        item = self._entry_item[entry]
+        row = np.searchsorted(row_first, pos[cand], "right") - 1
+        # Hash-level coverage bounds the exact coverage from above: keep (row, item) pairs reaching it.
+        n_entries = len(self._main_hash) + len(self._short_hash)
+        pair_entry = np.unique(row * n_entries + entry)
+        pair_item = self._entry_item[pair_entry % n_entries]
+        pair_key, pair_count = np.unique((pair_entry // n_entries) * len(self.items) + pair_item, return_counts=True)
+        pair_item = pair_key % len(self.items)
+        keep = pair_key[pair_count / self._item_ngrams[pair_item] >= threshold]
+        if not len(keep):
+            return
+        selected = np.isin(row * len(self.items) + item, keep)
+        by_row: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+        for r, p, ln, e in zip(row[selected].tolist(), (pos[cand] - row_first[row])[selected].tolist(),
+                               length[cand][selected].tolist(), entry[selected].tolist()):
+            by_row[r].append((p, ln, e))
+        for r, windows in by_row.items():
+            text = texts[offset + r]
+            results[offset + r] = self._verify(text, int(counts[r]), windows, threshold)
+
+    def _verify(self, text: str, token_count: int, windows: list[tuple[int, int, int]],
+                threshold: float) -> list[Match]:
+        """Exact token comparison of candidate windows; only verified n-grams count."""
+        tokens = tokenize(text)
+        if len(tokens) != token_count:  # never expected: the byte tokenizer is tested against tokenize()
+            log.warning("byte tokenizer disagrees with tokenize() on a text of %d chars; using the reference",
+                        len(text))
+            return reference_matches(self.items, text, self.ngram, threshold)
+        matched: dict[int, set[int]] = defaultdict(set)
+        first: dict[int, int] = {}
+        last: dict[int, int] = {}
+        for pos, length, entry in windows:
+            item, at = int(self._entry_item[entry]), int(self._entry_pos[entry])
+            if tokens[pos:pos + length] != self._item_tokens[item][at:at + length]:
+                continue  # a hash collision
+            matched[item].add(entry)
+            first[item] = min(first.get(item, pos), pos)
+            last[item] = max(last.get(item, pos + length - 1), pos + length - 1)
+        out: list[Match] = []
+        located = None
+        for item, entries in matched.items():
+            total = int(self._item_ngrams[item])
+            score = len(entries) / total
+            if score < threshold:
+                continue
+            if located is None:
+                located = _token_offsets(text)
+            it = self.items[item]
+            out.append(Match(benchmark=it.benchmark, eval_id=it.eval_id, source=it.source, eval_row_id=it.row_id,
+                             score=score, matched_ngrams=len(entries), item_ngrams=total,
+                             span=_span(*located, first[item], last[item])))
+        return _sort_matches(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference implementation
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _ReferenceIndex:
+    items: Sequence[EvalItem]
+    count: int
+    ngram: int
+    grams: dict[tuple[str, ...], list[int]]  # n-gram -> items having it (each item once)
+    short: dict[tuple[str, ...], list[int]]  # whole token sequence of items shorter than n -> items
+    short_first: dict[str, set[int]]  # first token of a short item -> the lengths of such items
+    totals: list[int]  # distinct n-grams per item (1 for a short item)
+
+
+_REFERENCE_CACHE: list[_ReferenceIndex] = []
+
+
+def _reference_index(items: Sequence[EvalItem], ngram: int) -> _ReferenceIndex:
+    for cached in _REFERENCE_CACHE:  # items are treated as immutable between calls
+        if cached.items is items and cached.count == len(items) and cached.ngram == ngram:
+            return cached
+    grams: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    short: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    totals: list[int] = []
+    for i, item in enumerate(items):
+        tokens = tokenize(item.text)
+        if len(tokens) < ngram:
+            if tokens:  # an empty item is contained in everything: never indexed
+                short[tuple(tokens)].append(i)
+            totals.append(1)
+            continue
+        distinct = {tuple(tokens[p:p + ngram]) for p in range(len(tokens) - ngram + 1)}
+        for gram in distinct:
+            grams[gram].append(i)
+        totals.append(len(distinct))
+    short_first: dict[str, set[int]] = defaultdict(set)
+    for key in short:
+        short_first[key[0]].add(len(key))
+    _REFERENCE_CACHE[:] = [
+        _ReferenceIndex(items, len(items), ngram, dict(grams), dict(short), dict(short_first), totals)]
+    return _REFERENCE_CACHE[0]
+
+
+def reference_matches(items: Sequence[EvalItem], text: str, ngram: int, threshold: float) -> list[Match]:
+    """The matches of one text by plain sets of n-gram tuples (independent of the fast path).
+
+    Builds (and keeps, for the same ``items`` object) an n-gram -> items dict; then takes the set
+    of the text's n-grams, counts per item how many of its distinct n-grams are in that set, and
+    checks the windows that start with a short item's first token against the short items' token
+    sequences. Pass the same ``items`` object on every call (e.g. ``index.items``): the dict is
+    kept for one object (a few seconds to build for all bundled evals) and rebuilt for another.
+    About 6,000 rows/s on one core for all bundled evals (benchmarks/results/decontam.json).
+    """
+    ref = _reference_index(items, ngram)
+    tokens = tokenize(text)
+    where: dict[tuple[str, ...], list[int]] = defaultdict(list)  # n-gram of the text -> its positions
+    for p in range(len(tokens) - ngram + 1):
+        where[tuple(tokens[p:p + ngram])].append(p)
+    hits: dict[int, list[tuple[str, ...]]] = defaultdict(list)
+    for gram in where:
+        for i in ref.grams.get(gram, ()):
+            hits[i].append(gram)
+    spans: dict[int, tuple[int, int, int]] = {}  # item -> (matched, first token, last token)
+    for i, found in hits.items():
+        if len(found) / ref.totals[i] >= threshold:
+            starts = [p for gram in found for p in where[gram]]
+            spans[i] = (len(found), min(starts), max(starts) + ngram - 1)
+    for p, token in enumerate(tokens):
+        for length in ref.short_first.get(token, ()):
+            if p + length > len(tokens):
+                continue
+            for i in ref.short.get(tuple(tokens[p:p + length]), ()):
+                matched, lo, hi = spans.get(i, (1, p, p + length - 1))
+                spans[i] = (1, min(lo, p), max(hi, p + length - 1))
+    if not spans:
+        return []
+    located = _token_offsets(text)
+    out = []
+    for i, (matched, lo, hi) in spans.items():
+        item = items[i]
+        out.append(Match(benchmark=item.benchmark, eval_id=item.eval_id, source=item.source, eval_row_id=item.row_id,
+                         score=matched / ref.totals[i], matched_ngrams=matched, item_ngrams=ref.totals[i],
+                         span=_span(*located, lo, hi)))
+    return _sort_matches(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the streaming step
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DecontamStats:
+    """What a `Decontaminator` has seen so far."""
+
+    rows: int = 0
+    clean: int = 0
+    quarantined: int = 0
+    removed: Counter = field(default_factory=Counter)  # (training source, benchmark) -> rows removed
+    eval_ids_hit: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # benchmark -> ids
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly view (asset metadata)."""
+        return {"rows": self.rows, "clean": self.clean, "quarantined": self.quarantined,
+                "removed": {f"{s}/{b}": n for (s, b), n in sorted(self.removed.items())},
+                "eval_ids_hit": {b: len(ids) for b, ids in sorted(self.eval_ids_hit.items())}}
+
+
+class Decontaminator:
+    """Streaming step: yields clean rows in input order, quarantines contaminated ones.
+
+    Every row gets exactly one ledger event: ``kept`` (decision ``clean``) or ``quarantined``
+    (decision ``contaminated``, the best match as reason, every matched eval row as related ids,
+    all matches in details). Quarantined rows are kept in ``self.quarantine`` as
+    ``{"row": row, "matches": [Match, ...]}``.
+    """
+
+    def __init__(self, index: EvalIndex, config: DecontamConfig, sink: DecisionSink, batch_size: int = 4096):
+        if index.ngram != config.ngram or index.min_item_tokens != config.min_item_tokens:
+            raise ValueError(f"index built with ngram={index.ngram}, min_item_tokens={index.min_item_tokens}; "
+                             f"config says ngram={config.ngram}, min_item_tokens={config.min_item_tokens}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.index, self.config, self.sink, self.batch_size = index, config, sink, batch_size
+        self.quarantine: list[dict[str, Any]] = []
+        self.stats = DecontamStats()
+
+    def __call__(self, rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        batch: list[dict[str, Any]] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= self.batch_size:
+                yield from self._process(batch)
+                batch = []
+        if batch:
+            yield from self._process(batch)
+
+    def _process(self, batch: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        include_response, threshold = self.config.include_response, self.config.threshold
+        results = self.index.match_texts([training_text(row, include_response) for row in batch], threshold)
+        record, stats = self.sink.record, self.stats
+        for row, matches in zip(batch, results):
+            stats.rows += 1
+            if not matches:
+                stats.clean += 1
+                record(row["row_id"], "kept", decision="clean")
+                yield row
+                continue
+            stats.quarantined += 1
+            for benchmark in {m.benchmark for m in matches}:
+                stats.removed[(row.get("source", ""), benchmark)] += 1
+            for m in matches:
+                stats.eval_ids_hit[m.benchmark].add(m.eval_id)
+            self.quarantine.append({"row": row, "matches": matches})
+            best = matches[0]
+            record(row["row_id"], "quarantined", decision="contaminated",
+                   reason=f"{best.benchmark}:{best.eval_id} coverage {best.score:.2f}",
+                   related_ids=[m.eval_row_id for m in matches],
+                   details={"matches": [asdict(m) for m in matches], "ngram": self.config.ngram,
+                            "threshold": threshold})
