@@ -79,7 +79,7 @@ def test_malformed_line_stops_without_output(tmp_path: Path, capsys) -> None:
     assert tulu(["decontam", "--train", str(train), "--evals", "koala", "--skip-bad", "--out", str(out)]) == 0
     assert [o["id"] for o in _read(out / "clean.jsonl")] == [1, 3]
     [bad] = _read(out / "quarantine.jsonl")
-    assert bad["line"] == 2 and "invalid JSON" in bad["reason"]
+    assert bad["line"] == 2 and "invalid JSON" in bad["reason"] and bad["raw"] == '{"id": 2, "prompt": "trunc'
 
 
 def test_missing_fields_and_unknown_evals(tmp_path: Path, capsys) -> None:

@@ -189,6 +189,7 @@ def test_quarantine_mode_keeps_good_rows_and_explains_bad_ones(tmp_path: Path, b
     quarantine = [json.loads(line) for line in store.read_bytes(
         f"quarantine/raw/gsm8k_test/{result.version}.jsonl").splitlines()]
     assert [q["source_key"] for q in quarantine] == ["eval/gsm8k/test.jsonl:10", "eval/gsm8k/test.jsonl:20"]
+    assert [q["raw"] for q in quarantine] == ['{"question": "truncated', '{"answer": "#### 3"}']
 
 
 def test_failed_ingestion_publishes_nothing(tmp_path: Path, bundle: Path) -> None:

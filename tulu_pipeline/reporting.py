@@ -8,14 +8,29 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def histogram_png(values: Sequence[float], title: str, xlabel: str, bins: int = 40) -> bytes:
-    """A histogram as PNG bytes (log-spaced bins when values span more than two decades)."""
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (assets render in servers and pods)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_png(fig) -> bytes:
+    """Render and close a matplotlib figure, returning PNG bytes."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def histogram_png(values: Sequence[float], title: str, xlabel: str, bins: int = 40) -> bytes:
+    """A histogram as PNG bytes (log-spaced bins when values span more than two decades)."""
     import numpy as np
 
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     data = np.asarray([v for v in values if v is not None], dtype=float)
     if data.size:
@@ -28,10 +43,7 @@ def histogram_png(values: Sequence[float], title: str, xlabel: str, bins: int = 
     ax.set_xlabel(xlabel)
     ax.set_ylabel("rows")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
 def _cell(value: Any, max_chars: int) -> str:

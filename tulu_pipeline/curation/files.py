@@ -21,7 +21,7 @@ from typing import Any
 from tulu_pipeline.curation.decontaminate import (
     DecontamConfig, EvalIndex, EvalItem, eval_items_from_rows, registry_eval_items, training_text,
 )
-from tulu_pipeline.data.loaders import SourceRecordError, iter_source_rows
+from tulu_pipeline.data.loaders import SourceRecordError, iter_jsonl_records, iter_source_rows
 from tulu_pipeline.data.registry import registry
 from tulu_pipeline.data.schema import ROLES
 
@@ -51,21 +51,15 @@ def _row_from_object(obj: Any, file: str, line: int) -> dict[str, Any]:
 def read_jsonl_rows(path: Path, bad: list[dict[str, Any]] | None = None) -> Iterator[tuple[dict, dict]]:
     """(row, original object) per line; a bad line raises, or is appended to ``bad`` when given."""
     with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
+        for record in iter_jsonl_records(handle, str(path)):
             try:
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as exc:
-                    raise SourceRecordError(str(path), line_no, f"invalid UTF-8 at byte {exc.start}") from exc
-                except json.JSONDecodeError as exc:
-                    raise SourceRecordError(str(path), line_no, f"invalid JSON ({exc.msg}); expected one JSON object per line") from exc
-                yield _row_from_object(obj, str(path), line_no), obj
+                if isinstance(record, SourceRecordError):
+                    raise record
+                yield _row_from_object(record.value, str(path), record.line), record.value
             except SourceRecordError as exc:
                 if bad is None:
                     raise
-                bad.append({"line": line_no, "reason": exc.reason, "raw": raw.decode("utf-8", "replace").rstrip("\n")})
+                bad.append({"line": exc.line, "reason": exc.reason, "raw": record.raw.decode("utf-8", "replace")})
 
 
 def load_eval_items(evals: str | None) -> list[EvalItem]:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
-from tulu_pipeline.reporting import markdown_table
+from tulu_pipeline.reporting import figure_png, markdown_table, pyplot
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -41,12 +40,9 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def heatmap_png(report: dict[str, Any]) -> bytes:
     """Share of each benchmark's items hit by each training source, annotated with rows removed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = pyplot()
     sources = list(report["sources"])
     benchmarks = list(report["benchmarks"])
     share = np.zeros((len(sources), len(benchmarks)))
@@ -68,7 +64,4 @@ def heatmap_png(report: dict[str, Any]) -> bytes:
     fig.colorbar(image, ax=ax, label="% of benchmark items hit")
     ax.set_title("Decontamination: rows removed (numbers) and share of items hit (colour)", fontsize=9)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig)

@@ -24,8 +24,8 @@ from tulu_pipeline.data.schema import make_row_id, row_problems
 class SourceRecordError(ValueError):
     """A record that does not match what the registry expects."""
 
-    def __init__(self, file: str, line: int, message: str):
-        self.file, self.line, self.reason = file, line, message
+    def __init__(self, file: str, line: int, message: str, raw: bytes = b""):
+        self.file, self.line, self.reason, self.raw = file, line, message, raw
         super().__init__(f"{file}:{line}: {message}")
 
 
@@ -60,7 +60,8 @@ def _decode(raw: bytes, file: str, line: int) -> str:
         raise SourceRecordError(file, line, f"invalid UTF-8 at byte {exc.start} (expected UTF-8 text)") from exc
 
 
-def _iter_jsonl(handle: io.BufferedReader, file: str) -> Iterator[RawRecord | SourceRecordError]:
+def iter_jsonl_records(handle: io.BufferedReader, file: str) -> Iterator[RawRecord | SourceRecordError]:
+    """JSON lines of an open binary file with their line numbers; bad lines come back as errors."""
     index = 0
     for line_no, raw_line in enumerate(handle, start=1):
         raw = raw_line.rstrip(b"\r\n")
@@ -69,11 +70,13 @@ def _iter_jsonl(handle: io.BufferedReader, file: str) -> Iterator[RawRecord | So
         try:
             value = json.loads(_decode(raw, file, line_no))
         except SourceRecordError as exc:
+            exc.raw = raw
             yield exc
             index += 1
             continue
         except json.JSONDecodeError as exc:
-            yield SourceRecordError(file, line_no, f"invalid JSON ({exc.msg} at column {exc.colno}); expected one JSON object per line")
+            yield SourceRecordError(file, line_no, f"invalid JSON ({exc.msg} at column {exc.colno}); "
+                                    "expected one JSON object per line", raw)
             index += 1
             continue
         yield RawRecord(line_no, index, raw, value)
@@ -148,11 +151,11 @@ def iter_raw_records(spec: SourceSpec, path: Path) -> Iterator[RawRecord | Sourc
     file = spec.path
     if spec.format == "jsonl":
         with open(path, "rb") as handle:
-            yield from _iter_jsonl(handle, file)
+            yield from iter_jsonl_records(handle, file)
     elif spec.format == "jsonl.gz":
         with gzip.open(path, "rb") as handle:
             try:
-                yield from _iter_jsonl(handle, file)
+                yield from iter_jsonl_records(handle, file)
             except (OSError, EOFError) as exc:
                 raise SourceRecordError(file, 0, f"corrupt gzip stream ({exc})") from exc
     elif spec.format == "json":
@@ -345,7 +348,7 @@ def iter_located_rows(
         if isinstance(item, SourceRecordError):
             if on_bad is None:
                 raise item
-            on_bad(BadRecord(spec.id, f"{spec.path}:{item.line}", item.line, item.reason, b""))
+            on_bad(BadRecord(spec.id, f"{spec.path}:{item.line}", item.line, item.reason, item.raw))
             continue
         key = source_key(spec, item)
         try:
