@@ -14,7 +14,7 @@ from tulu_pipeline.curation.dedup import DedupConfig
 from tulu_pipeline.curation.normalize import NormalizeConfig
 from tulu_pipeline.curation.pipeline import (
     CURATION_CODE_VERSION, StageResult, decontaminate_prompts, decontamination_report, deduplicate_prompts,
-    normalize_prompts, schema_violations, verify_no_eval_overlap, build_eval_index,
+    normalize_prompts, record_check_results, schema_violations, verify_no_eval_overlap, build_eval_index,
 )
 from tulu_pipeline.curation.report import heatmap_png, report_markdown
 from tulu_pipeline.data.registry import registry
@@ -124,6 +124,8 @@ def decontamination(context: dg.AssetExecutionContext, config: DecontamStageConf
 
     violations = verify_no_eval_overlap(store, result.version, index[0], curation)
     problems, duplicates = schema_violations(store, "decontaminated_prompts", result.version)
+    record_check_results(store, result.version, {"no_eval_overlap": not violations, "schema_valid": not problems,
+                                                 "unique_row_ids": duplicates == 0})
     yield dg.AssetCheckResult(asset_key="decontaminated_prompts", check_name="no_eval_overlap",
                               passed=not violations, metadata={"violations": dg.MetadataValue.json(violations)})
     yield dg.AssetCheckResult(asset_key="decontaminated_prompts", check_name="schema_valid",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+from resources.compute import ComputeLauncher, K8sLauncher, LocalLauncher
 from resources.storage import DataBundle, TuluStorage
 
 DEPLOYMENTS = ("local", "k8s")
@@ -13,7 +16,12 @@ def resources_for(deployment: str) -> dict[str, object]:
         raise ValueError(f"TULU_DEPLOYMENT must be one of {DEPLOYMENTS}, got {deployment!r}")
     # Both deployments read their locations from the environment: locally the defaults point into the
     # checkout, on Kubernetes the Helm values set TULU_HOME to an object-store URL.
-    return {"storage": TuluStorage(), "data_bundle": DataBundle()}
+    if deployment == "k8s":
+        launcher: ComputeLauncher = K8sLauncher(image=os.environ.get("TULU_TRAINER_IMAGE", "tulu-pipeline/trainer:0.1.0"),
+                                                namespace=os.environ.get("TULU_K8S_NAMESPACE", "tulu"))
+    else:
+        launcher = LocalLauncher()
+    return {"storage": TuluStorage(), "data_bundle": DataBundle(), "launcher": launcher}
 
 
-__all__ = ["DataBundle", "TuluStorage", "resources_for", "DEPLOYMENTS"]
+__all__ = ["ComputeLauncher", "DataBundle", "K8sLauncher", "LocalLauncher", "TuluStorage", "resources_for", "DEPLOYMENTS"]

@@ -206,6 +206,30 @@ def verify_no_eval_overlap(store: Store, version: str, index: EvalIndex, config:
     return violations
 
 
+class BlockedByChecksError(RuntimeError):
+    """A training stage was asked to read a decontaminated set whose blocking checks did not pass."""
+
+
+def checks_path(version: str) -> str:
+    return posixpath.join("reports", "decontamination", version, "checks.json")
+
+
+def record_check_results(store: Store, version: str, results: dict[str, bool]) -> None:
+    """Persist the blocking checks' verdicts next to the report, so any later reader can refuse."""
+    store.write_json(checks_path(version), {"version": version, "checks": results})
+
+
+def require_checks_passed(store: Store, version: str) -> None:
+    """Raise unless every blocking check on ``decontaminated_prompts@version`` passed."""
+    if not store.exists(checks_path(version)):
+        raise BlockedByChecksError(f"decontaminated_prompts@{version} has no recorded check results; "
+                                   "re-materialize decontaminated_prompts")
+    failed = sorted(name for name, ok in store.read_json(checks_path(version))["checks"].items() if not ok)
+    if failed:
+        raise BlockedByChecksError(f"decontaminated_prompts@{version} failed blocking checks {failed}; "
+                                   "training stages will not read it")
+
+
 def schema_violations(store: Store, name: str, version: str, limit: int = 20) -> tuple[list[dict], int]:
     """Rows breaking the row schema (first ``limit``), and the number of duplicated row ids."""
     problems, seen, duplicates = [], set(), 0
