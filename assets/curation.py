@@ -6,7 +6,7 @@ import json
 import dagster as dg
 from pydantic import Field
 
-from assets.metadata import image, samples, table_schema
+from assets.metadata import DATA_OWNERS, config_hash, image, samples, table_schema
 from resources import TuluStorage
 from tulu_pipeline.curation.config import DEFAULT_SOURCE_PRIORITY, CurationConfig, EvalSelection
 from tulu_pipeline.curation.decontaminate import DecontamConfig
@@ -51,8 +51,9 @@ class DecontamStageConfig(dg.Config):
     flag_share: float = 0.02
 
 
-def _stage_metadata(store, result: StageResult) -> dict:
+def _stage_metadata(store, result: StageResult, config: dg.Config) -> dict:
     return {
+        "config_hash": config_hash(config),
         "dagster/row_count": result.dataset.rows,
         "dagster/column_schema": table_schema(ROW_SCHEMA),
         "path": dg.MetadataValue.path(result.dataset.path),
@@ -68,7 +69,7 @@ def _stage_metadata(store, result: StageResult) -> dict:
     }
 
 
-@dg.asset(group_name="curation", kinds={"parquet"}, code_version=CURATION_CODE_VERSION, deps=TRAIN_KEYS,
+@dg.asset(group_name="curation", kinds={"parquet"}, owners=DATA_OWNERS, code_version=CURATION_CODE_VERSION, deps=TRAIN_KEYS,
           description="Every training pool in the row schema, Unicode-NFC and whitespace normalized, template "
           "artifacts stripped; empty and over-long rows quarantined with a reason.")
 def normalized_prompts(context: dg.AssetExecutionContext, config: NormalizeStageConfig,
@@ -77,10 +78,10 @@ def normalized_prompts(context: dg.AssetExecutionContext, config: NormalizeStage
     curation = CurationConfig(train_sources=config.train_sources, normalize=NormalizeConfig(
         max_chars=config.max_chars, strip_template_artifacts=config.strip_template_artifacts))
     result = normalize_prompts(store, curation, context.run.run_id)
-    return dg.MaterializeResult(metadata=_stage_metadata(store, result), data_version=dg.DataVersion(result.version))
+    return dg.MaterializeResult(metadata=_stage_metadata(store, result, config), data_version=dg.DataVersion(result.version))
 
 
-@dg.asset(group_name="curation", kinds={"parquet"}, code_version=CURATION_CODE_VERSION, deps=[normalized_prompts],
+@dg.asset(group_name="curation", kinds={"parquet"}, owners=DATA_OWNERS, code_version=CURATION_CODE_VERSION, deps=[normalized_prompts],
           description="Exact duplicates (normalized text) and MinHash-LSH near duplicates removed; the first row "
           "by source priority, then row_id, is kept; each dropped row's ledger event names the row it duplicates.")
 def deduplicated_prompts(context: dg.AssetExecutionContext, config: DedupStageConfig,
@@ -88,17 +89,17 @@ def deduplicated_prompts(context: dg.AssetExecutionContext, config: DedupStageCo
     store = storage.store()
     curation = CurationConfig(dedup=DedupConfig(**config.model_dump()))
     result = deduplicate_prompts(store, curation, context.run.run_id)
-    return dg.MaterializeResult(metadata=_stage_metadata(store, result), data_version=dg.DataVersion(result.version))
+    return dg.MaterializeResult(metadata=_stage_metadata(store, result, config), data_version=dg.DataVersion(result.version))
 
 
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec("decontaminated_prompts", group_name="curation", kinds={"parquet"},
+        dg.AssetSpec("decontaminated_prompts", group_name="curation", kinds={"parquet"}, owners=DATA_OWNERS,
                      code_version=CURATION_CODE_VERSION, deps=[deduplicated_prompts, *EVAL_KEYS],
                      description="Deduplicated prompts with every row that overlaps an evaluation item removed "
                      "(exhaustive word n-gram matching, no hit cap); the quarantine keeps benchmark, eval id, "
                      "score and span. Its blocking checks gate all training."),
-        dg.AssetSpec("decontamination_report", group_name="curation", kinds={"json"},
+        dg.AssetSpec("decontamination_report", group_name="curation", kinds={"json"}, owners=DATA_OWNERS,
                      code_version=CURATION_CODE_VERSION, deps=["decontaminated_prompts"],
                      description="Per training source × benchmark: rows removed and share of the benchmark's "
                      "items hit (flagged above 2%), as a table and a heatmap."),
@@ -119,7 +120,7 @@ def decontamination(context: dg.AssetExecutionContext, config: DecontamStageConf
         evals=EvalSelection(suites=config.suites, benchmarks=config.benchmarks), flag_share=config.flag_share)
     index = build_eval_index(store, curation)
     result = decontaminate_prompts(store, curation, context.run.run_id, index=index)
-    yield dg.MaterializeResult(asset_key="decontaminated_prompts", metadata=_stage_metadata(store, result),
+    yield dg.MaterializeResult(asset_key="decontaminated_prompts", metadata=_stage_metadata(store, result, config),
                                data_version=dg.DataVersion(result.version))
 
     violations = verify_no_eval_overlap(store, result.version, index[0], curation)
@@ -142,6 +143,7 @@ def decontamination(context: dg.AssetExecutionContext, config: DecontamStageConf
         asset_key="decontamination_report",
         metadata={
             "rows_removed": report["rows_removed"],
+            "config_hash": config_hash(config),
             "flagged_cells": len(report["flagged"]),
             "report": dg.MetadataValue.md(markdown),
             "heatmap": image(store, f"{base}/heatmap.png", heatmap_png(report)),

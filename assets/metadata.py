@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import posixpath
 from collections.abc import Sequence
 from typing import Any
@@ -27,3 +29,14 @@ def image(store: Store, rel_path: str, png: bytes) -> dg.MetadataValue:
 
 def samples(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> dg.MetadataValue:
     return dg.MetadataValue.md(markdown_table(rows, columns))
+
+
+def config_hash(config: Any) -> str:
+    """A short, stable hash of an asset's configuration (pydantic model or plain data)."""
+    data = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Who answers for each stage in the UI's asset catalog.
+DATA_OWNERS = ["team:data-curation"]
+TRAINING_OWNERS = ["team:post-training"]

@@ -5,7 +5,7 @@ from typing import Literal
 
 import dagster as dg
 
-from assets.metadata import image, samples, table_schema
+from assets.metadata import DATA_OWNERS, config_hash, image, samples, table_schema
 from resources import DataBundle, TuluStorage
 from tulu_pipeline.data.ingest import LOADER_VERSION, ingest_source
 from tulu_pipeline.data.registry import SourceSpec, fetch_source, registry
@@ -27,6 +27,7 @@ def build_raw_source_asset(spec: SourceSpec) -> dg.AssetsDefinition:
         key=key,
         group_name="sources",
         kinds={"parquet"},
+        owners=DATA_OWNERS,
         tags=tags,
         code_version=LOADER_VERSION,
         description=f"{spec.path} ({spec.role}{', ' + spec.suite + ' suite' if spec.suite else ''}): "
@@ -56,6 +57,8 @@ def build_raw_source_asset(spec: SourceSpec) -> dg.AssetsDefinition:
                 "dagster/column_schema": table_schema(ROW_SCHEMA),
                 "path": dg.MetadataValue.path(result.dataset.path),
                 "version": result.version,
+                "config_hash": config_hash({"mapping": spec.mapping.model_dump(), "records": spec.records,
+                                            "on_error": config.on_error}),
                 "license": spec.license,
                 "non_commercial": spec.is_non_commercial,
                 "file_sha256": spec.sha256,
