@@ -1,4 +1,4 @@
-"""The `tulu` command: inspect sources, prepare the base model, trace rows, set up the instance.
+"""The `tulu` command: inspect sources, prepare the base model, trace and audit rows, set up the instance.
 
 It runs without Dagster: everything here reads the registry and TULU_HOME directly.
 """
@@ -23,13 +23,79 @@ def _store(args: argparse.Namespace):
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from tulu_pipeline.provenance.ledger import Ledger
+    from tulu_pipeline.provenance.trace import render_tree
 
     result = Ledger(_store(args)).trace(args.row_id)
-    print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+    if args.tree:
+        print(render_tree(result))
+    else:
+        print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
     if not result["found"]:
         print(f"tulu trace: no ledger events for row {args.row_id!r} under {args.home or settings.tulu_home()}",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def _emit(args: argparse.Namespace, data: dict, markdown) -> None:
+    if getattr(args, "markdown", False):
+        print(markdown(data))
+    else:
+        print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def cmd_audit_eval(args: argparse.Namespace) -> int:
+    from tulu_pipeline.provenance.audit import eval_audit, eval_audit_markdown
+
+    audit = eval_audit(_store(args), args.benchmark, args.item_id)
+    _emit(args, audit, eval_audit_markdown)
+    if not audit["registered_benchmark"] and not audit["rows"]:
+        print(f"tulu audit eval: {args.benchmark!r} is not a registered benchmark and no overlap with it is recorded",
+              file=sys.stderr)
+    # exit 1 when any overlapping row reached a checkpoint: usable as a CI gate
+    return 1 if audit["checkpoints_exposed"] else 0
+
+
+def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
+    from tulu_pipeline.provenance.audit import bill_markdown, checkpoint_bill
+
+    _emit(args, checkpoint_bill(_store(args), args.checkpoint_id), bill_markdown)
+    return 0
+
+
+def cmd_audit_licenses(args: argparse.Namespace) -> int:
+    from tulu_pipeline.provenance.audit import license_audit, licenses_markdown
+
+    _emit(args, license_audit(_store(args), args.dataset, args.version), licenses_markdown)
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from tulu_pipeline.provenance.reproduce import reproduce_plan, write_reproduction
+
+    store = _store(args)
+    plan = reproduce_plan(store, args.checkpoint_id)
+    if not args.dry_run:
+        plan["written"] = write_reproduction(store, plan)
+    print(json.dumps(plan, indent=2, ensure_ascii=False, default=str))
+    if not plan["identical"]:
+        failed = sorted(k for k, v in plan["verified"].items() if v is False)
+        print(f"tulu reproduce: the rebuilt inputs differ from the checkpoint's manifest: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_ledger_compact(args: argparse.Namespace) -> int:
+    from tulu_pipeline.provenance.compaction import compact
+
+    print(json.dumps(compact(_store(args), buckets=args.buckets, memory_limit=args.memory_limit), indent=2))
+    return 0
+
+
+def cmd_ledger_status(args: argparse.Namespace) -> int:
+    from tulu_pipeline.provenance.compaction import compaction_status
+
+    print(json.dumps(compaction_status(_store(args)), indent=2))
     return 0
 
 
@@ -129,9 +195,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--home", help="TULU_HOME (fsspec URL or path); default $TULU_HOME or <repo>/.tulu")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    trace = sub.add_parser("trace", help="print what the row ledger knows about a row, as JSON")
+    trace = sub.add_parser("trace", help="print what the row ledger knows about a row: JSON, or a tree with --tree")
     trace.add_argument("row_id")
+    trace.add_argument("--tree", action="store_true", help="a readable tree per stage instead of JSON")
     trace.set_defaults(func=cmd_trace)
+
+    audit = sub.add_parser("audit", help="benchmark exposure, checkpoint data bills, dataset licenses")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_eval = audit_sub.add_parser("eval", help="training rows that overlapped a benchmark (or one item), where "
+                                      "each was stopped, and whether any reached a checkpoint (exit 1 if so)")
+    audit_eval.add_argument("benchmark", help="benchmark name, e.g. gsm8k, math, humaneval")
+    audit_eval.add_argument("item_id", nargs="?", help="an eval id (e.g. test/precalculus/24307.json) or eval row id")
+    audit_checkpoint = audit_sub.add_parser("checkpoint", help="the data bill of a checkpoint: sources, licenses, "
+                                            "decontamination, hashes, code versions")
+    audit_checkpoint.add_argument("checkpoint_id")
+    audit_licenses = audit_sub.add_parser("licenses", help="rows per license of a published dataset")
+    audit_licenses.add_argument("dataset", help="e.g. sft_mix, decontaminated_prompts, raw/code_alpaca")
+    audit_licenses.add_argument("--version", help="dataset version (default: the latest)")
+    for parser_, func in ((audit_eval, cmd_audit_eval), (audit_checkpoint, cmd_audit_checkpoint),
+                          (audit_licenses, cmd_audit_licenses)):
+        parser_.add_argument("--markdown", action="store_true", help="markdown instead of JSON")
+        parser_.set_defaults(func=func)
+
+    reproduce = sub.add_parser("reproduce", help="rebuild a checkpoint's configs and data versions from its manifest "
+                               "and verify the rebuilt mix has the same row ids")
+    reproduce.add_argument("checkpoint_id")
+    reproduce.add_argument("--dry-run", action="store_true", help="print the plan only; write nothing (default "
+                           "writes reports/reproduce/<checkpoint>/{plan.json,mix.yaml,run_config.yaml})")
+    reproduce.set_defaults(func=cmd_reproduce)
+
+    ledger = sub.add_parser("ledger", help="the row ledger's storage")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    compact = ledger_sub.add_parser("compact", help="fold every per-run event file into a bucketed generation "
+                                    "(fast traces on large ledgers)")
+    compact.add_argument("--buckets", type=int, default=64)
+    compact.add_argument("--memory-limit", default="512MB", help="DuckDB memory limit; it spills beyond it")
+    compact.set_defaults(func=cmd_ledger_compact)
+    ledger_status = ledger_sub.add_parser("status", help="the current generation and what is not compacted yet")
+    ledger_status.set_defaults(func=cmd_ledger_status)
 
     rows = sub.add_parser("rows", help="print rows of a dataset (e.g. raw/gsm8k_train, decontaminated_prompts)")
     rows.add_argument("dataset")

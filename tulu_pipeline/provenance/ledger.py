@@ -5,6 +5,11 @@ Every stage writes one event per row it touches (``ingested``, ``normalized``, `
 ``ledger/_staging/`` and publishes them by renaming one directory,
 ``ledger/events/<asset>/<asset_version>/<run_id>/``, so a crash never leaves half an event batch
 visible and a retried run replaces, rather than duplicates, its own events.
+
+`Ledger` reads them with DuckDB. Thousands of small run files make a one-row lookup a full scan;
+`tulu_pipeline.provenance.compaction.compact` folds them into a generation bucketed by row id (with a
+reverse index of related ids), which `Ledger` then reads together with the run files published after
+it. Compaction changes no answer, only how much is read.
 """
 
 from __future__ import annotations
@@ -139,7 +144,14 @@ class LedgerWriter:
 
 
 class Ledger:
-    """Read side of the ledger: SQL over every published event file."""
+    """Read side of the ledger: SQL over every published event file.
+
+    A compacted ledger (see `tulu_pipeline.provenance.compaction`) is read through its current
+    generation plus the run files published after it; the answers are the same either way.
+    """
+
+    # Row-id lists up to this size are inlined in SQL; longer ones are joined as an Arrow table.
+    _INLINE_IDS = 256
 
     def __init__(self, store: Store):
         self.store = store
@@ -148,6 +160,7 @@ class Ledger:
         import duckdb
 
         con = duckdb.connect()
+        con.execute("SET enable_progress_bar = false")  # it would print into JSON written to stdout
         if not self.store.is_local:
             con.register_filesystem(self.store.fs)
         return con
@@ -157,44 +170,104 @@ class Ledger:
             return None
         return self.store.uri(EVENTS_DIR) + "/**/*.parquet"
 
-    def query(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
-        """Run ``sql`` where the table ``events`` holds every event; rows come back as dicts."""
-        glob = self._glob()
+    def query(self, sql: str, params: Iterable[Any] = (), *, row_ids: Iterable[str] | None = None,
+              related_to: str | None = None) -> list[dict[str, Any]]:
+        """Run ``sql`` where the table ``events`` holds every event; rows come back as dicts.
+
+        ``row_ids`` and/or ``related_to`` narrow ``events`` to the events about those rows and/or
+        the events naming ``related_to`` in their related ids (either, when both are given). On a
+        compacted ledger they read only the buckets that can hold such events.
+        """
         con = self._connect()
         try:
-            if glob is None:
-                con.execute(f"CREATE VIEW events AS SELECT * FROM ({_empty_events_sql()})")
-            else:
-                con.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet('{glob}', union_by_name=true)")
+            ids = None if row_ids is None else sorted(set(row_ids))
+            if ids is not None and len(ids) > self._INLINE_IDS:
+                con.register("_tulu_row_ids", pa.table({"row_id": pa.array(ids, pa.string())}))
+            con.execute(f"CREATE VIEW events AS {self._events_sql(ids, related_to)}")
             cursor = con.execute(sql, list(params))
             columns = [d[0] for d in cursor.description]
             return [dict(zip(columns, values)) for values in cursor.fetchall()]
         finally:
             con.close()
 
+    def _events_sql(self, ids: list[str] | None, related_to: str | None) -> str:
+        from tulu_pipeline.provenance.compaction import (
+            RUN_KEY_SQL, bucket_of, ledger_layout, sql_list, sql_str,
+        )
+
+        def id_filter(column: str = "row_id") -> str:
+            if len(ids) > self._INLINE_IDS:
+                return f"{column} IN (SELECT row_id FROM _tulu_row_ids)"
+            return f"{column} IN ({', '.join(sql_str(i) for i in ids)})" if ids else "false"
+
+        def restriction() -> str:
+            terms = []
+            if ids is not None:
+                terms.append(id_filter())
+            if related_to is not None:
+                terms.append(f"list_contains(related_ids, {sql_str(related_to)})")
+            return f" WHERE {' OR '.join(terms)}" if terms else ""
+
+        layout = ledger_layout(self.store)
+        if layout is None:
+            glob = self._glob()
+            if glob is None:
+                return f"SELECT * FROM ({_empty_events_sql()})"
+            return f"SELECT * FROM read_parquet({sql_str(glob)}, union_by_name=true){restriction()}"
+
+        stale = f"{RUN_KEY_SQL} NOT IN (SELECT unnest({sql_list(list(layout.stale_keys))}::VARCHAR[]))" \
+            if layout.stale_keys else "true"
+        uri = self.store.uri
+        parts: list[str] = []
+        if ids is None and related_to is None:
+            files = [uri(layout.events_file(b)) for b in range(layout.buckets)]
+            parts.append(f"SELECT * FROM read_parquet({sql_list(files)}) WHERE {stale}")
+        if ids is not None and ids:
+            # many ids touch every bucket anyway: skip hashing them
+            buckets = range(layout.buckets) if len(ids) > 8 * layout.buckets \
+                else sorted({bucket_of(i, layout.buckets) for i in ids})
+            files = [uri(layout.events_file(b)) for b in buckets]
+            parts.append(f"SELECT * FROM read_parquet({sql_list(files)}) WHERE {id_filter()} AND {stale}")
+        if related_to is not None:
+            own = f" AND NOT {id_filter()}" if ids else ""
+            file = uri(layout.related_file(bucket_of(related_to, layout.buckets)))
+            parts.append(f"SELECT * EXCLUDE (related_id) FROM read_parquet({sql_str(file)}) "
+                         f"WHERE related_id = {sql_str(related_to)}{own} AND {stale}")
+        if layout.remainder:
+            files = [uri(f) for f in layout.remainder]
+            parts.append(f"SELECT * FROM read_parquet({sql_list(files)}, union_by_name=true){restriction()}")
+        if not parts:
+            return f"SELECT * FROM ({_empty_events_sql()})"
+        return " UNION ALL BY NAME ".join(f"({part})" for part in parts)
+
     def events_for(self, row_id: str) -> list[dict[str, Any]]:
         """Events about ``row_id`` and events that name it as related (e.g. rows that duplicate it)."""
-        rows = self.query(
-            "SELECT * FROM events WHERE row_id = ? OR list_contains(related_ids, ?) ORDER BY ts, asset_key, seq",
-            [row_id, row_id],
-        )
+        rows = self.query(f"SELECT * FROM events ORDER BY {EVENT_ORDER}", row_ids=[row_id], related_to=row_id)
         for row in rows:
             row["ts"] = row["ts"].isoformat()
             row["details"] = json.loads(row["details"]) if row["details"] else None
         return rows
 
     def trace(self, row_id: str) -> dict[str, Any]:
-        """What the ledger knows about one row: its origin and every decision, in order."""
+        """What the ledger knows about one row: its origin, every decision in order, and a per-stage summary."""
+        from tulu_pipeline.provenance.trace import summarize
+
         events = self.events_for(row_id)
         own = [e for e in events if e["row_id"] == row_id]
         origin = next((e["details"] for e in own if e["event"] == "ingested"), None)
-        return {
+        result = {
             "row_id": row_id,
             "found": bool(own),
             "origin": origin,
             "events": own,
             "referenced_by": [e for e in events if e["row_id"] != row_id],
         }
+        result["summary"] = summarize(result)
+        return result
+
+
+# Events in the order they happened; the later keys only break ties, so the order is total.
+EVENT_ORDER = "ts, asset_key, seq, run_id, row_id, event"
 
 
 def _empty_events_sql() -> str:
