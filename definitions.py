@@ -6,8 +6,10 @@ import os
 
 import dagster as dg
 
+from assets.audit import audit_report
 from assets.base_model import base_model
 from assets.curation import curation_assets
+from assets.sft import sft_assets
 from assets.sources import raw_source_assets
 from resources import resources_for
 
@@ -24,7 +26,7 @@ full_pipeline = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=[*raw_source_assets, *curation_assets, base_model],
+    assets=[*raw_source_assets, *curation_assets, base_model, *sft_assets, audit_report],
     jobs=[full_pipeline],
     resources=resources_for(DEPLOYMENT),
     executor=EXECUTORS[DEPLOYMENT],

@@ -53,6 +53,7 @@ def sft_checkpoint_plan(store: Store, preset: str, overrides: dict[str, Any], ba
         "mix_version": mix_version,
         "heldout_row_ids": mix["heldout_row_ids"],
         "base_model_dir": base_model_dir,
+        "preset": preset,
         "checkpoint_dir": checkpoint_dir,
         "config": config.model_dump(mode="json"),
         "manifest_extra": {

@@ -1,0 +1,177 @@
+"""Resumable runs and atomic publication of a finished checkpoint.
+
+While a run trains, ``<output_dir>/_checkpoints/`` holds:
+
+- ``run.json``: the run's fingerprint (code version, full config, base-model sha256, content hash of the
+  training and held-out rows, the caller's mix hash) and what it was computed from;
+- ``checkpoint-<step>/``: transformers' Trainer checkpoints (weights, optimizer, scheduler, RNG states,
+  trainer state with the log history; the data position is the step, from which the Trainer skips the
+  batches already seen), each completed by ``tulu_progress.json`` (token counters, training seconds),
+  written last and atomically. A checkpoint without it was cut short (e.g. kill -9 while saving) and is
+  never resumed from.
+
+A later run with the same ``output_dir`` and the same fingerprint resumes from the newest complete
+checkpoint; a different fingerprint means different inputs, so the partial run is discarded (and says so).
+The finished checkpoint is built in a temporary sibling directory and swapped in for ``output_dir`` by
+rename, which also removes ``_checkpoints``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+CHECKPOINTS_DIR = "_checkpoints"
+RUN_FILE = "run.json"
+PROGRESS_FILE = "tulu_progress.json"
+MANIFEST_FILE = "training_manifest.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def row_ids_sha256(row_ids: Iterable[str]) -> str:
+    """sha256 of the row ids in order, newline-joined."""
+    return sha256_text("\n".join(row_ids))
+
+
+def rows_content_sha256(rows: Iterable[dict[str, Any]]) -> str:
+    """sha256 over each row's id and messages, in order: changes whenever what is trained on changes."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(canonical_json([row.get("row_id"), row.get("messages")]).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    return sha256_text(canonical_json(parts))
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON to a temporary sibling, fsync it, rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = CHECKPOINT_RE.match(path.name)
+    return int(match.group(1)) if match and path.is_dir() else None
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path, bool]]:
+    """``(step, path, complete)`` of every checkpoint directory under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        step = checkpoint_step(path)
+        if step is not None:
+            found.append((step, path, read_json(path / PROGRESS_FILE) is not None))
+    return sorted(found)
+
+
+def latest_complete_checkpoint(root: Path) -> Path | None:
+    complete = [path for _step, path, ok in list_checkpoints(root) if ok]
+    return complete[-1] if complete else None
+
+
+def mark_complete(checkpoint_dir: Path, progress: dict[str, Any]) -> None:
+    """Record the run's counters in a finished Trainer checkpoint; from now on it can be resumed from."""
+    write_json_atomic(checkpoint_dir / PROGRESS_FILE, progress)
+
+
+def prune_checkpoints(root: Path, keep: int = 2) -> None:
+    """Keep the newest ``keep`` complete checkpoints; drop older ones and incomplete ones older than them."""
+    entries = list_checkpoints(root)
+    complete = [step for step, _path, ok in entries if ok]
+    kept = set(complete[-keep:])
+    newest = complete[-1] if complete else None
+    for step, path, ok in entries:
+        stale_partial = not ok and newest is not None and step <= newest
+        if (ok and step not in kept) or stale_partial:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def prepare_run_dir(
+    output_dir: Path, run_fingerprint: str, description: dict[str, Any], log: Callable[[str], None]
+) -> tuple[Path, Path | None]:
+    """The ``_checkpoints`` directory for this run and the checkpoint to resume from (None: start fresh)."""
+    root = output_dir / CHECKPOINTS_DIR
+    recorded = read_json(root / RUN_FILE)
+    if root.exists() and (recorded is None or recorded.get("fingerprint") != run_fingerprint):
+        reason = "has no run record" if recorded is None else "was for different inputs or config"
+        log(f"discarding the partial run in {root}: it {reason} (fingerprint "
+            f"{(recorded or {}).get('fingerprint', '-')[:12]} != {run_fingerprint[:12]}); starting fresh")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if recorded is None or recorded.get("fingerprint") != run_fingerprint:
+        write_json_atomic(root / RUN_FILE, {"fingerprint": run_fingerprint, **description})
+        return root, None
+    for step, path, ok in list_checkpoints(root):
+        if not ok:
+            log(f"ignoring incomplete checkpoint {path.name} (interrupted while saving)")
+            shutil.rmtree(path, ignore_errors=True)
+    return root, latest_complete_checkpoint(root)
+
+
+def remove_stale_siblings(output_dir: Path) -> list[Path]:
+    """Delete temporary siblings a killed run left behind (``.<name>.tmp-*``, ``.<name>.old-*``).
+
+    Assumes one writer per ``output_dir`` (Dagster runs one materialization of an asset at a time).
+    """
+    if not output_dir.parent.is_dir():
+        return []
+    stale = [p for p in output_dir.parent.iterdir()
+             if p.name.startswith((f".{output_dir.name}.tmp-", f".{output_dir.name}.old-"))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def new_publish_dir(output_dir: Path) -> Path:
+    """An empty temporary sibling of ``output_dir`` (same filesystem, so the final rename is atomic)."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+
+
+def publish_dir(new: Path, output_dir: Path) -> None:
+    """Swap the finished ``new`` directory in for ``output_dir`` (which may hold ``_checkpoints``)."""
+    new.chmod(0o755)
+    if not output_dir.exists():
+        os.rename(new, output_dir)
+        return
+    # rename(2) cannot replace a non-empty directory: move the old one aside, then the new one in.
+    old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+    os.rename(output_dir, old / "previous")
+    try:
+        os.rename(new, output_dir)
+    except BaseException:
+        os.rename(old / "previous", output_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
