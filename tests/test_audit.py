@@ -8,7 +8,6 @@ simulated by writing its manifest and recording ``trained_on`` events.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -34,7 +33,7 @@ from tulu_pipeline.provenance.ledger import Ledger, LedgerWriter
 from tulu_pipeline.provenance.reproduce import rebuild_mix, reproduce_plan
 from tulu_pipeline.provenance.trace import render_tree
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.plan import SFTPlan, record_trained_on
+from tulu_pipeline.training.plan import SFTPlan, record_trained_on, sft_checkpoint_id
 
 TRAIN = ["gsm8k_train", "code_alpaca", "self_instruct_seed"]
 BENCHMARKS = ["gsm8k", "mbpp", "humaneval"]
@@ -42,18 +41,12 @@ RUNS = {"ingest": "run-ingest", "normalize": "run-normalize", "dedup": "run-dedu
         "mix": "run-mix", "sft": "run-sft"}
 
 
-def _checkpoint_id(code: str, config: dict, mix: str, base: str) -> str:
-    """As `training.plan.sft_checkpoint_plan` names checkpoints."""
-    payload = {"code": code, "config": config, "mix": mix, "base": base}
-    return "sft-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _simulate_checkpoint(store: Store, mix_result, run_id: str, preset: str = "cpu_demo") -> tuple[str, dict]:
     """A finished SFT checkpoint as the trainer leaves it: its manifest, then the ledger's trained_on events."""
     mix_info = store.read_json(f"data/sft_mix/{mix_result.version}/mix.json")
     config = {"num_epochs": 2, "learning_rate": 2e-5, "max_length": 1024, "seed": 123}
     base_sha = "ab" * 32
-    checkpoint_id = _checkpoint_id("1", config, mix_result.version, base_sha)
+    checkpoint_id = sft_checkpoint_id("1", config, mix_result.version, base_sha)
     manifest_extra = {
         "checkpoint_id": checkpoint_id, "mix_hash": mix_result.version, "mix": mix_info["mix"],
         "train_row_ids_hash": mix_info["train_row_ids_hash"], "heldout_row_ids_hash": mix_info["heldout_row_ids_hash"],
@@ -63,7 +56,10 @@ def _simulate_checkpoint(store: Store, mix_result, run_id: str, preset: str = "c
     }
     manifest = {**manifest_extra, "format_version": 1, "sft_code_version": "1", "fingerprint": "f" * 64,
                 "config": config, "seed": 123, "dropped_row_ids": [], "versions": {"python": "3.11", "torch": "2.13.0"},
-                "metrics": {"final_loss": 1.0}}
+                "metrics": {"final_loss": 1.0}, "trained_row_ids_file": "trained_row_ids.txt"}
+    heldout = set(mix_info["heldout_row_ids"])
+    trained = sorted(r["row_id"] for r in store.iter_rows("sft_mix", mix_result.version) if r["row_id"] not in heldout)
+    store.write_bytes(f"models/{checkpoint_id}/trained_row_ids.txt", "\n".join(trained).encode())
     store.write_json(f"models/{checkpoint_id}/training_manifest.json", manifest)
     plan = SFTPlan(version=checkpoint_id.removeprefix("sft-"), checkpoint_id=checkpoint_id,
                    checkpoint_dir=f"models/{checkpoint_id}", mix_version=mix_result.version,

@@ -55,3 +55,21 @@ def test_full_pipeline_job_materializes_everything(tmp_path: Path) -> None:
     assert trace.returncode == 0, trace.stderr
     origin = json.loads(trace.stdout)["origin"]
     assert origin["file"] == "train/math/train.jsonl" and origin["line"] == 5
+
+    # Forward through the whole demo: a row the SFT run learned from names its source line and checkpoint.
+    from tulu_pipeline.provenance.ledger import Ledger
+    from tulu_pipeline.storage import Store
+
+    store = Store(env["TULU_HOME"])
+    trained = Ledger(store).query("SELECT row_id, related_ids FROM events WHERE event = 'trained_on' ORDER BY row_id")
+    assert trained, "the SFT checkpoint recorded no trained_on events"
+    checkpoint_id = trained[0]["related_ids"][0]
+    assert (tmp_path / "home" / "models" / checkpoint_id / "training_manifest.json").exists()
+    trace = json.loads(subprocess.run([str(BIN / "tulu"), "trace", trained[0]["row_id"]], env=env,
+                                      capture_output=True, text=True, check=True).stdout)
+    assert trace["origin"]["file"].startswith("train/")
+    events = [e["event"] for e in trace["events"]]
+    assert {"ingested", "normalized", "kept", "included_in_mix", "trained_on"} <= set(events)
+    bill = json.loads(subprocess.run([str(BIN / "tulu"), "audit", "checkpoint", checkpoint_id], env=env,
+                                     capture_output=True, text=True, check=True).stdout)
+    assert bill["rows"] == len(trained) and all(v is not False for v in bill["checks"].values())

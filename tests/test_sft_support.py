@@ -6,6 +6,7 @@ the tiny model uses it with a 2-layer, 32-wide Llama, so training runs in second
 
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import shutil
@@ -28,6 +29,7 @@ def _tokenizer_dir() -> Path:
         pytest.skip(str(exc))
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     target = Path(tempfile.mkdtemp(prefix="tulu-test-smollm2-tokenizer-"))
+    atexit.register(shutil.rmtree, target, True)
     tokenizer.save_pretrained(target)
     return target
 

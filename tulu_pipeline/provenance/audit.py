@@ -269,19 +269,31 @@ def checkpoint_bill(store: Store, checkpoint_id: str) -> dict[str, Any]:
     inputs = manifest.get("mix_inputs") or mix_info.get("inputs") or {}
     heldout = set(manifest.get("heldout_row_ids") or mix_info.get("heldout_row_ids") or [])
     dropped = set(manifest.get("dropped_row_ids") or [])
+    trained_file = manifest.get("trained_row_ids_file")
+    ckpt_dir = f"models/{checkpoint_id}"
+    trained: set[str] | None = None
+    if trained_file and store.exists(f"{ckpt_dir}/{trained_file}"):
+        trained = set(store.read_bytes(f"{ckpt_dir}/{trained_file}").decode().split())
     specs = _registry_specs()
 
     per_source: dict[str, Counter[str]] = defaultdict(Counter)
     licenses_seen: dict[str, set[str]] = defaultdict(set)
-    train_ids: list[str] = []
+    train_ids: list[str] = []  # rows the checkpoint actually learned from
+    mix_train_ids: list[str] = []  # the mix's training split, whatever the trainer reached
     for batch in _scan_columns(store, MIX_DATASET, mix_hash, ["row_id", "source", "license"]):
         for row_id, source, license in zip(batch["row_id"], batch["source"], batch["license"]):
             licenses_seen[source].add(license)
             if row_id in heldout:
                 per_source[source]["heldout"] += 1
                 continue
-            train_ids.append(row_id)
-            per_source[source]["trained" if row_id not in dropped else "left_out_too_long"] += 1
+            mix_train_ids.append(row_id)
+            if row_id in dropped:
+                per_source[source]["left_out_too_long"] += 1
+            elif trained is not None and row_id not in trained:
+                per_source[source]["not_reached"] += 1
+            else:
+                train_ids.append(row_id)
+                per_source[source]["trained"] += 1
 
     ledger = Ledger(store)
     by_event = {r["event"]: r["n"] for r in ledger.query(
@@ -301,6 +313,7 @@ def checkpoint_bill(store: Store, checkpoint_id: str) -> dict[str, Any]:
         sources.append({
             "source": source, "rows": per_source[source]["trained"], "heldout": per_source[source]["heldout"],
             "left_out_too_long": per_source[source]["left_out_too_long"],
+            "not_reached": per_source[source]["not_reached"],
             "license": licenses[0] if len(licenses) == 1 else licenses,
             "non_commercial": any(license_is_non_commercial(lic) for lic in licenses),
             "ingested_file_sha256": sorted(shas.get(source, [])),
@@ -318,16 +331,14 @@ def checkpoint_bill(store: Store, checkpoint_id: str) -> dict[str, Any]:
 
     decontam_version = inputs.get("decontaminated_prompts")
     config = manifest.get("config")
-    rebuilt_hash = row_ids_hash(train_ids)  # the mix's training ids, rows later left out as too long included
+    rebuilt_hash = row_ids_hash(mix_train_ids)  # the mix's training ids, rows later left out included
     checks = {
         "train_row_ids_hash_matches": rebuilt_hash == manifest.get("train_row_ids_hash")
         if manifest.get("train_row_ids_hash") else None,
         "ledger_trained_on_rows": by_event.get("trained_on", 0),
         "ledger_heldout_rows": by_event.get("evaluated", 0),
-        # record_trained_on logs every training row of the mix; rows the trainer left out as too long may or
-        # may not be logged, depending on the trainer's version
-        "ledger_matches_mix": by_event.get("trained_on", 0) in {
-            sum(s["rows"] for s in sources), sum(s["rows"] + s["left_out_too_long"] for s in sources)},
+        # record_trained_on logs exactly the rows the trainer reports having seen
+        "ledger_matches_mix": by_event.get("trained_on", 0) == sum(s["rows"] for s in sources),
         "ingested_files_match_registry": all(
             s["ingested_file_sha256"] == [s["registry_sha256"]] for s in sources if s["registry_sha256"]),
     }
@@ -336,6 +347,7 @@ def checkpoint_bill(store: Store, checkpoint_id: str) -> dict[str, Any]:
         "rows": sum(s["rows"] for s in sources),
         "heldout_rows": sum(s["heldout"] for s in sources),
         "left_out_too_long": sum(s["left_out_too_long"] for s in sources),
+        "not_reached": sum(s["not_reached"] for s in sources),
         "sources": sources,
         "licenses": sorted(licenses.values(), key=lambda e: (-e["rows"], e["license"])),
         "non_commercial_sources": non_commercial,
@@ -366,7 +378,8 @@ def bill_markdown(bill: dict[str, Any]) -> str:
                  "non-commercial": "⚠ yes" if e["non_commercial"] else "no"} for e in bill["licenses"]]
     lines = [f"## Data bill of `{bill['checkpoint_id']}`",
              f"{bill['rows']} training rows from {len(bill['sources'])} sources ({bill['heldout_rows']} held out, "
-             f"{bill['left_out_too_long']} left out as too long).",
+             f"{bill['left_out_too_long']} left out as too long, {bill.get('not_reached', 0)} in the mix but not "
+             "reached within max_steps).",
              "### Sources", markdown_table(sources, ["source", "rows", "held out", "license", "non-commercial",
                                                      "file sha256"], max_chars=60),
              "### Licenses", markdown_table(licenses, ["license", "rows", "sources", "non-commercial"]),

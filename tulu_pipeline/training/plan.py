@@ -66,18 +66,36 @@ def sft_checkpoint_plan(store: Store, preset: str, overrides: dict[str, Any], ba
     return SFTPlan(version, checkpoint_id, checkpoint_dir, mix_version, extras)
 
 
+def trained_row_ids(store: Store, checkpoint_dir: str, manifest: dict[str, Any]) -> set[str]:
+    """The rows that reached at least one micro-batch of the run (the trainer writes them out)."""
+    name = manifest.get("trained_row_ids_file")
+    if not name or not store.exists(f"{checkpoint_dir}/{name}"):
+        raise FileNotFoundError(f"{checkpoint_dir}: the manifest names no trained-row list; was training complete?")
+    return set(store.read_bytes(f"{checkpoint_dir}/{name}").decode().split())
+
+
 def record_trained_on(store: Store, plan: SFTPlan, manifest: dict[str, Any], run_id: str) -> int:
-    """``trained_on`` (row → checkpoint) for every training row, ``evaluated`` for the held-out slice."""
+    """``trained_on`` (row → checkpoint) for every row the trainer actually saw; ``evaluated`` for the
+    held-out slice; ``not_trained`` for mix rows the run never reached (``max_steps``) or left out as
+    too long. Returns the number of trained rows."""
     heldout = set(plan.extras["heldout_row_ids"])
-    trained = 0
+    trained = trained_row_ids(store, plan.checkpoint_dir, manifest)
+    too_long = set(manifest.get("dropped_row_ids") or [])
+    count = 0
     with LedgerWriter(store, "sft", "sft_checkpoint", plan.version, run_id) as ledger:
         for row in store.iter_rows(MIX_DATASET, plan.mix_version):
+            row_id = row["row_id"]
             details = {"checkpoint": plan.checkpoint_id, "mix_hash": plan.mix_version}
-            if row["row_id"] in heldout:
-                ledger.record(row["row_id"], "evaluated", decision="heldout_loss", related_ids=[plan.checkpoint_id],
+            if row_id in heldout:
+                ledger.record(row_id, "evaluated", decision="heldout_loss", related_ids=[plan.checkpoint_id],
                               details=details)
-                continue
-            ledger.record(row["row_id"], "trained_on", decision="trained", related_ids=[plan.checkpoint_id],
-                          details={**details, "epochs": manifest["config"].get("num_epochs")})
-            trained += 1
-    return trained
+            elif row_id in trained:
+                ledger.record(row_id, "trained_on", decision="trained", related_ids=[plan.checkpoint_id],
+                              details={**details, "epochs": manifest["config"].get("num_epochs"),
+                                       "max_steps": manifest["config"].get("max_steps")})
+                count += 1
+            else:
+                reason = "too long for max_length" if row_id in too_long else "not reached within max_steps"
+                ledger.record(row_id, "not_trained", decision="left_out", reason=reason,
+                              related_ids=[plan.checkpoint_id], details=details)
+    return count
