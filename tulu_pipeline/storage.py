@@ -8,11 +8,15 @@ a whole version directory at a time.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -20,6 +24,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TMP_MARKER = ".tmp-"
+
+
+def swap_directory(new: "os.PathLike[str] | str", target: "os.PathLike[str] | str") -> None:
+    """Move the finished local directory ``new`` to ``target``, replacing what is there.
+
+    rename(2) cannot replace a non-empty directory, so an existing ``target`` is moved aside first and
+    put back if the second rename fails; the window in which ``target`` is missing is two renames long.
+    """
+    new, target = Path(new), Path(target)
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    try:
+        os.rename(target, old / "previous")
+        try:
+            os.rename(new, target)
+        except BaseException:
+            os.rename(old / "previous", target)
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

