@@ -134,7 +134,7 @@ def decontamination(context: dg.AssetExecutionContext, config: DecontamStageConf
     yield dg.AssetCheckResult(asset_key="decontaminated_prompts", check_name="unique_row_ids",
                               passed=duplicates == 0, metadata={"duplicates": duplicates})
 
-    report = decontamination_report(store, result.version, curation)
+    report = decontamination_report(store, result.version, curation, result.inputs)
     base = f"reports/decontamination/{result.version}"
     store.write_json(f"{base}/report.json", report)
     markdown = report_markdown(report)

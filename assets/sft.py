@@ -13,7 +13,6 @@ from tulu_pipeline.mixing.publish import build_sft_mix
 from tulu_pipeline.mixing.sample import MIX_CODE_VERSION
 from tulu_pipeline.training.plan import record_trained_on, sft_checkpoint_plan
 from tulu_pipeline.reporting import histogram_png, markdown_table
-from tulu_pipeline.training.config import SFT_PRESETS
 from tulu_pipeline.training.sft import SFT_CODE_VERSION
 
 
@@ -65,8 +64,6 @@ class SFTCheckpointConfig(dg.Config):
           "loss), run by the compute launcher in its own process; resumes from its last saved step.")
 def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfig, storage: TuluStorage,
                    launcher: ComputeLauncher) -> dg.MaterializeResult:
-    if config.preset not in SFT_PRESETS:
-        raise ValueError(f"unknown SFT preset {config.preset!r}; known: {sorted(SFT_PRESETS)}")
     store = storage.store()
     plan = sft_checkpoint_plan(store, config.preset, config.overrides, base_model_dir=f"models/{BASE_MODEL_ID}")
     invocation = launcher.run(context, "tulu_pipeline.training.sft_job", extras=plan.extras)

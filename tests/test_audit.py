@@ -84,7 +84,7 @@ def state(tmp_path_factory, bundle: Path) -> dict:
     record_check_results(store, decontaminated.version, {
         "no_eval_overlap": not violations, "schema_valid": not problems, "unique_row_ids": not duplicates})
     store.write_json(f"reports/decontamination/{decontaminated.version}/report.json",
-                     decontamination_report(store, decontaminated.version, config))
+                     decontamination_report(store, decontaminated.version, config, decontaminated.inputs))
     mix = MixConfig.model_validate({"name": "audit_test", "seed": 7, "heldout_rows": 4, "sources": {
         "gsm8k_train": {"rows": 20}, "code_alpaca": {"rows": 10}, "self_instruct_seed": {"fraction": 0.05}}})
     mix_result = build_sft_mix(store, mix, RUNS["mix"])

@@ -100,18 +100,20 @@ def decontaminate_file(train: Path, out_dir: Path, config: DecontamConfig, evals
     staging = Path(tempfile.mkdtemp(prefix=".decontam-", dir=out_dir))
     counts: Counter[str] = Counter()
     items_hit: dict[str, set[str]] = defaultdict(set)
-    rows_in = 0
+    rows_in = removed = 0
     try:
         with open(staging / "clean.jsonl", "w", encoding="utf-8") as clean, \
                 open(staging / "quarantine.jsonl", "w", encoding="utf-8") as quarantine:
             batch: list[tuple[dict, dict]] = []
 
             def flush() -> None:
+                nonlocal removed
                 texts = [training_text(row, config.include_response) for row, _ in batch]
                 for (row, obj), matches in zip(batch, index.match_texts(texts, config.threshold)):
                     if not matches:
                         clean.write(json.dumps(obj, ensure_ascii=False) + "\n")
                         continue
+                    removed += 1
                     best = matches[0]
                     for benchmark in {m.benchmark for m in matches}:
                         counts[benchmark] += 1
@@ -132,7 +134,6 @@ def decontaminate_file(train: Path, out_dir: Path, config: DecontamConfig, evals
             for entry in bad or []:
                 quarantine.write(json.dumps({"id": None, "line": entry["line"], "reason": entry["reason"],
                                              "raw": entry["raw"]}, ensure_ascii=False) + "\n")
-        removed = sum(1 for _ in open(staging / "quarantine.jsonl", encoding="utf-8")) - len(bad or [])
         report = {
             "train": str(train), "rows_in": rows_in, "rows_clean": rows_in - removed, "rows_quarantined": removed,
             "bad_lines": len(bad or []), "config": config.model_dump(), "eval_items": len(index.items),

@@ -31,11 +31,15 @@ from tulu_pipeline.storage import DatasetInfo, Store
 
 CURATION_CODE_VERSION = "1"
 
-QUARANTINE_SCHEMA = ROW_SCHEMA.append(pa.field("benchmark", pa.string())) \
-    .append(pa.field("eval_id", pa.string()).with_name("matched_eval_id")) \
-    .append(pa.field("score", pa.float64())) \
-    .append(pa.field("span", pa.string())) \
-    .append(pa.field("matches", pa.string()))
+# Quarantined rows keep their row fields plus the best match and every match (JSON).
+QUARANTINE_SCHEMA = pa.schema([
+    *ROW_SCHEMA,
+    pa.field("benchmark", pa.string()),
+    pa.field("matched_eval_id", pa.string()),
+    pa.field("score", pa.float64()),
+    pa.field("span", pa.string()),
+    pa.field("matches", pa.string()),
+])
 
 
 class MissingInputError(RuntimeError):
@@ -242,14 +246,21 @@ def schema_violations(store: Store, name: str, version: str, limit: int = 20) ->
     return problems, duplicates
 
 
-def decontamination_report(store: Store, version: str, config: CurationConfig) -> dict[str, Any]:
-    """Per training source × benchmark: rows removed and the share of the benchmark's items hit."""
+def decontamination_report(store: Store, version: str, config: CurationConfig,
+                           inputs: dict[str, str]) -> dict[str, Any]:
+    """Per training source × benchmark: rows removed and the share of the benchmark's items hit.
+
+    ``inputs`` are the dataset versions the decontamination read (`StageResult.inputs`), so the report
+    describes that run even when a newer upstream version has been published since.
+    """
     items_per_benchmark: Counter[str] = Counter()
     suites: dict[str, str] = {}
     for spec in eval_specs(config):
-        items_per_benchmark[spec.benchmark] += store.dataset_info(raw_dataset_name(spec.id)).rows
+        name = raw_dataset_name(spec.id)
+        items_per_benchmark[spec.benchmark] += store.dataset_info(name, inputs[name]).rows
         suites[spec.benchmark] = spec.suite
-    rows_in: Counter[str] = Counter(r["source"] for r in store.iter_rows("deduplicated_prompts"))
+    rows_in: Counter[str] = Counter(
+        r["source"] for r in store.iter_rows("deduplicated_prompts", inputs["deduplicated_prompts"]))
     removed: Counter[tuple[str, str]] = Counter()
     items_hit: dict[tuple[str, str], set[str]] = defaultdict(set)
     removed_rows: Counter[str] = Counter()
