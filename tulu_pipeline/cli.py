@@ -122,6 +122,12 @@ def cmd_decontam(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tulu_pipeline.rewards.cli import run_verify
+
+    return run_verify(args.task, Path(args.input), mode=args.mode)
+
+
 def cmd_sources_list(args: argparse.Namespace) -> int:
     from tulu_pipeline.data.registry import registry
 
@@ -251,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     decontam.add_argument("--skip-bad", action="store_true", help="quarantine malformed lines instead of stopping")
     decontam.add_argument("--out", required=True, help="directory for clean.jsonl, quarantine.jsonl, report.json")
     decontam.set_defaults(func=cmd_decontam)
+
+    verify_responses = sub.add_parser("verify", help="score responses with the verifiable-reward verifiers: "
+                                      "one JSON line {id, score, ok, reason} per input line")
+    verify_responses.add_argument("--task", required=True, choices=["gsm8k", "math", "ifeval"])
+    verify_responses.add_argument("--input", required=True, help="JSONL: {id, response, ground_truth} (gsm8k, math) "
+                                  "or {id, response, constraints} (ifeval)")
+    verify_responses.add_argument("--mode", choices=["strict", "loose"], default="strict", help="IFEval strict or loose")
+    verify_responses.set_defaults(func=cmd_verify)
 
     sources = sub.add_parser("sources", help="the source registry")
     sources_sub = sources.add_subparsers(dest="sources_command", required=True)
