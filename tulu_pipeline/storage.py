@@ -153,10 +153,13 @@ class Store:
         batches: Iterable[list[dict[str, Any]]],
         schema: pa.Schema,
         rows_per_part: int = 50_000,
+        *,
+        inputs: dict[str, str] | None = None,
     ) -> DatasetInfo:
         """Publish ``data/<name>/<version>/part-*.parquet`` from batches of row dicts.
 
-        Parts are written into a temporary directory that is renamed into place when complete,
+        ``inputs`` ({dataset: version} this one was made from) goes into ``_dataset.json`` so lineage can be
+        walked from any dataset back to its sources. Parts are written into a temporary directory that is renamed into place when complete,
         and ``data/<name>/LATEST`` then points at the version. Memory stays bounded by one batch.
         """
         final_rel = self.dataset_dir(name, version)
@@ -196,7 +199,8 @@ class Store:
                     pq.write_table(schema.empty_table(), empty)
             close_part()
             with self.fs.open(self.path(tmp_rel, "_dataset.json"), "wb") as meta:
-                meta.write(json.dumps({"name": name, "version": version, "rows": rows, "parts": parts}).encode())
+                meta.write(json.dumps({"name": name, "version": version, "rows": rows, "parts": parts,
+                                       "inputs": dict(inputs or {})}, sort_keys=True).encode())
             if self.fs.exists(self.path(final_rel)):
                 self.fs.rm(self.path(final_rel), recursive=True)
             self.fs.mv(self.path(tmp_rel), self.path(final_rel), recursive=True)
@@ -209,9 +213,9 @@ class Store:
         return DatasetInfo(name, version, self.uri(final_rel), rows, tuple(parts))
 
     def write_rows(self, name: str, version: str, rows: Iterable[dict[str, Any]], schema: pa.Schema,
-                   batch_size: int = 5_000) -> DatasetInfo:
+                   batch_size: int = 5_000, *, inputs: dict[str, str] | None = None) -> DatasetInfo:
         """`write_dataset` from a stream of single rows."""
-        return self.write_dataset(name, version, batched(rows, batch_size), schema)
+        return self.write_dataset(name, version, batched(rows, batch_size), schema, inputs=inputs)
 
     def write_jsonl(self, rel: str, records: Iterable[dict[str, Any]]) -> str:
         """Write JSON lines atomically (quarantines and other append-free record files)."""

@@ -123,7 +123,7 @@ def normalize_prompts(store: Store, config: CurationConfig, run_id: str) -> Stag
     with LedgerWriter(store, "curation", "normalized_prompts", version, run_id) as ledger:
         normalizer = Normalizer(config.normalize, ledger)
         rows = chain.from_iterable(store.iter_rows(name, v) for name, v in inputs.items())
-        info = store.write_rows("normalized_prompts", version, sampler(normalizer(rows)), ROW_SCHEMA)
+        info = store.write_rows("normalized_prompts", version, sampler(normalizer(rows)), ROW_SCHEMA, inputs=inputs)
         quarantine = store.write_jsonl(posixpath.join("quarantine", "normalized_prompts", f"{version}.jsonl"),
                                        (_dropped_record(d) for d in normalizer.dropped))
     return StageResult("normalized_prompts", version, info, normalizer.stats, sampler.samples, sampler.lengths,
@@ -145,7 +145,7 @@ def deduplicate_prompts(store: Store, config: CurationConfig, run_id: str) -> St
     sampler = _Sampler()
     with LedgerWriter(store, "curation", "deduplicated_prompts", version, run_id) as ledger:
         dedup = Deduplicator(config.dedup, ledger)
-        info = store.write_rows("deduplicated_prompts", version, sampler(dedup(ordered)), ROW_SCHEMA)
+        info = store.write_rows("deduplicated_prompts", version, sampler(dedup(ordered)), ROW_SCHEMA, inputs=inputs)
         quarantine = store.write_jsonl(posixpath.join("quarantine", "deduplicated_prompts", f"{version}.jsonl"),
                                        dedup.dropped)
     return StageResult("deduplicated_prompts", version, info, dedup.stats, sampler.samples, sampler.lengths,
@@ -184,7 +184,7 @@ def decontaminate_prompts(store: Store, config: CurationConfig, run_id: str,
     with LedgerWriter(store, "decontamination", "decontaminated_prompts", version, run_id) as ledger:
         step = Decontaminator(eval_index, config.decontam, ledger)
         rows = store.iter_rows("deduplicated_prompts", inputs["deduplicated_prompts"])
-        info = store.write_rows("decontaminated_prompts", version, sampler(step(rows)), ROW_SCHEMA)
+        info = store.write_rows("decontaminated_prompts", version, sampler(step(rows)), ROW_SCHEMA, inputs=inputs)
         quarantine = store.write_rows("decontamination_quarantine", version,
                                       (_quarantine_record(e) for e in step.quarantine), QUARANTINE_SCHEMA)
     stats = {**step.stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks)}

@@ -157,10 +157,22 @@ def load_registry(manifest_file: Path = MANIFEST_FILE, registry_file: Path = REG
     return specs
 
 
-@lru_cache(maxsize=1)
+def active_manifest_file() -> Path:
+    """The manifest the registry reads: the data bundle's own MANIFEST.json when the bundle is present (it is
+    the authority on its files, so an updated bundle re-pins its hashes), else the packaged copy (enough to fetch)."""
+    bundled = default_data_dir() / "MANIFEST.json"
+    return bundled if bundled.is_file() else MANIFEST_FILE
+
+
+@lru_cache(maxsize=4)
+def _registry_from(manifest_file: Path, mtime_ns: int) -> tuple[SourceSpec, ...]:
+    return tuple(load_registry(manifest_file))
+
+
 def registry() -> tuple[SourceSpec, ...]:
-    """The packaged registry joined with the packaged manifest, parsed once per process."""
-    return tuple(load_registry())
+    """The packaged sources.yaml joined with the active manifest; re-read when the manifest file changes."""
+    manifest = active_manifest_file()
+    return _registry_from(manifest, manifest.stat().st_mtime_ns)
 
 
 def get_source(source_id: str) -> SourceSpec:

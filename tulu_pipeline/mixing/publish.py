@@ -87,7 +87,7 @@ def build_sft_mix(store: Store, mix: MixConfig, run_id: str, tokenizer_dir: str 
             yield row
 
     with LedgerWriter(store, "sft", MIX_DATASET, version, run_id) as ledger:
-        info = store.write_rows(MIX_DATASET, version, selected_rows(), ROW_SCHEMA)
+        info = store.write_rows(MIX_DATASET, version, selected_rows(), ROW_SCHEMA, inputs=inputs)
         record_mix_events(sample, ledger, mix.name, version)
     store.write_json(mix_info_path(version), {
         "mix": mix.canonical(), "mix_hash": version, "inputs": inputs, "counts": sample.counts,

@@ -33,16 +33,17 @@ DECONTAM_REPORTS = "reports/decontamination"
 # registry and licenses
 # ---------------------------------------------------------------------------------------------
 def registry_version() -> str:
-    """16 hex chars of sha256 over the packaged ``sources.yaml`` and ``manifest.json`` (names and bytes).
+    """16 hex chars of sha256 over ``sources.yaml`` and the active manifest (names and bytes).
 
     Any change to a source's mapping, path, license or file hash changes it.
     """
-    from tulu_pipeline.data.registry import MANIFEST_FILE, REGISTRY_FILE
+    from tulu_pipeline.data.registry import REGISTRY_FILE, active_manifest_file
 
     digest = hashlib.sha256()
-    for path in (REGISTRY_FILE, MANIFEST_FILE):
+    for path in (REGISTRY_FILE, active_manifest_file()):
         data = path.read_bytes()
-        for piece in (path.name.encode(), data):
+        # lower-cased: the bundle's MANIFEST.json and its packaged copy manifest.json hash alike
+        for piece in (path.name.lower().encode(), data):
             digest.update(len(piece).to_bytes(8, "big"))
             digest.update(piece)
     return digest.hexdigest()[:16]
