@@ -25,6 +25,18 @@ class EvalSelection(BaseModel):
     benchmarks: list[str] | None = None  # None: every benchmark of the selected suites
 
 
+class RaySettings(BaseModel):
+    """Where and how the Ray executor runs (ignored by the local executor)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # None: $RAY_ADDRESS when set, else a local Ray started for the run (and stopped after it).
+    address: str | None = None
+    shard_rows: int = Field(default=20_000, ge=1)  # rows per task; whole Parquet row groups, so a lower bound
+    num_cpus: int | None = None  # CPUs of a Ray started locally (None: all)
+    object_store_memory: int | None = None  # bytes, for a Ray started locally (None: Ray's default)
+    max_retries: int = Field(default=3, ge=0)  # re-runs of a task whose worker died
+
+
 class CurationConfig(BaseModel):
     """Normalization, deduplication and decontamination settings for one curation run."""
 
@@ -35,6 +47,11 @@ class CurationConfig(BaseModel):
     decontam: DecontamConfig = Field(default_factory=DecontamConfig)
     evals: EvalSelection = Field(default_factory=EvalSelection)
     flag_share: float = Field(default=0.02, gt=0, le=1)  # Tülu flags a benchmark above 2% of items hit
+    # "ray": the same steps as a Ray Data pipeline (tulu_pipeline.curation.ray_executor); same outputs.
+    executor: Literal["local", "ray"] = "local"
+    ray: RaySettings = Field(default_factory=RaySettings)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of what decides the outputs; where they are computed (executor, Ray settings) is left out."""
+        payload = self.model_dump(mode="json", exclude={"executor", "ray"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

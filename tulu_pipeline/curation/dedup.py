@@ -55,6 +55,13 @@ def _lsh(config: DedupConfig) -> MinHashLSH:
     return MinHashLSH(threshold=config.threshold, num_perm=config.num_perm, weights=LSH_WEIGHTS)
 
 
+def lsh_bands(config: DedupConfig) -> tuple[int, int]:
+    """(bands, rows per band) of the LSH index the keep rule queries: two rows are candidates
+    exactly when some band of their MinHash values is identical."""
+    lsh = _lsh(config)
+    return lsh.b, lsh.r
+
+
 def dedup_text(row: dict[str, Any], key: str) -> str:
     """The text rows are compared on: the prompt (system and user turns) or all messages,
     lowercased, with every whitespace run collapsed to one space."""
@@ -116,37 +123,66 @@ class Deduplicator:
 
     def __call__(self, rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for row in rows:
-            self._check_order(row)
-            self.stats["rows_in"] += 1
-            row_id, source = row["row_id"], row["source"]
-            counts = self.stats["per_source"].setdefault(source, {"in": 0, "kept": 0, "exact": 0, "near": 0})
-            counts["in"] += 1
-            text = dedup_text(row, self.config.key)
-            digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+            if self.decide(row, *self.signature(row)):
+                yield row
 
-            original = self._by_hash.get(digest)
-            if original is not None:
-                self._drop(row, original, "exact", None, counts)
-                continue
-            minhash = None
-            if self._lsh is not None:
-                minhash = self._minhash(text)
-                match = self._nearest(minhash, row.get("ground_truth"))
-                if match is not None:
-                    self._drop(row, match[0], "near", match[1], counts)
-                    continue
+    def signature(self, row: dict[str, Any]) -> tuple[bytes, MinHash | None]:
+        """What the keep rule compares: the sha256 of `dedup_text` and its MinHash (None without near dedup)."""
+        text = dedup_text(row, self.config.key)
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+        return digest, (self._minhash(text) if self._lsh is not None else None)
 
-            self._by_hash[digest] = row_id
-            self._kept_index[row_id] = len(self._kept_index)
-            if row.get("ground_truth") is not None:
-                self._answers[row_id] = row["ground_truth"]
-            if minhash is not None:
-                self._minhashes[row_id] = minhash
-                self._lsh.insert(row_id, minhash)
-            self.stats["kept"] += 1
-            counts["kept"] += 1
-            self.sink.record(row_id, "kept", decision="unique")
-            yield row
+    def decide(self, row: dict[str, Any], digest: bytes, minhash: MinHash | None) -> bool:
+        """Apply the keep rule to the next row in `dedup_order` (given its `signature`); True when kept.
+
+        Only ``row_id``, ``source`` and ``ground_truth`` of ``row`` are read, so a resolver that
+        already holds signatures (the Ray executor) can pass just those fields.
+        """
+        self._check_order(row)
+        counts = self._count_in(row)
+        original = self._by_hash.get(digest)
+        if original is not None:
+            self._drop(row, original, "exact", None, counts)
+            return False
+        if minhash is not None:
+            match = self._nearest(minhash, row.get("ground_truth"))
+            if match is not None:
+                self._drop(row, match[0], "near", match[1], counts)
+                return False
+        row_id = row["row_id"]
+        self._by_hash[digest] = row_id
+        self._kept_index[row_id] = len(self._kept_index)
+        if row.get("ground_truth") is not None:
+            self._answers[row_id] = row["ground_truth"]
+        if minhash is not None:
+            self._minhashes[row_id] = minhash
+            self._lsh.insert(row_id, minhash)
+        self._keep(row, counts)
+        return True
+
+    def apply(self, row: dict[str, Any], duplicate_of: tuple[str, str, float | None] | None) -> bool:
+        """Record a decision taken elsewhere for the next row in `dedup_order`: ``None`` keeps it,
+        ``(kept row id, "exact" | "near", jaccard)`` drops it. Same events, stats and quarantine
+        records as `decide`; nothing is remembered, so memory stays flat."""
+        self._check_order(row)
+        counts = self._count_in(row)
+        if duplicate_of is None:
+            self._keep(row, counts)
+            return True
+        original, kind, jaccard = duplicate_of
+        self._drop(row, original, kind, jaccard, counts)
+        return False
+
+    def _count_in(self, row: dict[str, Any]) -> dict[str, int]:
+        self.stats["rows_in"] += 1
+        counts = self.stats["per_source"].setdefault(row["source"], {"in": 0, "kept": 0, "exact": 0, "near": 0})
+        counts["in"] += 1
+        return counts
+
+    def _keep(self, row: dict[str, Any], counts: dict[str, int]) -> None:
+        self.stats["kept"] += 1
+        counts["kept"] += 1
+        self.sink.record(row["row_id"], "kept", decision="unique")
 
     def _check_order(self, row: dict[str, Any]) -> None:
         key = _order_key(row, self._ranks)
