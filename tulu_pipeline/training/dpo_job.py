@@ -1,0 +1,211 @@
+"""The DPO job: ``python -m tulu_pipeline.training.dpo_job``, run by the compute launcher in its own process.
+
+Two tasks (extras ``task``), each a dagster-pipes materialization of its asset:
+
+- ``reference_logprobs``: scores every pair of ``pairs_dataset@pairs_version`` with the reference model
+  (``reference_dir``, the SFT checkpoint) and publishes ``data/reference_logprobs/<reference_version>/``
+  (`reference_schema`). An existing dataset of that version is reused, never recomputed.
+- ``train``: `run_dpo` from ``reference_dir`` on the pairs with ``split == "train"``, held-out metrics on
+  ``split == "heldout"``, reference log-probs read from ``reference_logprobs@reference_version`` (required),
+  checkpoint published at ``checkpoint_dir``.
+
+Other extras: ``tulu_home`` (fsspec root), ``preset`` and ``config`` (`DPOTrainingConfig` overrides),
+``manifest_extra`` (copied into ``training_manifest.json``). Metrics stream as JSON ``log.info`` lines like
+the SFT job's. Without Dagster, ``--params params.json`` runs a task directly and prints the metadata.
+
+A local ``tulu_home`` works in place (``<checkpoint_dir>/_checkpoints`` makes a re-run resume); an object
+store is worked through a local directory (``$TULU_DPO_WORK_DIR``, default the system temp dir): models are
+downloaded there and the checkpoint uploaded with ``training_manifest.json`` last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tulu_pipeline.storage import Store
+from tulu_pipeline.training.checkpointing import MANIFEST_FILE
+from tulu_pipeline.training.dpo import (
+    LOSS_CURVE_FILE,
+    PAIRS_DATASET,
+    REFERENCE_DATASET,
+    DPOResult,
+    compute_reference_logprobs,
+    reference_schema,
+    run_dpo,
+)
+from tulu_pipeline.training.dpo_config import dpo_config
+from tulu_pipeline.training.reporting import PipesReporter, PrintReporter, Reporter
+
+WORK_DIR_ENV = "TULU_DPO_WORK_DIR"
+TASKS = ("reference_logprobs", "train")
+
+
+def load_pairs(store: Store, params: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """The pairs split into training and held-out pairs by their ``split`` field."""
+    name = params.get("pairs_dataset") or PAIRS_DATASET
+    train, heldout = [], []
+    for pair in store.iter_rows(name, params.get("pairs_version")):
+        split = pair.get("split")
+        if split not in ("train", "heldout"):
+            raise ValueError(f"{name}: pair {pair.get('pair_id')} has split {split!r}; expected 'train' or 'heldout'")
+        (train if split == "train" else heldout).append(pair)
+    return train, heldout
+
+
+def work_dir(rel: str) -> Path:
+    """A local directory for ``rel`` when ``tulu_home`` is an object store."""
+    root = Path(os.environ.get(WORK_DIR_ENV) or tempfile.gettempdir()) / "tulu-dpo"
+    return root / rel.strip("/").replace("/", "__")
+
+
+def local_model_dir(store: Store, rel: str, reporter: Reporter) -> Path:
+    """``rel`` as a local directory: itself on a local store, else a download (renamed in place when complete)."""
+    if store.is_local:
+        return Path(store.path(rel))
+    target = work_dir(rel)
+    if not target.is_dir():
+        reporter.log(f"downloading {store.uri(rel)} to {target}")
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        store.fs.get(store.path(rel) + "/", str(partial) + "/", recursive=True)
+        os.rename(partial, target)
+    return target
+
+
+def upload_checkpoint(store: Store, local: Path, rel: str) -> None:
+    """Copy a published checkpoint directory to the store, ``training_manifest.json`` last."""
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    for path in [p for p in files if p.name != MANIFEST_FILE] + [local / MANIFEST_FILE]:
+        target = store.path(rel, path.relative_to(local).as_posix())
+        store.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        store.fs.put_file(str(path), target)
+
+
+def run_reference_task(params: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    """Publish (or reuse) ``reference_logprobs@reference_version``; returns its metadata."""
+    store = Store(str(params["tulu_home"]))
+    version = params["reference_version"]
+    rel = f"{store.dataset_dir(REFERENCE_DATASET, version)}/_dataset.json"
+    reused = store.exists(rel)
+    if reused:
+        reporter.log(f"{REFERENCE_DATASET}@{version} already exists; not recomputing")
+    else:
+        config = dpo_config(params.get("preset") or "cpu_demo", **(params.get("config") or {}))
+        train, heldout = load_pairs(store, params)
+        model_dir = local_model_dir(store, params["reference_dir"], reporter)
+        rows = compute_reference_logprobs([*train, *heldout], model_dir, config, reporter)
+        store.write_rows(REFERENCE_DATASET, version, rows, reference_schema())
+    rows = list(store.iter_rows(REFERENCE_DATASET, version))
+    dropped = [row["pair_id"] for row in rows if row["dropped_reason"]]
+    return {
+        "path": {"raw_value": store.uri(store.dataset_dir(REFERENCE_DATASET, version)), "type": "path"},
+        "reference_version": version,
+        "reused_existing": reused,
+        "pairs": len(rows),
+        "dropped_pairs": len(dropped),
+        "truncated_pairs": sum(1 for row in rows if row["truncated"]),
+        "dropped_pair_ids": {"raw_value": dropped[:50], "type": "json"},
+    }
+
+
+def run_train_task(params: dict[str, Any], reporter: Reporter) -> tuple[DPOResult, str]:
+    """Train and publish; returns the result and the checkpoint's location (path or URL)."""
+    store = Store(str(params["tulu_home"]))
+    config = dpo_config(params.get("preset") or "cpu_demo", **(params.get("config") or {}))
+    train, heldout = load_pairs(store, params)
+    version = params["reference_version"]
+    if not store.exists(f"{store.dataset_dir(REFERENCE_DATASET, version)}/_dataset.json"):
+        raise FileNotFoundError(f"{REFERENCE_DATASET}@{version} is missing under {store.url}: materialize "
+                                "reference_logprobs with the same preset and config first")
+    reference = list(store.iter_rows(REFERENCE_DATASET, version))
+    model_dir = local_model_dir(store, params["reference_dir"], reporter)
+    checkpoint_rel = params["checkpoint_dir"]
+    manifest_extra = dict(params.get("manifest_extra") or {})
+    manifest_extra.setdefault("pairs_dataset", params.get("pairs_dataset") or PAIRS_DATASET)
+    manifest_extra.setdefault("pairs_version", params.get("pairs_version"))
+    manifest_extra.setdefault("reference_logprobs_version", version)
+    output = Path(store.path(checkpoint_rel)) if store.is_local else work_dir(checkpoint_rel) / "checkpoint"
+    result = run_dpo(train, heldout, model_dir, output, config, reference_logprobs=reference, reporter=reporter,
+                     manifest_extra=manifest_extra)
+    if not store.is_local:
+        upload_checkpoint(store, result.checkpoint_dir, checkpoint_rel)
+        reporter.log(f"uploaded the checkpoint to {store.uri(checkpoint_rel)}")
+    return result, store.uri(checkpoint_rel)
+
+
+def materialization_metadata(result: DPOResult, location: str) -> dict[str, Any]:
+    """Final metrics as dagster-pipes metadata (typed values as {raw_value, type})."""
+    m = result.metrics
+    png = result.loss_curve_path.read_bytes() if result.loss_curve_path.exists() else b""
+    metadata: dict[str, Any] = {
+        "checkpoint_path": {"raw_value": location, "type": "path"},
+        "loss_curve": {"raw_value": f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})",
+                       "type": "md"},
+        "heldout_before": {"raw_value": m.get("heldout_before", {}), "type": "json"},
+        "heldout_after": {"raw_value": m.get("heldout_after", {}), "type": "json"},
+        "config": {"raw_value": result.manifest.get("config", {}), "type": "json"},
+        "fingerprint": result.manifest.get("fingerprint"),
+        "base_model_sha256": result.manifest.get("base_model_sha256"),
+        "reused_existing_checkpoint": result.reused,
+    }
+    for side in ("before", "after"):
+        for key in ("preference_accuracy", "reward_accuracy", "mean_margin"):
+            value = (m.get(f"heldout_{side}") or {}).get(key)
+            if value is not None:
+                metadata[f"heldout_{key}_{side}"] = {"raw_value": float(value), "type": "float"}
+    for key in ("initial_loss", "final_loss", "train_s", "wall_s"):
+        if m.get(key) is not None:
+            metadata[key] = {"raw_value": float(m[key]), "type": "float"}
+    for key in ("steps", "resumed_from_step", "train_pairs", "heldout_pairs", "dropped_pairs", "truncated_pairs"):
+        metadata[key] = int(m.get(key) or 0)
+    return metadata
+
+
+def run_task(params: dict[str, Any], reporter: Reporter) -> tuple[dict[str, Any], str | None]:
+    """Run ``params["task"]``; returns its metadata and data version."""
+    task = params.get("task") or "train"
+    missing = [k for k in ("tulu_home", "reference_dir", "reference_version") if not params.get(k)]
+    if task == "train" and not params.get("checkpoint_dir"):
+        missing.append("checkpoint_dir")
+    if task not in TASKS or missing:
+        raise ValueError(f"dpo_job: task {task!r} (expected one of {TASKS}); missing parameters {missing}")
+    if task == "reference_logprobs":
+        return run_reference_task(params, reporter), params["reference_version"]
+    result, location = run_train_task(params, reporter)
+    return materialization_metadata(result, location), result.manifest["fingerprint"][:16]
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    parser = argparse.ArgumentParser(prog="python -m tulu_pipeline.training.dpo_job", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=Path, help="JSON file with the job parameters (runs without Dagster)")
+    args = parser.parse_args(argv)
+    if args.params is not None:
+        metadata, _version = run_task(json.loads(args.params.read_text(encoding="utf-8")), PrintReporter())
+        plain = {k: (v["raw_value"] if isinstance(v, dict) and "raw_value" in v else v) for k, v in metadata.items()
+                 if k not in ("loss_curve", "config")}
+        print(json.dumps({"event": "dpo_result", **plain}, sort_keys=True, default=str), flush=True)
+        return 0
+
+    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+    if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
+        parser.error("not launched by Dagster (no pipes context): pass --params params.json")
+    with open_dagster_pipes() as context:
+        metadata, version = run_task(dict(context.extras), PipesReporter(context))
+        context.report_asset_materialization(metadata=metadata, data_version=version)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
