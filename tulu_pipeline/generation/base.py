@@ -4,7 +4,8 @@ OpenAI-compatible HTTP server. Stages (policy completions, the judge, evaluation
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import hashlib
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol, Sequence
 
 Messages = list[dict[str, str]]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
@@ -13,7 +14,8 @@ Messages = list[dict[str, str]]  # [{"role": "system"|"user"|"assistant", "conte
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling settings recorded with every completion. ``seed`` makes sampling reproducible: request i of a
-    batch uses ``seed + i`` for its ``n`` samples, so results do not depend on batch size or backend batching."""
+    batch uses ``seed + i`` for its ``n`` samples, so results do not depend on batch size or backend batching.
+    ``temperature == 0`` means greedy decoding (``top_p`` and the seed are then irrelevant)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.7
@@ -22,14 +24,59 @@ class SamplingParams:
     seed: int = 0
     stop: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, (str, list)):  # a bare string would be split into characters below
+            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.n < 1:
+            problems.append(f"n must be >= 1, got {self.n}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            problems.append(f"stop must be non-empty strings, got {list(self.stop)!r}")
+        if problems:
+            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "stop": list(self.stop)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SamplingParams":
+        """Inverse of `to_json`; unknown keys are an error (a typo must not silently sample differently)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SamplingParams fields {unknown}; expected a subset of {sorted(known)}")
+        return cls(**{**data, "stop": tuple(data.get("stop") or ())})
+
+    def request_seed(self, index: int) -> int:
+        """The seed of request ``index`` of a call (``seed + index``)."""
+        return self.seed + index
+
+
+def sample_seed(request_seed: int, sample_index: int) -> int:
+    """The seed of sample ``sample_index`` of a request, for backends that draw each sample from its own
+    generator (transformers): a stable 63-bit hash of both, so samples of neighbouring requests never share
+    a stream (``seed + j`` would make sample 1 of request i equal sample 0 of request i + 1)."""
+    digest = hashlib.sha256(f"{request_seed}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
 @dataclass(frozen=True)
 class Completion:
     """One sampled response: the text, why it stopped (``stop`` | ``length``), token counts, and where it
-    came from (``model_id`` and the exact sampling params and seed)."""
+    came from (``model_id`` and the exact sampling params and seed). ``seed`` is the request's seed
+    (`SamplingParams.request_seed`), shared by its ``n`` samples; ``index`` is the sample's position among them.
+    ``completion_tokens`` counts every generated token, including the EOS or the tokens of a stop string
+    (which the text leaves out)."""
 
     text: str
     model_id: str
@@ -38,6 +85,15 @@ class Completion:
     completion_tokens: int
     seed: int
     params: dict[str, Any] = field(default_factory=dict)
+    index: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Completion":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class GenerationBackend(Protocol):
@@ -49,3 +105,7 @@ class GenerationBackend(Protocol):
     def generate(self, prompts: Sequence[Messages], params: SamplingParams) -> list[list[Completion]]: ...
 
     def close(self) -> None: ...
+
+
+class LogLikelihoodUnsupported(NotImplementedError):
+    """The backend cannot score continuations (e.g. a chat-completions HTTP API returns no prompt log-probs)."""

@@ -1,0 +1,79 @@
+"""Which backend to build, as data: `BackendSpec` travels in job parameters (JSON) and resources build it."""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tulu_pipeline.generation.base import GenerationBackend
+
+LOCAL_KINDS = ("transformers", "vllm")
+
+
+class BackendSpec(BaseModel):
+    """A generation backend: ``kind`` and the model it serves.
+
+    ``model`` is a model directory for the local kinds (relative paths are relative to TULU_HOME, e.g.
+    ``models/base_model``) and the served model name for ``openai``. ``model_id`` is what completions
+    record (default: ``model``). ``extra`` holds kind-specific keyword arguments (``gpu_memory_utilization``,
+    ``max_model_len``, ``concurrency``, ``timeout_s``, ``chat_template``...).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["transformers", "vllm", "openai"] = "transformers"
+    model: str = Field(min_length=1)
+    model_id: str | None = None
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    batch_size: int = Field(default=8, ge=1)
+    device: str = "auto"
+    dtype: str = "auto"
+    max_retries: int = Field(default=3, ge=0)
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "BackendSpec":
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("kind 'openai' needs base_url (e.g. http://localhost:8000/v1)")
+        return self
+
+    @property
+    def resolved_model_id(self) -> str:
+        return self.model_id or self.model
+
+
+def resolve_model_path(model: str, store: Any = None) -> Path:
+    """A local model directory: absolute paths as they are, relative ones under TULU_HOME (``store``)."""
+    if Path(model).is_absolute():
+        return Path(model)
+    if store is None:
+        return Path(model)
+    if not store.is_local:
+        raise ValueError(f"model {model!r} is under a remote TULU_HOME ({store.url}); local backends need a local "
+                         "directory: download it first and pass its absolute path")
+    return Path(store.path(posixpath.normpath(model)))
+
+
+def build_backend(spec: BackendSpec, store: Any = None) -> GenerationBackend:
+    """The backend ``spec`` describes (models load now; vLLM is imported only for ``kind='vllm'``)."""
+    extra = dict(spec.extra)
+    if spec.kind == "transformers":
+        from tulu_pipeline.generation.transformers_backend import TransformersBackend
+
+        return TransformersBackend(resolve_model_path(spec.model, store), spec.resolved_model_id, device=spec.device,
+                                   dtype=spec.dtype, batch_size=spec.batch_size,
+                                   trust_remote_code=spec.trust_remote_code, **extra)
+    if spec.kind == "vllm":
+        from tulu_pipeline.generation.vllm_backend import VLLMBackend
+
+        return VLLMBackend(resolve_model_path(spec.model, store), spec.resolved_model_id, dtype=spec.dtype,
+                           trust_remote_code=spec.trust_remote_code, **extra)
+    from tulu_pipeline.generation.openai_backend import OpenAICompatBackend
+
+    return OpenAICompatBackend(spec.base_url or "", spec.model, model_id=spec.resolved_model_id,
+                               api_key_env=spec.api_key_env, max_retries=spec.max_retries, **extra)

@@ -1,0 +1,263 @@
+"""Generation with a transformers model: the CPU default, and the reference the other backends must match.
+
+Decoding is a plain loop over the model's forward with a KV cache (transformers' ``DynamicCache``), over
+left-padded batches with per-sequence position ids. It is written out rather than delegated to
+``model.generate`` because the seeding contract needs per-row random streams, which ``generate`` does not
+offer:
+
+- Every sample is its own row with its own ``torch.Generator``, seeded with
+  ``sample_seed(params.request_seed(i), j)`` for sample j of prompt i. A row draws exactly one number per
+  generated token, so its text depends only on its prompt, the weights, the params and its seed, never on
+  which other rows share its batch or how many there are. (Numerically, batch composition can still move a
+  logit in its last bits through padding; on real weights that does not change the argmax or the draw.)
+- ``temperature == 0`` is greedy: one row per prompt, copied ``n`` times (greedy samples are identical).
+- A row stops at an EOS token (``stop``), when its text contains a stop string (``stop``: the text is cut
+  before the stop string, as vLLM and the OpenAI API do), or after ``max_new_tokens`` or the model's
+  context length (``length``). Finished rows leave the batch (the cache drops them), so a long straggler
+  does not make the finished ones cost compute.
+- Rows are sorted by prompt length before batching (less padding); results come back in prompt order.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tulu_pipeline.generation.base import Completion, Messages, SamplingParams, sample_seed
+from tulu_pipeline.generation.chat import ChatEncoder
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; anything else is passed to torch as is."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """``auto`` → bf16 on a GPU that supports it, else fp32 (CPU generation in bf16 is slower, not faster)."""
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+@dataclass
+class _Row:
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    seed: int
+    budget: int  # new tokens allowed: max_new_tokens capped by the context length
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class TransformersBackend:
+    """`GenerationBackend` over a local transformers model directory (see the module docstring)."""
+
+    def __init__(self, model_path: str | Path, model_id: str, device: str = "auto", dtype: str = "auto",
+                 batch_size: int = 8, trust_remote_code: bool = False, chat_template: str = "auto"):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+        self.model_id = model_id
+        self.model_path = path
+        self.batch_size = batch_size
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.encoder = ChatEncoder.from_pretrained(path, chat_template, trust_remote_code)
+        self.tokenizer = self.encoder.tokenizer
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype,
+                                                          trust_remote_code=trust_remote_code)
+        self.model.to(self.device)
+        self.model.eval()
+        self._torch = torch
+        generation_config = getattr(self.model, "generation_config", None)
+        self.stop_token_ids = self.encoder.stop_token_ids(getattr(generation_config, "eos_token_id", None))
+        self.pad_token_id = int(self.tokenizer.pad_token_id)
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        # transformers 5.x renamed the forward's ``past_key_values`` to ``cache`` (the old name is deprecated).
+        parameters = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in parameters
+
+    # -- generation -------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Messages], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` completions per prompt, in prompt order."""
+        rows: list[_Row] = []
+        for i, messages in enumerate(prompts):
+            ids = self.encoder.prompt_ids(messages)
+            budget = params.max_new_tokens
+            if self.max_positions:
+                budget = min(budget, self.max_positions - len(ids))
+                if budget < 1:
+                    raise ValueError(f"prompt {i} has {len(ids)} tokens, no room left in the model's "
+                                     f"{self.max_positions}-token context")
+            request_seed = params.request_seed(i)
+            for j in range(1 if params.greedy else params.n):
+                rows.append(_Row(i, j, ids, sample_seed(request_seed, j), budget))
+        order = sorted(range(len(rows)), key=lambda k: (-len(rows[k].prompt_ids), k))
+        for start in range(0, len(order), self.batch_size):
+            self._decode([rows[k] for k in order[start:start + self.batch_size]], params)
+
+        results: list[list[Completion]] = [[] for _ in prompts]
+        meta = params.to_json()
+        for row in rows:
+            text, reason, used = self._finish(row, params.stop)
+            copies = params.n if params.greedy else 1
+            for copy in range(copies):
+                results[row.prompt_index].append(Completion(
+                    text=text, model_id=self.model_id, finish_reason=reason, prompt_tokens=len(row.prompt_ids),
+                    completion_tokens=used, seed=params.request_seed(row.prompt_index), params=meta,
+                    index=row.sample_index + copy))
+        return results
+
+    def _finish(self, row: _Row, stop: tuple[str, ...]) -> tuple[str, str, int]:
+        tokens = row.tokens
+        if tokens and tokens[-1] in self.stop_token_ids and row.finish_reason == "stop":
+            tokens = tokens[:-1]
+        text = self.encoder.decode(tokens)
+        reason = row.finish_reason or "length"
+        cut = min((pos for pos in (text.find(s) for s in stop) if pos >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        return text, reason, len(row.tokens)
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # older transformers: no config argument
+            return DynamicCache()
+
+    def _forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: Any) -> Any:
+        kwargs = {self._cache_kwarg: cache, "use_cache": True}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1  # the prefill needs only the last position's logits
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        return out.logits[:, -1, :].float()
+
+    def _choose(self, logits: Any, params: SamplingParams, generators: list[Any]) -> list[int]:
+        torch = self._torch
+        if params.greedy:
+            return logits.argmax(dim=-1).tolist()
+        probs = torch.softmax(logits / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+            drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= params.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
+        return [int(torch.multinomial(probs[r], 1, generator=generators[r])) for r in range(len(generators))]
+
+    def _stopped_by_string(self, row: _Row, stop: tuple[str, ...], window: int) -> bool:
+        return any(s in self.encoder.decode(row.tokens[-window:]) for s in stop) if stop else False
+
+    def _decode(self, batch: list[_Row], params: SamplingParams) -> None:
+        """Generate every row of ``batch`` to its end, in place."""
+        torch = self._torch
+        device = self.device
+        width = max(len(row.prompt_ids) for row in batch)
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, row in enumerate(batch):  # left padding: every row's last prompt token is in the last column
+            input_ids[r, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
+            attention[r, width - len(row.prompt_ids):] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
+        generators = []
+        if not params.greedy:
+            generators = [torch.Generator(device=device).manual_seed(row.seed) for row in batch]
+        # Stop strings are checked on the last few tokens' text (a token holds at least part of a character).
+        window = max((len(s) for s in params.stop), default=0) + 8
+        cache = self._new_cache()
+        active = list(range(len(batch)))  # batch rows still generating, in cache order
+        with torch.inference_mode():
+            logits = self._forward(input_ids, attention, positions, cache)
+            while active:
+                chosen = self._choose(logits, params, [generators[r] for r in active] if generators else [])
+                keep = []
+                for slot, r in enumerate(active):
+                    row = batch[r]
+                    row.tokens.append(chosen[slot])
+                    if chosen[slot] in self.stop_token_ids or self._stopped_by_string(row, params.stop, window):
+                        row.finish_reason = "stop"
+                    elif len(row.tokens) >= row.budget:
+                        row.finish_reason = "length"
+                    else:
+                        keep.append(slot)
+                if not keep:
+                    break
+                next_ids = torch.tensor([[chosen[slot]] for slot in keep], dtype=torch.long, device=device)
+                if len(keep) < len(active):
+                    index = torch.tensor(keep, dtype=torch.long, device=device)
+                    cache.batch_select_indices(index)
+                    attention, positions = attention[index], positions[index]
+                    active = [active[slot] for slot in keep]
+                attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=-1)
+                positions = positions[:, -1:] + 1
+                logits = self._forward(next_ids, attention, positions, cache)
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def loglikelihood(self, requests: Sequence[tuple[Messages, str]]) -> list[tuple[float, int]]:
+        """For each (chat prompt, continuation): the summed log-probability of the continuation's tokens
+        after the prompt (with its generation prompt) and their count. An empty continuation scores (0.0, 0)."""
+        torch = self._torch
+        encoded = [(self.encoder.prompt_ids(messages), self.encoder.continuation_ids(continuation))
+                   for messages, continuation in requests]
+        results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+        order = sorted((k for k in range(len(encoded)) if encoded[k][1]),
+                       key=lambda k: (-(len(encoded[k][0]) + len(encoded[k][1])), k))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            sequences = [encoded[k][0] + encoded[k][1] for k in chunk]
+            width = max(len(s) for s in sequences)
+            if self.max_positions and width > self.max_positions:
+                raise ValueError(f"a prompt + continuation of {width} tokens exceeds the model's "
+                                 f"{self.max_positions}-token context")
+            keep = max(len(encoded[k][1]) for k in chunk) + 1
+            input_ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, seq in enumerate(sequences):  # left padding: every continuation ends in the last column
+                input_ids[r, width - len(seq):] = torch.tensor(seq)
+                attention[r, width - len(seq):] = 1
+            input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+            positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
+            kwargs = {"logits_to_keep": keep} if self._logits_to_keep else {}
+            with torch.inference_mode():
+                logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                    use_cache=False, **kwargs).logits[:, -keep:, :]
+                # Position t predicts token t + 1: the last ``keep - 1`` logits predict the last tokens.
+                logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+                targets = input_ids[:, -(keep - 1):]
+                picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            for r, k in enumerate(chunk):
+                count = len(encoded[k][1])
+                results[k] = (float(picked[r, -count:].sum()), count)
+        return results
+
+    def close(self) -> None:
+        self.model = None
+        gc.collect()
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
