@@ -1,17 +1,20 @@
-"""The Dagster code location: every stage's assets, checks, jobs and the deployment's resources."""
-
-from __future__ import annotations
+"""The Dagster code location: every stage's assets, checks, jobs, schedules, sensors and the deployment's resources."""
 
 import os
 
 import dagster as dg
 
 from assets.audit import audit_report
+from assets.automation import (
+    GPU_POOL, auto_train_enabled, build_coverage_checks, build_recuration, build_source_change_sensor,
+    build_source_files, stage_jobs,
+)
 from assets.base_model import base_model
 from assets.curation import curation_assets
-from assets.sft import sft_assets
+from assets.sft import sft_assets, sft_checkpoint
 from assets.sources import raw_source_assets
 from resources import resources_for
+from tulu_pipeline.data.registry import registry
 
 DEPLOYMENT = os.environ.get("TULU_DEPLOYMENT", "local")
 
@@ -19,15 +22,38 @@ DEPLOYMENT = os.environ.get("TULU_DEPLOYMENT", "local")
 # processes through the compute launcher, and two cores gain nothing from parallel small steps.
 EXECUTORS = {"local": dg.in_process_executor, "k8s": dg.multiprocess_executor}
 
+TRAINING_ASSETS = [sft_checkpoint]
+CHECKPOINT_KEYS = [a.key for a in TRAINING_ASSETS]
+STAGE_GROUPS = ("sources", "curation", "sft", "audit")
+
+
+def _training(asset: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    """GPU stages share the `gpu` pool (one at a time per slot) and start by themselves only when enabled."""
+    def attrs(spec: dg.AssetSpec) -> dg.AssetSpec:
+        condition = dg.AutomationCondition.eager() if auto_train_enabled() else None
+        return spec.replace_attributes(automation_condition=condition)
+
+    return dg.map_asset_specs(attrs, [asset])[0]
+
+
+source_files = build_source_files(registry())
+recuration_job, weekly_recuration = build_recuration()
+jobs = stage_jobs(STAGE_GROUPS)
 full_pipeline = dg.define_asset_job(
     "full_pipeline",
-    selection=dg.AssetSelection.all(),
+    selection=dg.AssetSelection.all() - dg.AssetSelection.key_prefixes("source_file"),
     description="Materialize every stage of the pipeline on the configured deployment.",
 )
 
 defs = dg.Definitions(
-    assets=[*raw_source_assets, *curation_assets, base_model, *sft_assets, audit_report],
-    jobs=[full_pipeline],
+    assets=[source_files, *raw_source_assets, *curation_assets, base_model,
+            *[a for a in sft_assets if a not in TRAINING_ASSETS], *map(_training, TRAINING_ASSETS), audit_report],
+    asset_checks=build_coverage_checks(CHECKPOINT_KEYS),
+    jobs=[full_pipeline, recuration_job, *jobs.values()],
+    schedules=[weekly_recuration],
+    sensors=[build_source_change_sensor(recuration_job, checkpoint_keys=CHECKPOINT_KEYS)],
     resources=resources_for(DEPLOYMENT),
     executor=EXECUTORS[DEPLOYMENT],
 )
+
+__all__ = ["defs", "GPU_POOL"]

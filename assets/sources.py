@@ -5,6 +5,7 @@ from typing import Literal
 
 import dagster as dg
 
+from assets.automation import TRANSIENT_RETRY, final_on_bad_data, source_freshness_policy
 from assets.metadata import DATA_OWNERS, config_hash, image, samples, table_schema
 from resources import DataBundle, TuluStorage
 from tulu_pipeline.data.ingest import LOADER_VERSION, ingest_source
@@ -30,6 +31,9 @@ def build_raw_source_asset(spec: SourceSpec) -> dg.AssetsDefinition:
         owners=DATA_OWNERS,
         tags=tags,
         code_version=LOADER_VERSION,
+        deps=[dg.AssetKey(["source_file", spec.id])],
+        retry_policy=TRANSIENT_RETRY,
+        freshness_policy=source_freshness_policy(),
         description=f"{spec.path} ({spec.role}{', ' + spec.suite + ' suite' if spec.suite else ''}): "
         f"{spec.rows} rows, {spec.license}. Upstream: {spec.upstream_repo}@{spec.upstream_commit[:10]}.",
         metadata={"source_path": spec.path, "license": spec.license, "sha256": spec.sha256},
@@ -47,7 +51,8 @@ def build_raw_source_asset(spec: SourceSpec) -> dg.AssetsDefinition:
         if data_bundle.download_missing and not spec.local_path(root).exists():
             context.log.info(f"downloading {spec.path} from {spec.upstream_url}")
             fetch_source(spec, root)
-        result = ingest_source(spec, store, context.run.run_id, root=root, on_error=config.on_error)
+        with final_on_bad_data():
+            result = ingest_source(spec, store, context.run.run_id, root=root, on_error=config.on_error)
         histogram = image(store, f"reports/raw/{spec.id}/{result.version}/lengths.png",
                           histogram_png(result.text_lengths, f"{spec.id}: text length", "characters"))
         loaded = result.dataset.rows + len(result.quarantined)

@@ -155,6 +155,9 @@ def test_postgres_instance_records_raw_source_materializations(
     for storage in (instance.run_storage, instance.event_log_storage, instance.schedule_storage):
         assert "Postgres" in type(storage).__name__, type(storage)
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+    concurrency = instance.get_concurrency_config()  # GPU runs one at a time, GPU steps one per pool slot
+    assert concurrency.run_queue_config.tag_concurrency_limits == [{"key": "tulu/compute", "value": "gpu", "limit": 1}]
+    assert concurrency.pool_config.default_pool_limit == 1
 
     keys = [dg.AssetKey(["raw", source_id]) for source_id in SOURCE_IDS]
     result = dg.materialize(
