@@ -3,11 +3,37 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from resources.compute import ComputeLauncher, K8sLauncher, LocalLauncher
+import yaml
+
+from resources.compute import ComputeLauncher, K8sLauncher, LocalLauncher, StageProfile
 from resources.storage import DataBundle, TuluStorage
 
 DEPLOYMENTS = ("local", "k8s")
+K8S_LAUNCHER_ENV = "TULU_K8S_LAUNCHER"
+
+
+def k8s_launcher_from_env() -> K8sLauncher:
+    """The Kubernetes launcher configured by the environment (the Helm values set it).
+
+    ``TULU_K8S_LAUNCHER`` holds the launcher's fields as a YAML/JSON mapping (GPU counts, node selector,
+    stage profiles, deadlines...); ``TULU_TRAINER_IMAGE`` and ``TULU_K8S_NAMESPACE`` set the image and
+    namespace when the mapping does not.
+    """
+    raw = os.environ.get(K8S_LAUNCHER_ENV, "").strip()
+    fields: dict[str, Any] = {}
+    if raw:
+        loaded = yaml.safe_load(raw)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{K8S_LAUNCHER_ENV} must be a YAML mapping of K8sLauncher fields, got {raw[:80]!r}")
+        fields = loaded
+    fields.setdefault("image", os.environ.get("TULU_TRAINER_IMAGE", "tulu-pipeline/trainer:0.1.0"))
+    fields.setdefault("namespace", os.environ.get("TULU_K8S_NAMESPACE", "tulu"))
+    try:
+        return K8sLauncher(**fields)
+    except Exception as error:
+        raise ValueError(f"{K8S_LAUNCHER_ENV} does not describe a valid K8sLauncher: {error}") from error
 
 
 def resources_for(deployment: str) -> dict[str, object]:
@@ -16,12 +42,9 @@ def resources_for(deployment: str) -> dict[str, object]:
         raise ValueError(f"TULU_DEPLOYMENT must be one of {DEPLOYMENTS}, got {deployment!r}")
     # Both deployments read their locations from the environment: locally the defaults point into the
     # checkout, on Kubernetes the Helm values set TULU_HOME to an object-store URL.
-    if deployment == "k8s":
-        launcher: ComputeLauncher = K8sLauncher(image=os.environ.get("TULU_TRAINER_IMAGE", "tulu-pipeline/trainer:0.1.0"),
-                                                namespace=os.environ.get("TULU_K8S_NAMESPACE", "tulu"))
-    else:
-        launcher = LocalLauncher()
+    launcher: ComputeLauncher = k8s_launcher_from_env() if deployment == "k8s" else LocalLauncher()
     return {"storage": TuluStorage(), "data_bundle": DataBundle(), "launcher": launcher}
 
 
-__all__ = ["ComputeLauncher", "DataBundle", "K8sLauncher", "LocalLauncher", "TuluStorage", "resources_for", "DEPLOYMENTS"]
+__all__ = ["ComputeLauncher", "DataBundle", "K8sLauncher", "LocalLauncher", "StageProfile", "TuluStorage",
+           "resources_for", "k8s_launcher_from_env", "DEPLOYMENTS", "K8S_LAUNCHER_ENV"]

@@ -1,22 +1,46 @@
 """The compute launcher: training, generation and evaluation entrypoints run in their own process
-through dagster-pipes, as local subprocesses or as Kubernetes GPU pods, with the same entrypoint."""
+through dagster-pipes, as local subprocesses or as Kubernetes GPU Jobs, with the same entrypoint.
+
+Assets call ``launcher.run(context, module, extras)`` (optionally ``gpus=``, ``nproc_per_node=``,
+``nodes=``, ``kind="train"|"generate"|"eval"``) and never ask where they run: the deployment's
+resource set (`resources.resources_for`) decides.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field
 
+from resources.k8s_spec import (
+    DEFAULT_HOME_MOUNT,
+    GPU_RESOURCE,
+    GpuPodSpec,
+    Toleration,
+    entrypoint_command,
+    headless_service,
+    job_manifest,
+    job_name,
+    pod_spec,
+)
 from tulu_pipeline.settings import repo_root
+
+StageKind = Literal["train", "generate", "eval"]
 
 
 class ComputeLauncher(dg.ConfigurableResource):
-    """Runs ``python -m <module>`` with dagster-pipes and returns the completed invocation."""
+    """Runs ``python -m <module>`` with dagster-pipes and returns the completed invocation.
 
-    def run(self, context: dg.AssetExecutionContext, module: str, extras: dict[str, Any]) -> dg.PipesClientCompletedInvocation:
+    ``gpus`` (per node), ``nproc_per_node`` (workers per node; ``torchrun`` when above one),
+    ``nodes`` and ``kind`` (the stage's pod profile) are hints: each launcher honours what it can.
+    """
+
+    def run(self, context: dg.AssetExecutionContext, module: str, extras: dict[str, Any], *,
+            gpus: int | None = None, nproc_per_node: int | None = None, nodes: int | None = None,
+            kind: StageKind | None = None) -> dg.PipesClientCompletedInvocation:
         raise NotImplementedError  # abstract: LocalLauncher and K8sLauncher implement it
 
 
@@ -26,54 +50,167 @@ class LocalLauncher(ComputeLauncher):
     python: str = Field(default_factory=lambda: sys.executable, description="interpreter for the entrypoint")
     extra_env: dict[str, str] = Field(default_factory=dict, description="extra environment for the child process")
 
-    def run(self, context, module, extras):
+    def command(self, module: str, nproc_per_node: int | None = None, nodes: int | None = None) -> list[str]:
+        """``python -m module``, or a standalone ``torchrun`` for several local workers."""
+        if nodes and nodes > 1:
+            raise ValueError(f"{module}: {nodes} nodes need the Kubernetes launcher (TULU_DEPLOYMENT=k8s)")
+        if nproc_per_node and nproc_per_node > 1:
+            return [self.python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", "--standalone",
+                    "-m", module]
+        return [self.python, "-m", module]
+
+    def run(self, context, module, extras, *, gpus=None, nproc_per_node=None, nodes=None, kind=None):
+        # GPUs are whatever this machine has; only an explicit worker count changes the command.
         client = dg.PipesSubprocessClient(cwd=str(repo_root()), forward_termination=True)
-        return client.run(command=[self.python, "-m", module], context=context, extras=extras,
+        return client.run(command=self.command(module, nproc_per_node, nodes), context=context, extras=extras,
                           env={**os.environ, **self.extra_env})
 
 
+class TolerationConfig(dg.Config):
+    """A pod toleration."""
+
+    key: str
+    operator: str = "Exists"
+    value: str | None = None
+    effect: str | None = "NoSchedule"
+
+
+class StageProfile(dg.Config):
+    """Per-stage overrides of the launcher's pod settings; unset fields inherit the launcher's."""
+
+    image: str | None = Field(default=None, description="e.g. a vLLM-ready image for generation")
+    gpus: int | None = Field(default=None, ge=0)
+    nodes: int | None = Field(default=None, ge=1)
+    nproc_per_node: int | None = Field(default=None, ge=1)
+    cpu: str | None = None
+    memory: str | None = None
+    cpu_limit: str | None = None
+    memory_limit: str | None = None
+    shm_size: str | None = None
+    node_selector: dict[str, str] | None = None
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    backoff_limit: int | None = Field(default=None, ge=0)
+
+
 class K8sLauncher(ComputeLauncher):
-    """A pod per run (PipesK8sClient) built from the typed GPU pod settings below."""
+    """A Kubernetes Job per stage, built from the typed GPU pod settings below, followed through Pipes
+    with a bounded wait that ends on the pod's failure reason (`resources.k8s_pipes`)."""
 
     image: str = Field(description="trainer image (k8s/Dockerfile.trainer)")
     namespace: str = "tulu"
     service_account: str = "tulu-pipeline"
-    gpus: int = Field(default=1, ge=0)
+    gpus: int = Field(default=1, ge=0, description="GPUs per node")
+    nodes: int = Field(default=1, ge=1, description="pods of an Indexed Job; >1 adds a headless Service")
+    nproc_per_node: int | None = Field(default=None, ge=1, description="torchrun workers per node (default: gpus)")
     cpu: str = "8"
     memory: str = "64Gi"
+    cpu_limit: str | None = Field(default=None, description="default: the request")
+    memory_limit: str | None = Field(default=None, description="default: the request")
     shm_size: str = "16Gi"
     node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[TolerationConfig] = Field(
+        default_factory=lambda: [TolerationConfig(key=GPU_RESOURCE)],
+        description="applied only to pods that request GPUs")
     env_secrets: list[str] = Field(default_factory=lambda: ["tulu-object-store"])
     extra_env: dict[str, str] = Field(default_factory=dict)  # "env" alone reads as an EnvVar to Dagster
+    home_pvc: str | None = Field(default=None, description="ReadWriteMany claim mounted as TULU_HOME")
+    home_mount_path: str = DEFAULT_HOME_MOUNT
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    priority_class_name: str | None = None
+    active_deadline_seconds: int = Field(default=86_400, ge=1)
+    backoff_limit: int = Field(default=0, ge=0, description="Job retries; Dagster's retry policy is the usual place")
+    ttl_seconds_after_finished: int = Field(default=3_600, ge=0)
+    profiles: dict[str, StageProfile] = Field(default_factory=dict, description="per kind: train, generate, eval")
+    poll_interval_s: float = Field(default=5.0, gt=0)
+    start_timeout_s: float = Field(default=900.0, gt=0, description="longest a pod may stay pending")
+    deadline_grace_s: float = Field(default=120.0, ge=0)
+    log_drain_timeout_s: float = Field(default=30.0, ge=0)
+    kubeconfig_file: str | None = None
+    kube_context: str | None = None
 
-    def pod_spec(self) -> dict[str, Any]:
-        """The base pod spec: GPU limits, /dev/shm as memory, secrets as env, a non-root security context."""
-        resources = {"requests": {"cpu": self.cpu, "memory": self.memory}, "limits": {"cpu": self.cpu, "memory": self.memory}}
-        if self.gpus:
-            resources["limits"]["nvidia.com/gpu"] = str(self.gpus)
-            resources["requests"]["nvidia.com/gpu"] = str(self.gpus)
-        spec: dict[str, Any] = {
-            "service_account_name": self.service_account,
-            "restart_policy": "Never",
-            "security_context": {"run_as_non_root": True, "run_as_user": 1000, "fs_group": 1000},
-            "containers": [{
-                "resources": resources,
-                "env_from": [{"secret_ref": {"name": name}} for name in self.env_secrets],
-                "volume_mounts": [{"name": "dshm", "mount_path": "/dev/shm"}],
-                "security_context": {"allow_privilege_escalation": False, "capabilities": {"drop": ["ALL"]}},
-            }],
-            "volumes": [{"name": "dshm", "empty_dir": {"medium": "Memory", "size_limit": self.shm_size}}],
-        }
-        if self.node_selector:
-            spec["node_selector"] = dict(self.node_selector)
-        if self.gpus:
-            spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-        return spec
+    def gpu_spec(self, kind: str | None = None, *, gpus: int | None = None, nproc_per_node: int | None = None,
+                 nodes: int | None = None) -> GpuPodSpec:
+        """The resolved spec of a stage: call arguments over the ``kind`` profile over the launcher's fields."""
+        if kind is not None and kind not in ("train", "generate", "eval"):
+            raise ValueError(f"kind must be train, generate or eval, got {kind!r}")
+        unknown = set(self.profiles) - {"train", "generate", "eval"}
+        if unknown:
+            raise ValueError(f"K8sLauncher.profiles has unknown stage kinds {sorted(unknown)}")
+        profile = self.profiles.get(kind or "train") or StageProfile()
 
-    def run(self, context, module, extras):
-        from dagster_k8s import PipesK8sClient
+        def pick(call: Any, name: str, default: Any) -> Any:
+            for value in (call, getattr(profile, name)):
+                if value is not None:
+                    return value
+            return default
 
-        return PipesK8sClient().run(
-            context=context, image=self.image, command=["python", "-m", module], namespace=self.namespace,
-            env={"TULU_DEPLOYMENT": "k8s", **self.extra_env}, base_pod_spec=self.pod_spec(), extras=extras,
+        n_gpus = pick(gpus, "gpus", self.gpus)
+        return GpuPodSpec(
+            image=pick(None, "image", self.image),
+            gpus=n_gpus,
+            nodes=pick(nodes, "nodes", self.nodes),
+            nproc_per_node=pick(nproc_per_node, "nproc_per_node", self.nproc_per_node),
+            cpu_request=pick(None, "cpu", self.cpu),
+            cpu_limit=pick(None, "cpu_limit", self.cpu_limit),
+            memory_request=pick(None, "memory", self.memory),
+            memory_limit=pick(None, "memory_limit", self.memory_limit),
+            shm_size=pick(None, "shm_size", self.shm_size),
+            node_selector=dict(pick(None, "node_selector", self.node_selector)),
+            tolerations=tuple(Toleration(t.key, t.operator, t.value, t.effect) for t in self.tolerations)
+            if n_gpus else (),
+            service_account=self.service_account,
+            env_secrets=tuple(self.env_secrets),
+            home_pvc=self.home_pvc,
+            home_mount_path=self.home_mount_path,
+            active_deadline_seconds=pick(None, "active_deadline_seconds", self.active_deadline_seconds),
+            backoff_limit=pick(None, "backoff_limit", self.backoff_limit),
+            ttl_seconds_after_finished=self.ttl_seconds_after_finished,
+            image_pull_secrets=tuple(self.image_pull_secrets),
+            priority_class_name=self.priority_class_name,
         )
+
+    def pod_env(self) -> dict[str, str]:
+        """Plain env for every pod: the deployment, TULU_HOME as the code server sees it, extra_env."""
+        env = {"TULU_DEPLOYMENT": "k8s"}
+        if os.environ.get("TULU_HOME"):
+            env["TULU_HOME"] = os.environ["TULU_HOME"]
+        return {**env, **self.extra_env}
+
+    def pod_spec(self, kind: str | None = None, module: str = "tulu_pipeline.training.sft_job") -> dict[str, Any]:
+        """The PodSpec (camelCase) a single-node stage of ``kind`` runs with, without the Pipes env."""
+        spec = self.gpu_spec(kind, nodes=1)
+        return pod_spec(spec, entrypoint_command(module, spec), self.pod_env(), namespace=self.namespace)
+
+    def manifests(self, name: str, kind: str, spec: GpuPodSpec, module: str, env: dict[str, str],
+                  labels: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The Job (and, for several nodes, its headless Service) of one stage run."""
+        job = job_manifest(name, self.namespace, kind, spec, entrypoint_command(module, spec),
+                           {**self.pod_env(), **env}, labels)
+        service = headless_service(name, self.namespace, kind, spec) if spec.nodes > 1 else None
+        return job, service
+
+    def api_clients(self) -> tuple[Any, Any]:
+        """(BatchV1Api, CoreV1Api): in-cluster config inside a pod, else the kubeconfig."""
+        import kubernetes
+
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not self.kubeconfig_file:
+            kubernetes.config.load_incluster_config()
+        else:
+            kubernetes.config.load_kube_config(config_file=self.kubeconfig_file, context=self.kube_context)
+        return kubernetes.client.BatchV1Api(), kubernetes.client.CoreV1Api()
+
+    def run(self, context, module, extras, *, gpus=None, nproc_per_node=None, nodes=None, kind=None):
+        from resources.k8s_pipes import PipesK8sJobClient
+
+        stage = kind or "train"
+        spec = self.gpu_spec(stage, gpus=gpus, nproc_per_node=nproc_per_node, nodes=nodes)
+        run_id = context.run.run_id
+        op_context = getattr(context, "op_execution_context", context)
+        name = job_name(stage, run_id, op_context.op.name)
+        labels = {"dagster/run-id": run_id}
+        batch_api, core_api = self.api_clients()
+        client = PipesK8sJobClient(batch_api, core_api, poll_interval_s=self.poll_interval_s,
+                                   start_timeout_s=self.start_timeout_s, deadline_grace_s=self.deadline_grace_s,
+                                   log_drain_timeout_s=self.log_drain_timeout_s)
+        return client.run(context=context, extras=extras, namespace=self.namespace,
+                          build=lambda pipes_env: self.manifests(name, stage, spec, module, dict(pipes_env), labels))

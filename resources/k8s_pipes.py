@@ -293,7 +293,7 @@ class _JobWatch:
 
     # -- outcome ----------------------------------------------------------------------------------
     def fail(self, reason: str, message: str, pod: str | None = None) -> dg.Failure:
-        tail = list(self.follower.tail) if self.follower else []
+        tail = self._log_tail(pod)
         events = self._events(pod) if pod else []
         description = f"Kubernetes Job {self.namespace}/{self.name} failed: {reason}: {message}"
         if events:
@@ -307,6 +307,23 @@ class _JobWatch:
             metadata["log_tail"] = dg.MetadataValue.text("\n".join(tail))
         self.context.log.error(description)
         return dg.Failure(description=description, metadata=metadata, allow_retries=reason not in IMAGE_ERRORS)
+
+    def _log_tail(self, pod: str | None) -> list[str]:
+        """The failed pod's last log lines: from the follower, or read once if it never streamed."""
+        follower = self.follower
+        if follower is not None and follower.pod == pod:
+            follower.join(min(2.0, self.client.log_drain_timeout_s))  # let the last lines arrive
+            if follower.tail:
+                return list(follower.tail)
+        if pod is None:
+            return list(follower.tail) if follower else []
+        try:
+            raw = self.client.core_api.read_namespaced_pod_log(
+                pod, self.namespace, container=MAIN_CONTAINER, tail_lines=LOG_TAIL_LINES, _preload_content=False)
+            text = raw.data.decode("utf-8", errors="replace")
+        except Exception:  # noqa: BLE001 - the pod may be gone; the reason is still reported
+            return list(follower.tail) if follower else []
+        return [line for line in text.splitlines() if not line.lstrip().startswith('{"__dagster_pipes_version"')]
 
     def _events(self, pod: str) -> list[str]:
         try:
@@ -357,16 +374,16 @@ class _JobWatch:
         failed = _condition(job, "Failed", "FailureTarget")
         if failed is not None:
             problem = next((p for p in (pod_problem(pod) for pod in pods) if p), None)
-            problem = problem or next(iter(self.failed.values()), None)
-            message = failed.message or ""
+            problem = problem or next(iter(self.failed.values()), None) or self._vanished(current)
+            reason, message = failed.reason or "JobFailed", failed.message or ""
             if problem:
-                message = f"{message} (pod {problem.pod}: {problem.reason}: {problem.message})".strip()
-            raise self.fail(failed.reason or "JobFailed", message, problem.pod if problem else self._leader_name())
-        for gone in set(self.seen) - set(current) - set(self.failed):
-            last = self.seen[gone]
-            if (last.status and last.status.phase) != "Succeeded":
-                raise self.fail("PodDeleted", f"pod {gone} disappeared while "
-                                f"{(last.status and last.status.phase) or 'Pending'}", gone)
+                message = f"{problem.message} (pod {problem.pod}; Job {reason}: {message})"
+                # Out of retries, the pod's own reason (OOMKilled, Evicted...) is what to act on.
+                reason = problem.reason if reason == "BackoffLimitExceeded" else reason
+            raise self.fail(reason, message, problem.pod if problem else self._leader_name())
+        vanished = self._vanished(current)
+        if vanished is not None:
+            raise self.fail(vanished.reason, vanished.message, vanished.pod)
         self.seen.update(current)
         for pod in pods:
             name = pod.metadata.name
@@ -387,6 +404,14 @@ class _JobWatch:
             self._stop_follower()
         self._follow_leader(pods, now)
         return False
+
+    def _vanished(self, current: dict[str, Any]) -> PodProblem | None:
+        """A pod seen before that is gone without having succeeded or failed: someone deleted it."""
+        for gone in sorted(set(self.seen) - set(current) - set(self.failed)):
+            phase = (self.seen[gone].status and self.seen[gone].status.phase) or "Pending"
+            if phase != "Succeeded":
+                return PodProblem("PodDeleted", f"pod {gone} disappeared while {phase}", gone, fatal=True)
+        return None
 
     def _leader_name(self) -> str | None:
         return self.follower.pod if self.follower else next(iter(self.seen), None)

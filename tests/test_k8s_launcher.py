@@ -1,0 +1,553 @@
+"""End to end through the Kubernetes launcher against a fake Kubernetes API (no cluster).
+
+`FakeCluster` implements the slice of ``BatchV1Api``/``CoreV1Api`` that the launcher calls and
+answers with real ``kubernetes.client`` models (deserialized from API JSON, as the real client does).
+Its Job controller "runs" a pod by starting the container's command as a local subprocess with
+*only* the pod's env (plain values, ``envFrom`` Secrets, the downward-API completion index), so a
+passing materialization proves the Job manifest carries everything the entrypoint needs. The pod's
+stdout and stderr become its log, streamed with kubelet-style timestamps. Failure modes are
+injected as the kubelet and the controllers would report them.
+"""
+
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import dagster as dg
+import kubernetes
+import pytest
+
+from resources import K8sLauncher, LocalLauncher
+from resources.k8s_spec import COMPLETION_INDEX_ANNOTATION
+from tulu_pipeline.settings import repo_root
+
+API = kubernetes.client.ApiClient()
+
+PIPES_MODULE = '''
+import os, sys, time
+from dagster_pipes import open_dagster_pipes
+with open_dagster_pipes() as pipes:
+    pipes.log.info("hello from the pod")
+    print("plain stdout line from the pod", flush=True)
+    marker = pipes.extras.get("hold_first_attempt")
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        print("working", flush=True)
+        time.sleep(60)
+    if pipes.extras.get("hold"):
+        print("working", flush=True)
+        time.sleep(float(pipes.extras["hold"]))
+    if pipes.extras.get("exit_code"):
+        print("about to fail", flush=True)
+        sys.exit(int(pipes.extras["exit_code"]))
+    pipes.report_asset_materialization(metadata={
+        "seen": pipes.extras["value"] * 2,
+        "deployment": os.environ.get("TULU_DEPLOYMENT"),
+        "secret_key_id": os.environ.get("AWS_ACCESS_KEY_ID"),
+    })
+'''
+
+
+def model(body: dict[str, Any], kind: str) -> Any:
+    """A kubernetes-client model from API JSON, exactly as the real client deserializes responses."""
+    return API.deserialize(SimpleNamespace(data=json.dumps(body)), kind)
+
+
+def api_error(status: int, reason: str) -> kubernetes.client.ApiException:
+    return kubernetes.client.ApiException(status=status, reason=reason)
+
+
+def rfc3339nano() -> str:
+    # The kubelet trims trailing zeros of the fraction; the launcher must still order them.
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f").rstrip("0").rstrip(".")
+    return stamp + "Z"
+
+
+class FakePod:
+    def __init__(self, name: str, job: str, index: int, template: dict[str, Any]):
+        self.name, self.job, self.index, self.template = name, job, index, template
+        self.created = datetime.now(UTC).isoformat()
+        self.phase = "Pending"
+        self.status_reason: str | None = None
+        self.status_message: str | None = None
+        self.container_state: dict[str, Any] = {"waiting": {"reason": "ContainerCreating"}}
+        self.conditions: list[dict[str, Any]] = []
+        self.deleting = False
+        self.process: subprocess.Popen | None = None
+        self.log: list[bytes] = []
+        self.log_done = threading.Event()
+        self.ticks = 0
+        self.counted = False  # the Job controller counts each failed pod once
+
+    def body(self) -> dict[str, Any]:
+        container = self.template["spec"]["containers"][0]
+        metadata = {"name": self.name, "namespace": "tulu", "creationTimestamp": self.created,
+                    "labels": dict(self.template["metadata"]["labels"]),
+                    "annotations": {COMPLETION_INDEX_ANNOTATION: str(self.index)}}
+        if self.deleting:
+            metadata["deletionTimestamp"] = datetime.now(UTC).isoformat()
+        return {"metadata": metadata, "spec": self.template["spec"],
+                "status": {"phase": self.phase, "reason": self.status_reason, "message": self.status_message,
+                           "conditions": self.conditions,
+                           "containerStatuses": [{"name": container["name"], "image": container["image"],
+                                                  "imageID": "", "ready": self.phase == "Running",
+                                                  "restartCount": 0, "state": self.container_state}]}}
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+class FakeCluster:
+    """Jobs, pods, logs, events and Services in one namespace, driven forward by each poll."""
+
+    def __init__(self, secrets: dict[str, dict[str, str]] | None = None):
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.job_status: dict[str, dict[str, Any]] = {}
+        self.pods: dict[str, FakePod] = {}
+        self.services: dict[str, dict[str, Any]] = {}
+        self.events: dict[str, list[dict[str, str]]] = {}
+        self.secrets = secrets if secrets is not None else {"tulu-object-store": {"AWS_ACCESS_KEY_ID": "fake-key"}}
+        self.created_jobs: list[dict[str, Any]] = []
+        self.pod_names: list[str] = []  # every pod ever created
+        self.deleted: list[tuple[str, str, str | None]] = []
+        self.inject: Any = None  # callable(cluster, pod) run on every tick of a running pod
+        self.no_start: dict[str, Any] | None = None  # a pod that never runs: (waiting state, conditions)
+        self.lock = threading.RLock()
+        self.batch = SimpleNamespace(create_namespaced_job=self.create_job, read_namespaced_job=self.read_job,
+                                     delete_namespaced_job=self.delete_job)
+        self.core = SimpleNamespace(list_namespaced_pod=self.list_pods, read_namespaced_pod_log=self.read_log,
+                                    list_namespaced_event=self.list_events,
+                                    create_namespaced_service=self.create_service,
+                                    delete_namespaced_service=self.delete_service)
+
+    # -- BatchV1Api ---------------------------------------------------------------------------------
+    def create_job(self, namespace: str, body: dict[str, Any]) -> Any:
+        name = body["metadata"]["name"]
+        with self.lock:
+            self.created_jobs.append(json.loads(json.dumps(body)))
+            self.jobs[name] = body
+            self.job_status[name] = {"active": 0, "failed": 0, "succeeded": 0, "conditions": []}
+            for index in range(int(body["spec"].get("completions") or 1)):
+                self._new_pod(name, index)
+        return model(body, "V1Job")
+
+    def read_job(self, name: str, namespace: str) -> Any:
+        with self.lock:
+            if name not in self.jobs:
+                raise api_error(404, "Not Found")
+            self._tick(name)
+            if name not in self.jobs:  # deleted by an injected event during this tick
+                raise api_error(404, "Not Found")
+            return model({**self.jobs[name], "status": self.job_status[name]}, "V1Job")
+
+    def delete_job(self, name: str, namespace: str, propagation_policy: str | None = None) -> None:
+        with self.lock:
+            self.deleted.append(("job", name, propagation_policy))
+            if self.jobs.pop(name, None) is None:
+                raise api_error(404, "Not Found")
+            for pod in [p for p in self.pods.values() if p.job == name]:
+                self.remove_pod(pod.name)
+
+    # -- CoreV1Api ----------------------------------------------------------------------------------
+    def list_pods(self, namespace: str, label_selector: str = "", field_selector: str = "") -> Any:
+        key, _, value = label_selector.partition("=")
+        with self.lock:
+            items = [p.body() for p in self.pods.values() if p.template["metadata"]["labels"].get(key) == value]
+        return model({"items": items}, "V1PodList")
+
+    def read_log(self, name: str, namespace: str, container: str | None = None, follow: bool = False,
+                 timestamps: bool = False, since_seconds: int | None = None, tail_lines: int | None = None,
+                 _preload_content: bool = True) -> Any:
+        with self.lock:
+            pod = self.pods.get(name)
+            if pod is None:
+                raise api_error(404, "Not Found")
+            if container != pod.template["spec"]["containers"][0]["name"]:
+                raise api_error(400, f"container {container} is not valid for pod {name}")
+            if pod.process is None:
+                raise api_error(400, f'container "{container}" in pod "{name}" is waiting to start')
+        if not follow:  # a one-off read: the response's .data holds the (last) lines
+            lines = [line.partition(b" ")[2] if not timestamps else line for line in pod.log]
+            return SimpleNamespace(data=b"".join(lines[-tail_lines:] if tail_lines else lines))
+        return FakeLogStream(pod)
+
+    def list_events(self, namespace: str, field_selector: str = "") -> Any:
+        name = field_selector.partition("=")[2]
+        items = [{"metadata": {"name": f"{name}.{i}"}, "involvedObject": {"name": name}, **e}
+                 for i, e in enumerate(self.events.get(name, []))]
+        return model({"items": items}, "CoreV1EventList")
+
+    def create_service(self, namespace: str, body: dict[str, Any]) -> None:
+        self.services[body["metadata"]["name"]] = body
+
+    def delete_service(self, name: str, namespace: str) -> None:
+        self.deleted.append(("service", name, None))
+        if self.services.pop(name, None) is None:
+            raise api_error(404, "Not Found")
+
+    # -- what a person or the kubelet does ----------------------------------------------------------
+    def remove_pod(self, name: str) -> None:
+        """``kubectl delete pod``: the container is killed, its log stream ends, the pod disappears."""
+        with self.lock:
+            pod = self.pods.pop(name, None)
+        if pod:
+            pod.kill()
+            pod.log_done.set()
+
+    def fail_pod(self, pod: FakePod, *, reason: str, exit_code: int, phase_reason: str | None = None,
+                 message: str | None = None) -> None:
+        pod.kill()
+        pod.phase = "Failed"
+        pod.status_reason, pod.status_message = phase_reason, message
+        pod.container_state = {"terminated": {"exitCode": exit_code, "reason": reason}}
+
+    # -- the Job controller and kubelet ---------------------------------------------------------------
+    def _new_pod(self, job: str, index: int) -> FakePod:
+        template = self.jobs[job]["spec"]["template"]
+        pod = FakePod(f"{job}-{index}-{len(self.pod_names):05d}", job, index, template)
+        self.pods[pod.name] = pod
+        self.pod_names.append(pod.name)
+        return pod
+
+    def _tick(self, job: str) -> None:
+        status = self.job_status[job]
+        spec = self.jobs[job]["spec"]
+        if status["conditions"]:
+            return
+        pods = [p for p in self.pods.values() if p.job == job]
+        for pod in pods:
+            pod.ticks += 1
+            if pod.phase == "Pending" and self.no_start is not None:
+                pod.container_state = {"waiting": self.no_start["waiting"]}
+                pod.conditions = self.no_start.get("conditions", [])
+            elif pod.phase == "Pending" and pod.ticks >= 2:
+                self._start(pod)
+            elif pod.phase == "Running":
+                if self.inject is not None:
+                    self.inject(self, pod)
+                if pod.name not in self.pods or status["conditions"]:
+                    continue  # deleted, or the Job was failed by the injected event
+                code = pod.process.poll() if pod.process else None
+                if pod.phase == "Running" and code is not None:
+                    pod.phase = "Succeeded" if code == 0 else "Failed"
+                    pod.container_state = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0
+                                                          else "Error"}}
+        for pod in [p for p in pods if p.phase == "Failed" and not p.counted]:
+            pod.counted = True
+            status["failed"] += 1
+            if status["failed"] > int(spec.get("backoffLimit", 6)):
+                status["conditions"] = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                         "message": "Job has reached the specified backoff limit"}]
+                return
+            self._new_pod(job, pod.index)  # a replacement for the failed index
+        done = {p.index for p in pods if p.phase == "Succeeded"}
+        if len(done) == int(spec.get("completions") or 1):
+            status["succeeded"] = len(pods)
+            status["conditions"] = [{"type": "Complete", "status": "True"}]
+
+    def _start(self, pod: FakePod) -> None:
+        container = pod.template["spec"]["containers"][0]
+        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "OMP_NUM_THREADS": "1"}
+        for source in container.get("envFrom", []):
+            secret = self.secrets.get(source["secretRef"]["name"])
+            if secret is None:
+                pod.container_state = {"waiting": {"reason": "CreateContainerConfigError",
+                                                   "message": f'secret "{source["secretRef"]["name"]}" not found'}}
+                return
+            env.update(secret)
+        for entry in container.get("env", []):
+            if "value" in entry:
+                env[entry["name"]] = entry["value"]
+            elif entry.get("valueFrom", {}).get("fieldRef"):
+                env[entry["name"]] = str(pod.index)  # the completion index annotation
+        command = [sys.executable if part == "python" else part for part in container["command"]]
+        pod.process = subprocess.Popen(command, env=env, cwd=str(repo_root()), stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT)
+        pod.phase = "Running"
+        pod.container_state = {"running": {"startedAt": datetime.now(UTC).isoformat()}}
+        threading.Thread(target=self._collect, args=(pod,), daemon=True).start()
+
+    @staticmethod
+    def _collect(pod: FakePod) -> None:
+        assert pod.process is not None and pod.process.stdout is not None
+        for line in pod.process.stdout:
+            pod.log.append(f"{rfc3339nano()} ".encode() + line)
+        pod.log_done.set()
+
+
+class FakeLogStream:
+    """``read_namespaced_pod_log(follow=True, _preload_content=False)``: chunks until the container ends."""
+
+    def __init__(self, pod: FakePod):
+        self.pod, self.closed = pod, False
+
+    def __iter__(self):
+        sent = 0
+        while not self.closed:
+            while sent < len(self.pod.log):
+                # Split lines across chunks, as HTTP chunking does.
+                line = self.pod.log[sent]
+                yield line[: len(line) // 2]
+                yield line[len(line) // 2:]
+                sent += 1
+            if self.pod.log_done.is_set() and sent >= len(self.pod.log):
+                return
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.closed = True
+
+    release_conn = close
+
+
+# -- fixtures ----------------------------------------------------------------------------------------
+@pytest.fixture
+def cluster(monkeypatch) -> FakeCluster:
+    fake = FakeCluster()
+    monkeypatch.setattr(K8sLauncher, "api_clients", lambda self: (fake.batch, fake.core))
+    yield fake
+    for pod in list(fake.pods.values()):
+        pod.kill()
+
+
+@pytest.fixture
+def pipes_module(tmp_path: Path) -> Path:
+    (tmp_path / "fake_pod_job.py").write_text(PIPES_MODULE)
+    return tmp_path
+
+
+def launcher(pipes_dir: Path, **fields: Any) -> K8sLauncher:
+    settings = dict(image="registry.example/tulu/trainer:1", gpus=1, poll_interval_s=0.05, start_timeout_s=5.0,
+                    log_drain_timeout_s=10.0, extra_env={"PYTHONPATH": str(pipes_dir)})
+    return K8sLauncher(**{**settings, **fields})
+
+
+def materialize(resource: K8sLauncher | LocalLauncher, extras: dict[str, Any], **run_kwargs: Any):
+    @dg.asset
+    def trained(context: dg.AssetExecutionContext, launcher: K8sLauncher) -> dg.MaterializeResult:
+        return launcher.run(context, "fake_pod_job", extras=extras, **run_kwargs).get_materialize_result()
+
+    return dg.materialize([trained], resources={"launcher": resource}, raise_on_error=False)
+
+
+def failure_of(result) -> tuple[str, dict[str, Any]]:
+    assert not result.success
+    (event,) = result.get_step_failure_events()
+    data = event.step_failure_data.user_failure_data
+    assert data is not None, event.step_failure_data.error
+    return data.description, {k: v.value for k, v in data.metadata.items()}
+
+
+def run_failing(cluster: FakeCluster, pipes_dir: Path, extras: dict[str, Any], **fields: Any):
+    started = time.monotonic()
+    result = materialize(launcher(pipes_dir, **fields), extras)
+    description, metadata = failure_of(result)
+    # Bounded: each failure ends the step in a few polls (the held pod would sleep 60 s).
+    assert time.monotonic() - started < 30
+    assert cluster.jobs == {}, "the Job must be deleted when the step ends"
+    return description, metadata
+
+
+# -- success --------------------------------------------------------------------------------------------
+def test_asset_materializes_through_a_kubernetes_job(cluster: FakeCluster, pipes_module: Path, capsys) -> None:
+    result = materialize(launcher(pipes_module), {"value": 21}, kind="train")
+    assert result.success
+    metadata = result.asset_materializations_for_node("trained")[0].metadata
+    # Reported by the "pod" through Pipes messages in its log: it saw the extras, the deployment and the
+    # object-store Secret that envFrom injected.
+    assert metadata["seen"].value == 42
+    assert metadata["deployment"].value == "k8s"
+    assert metadata["secret_key_id"].value == "fake-key"
+    assert "plain stdout line from the pod" in capsys.readouterr().out  # non-Pipes lines are forwarded
+
+    (job,) = cluster.created_jobs
+    assert job["kind"] == "Job" and job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["ttlSecondsAfterFinished"] == 3600 and job["spec"]["activeDeadlineSeconds"] == 86400
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "registry.example/tulu/trainer:1"
+    assert container["command"] == ["python", "-m", "fake_pod_job"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert {"DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES", "TULU_DEPLOYMENT"} <= set(env)
+    assert job["metadata"]["name"].startswith("tulu-train-")
+    assert cluster.deleted == [("job", job["metadata"]["name"], "Background")]
+
+
+def test_job_retry_after_a_failed_pod_still_succeeds(cluster: FakeCluster, pipes_module: Path) -> None:
+    """With backoffLimit 1 the first pod's OOM kill is a warning and the replacement pod's result counts."""
+    def oom_first_pod(cluster: FakeCluster, pod: FakePod) -> None:
+        if pod.name.endswith("-00000") and any(b"working" in line for line in pod.log):
+            cluster.fail_pod(pod, reason="OOMKilled", exit_code=137)
+
+    cluster.inject = oom_first_pod
+    marker = pipes_module / "first-attempt"
+    result = materialize(launcher(pipes_module, backoff_limit=1), {"value": 5, "hold_first_attempt": str(marker)})
+    assert result.success
+    assert result.asset_materializations_for_node("trained")[0].metadata["seen"].value == 10
+    assert len(cluster.created_jobs) == 1 and len(cluster.pod_names) == 2
+    assert list(cluster.job_status.values())[0]["failed"] == 1
+
+
+# -- failures: each ends the asset with the pod's reason, within a bounded time ---------------------------
+def test_pod_deleted_while_running_fails_instead_of_hanging(cluster: FakeCluster, pipes_module: Path) -> None:
+    """dagster-io/dagster#22453: PipesK8sClient waits a day for a deleted pod; this launcher stops."""
+    def delete_once_working(cluster: FakeCluster, pod: FakePod) -> None:
+        if any(b"working" in line for line in pod.log):
+            cluster.inject = None
+            cluster.remove_pod(pod.name)
+            cluster._new_pod(pod.job, pod.index)  # the Job controller replaces it: still not a success
+
+    cluster.inject = delete_once_working
+    description, metadata = run_failing(cluster, pipes_module, {"value": 1, "hold": 60})
+    assert metadata["reason"] == "PodDeleted"
+    assert "disappeared while Running" in description
+    assert "working" in metadata["log_tail"]  # the logs streamed before the deletion are kept
+
+
+def test_pod_marked_for_deletion_fails(cluster: FakeCluster, pipes_module: Path) -> None:
+    def mark(cluster: FakeCluster, pod: FakePod) -> None:
+        if any(b"working" in line for line in pod.log):
+            pod.deleting = True
+
+    cluster.inject = mark
+    _, metadata = run_failing(cluster, pipes_module, {"value": 1, "hold": 60})
+    assert metadata["reason"] == "PodDeleted"
+
+
+def test_oom_killed_pod_fails_with_the_reason(cluster: FakeCluster, pipes_module: Path) -> None:
+    def oom(cluster: FakeCluster, pod: FakePod) -> None:
+        if any(b"working" in line for line in pod.log):
+            cluster.fail_pod(pod, reason="OOMKilled", exit_code=137)
+
+    cluster.inject = oom
+    description, metadata = run_failing(cluster, pipes_module, {"value": 1, "hold": 60})
+    assert metadata["reason"] == "OOMKilled"
+    assert "BackoffLimitExceeded" in description and "exited with code 137" in description
+
+
+def test_evicted_pod_fails_with_the_kubelet_message(cluster: FakeCluster, pipes_module: Path) -> None:
+    def evict(cluster: FakeCluster, pod: FakePod) -> None:
+        if any(b"working" in line for line in pod.log):
+            cluster.fail_pod(pod, reason="ContainerStatusUnknown", exit_code=137, phase_reason="Evicted",
+                             message="The node was low on resource: ephemeral-storage.")
+
+    cluster.inject = evict
+    description, metadata = run_failing(cluster, pipes_module, {"value": 1, "hold": 60})
+    assert metadata["reason"] == "Evicted"
+    assert "Evicted" in description and "low on resource: ephemeral-storage" in description
+
+
+def test_nonzero_exit_fails_with_the_exit_code_and_log_tail(cluster: FakeCluster, pipes_module: Path) -> None:
+    description, metadata = run_failing(cluster, pipes_module, {"value": 1, "exit_code": 3})
+    assert "exited with code 3" in description
+    assert "about to fail" in metadata["log_tail"]
+
+
+def test_image_pull_backoff_fails_at_once(cluster: FakeCluster, pipes_module: Path) -> None:
+    cluster.no_start = {"waiting": {"reason": "ImagePullBackOff",
+                                    "message": 'Back-off pulling image "registry.example/tulu/trainer:1"'}}
+    description, metadata = run_failing(cluster, pipes_module, {"value": 1}, start_timeout_s=60.0)
+    assert metadata["reason"] == "ImagePullBackOff"
+    assert "Back-off pulling image" in description
+
+
+def test_deadline_exceeded_fails_with_the_job_condition(cluster: FakeCluster, pipes_module: Path) -> None:
+    def deadline(cluster: FakeCluster, pod: FakePod) -> None:
+        if any(b"working" in line for line in pod.log):
+            cluster.job_status[pod.job]["conditions"] = [{
+                "type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+                "message": "Job was active longer than specified deadline"}]
+            cluster.remove_pod(pod.name)
+
+    cluster.inject = deadline
+    description, metadata = run_failing(cluster, pipes_module, {"value": 1, "hold": 60})
+    assert metadata["reason"] == "DeadlineExceeded"
+    assert "active longer than specified deadline" in description
+
+
+def test_wall_clock_deadline_bounds_a_job_the_api_never_ends(cluster: FakeCluster, pipes_module: Path) -> None:
+    """Even if the cluster never enforces activeDeadlineSeconds, the step ends after it plus the grace."""
+    description, metadata = run_failing(cluster, pipes_module, {"value": 1, "hold": 60},
+                                        active_deadline_seconds=1, deadline_grace_s=1.0)
+    assert metadata["reason"] == "DeadlineExceeded" and "plus 1s of grace" in description
+
+
+def test_unschedulable_pod_fails_after_the_start_timeout(cluster: FakeCluster, pipes_module: Path) -> None:
+    cluster.no_start = {"waiting": {"reason": "ContainerCreating"}, "conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}
+    description, metadata = run_failing(cluster, pipes_module, {"value": 1}, start_timeout_s=0.5)
+    assert metadata["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in description
+
+
+def test_missing_secret_is_reported_after_the_start_timeout(pipes_module: Path, monkeypatch) -> None:
+    fake = FakeCluster(secrets={})
+    monkeypatch.setattr(K8sLauncher, "api_clients", lambda self: (fake.batch, fake.core))
+    description, metadata = run_failing(fake, pipes_module, {"value": 1}, start_timeout_s=0.5)
+    assert metadata["reason"] == "StartTimeout"
+    assert 'CreateContainerConfigError: secret "tulu-object-store" not found' in description
+
+
+def test_job_deleted_while_running_fails(cluster: FakeCluster, pipes_module: Path) -> None:
+    def delete_job(cluster: FakeCluster, pod: FakePod) -> None:
+        if any(b"working" in line for line in pod.log):
+            cluster.inject = None
+            with cluster.lock:
+                cluster.jobs.pop(pod.job)
+                cluster.remove_pod(pod.name)
+
+    cluster.inject = delete_job
+    _, metadata = run_failing(cluster, pipes_module, {"value": 1, "hold": 60})
+    assert metadata["reason"] == "JobDeleted"
+
+
+# -- multi-node -----------------------------------------------------------------------------------------
+def test_multi_node_job_runs_every_rank_and_reads_the_leader(cluster: FakeCluster, tmp_path: Path) -> None:
+    """Two Indexed pods: each gets its NODE_RANK from the completion index; rank 0 speaks Pipes."""
+    (tmp_path / "fake_pod_job.py").write_text(
+        "import os\n"
+        "from dagster_pipes import open_dagster_pipes\n"
+        "rank = os.environ['NODE_RANK']\n"
+        "with open_dagster_pipes() as pipes:\n"
+        "    if rank == '0':\n"
+        "        pipes.report_asset_materialization(metadata={'rank': rank, 'master': os.environ['MASTER_ADDR']})\n"
+    )
+    # torchrun is not what this test is about: run the module directly on each node.
+    launcher_ = launcher(tmp_path, gpus=0, nodes=2, nproc_per_node=1)
+    original = K8sLauncher.manifests
+
+    def single_process(self, name, kind, spec, module, env, labels=None):
+        job, service = original(self, name, kind, spec, module, env, labels)
+        job["spec"]["template"]["spec"]["containers"][0]["command"] = ["python", "-m", module]
+        return job, service
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(K8sLauncher, "manifests", single_process)
+        result = materialize(launcher_, {"value": 1})
+    assert result.success
+    metadata = result.asset_materializations_for_node("trained")[0].metadata
+    (job,) = cluster.created_jobs
+    name = job["metadata"]["name"]
+    assert metadata["rank"].value == "0" and metadata["master"].value == f"{name}-0.{name}.tulu.svc"
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+    assert ("service", name, None) in cluster.deleted and cluster.services == {}
+
+
+# -- the local launcher takes the same keyword arguments --------------------------------------------------
+def test_local_launcher_accepts_the_same_call(pipes_module: Path) -> None:
+    result = materialize(LocalLauncher(extra_env={"PYTHONPATH": str(pipes_module)}), {"value": 4},
+                         gpus=1, kind="eval")
+    assert result.success
+    assert result.asset_materializations_for_node("trained")[0].metadata["seen"].value == 8
