@@ -7,12 +7,16 @@ stronger answer against the policy's own). Samples are drawn with a fixed seed, 
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from test_sft_support import bundled_rows
+from test_sft_support import bundled_rows, save_tiny_model
 
 
 def pair_schema():
@@ -73,3 +77,26 @@ def make_pairs(model_dir: Path, n_train: int, n_heldout: int, source: str = "gsm
             "split": "train" if i < n_train else "heldout", "extra": None,
         })
     return pairs
+
+
+# A tiny run: 16 train pairs, 4 per step, 2 epochs = 8 optimizer steps. lr 1e-3 because the tiny random model
+# needs large steps (the cpu_demo preset's 1e-5 is for the 135M SFT checkpoint).
+TINY_DPO = {
+    "learning_rate": 1e-3, "num_epochs": 2, "per_device_batch_size": 2, "gradient_accumulation_steps": 2,
+    "max_length": 192, "warmup_ratio": 0.1, "save_steps": 3, "logging_steps": 1, "bf16": False, "seed": 7,
+    "eval_batch_size": 8,
+}
+N_TRAIN, N_HELDOUT = 16, 12
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_setup() -> tuple[Path, tuple[dict[str, Any], ...]]:
+    """A tiny random Llama saved once per test session, and pairs whose rejected answers are its samples."""
+    root = Path(tempfile.mkdtemp(prefix="tulu-test-dpo-"))
+    atexit.register(shutil.rmtree, root, True)
+    model = save_tiny_model(root / "sft_model")
+    return model, tuple(make_pairs(model, N_TRAIN, N_HELDOUT))
+
+
+def split_pairs(pairs) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return [p for p in pairs if p["split"] == "train"], [p for p in pairs if p["split"] == "heldout"]

@@ -576,7 +576,7 @@ def run_dpo(
         data_seed=config.seed,
         bf16=use_bf16,
         fp16=False,
-        gradient_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.gradient_checkpointing,
         use_cpu=device.type == "cpu",
         logging_steps=config.logging_steps,
         save_strategy="steps",
