@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_BOXED_BARE = re.compile(r"\\boxed ([^\s$]+)")
+_BOXED_BARE = re.compile(r"\\boxed ([^\s${}]+)")
 
 
-def all_boxed(text: str) -> list[str]:
-    """Contents of every \\boxed{…}/\\fbox{…} (braces balanced) and '\\boxed x' in order of appearance."""
-    found: list[tuple[int, str]] = []
+def boxed_spans(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, content) of every \\boxed{…}/\\fbox{…} (braces balanced) and '\\boxed x', in order.
+
+    start/end delimit the content itself, so a caller can replace it in place.
+    """
+    found: list[tuple[int, int, str]] = []
     for match in _BOXED.finditer(text):
         depth = 1
         for pos in range(match.end(), len(text)):
@@ -20,13 +23,18 @@ def all_boxed(text: str) -> list[str]:
             elif ch == "}":
                 depth -= 1
                 if depth == 0:
-                    found.append((match.start(), text[match.end():pos].strip()))
+                    found.append((match.end(), pos, text[match.end():pos].strip()))
                     break
-    found.extend((m.start(), m.group(1)) for m in _BOXED_BARE.finditer(text))
-    return [content for _, content in sorted(found)]
+    found.extend((m.start(1), m.end(1), m.group(1)) for m in _BOXED_BARE.finditer(text))
+    return sorted(found)
+
+
+def all_boxed(text: str) -> list[str]:
+    """Contents of every boxed expression, in order of appearance."""
+    return [content for _, _, content in boxed_spans(text)]
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last boxed expression, or None."""
-    boxes = all_boxed(text)
-    return boxes[-1] if boxes else None
+    spans = boxed_spans(text)
+    return spans[-1][2] if spans else None

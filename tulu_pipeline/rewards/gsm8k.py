@@ -26,7 +26,7 @@ _ANSWER_PHRASES = re.compile(
     r"(?:final\s+answer|the\s+answer|answer)\s*(?:is|=|:)\s*(?:[:=]\s*)?", re.IGNORECASE
 )
 _MARKER = "####"
-REL_TOL = 1e-6
+REL_TOL = 1e-9
 ABS_TOL = 1e-6
 
 
@@ -91,6 +91,13 @@ def extract_answer(response: str) -> tuple[float | None, str]:
     return None, "none"
 
 
+def numbers_equal(a: float, b: float) -> bool:
+    """Integers compare exactly (1000001 != 1000000); others within a small tolerance (0.1 + 0.2 == 0.3)."""
+    if float(a).is_integer() and float(b).is_integer():
+        return a == b
+    return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=ABS_TOL)
+
+
 def _format(value: float | None) -> str:
     if value is None:
         return "nothing"
@@ -103,7 +110,7 @@ def verify_gsm8k(response: str, ground_truth: str) -> Verdict:
     if expected is None:
         raise ValueError(f"gsm8k ground truth has no number: {ground_truth[-200:]!r}")
     extracted, method = extract_answer(response)
-    ok = extracted is not None and math.isclose(extracted, expected, rel_tol=REL_TOL, abs_tol=ABS_TOL)
+    ok = extracted is not None and numbers_equal(extracted, expected)
     verb = "matches" if ok else "does not match"
     reason = f"extracted {_format(extracted)} ({method}) {verb} expected {_format(expected)}"
     return Verdict(score=1.0 if ok else 0.0, ok=ok, reason=reason,

@@ -4,9 +4,11 @@
 Each checker reimplements the official `check_following` logic, so the verdicts reproduce the official
 checker's (measured on its published GPT-4 outputs in benchmarks/verify.py). Deliberate differences:
 
-* Sentence counting uses `nupunkt` (a pure-Python Punkt implementation with its own bundled model): NLTK's
-  punkt data cannot be downloaded here. Punkt-style splitting matters (abbreviations, decimals, "e.g.");
-  a naive regex overcounts.
+* Sentence counting uses `nupunkt` (a pure-Python Punkt implementation) instead of NLTK punkt, whose data
+  cannot be downloaded here: nupunkt's sentence-break algorithm with its bundled model's sentence starters and
+  collocations, but a general-English abbreviation list (its own list comes from legal text and treats
+  words like "sun." as abbreviations). Punkt-style splitting keeps "Dr. Smith", "3.5", "e.g. this" and
+  "U.S. economy" in one sentence, where a naive regex splitter breaks them.
 * `change_case:capital_word_frequency` tokenizes words with a small Treebank-like splitter instead of
   `nltk.word_tokenize` (which needs punkt data too): same splits for punctuation and contractions.
 * User strings (keywords, postscript markers, starters) are matched literally (`re.escape`); the official
@@ -60,13 +62,36 @@ def count_words(text: str) -> int:
     return len(re.findall(r"\w+", text))
 
 
-def split_sentences(text: str) -> list[str]:
-    """Punkt sentence split (nupunkt's bundled English model)."""
-    import nupunkt
+# Abbreviations of general English prose. nupunkt's bundled model was trained on legal text and knows
+# ~5,900 "abbreviations", many of them ordinary words ("sun.", "win."), which would swallow sentence
+# breaks; only its dotted ones (e.g., u.s., p.m.) are kept, plus this list.
+GENERAL_ABBREVIATIONS = frozenset({
+    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "inc", "ltd", "co", "corp", "jan", "feb",
+    "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "no", "vol", "fig", "approx", "dept",
+    "est", "gen", "gov", "govt", "sen", "rep", "rev", "capt", "col", "lt", "sgt", "mt", "ft", "ave", "blvd", "rd",
+    "al", "cf", "ca", "pp", "ph.d", "hr", "hrs", "mins", "sec", "oz", "lb", "lbs", "pg", "ed", "eds", "ibid",
+    "univ", "assn", "bros", "mfg", "mgr", "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri", "sat",
+    "e.g", "i.e", "u.s", "u.k", "a.m", "p.m", "u.s.a", "d.c",
+})
 
+
+@functools.lru_cache(maxsize=1)
+def _sentence_tokenizer():
+    import nupunkt
+    from nupunkt import PunktParameters, PunktSentenceTokenizer
+
+    bundled = nupunkt.load_default_model()._params
+    dotted = {a for a in bundled.abbrev_types if re.fullmatch(r"[a-z](?:\.[a-z])+", a)}
+    params = PunktParameters(abbrev_types=dotted | set(GENERAL_ABBREVIATIONS),
+                             collocations=set(bundled.collocations), sent_starters=set(bundled.sent_starters))
+    return PunktSentenceTokenizer(params, include_common_abbrevs=True)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Punkt sentence split (nupunkt's algorithm, general-English abbreviations; see above)."""
     if not text.strip():
         return []
-    return [s for s in nupunkt.sent_tokenize(text) if s.strip()]
+    return [s for s in _sentence_tokenizer().tokenize(text) if s.strip()]
 
 
 def count_sentences(text: str) -> int:
