@@ -112,10 +112,10 @@ def run_kubernetes_validate(path: Path) -> subprocess.CompletedProcess:
     command = [kubernetes_validate_cli(), "--strict"]
     for version in KUBERNETES_VERSIONS:
         command += ["--kubernetes-version", version]
-    return subprocess.run([*command, str(path)], capture_output=True, text=True, timeout=300)
+    return subprocess.run([*command, str(path)], check=False, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("manifest", ["rbac.yaml", "secrets.example.yaml"])
+@pytest.mark.parametrize("manifest", ["rbac.yaml", "secrets.example.yaml", "tulu-home-pvc.example.yaml"])
 def test_manifest_validates_strictly_against_kubernetes_schemas(manifest):
     path = K8S / manifest
     result = run_kubernetes_validate(path)
@@ -144,7 +144,8 @@ def test_strict_validation_rejects_an_unknown_field(tmp_path, rbac):
 
 # -- RBAC --------------------------------------------------------------------------------------
 def dagster_k8s_api_calls() -> set[tuple[str, str]]:
-    """(verb, resource) for every namespaced Kubernetes API call in the installed dagster-k8s source."""
+    """(verb, resource) for every namespaced Kubernetes API call in the installed dagster-k8s source and in
+    the compute launcher (resources/)."""
     spec = importlib.util.find_spec("dagster_k8s")
     assert spec is not None and spec.origin, "dagster-k8s is not installed"
     verbs = {"create": "create", "read": "get", "list": "list", "delete": "delete", "patch": "patch",
@@ -162,7 +163,7 @@ def dagster_k8s_api_calls() -> set[tuple[str, str]]:
     }
     calls = set()
     pattern = re.compile(r"_api\.(create|read|list|delete|patch|replace)_namespaced_([a-z_]+)")
-    for source in Path(spec.origin).parent.rglob("*.py"):
+    for source in [*Path(spec.origin).parent.rglob("*.py"), *(ROOT / "resources").glob("*.py")]:
         for method, kind in pattern.findall(source.read_text()):
             assert kind in resources, f"{source.name} calls {method}_namespaced_{kind}: map it to an RBAC resource here"
             calls.add((verbs[method], resources[kind]))
@@ -188,8 +189,10 @@ def api_group(resource: str) -> str:
 
 def test_role_grants_every_api_call_dagster_k8s_makes(rbac):
     calls = dagster_k8s_api_calls()
-    # Sanity check on the scan itself: these are the launcher's and Pipes' core calls.
+    # Sanity check on the scan itself: these are the launchers' and Pipes' core calls, and the compute
+    # launcher's own (it reads its Jobs and creates multi-node Services).
     assert {("create", "jobs"), ("get", "jobs/status"), ("create", "pods"), ("get", "pods/log")} <= calls
+    assert {("get", "jobs"), ("create", "services"), ("delete", "services"), ("list", "events")} <= calls
     grants = granted(rbac["Role"])
     missing = sorted(
         (verb, resource) for verb, resource in calls if (api_group(resource), resource, verb) not in grants
@@ -535,3 +538,70 @@ def test_build_context_holds_what_pip_install_needs_and_nothing_local(pyproject)
     for path in [".venv/bin/python", ".git/config", ".tulu/data/x/part-0.parquet", ".env",
                  "tulu_pipeline/__pycache__/settings.cpython-311.pyc", "tests/test_k8s_manifests.py"]:
         assert not in_build_context(path, patterns), f"{path} would be sent into the image build"
+
+
+# -- the compute launcher's GPU Jobs, as the values configure them ------------------------------------------
+@pytest.fixture
+def values_launcher(deployment, monkeypatch):
+    """The K8sLauncher that resources_for("k8s") builds from the values' env."""
+    from resources import k8s_launcher_from_env
+
+    for name, entry in env_entries(deployment).items():
+        if "value" in entry:
+            monkeypatch.setenv(name, str(entry["value"]))
+    return k8s_launcher_from_env()
+
+
+def test_values_configure_the_gpu_launcher(values_launcher, deployment, secrets, rbac):
+    launcher = values_launcher
+    assert launcher.image == env_value(deployment, "TULU_TRAINER_IMAGE")
+    assert launcher.namespace == rbac["ServiceAccount"]["metadata"]["namespace"]
+    assert launcher.service_account == rbac["ServiceAccount"]["metadata"]["name"]
+    assert set(launcher.env_secrets) <= set(secrets), "GPU pods would wait on a Secret that is never created"
+    assert set(launcher.profiles) <= {"train", "generate", "eval"}
+    for kind in ("train", "generate", "eval"):
+        spec = launcher.gpu_spec(kind)
+        assert spec.gpus >= 1 and spec.tolerations and spec.node_selector, kind
+        assert spec.backoff_limit == 0 and spec.active_deadline_seconds > 0, kind
+
+
+def test_gpu_jobs_rendered_from_the_values_validate_strictly(values_launcher, tmp_path):
+    from resources.k8s_spec import job_name
+
+    documents = []
+    for index, (kind, nodes) in enumerate([("train", 1), ("train", 2), ("generate", 1), ("eval", 1)]):
+        spec = values_launcher.gpu_spec(kind, nodes=nodes)
+        name = job_name(kind, f"{index:08d}", "stage")
+        job, service = values_launcher.manifests(name, kind, spec, "tulu_pipeline.training.sft_job",
+                                                 {"DAGSTER_PIPES_CONTEXT": "x", "DAGSTER_PIPES_MESSAGES": "y"})
+        documents += [job] + ([service] if service else [])
+    path = tmp_path / "gpu-jobs.yaml"
+    path.write_text(yaml.safe_dump_all(documents))
+    result = run_kubernetes_validate(path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "WARN" not in output, output
+    assert output.count("passed for resource") == len(documents) * len(KUBERNETES_VERSIONS), output
+
+
+def test_values_limit_gpu_work_in_the_run_queue_and_the_gpu_pool(values):
+    from assets.automation import GPU_POOL
+
+    limits = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]["tagConcurrencyLimits"]
+    assert {"key": "tulu/compute", "value": "gpu", "limit": limits[0]["limit"]} in limits and limits[0]["limit"] >= 1
+    concurrency = values["concurrency"]
+    assert concurrency["enabled"] is True and concurrency["pools"]["granularity"] == "op"
+    assert concurrency["pools"]["defaultLimit"] >= 1
+    # The chart refuses run limits in both places.
+    assert "runs" not in concurrency
+    assert f"dagster instance concurrency set {GPU_POOL} " in (K8S / "values.yaml").read_text()
+
+
+def test_readme_deploy_section_is_complete():
+    readme = (K8S / "README.md").read_text()
+    assert readme.startswith("# Deploy on Kubernetes")
+    for path in re.findall(r"kubectl apply -f (k8s/\S+)", readme):
+        assert (ROOT / path).exists(), path
+    for path in re.findall(r"-f (k8s/Dockerfile\.\w+)", readme):
+        assert (ROOT / path).exists(), path
+    for name in ("TULU_K8S_LAUNCHER", "TULU_TRAINER_IMAGE", "tulu-judge", "nvidia.com/gpu", "OOMKilled"):
+        assert name in readme, name
