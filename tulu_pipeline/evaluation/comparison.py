@@ -49,7 +49,8 @@ def comparison_table(store: Store) -> dict[str, Any]:
             s = found[name].get(checkpoint_id)
             if s is not None:
                 cells[checkpoint_id] = {"score": s["score"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
-                                        "n": s["n"], "version": s.get("version")}
+                                        "n": s["n"], "version": s.get("version"),
+                                        "contamination": (s.get("contamination") or {}).get("status")}
         rows.append({"benchmark": name, "suite": spec.suite if spec else "?", "metric": spec.metric if spec else "",
                      "cells": cells})
     return {"columns": columns, "stages": {c: stage_of(c) for c in columns}, "rows": rows}
@@ -66,11 +67,14 @@ def comparison_markdown(table: dict[str, Any]) -> str:
                  "n": ", ".join(sorted({str(c["n"]) for c in row["cells"].values()}))}
         for c, header in zip(table["columns"], headers[4:]):
             cell = row["cells"].get(c)
-            entry[header] = (f"{_pct(cell['score'])} [{_pct(cell['ci_low'])}, {_pct(cell['ci_high'])}]"
+            flag = " ⚠" if cell and cell.get("contamination") == "possibly_contaminated" else ""
+            entry[header] = (f"{_pct(cell['score'])} [{_pct(cell['ci_low'])}, {_pct(cell['ci_high'])}]{flag}"
                              if cell else "")
         lines.append(entry)
     return markdown_table(lines, headers, max_chars=60) + (
-        "\n\nScores ×100 with seeded 95% bootstrap intervals over items; overlapping intervals are not a difference.")
+        "\n\nScores ×100 with seeded 95% bootstrap intervals over items; overlapping intervals are not a "
+        "difference. ⚠ = possibly contaminated: a training run upstream of the checkpoint was not "
+        "decontaminated against the benchmark.")
 
 
 def comparison_png(table: dict[str, Any]) -> bytes:

@@ -68,11 +68,13 @@ def result_version(result: EvalResult, identity: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def publish_result(store: Store, result: EvalResult, run_id: str, asset_key: str | None = None) -> dict[str, Any]:
-    """Write the item dataset, the readable JSONL and the summary, and one ``evaluated`` event per item."""
+def publish_result(store: Store, result: EvalResult, run_id: str, asset_key: str | None = None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the item dataset, the readable JSONL and the summary (with ``extra``, e.g. the contamination
+    verdict), and one ``evaluated`` event per item."""
     benchmark, checkpoint_id = result.benchmark, result.checkpoint_id
     version = result_version(result, checkpoint_identity(store, checkpoint_id))
-    summary = {**result.summary, "version": version, "run_id": run_id}
+    summary = {**result.summary, **(extra or {}), "version": version, "run_id": run_id}
     info = store.write_rows(dataset_name(benchmark, checkpoint_id), version, result.records, EVAL_SCHEMA)
     base = posixpath.join(REPORTS, benchmark, checkpoint_id, version)
     items_rel = posixpath.join(base, "items.jsonl")

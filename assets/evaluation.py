@@ -1,0 +1,191 @@
+"""Evaluation: one asset per benchmark (``eval/<benchmark>``) partitioned by checkpoint, and
+``eval_comparison``, every evaluated checkpoint side by side.
+
+Partitions: the dynamic partitions ``checkpoints`` (one per checkpoint id, ``base_model`` included).
+`register_checkpoint(instance_or_context, checkpoint_id)` adds one (training assets call it when a
+checkpoint materializes); `checkpoint_partitions_sensor` adds any ``models/*/training_manifest.json``
+(and ``models/base_model``) it finds under TULU_HOME.
+
+Each eval materialization runs two checks with it: ``no_regression_vs_parent`` (the score against the
+checkpoint the run started from; thresholds in the config) and ``decontaminated_upstream`` (every
+training run upstream was decontaminated against the benchmark; otherwise the score is marked possibly
+contaminated). Both warn by default: an 8-item CPU sample is noisy.
+"""
+
+from typing import Any, Optional
+
+import dagster as dg
+
+from assets.metadata import image, samples as samples_table
+from resources import ComputeLauncher, TuluStorage
+from resources.generation import GenerationResource, JudgeResource
+from tulu_pipeline.evaluation.benchmarks import benchmark_config, benchmarks
+from tulu_pipeline.evaluation.comparison import (
+    comparison_markdown, comparison_png, comparison_table, regression,
+)
+from tulu_pipeline.evaluation.lineage import list_checkpoints
+from tulu_pipeline.evaluation.pipeline import run_benchmark
+from tulu_pipeline.evaluation.results import dataset_name
+from tulu_pipeline.evaluation.runner import EVAL_CODE_VERSION
+
+EVAL_OWNERS = ["team:evaluation"]
+CHECKPOINT_PARTITIONS = "checkpoints"
+checkpoint_partitions = dg.DynamicPartitionsDefinition(name=CHECKPOINT_PARTITIONS)
+REGRESSION_CHECK = "no_regression_vs_parent"
+CONTAMINATION_CHECK = "decontaminated_upstream"
+COMPARISON_REPORT = "reports/eval/comparison"
+
+
+def register_checkpoint(instance_or_context: Any, checkpoint_id: str) -> bool:
+    """Add ``checkpoint_id`` to the ``checkpoints`` partitions (an instance or any context with
+    ``.instance``); returns whether it was new."""
+    instance = getattr(instance_or_context, "instance", instance_or_context)
+    if instance.has_dynamic_partition(CHECKPOINT_PARTITIONS, checkpoint_id):
+        return False
+    instance.add_dynamic_partitions(CHECKPOINT_PARTITIONS, [checkpoint_id])
+    return True
+
+
+class EvalConfig(dg.Config):
+    preset: str = "cpu"
+    """cpu (a few seeded items, minutes on the embedded model) or full (every item, published settings)"""
+    sample_size: Optional[int] = None
+    """override the preset's number of items"""
+    few_shot: Optional[int] = None
+    max_new_tokens: Optional[int] = None
+    seed: Optional[int] = None
+    execution: str = "auto"
+    """in_process (load the model here), launcher (the generation job through the compute launcher),
+    auto (in_process up to 32 items)"""
+    max_regression: float = 0.10
+    """largest allowed drop against the parent checkpoint (absolute, 0-1)"""
+    regression_needs_disjoint_intervals: bool = True
+    """only flag a drop when the two bootstrap intervals do not overlap"""
+    blocking_checks: bool = False
+    """make the regression and contamination checks errors instead of warnings"""
+
+
+def _benchmark_config(name: str, config: EvalConfig):
+    overrides = {k: v for k, v in {"sample_size": config.sample_size, "few_shot": config.few_shot,
+                                   "max_new_tokens": config.max_new_tokens, "seed": config.seed}.items()
+                 if v is not None}
+    return benchmark_config(name, config.preset, **overrides)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def build_eval_asset(name: str) -> dg.AssetsDefinition:
+    spec = benchmarks()[name]
+    key = dg.AssetKey(["eval", name])
+
+    @dg.asset(
+        key=key, partitions_def=checkpoint_partitions, group_name="evaluation", kinds={"parquet"},
+        owners=EVAL_OWNERS, code_version=EVAL_CODE_VERSION, tags={"tulu/compute": "gpu"},
+        metadata={"suite": spec.suite, "metric": spec.metric, "sources": list(spec.sources)},
+        check_specs=[dg.AssetCheckSpec(REGRESSION_CHECK, asset=key,
+                                       description="score against the checkpoint this one was trained from"),
+                     dg.AssetCheckSpec(CONTAMINATION_CHECK, asset=key,
+                                       description="every training run upstream was decontaminated against it")],
+        description=f"{name} ({spec.suite} suite, {spec.metric}) of one checkpoint: per-item prompt, response, "
+                    "score and reason, with a seeded bootstrap interval.",
+    )
+    def _eval(context: dg.AssetExecutionContext, config: EvalConfig, storage: TuluStorage,
+              launcher: ComputeLauncher, generation: GenerationResource, judge: JudgeResource) -> dg.MaterializeResult:
+        store = storage.store()
+        checkpoint_id = context.partition_key
+        model = f"models/{checkpoint_id}"
+        if not store.exists(model, "config.json"):
+            raise dg.Failure(f"{store.uri(model)}: no model (config.json) for checkpoint {checkpoint_id!r}",
+                             allow_retries=False)
+        cfg = _benchmark_config(name, config)
+
+        def run_job(requests_rel, output_rel, backend_spec, params) -> None:
+            launcher.run(context, "tulu_pipeline.generation.job", extras={
+                "tulu_home": store.url, "requests": requests_rel, "output": output_rel,
+                "backend": backend_spec.model_dump(mode="json"), "params": params.to_json()})
+
+        summary = run_benchmark(store, name, checkpoint_id, cfg, run_id=context.run.run_id,
+                                backend_spec=generation.spec(model, checkpoint_id), judge_spec=judge.spec(),
+                                execution=config.execution, run_job=run_job, log=context.log.info)
+        rows = list(store.iter_rows(dataset_name(name, checkpoint_id), summary["version"]))
+        severity = dg.AssetCheckSeverity.ERROR if config.blocking_checks else dg.AssetCheckSeverity.WARN
+        reg = regression(store, name, checkpoint_id, config.max_regression, config.regression_needs_disjoint_intervals)
+        contamination = summary["contamination"]
+        checks = [
+            dg.AssetCheckResult(check_name=REGRESSION_CHECK, passed=reg.passed, severity=severity,
+                                description=reg.description, metadata={k: v for k, v in reg.metadata.items()
+                                                                       if isinstance(v, (int, float, str, bool))}),
+            dg.AssetCheckResult(check_name=CONTAMINATION_CHECK, passed=contamination["status"] != "possibly_contaminated",
+                                severity=severity, description="; ".join(contamination["reasons"]) or contamination["status"],
+                                metadata={"status": contamination["status"],
+                                          "checked": dg.MetadataValue.json(contamination["checked"])}),
+        ]
+        metadata = {
+            "score": dg.MetadataValue.float(float(summary["score"])),
+            "ci_95": f"[{_pct(summary['ci_low'])}, {_pct(summary['ci_high'])}]",
+            "n_items": summary["n"], "suite": spec.suite, "metric": spec.metric, "checkpoint_id": checkpoint_id,
+            "execution": summary["execution"], "contamination": contamination["status"],
+            "metrics": dg.MetadataValue.json(summary["metrics"]),
+            "config": dg.MetadataValue.json(summary["config"]),
+            "dagster/row_count": len(rows),
+            "path": dg.MetadataValue.path(summary["dataset_path"]),
+            "items_jsonl": dg.MetadataValue.path(summary["items_path"]),
+            "items": samples_table([{**r, "response": r["response"][:200]} for r in rows[:10]],
+                                   ["eval_id", "score", "reason", "response"]),
+        }
+        return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(summary["version"]),
+                                    check_results=checks)
+
+    return _eval
+
+
+eval_assets = [build_eval_asset(name) for name in benchmarks()]
+
+
+@dg.asset(group_name="evaluation", kinds={"json"}, owners=EVAL_OWNERS, code_version=EVAL_CODE_VERSION,
+          deps=[a.key for a in eval_assets],
+          description="Every evaluated checkpoint side by side (rows: benchmarks, dev then unseen; columns: "
+                      "base, SFT, DPO, RLVR in lineage order), with bootstrap intervals and contamination marks.")
+def eval_comparison(context: dg.AssetExecutionContext, storage: TuluStorage) -> dg.MaterializeResult:
+    store = storage.store()
+    table = comparison_table(store)
+    markdown = comparison_markdown(table)
+    store.write_json(f"{COMPARISON_REPORT}/comparison.json", table)
+    store.write_bytes(f"{COMPARISON_REPORT}/comparison.md", (markdown + "\n").encode())
+    flagged = [f"{row['benchmark']}@{c}" for row in table["rows"] for c, cell in row["cells"].items()
+               if cell.get("contamination") == "possibly_contaminated"]
+    return dg.MaterializeResult(metadata={
+        "table": dg.MetadataValue.md(markdown),
+        "chart": image(store, f"{COMPARISON_REPORT}/comparison.png", comparison_png(table)),
+        "checkpoints": dg.MetadataValue.json(table["columns"]),
+        "benchmarks": len(table["rows"]),
+        "possibly_contaminated": dg.MetadataValue.json(flagged),
+        "path": dg.MetadataValue.path(store.uri(f"{COMPARISON_REPORT}/comparison.json")),
+    })
+
+
+@dg.asset_check(asset=eval_comparison, name="no_possibly_contaminated_scores",
+                description="warns when a reported score comes from a checkpoint whose training data was not "
+                            "decontaminated against that benchmark")
+def no_possibly_contaminated_scores(storage: TuluStorage) -> dg.AssetCheckResult:
+    table = comparison_table(storage.store())
+    flagged = [f"{row['benchmark']}@{c}" for row in table["rows"] for c, cell in row["cells"].items()
+               if cell.get("contamination") == "possibly_contaminated"]
+    return dg.AssetCheckResult(passed=not flagged, severity=dg.AssetCheckSeverity.WARN,
+                               metadata={"flagged": dg.MetadataValue.json(flagged)})
+
+
+@dg.sensor(name="checkpoint_partitions_sensor", minimum_interval_seconds=60,
+           description="adds a checkpoints partition for every models/*/training_manifest.json and the base model")
+def checkpoint_partitions_sensor(context: dg.SensorEvaluationContext, storage: TuluStorage) -> dg.SensorResult:
+    known = set(context.instance.get_dynamic_partitions(CHECKPOINT_PARTITIONS))
+    new = [c for c in list_checkpoints(storage.store()) if c not in known]
+    return dg.SensorResult(dynamic_partitions_requests=[checkpoint_partitions.build_add_request(new)] if new else [],
+                           skip_reason=None if new else "no new checkpoints")
+
+
+evaluation_assets = [*eval_assets, eval_comparison]
+evaluation_checks = [no_possibly_contaminated_scores]
+evaluation_sensors = [checkpoint_partitions_sensor]

@@ -1,0 +1,117 @@
+"""Evaluation assets on a tiny random Llama: partitioned eval assets (in process and through the
+generation job), their checks, the ledger events, eval_comparison and the partitions sensor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import dagster as dg
+import pytest
+
+from test_sft_support import save_tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::dagster.BetaWarning", "ignore::dagster.PreviewWarning")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tulu_home")
+    save_tiny_model(root / "models" / "base_model", seed=0)
+    shutil.copytree(root / "models" / "base_model", root / "models" / "sft-tiny")  # same weights, another id
+    (root / "models" / "sft-tiny" / "training_manifest.json").write_text(json.dumps({"checkpoint_id": "sft-tiny"}))
+    return root
+
+
+def _resources(home):
+    from resources import LocalLauncher, TuluStorage
+    from resources.generation import GenerationResource, JudgeResource
+
+    return {"storage": TuluStorage(root=str(home)), "launcher": LocalLauncher(extra_env={"OMP_NUM_THREADS": "1"}),
+            "generation": GenerationResource(device="cpu", batch_size=4),
+            "judge": JudgeResource(model="models/base_model", device="cpu")}
+
+
+def _config(name, **values):
+    return {"ops": {f"eval__{name}": {"config": {"sample_size": 2, "max_new_tokens": 8, **values}}}}
+
+
+def test_partitioned_eval_assets_and_comparison(home, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from assets.evaluation import (
+        CONTAMINATION_CHECK, REGRESSION_CHECK, checkpoint_partitions_sensor, eval_assets, eval_comparison,
+        no_possibly_contaminated_scores, register_checkpoint,
+    )
+    from tulu_pipeline.evaluation.results import checkpoints_that_saw, read_summary
+    from tulu_pipeline.storage import Store
+
+    by_name = {a.key.path[-1]: a for a in eval_assets}
+    instance = dg.DagsterInstance.ephemeral()
+    result = checkpoint_partitions_sensor(dg.build_sensor_context(instance=instance, resources=_resources(home)))
+    added = result.dynamic_partitions_requests[0].partition_keys
+    assert added == ["base_model", "sft-tiny"]
+    instance.add_dynamic_partitions("checkpoints", added)
+    assert register_checkpoint(instance, "sft-tiny") is False
+
+    store = Store(str(home))
+    for checkpoint, names in (("base_model", ("gsm8k", "safety")), ("sft-tiny", ("truthfulqa",))):
+        for name in names:
+            run = dg.materialize([by_name[name]], instance=instance, partition_key=checkpoint,
+                                 resources=_resources(home), run_config=_config(name))
+            assert run.success
+    # the sft checkpoint with generation in its own process (the generation job through pipes)
+    run = dg.materialize([by_name["gsm8k"]], instance=instance, partition_key="sft-tiny", resources=_resources(home),
+                         run_config=_config("gsm8k", execution="launcher"))
+    assert run.success
+    summary = read_summary(store, "gsm8k", "sft-tiny")
+    assert summary["execution"] == "launcher" and summary["n"] == 2
+    materialization = run.asset_materializations_for_node("eval__gsm8k")[0]
+    assert materialization.partition == "sft-tiny" and materialization.metadata["n_items"].value == 2
+    checks = {c.check_name: c for c in run.get_asset_check_evaluations()}
+    assert set(checks) == {REGRESSION_CHECK, CONTAMINATION_CHECK}
+    assert checks[CONTAMINATION_CHECK].metadata["status"].value == "possibly_contaminated"  # no decontam recorded
+    assert "parent base_model" in checks[REGRESSION_CHECK].description
+
+    safety = read_summary(store, "safety", "base_model")
+    assert safety["judge"] == "models/base_model" and safety["contamination"]["status"] == "not_applicable"
+    item = json.loads(store.read_bytes(safety["items_path"].split(str(home) + "/", 1)[1]).decode().splitlines()[0])
+    assert item["details"]["method"] == "judge loglikelihood" and item["reason"]
+    mc1 = read_summary(store, "truthfulqa", "sft-tiny")
+    assert mc1["n"] == 2 and 0.0 <= mc1["score"] <= 1.0
+
+    gsm8k_rows = list(store.iter_rows("eval/gsm8k/base_model"))
+    assert checkpoints_that_saw(store, gsm8k_rows[0]["item_id"]) == ["base_model", "sft-tiny"]
+    assert read_summary(store, "gsm8k", "base_model")["execution"] == "in_process"
+
+    comparison = dg.materialize([eval_comparison, no_possibly_contaminated_scores], instance=instance,
+                                resources={"storage": _resources(home)["storage"]})
+    assert comparison.success
+    metadata = comparison.asset_materializations_for_node("eval_comparison")[0].metadata
+    assert metadata["checkpoints"].value == ["base_model", "sft-tiny"]
+    table = metadata["table"].value
+    assert "| gsm8k | dev |" in table and "| truthfulqa | dev |" in table and "sft-tiny (sft)" in table
+    assert "⚠" in table
+    assert (home / "reports" / "eval" / "comparison" / "comparison.png").read_bytes().startswith(b"\x89PNG")
+    assert not comparison.get_asset_check_evaluations()[0].passed  # sft-tiny records no decontamination
+
+
+def test_eval_asset_refuses_a_missing_checkpoint(home):
+    from assets.evaluation import eval_assets
+
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("checkpoints", ["dpo-missing"])
+    gsm8k = next(a for a in eval_assets if a.key.path[-1] == "gsm8k")
+    with pytest.raises(dg.Failure, match="no model"):
+        dg.materialize([gsm8k], instance=instance, partition_key="dpo-missing", resources=_resources(home),
+                       run_config=_config("gsm8k"))
+
+
+def test_every_benchmark_has_an_asset_key_and_checks(home):
+    from assets.evaluation import evaluation_assets, evaluation_checks, evaluation_sensors
+    from tulu_pipeline.evaluation.benchmarks import benchmarks
+
+    keys = {a.key for a in evaluation_assets}
+    assert {dg.AssetKey(["eval", name]) for name in benchmarks()} | {dg.AssetKey("eval_comparison")} == keys
+    defs = dg.Definitions(assets=evaluation_assets, asset_checks=evaluation_checks, sensors=evaluation_sensors,
+                          resources=_resources(home))
+    assert defs.resolve_all_asset_keys()
