@@ -1,0 +1,149 @@
+"""The DPO job and assets on a tiny TULU_HOME: kill -9 then resume, and dg.materialize with ledger events.
+
+The home holds a ``preference_pairs`` dataset (tests/test_dpo_support.py) and a tiny "SFT checkpoint"
+(``models/sft-tiny``: the tiny random Llama with a training manifest), as the SFT stage would leave them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+from test_dpo_support import TINY_DPO, pair_schema, split_pairs, tiny_setup
+
+from tulu_pipeline.storage import Store
+from tulu_pipeline.training.checkpointing import CHECKPOINTS_DIR, MANIFEST_FILE, PROGRESS_FILE, write_json_atomic
+from tulu_pipeline.training.dpo import PAIRS_DATASET, REFERENCE_DATASET, STEP_DELAY_ENV
+from tulu_pipeline.training.dpo_plan import dpo_checkpoint_plan, reference_logprobs_plan, sft_checkpoint_ref
+from tulu_pipeline.training.reporting import NullReporter
+
+RESUME_ATOL = 1e-5
+SFT_ID = "sft-tiny"
+
+
+def _home(tmp_path: Path) -> Store:
+    model_dir, pairs = tiny_setup()
+    store = Store(str(tmp_path / "tulu_home"))
+    store.write_rows(PAIRS_DATASET, "pairs-v1", list(pairs), pair_schema())
+    target = Path(store.path("models", SFT_ID))
+    target.mkdir(parents=True)
+    for path in model_dir.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    write_json_atomic(target / MANIFEST_FILE, {"fingerprint": "f" * 64, "base_model_sha256": "b" * 64})
+    return store
+
+
+def _load_weights(directory: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_plan_is_content_addressed(tmp_path):
+    store = _home(tmp_path)
+    assert sft_checkpoint_ref(store).checkpoint_id == SFT_ID  # the newest published sft-* when none is named
+    plan = dpo_checkpoint_plan(store, "cpu_demo", {})
+    assert plan.checkpoint_id.startswith("dpo-") and plan.checkpoint_id == dpo_checkpoint_plan(store, "cpu_demo", {}).checkpoint_id
+    assert plan.checkpoint_id != dpo_checkpoint_plan(store, "cpu_demo", {"beta": 0.1}).checkpoint_id
+    reference = reference_logprobs_plan(store, "cpu_demo", {"beta": 0.1})
+    assert reference.version == plan.reference_version  # beta does not change the reference numbers...
+    assert reference.version != reference_logprobs_plan(store, "cpu_demo", {"max_length": 64}).version  # max_length does
+    assert plan.extras["manifest_extra"]["reference_checkpoint"] == SFT_ID
+
+
+def test_kill_9_then_resume_matches_the_uninterrupted_run(tmp_path):
+    from tulu_pipeline.training.dpo_job import run_task
+
+    store = _home(tmp_path)
+    overrides = {**TINY_DPO, "save_steps": 2}
+    reference = reference_logprobs_plan(store, "cpu_demo", overrides)
+    run_task(reference.extras, NullReporter())
+    plan = dpo_checkpoint_plan(store, "cpu_demo", overrides)
+    uninterrupted = {**plan.extras, "checkpoint_dir": "models/dpo-uninterrupted"}
+    run_task(uninterrupted, NullReporter())
+
+    params_file = tmp_path / "params.json"
+    params_file.write_text(json.dumps(plan.extras))
+    checkpoints = Path(store.path(plan.checkpoint_dir)) / CHECKPOINTS_DIR
+    env = {**os.environ, STEP_DELAY_ENV: "0.5", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tulu_pipeline.training.dpo_job", "--params", str(params_file)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(checkpoints.glob(f"checkpoint-*/{PROGRESS_FILE}")):
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (Path(store.path(plan.checkpoint_dir)) / MANIFEST_FILE).exists()
+
+    reporter = NullReporter()
+    metadata, _version = run_task(plan.extras, reporter)
+    assert metadata["resumed_from_step"] > 0
+    assert any("resuming from checkpoint-" in m for m in reporter.messages)
+    a = _load_weights(Path(store.path("models/dpo-uninterrupted")))
+    b = _load_weights(Path(store.path(plan.checkpoint_dir)))
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"resumed from step {metadata['resumed_from_step']}; max |w_A - w_B| = {diff:.3g}")
+    assert diff <= RESUME_ATOL
+
+
+def test_materialize_reference_logprobs_and_dpo_checkpoint(tmp_path):
+    from assets.dpo import dpo_assets
+    from resources import LocalLauncher, TuluStorage
+    from tulu_pipeline.provenance.ledger import Ledger
+
+    store = _home(tmp_path)
+    overrides = {**TINY_DPO, "max_steps": 2}
+    run_config = dg.RunConfig(ops={name: {"config": {"preset": "cpu_demo", "overrides": overrides}}
+                                   for name in ("reference_logprobs", "dpo_checkpoint")})
+    resources = {"storage": TuluStorage(root=store.url),
+                 "launcher": LocalLauncher(extra_env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})}
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(dpo_assets, resources=resources, run_config=run_config, instance=instance)
+    assert result.success
+
+    ref_meta = result.asset_materializations_for_node("reference_logprobs")[0].metadata
+    plan = dpo_checkpoint_plan(store, "cpu_demo", overrides)
+    assert ref_meta["reference_checkpoint"].value == SFT_ID
+    assert ref_meta["pairs"].value == len(tiny_setup()[1]) and ref_meta["reused_existing"].value is False
+    assert store.dataset_info(REFERENCE_DATASET).version == plan.reference_version
+
+    meta = result.asset_materializations_for_node("dpo_checkpoint")[0].metadata
+    assert meta["checkpoint_id"].value == plan.checkpoint_id
+    assert meta["steps"].value == 2 and meta["reference_logprobs_version"].value == plan.reference_version
+    assert {"heldout_preference_accuracy_before", "heldout_preference_accuracy_after", "heldout_reward_accuracy_after",
+            "heldout_mean_margin_after", "loss_curve", "manifest", "config"} <= meta.keys()
+    manifest = store.read_json(f"{plan.checkpoint_dir}/{MANIFEST_FILE}")
+    assert manifest["reference_logprobs_source"] == "precomputed"
+    assert manifest["reference_checkpoint"] == SFT_ID and manifest["pairs_version"] == "pairs-v1"
+
+    # ledger: every pair's prompt row has one event naming the checkpoint and the pair
+    train, heldout = split_pairs(tiny_setup()[1])
+    trained = set(store.read_bytes(f"{plan.checkpoint_dir}/trained_pair_ids.txt").decode().split())
+    assert 0 < len(trained) <= len(train)  # 2 steps of 4 pairs: fewer than all train pairs
+    ledger = Ledger(store)
+    for pair in train[:3] + heldout[:2]:
+        events = [e for e in ledger.events_for(pair["prompt_row_id"]) if e["asset_key"] == "dpo_checkpoint"]
+        expected = ("evaluated" if pair["split"] == "heldout" else
+                    "trained_on" if pair["pair_id"] in trained else "not_trained")
+        assert [e["event"] for e in events] == [expected]
+        assert list(events[0]["related_ids"]) == [plan.checkpoint_id, pair["pair_id"]]
+    assert meta["ledger_events"].value == {"trained_on": len(trained), "evaluated": len(heldout),
+                                           "not_trained": len(train) - len(trained)}
+
+    # a second materialization of reference_logprobs reuses the stored numbers
+    again = dg.materialize([dpo_assets[0]], resources=resources, run_config=dg.RunConfig(
+        ops={"reference_logprobs": {"config": {"preset": "cpu_demo", "overrides": overrides}}}), instance=instance)
+    assert again.asset_materializations_for_node("reference_logprobs")[0].metadata["reused_existing"].value is True
