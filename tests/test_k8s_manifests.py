@@ -599,7 +599,7 @@ def test_values_limit_gpu_work_in_the_run_queue_and_the_gpu_pool(values):
 def test_readme_deploy_section_is_complete():
     readme = (K8S / "README.md").read_text()
     assert readme.startswith("# Deploy on Kubernetes")
-    for path in re.findall(r"kubectl apply -f (k8s/\S+)", readme):
+    for path in re.findall(r"kubectl apply -f (k8s/[\w.-]+\.yaml)", readme):
         assert (ROOT / path).exists(), path
     for path in re.findall(r"-f (k8s/Dockerfile\.\w+)", readme):
         assert (ROOT / path).exists(), path
