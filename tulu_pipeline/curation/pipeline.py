@@ -116,6 +116,9 @@ class _Sampler:
 # ---------------------------------------------------------------------------------------------
 def normalize_prompts(store: Store, config: CurationConfig, run_id: str) -> StageResult:
     """normalized_prompts: every training source, normalized; empty or over-long rows quarantined."""
+    if config.executor == "ray":
+        from tulu_pipeline.curation.ray_executor import normalize_prompts_ray
+        return normalize_prompts_ray(store, config, run_id)
     specs = train_specs(config)
     inputs = {raw_dataset_name(s.id): _input_version(store, raw_dataset_name(s.id)) for s in specs}
     version = stage_version("normalized_prompts", config.normalize.model_dump(), inputs)
@@ -137,6 +140,9 @@ def _dropped_record(dropped: dict[str, Any]) -> dict[str, Any]:
 
 def deduplicate_prompts(store: Store, config: CurationConfig, run_id: str) -> StageResult:
     """deduplicated_prompts: exact and MinHash near duplicates removed, keep-first by source priority."""
+    if config.executor == "ray":
+        from tulu_pipeline.curation.ray_executor import deduplicate_prompts_ray
+        return deduplicate_prompts_ray(store, config, run_id)
     inputs = {"normalized_prompts": _input_version(store, "normalized_prompts")}
     version = stage_version("deduplicated_prompts", config.dedup.model_dump(), inputs)
     # The keep-first rule needs a global order (priority, source, row_id): the pool is sorted in memory.
@@ -176,6 +182,9 @@ def _quarantine_record(entry: dict[str, Any]) -> dict[str, Any]:
 def decontaminate_prompts(store: Store, config: CurationConfig, run_id: str,
                           index: tuple[EvalIndex, dict[str, str]] | None = None) -> StageResult:
     """decontaminated_prompts: rows overlapping any eval item set aside in decontamination_quarantine."""
+    if config.executor == "ray":
+        from tulu_pipeline.curation.ray_executor import decontaminate_prompts_ray
+        return decontaminate_prompts_ray(store, config, run_id, index=index)
     eval_index, eval_inputs = index or build_eval_index(store, config)
     inputs = {"deduplicated_prompts": _input_version(store, "deduplicated_prompts"), **eval_inputs}
     version = stage_version("decontaminated_prompts",

@@ -1,0 +1,675 @@
+"""The curation stages as Ray Data pipelines: the same library steps, shard by shard on a Ray cluster.
+
+`pipeline.normalize_prompts` / `deduplicate_prompts` / `decontaminate_prompts` call into this module
+when ``CurationConfig.executor == "ray"``; they publish the same datasets, quarantines and ledger
+events (same row ids, decisions, order and ``seq``) as the in-process path.
+
+**Shards.** An input dataset is cut into shards of whole Parquet row groups (about
+``ray.shard_rows`` rows, `plan_shards`), in the order the local path reads it. A task processes
+one shard with the library step (`Normalizer`, `Decontaminator`, `Deduplicator.signature`) and
+publishes its outputs under ``_ray/<stage>/<version>/<run_id>/`` in TULU_HOME, each file written
+atomically under a name fixed by the shard index. A task whose worker dies is re-run by Ray
+(``max_retries``) and overwrites the same files, so nothing is counted twice; the driver then
+replays the shards in order into one `LedgerWriter` and one dataset, which is why the events
+come out identical to the local path's.
+
+**Global near-duplicate removal** (`deduplicate_prompts_ray`) keeps the local keep rule exactly:
+
+1. per shard, every row's sha256 and MinHash (`Deduplicator.signature`) are written beside the
+   shard, and one record per LSH band (``bucket`` = hash of band index and band values; the
+   digest without near dedup) is emitted;
+2. Ray Data groups the band records by bucket across all shards (the shuffle); every bucket
+   with two or more rows yields edges, and the driver unions them into candidate clusters
+   (rows that share no bucket with anyone are unique and never leave their shard);
+3. the members of each cluster, with their signatures, are grouped by cluster and resolved by
+   a `Deduplicator` fed in `dedup_order`: two rows can only interact when they share a band,
+   so running the rule per cluster gives the decisions the single pass gives;
+4. the pool is sorted into `dedup_order` with Ray Data's distributed sort and streamed to the
+   driver, which records every decision with `Deduplicator.apply` and writes the kept rows.
+
+**Decontamination** builds the eval n-gram index once on the driver and puts it in the object
+store; each worker process reads it once (numpy buffers are shared, not copied) and streams its
+shard through `Decontaminator` in batches, so a worker holds one shard at most.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import json
+import os
+import posixpath
+import resource
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tulu_pipeline.curation.config import CurationConfig, RaySettings
+from tulu_pipeline.curation.decontaminate import DecontamConfig, Decontaminator, DecontamStats, EvalIndex
+from tulu_pipeline.curation.dedup import DedupConfig, Deduplicator, _order_key, _ranks, lsh_bands
+from tulu_pipeline.curation.normalize import NormalizeConfig, Normalizer
+from tulu_pipeline.data.schema import ROW_SCHEMA
+from tulu_pipeline.provenance.ledger import LedgerWriter, MemorySink
+from tulu_pipeline.storage import Store
+
+RAY_DIR = "_ray"  # per-run shard outputs under TULU_HOME, removed once the stage is published
+
+# progress(event): one dict per finished shard (and per dedup step); the Pipes job streams them to Dagster.
+Progress = Callable[[dict[str, Any]], None]
+# shard_hook(step, shard_index): runs in the worker once a shard's outputs are published (fault tests).
+ShardHook = Callable[[str, int], None]
+
+
+class _NoSink:
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray session
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def ray_session(settings: RaySettings) -> Iterator[None]:
+    """Connect to ``settings.address`` (or ``$RAY_ADDRESS``), or start a local Ray for the block.
+
+    A Ray already initialized in this process (a test fixture, a Ray job's driver) is used as is and
+    left running; one started here is shut down when the block exits.
+    """
+    import ray
+
+    if ray.is_initialized():
+        _configure_data_context()
+        yield
+        return
+    address = settings.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(num_cpus=settings.num_cpus, object_store_memory=settings.object_store_memory,
+                 include_dashboard=False, log_to_driver=False)
+    try:
+        _configure_data_context()
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _configure_data_context() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the sorted pool must reach the driver in order
+    ctx.enable_progress_bars = False  # the Pipes job reports progress itself
+
+
+def _remote_args(settings: RaySettings) -> dict[str, Any]:
+    # Ray Data retries a task whose worker died forever by default; a shard that kills every worker
+    # (out of memory) must fail the run instead. max_retries is only accepted as a raw remote arg.
+    return {"num_cpus": 1, "max_retries": settings.max_retries}
+
+
+@contextlib.contextmanager
+def _quiet_remote_args() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# shards
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shard:
+    """Row groups ``[first_group, stop_group)`` of one Parquet part of a published dataset."""
+
+    index: int
+    dataset: str
+    version: str
+    part: str
+    first_group: int
+    stop_group: int
+    rows: int
+
+
+def plan_shards(store: Store, inputs: dict[str, str], shard_rows: int) -> list[Shard]:
+    """Shards of about ``shard_rows`` rows (whole row groups) over ``inputs`` in reading order."""
+    shards: list[Shard] = []
+    for name, version in inputs.items():
+        info = store.dataset_info(name, version)
+        for part in info.parts:
+            with store.fs.open(store.path(store.dataset_dir(name, version), part), "rb") as handle:
+                meta = pq.ParquetFile(handle).metadata
+            first, rows = 0, 0
+            for group in range(meta.num_row_groups):
+                rows += meta.row_group(group).num_rows
+                if rows >= shard_rows or group == meta.num_row_groups - 1:
+                    shards.append(Shard(len(shards), name, version, part, first, group + 1, rows))
+                    first, rows = group + 1, 0
+    return shards
+
+
+def read_shard(store: Store, shard: Shard, batch_size: int = 5_000) -> Iterator[dict[str, Any]]:
+    """The rows of ``shard``, one row group at a time."""
+    with store.fs.open(store.path(store.dataset_dir(shard.dataset, shard.version), shard.part), "rb") as handle:
+        groups = list(range(shard.first_group, shard.stop_group))
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size, row_groups=groups):
+            yield from batch.to_pylist()
+
+
+def _shard_of(item: dict[str, Any]) -> Shard:
+    return Shard(**{k: item[k] for k in Shard.__dataclass_fields__})
+
+
+def _shard_file(staging: str, index: int, kind: str) -> str:
+    return posixpath.join(staging, f"shard-{index:06d}.{kind}")
+
+
+def _write_parquet(store: Store, rel: str, rows: Iterable[dict[str, Any]], schema: pa.Schema,
+                   batch_size: int = 5_000) -> int:
+    count = 0
+    with store.atomic_open(rel, "wb") as handle:
+        writer = pq.ParquetWriter(handle, schema)
+        try:
+            batch: list[dict[str, Any]] = []
+            for row in rows:
+                batch.append(row)
+                if len(batch) >= batch_size:
+                    writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                    count, batch = count + len(batch), []
+            if batch or not count:
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                count += len(batch)
+        finally:
+            writer.close()
+    return count
+
+
+def _read_parquet(store: Store, rel: str) -> Iterator[dict[str, Any]]:
+    with store.fs.open(store.path(rel), "rb") as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=5_000):
+            yield from batch.to_pylist()
+
+
+def _write_jsonl(store: Store, rel: str, records: Iterable[dict[str, Any]]) -> None:
+    with store.atomic_open(rel, "wb") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True, default=str).encode() + b"\n")
+
+
+def _read_jsonl(store: Store, rel: str) -> Iterator[dict[str, Any]]:
+    with store.fs.open(store.path(rel), "rb") as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+def _worker_usage(started_cpu: float, started_wall: float) -> dict[str, Any]:
+    """CPU and wall seconds of this task, and the worker process's peak resident memory."""
+    return {"cpu_s": time.process_time() - started_cpu, "wall_s": time.perf_counter() - started_wall,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pid": os.getpid()}
+
+
+# ---------------------------------------------------------------------------------------------
+# running shard tasks
+# ---------------------------------------------------------------------------------------------
+class _Run:
+    """One stage's Ray run: its staging directory, settings and progress reporting."""
+
+    def __init__(self, store: Store, config: CurationConfig, stage: str, version: str, run_id: str,
+                 progress: Progress | None, shard_hook: ShardHook | None):
+        self.store, self.config, self.stage, self.version = store, config, stage, version
+        self.staging = posixpath.join(RAY_DIR, stage, version, "".join(c if c.isalnum() or c in "-_." else "_"
+                                                                        for c in run_id))
+        self.progress, self.shard_hook = progress, shard_hook
+        self.usage: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+
+    def report(self, **event: Any) -> None:
+        if self.progress is not None:
+            self.progress({"event": "curation_progress", "stage": self.stage,
+                           "elapsed_s": round(time.perf_counter() - self.started, 3), **event})
+
+    def map_shards(self, step: str, shards: list[Shard], fn: Callable[..., dict[str, Any]],
+                   **kwargs: Any) -> list[dict[str, Any]]:
+        """Run ``fn(shard item, ...)`` once per shard as a Ray Data map; results in shard order."""
+        import ray.data
+
+        if not shards:
+            return []
+        items = [asdict(s) for s in shards]
+        with _quiet_remote_args():
+            ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
+                _shard_task, fn_kwargs={"fn": fn, "root": self.store.url, "staging": self.staging, "step": step,
+                                        "hook": self.shard_hook, "kwargs": kwargs},
+                **_remote_args(self.config.ray))
+        results: list[dict[str, Any]] = []
+        rows = 0
+        for result in ds.iter_rows():
+            result = json.loads(result["result"])
+            results.append(result)
+            rows += result["rows_in"]
+            self.usage.append({"step": step, "shard": result["shard"], "rows": result["rows_in"], **result["usage"]})
+            self.report(step=step, shards_done=len(results), shards=len(shards), rows_done=rows)
+        return sorted(results, key=lambda r: r["shard"])
+
+    def cleanup(self) -> None:
+        if self.store.exists(self.staging):
+            self.store.fs.rm(self.store.path(self.staging), recursive=True)
+
+    def metrics(self) -> dict[str, Any]:
+        """Per-shard CPU, wall time and worker memory of this run (benchmarks and Pipes metadata)."""
+        cpu = sum(u["cpu_s"] for u in self.usage)
+        return {"wall_s": round(time.perf_counter() - self.started, 3), "task_cpu_s": round(cpu, 3),
+                "shards": len({(u["step"], u["shard"]) for u in self.usage}),
+                "workers": len({u["pid"] for u in self.usage}),
+                "peak_worker_rss_mb": round(max((u["peak_rss_mb"] for u in self.usage), default=0.0), 1)}
+
+
+def _shard_task(item: dict[str, Any], *, fn: Callable[..., dict[str, Any]], root: str, staging: str, step: str,
+                hook: ShardHook | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    started_cpu, started_wall = time.process_time(), time.perf_counter()
+    shard = _shard_of(item)
+    store = Store(root)
+    result = fn(store, shard, staging, **kwargs)
+    if hook is not None:
+        hook(step, shard.index)
+    result.update(shard=shard.index, usage=_worker_usage(started_cpu, started_wall))
+    # One JSON column: Ray Data infers block schemas from values, and nested stats vary per shard.
+    return {"result": json.dumps(result, default=str)}
+
+
+def _add_counts(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """Sum nested dicts of counts (stats of several shards)."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            total[key] = _add_counts(total.get(key, {}), value)
+        else:
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def _sorted_dicts(value: Any) -> Any:
+    return {k: _sorted_dicts(v) for k, v in sorted(value.items())} if isinstance(value, dict) else value
+
+
+def _replay_events(run: _Run, ledger: LedgerWriter, shards: list[Shard]) -> None:
+    for shard in shards:
+        for event in _read_jsonl(run.store, _shard_file(run.staging, shard.index, "events.jsonl")):
+            ledger.record(**event)
+
+
+# ---------------------------------------------------------------------------------------------
+# normalization
+# ---------------------------------------------------------------------------------------------
+def _normalize_shard(store: Store, shard: Shard, staging: str, *, config: dict[str, Any]) -> dict[str, Any]:
+    from tulu_pipeline.curation.pipeline import _dropped_record
+
+    sink = MemorySink()
+    normalizer = Normalizer(NormalizeConfig(**config), sink)
+    _write_parquet(store, _shard_file(staging, shard.index, "rows.parquet"), normalizer(read_shard(store, shard)),
+                   ROW_SCHEMA)
+    _write_jsonl(store, _shard_file(staging, shard.index, "dropped.jsonl"),
+                 (_dropped_record(d) for d in normalizer.dropped))
+    _write_jsonl(store, _shard_file(staging, shard.index, "events.jsonl"), sink.events)
+    return {"rows_in": normalizer.stats["rows_in"], "stats": normalizer.stats}
+
+
+def normalize_prompts_ray(store: Store, config: CurationConfig, run_id: str, progress: Progress | None = None,
+                          shard_hook: ShardHook | None = None):
+    """`pipeline.normalize_prompts` on Ray: one task per shard of the raw training datasets."""
+    from tulu_pipeline.curation.pipeline import (
+        StageResult, _input_version, _Sampler, stage_version, train_specs,
+    )
+    from tulu_pipeline.data.ingest import raw_dataset_name
+
+    specs = train_specs(config)
+    inputs = {raw_dataset_name(s.id): _input_version(store, raw_dataset_name(s.id)) for s in specs}
+    version = stage_version("normalized_prompts", config.normalize.model_dump(), inputs)
+    run = _Run(store, config, "normalized_prompts", version, run_id, progress, shard_hook)
+    with ray_session(config.ray):
+        shards = plan_shards(store, inputs, config.ray.shard_rows)
+        results = run.map_shards("normalize", shards, _normalize_shard, config=config.normalize.model_dump())
+    stats: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "changed": 0, "dropped_by_reason": {}, "changes": {}}
+    for result in results:
+        _add_counts(stats, result["stats"])
+    stats = _sorted_dicts(stats)
+    sampler = _Sampler()
+    try:
+        with LedgerWriter(store, "curation", "normalized_prompts", version, run_id) as ledger:
+            _replay_events(run, ledger, shards)
+            rows = chain.from_iterable(_read_parquet(store, _shard_file(run.staging, s.index, "rows.parquet"))
+                                       for s in shards)
+            info = store.write_rows("normalized_prompts", version, sampler(rows), ROW_SCHEMA, inputs=inputs)
+            dropped = list(chain.from_iterable(
+                _read_jsonl(store, _shard_file(run.staging, s.index, "dropped.jsonl")) for s in shards))
+            quarantine = store.write_jsonl(posixpath.join("quarantine", "normalized_prompts", f"{version}.jsonl"),
+                                           dropped)
+    finally:
+        run.cleanup()
+    result = StageResult("normalized_prompts", version, info, stats, sampler.samples, sampler.lengths,
+                         ledger.count, quarantine, len(dropped), inputs)
+    _attach_metrics(result, run)
+    return result
+
+
+def _attach_metrics(result: Any, run: _Run) -> None:
+    # Kept apart from `stats` (which must equal the local path's): how the run went on Ray.
+    result.ray_metrics = {**run.metrics(), "rows": result.dataset.rows, "usage": run.usage}
+
+
+# ---------------------------------------------------------------------------------------------
+# deduplication
+# ---------------------------------------------------------------------------------------------
+SIGNATURE_SCHEMA = pa.schema([
+    pa.field("row_id", pa.string()), pa.field("source", pa.string()), pa.field("rank", pa.int64()),
+    pa.field("ground_truth", pa.string()), pa.field("digest", pa.binary()), pa.field("hashvalues", pa.binary()),
+])
+BUCKET_SCHEMA = pa.schema([pa.field("partition", pa.int32()), pa.field("bucket", pa.binary()),
+                           pa.field("row_id", pa.string())])
+MEMBER_SCHEMA = SIGNATURE_SCHEMA.append(pa.field("cluster", pa.string())).append(pa.field("partition", pa.int32()))
+EDGE_SCHEMA = pa.schema([pa.field("a", pa.string()), pa.field("b", pa.string())])
+DECISION_SCHEMA = pa.schema([pa.field("row_id", pa.string()), pa.field("duplicate_of", pa.string()),
+                             pa.field("kind", pa.string()), pa.field("jaccard", pa.float64())])
+
+
+def _buckets(digest: bytes, hashvalues: np.ndarray | None, bands: tuple[int, int]) -> list[bytes]:
+    """The LSH buckets a row falls in: one per band (or its digest without near dedup)."""
+    if hashvalues is None:
+        return [digest]
+    b, r = bands
+    # Same bands as datasketch's MinHashLSH (values [i*r, (i+1)*r)); the band index keeps bands apart.
+    return [hashlib.blake2b(i.to_bytes(2, "little") + hashvalues[i * r:(i + 1) * r].tobytes(),
+                            digest_size=16).digest() for i in range(b)]
+
+
+def _partition(key: bytes | str, partitions: int) -> int:
+    data = key.encode() if isinstance(key, str) else key
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") % partitions
+
+
+def _write_partitioned(store: Store, rel: str, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+    """Rows sorted by ``partition``, one row group per partition, so a reducer reads only its own."""
+    rows.sort(key=lambda r: r["partition"])
+    with store.atomic_open(rel, "wb") as handle:
+        writer = pq.ParquetWriter(handle, schema)
+        try:
+            start = 0
+            while start < len(rows):
+                stop = start
+                while stop < len(rows) and rows[stop]["partition"] == rows[start]["partition"]:
+                    stop += 1
+                writer.write_table(pa.Table.from_pylist(rows[start:stop], schema=schema))
+                start = stop
+            if not rows:
+                writer.write_table(schema.empty_table())
+        finally:
+            writer.close()
+
+
+def _read_partition(store: Store, rels: list[str], partition: int) -> pa.Table | None:
+    """Rows of ``partition`` from every shard's partitioned file (row groups of other partitions skipped)."""
+    tables = []
+    for rel in rels:
+        with store.fs.open(store.path(rel), "rb") as handle:
+            table = pq.read_table(handle, filters=[("partition", "=", partition)])
+        if table.num_rows:
+            tables.append(table)
+    return pa.concat_tables(tables) if tables else None
+
+
+def _signature_shard(store: Store, shard: Shard, staging: str, *, config: dict[str, Any],
+                     partitions: int) -> dict[str, Any]:
+    """Per row: sha256 and MinHash (`Deduplicator.signature`), its buckets by partition, and the shard's
+    rows as a run sorted in `dedup_order` (the driver merges the runs)."""
+    dedup_config = DedupConfig(**config)
+    dedup = Deduplicator(dedup_config, _NoSink())
+    ranks = _ranks(dedup_config.source_priority)
+    bands = lsh_bands(dedup_config) if dedup_config.near_duplicates else (0, 0)
+    rows = sorted(read_shard(store, shard), key=lambda row: _order_key(row, ranks))
+    signatures: list[dict[str, Any]] = []
+    buckets: list[dict[str, Any]] = []
+    for row in rows:
+        digest, minhash = dedup.signature(row)
+        values = None if minhash is None else minhash.hashvalues
+        signatures.append({"row_id": row["row_id"], "source": row["source"], "rank": _order_key(row, ranks)[0],
+                           "ground_truth": row.get("ground_truth"), "digest": digest,
+                           "hashvalues": b"" if values is None else values.astype("<u8").tobytes()})
+        buckets.extend({"partition": _partition(key, partitions), "bucket": key, "row_id": row["row_id"]}
+                       for key in _buckets(digest, values, bands))
+    _write_parquet(store, _shard_file(staging, shard.index, "sorted.parquet"), rows, ROW_SCHEMA)
+    _write_parquet(store, _shard_file(staging, shard.index, "signatures.parquet"), signatures, SIGNATURE_SCHEMA)
+    _write_partitioned(store, _shard_file(staging, shard.index, "buckets.parquet"), buckets, BUCKET_SCHEMA)
+    return {"rows_in": len(rows), "bucket_records": len(buckets)}
+
+
+def _bucket_edges(store: Store, shard: Shard, staging: str, *, shard_count: int) -> dict[str, Any]:
+    """Reducer of partition ``shard.index``: every bucket with two or more rows ties them to its first."""
+    partition = shard.index
+    table = _read_partition(store, [_shard_file(staging, i, "buckets.parquet") for i in range(shard_count)], partition)
+    edges: list[dict[str, str]] = []
+    records = 0
+    if table is not None:
+        records = table.num_rows
+        grouped = table.group_by("bucket").aggregate([("row_id", "list")])
+        for ids in grouped.column("row_id_list").to_pylist():
+            ids = sorted(set(ids))
+            edges.extend({"a": ids[0], "b": other} for other in ids[1:])
+    _write_parquet(store, _shard_file(staging, partition, "edges.parquet"), edges, EDGE_SCHEMA)
+    return {"rows_in": records, "edges": len(edges)}
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while x != root:  # path compression
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        self.parent.setdefault(a, a)
+        self.parent.setdefault(b, b)
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _cluster_members_shard(store: Store, shard: Shard, staging: str, *, clusters_ref: list[Any],
+                           partitions: int) -> dict[str, Any]:
+    """The signatures of this shard's rows that have a candidate cluster, partitioned by cluster."""
+    clusters = _object(clusters_ref[0])
+    members = [{**row, "cluster": clusters[row["row_id"]], "partition": _partition(clusters[row["row_id"]], partitions)}
+               for row in _read_parquet(store, _shard_file(staging, shard.index, "signatures.parquet"))
+               if row["row_id"] in clusters]
+    _write_partitioned(store, _shard_file(staging, shard.index, "members.parquet"), members, MEMBER_SCHEMA)
+    return {"rows_in": len(members)}
+
+
+def _resolve_clusters(store: Store, shard: Shard, staging: str, *, shard_count: int,
+                      config: dict[str, Any]) -> dict[str, Any]:
+    """Reducer of partition ``shard.index``: the keep rule over each of its clusters, in `dedup_order`."""
+    partition = shard.index
+    table = _read_partition(store, [_shard_file(staging, i, "members.parquet") for i in range(shard_count)], partition)
+    dedup_config = DedupConfig(**config)
+    by_cluster: dict[str, list[dict[str, Any]]] = {}
+    for row in ([] if table is None else table.to_pylist()):
+        by_cluster.setdefault(row["cluster"], []).append(row)
+    dropped: list[dict[str, Any]] = []
+    for cluster in sorted(by_cluster):
+        dedup = Deduplicator(dedup_config, _NoSink())
+        template = dedup._template
+        for row in sorted(by_cluster[cluster], key=lambda r: (r["rank"], r["source"], r["row_id"])):
+            minhash = None
+            if template is not None:
+                minhash = template.copy()
+                minhash.hashvalues = np.frombuffer(row["hashvalues"], dtype="<u8").astype(np.uint64)
+            dedup.decide({"row_id": row["row_id"], "source": row["source"], "ground_truth": row["ground_truth"]},
+                         row["digest"], minhash)
+        dropped.extend({k: d[k] for k in ("row_id", "duplicate_of", "kind", "jaccard")} for d in dedup.dropped)
+    _write_parquet(store, _shard_file(staging, partition, "decisions.parquet"), dropped, DECISION_SCHEMA)
+    return {"rows_in": 0 if table is None else table.num_rows, "clusters": len(by_cluster), "dropped": len(dropped)}
+
+
+_OBJECTS: dict[str, Any] = {}
+
+
+def _object(ref: Any) -> Any:
+    """``ray.get(ref)`` once per worker process (the eval index, the cluster map)."""
+    import ray
+
+    key = ref.hex()
+    if key not in _OBJECTS:
+        _OBJECTS.clear()  # one stage's object at a time
+        _OBJECTS[key] = ray.get(ref)
+    return _OBJECTS[key]
+
+
+def _merged_runs(store: Store, staging: str, shards: list[Shard], ranks: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """Every shard's sorted run merged into one stream in `dedup_order` (one batch per shard in memory)."""
+    runs = [_read_parquet(store, _shard_file(staging, s.index, "sorted.parquet")) for s in shards]
+    return heapq.merge(*runs, key=lambda row: _order_key(row, ranks))
+
+
+def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, progress: Progress | None = None,
+                            shard_hook: ShardHook | None = None):
+    """`pipeline.deduplicate_prompts` on Ray: near duplicates found across every shard (module docstring)."""
+    import ray
+
+    from tulu_pipeline.curation.pipeline import StageResult, _input_version, _Sampler, stage_version
+
+    inputs = {"normalized_prompts": _input_version(store, "normalized_prompts")}
+    version = stage_version("deduplicated_prompts", config.dedup.model_dump(), inputs)
+    run = _Run(store, config, "deduplicated_prompts", version, run_id, progress, shard_hook)
+    dedup_config = config.dedup.model_dump()
+    sampler = _Sampler()
+    try:
+        with ray_session(config.ray):
+            shards = plan_shards(store, inputs, config.ray.shard_rows)
+            partitions = max(1, len(shards))
+            # A reducer is a task over one partition: the same shard machinery, indexed by partition.
+            reducers = [Shard(p, "", "", "", 0, 0, 0) for p in range(partitions)]
+            run.map_shards("signatures", shards, _signature_shard, config=dedup_config, partitions=partitions)
+            # The shuffle: each reducer groups the band records of its partition from every shard.
+            run.map_shards("buckets", reducers, _bucket_edges, shard_count=len(shards))
+            union = _UnionFind()
+            for p in range(partitions):
+                for edge in _read_parquet(store, _shard_file(run.staging, p, "edges.parquet")):
+                    union.union(edge["a"], edge["b"])
+            clusters = {row_id: union.find(row_id) for row_id in list(union.parent)}
+            run.report(step="clusters", candidate_rows=len(clusters), clusters=len(set(clusters.values())))
+
+            decisions: dict[str, tuple[str, str, float | None]] = {}
+            if clusters:
+                clusters_ref = ray.put(clusters)
+                run.map_shards("members", shards, _cluster_members_shard, clusters_ref=[clusters_ref],
+                               partitions=partitions)
+                run.map_shards("resolve", reducers, _resolve_clusters, shard_count=len(shards), config=dedup_config)
+                del clusters_ref
+                for p in range(partitions):
+                    for row in _read_parquet(store, _shard_file(run.staging, p, "decisions.parquet")):
+                        decisions[row["row_id"]] = (row["duplicate_of"], row["kind"], row["jaccard"])
+        run.report(step="publish", duplicates=len(decisions))
+        # The global keep-first order: the shards' sorted runs merged; the driver records every decision.
+        with LedgerWriter(store, "curation", "deduplicated_prompts", version, run_id) as ledger:
+            dedup = Deduplicator(config.dedup, ledger)
+            ordered = _merged_runs(store, run.staging, shards, _ranks(config.dedup.source_priority))
+            kept = (row for row in ordered if dedup.apply(row, decisions.get(row["row_id"])))
+            info = store.write_rows("deduplicated_prompts", version, sampler(kept), ROW_SCHEMA, inputs=inputs)
+            quarantine = store.write_jsonl(posixpath.join("quarantine", "deduplicated_prompts", f"{version}.jsonl"),
+                                           dedup.dropped)
+    finally:
+        run.cleanup()
+    result = StageResult("deduplicated_prompts", version, info, dedup.stats, sampler.samples, sampler.lengths,
+                         ledger.count, quarantine, len(dedup.dropped), inputs)
+    _attach_metrics(result, run)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# decontamination
+# ---------------------------------------------------------------------------------------------
+def _decontaminate_shard(store: Store, shard: Shard, staging: str, *, index_ref: list[Any],
+                         config: dict[str, Any]) -> dict[str, Any]:
+    from tulu_pipeline.curation.pipeline import QUARANTINE_SCHEMA, _quarantine_record
+
+    index: EvalIndex = _object(index_ref[0])
+    sink = MemorySink()
+    step = Decontaminator(index, DecontamConfig(**config), sink)
+    _write_parquet(store, _shard_file(staging, shard.index, "rows.parquet"), step(read_shard(store, shard)),
+                   ROW_SCHEMA)
+    _write_parquet(store, _shard_file(staging, shard.index, "quarantine.parquet"),
+                   (_quarantine_record(e) for e in step.quarantine), QUARANTINE_SCHEMA)
+    _write_jsonl(store, _shard_file(staging, shard.index, "events.jsonl"), sink.events)
+    stats = step.stats
+    return {"rows_in": stats.rows, "clean": stats.clean, "quarantined": stats.quarantined,
+            "removed": [[s, b, n] for (s, b), n in sorted(stats.removed.items())],
+            "eval_ids_hit": {b: sorted(ids) for b, ids in stats.eval_ids_hit.items()}}
+
+
+def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
+                              index: tuple[EvalIndex, dict[str, str]] | None = None,
+                              progress: Progress | None = None, shard_hook: ShardHook | None = None):
+    """`pipeline.decontaminate_prompts` on Ray: the eval index shared through the object store."""
+    import ray
+
+    from tulu_pipeline.curation.pipeline import (
+        QUARANTINE_SCHEMA, StageResult, _input_version, _Sampler, build_eval_index, stage_version,
+    )
+
+    eval_index, eval_inputs = index or build_eval_index(store, config)
+    inputs = {"deduplicated_prompts": _input_version(store, "deduplicated_prompts"), **eval_inputs}
+    version = stage_version("decontaminated_prompts",
+                            {"decontam": config.decontam.model_dump(), "evals": config.evals.model_dump()}, inputs)
+    run = _Run(store, config, "decontaminated_prompts", version, run_id, progress, shard_hook)
+    sampler = _Sampler()
+    try:
+        with ray_session(config.ray):
+            shards = plan_shards(store, {"deduplicated_prompts": inputs["deduplicated_prompts"]},
+                                 config.ray.shard_rows)
+            index_ref = ray.put(eval_index)
+            run.report(step="index", eval_items=len(eval_index.items))
+            results = run.map_shards("decontaminate", shards, _decontaminate_shard, index_ref=[index_ref],
+                                     config=config.decontam.model_dump())
+            del index_ref
+        stats = DecontamStats()
+        for result in results:
+            stats.rows += result["rows_in"]
+            stats.clean += result["clean"]
+            stats.quarantined += result["quarantined"]
+            for source, benchmark, n in result["removed"]:
+                stats.removed[(source, benchmark)] += n
+            for benchmark, ids in result["eval_ids_hit"].items():
+                stats.eval_ids_hit[benchmark].update(ids)
+        with LedgerWriter(store, "decontamination", "decontaminated_prompts", version, run_id) as ledger:
+            _replay_events(run, ledger, shards)
+            rows = chain.from_iterable(_read_parquet(store, _shard_file(run.staging, s.index, "rows.parquet"))
+                                       for s in shards)
+            info = store.write_rows("decontaminated_prompts", version, sampler(rows), ROW_SCHEMA, inputs=inputs)
+            quarantined = chain.from_iterable(
+                _read_parquet(store, _shard_file(run.staging, s.index, "quarantine.parquet")) for s in shards)
+            quarantine = store.write_rows("decontamination_quarantine", version, quarantined, QUARANTINE_SCHEMA)
+    finally:
+        run.cleanup()
+    stage_stats = {**stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks)}
+    result = StageResult("decontaminated_prompts", version, info, stage_stats, sampler.samples, sampler.lengths,
+                         ledger.count, quarantine.path, quarantine.rows, inputs)
+    _attach_metrics(result, run)
+    return result
+
+
+__all__ = [
+    "RAY_DIR", "Shard", "plan_shards", "read_shard", "ray_session", "normalize_prompts_ray",
+    "deduplicate_prompts_ray", "decontaminate_prompts_ray",
+]
