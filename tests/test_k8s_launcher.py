@@ -327,8 +327,8 @@ def pipes_module(tmp_path: Path) -> Path:
 
 
 def launcher(pipes_dir: Path, **fields: Any) -> K8sLauncher:
-    settings = dict(image="registry.example/tulu/trainer:1", gpus=1, poll_interval_s=0.05, start_timeout_s=5.0,
-                    log_drain_timeout_s=10.0, extra_env={"PYTHONPATH": str(pipes_dir)})
+    settings = {"image": "registry.example/tulu/trainer:1", "gpus": 1, "poll_interval_s": 0.05,
+                "start_timeout_s": 5.0, "log_drain_timeout_s": 10.0, "extra_env": {"PYTHONPATH": str(pipes_dir)}}
     return K8sLauncher(**{**settings, **fields})
 
 
@@ -396,7 +396,7 @@ def test_job_retry_after_a_failed_pod_still_succeeds(cluster: FakeCluster, pipes
     assert result.success
     assert result.asset_materializations_for_node("trained")[0].metadata["seen"].value == 10
     assert len(cluster.created_jobs) == 1 and len(cluster.pod_names) == 2
-    assert list(cluster.job_status.values())[0]["failed"] == 1
+    assert next(iter(cluster.job_status.values()))["failed"] == 1
 
 
 # -- failures: each ends the asset with the pod's reason, within a bounded time ---------------------------
@@ -551,3 +551,89 @@ def test_local_launcher_accepts_the_same_call(pipes_module: Path) -> None:
                          gpus=1, kind="eval")
     assert result.success
     assert result.asset_materializations_for_node("trained")[0].metadata["seen"].value == 8
+
+
+# -- the upstream hang, and the pieces of the fix ---------------------------------------------------------
+def test_upstream_wait_for_pod_keeps_waiting_for_a_deleted_pod() -> None:
+    """dagster-io/dagster#22453, reproduced on dagster-k8s's own wait loop with simulated time.
+
+    After the log stream ends (the pod was deleted), ``PipesK8sClient.run`` calls
+    ``wait_for_pod(Terminated)``; with no pod it loops "waiting for pod to launch" until the
+    one-day ``pod_launch_timeout``. Ten simulated hours later it is still waiting.
+    """
+    from dagster_k8s.client import DagsterKubernetesClient, WaitForPodState
+
+    clock = {"now": 0.0}
+
+    class StillWaiting(Exception):
+        pass
+
+    def sleeper(seconds: float) -> None:
+        clock["now"] += seconds
+        if clock["now"] > 10 * 3600:
+            raise StillWaiting
+
+    core = SimpleNamespace(list_namespaced_pod=lambda **_: model({"items": []}, "V1PodList"))
+    client = DagsterKubernetesClient(batch_api=None, core_api=core, logger=lambda _: None, sleeper=sleeper,
+                                     timer=lambda: clock["now"])
+    with pytest.raises(StillWaiting):
+        client.wait_for_pod("deleted-pod", "tulu", wait_for_state=WaitForPodState.Terminated)
+
+
+def test_interrupted_step_deletes_its_job(cluster: FakeCluster, pipes_module: Path) -> None:
+    """A terminated Dagster run interrupts the step while it waits; the GPU Job must not outlive it."""
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    def terminate_run(cluster: FakeCluster, pod: FakePod) -> None:
+        if any(b"working" in line for line in pod.log):
+            cluster.inject = None
+            raise DagsterExecutionInterruptedError  # what Dagster raises in a step when its run is terminated
+
+    cluster.inject = terminate_run
+    result = materialize(launcher(pipes_module), {"value": 1, "hold": 60})
+    assert not result.success
+    (job,) = cluster.created_jobs
+    assert cluster.jobs == {} and cluster.pods == {}
+    assert cluster.deleted == [("job", job["metadata"]["name"], "Background")]
+
+
+class BrokenThenReplayingLogs:
+    """A log API whose first stream breaks mid-way; the reconnect replays lines already delivered."""
+
+    LINES = [f"2026-11-26T01:00:0{i}.5Z line {i}\n".encode() for i in range(6)]
+
+    def __init__(self) -> None:
+        self.calls: list[int | None] = []
+
+    def read_namespaced_pod_log(self, name, namespace, container=None, follow=False, timestamps=False,
+                                since_seconds=None, _preload_content=True):
+        self.calls.append(since_seconds)
+        if len(self.calls) == 1:
+            def broken():
+                yield from self.LINES[:3]
+                raise ConnectionResetError("connection reset by peer")
+            return broken()
+        return iter(self.LINES[1:])  # since_seconds re-reads some history
+
+
+def test_log_follower_reconnects_without_duplicates() -> None:
+    from resources.k8s_pipes import PodLogFollower
+
+    seen: list[str] = []
+    api = BrokenThenReplayingLogs()
+    follower = PodLogFollower(api, "pod", "tulu", seen.append, reconnect_wait_s=0.01)
+    follower.start()
+    follower.join(10)
+    assert seen == [f"line {i}" for i in range(6)]
+    assert api.calls[0] is None and api.calls[1] is not None
+    assert "ConnectionResetError" in (follower.error or "")
+
+
+def test_timestamps_without_trailing_zeros_still_order() -> None:
+    from resources.k8s_pipes import _timestamp_key
+
+    stamps = ["2026-11-26T01:00:00.1Z", "2026-11-26T01:00:00.09Z", "2026-11-26T01:00:00.123456789Z",
+              "2026-11-26T01:00:00Z"]
+    ordered = sorted(stamps, key=_timestamp_key)
+    assert ordered == ["2026-11-26T01:00:00Z", "2026-11-26T01:00:00.09Z", "2026-11-26T01:00:00.1Z",
+                       "2026-11-26T01:00:00.123456789Z"]
