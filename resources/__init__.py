@@ -46,5 +46,15 @@ def resources_for(deployment: str) -> dict[str, object]:
     return {"storage": TuluStorage(), "data_bundle": DataBundle(), "launcher": launcher}
 
 
-__all__ = ["ComputeLauncher", "DataBundle", "K8sLauncher", "LocalLauncher", "StageProfile", "TuluStorage",
-           "resources_for", "k8s_launcher_from_env", "DEPLOYMENTS", "K8S_LAUNCHER_ENV"]
+__all__ = [
+    "DEPLOYMENTS",
+    "K8S_LAUNCHER_ENV",
+    "ComputeLauncher",
+    "DataBundle",
+    "K8sLauncher",
+    "LocalLauncher",
+    "StageProfile",
+    "TuluStorage",
+    "k8s_launcher_from_env",
+    "resources_for",
+]

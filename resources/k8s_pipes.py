@@ -40,9 +40,17 @@ from typing import Any
 
 import dagster as dg
 import kubernetes
-from dagster._core.pipes.client import PipesContextInjector, PipesMessageReader, PipesParams
+from dagster._core.pipes.client import (
+    PipesContextInjector,
+    PipesMessageReader,
+    PipesParams,
+)
 from dagster._core.pipes.context import PipesMessageHandler
-from dagster._core.pipes.utils import PipesEnvContextInjector, extract_message_or_forward_to_stdout, open_pipes_session
+from dagster._core.pipes.utils import (
+    PipesEnvContextInjector,
+    extract_message_or_forward_to_stdout,
+    open_pipes_session,
+)
 from dagster_pipes import PipesDefaultMessageWriter, PipesExtras
 
 from resources.k8s_spec import COMPLETION_INDEX_ANNOTATION, MAIN_CONTAINER
@@ -220,8 +228,8 @@ class PodLogFollower(threading.Thread):
         for method in ("shutdown", "close", "release_conn"):
             try:
                 getattr(response, method, lambda: None)()
-            except Exception:  # noqa: BLE001 - best effort on a stream that is already going away
-                pass
+            except Exception as error:  # noqa: BLE001 - best effort on a stream that is already going away
+                log.debug("closing the log stream of %s: %s", self.pod, error)
 
 
 class PipesK8sJobClient(dg.PipesClient):

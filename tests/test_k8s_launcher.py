@@ -600,7 +600,7 @@ def test_interrupted_step_deletes_its_job(cluster: FakeCluster, pipes_module: Pa
 class BrokenThenReplayingLogs:
     """A log API whose first stream breaks mid-way; the reconnect replays lines already delivered."""
 
-    LINES = [f"2026-11-26T01:00:0{i}.5Z line {i}\n".encode() for i in range(6)]
+    LINES = tuple(f"2026-11-26T01:00:0{i}.5Z line {i}\n".encode() for i in range(6))
 
     def __init__(self) -> None:
         self.calls: list[int | None] = []
