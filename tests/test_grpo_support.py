@@ -1,5 +1,5 @@
 """Shared helpers for the GRPO/RLVR tests (no tests here): a character-level toy tokenizer, a tiny Llama over it
-that is briefly SFT-warmed on single-digit addition, and a stand-in verifier.
+that is briefly SFT-warmed on single-digit addition, and RLVR rows for that task.
 
 The toy vocabulary (digits, ``+=``, the characters of Tülu's chat-template headers, EOS) keeps the model's output
 layer ~40 wide, so sampling and training steps take milliseconds on a CPU and RL's effect shows in seconds.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import string
 from pathlib import Path
 from typing import Any
@@ -38,13 +37,6 @@ def addition_row(a: int, b: int, split: str = "train") -> dict[str, Any]:
     return {"row_id": f"add-{a}-{b}", "source": "toy_addition", "source_key": f"toy:{a}+{b}", "license": "mit",
             "messages": [{"role": "user", "content": f"{a}+{b}="}], "ground_truth": str(a + b),
             "constraints": None, "eval_id": None, "extra": json.dumps({"task": "gsm8k", "split": split})}
-
-
-def addition_verifier(row: dict[str, Any], response: str, correct_value: float = 10.0) -> tuple[float, bool]:
-    """Stand-in for tulu_pipeline.rewards.verify on number answers: the first integer equals the ground truth."""
-    match = re.search(r"-?\d+", response)
-    ok = bool(match) and match.group(0) == str(row["ground_truth"]).strip()
-    return (correct_value if ok else 0.0), ok
 
 
 def save_warm_addition_model(target: Path, pairs: list[tuple[int, int]], correct_share: float = 0.3,

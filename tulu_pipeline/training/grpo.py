@@ -83,17 +83,22 @@ Verifier = Callable[[dict[str, Any], str], tuple[float, bool]]
 
 
 def verifier_from_module(module: str = DEFAULT_VERIFIER_MODULE, correct_value: float = 10.0) -> Verifier:
-    """A `Verifier` over ``<module>.verify(task, response, ground_truth=, constraints=, correct_value=)``.
+    """A `Verifier` over ``<module>.verify(task, response, ground_truth=, constraints=)`` (an object with ``ok``):
+    Tülu 3's binary reward, ``correct_value`` when ``ok`` else 0.
 
-    The row's task comes from ``extra.task``; ``constraints`` (JSON text) is decoded for IFEval rows.
+    The row's task comes from ``extra.task``; ``constraints`` (JSON text) is decoded for IFEval rows. A row the
+    verifier cannot check (no ground truth, malformed constraints) is an error naming the row.
     """
     verify = importlib.import_module(module).verify
 
     def check(row: dict[str, Any], response: str) -> tuple[float, bool]:
-        constraints = json.loads(row["constraints"]) if row.get("constraints") else None
-        verdict = verify(row_task(row), response, ground_truth=row.get("ground_truth"), constraints=constraints,
-                         correct_value=correct_value)
-        return float(verdict.score), bool(verdict.ok)
+        try:
+            constraints = json.loads(row["constraints"]) if row.get("constraints") else None
+            verdict = verify(row_task(row), response, ground_truth=row.get("ground_truth"), constraints=constraints)
+        except ValueError as exc:
+            raise ValueError(f"row {row.get('row_id')}: the verifier cannot check it: {exc}") from exc
+        ok = bool(verdict.ok)
+        return (correct_value if ok else 0.0), ok
 
     return check
 

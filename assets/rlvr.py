@@ -1,0 +1,101 @@
+"""RLVR: verifiable-reward prompts (GSM8K, MATH, IFEval-style constraints) and the GRPO checkpoint trained on them."""
+
+from typing import Any
+
+import dagster as dg
+
+from assets.metadata import TRAINING_OWNERS, config_hash, image, samples, table_schema
+from resources import ComputeLauncher, TuluStorage
+from tulu_pipeline.data.schema import ROW_SCHEMA
+from tulu_pipeline.reporting import markdown_table
+from tulu_pipeline.rlvr.prompts import RLVR_CODE_VERSION, RLVR_PRESETS, RLVRPromptsConfig, build_rlvr_prompts
+from tulu_pipeline.training.grpo import DEFAULT_VERIFIER_MODULE, GRPO_CODE_VERSION
+from tulu_pipeline.training.grpo_plan import record_rlvr_events, rlvr_checkpoint_plan
+
+
+class RLVRPromptsAssetConfig(dg.Config):
+    preset: str = "cpu_demo"
+    """cpu_demo (16 training + 4 held-out prompts per task) or tulu3 (every eligible prompt)"""
+    overrides: dict[str, Any] = {}
+    """fields of RLVRPromptsConfig to change, e.g. {"gsm8k_rows": 64, "seed": 2}"""
+
+
+@dg.asset(group_name="rlvr", kinds={"parquet"}, owners=TRAINING_OWNERS, code_version=RLVR_CODE_VERSION,
+          deps=["decontaminated_prompts"],
+          description="Verifiable-reward prompts: GSM8K and MATH train with their final answers, and curated prompts "
+          "with sampled IFEval-taxonomy constraints; seeded, with a held-out split. Refuses a decontaminated set "
+          "whose blocking checks failed.")
+def rlvr_prompts(context: dg.AssetExecutionContext, config: RLVRPromptsAssetConfig,
+                 storage: TuluStorage) -> dg.MaterializeResult:
+    if config.preset not in RLVR_PRESETS:
+        raise dg.Failure(f"unknown rlvr_prompts preset {config.preset!r}; known: {sorted(RLVR_PRESETS)}")
+    prompts_config = RLVRPromptsConfig.model_validate({**RLVR_PRESETS[config.preset].model_dump(), **config.overrides})
+    store = storage.store()
+    result = build_rlvr_prompts(store, prompts_config, context.run.run_id)
+    per_task = [{"task": task, **counts} for task, counts in result.counts.items()]
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": result.dataset.rows,
+            "dagster/column_schema": table_schema(ROW_SCHEMA),
+            "path": dg.MetadataValue.path(result.dataset.path),
+            "version": result.version,
+            "config_hash": config_hash(prompts_config),
+            "seed": prompts_config.seed,
+            "heldout_rows": len(result.heldout_row_ids),
+            "quarantined_rows": result.quarantined,
+            "rows_per_task": dg.MetadataValue.md(markdown_table(
+                per_task, ["task", "train", "heldout", "available", "quarantined"])),
+            "counts": dg.MetadataValue.json(result.counts),
+            "input_versions": dg.MetadataValue.json(result.inputs),
+            "samples": samples(result.samples, ["row_id", "source", "messages", "ground_truth", "constraints"]),
+        },
+        data_version=dg.DataVersion(result.version),
+    )
+
+
+class RLVRCheckpointConfig(dg.Config):
+    preset: str = "cpu_demo"
+    """a named GRPO preset: cpu_demo (CPU, minutes) or tulu3_8b (GPU, vLLM rollouts)"""
+    overrides: dict[str, Any] = {}
+    """fields of GRPOTrainingConfig to change, e.g. {"max_steps": 8, "beta": 0.01}"""
+    verifier_module: str = DEFAULT_VERIFIER_MODULE
+    """module whose verify(task, response, ground_truth=, constraints=).ok decides each completion's reward"""
+
+
+@dg.asset(group_name="rlvr", kinds={"pytorch", "safetensors"}, owners=TRAINING_OWNERS, code_version=GRPO_CODE_VERSION,
+          deps=[rlvr_prompts, "sft_checkpoint", "dpo_checkpoint"], tags={"tulu/compute": "gpu"},
+          description="RL with verifiable rewards (GRPO; 10 when the verifier accepts the answer, else 0, minus a "
+          "penalty for answers cut off without EOS) from the latest DPO checkpoint, else the latest SFT one; run by "
+          "the compute launcher in its own process; resumes from its last saved step.")
+def rlvr_checkpoint(context: dg.AssetExecutionContext, config: RLVRCheckpointConfig, storage: TuluStorage,
+                    launcher: ComputeLauncher) -> dg.MaterializeResult:
+    store = storage.store()
+    plan = rlvr_checkpoint_plan(store, config.preset, config.overrides, verifier_module=config.verifier_module)
+    context.log.info(f"RLVR from {plan.start.kind} checkpoint {plan.start.checkpoint_id} on rlvr_prompts@"
+                     f"{plan.dataset_version} -> {plan.checkpoint_id}")
+    invocation = launcher.run(context, "tulu_pipeline.training.grpo_job", extras=plan.extras)
+    reported = invocation.get_materialize_result().metadata or {}
+    manifest = store.read_json(f"{plan.checkpoint_dir}/training_manifest.json")
+    events = record_rlvr_events(store, plan, manifest, context.run.run_id)
+    metrics = manifest["metrics"]
+    metadata: dict[str, Any] = {
+        **reported,
+        "checkpoint_id": plan.checkpoint_id,
+        "start_checkpoint": plan.start.checkpoint_id,
+        "start_kind": plan.start.kind,
+        "config_hash": config_hash(manifest["config"]),
+        "path": dg.MetadataValue.path(store.uri(plan.checkpoint_dir)),
+        "dataset_version": plan.dataset_version,
+        "trained_rows": events["trained_on"],
+        "evaluated_rows": events["evaluated"],
+        "config": dg.MetadataValue.json(manifest["config"]),
+        "metrics": dg.MetadataValue.json({k: v for k, v in metrics.items() if not isinstance(v, list)}),
+    }
+    curve = f"{plan.checkpoint_dir}/reward_curve.png"
+    if store.exists(curve):
+        metadata["reward_curve"] = image(store, f"reports/rlvr/{plan.checkpoint_id}/reward_curve.png",
+                                         store.read_bytes(curve))
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(plan.version))
+
+
+rlvr_assets = [rlvr_prompts, rlvr_checkpoint]
