@@ -36,10 +36,12 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
 import kubernetes
+import urllib3
 from dagster._core.pipes.client import (
     PipesContextInjector,
     PipesMessageReader,
@@ -136,6 +138,14 @@ def _is_leader(pod: Any) -> bool:
     return annotations.get(COMPLETION_INDEX_ANNOTATION, "0") == "0"
 
 
+def _since_seconds(last_key: str | None, buffer_s: int = 10) -> int | None:
+    """How far back a reconnect re-reads: past the last line seen (duplicates are skipped by timestamp)."""
+    if last_key is None:
+        return None
+    seen = datetime.fromisoformat(last_key[:26]).replace(tzinfo=UTC)
+    return max(1, int((datetime.now(UTC) - seen).total_seconds()) + buffer_s)
+
+
 def _timestamp_key(timestamp: str) -> str:
     """RFC 3339 with nanoseconds, made sortable (the kubelet drops trailing zeros of the fraction)."""
     stamp = timestamp.rstrip("Z")
@@ -169,10 +179,10 @@ class PodLogFollower(threading.Thread):
     """
 
     def __init__(self, core_api: Any, pod: str, namespace: str, on_line: Callable[[str], None],
-                 reconnects: int = 5, reconnect_wait_s: float = 1.0) -> None:
+                 reconnects: int = 5, reconnect_wait_s: float = 1.0, read_timeout_s: float = 600.0) -> None:
         super().__init__(name=f"logs-{pod}", daemon=True)
         self.core_api, self.pod, self.namespace, self.on_line = core_api, pod, namespace, on_line
-        self.reconnects, self.reconnect_wait_s = reconnects, reconnect_wait_s
+        self.reconnects, self.reconnect_wait_s, self.read_timeout_s = reconnects, reconnect_wait_s, read_timeout_s
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self.error: str | None = None
         self._stopped = threading.Event()
@@ -180,16 +190,15 @@ class PodLogFollower(threading.Thread):
 
     def run(self) -> None:
         last_key: str | None = None
-        for attempt in range(self.reconnects + 1):
-            if self._stopped.is_set():
-                return
+        errors = 0
+        while not self._stopped.is_set():
             try:
-                since = None
-                if last_key is not None:  # re-read a little history and skip what was already seen
-                    since = 60
                 self._response = self.core_api.read_namespaced_pod_log(
                     self.pod, self.namespace, container=MAIN_CONTAINER, follow=True, timestamps=True,
-                    since_seconds=since, _preload_content=False)
+                    since_seconds=_since_seconds(last_key), _preload_content=False,
+                    # A silent connection is re-opened rather than trusted forever (training can be
+                    # quiet for minutes, so this is a read timeout, not a deadline).
+                    _request_timeout=(30, self.read_timeout_s))
                 decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
                 pending = ""
                 for chunk in self._response:
@@ -200,13 +209,31 @@ class PodLogFollower(threading.Thread):
                 pending += decoder.decode(b"", final=True)
                 if pending:
                     last_key = self._handle(pending, last_key)
-                return
+                # The API server may close a follow stream while the container still runs: only an
+                # exited container (or a vanished pod) ends the stream for good.
+                if not self._container_running():
+                    return
             except Exception as error:  # noqa: BLE001 - the watcher, not this thread, decides the outcome
                 if self._stopped.is_set():
                     return
                 self.error = f"{type(error).__name__}: {error}"
-                log.info("log stream of %s broke (attempt %d): %s", self.pod, attempt + 1, self.error)
-                self._stopped.wait(self.reconnect_wait_s)
+                timeout = isinstance(error, urllib3.exceptions.ReadTimeoutError)
+                errors += 0 if timeout else 1
+                log.info("log stream of %s broke (%d errors): %s", self.pod, errors, self.error)
+                if errors > self.reconnects:
+                    return
+            self._stopped.wait(self.reconnect_wait_s)
+
+    def _container_running(self) -> bool:
+        try:
+            pods = self.core_api.list_namespaced_pod(self.namespace, field_selector=f"metadata.name={self.pod}").items
+        except Exception:  # noqa: BLE001 - cannot tell: stop here, the watcher still decides the outcome
+            return False
+        for pod in pods:
+            for status in _container_statuses(pod):
+                if status.name == MAIN_CONTAINER and status.state is not None and status.state.running is not None:
+                    return True
+        return False
 
     def _handle(self, line: str, last_key: str | None) -> str | None:
         line = line.rstrip("\r")
@@ -260,11 +287,19 @@ class PipesK8sJobClient(dg.PipesClient):
             name = job["metadata"]["name"]
             created: list[tuple[str, str]] = []
             try:
-                if service is not None:
-                    self.core_api.create_namespaced_service(namespace, service)
-                    created.append(("service", service["metadata"]["name"]))
-                self.batch_api.create_namespaced_job(namespace, job)
-                created.append(("job", name))
+                try:
+                    if service is not None:
+                        self.core_api.create_namespaced_service(namespace, service)
+                        created.append(("service", service["metadata"]["name"]))
+                    self.batch_api.create_namespaced_job(namespace, job)
+                    created.append(("job", name))
+                except kubernetes.client.ApiException as error:
+                    # 403: RBAC (k8s/rbac.yaml); 422: an invalid manifest; 409: a name clash.
+                    raise dg.Failure(
+                        description=f"Kubernetes rejected the Job {namespace}/{name}: {error.status} {error.reason}: "
+                                    f"{(error.body or '')[:2000]}",
+                        metadata={"reason": "JobRejected", "status": error.status or 0, "job": name,
+                                  "namespace": namespace}) from None
                 context.log.info(f"created Kubernetes Job {namespace}/{name} (image "
                                  f"{job['spec']['template']['spec']['containers'][0]['image']})")
                 deadline = float(job["spec"].get("activeDeadlineSeconds") or 0)

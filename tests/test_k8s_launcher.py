@@ -161,13 +161,15 @@ class FakeCluster:
     # -- CoreV1Api ----------------------------------------------------------------------------------
     def list_pods(self, namespace: str, label_selector: str = "", field_selector: str = "") -> Any:
         key, _, value = label_selector.partition("=")
+        name = field_selector.removeprefix("metadata.name=") if field_selector else None
         with self.lock:
-            items = [p.body() for p in self.pods.values() if p.template["metadata"]["labels"].get(key) == value]
+            items = [p.body() for p in self.pods.values()
+                     if (p.name == name if name else p.template["metadata"]["labels"].get(key) == value)]
         return model({"items": items}, "V1PodList")
 
     def read_log(self, name: str, namespace: str, container: str | None = None, follow: bool = False,
                  timestamps: bool = False, since_seconds: int | None = None, tail_lines: int | None = None,
-                 _preload_content: bool = True) -> Any:
+                 _preload_content: bool = True, _request_timeout: Any = None) -> Any:
         with self.lock:
             pod = self.pods.get(name)
             if pod is None:
@@ -606,7 +608,7 @@ class BrokenThenReplayingLogs:
         self.calls: list[int | None] = []
 
     def read_namespaced_pod_log(self, name, namespace, container=None, follow=False, timestamps=False,
-                                since_seconds=None, _preload_content=True):
+                                since_seconds=None, _preload_content=True, _request_timeout=None):
         self.calls.append(since_seconds)
         if len(self.calls) == 1:
             def broken():
@@ -637,3 +639,44 @@ def test_timestamps_without_trailing_zeros_still_order() -> None:
     ordered = sorted(stamps, key=_timestamp_key)
     assert ordered == ["2026-11-26T01:00:00Z", "2026-11-26T01:00:00.09Z", "2026-11-26T01:00:00.1Z",
                        "2026-11-26T01:00:00.123456789Z"]
+
+
+def test_rejected_job_fails_with_the_api_message(cluster: FakeCluster, pipes_module: Path, monkeypatch) -> None:
+    def forbidden(namespace: str, body: dict[str, Any]) -> None:
+        error = api_error(403, "Forbidden")
+        error.body = 'jobs.batch is forbidden: User "system:serviceaccount:tulu:default" cannot create resource'
+        raise error
+
+    monkeypatch.setattr(cluster.batch, "create_namespaced_job", forbidden)
+    description, metadata = failure_of(materialize(launcher(pipes_module), {"value": 1}))
+    assert metadata["reason"] == "JobRejected" and metadata["status"] == 403
+    assert "cannot create resource" in description and cluster.deleted == []
+
+
+def test_log_stream_closed_by_the_server_while_running_is_reopened() -> None:
+    """The API server may end a follow stream early; the follower re-opens it while the container runs."""
+    from resources.k8s_pipes import PodLogFollower
+
+    running = {"state": {"running": {}}}
+    statuses = [running, running, {"state": {"terminated": {"exitCode": 0}}}]
+    lines = [f"2026-11-26T01:00:0{i}Z line {i}\n".encode() for i in range(3)]
+
+    class Api:
+        opened = 0
+
+        def read_namespaced_pod_log(self, *args, **kwargs):
+            Api.opened += 1
+            return iter(lines[: Api.opened])  # each stream ends early, repeating what was sent
+
+        def list_namespaced_pod(self, namespace, field_selector=""):
+            state = statuses.pop(0)
+            return model({"items": [{"metadata": {"name": "pod"}, "status": {"containerStatuses": [
+                {"name": "main", "image": "x", "imageID": "", "ready": True, "restartCount": 0, **state}]}}]},
+                "V1PodList")
+
+    seen: list[str] = []
+    follower = PodLogFollower(Api(), "pod", "tulu", seen.append, reconnect_wait_s=0.01)
+    follower.start()
+    follower.join(10)
+    assert not follower.is_alive()
+    assert seen == ["line 0", "line 1", "line 2"] and Api.opened == 3
