@@ -44,7 +44,7 @@ RUNS = {"ingest": "run-ingest", "normalize": "run-normalize", "dedup": "run-dedu
 def _simulate_checkpoint(store: Store, mix_result, run_id: str, preset: str = "cpu_demo") -> tuple[str, dict]:
     """A finished SFT checkpoint as the trainer leaves it: its manifest, then the ledger's trained_on events."""
     mix_info = store.read_json(f"data/sft_mix/{mix_result.version}/mix.json")
-    config = {"num_epochs": 2, "learning_rate": 2e-5, "max_length": 1024, "seed": 123}
+    config = {"num_epochs": 2, "learning_rate": 2e-5, "max_length": 1024, "seed": 123, "preset": preset}
     base_sha = "ab" * 32
     checkpoint_id = sft_checkpoint_id("1", config, mix_result.version, base_sha)
     manifest_extra = {

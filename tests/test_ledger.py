@@ -34,14 +34,29 @@ def test_events_are_invisible_until_commit_and_dropped_on_error(store: Store) ->
     assert ledger.query("SELECT count(*) AS n FROM events") == [{"n": 5}]
 
 
-def test_retry_of_the_same_run_replaces_its_events(store: Store) -> None:
-    for _attempt in range(2):
+def test_retries_and_reruns_of_a_version_replace_its_events(store: Store) -> None:
+    for _attempt in range(2):  # a retried step of one run
         with LedgerWriter(store, "curation", "dedup", "v1", "run-a") as writer:
             writer.record("r1", "dropped_duplicate", reason="exact duplicate", related_ids=["r0"])
+    # a rerun after a crash: the same content-addressed version, the same decisions, recorded once
     with LedgerWriter(store, "curation", "dedup", "v1", "run-b") as writer:
         writer.record("r1", "dropped_duplicate", reason="exact duplicate", related_ids=["r0"])
+    with LedgerWriter(store, "curation", "dedup", "v2", "run-c") as writer:  # another version keeps its own
+        writer.record("r1", "kept")
     rows = Ledger(store).query("SELECT run_id, count(*) AS n FROM events GROUP BY run_id ORDER BY run_id")
-    assert rows == [{"run_id": "run-a", "n": 1}, {"run_id": "run-b", "n": 1}]
+    assert rows == [{"run_id": "run-b", "n": 1}, {"run_id": "run-c", "n": 1}]
+
+
+def test_a_killed_writers_staging_is_removed_by_the_next_writer(store: Store) -> None:
+    killed = LedgerWriter(store, "curation", "dedup", "v1", "run-a", rows_per_part=1)
+    killed.record("r1", "kept")
+    killed.record("r2", "kept")  # flushed to staging, never committed: the process died here
+    staging = Path(store.path("ledger/_staging"))
+    assert any(staging.rglob("*.parquet"))
+    with LedgerWriter(store, "curation", "dedup", "v1", "run-b") as writer:
+        writer.record("r1", "kept")
+    assert not any(staging.rglob("*.parquet"))
+    assert Ledger(store).query("SELECT row_id, run_id FROM events") == [{"row_id": "r1", "run_id": "run-b"}]
 
 
 def test_trace_shows_origin_and_related_rows(store: Store, bundle: Path) -> None:

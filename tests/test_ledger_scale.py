@@ -27,7 +27,8 @@ def _publish(store: Store, rng: random.Random, ids: list[str], runs: int, tag: s
     assets = ["raw/a", "normalized_prompts", "deduplicated_prompts", "decontaminated_prompts", "sft_mix"]
     for r in range(runs):
         asset = assets[r % len(assets)]  # a retry (same tag and r) publishes to the same run directory
-        with LedgerWriter(store, "curation", asset, f"v{r % 3}", f"{tag}-{r}", rows_per_part=100) as writer:
+        # versions are per run: a rerun of the same version would supersede it (see test_ledger.py)
+        with LedgerWriter(store, "curation", asset, f"{tag}-v{r}", f"{tag}-{r}", rows_per_part=100) as writer:
             for _ in range(events_per_run):
                 row_id = rng.choice(ids)
                 kind = rng.random()

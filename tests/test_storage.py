@@ -7,13 +7,14 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tulu_pipeline.storage import Store, StorePathError
+from tulu_pipeline.storage import LOCK_DIR, TMP_MARKER, Store, StorageWriteError, StoreLockTimeout, StorePathError
 
 SCHEMA = pa.schema([("x", pa.int64())])
 
 
 def _files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """Published files (the lock files under .locks/ are bookkeeping, kept between runs)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and LOCK_DIR not in p.parts)
 
 
 def test_paths_cannot_escape_root(store: Store) -> None:
@@ -75,3 +76,136 @@ def test_memory_filesystem_root() -> None:
     store.write_dataset("demo", "v1", [[{"x": 5}]], SCHEMA)
     assert [r["x"] for b in store.iter_dataset("demo") for r in b] == [5]
     assert store.uri("reports/a.json").startswith("memory://")
+
+
+# ---------------------------------------------------------------------------------------------
+# crashes, concurrency and unwritable homes (issue: reliability)
+# ---------------------------------------------------------------------------------------------
+def _leftovers(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob(f"*{TMP_MARKER}*"))
+
+
+def test_temporaries_of_a_killed_writer_are_swept_by_the_next_write(store: Store) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    # a writer killed with SIGKILL in the middle of a dataset and of a file write
+    script = textwrap.dedent(f"""
+        import os, signal, pyarrow as pa
+        from tulu_pipeline.storage import Store
+        store = Store({store.url!r})
+        def rows():
+            yield [{{"x": 1}}]
+            os.kill(os.getpid(), signal.SIGKILL)
+        with store.atomic_open("reports/a.json") as handle:
+            handle.write(b"half")
+            store.write_dataset("d", "v1", rows(), pa.schema([("x", pa.int64())]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    root = Path(store.root)
+    assert len(_leftovers(root)) == 2 and not store.exists("data/d/v1") and not store.exists("reports/a.json")
+
+    store.write_rows("d", "v1", [{"x": 1}, {"x": 2}], pa.schema([("x", pa.int64())]))
+    store.write_json("reports/a.json", {"ok": True})
+    assert _leftovers(root) == [] and store.read_json("reports/a.json") == {"ok": True}
+    assert [r["x"] for r in store.iter_rows("d", "v1")] == [1, 2]
+    assert sorted(os.listdir(store.path("data/d"))) == ["LATEST", "v1"]
+
+
+def test_two_processes_writing_the_same_version_take_turns(store: Store) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, time, pyarrow as pa
+        from tulu_pipeline.storage import Store
+        store = Store({store.url!r})
+        tag = int(sys.argv[1])
+        def batches():
+            for i in range(20):
+                time.sleep(0.02)  # slow enough that the two writers overlap
+                yield [{{"x": i, "writer": tag}}]
+        store.write_dataset("d", "v1", batches(), pa.schema([("x", pa.int64()), ("writer", pa.int64())]),
+                            rows_per_part=5)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tag)]) for tag in (1, 2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    rows = list(store.iter_rows("d", "v1"))
+    # one writer's complete output, never a mix of both or a nested directory
+    assert [r["x"] for r in rows] == list(range(20)) and len({r["writer"] for r in rows}) == 1
+    assert sorted(p.name for p in Path(store.path("data/d/v1")).iterdir()) == \
+        ["_dataset.json", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
+    assert _leftovers(Path(store.root)) == []
+
+
+def test_lock_timeout_names_the_target(store: Store) -> None:
+    import multiprocessing
+
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+
+    def hold() -> None:
+        with Store(store.url).lock("data/d/v1"):
+            ready.set()
+            release.wait(30)
+
+    holder = multiprocessing.get_context("fork").Process(target=hold)
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(StoreLockTimeout, match="data/d/v1"):
+            with store.lock("data/d/v1", timeout_s=0.3):
+                pass
+    finally:
+        release.set()
+        holder.join(30)
+    with store.lock("data/d/v1", timeout_s=5):  # free again
+        pass
+
+
+def test_full_disk_gives_a_clear_error_and_keeps_what_was_written(store: Store, monkeypatch) -> None:
+    import errno
+
+    schema = pa.schema([("x", pa.int64())])
+    store.write_rows("d", "v1", [{"x": 1}], schema)
+    store.write_json("reports/a.json", {"old": True})
+    real_open = store.fs.open
+
+    def full(path, mode="rb", **kwargs):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, **kwargs)
+
+    monkeypatch.setattr(store.fs, "open", full)
+    with pytest.raises(StorageWriteError, match="disk is full") as error:
+        store.write_rows("d", "v1", [{"x": 2}], schema)
+    assert "data/d/v1" in str(error.value)
+    with pytest.raises(StorageWriteError, match="reports/a.json"):
+        store.write_json("reports/a.json", {"new": True})
+    monkeypatch.undo()
+    assert [r["x"] for r in store.iter_rows("d", "v1")] == [1] and store.read_json("reports/a.json") == {"old": True}
+    assert _leftovers(Path(store.root)) == []
+
+
+def test_unwritable_home_is_a_clear_error(tmp_path: Path) -> None:
+    import os
+
+    if os.geteuid() == 0:  # root ignores permission bits: use a path under a regular file instead
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        with pytest.raises(StorageWriteError, match="TULU_HOME .* cannot be created"):
+            Store(str(blocker / "home"))
+        return
+    home = tmp_path / "ro"
+    home.mkdir()
+    store = Store(str(home))
+    home.chmod(0o500)
+    try:
+        with pytest.raises(StorageWriteError, match="permission denied"):
+            store.write_json("a.json", {})
+    finally:
+        home.chmod(0o700)

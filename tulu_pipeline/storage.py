@@ -3,15 +3,28 @@
 Every write is atomic: bytes go to a temporary sibling first and are renamed into place, so a crash
 never leaves a half-written file where a reader would find it. Datasets are published the same way,
 a whole version directory at a time.
+
+Concurrency and crashes: on a local root every write takes an exclusive lock on its target
+(``.locks/``, flock), so two runs writing the same dataset version or file take turns instead of
+interleaving renames; under the lock, temporary siblings left by a killed writer are removed. Object
+stores have no rename race (a put replaces an object whole) and datasets there live under
+content-addressed version paths, so the lock is local only. A full disk or an unwritable TULU_HOME raises
+`StorageWriteError` naming the path, after removing the partial temporary file; what was published before
+is untouched.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import posixpath
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -24,6 +37,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TMP_MARKER = ".tmp-"
+LOCK_DIR = ".locks"
+LOCK_TIMEOUT_ENV = "TULU_LOCK_TIMEOUT_S"
+# errno values that mean "this location cannot take the write", as opposed to a bug or a lost connection.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
+_held = threading.local()  # lock paths this thread holds, so a nested write to the same target does not deadlock
 
 
 def swap_directory(new: "os.PathLike[str] | str", target: "os.PathLike[str] | str") -> None:
@@ -64,6 +82,21 @@ class StorePathError(ValueError):
     """A relative path that would escape the store root."""
 
 
+class StorageWriteError(OSError):
+    """TULU_HOME cannot take a write (full disk, read-only or permission denied); nothing published was changed."""
+
+
+class StoreLockTimeout(TimeoutError):
+    """Another run held the lock on a target for longer than the configured timeout."""
+
+
+def _write_error(store_url: str, rel: str, exc: OSError) -> StorageWriteError:
+    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+              errno.EROFS: "the file system is read-only"}.get(exc.errno, "permission denied")
+    return StorageWriteError(exc.errno, f"cannot write {rel!r} under TULU_HOME {store_url}: {reason} ({exc.strerror}); "
+                             "the partial temporary file was removed and earlier outputs are unchanged")
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """Where a published dataset version lives and how big it is."""
@@ -83,7 +116,11 @@ class Store:
         self.fs, self.root = fsspec.core.url_to_fs(root)
         self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         if self.is_local:
-            self.fs.makedirs(self.root, exist_ok=True)
+            try:
+                self.fs.makedirs(self.root, exist_ok=True)
+            except OSError as exc:
+                raise StorageWriteError(exc.errno, f"TULU_HOME {root} cannot be created: {exc.strerror}; "
+                                        "set TULU_HOME to a writable directory") from exc
 
     # -- paths -------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -111,21 +148,84 @@ class Store:
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(full, detail=False))
 
-    # -- atomic writes -------------------------------------------------------------------------
+    # -- locks and atomic writes -----------------------------------------------------------------
+    @contextmanager
+    def lock(self, rel: str, timeout_s: float | None = None) -> Iterator[None]:
+        """Hold an exclusive lock on a relative target (local roots; a no-op on object stores).
+
+        Waits up to ``timeout_s`` (default ``$TULU_LOCK_TIMEOUT_S`` or 6 hours: a training run can hold a
+        checkpoint's lock that long), then raises `StoreLockTimeout` naming the target.
+        """
+        if not self.is_local:
+            yield
+            return
+        key = os.path.join(self.root, LOCK_DIR, hashlib.sha1(self.path(rel).encode()).hexdigest() + ".lock")
+        held = getattr(_held, "paths", None)
+        if held is None:
+            held = _held.paths = {}
+        if held.get(key):
+            held[key] += 1
+            try:
+                yield
+            finally:
+                held[key] -= 1
+            return
+        try:
+            os.makedirs(os.path.dirname(key), exist_ok=True)
+            fd = os.open(key, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as exc:
+            if exc.errno in WRITE_ERRNOS:
+                raise _write_error(self.url, rel, exc) from exc
+            raise
+        timeout = float(os.environ.get(LOCK_TIMEOUT_ENV, 6 * 3600)) if timeout_s is None else timeout_s
+        deadline, delay = time.monotonic() + timeout, 0.02
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreLockTimeout(f"{rel}: another run has held this target's lock for over {timeout:.0f} s "
+                                               f"(lock file {key}); raise {LOCK_TIMEOUT_ENV} or stop the other run")
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+            held[key] = 1
+            try:
+                yield
+            finally:
+                held.pop(key, None)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _sweep_tmp_siblings(self, final: str) -> None:
+        """Remove temporary siblings of ``final`` left by a killed writer (call while holding its lock)."""
+        parent, name = posixpath.split(final)
+        if not self.fs.exists(parent):
+            return
+        for path in self.fs.ls(parent, detail=False):
+            if posixpath.basename(path.rstrip("/")).startswith(name + TMP_MARKER):
+                self.fs.rm(path, recursive=True)
+
     @contextmanager
     def atomic_open(self, rel: str, mode: str = "wb") -> Iterator[Any]:
         """Open a temporary sibling of ``rel`` for writing; rename it into place only on success."""
         final = self.path(rel)
         tmp = f"{final}{TMP_MARKER}{uuid.uuid4().hex}"
-        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        try:
-            with self.fs.open(tmp, mode) as handle:
-                yield handle
-            self.fs.mv(tmp, final)
-        except BaseException:
-            if self.fs.exists(tmp):
-                self.fs.rm(tmp)
-            raise
+        with self.lock(rel):
+            try:
+                self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+                self._sweep_tmp_siblings(final)
+                with self.fs.open(tmp, mode) as handle:
+                    yield handle
+                self.fs.mv(tmp, final)
+            except BaseException as exc:
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
+                if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS and not isinstance(exc, StorageWriteError):
+                    raise _write_error(self.url, rel, exc) from exc
+                raise
 
     def write_bytes(self, rel: str, data: bytes) -> str:
         with self.atomic_open(rel, "wb") as handle:
@@ -158,11 +258,24 @@ class Store:
     ) -> DatasetInfo:
         """Publish ``data/<name>/<version>/part-*.parquet`` from batches of row dicts.
 
-        ``inputs`` ({dataset: version} this one was made from) goes into ``_dataset.json`` so lineage can be
-        walked from any dataset back to its sources. Parts are written into a temporary directory that is renamed into place when complete,
-        and ``data/<name>/LATEST`` then points at the version. Memory stays bounded by one batch.
+        Parts are written into a temporary directory that is renamed into place when complete, and
+        ``data/<name>/LATEST`` then points at the version. Memory stays bounded by one batch. ``inputs``
+        ({dataset: version} this one was made from) goes into ``_dataset.json``, so lineage can be walked
+        from any dataset back to its sources.
         """
         final_rel = self.dataset_dir(name, version)
+        with self.lock(final_rel):
+            self._sweep_tmp_siblings(self.path(final_rel))
+            try:
+                info = self._write_dataset_locked(name, version, final_rel, batches, schema, rows_per_part, inputs)
+            except OSError as exc:
+                if exc.errno in WRITE_ERRNOS and not isinstance(exc, StorageWriteError):
+                    raise _write_error(self.url, final_rel, exc) from exc
+                raise
+        self.write_bytes(posixpath.join("data", name, "LATEST"), version.encode())
+        return info
+
+    def _write_dataset_locked(self, name, version, final_rel, batches, schema, rows_per_part, inputs) -> DatasetInfo:
         tmp_rel = f"{final_rel}{TMP_MARKER}{uuid.uuid4().hex}"
         self.fs.makedirs(self.path(tmp_rel), exist_ok=True)
         parts: list[str] = []
@@ -201,15 +314,17 @@ class Store:
             with self.fs.open(self.path(tmp_rel, "_dataset.json"), "wb") as meta:
                 meta.write(json.dumps({"name": name, "version": version, "rows": rows, "parts": parts,
                                        "inputs": dict(inputs or {})}, sort_keys=True).encode())
-            if self.fs.exists(self.path(final_rel)):
-                self.fs.rm(self.path(final_rel), recursive=True)
-            self.fs.mv(self.path(tmp_rel), self.path(final_rel), recursive=True)
+            if self.is_local:  # the old version stays readable until the new one is in place
+                swap_directory(self.path(tmp_rel), self.path(final_rel))
+            else:
+                if self.fs.exists(self.path(final_rel)):
+                    self.fs.rm(self.path(final_rel), recursive=True)
+                self.fs.mv(self.path(tmp_rel), self.path(final_rel), recursive=True)
         except BaseException:
             close_part()
             if self.fs.exists(self.path(tmp_rel)):
                 self.fs.rm(self.path(tmp_rel), recursive=True)
             raise
-        self.write_bytes(posixpath.join("data", name, "LATEST"), version.encode())
         return DatasetInfo(name, version, self.uri(final_rel), rows, tuple(parts))
 
     def write_rows(self, name: str, version: str, rows: Iterable[dict[str, Any]], schema: pa.Schema,

@@ -74,7 +74,10 @@ class LedgerWriter:
     """Buffers events for one asset materialization and publishes them atomically on `commit()`.
 
     Use as a context manager: events are published when the block exits cleanly and discarded
-    when it raises.
+    when it raises. Inside the block the writer holds the store lock of its asset version, so two runs
+    materializing the same version take turns; staging left by a killed writer of that version is removed
+    on entry, and a commit supersedes the events earlier runs published for the same version (versions are
+    content addressed: same inputs and config, same decisions), so a crash and rerun never duplicates events.
     """
 
     def __init__(self, store: Store, stage: str, asset_key: str, asset_version: str, run_id: str,
@@ -82,7 +85,9 @@ class LedgerWriter:
         self.store, self.stage, self.asset_key = store, stage, asset_key
         self.asset_version, self.run_id = asset_version, run_id
         self.rows_per_part = rows_per_part
-        self._staging = posixpath.join(STAGING_DIR, f"{_safe(run_id)}-{uuid.uuid4().hex}")
+        self._staging_parent = posixpath.join(STAGING_DIR, _safe(asset_key), _safe(asset_version))
+        self._staging = posixpath.join(self._staging_parent, f"{_safe(run_id)}-{uuid.uuid4().hex}")
+        self._lock = None
         self._buffer: list[dict[str, Any]] = []
         self._parts = 0
         self.count = 0
@@ -115,16 +120,22 @@ class LedgerWriter:
         self._parts += 1
         self._buffer.clear()
 
+    @property
+    def version_dir(self) -> str:
+        return posixpath.dirname(self.target)
+
     def commit(self) -> int:
-        """Publish the staged events (replacing an earlier attempt of the same run); returns the count."""
+        """Publish the staged events, replacing every earlier run's events for this asset version; returns
+        the count."""
         self._flush()
         fs = self.store.fs
-        target = self.store.path(self.target)
-        if fs.exists(target):
-            fs.rm(target, recursive=True)
-        if self._parts:
-            fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            fs.mv(self.store.path(self._staging), target, recursive=True)
+        with self.store.lock(self.version_dir):
+            for run_dir in self.store.listdir(self.version_dir):  # superseded by this run
+                fs.rm(self.store.path(self.version_dir, run_dir), recursive=True)
+            if self._parts:
+                target = self.store.path(self.target)
+                fs.makedirs(posixpath.dirname(target), exist_ok=True)
+                fs.mv(self.store.path(self._staging), target, recursive=True)
         return self.count
 
     def abort(self) -> None:
@@ -134,13 +145,22 @@ class LedgerWriter:
             self.store.fs.rm(staging, recursive=True)
 
     def __enter__(self) -> "LedgerWriter":
+        self._lock = self.store.lock(self.version_dir)
+        self._lock.__enter__()
+        for leftover in self.store.listdir(self._staging_parent):  # nobody else can be staging this version
+            self.store.fs.rm(self.store.path(self._staging_parent, leftover), recursive=True)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
+        try:
+            if exc_type is None:
+                self.commit()
+            else:
+                self.abort()
+        finally:
+            lock, self._lock = self._lock, None
+            if lock is not None:
+                lock.__exit__(None, None, None)
 
 
 class Ledger:
