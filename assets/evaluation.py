@@ -177,15 +177,46 @@ def no_possibly_contaminated_scores(storage: TuluStorage) -> dg.AssetCheckResult
                                metadata={"flagged": dg.MetadataValue.json(flagged)})
 
 
-@dg.sensor(name="checkpoint_partitions_sensor", minimum_interval_seconds=60,
-           description="adds a checkpoints partition for every models/*/training_manifest.json and the base model")
+# Partitioned eval assets cannot run in an unpartitioned job (full_pipeline): one job evaluates a
+# checkpoint (a partition), another redraws the comparison.
+evaluate_checkpoint = dg.define_asset_job(
+    "evaluate_checkpoint", selection=dg.AssetSelection.assets(*[a.key for a in eval_assets]),
+    description="Every benchmark of the dev and unseen suites on one checkpoint (a partition of `checkpoints`).")
+eval_report = dg.define_asset_job("eval_report", selection=dg.AssetSelection.assets(eval_comparison),
+                                  description="Redraw the side-by-side comparison of every evaluated checkpoint.")
+
+
+@dg.sensor(name="checkpoint_partitions_sensor", minimum_interval_seconds=60, job=evaluate_checkpoint,
+           description="adds a checkpoints partition for every models/*/training_manifest.json and the base "
+                       "model, and requests an evaluate_checkpoint run for each new one")
 def checkpoint_partitions_sensor(context: dg.SensorEvaluationContext, storage: TuluStorage) -> dg.SensorResult:
     known = set(context.instance.get_dynamic_partitions(CHECKPOINT_PARTITIONS))
     new = [c for c in list_checkpoints(storage.store()) if c not in known]
-    return dg.SensorResult(dynamic_partitions_requests=[checkpoint_partitions.build_add_request(new)] if new else [],
-                           skip_reason=None if new else "no new checkpoints")
+    if not new:
+        return dg.SensorResult(skip_reason="no new checkpoints")
+    return dg.SensorResult(dynamic_partitions_requests=[checkpoint_partitions.build_add_request(new)],
+                           run_requests=[dg.RunRequest(partition_key=c, run_key=f"evaluate:{c}") for c in new])
+
+
+def evaluate_all_checkpoints(instance: Optional[dg.DagsterInstance] = None,
+                             checkpoints: Optional[list] = None) -> dict:
+    """Register and evaluate every checkpoint under TULU_HOME (or ``checkpoints``), then redraw the
+    comparison; for ``make run`` after ``full_pipeline``. Returns ``{checkpoint_id: success}``."""
+    from definitions import defs  # the code location, with the deployment's resources
+
+    instance = instance or dg.DagsterInstance.get()
+    ids = checkpoints if checkpoints is not None else list_checkpoints(TuluStorage().store())
+    outcome = {}
+    for checkpoint_id in ids:
+        register_checkpoint(instance, checkpoint_id)
+        job = defs.resolve_job_def("evaluate_checkpoint")
+        outcome[checkpoint_id] = job.execute_in_process(instance=instance, partition_key=checkpoint_id,
+                                                        raise_on_error=False).success
+    defs.resolve_job_def("eval_report").execute_in_process(instance=instance)
+    return outcome
 
 
 evaluation_assets = [*eval_assets, eval_comparison]
 evaluation_checks = [no_possibly_contaminated_scores]
 evaluation_sensors = [checkpoint_partitions_sensor]
+evaluation_jobs = [evaluate_checkpoint, eval_report]

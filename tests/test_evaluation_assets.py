@@ -50,6 +50,7 @@ def test_partitioned_eval_assets_and_comparison(home, monkeypatch):
     result = checkpoint_partitions_sensor(dg.build_sensor_context(instance=instance, resources=_resources(home)))
     added = result.dynamic_partitions_requests[0].partition_keys
     assert added == ["base_model", "sft-tiny"]
+    assert [r.partition_key for r in result.run_requests] == added
     instance.add_dynamic_partitions("checkpoints", added)
     assert register_checkpoint(instance, "sft-tiny") is False
 
@@ -107,11 +108,13 @@ def test_eval_asset_refuses_a_missing_checkpoint(home):
 
 
 def test_every_benchmark_has_an_asset_key_and_checks(home):
-    from assets.evaluation import evaluation_assets, evaluation_checks, evaluation_sensors
+    from assets.evaluation import evaluation_assets, evaluation_checks, evaluation_jobs, evaluation_sensors
     from tulu_pipeline.evaluation.benchmarks import benchmarks
 
     keys = {a.key for a in evaluation_assets}
     assert {dg.AssetKey(["eval", name]) for name in benchmarks()} | {dg.AssetKey("eval_comparison")} == keys
     defs = dg.Definitions(assets=evaluation_assets, asset_checks=evaluation_checks, sensors=evaluation_sensors,
-                          resources=_resources(home))
-    assert defs.resolve_all_asset_keys()
+                          jobs=evaluation_jobs, resources=_resources(home))
+    job = defs.resolve_job_def("evaluate_checkpoint")
+    assert job.partitions_def.name == "checkpoints"
+    assert {k for k in job.asset_layer.executable_asset_keys} == keys - {dg.AssetKey("eval_comparison")}

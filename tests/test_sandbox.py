@@ -70,7 +70,9 @@ def test_hostile_completion_fails_within_limits(name, canary):
 
 
 def test_expected_failure_reasons(canary):
-    assert run_python("while True:\n    pass\n", LIMITS).status in ("cpu_limit", "killed")
+    # a generous wall clock, so that the CPU limit is what ends it even on a busy machine
+    cpu_bound = SandboxLimits(**{**LIMITS.__dict__, "wall_s": 120.0, "cpu_s": 1})
+    assert run_python("while True:\n    pass\n", cpu_bound).status in ("cpu_limit", "killed")
     assert run_python("import time\ntime.sleep(3600)\n", LIMITS).status == "timeout"
     assert "MemoryError" in run_python(_hostile(canary)["unbounded_allocation"], LIMITS).reason
     assert "os.system is not allowed" in run_python(_hostile(canary)["os_system"], LIMITS).reason

@@ -44,6 +44,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 NOBODY_UID = 65534
 NOBODY_GID = 65534
@@ -150,12 +151,13 @@ def _network_flags() -> int | None:
     candidates = [CLONE_NEWNET] if os.geteuid() == 0 else []
     candidates.append(CLONE_NEWUSER | CLONE_NEWNET)
     for flags in candidates:
-        pid = os.fork()
-        if pid == 0:  # probe in a throwaway child: unshare changes the caller for good
-            code = 0 if _libc().unshare(flags) == 0 else 1
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        # probed in a throwaway interpreter: unshare changes the caller for good
+        probe = f"import ctypes, sys; sys.exit(0 if ctypes.CDLL(None).unshare({flags}) == 0 else 1)"
+        try:
+            done = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if done.returncode == 0:
             return flags
     return None
 
@@ -192,9 +194,10 @@ def sandbox_layers() -> dict[str, bool]:
     }
 
 
-def _child_setup(limits: SandboxLimits, net_flags: int | None, drop: bool) -> None:
-    """Runs in the child between fork and exec (after setsid)."""
-    if net_flags is not None and _libc().unshare(net_flags) != 0:
+def _child_setup(limits: SandboxLimits, net_flags: int | None, unshare: Any, drop: bool) -> None:
+    """Runs in the child between fork and exec (after setsid). ``unshare`` was looked up in the parent:
+    no dynamic loading happens between fork and exec, where another thread may hold the loader's lock."""
+    if net_flags is not None and unshare(net_flags) != 0:
         os._exit(126)
     mb = 1024 * 1024
     for name, value in ((resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1)),
@@ -228,6 +231,7 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
     drop = root_user and python is not None
     python = python or sys.executable
     net_flags = _network_flags()
+    unshare = _libc().unshare if net_flags is not None else None
     layers = {**sandbox_layers()}
 
     work = Path(tempfile.mkdtemp(prefix="tulu-sandbox-"))
@@ -249,7 +253,7 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
                 [python, "-I", "-B", str(work / "guard.py"), str(work), str(work / "program.py"),
                  "1" if limits.audit_hook else "0"],
                 cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, close_fds=True,
-                start_new_session=True, preexec_fn=lambda: _child_setup(limits, net_flags, drop),
+                start_new_session=True, preexec_fn=lambda: _child_setup(limits, net_flags, unshare, drop),
             )
             timed_out = False
             try:
