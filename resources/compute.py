@@ -31,6 +31,13 @@ from tulu_pipeline.settings import repo_root
 StageKind = Literal["train", "generate", "eval"]
 
 
+def _secret_ref(name: str, ref: str) -> tuple[str, str, str]:
+    secret, _, key = ref.partition("/")
+    if not secret or not key:
+        raise ValueError(f"secret_env[{name!r}] must be '<Secret name>/<key>', got {ref!r}")
+    return name, secret, key
+
+
 class ComputeLauncher(dg.ConfigurableResource):
     """Runs ``python -m <module>`` with dagster-pipes and returns the completed invocation.
 
@@ -112,6 +119,9 @@ class K8sLauncher(ComputeLauncher):
         default_factory=lambda: [TolerationConfig(key=GPU_RESOURCE)],
         description="applied only to pods that request GPUs")
     env_secrets: list[str] = Field(default_factory=lambda: ["tulu-object-store"])
+    secret_env: dict[str, str] = Field(
+        default_factory=lambda: {"TULU_JUDGE_API_KEY": "tulu-judge/api-key"},
+        description="env var -> '<Secret>/<key>' (optional secretKeyRef), e.g. the LLM judge's API key")
     extra_env: dict[str, str] = Field(default_factory=dict)  # "env" alone reads as an EnvVar to Dagster
     home_pvc: str | None = Field(default=None, description="ReadWriteMany claim mounted as TULU_HOME")
     home_mount_path: str = DEFAULT_HOME_MOUNT
@@ -160,6 +170,7 @@ class K8sLauncher(ComputeLauncher):
             if n_gpus else (),
             service_account=self.service_account,
             env_secrets=tuple(self.env_secrets),
+            secret_env=tuple(_secret_ref(name, ref) for name, ref in self.secret_env.items()),
             home_pvc=self.home_pvc,
             home_mount_path=self.home_mount_path,
             active_deadline_seconds=pick(None, "active_deadline_seconds", self.active_deadline_seconds),

@@ -68,6 +68,8 @@ class GpuPodSpec:
     tolerations: tuple[Toleration, ...] = (GPU_TOLERATION,)
     service_account: str = "tulu-pipeline"
     env_secrets: tuple[str, ...] = ("tulu-object-store",)
+    # (env var, Secret, key): single keys as env vars, optional so a missing Secret does not block a pod.
+    secret_env: tuple[tuple[str, str, str], ...] = (("TULU_JUDGE_API_KEY", "tulu-judge", "api-key"),)
     home_pvc: str | None = None
     home_mount_path: str = DEFAULT_HOME_MOUNT
     run_as_user: int = 1000
@@ -147,6 +149,8 @@ def pod_spec(spec: GpuPodSpec, command: list[str], env: dict[str, str], *, servi
     its node rank from the Job's completion index and the leader's stable DNS name.
     """
     env_list: list[dict[str, Any]] = [{"name": k, "value": str(v)} for k, v in env.items()]
+    env_list += [{"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+                 for name, secret, key in spec.secret_env if name not in env]
     volume_mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
     volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}]
     if spec.home_pvc:

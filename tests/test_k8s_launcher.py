@@ -52,6 +52,7 @@ with open_dagster_pipes() as pipes:
         "seen": pipes.extras["value"] * 2,
         "deployment": os.environ.get("TULU_DEPLOYMENT"),
         "secret_key_id": os.environ.get("AWS_ACCESS_KEY_ID"),
+        "judge_key": os.environ.get("TULU_JUDGE_API_KEY", "unset"),
     })
 '''
 
@@ -116,7 +117,8 @@ class FakeCluster:
         self.pods: dict[str, FakePod] = {}
         self.services: dict[str, dict[str, Any]] = {}
         self.events: dict[str, list[dict[str, str]]] = {}
-        self.secrets = secrets if secrets is not None else {"tulu-object-store": {"AWS_ACCESS_KEY_ID": "fake-key"}}
+        self.secrets = secrets if secrets is not None else {"tulu-object-store": {"AWS_ACCESS_KEY_ID": "fake-key"},
+                                                            "tulu-judge": {"api-key": "fake-judge-key"}}
         self.created_jobs: list[dict[str, Any]] = []
         self.pod_names: list[str] = []  # every pod ever created
         self.deleted: list[tuple[str, str, str | None]] = []
@@ -272,6 +274,14 @@ class FakeCluster:
                 env[entry["name"]] = entry["value"]
             elif entry.get("valueFrom", {}).get("fieldRef"):
                 env[entry["name"]] = str(pod.index)  # the completion index annotation
+            elif ref := entry.get("valueFrom", {}).get("secretKeyRef"):
+                value = self.secrets.get(ref["name"], {}).get(ref["key"])
+                if value is None and not ref.get("optional"):
+                    pod.container_state = {"waiting": {"reason": "CreateContainerConfigError",
+                                                       "message": f'secret "{ref["name"]}" not found'}}
+                    return
+                if value is not None:
+                    env[entry["name"]] = value
         command = [sys.executable if part == "python" else part for part in container["command"]]
         pod.process = subprocess.Popen(command, env=env, cwd=str(repo_root()), stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT)
@@ -370,6 +380,7 @@ def test_asset_materializes_through_a_kubernetes_job(cluster: FakeCluster, pipes
     assert metadata["seen"].value == 42
     assert metadata["deployment"].value == "k8s"
     assert metadata["secret_key_id"].value == "fake-key"
+    assert metadata["judge_key"].value == "fake-judge-key"  # optional secretKeyRef, resolved
     assert "plain stdout line from the pod" in capsys.readouterr().out  # non-Pipes lines are forwarded
 
     (job,) = cluster.created_jobs

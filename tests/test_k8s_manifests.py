@@ -558,6 +558,9 @@ def test_values_configure_the_gpu_launcher(values_launcher, deployment, secrets,
     assert launcher.namespace == rbac["ServiceAccount"]["metadata"]["namespace"]
     assert launcher.service_account == rbac["ServiceAccount"]["metadata"]["name"]
     assert set(launcher.env_secrets) <= set(secrets), "GPU pods would wait on a Secret that is never created"
+    for name, ref in launcher.secret_env.items():
+        secret, _, key = ref.partition("/")
+        assert key in secrets[secret]["stringData"], (name, ref)
     assert set(launcher.profiles) <= {"train", "generate", "eval"}
     for kind in ("train", "generate", "eval"):
         spec = launcher.gpu_spec(kind)

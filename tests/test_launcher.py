@@ -118,7 +118,9 @@ def test_single_gpu_job_spec() -> None:
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in pod["volumes"]
     assert container["envFrom"] == [{"secretRef": {"name": "tulu-object-store"}}]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    judge = next(e for e in container["env"] if e["name"] == "TULU_JUDGE_API_KEY")
+    assert judge["valueFrom"]["secretKeyRef"] == {"name": "tulu-judge", "key": "api-key", "optional": True}
     assert env["TULU_DEPLOYMENT"] == "k8s" and env["DAGSTER_PIPES_CONTEXT"] == PIPES_ENV["DAGSTER_PIPES_CONTEXT"]
     labels = spec["template"]["metadata"]["labels"]
     assert labels["tulu/job"] == job["metadata"]["name"] and labels["app.kubernetes.io/component"] == "train"
@@ -197,6 +199,8 @@ def test_invalid_specs_are_rejected_with_the_reason() -> None:
         GpuPodSpec(image="x", nodes=0)
     with pytest.raises(ValueError, match="needs its Job name"):
         pod_spec(GpuPodSpec(image="x", nodes=2), ["python"], {})
+    with pytest.raises(ValueError, match="must be '<Secret name>/<key>'"):
+        gpu_launcher(secret_env={"OPENAI_API_KEY": "tulu-judge"}).gpu_spec()
     with pytest.raises(ValueError, match="backoff_limit"):
         GpuPodSpec(image="x", backoff_limit=-1)
 
