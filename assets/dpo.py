@@ -6,7 +6,11 @@ import dagster as dg
 
 from assets.metadata import TRAINING_OWNERS, config_hash, image
 from resources import ComputeLauncher, TuluStorage
-from tulu_pipeline.training.dpo import DPO_CODE_VERSION, LOSS_CURVE_FILE, REFERENCE_CODE_VERSION
+from tulu_pipeline.training.dpo import (
+    DPO_CODE_VERSION,
+    LOSS_CURVE_FILE,
+    REFERENCE_CODE_VERSION,
+)
 from tulu_pipeline.training.dpo_plan import (
     JOB_MODULE,
     dpo_checkpoint_plan,

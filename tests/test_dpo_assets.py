@@ -18,9 +18,18 @@ import dagster as dg
 from test_dpo_support import TINY_DPO, pair_schema, split_pairs, tiny_setup
 
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.checkpointing import CHECKPOINTS_DIR, MANIFEST_FILE, PROGRESS_FILE, write_json_atomic
+from tulu_pipeline.training.checkpointing import (
+    CHECKPOINTS_DIR,
+    MANIFEST_FILE,
+    PROGRESS_FILE,
+    write_json_atomic,
+)
 from tulu_pipeline.training.dpo import PAIRS_DATASET, REFERENCE_DATASET, STEP_DELAY_ENV
-from tulu_pipeline.training.dpo_plan import dpo_checkpoint_plan, reference_logprobs_plan, sft_checkpoint_ref
+from tulu_pipeline.training.dpo_plan import (
+    dpo_checkpoint_plan,
+    reference_logprobs_plan,
+    sft_checkpoint_ref,
+)
 from tulu_pipeline.training.reporting import NullReporter
 
 RESUME_ATOL = 1e-5

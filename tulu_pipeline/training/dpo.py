@@ -139,7 +139,7 @@ def encode_pairs(pairs: Iterable[Mapping[str, Any]], tokenizer: Any, max_length:
         try:
             prompt = list(pair["prompt"])
             if not isinstance(pair["chosen"], str) or not isinstance(pair["rejected"], str):
-                raise ValueError("chosen and rejected must be strings")
+                raise TypeError("chosen and rejected must be strings")
             chosen = encode_response(prompt, pair["chosen"], tokenizer, max_length)
             rejected = encode_response(prompt, pair["rejected"], tokenizer, max_length)
         except (KeyError, TypeError, ValueError) as exc:
@@ -505,7 +505,12 @@ def run_dpo(
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-    from tulu_pipeline.training.sft import _device, _library_versions, _save_final, resolve_bf16
+    from tulu_pipeline.training.sft import (
+        _device,
+        _library_versions,
+        _save_final,
+        resolve_bf16,
+    )
 
     tokenizer = apply_tulu_chat_template(AutoTokenizer.from_pretrained(model_dir))
     train = encode_pairs(pairs, tokenizer, config.max_length)
@@ -525,7 +530,7 @@ def run_dpo(
         reference_logprobs = compute_reference_logprobs([*pairs, *heldout], model_dir, config, reporter)
         reference_source = "computed_by_run"
     reference = {str(row["pair_id"]): row for row in reference_logprobs}
-    train_reference = attach_reference(train, reference)
+    attach_reference(train, reference)  # sets each training example's ref_* fields
     held_reference = attach_reference(held, reference)
 
     base_sha = weights_sha256(model_dir)

@@ -33,7 +33,6 @@ from typing import Any
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.checkpointing import MANIFEST_FILE
 from tulu_pipeline.training.dpo import (
-    LOSS_CURVE_FILE,
     PAIRS_DATASET,
     REFERENCE_DATASET,
     DPOResult,

@@ -14,7 +14,6 @@ from tulu_pipeline.training.dpo import (
     DPO_CODE_VERSION,
     PAIRS_DATASET,
     REFERENCE_CODE_VERSION,
-    REFERENCE_DATASET,
     TRAINED_PAIRS_FILE,
 )
 from tulu_pipeline.training.dpo_config import dpo_config
