@@ -437,8 +437,9 @@ def dpo_curve_png(curve: list[dict[str, Any]], before: dict[str, Any], after: di
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=100)
     steps = [point["step"] for point in curve]
     left.plot(steps, [point["loss"] for point in curve], color="#4c72b0", label="train loss")
-    if after.get("loss") is not None:
-        left.axhline(after["loss"], color="#55a868", linestyle="--", label=f"held-out after {after['loss']:.3f}")
+    for name, values, color in (("before", before, "#c44e52"), ("after", after, "#55a868")):
+        if values.get("loss") is not None:
+            left.axhline(values["loss"], color=color, linestyle="--", label=f"held-out {name} {values['loss']:.3f}")
     left.set_xlabel("optimizer step")
     left.set_ylabel("preference loss (nats/pair)")
     left.legend(loc="upper right", fontsize=8)
