@@ -34,6 +34,8 @@ checkpoint_partitions = dg.DynamicPartitionsDefinition(name=CHECKPOINT_PARTITION
 REGRESSION_CHECK = "no_regression_vs_parent"
 CONTAMINATION_CHECK = "decontaminated_upstream"
 COMPARISON_REPORT = "reports/eval/comparison"
+# the assets that write models/<checkpoint_id>/ (lineage in the UI; the partition names the checkpoint)
+CHECKPOINT_ASSETS = ["base_model", "sft_checkpoint", "dpo_checkpoint", "rlvr_checkpoint"]
 
 
 def register_checkpoint(instance_or_context: Any, checkpoint_id: str) -> bool:
@@ -83,6 +85,7 @@ def build_eval_asset(name: str) -> dg.AssetsDefinition:
     @dg.asset(
         key=key, partitions_def=checkpoint_partitions, group_name="evaluation", kinds={"parquet"},
         owners=EVAL_OWNERS, code_version=EVAL_CODE_VERSION, tags={"tulu/compute": "gpu"},
+        deps=[*CHECKPOINT_ASSETS, *[dg.AssetKey(["raw", source]) for source in spec.sources]],
         metadata={"suite": spec.suite, "metric": spec.metric, "sources": list(spec.sources)},
         check_specs=[dg.AssetCheckSpec(REGRESSION_CHECK, asset=key,
                                        description="score against the checkpoint this one was trained from"),
@@ -198,11 +201,12 @@ def checkpoint_partitions_sensor(context: dg.SensorEvaluationContext, storage: T
                            run_requests=[dg.RunRequest(partition_key=c, run_key=f"evaluate:{c}") for c in new])
 
 
-def evaluate_all_checkpoints(instance: Optional[dg.DagsterInstance] = None,
-                             checkpoints: Optional[list] = None) -> dict:
+def evaluate_all_checkpoints(instance: Optional[dg.DagsterInstance] = None, checkpoints: Optional[list] = None,
+                             defs: Optional[dg.Definitions] = None) -> dict:
     """Register and evaluate every checkpoint under TULU_HOME (or ``checkpoints``), then redraw the
     comparison; for ``make run`` after ``full_pipeline``. Returns ``{checkpoint_id: success}``."""
-    from definitions import defs  # the code location, with the deployment's resources
+    if defs is None:
+        from definitions import defs  # the code location, with the deployment's resources
 
     instance = instance or dg.DagsterInstance.get()
     ids = checkpoints if checkpoints is not None else list_checkpoints(TuluStorage().store())
