@@ -320,6 +320,8 @@ class PipesK8sJobClient(dg.PipesClient):
             except kubernetes.client.ApiException as error:
                 if error.status != 404:
                     context.log.warning(f"could not delete {kind} {namespace}/{name}: {error.status} {error.reason}")
+            except Exception as error:  # noqa: BLE001 - never hide the step's own outcome; the TTL cleans up
+                context.log.warning(f"could not delete {kind} {namespace}/{name}: {type(error).__name__}: {error}")
 
 
 class _JobWatch:
@@ -390,14 +392,16 @@ class _JobWatch:
                     pods = self.client.core_api.list_namespaced_pod(
                         self.namespace, label_selector=f"tulu/job={self.name}").items
                     api_errors = 0
-                except kubernetes.client.ApiException as error:
-                    if error.status == 404:
+                except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError, OSError) as error:
+                    if getattr(error, "status", None) == 404:
                         raise self.fail("JobDeleted", "the Job was deleted while the step waited for it",
                                         self._leader_name()) from None
                     api_errors += 1
                     if api_errors >= self.client.max_api_errors:
+                        detail = (f"{error.status} {error.reason}" if isinstance(error, kubernetes.client.ApiException)
+                                  else f"{type(error).__name__}: {error}")
                         raise self.fail("KubernetesAPIError", f"{api_errors} failed polls in a row, last: "
-                                        f"{error.status} {error.reason}") from None
+                                        f"{detail}") from None
                     self.client.sleeper(self.client.poll_interval_s)
                     continue
                 if self._step(job, pods, now):

@@ -691,3 +691,15 @@ def test_log_stream_closed_by_the_server_while_running_is_reopened() -> None:
     follower.join(10)
     assert not follower.is_alive()
     assert seen == ["line 0", "line 1", "line 2"] and Api.opened == 3
+
+
+def test_an_unreachable_api_fails_after_bounded_retries(cluster: FakeCluster, pipes_module: Path,
+                                                        monkeypatch) -> None:
+    def unreachable(name: str, namespace: str) -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(cluster.batch, "read_namespaced_job", unreachable)
+    description, metadata = failure_of(materialize(launcher(pipes_module), {"value": 1}))
+    assert metadata["reason"] == "KubernetesAPIError"
+    assert "12 failed polls in a row" in description and "Connection refused" in description
+    assert cluster.jobs == {}  # deleted all the same
