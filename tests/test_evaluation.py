@@ -202,6 +202,19 @@ def test_samples_are_seeded_nested_and_carry_registry_ids():
     assert all(s.item_id.startswith("gsm8k_test-") and s.reference["ground_truth"] for s in small)
 
 
+def test_math500_falls_back_to_a_seeded_math_subset_without_its_file(tmp_path):
+    from tulu_pipeline.data.registry import get_source
+    from tulu_pipeline.settings import data_dir
+
+    (tmp_path / "eval" / "math").mkdir(parents=True)
+    (tmp_path / "eval" / "math" / "test.jsonl").symlink_to(get_source("math_test").local_path(data_dir()))
+    config = BenchmarkConfig(sample_size=5, seed=2)
+    samples = load_samples("math500", config, root=tmp_path)
+    assert len(samples) == 5 and all(s.source == "math_test" and s.reference["ground_truth"] for s in samples)
+    assert [s.item_id for s in samples] == [s.item_id for s in load_samples("math500", config, root=tmp_path)]
+    assert all(s.source == "math500" for s in load_samples("math500", config))  # the bundle has the file
+
+
 def test_bbh_few_shot_exemplars_come_from_the_task_file_and_are_not_evaluated():
     config = benchmark_config("bbh", "cpu")
     samples = load_samples("bbh", config)

@@ -5,6 +5,9 @@ Suites come from the same source registry decontamination uses (``sources.yaml``
 decontamination target. The one exception is ``safety`` (HH-RLHF harmless prompts, a *training* pool
 in the registry): it is evaluated, and its score is always marked possibly contaminated.
 
+MATH-500 is read from its bundle file; where that file is absent, a seeded 500-item subset of the MATH
+test set stands in (`MATH500_FALLBACK`), and the items say so (their source is ``math_test``).
+
 Items are chosen by a seeded hash of their row id (``sha256(seed:row_id)``), so the same config gives
 the same items on every machine, and a larger sample contains every smaller one.
 """
@@ -34,6 +37,8 @@ VERIFIER_TASK = {"gsm8k": "gsm8k", "math500": "math", "math": "math"}
 FEW_SHOT_SOURCE = {"gsm8k": "gsm8k_train", "math500": "math_train", "math": "math_train"}
 SAME_FILE_FEW_SHOT = {"bbh", "mbpp"}
 SAFETY_SOURCE = "hh_rlhf_harmless"
+# MATH-500 without its file: a seeded 500-item subset of the MATH test set (itself a registry target)
+MATH500_FALLBACK = ("math_test", 500, 500)  # source, items, seed
 # the metric a benchmark's headline number is (for tables)
 METRIC_OF = {
     "verified": "accuracy", "ifeval": "prompt-level strict accuracy", "humaneval": "pass@1", "mbpp": "pass@1",
@@ -162,6 +167,17 @@ def _rows(source_id: str, root: Path | None) -> list[dict[str, Any]]:
     return list(iter_source_rows(get_source(source_id), root))
 
 
+def _source_rows(benchmark: str, source_id: str, root: Path | None) -> tuple[str, list[dict[str, Any]]]:
+    """A benchmark source's rows; MATH-500 falls back to `MATH500_FALLBACK` when its file is absent."""
+    from tulu_pipeline.data.registry import get_source
+
+    if benchmark == "math500" and not get_source(source_id).local_path(root).exists():
+        fallback, items, seed = MATH500_FALLBACK
+        rows = sorted(_rows(fallback, root), key=lambda r: rank_key(seed, r["row_id"]))[:items]
+        return fallback, rows
+    return source_id, _rows(source_id, root)
+
+
 def _user(row: dict[str, Any]) -> str:
     return "\n\n".join(m["content"] for m in row["messages"] if m["role"] == "user")
 
@@ -233,7 +249,7 @@ def load_samples(name: str, config: BenchmarkConfig, root: Path | None = None) -
     benchmark = get_benchmark(name)
     pool: list[tuple[str, dict[str, Any], list[dict[str, Any]]]] = []  # (source, row, exemplar rows)
     for source in benchmark.sources:
-        rows = _rows(source, root)
+        source, rows = _source_rows(name, source, root)
         exemplars: list[dict[str, Any]] = []
         if config.few_shot and benchmark.name in SAME_FILE_FEW_SHOT:
             exemplars, rows = rows[: config.few_shot], rows[config.few_shot:]
