@@ -31,7 +31,7 @@ class RaySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # None: $RAY_ADDRESS when set, else a local Ray started for the run (and stopped after it).
     address: str | None = None
-    shard_rows: int = Field(default=20_000, ge=1)  # rows per task; whole Parquet row groups, so a lower bound
+    shard_rows: int = Field(default=50_000, ge=1)  # rows per task: bounds a worker's memory
     num_cpus: int | None = None  # CPUs of a Ray started locally (None: all)
     object_store_memory: int | None = None  # bytes, for a Ray started locally (None: Ray's default)
     max_retries: int = Field(default=3, ge=0)  # re-runs of a task whose worker died

@@ -4,8 +4,8 @@
 when ``CurationConfig.executor == "ray"``; they publish the same datasets, quarantines and ledger
 events (same row ids, decisions, order and ``seq``) as the in-process path.
 
-**Shards.** An input dataset is cut into shards of whole Parquet row groups (about
-``ray.shard_rows`` rows, `plan_shards`), in the order the local path reads it. A task processes
+**Shards.** An input dataset is cut into shards of ``ray.shard_rows`` rows (`plan_shards`, from
+the Parquet footers only), in the order the local path reads it. A task processes
 one shard with the library step (`Normalizer`, `Decontaminator`, `Deduplicator.signature`) and
 publishes its outputs under ``_ray/<stage>/<version>/<run_id>/`` in TULU_HOME, each file written
 atomically under a name fixed by the shard index. A task whose worker dies is re-run by Ray
@@ -129,40 +129,49 @@ def _quiet_remote_args() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Shard:
-    """Row groups ``[first_group, stop_group)`` of one Parquet part of a published dataset."""
+    """Rows ``[start, stop)`` of one Parquet part of a published dataset."""
 
     index: int
     dataset: str
     version: str
     part: str
-    first_group: int
-    stop_group: int
-    rows: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
 
 
 def plan_shards(store: Store, inputs: dict[str, str], shard_rows: int) -> list[Shard]:
-    """Shards of about ``shard_rows`` rows (whole row groups) over ``inputs`` in reading order."""
+    """Shards of at most ``shard_rows`` rows over ``inputs``, in the order the local path reads them.
+
+    Only Parquet footers are read here; a worker reads the row groups its shard overlaps.
+    """
     shards: list[Shard] = []
     for name, version in inputs.items():
         info = store.dataset_info(name, version)
         for part in info.parts:
             with store.fs.open(store.path(store.dataset_dir(name, version), part), "rb") as handle:
-                meta = pq.ParquetFile(handle).metadata
-            first, rows = 0, 0
-            for group in range(meta.num_row_groups):
-                rows += meta.row_group(group).num_rows
-                if rows >= shard_rows or group == meta.num_row_groups - 1:
-                    shards.append(Shard(len(shards), name, version, part, first, group + 1, rows))
-                    first, rows = group + 1, 0
+                rows = pq.ParquetFile(handle).metadata.num_rows
+            for start in range(0, rows, shard_rows):
+                shards.append(Shard(len(shards), name, version, part, start, min(rows, start + shard_rows)))
     return shards
 
 
-def read_shard(store: Store, shard: Shard, batch_size: int = 5_000) -> Iterator[dict[str, Any]]:
-    """The rows of ``shard``, one row group at a time."""
+def read_shard(store: Store, shard: Shard) -> Iterator[dict[str, Any]]:
+    """The rows of ``shard``, one overlapping row group at a time."""
     with store.fs.open(store.path(store.dataset_dir(shard.dataset, shard.version), shard.part), "rb") as handle:
-        groups = list(range(shard.first_group, shard.stop_group))
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size, row_groups=groups):
-            yield from batch.to_pylist()
+        parquet = pq.ParquetFile(handle)
+        offset = 0
+        for group in range(parquet.metadata.num_row_groups):
+            size = parquet.metadata.row_group(group).num_rows
+            lo, hi = max(shard.start, offset), min(shard.stop, offset + size)
+            if lo < hi:
+                yield from parquet.read_row_group(group).slice(lo - offset, hi - lo).to_pylist()
+            offset += size
+            if offset >= shard.stop:
+                break
 
 
 def _shard_of(item: dict[str, Any]) -> Shard:
@@ -559,7 +568,7 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
             shards = plan_shards(store, inputs, config.ray.shard_rows)
             partitions = max(1, len(shards))
             # A reducer is a task over one partition: the same shard machinery, indexed by partition.
-            reducers = [Shard(p, "", "", "", 0, 0, 0) for p in range(partitions)]
+            reducers = [Shard(p, "", "", "", 0, 0) for p in range(partitions)]
             run.map_shards("signatures", shards, _signature_shard, config=dedup_config, partitions=partitions)
             # The shuffle: each reducer groups the band records of its partition from every shard.
             run.map_shards("buckets", reducers, _bucket_edges, shard_count=len(shards))

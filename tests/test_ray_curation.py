@@ -1,0 +1,195 @@
+"""Curation on Ray Data (executor: ray) against the in-process path, on one local Ray for the module.
+
+The equivalence runs on a subset of the bundle (4 of the 6 training pools: code_alpaca,
+hh_rlhf_harmless, self_instruct_seed, fine_grained_rlhf_qa, about 5,000 rows with 17 duplicates,
+2 empty rows and 8 contaminated rows; evaluated against truthfulqa, mbpp, humaneval and
+alpaca_eval) so that the module stays well under two minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from tulu_pipeline.curation import pipeline  # noqa: E402
+from tulu_pipeline.curation.config import CurationConfig, EvalSelection, RaySettings  # noqa: E402
+from tulu_pipeline.curation.dedup import Deduplicator, dedup_order  # noqa: E402
+from tulu_pipeline.curation.ray_executor import (  # noqa: E402
+    RAY_DIR, deduplicate_prompts_ray, normalize_prompts_ray, plan_shards,
+)
+from tulu_pipeline.data.ingest import ingest_source  # noqa: E402
+from tulu_pipeline.data.registry import registry  # noqa: E402
+from tulu_pipeline.data.schema import ROW_SCHEMA  # noqa: E402
+from tulu_pipeline.provenance.ledger import Ledger, MemorySink  # noqa: E402
+from tulu_pipeline.storage import Store  # noqa: E402
+
+TRAIN = ["code_alpaca", "hh_rlhf_harmless", "self_instruct_seed", "fine_grained_rlhf_qa"]
+BENCHMARKS = ["truthfulqa", "mbpp", "humaneval", "alpaca_eval"]
+STAGES = ("normalized_prompts", "deduplicated_prompts", "decontaminated_prompts")
+EVENT_COLUMNS = "row_id, event, stage, asset_key, asset_version, seq, decision, reason, related_ids, details"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for the module: 2 CPUs, a small object store, no dashboard."""
+    ray.init(num_cpus=2, object_store_memory=500 * 2**20, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _config(executor: str, shard_rows: int = 1_000) -> CurationConfig:
+    return CurationConfig(train_sources=TRAIN, evals=EvalSelection(benchmarks=BENCHMARKS), executor=executor,
+                          ray=RaySettings(shard_rows=shard_rows))
+
+
+@pytest.fixture(scope="module")
+def raw_home(tmp_path_factory, bundle: Path) -> Path:
+    home = tmp_path_factory.mktemp("ray_raw") / "home"
+    store = Store(str(home))
+    for spec in registry():
+        if spec.id in TRAIN or (spec.role == "eval" and spec.benchmark in BENCHMARKS):
+            ingest_source(spec, store, "ingest", root=bundle)
+    return home
+
+
+def _copy(raw_home: Path, name: str) -> Store:
+    home = raw_home.parent / name
+    shutil.copytree(raw_home, home)
+    return Store(str(home))
+
+
+def _run_all(store: Store, config: CurationConfig) -> dict[str, pipeline.StageResult]:
+    return {
+        "normalized_prompts": pipeline.normalize_prompts(store, config, "run-1"),
+        "deduplicated_prompts": pipeline.deduplicate_prompts(store, config, "run-1"),
+        "decontaminated_prompts": pipeline.decontaminate_prompts(store, config, "run-1"),
+    }
+
+
+@pytest.fixture(scope="module")
+def curated(raw_home: Path, ray_local):
+    local, on_ray = _copy(raw_home, "local"), _copy(raw_home, "ray")
+    return (local, _run_all(local, _config("local"))), (on_ray, _run_all(on_ray, _config("ray")))
+
+
+def _events(store: Store, asset_key: str | None = None) -> list[dict]:
+    where = "stage <> 'sources'" if asset_key is None else f"asset_key = '{asset_key}'"
+    return Ledger(store).query(f"SELECT {EVENT_COLUMNS} FROM events WHERE {where} ORDER BY asset_key, seq")
+
+
+def test_ray_and_local_publish_the_same_rows_decisions_and_ledger(curated) -> None:
+    (local, local_results), (on_ray, ray_results) = curated
+    for stage in STAGES:
+        a, b = local_results[stage], ray_results[stage]
+        assert (b.version, b.dataset.rows, b.quarantined, b.ledger_events) == \
+               (a.version, a.dataset.rows, a.quarantined, a.ledger_events), stage
+        assert b.stats == a.stats and b.samples == a.samples and b.text_lengths == a.text_lengths, stage
+        assert list(on_ray.iter_rows(stage, b.version)) == list(local.iter_rows(stage, a.version)), stage
+    # The subset exercises every kind of decision.
+    assert local_results["normalized_prompts"].quarantined == 2
+    dedup = local_results["deduplicated_prompts"].stats
+    assert dedup["exact_duplicates"] >= 1 and dedup["near_duplicates"] >= 10
+    assert local_results["decontaminated_prompts"].quarantined >= 5
+
+    for rel in ("quarantine/normalized_prompts", "quarantine/deduplicated_prompts"):
+        version = local_results[rel.split("/")[1]].version
+        assert on_ray.read_bytes(f"{rel}/{version}.jsonl") == local.read_bytes(f"{rel}/{version}.jsonl")
+    assert list(on_ray.iter_rows("decontamination_quarantine")) == list(local.iter_rows("decontamination_quarantine"))
+
+    events = _events(local)
+    assert len(events) == sum(r.ledger_events for r in local_results.values())
+    assert _events(on_ray) == events
+    assert not on_ray.exists(RAY_DIR) or not on_ray.fs.find(on_ray.path(RAY_DIR))  # shard files cleaned up
+
+    metrics = ray_results["decontaminated_prompts"].ray_metrics
+    assert metrics["shards"] >= 2 and metrics["rows"] == ray_results["decontaminated_prompts"].dataset.rows
+
+
+def _row(i: int, text: str, source: str = "synthetic", answer: str | None = None) -> dict:
+    return {"row_id": f"{source}-{i:04d}", "source": source, "source_key": f"{source}:{i}", "license": "cc0",
+            "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}],
+            "ground_truth": answer, "constraints": None, "eval_id": None, "extra": None}
+
+
+def _words(seed: int, n: int = 80) -> list[str]:
+    return [f"w{(seed * 7919 + k * 104729) % 100_003}" for k in range(n)]
+
+
+def test_duplicates_split_across_shards_are_caught_with_the_local_keep_rule(tmp_path, ray_local) -> None:
+    store = Store(str(tmp_path / "home"))
+    base = _words(1)
+    near = base[:40] + ["changed"] + base[41:]  # one of 80 words differs: 71 of 81 shingles shared (0.88)
+    texts = [" ".join(_words(seed)) for seed in range(100, 124)]
+    texts[2] = " ".join(base)             # shard 0: kept
+    texts[14] = " ".join(near)            # shard 3: near duplicate of row 2
+    texts[21] = " ".join(base).upper()    # shard 5: exact duplicate of row 2 (dedup text is lowercased)
+    texts[9] = " ".join(_words(2))        # shard 2: kept
+    texts[17] = " ".join(_words(2)[:79])  # shard 4: near duplicate of row 9
+    rows = [_row(i, t) for i, t in enumerate(texts)]
+    # shard_rows=4: 6 shards of 4 rows, so every duplicate pair below spans two shards.
+    store.write_dataset("normalized_prompts", "synthetic", (rows[i:i + 4] for i in range(0, len(rows), 4)), ROW_SCHEMA)
+    config = CurationConfig(executor="ray", ray=RaySettings(shard_rows=4))
+    assert len(plan_shards(store, {"normalized_prompts": "synthetic"}, 4)) == 6
+
+    result = deduplicate_prompts_ray(store, config, "run-1")
+
+    sink = MemorySink()
+    local = Deduplicator(config.dedup, sink)
+    kept_locally = [r["row_id"] for r in local(dedup_order(rows, config.dedup.source_priority))]
+    assert [r["row_id"] for r in store.iter_rows("deduplicated_prompts", result.version)] == kept_locally
+    dropped = {d["row_id"]: (d["duplicate_of"], d["kind"]) for d in local.dropped}
+    assert dropped == {"synthetic-0014": ("synthetic-0002", "near"), "synthetic-0021": ("synthetic-0002", "exact"),
+                       "synthetic-0017": ("synthetic-0009", "near")}
+    ledger = [{k: e[k] for k in ("row_id", "event", "decision", "reason", "related_ids")}
+              for e in _events(store, "deduplicated_prompts")]
+    assert ledger == [{k: e[k] for k in ("row_id", "event", "decision", "reason", "related_ids")} for e in sink.events]
+
+
+def test_distinct_answers_keep_near_identical_prompts_across_shards(tmp_path, ray_local) -> None:
+    store = Store(str(tmp_path / "home"))
+    base = _words(3)
+    rows = [_row(0, " ".join(base), answer="30"),
+            _row(1, " ".join(_words(4))),
+            _row(2, " ".join(base[:79] + ["madam"]), answer="60"),   # near, another answer: another task
+            _row(3, " ".join(base[:79] + ["level"]), answer="30"),   # near, same answer: a duplicate
+            _row(4, " ".join(base), answer="60")]                    # exact: answers are not compared
+    store.write_dataset("normalized_prompts", "answers", ([r] for r in rows), ROW_SCHEMA)
+    config = CurationConfig(executor="ray", ray=RaySettings(shard_rows=1))
+    result = deduplicate_prompts_ray(store, config, "run-1")
+    local = Deduplicator(config.dedup, MemorySink())
+    expected = [r["row_id"] for r in local(dedup_order(rows, config.dedup.source_priority))]
+    assert [r["row_id"] for r in store.iter_rows("deduplicated_prompts", result.version)] == expected == \
+           ["synthetic-0000", "synthetic-0001", "synthetic-0002"]
+    assert {d["row_id"]: d["kind"] for d in local.dropped} == {"synthetic-0003": "near", "synthetic-0004": "exact"}
+
+
+def test_a_worker_killed_mid_job_is_retried_without_duplicated_ledger_events(raw_home: Path, curated) -> None:
+    (local, local_results), _ = curated
+    store = _copy(raw_home, "killed")
+    marker = raw_home.parent / "kill-once"
+    marker.touch()
+
+    def kill_once(step: str, shard: int) -> None:
+        # After shard 1 has published its files: the window where a naive retry would double its events.
+        if step == "normalize" and shard == 1:
+            try:
+                os.remove(marker)  # only the first attempt finds it
+            except FileNotFoundError:
+                return
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    result = normalize_prompts_ray(store, _config("ray"), "run-1", shard_hook=kill_once)
+    assert not marker.exists()  # the worker was killed once, and its task ran again
+    expected = local_results["normalized_prompts"]
+    assert result.ledger_events == expected.ledger_events == expected.stats["rows_in"]
+    assert list(store.iter_rows("normalized_prompts", result.version)) == \
+           list(local.iter_rows("normalized_prompts", expected.version))
+    events = _events(store, "normalized_prompts")
+    assert len({e["row_id"] for e in events}) == len(events)
+    assert events == _events(local, "normalized_prompts")
