@@ -40,6 +40,8 @@ def test_public_api_shape():
     ("It takes 2.5 hours.", 2.5),
     ("Half of it: \\boxed{\\frac{1}{2}}", 0.5),
     ("In 2023 she had 3 cats; the answer is 3 cats.", 3),
+    ("The answer is 3/4 of a cup.", 0.75),
+    ("**Answer:** 1,250,000 dollars", 1250000),
 ])
 def test_gsm8k_extraction(response, expected):
     value, _method = gsm8k_extract(response)
@@ -92,6 +94,7 @@ def test_math_extraction(text, expected):
     (r"$\boxed{1,000}$", "1000"),
     (r"$\boxed{x=4}$", "4"),
     (r"$\boxed{5 \text{ cm}}$", "5"),
+    (r"$\boxed{21}$", r"21\text{ dogs}"),
     (r"The final answer is $\sqrt{2}/2$.", r"\frac{\sqrt{2}}{2}"),
 ])
 def test_math_equivalent_answers(response, ground_truth):
@@ -105,6 +108,7 @@ def test_math_equivalent_answers(response, ground_truth):
     (r"$\boxed{(x+1)^3}$", "x^2+2x+1"),
     (r"$\boxed{(3, \pi)}$", r"\left( 3, \frac{\pi}{2} \right)"),
     ("I think it is 5.", "5"),  # no boxed / final-answer marker: not a verifiable answer
+    (r"$\boxed{}$", "5"),
 ])
 def test_math_wrong_answers(response, ground_truth):
     verdict = verify("math", response, ground_truth=ground_truth)

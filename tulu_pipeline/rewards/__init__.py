@@ -10,8 +10,6 @@ Heavy dependencies (math-verify/sympy, langdetect, nupunkt) load on first use.
 
 from __future__ import annotations
 
-from typing import Any
-
 from tulu_pipeline.rewards.verdict import Verdict
 
 TASKS = ("gsm8k", "math", "ifeval")
@@ -26,7 +24,8 @@ def verify(task: str, response: str, *, ground_truth: str | None = None, constra
 
     gsm8k/math need `ground_truth` (a bare answer, or the full reference solution with "#### N" /
     \\boxed{}); ifeval needs `constraints` ({"instruction_id_list": [...], "kwargs": [...]} as in IFEval's
-    input data) and honours `mode` ("strict" or "loose", the official loose variants). Raises ValueError
+    input data) and honours `mode` ("strict" or "loose", the official loose variants; gsm8k and math have
+    a single mode and accept either value). Raises ValueError
     for an unknown task or mode, a missing or malformed ground truth or constraints, or a non-string response.
     """
     if task not in TASKS:
@@ -51,7 +50,7 @@ def verify(task: str, response: str, *, ground_truth: str | None = None, constra
 
 
 def reward(task: str, response: str, *, ground_truth: str | None = None, constraints: dict | None = None,
-           correct_value: float = 10.0, **kwargs: Any) -> float:
-    """Tülu 3's RLVR reward: `correct_value` when the response verifies (strict), else 0.0."""
-    return correct_value if verify(task, response, ground_truth=ground_truth, constraints=constraints,
-                                   **kwargs).ok else 0.0
+           correct_value: float = 10.0) -> float:
+    """Tülu 3's RLVR reward: `correct_value` when the response verifies (strict mode), else 0.0."""
+    verdict = verify(task, response, ground_truth=ground_truth, constraints=constraints)
+    return correct_value if verdict.ok else 0.0

@@ -81,13 +81,14 @@ def gsm8k_cases(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 def math_cases(rows: list[dict[str, Any]], truth: str) -> Iterator[dict[str, Any]]:
     """Gold and perturbed cases for MATH rows; `truth` is "solution" (boxed in it) or "answer" (a field)."""
     answers = [extract_answer(row["solution"])[0] for row in rows]
+    answers = [a if a and a.strip() else None for a in answers]
     for index, row in enumerate(rows):
         item_id = row.get("unique_id", index)
         ground_truth = row["answer"] if truth == "answer" else row["solution"]
         yield {"id": item_id, "kind": "gold_vs_own_answer", "response": row["solution"],
                "ground_truth": ground_truth, "expect_ok": True}
         own = answers[index]
-        if own is None:
+        if not own or not own.strip():
             continue
         other = _perturb_number(normalize_answer(own))
         if other is None:
@@ -109,10 +110,15 @@ def run_cases(task: str, cases: Iterable[dict[str, Any]], max_exceptions: int = 
     started = time.perf_counter()
     total = 0
     for case in cases:
-        verdict = verify(task, case["response"], ground_truth=case["ground_truth"])
         stats = kinds.setdefault(case["kind"], {"count": 0, "agree": 0})
         stats["count"] += 1
         total += 1
+        try:
+            verdict = verify(task, case["response"], ground_truth=case["ground_truth"])
+        except ValueError as exc:  # a defective reference (e.g. an empty \boxed{}) is an exception, not a crash
+            exceptions.append({"id": case["id"], "kind": case["kind"], "expected_ok": case["expect_ok"],
+                               "reason": f"invalid reference: {exc}"[:400]})
+            continue
         if verdict.ok == case["expect_ok"]:
             stats["agree"] += 1
         elif len(exceptions) < max_exceptions:

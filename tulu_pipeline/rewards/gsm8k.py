@@ -45,9 +45,10 @@ def _numbers(text: str) -> list[tuple[float, str]]:
 
 
 def _fraction(text: str) -> float | None:
-    """A bare 'a/b' or '\\frac{a}{b}' (a boxed GSM8K answer is sometimes written so)."""
+    """A leading 'a/b' or '\\frac{a}{b}' (a GSM8K answer is sometimes written so), not part of a longer number."""
     text = text.strip().strip("$").strip()
-    m = re.fullmatch(r"(-?)\\d?frac\{(-?\d+)\}\{(\d+)\}", text) or re.fullmatch(r"(-?)(\d+)\s*/\s*(\d+)", text)
+    m = (re.match(r"(-?)\\d?frac\{(\d+)\}\{(\d+)\}", text)
+         or re.match(r"(-?)(\d+)\s*/\s*(\d+)(?![\d.,/])", text))
     if not m or int(m.group(3)) == 0:
         return None
     value = float(Fraction(int(m.group(2)), int(m.group(3))))

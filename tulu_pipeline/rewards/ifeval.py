@@ -64,14 +64,13 @@ def count_words(text: str) -> int:
 
 # Abbreviations of general English prose. nupunkt's bundled model was trained on legal text and knows
 # ~5,900 "abbreviations", many of them ordinary words ("sun.", "win."), which would swallow sentence
-# breaks; only its dotted ones (e.g., u.s., p.m.) are kept, plus this list.
+# breaks; only its dotted ones (e.g., u.s., p.m.) are kept, plus this list (no entry is also a common
+# sentence-final word: "no.", "sat.", "wed." are left out on purpose).
 GENERAL_ABBREVIATIONS = frozenset({
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "inc", "ltd", "co", "corp", "jan", "feb",
-    "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "no", "vol", "fig", "approx", "dept",
-    "est", "gen", "gov", "govt", "sen", "rep", "rev", "capt", "col", "lt", "sgt", "mt", "ft", "ave", "blvd", "rd",
-    "al", "cf", "ca", "pp", "ph.d", "hr", "hrs", "mins", "sec", "oz", "lb", "lbs", "pg", "ed", "eds", "ibid",
-    "univ", "assn", "bros", "mfg", "mgr", "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri", "sat",
-    "e.g", "i.e", "u.s", "u.k", "a.m", "p.m", "u.s.a", "d.c",
+    "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "vol", "fig", "figs", "approx", "dept", "govt",
+    "capt", "lt", "sgt", "mt", "ft", "blvd", "al", "cf", "ca", "pp", "ph.d", "hrs", "lbs", "oz", "univ", "assn",
+    "bros", "mfg", "mgr", "e.g", "i.e", "u.s", "u.k", "a.m", "p.m", "u.s.a", "d.c",
 })
 
 

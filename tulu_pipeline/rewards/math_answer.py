@@ -66,6 +66,8 @@ def normalize_answer(answer: str) -> str:
     s = s.replace("^\\circ", "").replace("^{\\circ}", "").replace("°", "")
     s = s.replace("\\%", "").replace("%", "").replace("\\$", "")
     s = _UNITS.sub("", s)
+    # a number followed by a worded unit: "21\text{ dogs}" -> "21"
+    s = re.sub(r"^(-?[\d.,]+)\s*\\(?:text|mbox|mathrm)\{\s*[A-Za-z][A-Za-z ]*\}$", r"\1", s)
     for _ in range(3):
         s = _TEXT_WRAPPERS.sub(r"\1", s)
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
@@ -174,14 +176,16 @@ def verify_math(response: str, ground_truth: str, timeout_seconds: int = TIMEOUT
     expected, gt_method = extract_answer(ground_truth)
     if expected is None:  # a bare answer, e.g. MATH-500's "answer" field
         expected, gt_method = ground_truth.strip(), "bare"
-    if not expected:
-        raise ValueError("math ground truth is empty")
+    if not expected.strip():
+        raise ValueError(f"math ground truth has an empty answer ({gt_method}): {ground_truth[-200:]!r}")
     extracted, method = extract_answer(response)
+    if extracted is not None and not extracted.strip():
+        extracted, method = None, "empty_box"
     details: dict[str, Any] = {"extracted": extracted, "expected": expected, "extraction": method,
                                "ground_truth_extraction": gt_method}
     if extracted is None:
-        return Verdict(0.0, False, f"no final answer found (no \\boxed{{}} or 'final answer is'); "
-                       f"expected {expected}", {**details, "method": "none"})
+        return Verdict(0.0, False, f"no final answer found (no non-empty \\boxed{{}} or 'final answer is'); "
+                       f"expected {expected!r}", {**details, "method": "none"})
     if normalize_answer(extracted) == normalize_answer(expected):
         ok, how = True, "normalized_string"
     else:
