@@ -251,6 +251,9 @@ def judged_completions(context: dg.AssetExecutionContext, config: JudgedCompleti
 # ---------------------------------------------------------------------------------------------
 class PreferencePairsConfig(dg.Config):
     seed: int = 0
+    rank_by: str = "rating"
+    """rating: mean of the 1-5 ratings (Tülu 3); expected: mean expected rating of the log-likelihood judge
+    (breaks the ties a small local judge leaves)"""
     heldout_fraction: float = 0.2
     """share of prompts held out for DPO evaluation (by seeded hash of the prompt row id)"""
     human_sources: list[str] = Field(default_factory=lambda: PairConfig().human_sources)
@@ -280,7 +283,7 @@ class PreferencePairsConfig(dg.Config):
           "decontaminated rows; a seeded held-out split; a paired ledger event per prompt row.")
 def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsConfig, storage: TuluStorage):
     store = storage.store()
-    pair_config = PairConfig(seed=config.seed, heldout_fraction=config.heldout_fraction,
+    pair_config = PairConfig(seed=config.seed, rank_by=config.rank_by, heldout_fraction=config.heldout_fraction,
                              human_sources=config.human_sources, human_rows_per_source=config.human_rows_per_source)
     decontam = DecontamConfig(ngram=config.ngram, threshold=config.threshold)
     curation = CurationConfig(decontam=decontam, evals=EvalSelection(suites=config.eval_suites,

@@ -284,3 +284,34 @@ def test_prompts_refuse_a_pool_whose_checks_failed(store):
     small_pool(store, passed=False)
     with pytest.raises(BlockedByChecksError):
         select_preference_prompts(store, PromptSelectionConfig(), "run-1")
+
+
+class FakeNextTokenScorer(FakeScorer):
+    """A FakeScorer that also offers one-pass next-token scoring, which the judge must prefer."""
+
+    def __init__(self):
+        super().__init__()
+        self.contexts = []
+
+    def next_token_logprobs(self, contexts, candidates):
+        self.contexts.extend(contexts)
+        return [[score for score, _ in FakeScorer.loglikelihood(self, [(c, k) for k in candidates])] for c in contexts]
+
+
+def test_judge_prefers_one_pass_next_token_scoring_with_the_same_result():
+    items = [JudgeItem("c1", [{"role": "user", "content": "q"}], "[r=4] fine"),
+             JudgeItem("c2", [{"role": "user", "content": "q"}], "[r=1] bad")]
+    fast, slow = FakeNextTokenScorer(), FakeScorer()
+    assert LoglikelihoodJudge(fast, "j").judge(items) == LoglikelihoodJudge(slow, "j").judge(items)
+    assert len(fast.contexts) == 2 * len(ASPECTS) and len(slow.requests) == 2 * len(ASPECTS) * 5
+
+
+def test_rank_by_expected_separates_equal_argmax_ratings():
+    group = [dict(completion("a", 1.0), mean_expected=1.8), dict(completion("b", 1.0), mean_expected=1.6),
+             dict(completion("c", 1.0), mean_expected=1.7)]
+    with pytest.raises(NoPair, match="tie"):
+        select_pair("p1", group, seed=0)
+    chosen, rejected = select_pair("p1", group, seed=0, score="mean_expected")
+    assert chosen["completion_id"] == "a" and rejected["completion_id"] in ("b", "c")
+    with pytest.raises(ValueError, match="no mean_expected"):
+        select_pair("p1", [completion("a", 2.0), completion("b", 1.0)], seed=0, score="mean_expected")

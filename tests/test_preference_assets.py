@@ -104,6 +104,7 @@ def test_preference_assets_materialize(tiny_home, tmp_path):
     assert all(json.loads(c["params"])["max_new_tokens"] == 16 for c in completions if c["model_role"] != "reference")
     judged = list(store.iter_rows("judged_completions"))
     assert len(judged) == len(completions) and {j["rubric_version"] for j in judged} == {"ultrafeedback-v1"}
+    assert all(1 <= j["mean_expected"] <= 5 for j in judged)
 
     pairs = list(store.iter_rows("preference_pairs"))
     assert store.dataset_info("preference_pairs").rows == len(pairs) and pairs

@@ -63,8 +63,16 @@ class Judgment:
             return None
         return sum(self.ratings[a]["rating"] for a in ASPECTS) / len(ASPECTS)
 
+    @property
+    def mean_expected(self) -> float | None:
+        """Mean over aspects of the expected rating (log-likelihood judges only): finer than the argmax,
+        so it separates completions a small judge rates alike."""
+        if self.ratings is None or any("expected" not in self.ratings[a] for a in ASPECTS):
+            return None
+        return sum(self.ratings[a]["expected"] for a in ASPECTS) / len(ASPECTS)
+
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "mean_rating": self.mean_rating}
+        return {**asdict(self), "mean_rating": self.mean_rating, "mean_expected": self.mean_expected}
 
 
 class Judge(Protocol):
@@ -74,6 +82,10 @@ class Judge(Protocol):
 
 
 class LoglikelihoodScorer(Protocol):
+    """``loglikelihood`` is required. A scorer may also offer ``next_token_logprobs(contexts, candidates)``
+    (for each context, the log-probability of each single-token candidate as the next token): one forward
+    pass per context instead of one per candidate, which the judge then uses (5x fewer passes)."""
+
     def loglikelihood(self, requests: list[tuple[Messages, str]]) -> list[tuple[float, int]]: ...
 
 
@@ -94,18 +106,23 @@ class LoglikelihoodJudge:
         self.scorer, self.judge_id = scorer, judge_id
 
     def judge(self, items: Sequence[JudgeItem]) -> list[Judgment]:
-        requests = [(aspect_messages(aspect, item.prompt, item.response), str(r))
-                    for item in items for aspect in ASPECTS for r in RATINGS]
-        scores = self.scorer.loglikelihood(requests)
-        if len(scores) != len(requests):
-            raise RuntimeError(f"loglikelihood returned {len(scores)} scores for {len(requests)} requests")
-        out, k = [], 0
-        for item in items:
+        contexts = [aspect_messages(aspect, item.prompt, item.response) for item in items for aspect in ASPECTS]
+        candidates = [str(r) for r in RATINGS]
+        if hasattr(self.scorer, "next_token_logprobs"):
+            rows = [list(map(float, row)) for row in self.scorer.next_token_logprobs(contexts, candidates)]
+        else:
+            requests = [(context, c) for context in contexts for c in candidates]
+            scores = self.scorer.loglikelihood(requests)
+            if len(scores) != len(requests):
+                raise RuntimeError(f"loglikelihood returned {len(scores)} scores for {len(requests)} requests")
+            rows = [[float(s[0]) for s in scores[k:k + len(candidates)]] for k in range(0, len(scores), len(candidates))]
+        if len(rows) != len(contexts) or any(len(row) != len(candidates) for row in rows):
+            raise RuntimeError(f"the scorer returned {len(rows)} score rows for {len(contexts)} aspect prompts")
+        out = []
+        for i, item in enumerate(items):
             ratings = {}
-            for aspect in ASPECTS:
-                logprobs = [float(s[0]) for s in scores[k:k + len(RATINGS)]]
-                k += len(RATINGS)
-                best, expected, probs = rating_distribution(logprobs)
+            for a, aspect in enumerate(ASPECTS):
+                best, expected, probs = rating_distribution(rows[i * len(ASPECTS) + a])
                 ratings[aspect] = {"rating": best, "expected": round(expected, 6),
                                    "probs": [round(p, 6) for p in probs]}
             out.append(Judgment(item.completion_id, ratings))

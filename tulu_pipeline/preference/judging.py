@@ -101,7 +101,8 @@ def publish_judgments(store: Store, completions_version: str, version: str, outp
                 histograms[aspect][int(judgment["ratings"][aspect]["rating"])] += 1
             raw = judgment.get("raw") or []
             out = {**row, "ratings": json.dumps(judgment["ratings"], sort_keys=True), "mean_rating": mean,
-                   "judge_id": judge_id, "rubric_version": RUBRIC_VERSION, "rubric_hash": digest,
+                   "mean_expected": judgment.get("mean_expected"), "judge_id": judge_id,
+                   "rubric_version": RUBRIC_VERSION, "rubric_hash": digest,
                    "judge_attempts": int(judgment.get("attempts") or 1), "judge_raw": raw[-1] if raw else None}
             if len(first) < 6:
                 first.append(out)

@@ -21,7 +21,7 @@ import posixpath
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,6 +46,9 @@ class PairConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
+    rank_by: Literal["rating", "expected"] = Field(
+        "rating", description="rating: the mean of the 1-5 ratings (Tülu 3); expected: the mean expected rating "
+        "of a log-likelihood judge, which separates completions a small judge rates alike")
     heldout_fraction: float = Field(0.2, ge=0, lt=1, description="share of prompts held out for DPO evaluation")
     human_sources: list[str] = Field(default_factory=lambda: sorted(HUMAN_PAIR_BUILDERS),
                                      description="human preference sources to ingest ([] for none)")
@@ -64,21 +67,30 @@ class NoPair(ValueError):
         super().__init__(f"{code}: {message}")
 
 
-def select_pair(prompt_row_id: str, completions: list[dict[str, Any]], seed: int) -> tuple[dict, dict]:
-    """(chosen, rejected) among one prompt's judged completions (dicts with ``completion_id``, ``text``,
-    ``mean_rating``); raises `NoPair` for fewer than two non-empty completions or a tie at the top."""
+RANK_FIELDS = {"rating": "mean_rating", "expected": "mean_expected"}
+
+
+def select_pair(prompt_row_id: str, completions: list[dict[str, Any]], seed: int,
+                score: str = "mean_rating") -> tuple[dict, dict]:
+    """(chosen, rejected) among one prompt's judged completions (dicts with ``completion_id``, ``text`` and
+    the ``score`` field, ``mean_rating`` by default); raises `NoPair` for fewer than two non-empty
+    completions or a tie at the top."""
     candidates = [c for c in completions if c["text"].strip()]
+    unscored = [c["completion_id"] for c in candidates if c.get(score) is None]
+    if unscored:
+        raise ValueError(f"{prompt_row_id}: completions {unscored[:3]} have no {score} (rank_by 'expected' needs a "
+                         "log-likelihood judge)")
     if len(candidates) < 2:
         raise NoPair("too_few_completions", f"{len(candidates)} non-empty judged completion(s); need two")
 
     def key(tag):
         return lambda c: rank_key(seed, prompt_row_id, tag, c["completion_id"])
 
-    best = max(c["mean_rating"] for c in candidates)
-    chosen = min((c for c in candidates if c["mean_rating"] == best), key=key("chosen"))
-    lower = [c for c in candidates if c["mean_rating"] < best and c["text"].strip() != chosen["text"].strip()]
+    best = max(c[score] for c in candidates)
+    chosen = min((c for c in candidates if c[score] == best), key=key("chosen"))
+    lower = [c for c in candidates if c[score] < best and c["text"].strip() != chosen["text"].strip()]
     if not lower:
-        raise NoPair("tie", f"no completion is rated strictly below the best mean rating {best:g} "
+        raise NoPair("tie", f"no completion is rated strictly below the best {score} {best:g} "
                      f"({len(candidates)} completions)")
     return chosen, min(lower, key=key("rejected"))
 
@@ -89,11 +101,16 @@ def split_of(prompt_row_id: str, fraction: float, seed: int) -> str:
     return "heldout" if value < fraction else "train"
 
 
-def on_policy_pair(prompt_row_id: str, completions: list[dict[str, Any]], seed: int, fraction: float) -> dict:
-    """A `PAIR_SCHEMA` row from one prompt's judged completions (rows of ``judged_completions``)."""
-    chosen, rejected = select_pair(prompt_row_id, completions, seed)
+def on_policy_pair(prompt_row_id: str, completions: list[dict[str, Any]], seed: int, fraction: float,
+                   rank_by: str = "rating") -> dict:
+    """A `PAIR_SCHEMA` row from one prompt's judged completions (rows of ``judged_completions``);
+    ``chosen_rating``/``rejected_rating`` are the ranking scores (``rank_by``)."""
+    score = RANK_FIELDS[rank_by]
+    chosen, rejected = select_pair(prompt_row_id, completions, seed, score)
     ratings = {"chosen": json.loads(chosen["ratings"]), "rejected": json.loads(rejected["ratings"]),
-               "rubric_version": chosen["rubric_version"], "rubric_hash": chosen["rubric_hash"]}
+               "rubric_version": chosen["rubric_version"], "rubric_hash": chosen["rubric_hash"], "rank_by": rank_by,
+               "mean_rating": {"chosen": chosen["mean_rating"], "rejected": rejected["mean_rating"]},
+               "mean_expected": {"chosen": chosen.get("mean_expected"), "rejected": rejected.get("mean_expected")}}
     extra = {"chosen_completion_id": chosen["completion_id"], "rejected_completion_id": rejected["completion_id"],
              "candidates": len(completions), "seed": seed}
     return {
@@ -101,7 +118,7 @@ def on_policy_pair(prompt_row_id: str, completions: list[dict[str, Any]], seed: 
         "prompt_row_id": prompt_row_id, "source": chosen["source"], "license": chosen["license"],
         "prompt": chosen["prompt"], "chosen": chosen["text"], "rejected": rejected["text"],
         "chosen_model": chosen["model_id"], "rejected_model": rejected["model_id"],
-        "chosen_rating": float(chosen["mean_rating"]), "rejected_rating": float(rejected["mean_rating"]),
+        "chosen_rating": float(chosen[score]), "rejected_rating": float(rejected[score]),
         "ratings": json.dumps(ratings, sort_keys=True), "judge_id": chosen["judge_id"], "origin": "on_policy",
         "split": split_of(prompt_row_id, fraction, seed), "extra": json.dumps(extra, sort_keys=True),
     }
@@ -177,11 +194,11 @@ def build_preference_pairs(store: Store, config: PairConfig, run_id: str, judged
     dropped: list[dict[str, Any]] = []
     for prompt_row_id, group in sorted(group_by_prompt(store.iter_rows(JUDGED_DATASET, judged_version)).items()):
         try:
-            pairs.append(on_policy_pair(prompt_row_id, group, config.seed, config.heldout_fraction))
+            pairs.append(on_policy_pair(prompt_row_id, group, config.seed, config.heldout_fraction, config.rank_by))
         except NoPair as exc:
             dropped.append({"prompt_row_id": prompt_row_id, "source": group[0]["source"], "origin": "on_policy",
                             "reason": exc.code, "details": json.dumps({"message": str(exc),
-                                                                        "ratings": [c["mean_rating"] for c in group]})})
+                                                                        "scores": [c[RANK_FIELDS[config.rank_by]] for c in group]})})
     for row in human_rows(store, decontam_version, config) if config.human_sources else []:
         try:
             pair = human_pair(row, config.seed)

@@ -46,7 +46,8 @@ COMPLETION_SCHEMA = pa.schema([
 JUDGED_SCHEMA = pa.schema([
     *COMPLETION_SCHEMA,
     pa.field("ratings", pa.string(), nullable=False),  # JSON: aspect -> {rating, expected?, probs?}
-    pa.field("mean_rating", pa.float64(), nullable=False),
+    pa.field("mean_rating", pa.float64(), nullable=False),  # mean over aspects of the 1-5 ratings
+    pa.field("mean_expected", pa.float64()),  # mean of the expected ratings (log-likelihood judges)
     pa.field("judge_id", pa.string(), nullable=False),
     pa.field("rubric_version", pa.string(), nullable=False),
     pa.field("rubric_hash", pa.string(), nullable=False),
