@@ -8,7 +8,12 @@ from assets.metadata import TRAINING_OWNERS, config_hash, image, samples, table_
 from resources import ComputeLauncher, TuluStorage
 from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.reporting import markdown_table
-from tulu_pipeline.rlvr.prompts import RLVR_CODE_VERSION, RLVR_PRESETS, RLVRPromptsConfig, build_rlvr_prompts
+from tulu_pipeline.rlvr.prompts import (
+    RLVR_CODE_VERSION,
+    RLVR_PRESETS,
+    RLVRPromptsConfig,
+    build_rlvr_prompts,
+)
 from tulu_pipeline.training.grpo import DEFAULT_VERIFIER_MODULE, GRPO_CODE_VERSION
 from tulu_pipeline.training.grpo_plan import record_rlvr_events, rlvr_checkpoint_plan
 
@@ -60,6 +65,21 @@ class RLVRCheckpointConfig(dg.Config):
     """fields of GRPOTrainingConfig to change, e.g. {"max_steps": 8, "beta": 0.01}"""
     verifier_module: str = DEFAULT_VERIFIER_MODULE
     """module whose verify(task, response, ground_truth=, constraints=).ok decides each completion's reward"""
+    start_checkpoint_id: str = ""
+    """the DPO/SFT checkpoint to start from; empty: dpo_checkpoint's latest materialization, else sft_checkpoint's,
+    else the newest DPO (then SFT) checkpoint on disk"""
+
+
+def _start_checkpoint_id(context: dg.AssetExecutionContext, config: RLVRCheckpointConfig) -> str | None:
+    if config.start_checkpoint_id:
+        return config.start_checkpoint_id
+    for key in ("dpo_checkpoint", "sft_checkpoint"):
+        event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
+        if event is not None and event.asset_materialization is not None:
+            value = event.asset_materialization.metadata.get("checkpoint_id")
+            if value is not None:
+                return value.value
+    return None
 
 
 @dg.asset(group_name="rlvr", kinds={"pytorch", "safetensors"}, owners=TRAINING_OWNERS, code_version=GRPO_CODE_VERSION,
@@ -70,7 +90,8 @@ class RLVRCheckpointConfig(dg.Config):
 def rlvr_checkpoint(context: dg.AssetExecutionContext, config: RLVRCheckpointConfig, storage: TuluStorage,
                     launcher: ComputeLauncher) -> dg.MaterializeResult:
     store = storage.store()
-    plan = rlvr_checkpoint_plan(store, config.preset, config.overrides, verifier_module=config.verifier_module)
+    plan = rlvr_checkpoint_plan(store, config.preset, config.overrides, verifier_module=config.verifier_module,
+                                start_checkpoint_id=_start_checkpoint_id(context, config))
     context.log.info(f"RLVR from {plan.start.kind} checkpoint {plan.start.checkpoint_id} on rlvr_prompts@"
                      f"{plan.dataset_version} -> {plan.checkpoint_id}")
     invocation = launcher.run(context, "tulu_pipeline.training.grpo_job", extras=plan.extras)

@@ -24,7 +24,11 @@ from test_grpo_support import addition_row, save_warm_addition_model
 
 from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.checkpointing import CHECKPOINTS_DIR, MANIFEST_FILE, PROGRESS_FILE
+from tulu_pipeline.training.checkpointing import (
+    CHECKPOINTS_DIR,
+    MANIFEST_FILE,
+    PROGRESS_FILE,
+)
 from tulu_pipeline.training.grpo import (
     REWARD_CURVE_FILE,
     STEP_DELAY_ENV,
@@ -35,7 +39,11 @@ from tulu_pipeline.training.grpo import (
     run_grpo,
     step_prompt_indices,
 )
-from tulu_pipeline.training.grpo_config import GRPO_PRESETS, GRPOTrainingConfig, grpo_config
+from tulu_pipeline.training.grpo_config import (
+    GRPO_PRESETS,
+    GRPOTrainingConfig,
+    grpo_config,
+)
 from tulu_pipeline.training.reporting import NullReporter
 
 RESUME_ATOL = 1e-5

@@ -46,7 +46,10 @@ def save_warm_addition_model(target: Path, pairs: list[tuple[int, int]], correct
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tulu_pipeline.training.chat_template import apply_tulu_chat_template, encode_conversation
+    from tulu_pipeline.training.chat_template import (
+        apply_tulu_chat_template,
+        encode_conversation,
+    )
 
     tokenizer = apply_tulu_chat_template(char_tokenizer())
     torch.manual_seed(seed)

@@ -48,7 +48,10 @@ from typing import Any
 
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.rlvr.prompts import row_task
-from tulu_pipeline.training.chat_template import apply_tulu_chat_template, encode_conversation
+from tulu_pipeline.training.chat_template import (
+    apply_tulu_chat_template,
+    encode_conversation,
+)
 from tulu_pipeline.training.checkpointing import (
     MANIFEST_FILE,
     PROGRESS_FILE,

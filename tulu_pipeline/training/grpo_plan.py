@@ -74,6 +74,18 @@ def find_start_checkpoint(store: Store) -> StartCheckpoint:
                             f"'dpo-' or 'sft-') under {store.url}; materialize sft_checkpoint first")
 
 
+def start_checkpoint_by_id(store: Store, checkpoint_id: str) -> StartCheckpoint:
+    """A named DPO or SFT checkpoint (``models/<checkpoint_id>/``); it must be complete (have its manifest)."""
+    kind = checkpoint_id.split("-", 1)[0]
+    if kind not in START_KINDS:
+        raise ValueError(f"RLVR starts from a DPO or SFT checkpoint ('dpo-...' or 'sft-...'), got {checkpoint_id!r}")
+    rel = f"models/{checkpoint_id}/{MANIFEST_FILE}"
+    if not store.exists(rel):
+        raise FileNotFoundError(f"{store.uri(rel)} does not exist: {checkpoint_id} is missing or incomplete")
+    manifest = store.read_json(rel)
+    return StartCheckpoint(checkpoint_id, f"models/{checkpoint_id}", kind, str(manifest.get("fingerprint") or ""))
+
+
 def rlvr_checkpoint_id(code_version: str, config: dict[str, Any], dataset_version: str, start: StartCheckpoint) -> str:
     """``rlvr-<hash>`` of the training code version, the full config, the prompt set and the start checkpoint."""
     payload = {"code": code_version, "config": config, "prompts": dataset_version,
@@ -82,8 +94,9 @@ def rlvr_checkpoint_id(code_version: str, config: dict[str, Any], dataset_versio
 
 
 def rlvr_checkpoint_plan(store: Store, preset: str, overrides: dict[str, Any], dataset_version: str | None = None,
-                         verifier_module: str | None = None) -> GRPOPlan:
-    """Plan a run on ``rlvr_prompts@dataset_version`` (default: the latest) from `find_start_checkpoint`."""
+                         verifier_module: str | None = None, start_checkpoint_id: str | None = None) -> GRPOPlan:
+    """Plan a run on ``rlvr_prompts@dataset_version`` (default: the latest) from ``start_checkpoint_id`` (default:
+    `find_start_checkpoint`, the newest DPO checkpoint on disk, else the newest SFT one)."""
     from tulu_pipeline.provenance.audit import registry_version
     from tulu_pipeline.training.grpo import GRPO_CODE_VERSION
     from tulu_pipeline.training.grpo_config import grpo_config
@@ -93,7 +106,7 @@ def rlvr_checkpoint_plan(store: Store, preset: str, overrides: dict[str, Any], d
     if dataset_version is None:
         raise FileNotFoundError(f"{RLVR_DATASET} has not been materialized under {store.url}")
     info = store.read_json(rlvr_info_path(dataset_version))
-    start = find_start_checkpoint(store)
+    start = start_checkpoint_by_id(store, start_checkpoint_id) if start_checkpoint_id else find_start_checkpoint(store)
     checkpoint_id = rlvr_checkpoint_id(GRPO_CODE_VERSION, config.model_dump(mode="json"), dataset_version, start)
     checkpoint_dir = f"models/{checkpoint_id}"
     extras: dict[str, Any] = {
