@@ -7,8 +7,8 @@ import dagster as dg
 from pydantic import Field
 
 from assets.metadata import DATA_OWNERS, config_hash, image, samples, table_schema
-from resources import TuluStorage
-from tulu_pipeline.curation.config import DEFAULT_SOURCE_PRIORITY, CurationConfig, EvalSelection
+from resources import ComputeLauncher, TuluStorage
+from tulu_pipeline.curation.config import DEFAULT_SOURCE_PRIORITY, CurationConfig, EvalSelection, RaySettings
 from tulu_pipeline.curation.decontaminate import DecontamConfig
 from tulu_pipeline.curation.dedup import DedupConfig
 from tulu_pipeline.curation.normalize import NormalizeConfig
@@ -16,6 +16,7 @@ from tulu_pipeline.curation.pipeline import (
     CURATION_CODE_VERSION, StageResult, decontaminate_prompts, decontamination_report, deduplicate_prompts,
     normalize_prompts, record_check_results, schema_violations, verify_no_eval_overlap, build_eval_index,
 )
+from tulu_pipeline.curation.ray_job import MODULE as RAY_JOB, load_stage_result
 from tulu_pipeline.curation.report import heatmap_png, report_markdown
 from tulu_pipeline.data.registry import registry
 from tulu_pipeline.data.schema import ROW_SCHEMA
@@ -26,13 +27,44 @@ EVAL_KEYS = [dg.AssetKey(["raw", s.id]) for s in registry() if s.role == "eval"]
 SAMPLE_COLUMNS = ["row_id", "source", "messages"]
 
 
-class NormalizeStageConfig(dg.Config):
+class ExecutionConfig(dg.Config):
+    """Where a stage runs; the outputs are the same either way, so it is left out of the config hash."""
+
+    executor: str = Field(default="local", description="local: in this process; ray: a Ray Data job launched "
+                          "through the compute launcher (see README, Curating at scale)")
+    ray_address: str | None = Field(default=None, description="Ray cluster address (default $RAY_ADDRESS, else a "
+                                    "local Ray started by the job)")
+    shard_rows: int = Field(default=RaySettings().shard_rows, description="rows per Ray task")
+
+
+EXECUTION_FIELDS = set(ExecutionConfig.model_fields)
+
+
+def _settings(config: dg.Config) -> dict:
+    """The stage's own settings, without where it runs."""
+    return config.model_dump(exclude=EXECUTION_FIELDS)
+
+
+def _on_ray(context: dg.AssetExecutionContext, launcher: ComputeLauncher, store, stage: str,
+            curation: CurationConfig, config: ExecutionConfig) -> tuple[StageResult, dict]:
+    """Run ``stage`` as a Ray job through the launcher; its result and the job's reported metrics."""
+    curation = curation.model_copy(update={"executor": "ray", "ray": RaySettings(
+        address=config.ray_address, shard_rows=config.shard_rows)})
+    invocation = launcher.run(context, RAY_JOB, extras={"tulu_home": store.url, "stage": stage,
+                                                        "run_id": context.run.run_id,
+                                                        "config": curation.model_dump(mode="json")})
+    reported = {key: value for r in invocation.get_results() if isinstance(r, dg.MaterializeResult)
+                for key, value in (r.metadata or {}).items() if key.startswith("ray_")}
+    return load_stage_result(store, context.run.run_id, stage), reported
+
+
+class NormalizeStageConfig(ExecutionConfig):
     train_sources: list[str] | None = None
     max_chars: int = NormalizeConfig().max_chars
     strip_template_artifacts: bool = True
 
 
-class DedupStageConfig(dg.Config):
+class DedupStageConfig(ExecutionConfig):
     key: str = "prompt"
     near_duplicates: bool = True
     shingle_size: int = 5
@@ -42,7 +74,7 @@ class DedupStageConfig(dg.Config):
     source_priority: list[str] = Field(default_factory=lambda: list(DEFAULT_SOURCE_PRIORITY))
 
 
-class DecontamStageConfig(dg.Config):
+class DecontamStageConfig(ExecutionConfig):
     ngram: int = 8
     threshold: float = 0.5
     include_response: bool = False
@@ -53,7 +85,7 @@ class DecontamStageConfig(dg.Config):
 
 def _stage_metadata(store, result: StageResult, config: dg.Config) -> dict:
     return {
-        "config_hash": config_hash(config),
+        "config_hash": config_hash(_settings(config)),
         "dagster/row_count": result.dataset.rows,
         "dagster/column_schema": table_schema(ROW_SCHEMA),
         "path": dg.MetadataValue.path(result.dataset.path),
@@ -73,10 +105,14 @@ def _stage_metadata(store, result: StageResult, config: dg.Config) -> dict:
           description="Every training pool in the row schema, Unicode-NFC and whitespace normalized, template "
           "artifacts stripped; empty and over-long rows quarantined with a reason.")
 def normalized_prompts(context: dg.AssetExecutionContext, config: NormalizeStageConfig,
-                       storage: TuluStorage) -> dg.MaterializeResult:
+                       storage: TuluStorage, launcher: ComputeLauncher) -> dg.MaterializeResult:
     store = storage.store()
     curation = CurationConfig(train_sources=config.train_sources, normalize=NormalizeConfig(
         max_chars=config.max_chars, strip_template_artifacts=config.strip_template_artifacts))
+    if config.executor == "ray":
+        result, reported = _on_ray(context, launcher, store, "normalized_prompts", curation, config)
+        return dg.MaterializeResult(metadata={**_stage_metadata(store, result, config), **reported},
+                                    data_version=dg.DataVersion(result.version))
     result = normalize_prompts(store, curation, context.run.run_id)
     return dg.MaterializeResult(metadata=_stage_metadata(store, result, config), data_version=dg.DataVersion(result.version))
 
@@ -85,9 +121,13 @@ def normalized_prompts(context: dg.AssetExecutionContext, config: NormalizeStage
           description="Exact duplicates (normalized text) and MinHash-LSH near duplicates removed; the first row "
           "by source priority, then row_id, is kept; each dropped row's ledger event names the row it duplicates.")
 def deduplicated_prompts(context: dg.AssetExecutionContext, config: DedupStageConfig,
-                         storage: TuluStorage) -> dg.MaterializeResult:
+                         storage: TuluStorage, launcher: ComputeLauncher) -> dg.MaterializeResult:
     store = storage.store()
-    curation = CurationConfig(dedup=DedupConfig(**config.model_dump()))
+    curation = CurationConfig(dedup=DedupConfig(**_settings(config)))
+    if config.executor == "ray":
+        result, reported = _on_ray(context, launcher, store, "deduplicated_prompts", curation, config)
+        return dg.MaterializeResult(metadata={**_stage_metadata(store, result, config), **reported},
+                                    data_version=dg.DataVersion(result.version))
     result = deduplicate_prompts(store, curation, context.run.run_id)
     return dg.MaterializeResult(metadata=_stage_metadata(store, result, config), data_version=dg.DataVersion(result.version))
 
@@ -113,14 +153,20 @@ def deduplicated_prompts(context: dg.AssetExecutionContext, config: DedupStageCo
                           description="no two rows share a row_id"),
     ],
 )
-def decontamination(context: dg.AssetExecutionContext, config: DecontamStageConfig, storage: TuluStorage):
+def decontamination(context: dg.AssetExecutionContext, config: DecontamStageConfig, storage: TuluStorage,
+                    launcher: ComputeLauncher):
     store = storage.store()
     curation = CurationConfig(
         decontam=DecontamConfig(ngram=config.ngram, threshold=config.threshold, include_response=config.include_response),
         evals=EvalSelection(suites=config.suites, benchmarks=config.benchmarks), flag_share=config.flag_share)
     index = build_eval_index(store, curation)
-    result = decontaminate_prompts(store, curation, context.run.run_id, index=index)
-    yield dg.MaterializeResult(asset_key="decontaminated_prompts", metadata=_stage_metadata(store, result, config),
+    reported = {}
+    if config.executor == "ray":
+        result, reported = _on_ray(context, launcher, store, "decontaminated_prompts", curation, config)
+    else:
+        result = decontaminate_prompts(store, curation, context.run.run_id, index=index)
+    yield dg.MaterializeResult(asset_key="decontaminated_prompts",
+                               metadata={**_stage_metadata(store, result, config), **reported},
                                data_version=dg.DataVersion(result.version))
 
     violations = verify_no_eval_overlap(store, result.version, index[0], curation)
@@ -143,7 +189,7 @@ def decontamination(context: dg.AssetExecutionContext, config: DecontamStageConf
         asset_key="decontamination_report",
         metadata={
             "rows_removed": report["rows_removed"],
-            "config_hash": config_hash(config),
+            "config_hash": config_hash(_settings(config)),
             "flagged_cells": len(report["flagged"]),
             "report": dg.MetadataValue.md(markdown),
             "heatmap": image(store, f"{base}/heatmap.png", heatmap_png(report)),

@@ -193,3 +193,31 @@ def test_a_worker_killed_mid_job_is_retried_without_duplicated_ledger_events(raw
     events = _events(store, "normalized_prompts")
     assert len({e["row_id"] for e in events}) == len(events)
     assert events == _events(local, "normalized_prompts")
+
+
+def test_assets_launch_the_ray_job_through_the_compute_launcher(raw_home: Path, curated) -> None:
+    import dagster as dg
+
+    from assets.curation import normalized_prompts
+    from resources import LocalLauncher, TuluStorage
+
+    (_, local_results), _ = curated
+    store = _copy(raw_home, "dagster")
+    # The job's driver joins this module's Ray instead of starting its own.
+    address = ray.get_runtime_context().gcs_address
+    run_config = {"ops": {"normalized_prompts": {"config": {
+        "train_sources": TRAIN, "executor": "ray", "ray_address": address, "shard_rows": 1_000}}}}
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([normalized_prompts], run_config=run_config, instance=instance,
+                                resources={"storage": TuluStorage(root=store.url), "launcher": LocalLauncher()})
+        assert result.success
+        logs = [record.user_message for record in instance.all_logs(result.run_id)]
+    metadata = result.asset_materializations_for_node("normalized_prompts")[0].metadata
+    expected = local_results["normalized_prompts"]
+    assert metadata["version"].value == expected.version
+    assert metadata["dagster/row_count"].value == expected.dataset.rows
+    assert metadata["ledger_events"].value == expected.ledger_events
+    assert metadata["ray_shards"].value >= 5 and metadata["ray_rows_per_s"].value > 0
+    progress = [line for line in logs if '"curation_progress"' in line]
+    assert progress and '"shards_done": ' in progress[-1]
+    assert list(store.iter_rows("normalized_prompts", expected.version))[:3] == expected.samples[:3]
