@@ -221,3 +221,79 @@ def test_assets_launch_the_ray_job_through_the_compute_launcher(raw_home: Path, 
     progress = [line for line in logs if '"curation_progress"' in line]
     assert progress and '"shards_done": ' in progress[-1]
     assert list(store.iter_rows("normalized_prompts", expected.version))[:3] == expected.samples[:3]
+
+
+# -- KubeRay manifests, validated offline --------------------------------------------------------
+K8S = Path(__file__).resolve().parent.parent / "k8s"
+# The ray.io/v1 fields these manifests use, from the KubeRay API reference: a misspelt field fails
+# here instead of being dropped silently by the operator's CRD pruning.
+KUBERAY_FIELDS = {
+    "RayCluster": {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec", "workerGroupSpecs"},
+    "RayJob": {"entrypoint", "submissionMode", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished",
+               "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "runtimeEnvYAML"},
+}
+HEAD_FIELDS = {"serviceType", "rayStartParams", "template"}
+WORKER_FIELDS = {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"}
+
+
+def _kuberay_documents() -> list[dict]:
+    import yaml
+
+    paths = sorted(K8S.glob("ray*.yaml"))
+    assert [p.name for p in paths] == ["ray-cluster.yaml", "ray-curation-job.yaml"]
+    return [doc for path in paths for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _cluster_specs(doc: dict) -> dict:
+    return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+
+
+def test_kuberay_manifests_use_known_fields_and_the_pinned_ray(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    docs = _kuberay_documents()
+    plain, templates = [], []
+    for doc in docs:
+        if doc["apiVersion"] != "ray.io/v1":
+            plain.append(doc)  # core kinds (the params ConfigMap) validate as they are
+            continue
+        assert set(doc["spec"]) <= KUBERAY_FIELDS[doc["kind"]], doc["kind"]
+        spec = _cluster_specs(doc)
+        assert set(spec) <= KUBERAY_FIELDS["RayCluster"]
+        assert spec["rayVersion"] == ray.__version__  # the image's Ray must be the driver's
+        assert set(spec["headGroupSpec"]) <= HEAD_FIELDS
+        groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+        for group in spec["workerGroupSpecs"]:
+            assert set(group) <= WORKER_FIELDS and group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        for name, group in groups:
+            # Every pod template is a real PodTemplateSpec: validated by the Kubernetes schemas.
+            templates.append({"apiVersion": "v1", "kind": "PodTemplate", "template": group["template"],
+                              "metadata": {"name": f"{doc['metadata']['name']}-{name}", "namespace": "tulu"}})
+            pod = group["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] and pod["serviceAccountName"] == "tulu-pipeline"
+            (container,) = pod["containers"]
+            assert container["resources"]["requests"] == container["resources"]["limits"]
+            assert {"secretRef": {"name": "tulu-object-store"}} in container["envFrom"]
+        if doc["kind"] == "RayJob":
+            assert doc["spec"]["entrypoint"].startswith("python -m tulu_pipeline.curation.ray_job --params ")
+    params = next(d for d in plain if d["kind"] == "ConfigMap")
+    job_params = json.loads(params["data"]["params.json"])
+    from tulu_pipeline.curation.config import CurationConfig
+    from tulu_pipeline.curation.ray_job import STAGES
+    assert job_params["stage"] in STAGES
+    CurationConfig(**job_params["config"])  # the params parse as a curation config
+
+    path = tmp_path / "kuberay-core.yaml"
+    path.write_text(yaml.safe_dump_all(plain + templates))
+    cli = Path(sys.executable).with_name("kubernetes-validate")
+    if not cli.exists():
+        pytest.fail("kubernetes-validate is not installed: it is in the `dev` extra")
+    result = subprocess.run([str(cli), "--strict", "--kubernetes-version", "1.30.0", str(path)],
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "WARN" not in output, output
+    assert output.count("passed for resource") == len(plain) + len(templates), output
