@@ -163,9 +163,9 @@ def policy_completions(context: dg.AssetExecutionContext, config: PolicyCompleti
             context.log.info(f"{model.model_id}: reusing the complete output of an earlier attempt ({rel})")
         else:
             context.log.info(f"{model.model_id}: generating {params.n} x {count} completions")
-            launcher.run(context, GENERATION_JOB, extras={"tulu_home": store.url, "requests": requests_rel,
-                                                          "output": rel, "backend": model.backend,
-                                                          "params": params.to_json()})
+            launcher.run(context, GENERATION_JOB, kind="generate",
+                         extras={"tulu_home": store.url, "requests": requests_rel, "output": rel,
+                                 "backend": model.backend, "params": params.to_json()})
         outputs[model.model_id] = (model, rel)
     result = publish_completions(store, prompts_version, version, outputs, config.include_reference)
     return dg.MaterializeResult(
@@ -218,8 +218,9 @@ def judged_completions(context: dg.AssetExecutionContext, config: JudgedCompleti
     version = judged_version(completions, judge_id, {**settings, "backend": spec.model_dump(mode="json")})
     requests_rel, output_rel = judge_requests_path(version), judge_output_path(version)
     count = write_judge_requests(store, completions, requests_rel)
-    launcher.run(context, JUDGE_JOB, extras={"tulu_home": store.url, "requests": requests_rel, "output": output_rel,
-                                             "backend": spec.model_dump(mode="json"), "judge": settings})
+    launcher.run(context, JUDGE_JOB, kind="generate",
+                 extras={"tulu_home": store.url, "requests": requests_rel, "output": output_rel,
+                         "backend": spec.model_dump(mode="json"), "judge": settings})
     result = publish_judgments(store, completions, version, output_rel, judge_id, context.run.run_id)
     histogram_rows = [{"aspect": a, **{str(r): result.aspect_histograms[a].get(r, 0) for r in range(1, 6)}}
                       for a in ASPECTS]

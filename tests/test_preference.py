@@ -315,3 +315,25 @@ def test_rank_by_expected_separates_equal_argmax_ratings():
     assert chosen["completion_id"] == "a" and rejected["completion_id"] in ("b", "c")
     with pytest.raises(ValueError, match="no mean_expected"):
         select_pair("p1", [completion("a", 2.0), completion("b", 1.0)], seed=0, score="mean_expected")
+
+
+def test_next_token_scorer_matches_loglikelihood_on_a_tiny_model(tmp_path):
+    from test_sft_support import save_tiny_model
+
+    from tulu_pipeline.generation.transformers_backend import TransformersBackend
+    from tulu_pipeline.preference.judge_job import make_judge
+    from tulu_pipeline.preference.scoring import NextTokenScorer, judge_scorer
+
+    backend = TransformersBackend(save_tiny_model(tmp_path / "tiny"), "tiny", device="cpu", batch_size=3)
+    contexts = [aspect_messages(a, [{"role": "user", "content": q}], r) for a in ("honesty", "truthfulness")
+                for q, r in (("What is 2+2?", "4"), ("Name a colour, in a long sentence of several words.", "blue"))]
+    scorer = judge_scorer(backend)
+    assert isinstance(scorer, NextTokenScorer)
+    fast = scorer.next_token_logprobs(contexts, ["1", "2", "3", "4", "5"])
+    slow = backend.loglikelihood([(c, k) for c in contexts for k in "12345"])
+    assert max(abs(fast[i][j] - slow[5 * i + j][0]) for i in range(len(contexts)) for j in range(5)) < 1e-4
+    judge = make_judge(backend, {"kind": "local", "judge_id": "local:tiny"})
+    (judgment,) = judge.judge([JudgeItem("c1", [{"role": "user", "content": "What is 2+2?"}], "4")])
+    assert set(judgment.ratings) == set(ASPECTS) and judgment.mean_expected is not None
+    with pytest.raises(ValueError, match="single|needs one"):
+        scorer.next_token_logprobs(contexts[:1], ["12345 and more"])

@@ -38,7 +38,7 @@ class FakeLauncher(ComputeLauncher):
 
     eval_text: str
 
-    def run(self, context, module, extras):
+    def run(self, context, module, extras, **hints):
         store = Store(extras["tulu_home"])
         LAUNCHED.append(module)  # module-level: Dagster hands the asset a copy of the resource
         if module == GENERATION_JOB:

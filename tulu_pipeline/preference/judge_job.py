@@ -45,7 +45,9 @@ def make_judge(backend: Any, settings: dict[str, Any]) -> Judge:
     if kind == "local":
         if not hasattr(backend, "loglikelihood"):
             raise TypeError(f"the local judge needs a backend with loglikelihood(); {type(backend).__name__} has none")
-        return LoglikelihoodJudge(backend, judge_id)
+        from tulu_pipeline.preference.scoring import judge_scorer
+
+        return LoglikelihoodJudge(judge_scorer(backend), judge_id)
     if kind == "openai":
         params = SamplingParams(max_new_tokens=int(settings.get("max_new_tokens", 64)),
                                 temperature=float(settings.get("temperature", 0.0)), n=1,
