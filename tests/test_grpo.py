@@ -73,7 +73,7 @@ def learned(warm_model, rows, tmp_path_factory):
     reporter = NullReporter()
     out = tmp_path_factory.mktemp("learn") / "rlvr-toy"
     result = run_grpo(train, heldout, warm_model, out, LEARN, reporter=reporter,
-                      manifest_extra={"dataset_version": "toy-v1", "checkpoint_id": "rlvr-toy"})
+                      manifest_extra={"prompts_version": "toy-v1", "checkpoint_id": "rlvr-toy"})
     return result, reporter
 
 
@@ -150,7 +150,7 @@ def test_checkpoint_explains_itself(learned, warm_model, rows):
     out = result.checkpoint_dir
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["method"] == "grpo" and manifest["checkpoint_id"] == "rlvr-toy"
-    assert manifest["dataset_version"] == "toy-v1"
+    assert manifest["prompts_version"] == "toy-v1"
     assert manifest["config"] == LEARN.model_dump(mode="json")
     assert manifest["start_model"]["path"] == str(warm_model.resolve())
     assert len(manifest["fingerprint"]) == 64
@@ -162,7 +162,7 @@ def test_checkpoint_explains_itself(learned, warm_model, rows):
     AutoModelForCausalLM.from_pretrained(out)
     assert AutoTokenizer.from_pretrained(out).chat_template.startswith("{% for message in messages %}")
     again = run_grpo(rows[0], rows[1], warm_model, out, LEARN,
-                     manifest_extra={"dataset_version": "toy-v1", "checkpoint_id": "rlvr-toy"})
+                     manifest_extra={"prompts_version": "toy-v1", "checkpoint_id": "rlvr-toy"})
     assert again.reused and again.metrics == result.metrics
 
 

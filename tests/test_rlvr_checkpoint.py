@@ -46,8 +46,12 @@ def test_materialize_rlvr_checkpoint_from_the_sft_checkpoint(tmp_path):
     assert len(meta["reward_per_step"].value) == 2
     assert "data:image/png;base64," in meta["reward_curve"].value
     manifest = store.read_json(f"{plan.checkpoint_dir}/training_manifest.json")
-    assert manifest["start_checkpoint"]["checkpoint_id"] == "sft-tiny"
-    assert manifest["dataset_version"] == plan.dataset_version
+    assert manifest["start_checkpoint"] == "sft-tiny" and manifest["start_checkpoint_info"]["kind"] == "sft"
+    assert manifest["prompts_dataset"] == "rlvr_prompts" and manifest["prompts_version"] == plan.dataset_version
+    # lineage: the checkpoint's data descends from the decontaminated pool it was drawn from
+    from tulu_pipeline.provenance.coverage import checkpoint_decontaminated_versions
+
+    assert checkpoint_decontaminated_versions(store, plan.checkpoint_id) == {"dv1"}
     assert manifest["metrics"]["heldout_before"]["rows"] == 3
     logged = [e.user_message for e in instance.all_logs(result.run_id) if e.user_message]
     streamed = [json.loads(m) for m in logged if m.startswith("{") and '"reward_mean"' in m]

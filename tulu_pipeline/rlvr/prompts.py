@@ -246,7 +246,7 @@ def build_rlvr_prompts(store: Store, config: RLVRPromptsConfig, run_id: str,
 
     derived = dict(parents)
     with LedgerWriter(store, "rlvr", RLVR_DATASET, version, run_id) as ledger:
-        info = store.write_rows(RLVR_DATASET, version, rows_out, ROW_SCHEMA)
+        info = store.write_rows(RLVR_DATASET, version, rows_out, ROW_SCHEMA, inputs=inputs)
         for out in rows_out:
             extra = _extra(out)
             details = {"stage": "rlvr", "task": extra["task"], "split": extra["split"], "dataset_version": version}

@@ -517,7 +517,7 @@ def run_grpo(
 
     ``heldout`` rows are never trained on; their greedy verifier accuracy is measured before and after.
     ``verifier`` defaults to `verifier_from_module` (``tulu_pipeline.rewards``) with ``config.correct_reward``.
-    ``manifest_extra`` is copied into ``training_manifest.json``; its ``dataset_version`` is part of the run
+    ``manifest_extra`` is copied into ``training_manifest.json``; its ``prompts_version`` is part of the run
     fingerprint. See the module docstring for the algorithm, resume and layout.
     """
     wall_start = time.perf_counter()
@@ -560,7 +560,7 @@ def run_grpo(
         "start_model_sha256": start_sha,
         "prompt_rows_sha256": _rlvr_rows_sha256(train_rows),
         "heldout_rows_sha256": _rlvr_rows_sha256(held_rows),
-        "dataset_version": manifest_extra.get("dataset_version"),
+        "prompts_version": manifest_extra.get("prompts_version"),
     }
     run_fingerprint = fingerprint(identity)
     existing = read_json(output_dir / MANIFEST_FILE)

@@ -16,7 +16,7 @@ Parameters (extras):
 - ``preset`` (default ``cpu_demo``) and ``config`` (`GRPOTrainingConfig` fields overriding the preset);
 - ``verifier_module`` (default ``tulu_pipeline.rewards``): a module with ``verify(task, response, *,
   ground_truth, constraints)`` returning an object with ``ok`` (the reward is ``correct_reward`` when ok, else 0);
-- ``manifest_extra``: copied into ``training_manifest.json`` (``dataset_version`` is part of the run fingerprint).
+- ``manifest_extra``: copied into ``training_manifest.json`` (``prompts_version`` is part of the run fingerprint).
 
 A local ``tulu_home`` trains in place (``<checkpoint_dir>/_checkpoints`` makes a re-run after a crash resume); an
 object-store one trains in ``$TULU_GRPO_WORK_DIR`` (default the system temp dir) and uploads the finished
@@ -80,8 +80,8 @@ def run_job(params: dict[str, Any], reporter: Reporter) -> tuple[GRPOResult, str
     train, heldout = load_prompts(store, params, reporter)
     start_rel, checkpoint_rel = params["start_model_dir"], params["checkpoint_dir"]
     manifest_extra = dict(params.get("manifest_extra") or {})
-    manifest_extra.setdefault("dataset", params.get("prompts_dataset") or "rlvr_prompts")
-    manifest_extra.setdefault("dataset_version", params.get("prompts_version"))
+    manifest_extra.setdefault("prompts_dataset", params.get("prompts_dataset") or "rlvr_prompts")
+    manifest_extra.setdefault("prompts_version", params.get("prompts_version"))
     manifest_extra.setdefault("verifier_module", params.get("verifier_module") or DEFAULT_VERIFIER_MODULE)
 
     if store.is_local:

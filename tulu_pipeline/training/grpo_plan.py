@@ -119,10 +119,13 @@ def rlvr_checkpoint_plan(store: Store, preset: str, overrides: dict[str, Any], d
         "checkpoint_dir": checkpoint_dir,
         "config": config.model_dump(mode="json"),
         "manifest_extra": {
-            "checkpoint_id": checkpoint_id, "dataset": RLVR_DATASET, "dataset_version": dataset_version,
+            # <x>_dataset/<x>_version, *inputs and start_checkpoint (a string) are what
+            # tulu_pipeline.provenance.coverage walks from a checkpoint back to its decontaminated data.
+            "checkpoint_id": checkpoint_id, "prompts_dataset": RLVR_DATASET, "prompts_version": dataset_version,
             "prompt_counts": info["counts"], "prompt_inputs": info["inputs"],
-            "start_checkpoint": {"checkpoint_id": start.checkpoint_id, "kind": start.kind,
-                                 "dir": start.checkpoint_dir, "fingerprint": start.fingerprint},
+            "start_checkpoint": start.checkpoint_id,
+            "start_checkpoint_info": {"kind": start.kind, "dir": start.checkpoint_dir,
+                                      "fingerprint": start.fingerprint},
             "registry_version": registry_version(), "preset": preset,
         },
     }
