@@ -52,7 +52,7 @@ def _per_key_table(counts: dict[str, Any], key: str, value: str) -> dg.MetadataV
 
 # ---------------------------------------------------------------------------------------------
 class PreferencePromptsConfig(dg.Config):
-    size: int = 24
+    size: int = 16
     """prompts to sample (Tülu 3 uses hundreds of thousands; the CPU default is small)"""
     sources: list[str] | None = None
     """sources to sample from; None: every source of the pool but the human preference sources"""
@@ -252,9 +252,9 @@ def judged_completions(context: dg.AssetExecutionContext, config: JudgedCompleti
 # ---------------------------------------------------------------------------------------------
 class PreferencePairsConfig(dg.Config):
     seed: int = 0
-    rank_by: str = "rating"
+    rank_by: str = "auto"
     """rating: mean of the 1-5 ratings (Tülu 3); expected: mean expected rating of the log-likelihood judge
-    (breaks the ties a small local judge leaves)"""
+    (breaks the ties a small local judge leaves); auto: expected where the judge gave one, else rating"""
     heldout_fraction: float = 0.2
     """share of prompts held out for DPO evaluation (by seeded hash of the prompt row id)"""
     human_sources: list[str] = Field(default_factory=lambda: PairConfig().human_sources)

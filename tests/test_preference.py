@@ -337,3 +337,12 @@ def test_next_token_scorer_matches_loglikelihood_on_a_tiny_model(tmp_path):
     assert set(judgment.ratings) == set(ASPECTS) and judgment.mean_expected is not None
     with pytest.raises(ValueError, match="single|needs one"):
         scorer.next_token_logprobs(contexts[:1], ["12345 and more"])
+
+
+def test_rank_by_auto_uses_expected_ratings_only_where_every_completion_has_one():
+    from tulu_pipeline.preference.pairs import resolve_rank_by
+
+    with_expected = [dict(completion("a", 1.0), mean_expected=1.8), dict(completion("b", 1.0), mean_expected=1.6)]
+    assert resolve_rank_by("auto", with_expected) == "expected"
+    assert resolve_rank_by("auto", with_expected + [dict(completion("c", 2.0), mean_expected=None)]) == "rating"
+    assert resolve_rank_by("rating", with_expected) == "rating"

@@ -46,9 +46,10 @@ class PairConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
-    rank_by: Literal["rating", "expected"] = Field(
-        "rating", description="rating: the mean of the 1-5 ratings (Tülu 3); expected: the mean expected rating "
-        "of a log-likelihood judge, which separates completions a small judge rates alike")
+    rank_by: Literal["auto", "rating", "expected"] = Field(
+        "auto", description="rating: the mean of the 1-5 ratings (Tülu 3); expected: the mean expected rating "
+        "of a log-likelihood judge, which separates completions a small judge rates alike (SmolLM2-135M gives "
+        "rating 1 to nearly everything); auto: expected where every completion of the prompt has one, else rating")
     heldout_fraction: float = Field(0.2, ge=0, lt=1, description="share of prompts held out for DPO evaluation")
     human_sources: list[str] = Field(default_factory=lambda: sorted(HUMAN_PAIR_BUILDERS),
                                      description="human preference sources to ingest ([] for none)")
@@ -101,10 +102,17 @@ def split_of(prompt_row_id: str, fraction: float, seed: int) -> str:
     return "heldout" if value < fraction else "train"
 
 
+def resolve_rank_by(rank_by: str, completions: list[dict[str, Any]]) -> str:
+    if rank_by != "auto":
+        return rank_by
+    return "expected" if all(c.get("mean_expected") is not None for c in completions) else "rating"
+
+
 def on_policy_pair(prompt_row_id: str, completions: list[dict[str, Any]], seed: int, fraction: float,
                    rank_by: str = "rating") -> dict:
     """A `PAIR_SCHEMA` row from one prompt's judged completions (rows of ``judged_completions``);
-    ``chosen_rating``/``rejected_rating`` are the ranking scores (``rank_by``)."""
+    ``chosen_rating``/``rejected_rating`` are the ranking scores (``rank_by``, see `PairConfig`)."""
+    rank_by = resolve_rank_by(rank_by, completions)
     score = RANK_FIELDS[rank_by]
     chosen, rejected = select_pair(prompt_row_id, completions, seed, score)
     ratings = {"chosen": json.loads(chosen["ratings"]), "rejected": json.loads(rejected["ratings"]),
@@ -196,9 +204,10 @@ def build_preference_pairs(store: Store, config: PairConfig, run_id: str, judged
         try:
             pairs.append(on_policy_pair(prompt_row_id, group, config.seed, config.heldout_fraction, config.rank_by))
         except NoPair as exc:
+            field_name = RANK_FIELDS[resolve_rank_by(config.rank_by, group)]
+            details = {"message": str(exc), "rank_field": field_name, "scores": [c[field_name] for c in group]}
             dropped.append({"prompt_row_id": prompt_row_id, "source": group[0]["source"], "origin": "on_policy",
-                            "reason": exc.code, "details": json.dumps({"message": str(exc),
-                                                                        "scores": [c[RANK_FIELDS[config.rank_by]] for c in group]})})
+                            "reason": exc.code, "details": json.dumps(details)})
     for row in human_rows(store, decontam_version, config) if config.human_sources else []:
         try:
             pair = human_pair(row, config.seed)

@@ -33,7 +33,8 @@ class PromptSelectionConfig(BaseModel):
     """How many prompts, from which sources, with which seed."""
 
     model_config = ConfigDict(extra="forbid")
-    size: int = Field(24, ge=1, description="prompts to sample")
+    size: int = Field(16, ge=1, description="prompts to sample (CPU default: the local judge costs 4 forward "
+                      "passes per completion)")
     sources: list[str] | None = Field(None, description="None: every source of the pool except the human "
                                       "preference sources, which preference_pairs ingests with their own labels")
     seed: int = 0
