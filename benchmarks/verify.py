@@ -35,9 +35,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tulu_pipeline import settings  # noqa: E402
-from tulu_pipeline.rewards import agreement, ifeval  # noqa: E402
-from tulu_pipeline.rewards.math_answer import extract_answer, normalize_answer  # noqa: E402
+from tulu_pipeline import settings
+from tulu_pipeline.rewards import agreement, ifeval
+from tulu_pipeline.rewards.math_answer import extract_answer, normalize_answer
 
 
 def _rows(path: Path, sample: int | None) -> list[dict]:

@@ -90,6 +90,6 @@ def test_missing_file_and_bad_task(tmp_path, capsys):
 def test_cli_process(tmp_path):
     path = _write(tmp_path, [{"id": 1, "response": "#### 3", "ground_truth": "3"}])
     result = subprocess.run([sys.executable, "-m", "tulu_pipeline.cli", "verify", "--task", "gsm8k",
-                             "--input", str(path)], capture_output=True, text=True, cwd=repo_root(), timeout=120)
+                             "--input", str(path)], capture_output=True, text=True, cwd=repo_root(), timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["ok"] is True

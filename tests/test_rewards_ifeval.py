@@ -26,8 +26,8 @@ CASES = {
     "keywords:letter_frequency": ({"letter": "z", "let_frequency": 2, "let_relation": "less than"},
                                   "A zebra.", "Zany zebras buzz."),
     "language:response_language": ({"language": "fr"},
-                                   "Le renard brun rapide saute par-dessus le chien paresseux tous les matins "
-                                   "près de la rivière, et c'est une phrase très connue.", ENGLISH),
+                                   ("Le renard brun rapide saute par-dessus le chien paresseux tous les matins "
+                                    "près de la rivière, et c'est une phrase très connue."), ENGLISH),
     "length_constraints:number_sentences": ({"num_sentences": 3, "relation": "less than"},
                                             "Dr. Smith paid $3.50 at 4 p.m. on Monday. He left.",
                                             "One. Two. Three. Four."),

@@ -15,7 +15,7 @@ from tulu_pipeline.rewards.verdict import Verdict
 TASKS = ("gsm8k", "math", "ifeval")
 MODES = ("strict", "loose")
 
-__all__ = ["TASKS", "MODES", "Verdict", "verify", "reward"]
+__all__ = ["MODES", "TASKS", "Verdict", "reward", "verify"]
 
 
 def verify(task: str, response: str, *, ground_truth: str | None = None, constraints: dict | None = None,

@@ -36,8 +36,8 @@ KEYWORDS = (
     "notebook", "orchard", "pepper", "rocket", "saddle", "tunnel", "valley", "whistle", "anchor", "basket",
     "canyon", "dragon", "falcon", "helmet", "magnet", "signal", "tomato", "bottle", "cotton", "pencil",
 )
-END_PHRASES = ("Any other questions?", "Is there anything else I can help with?", "Let me know if you have "
-               "additional questions.", "That is all.")
+END_PHRASES = ("Any other questions?", "Is there anything else I can help with?",
+               "Let me know if you have additional questions.", "That is all.")
 POSTSCRIPT_MARKERS = ("P.S.", "P.P.S")
 SECTION_SPLITTERS = ("Section", "SECTION")
 COMMON_LETTERS = "aeinorst"

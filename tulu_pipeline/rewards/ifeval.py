@@ -22,7 +22,8 @@ import collections
 import functools
 import json
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tulu_pipeline.rewards.verdict import Verdict
 
@@ -240,8 +241,7 @@ def _json_format(r: str) -> tuple[bool, str]:
         if value.startswith(prefix):
             value = value[len(prefix):]
             break
-    if value.endswith("```"):
-        value = value[:-3]
+    value = value.removesuffix("```")
     try:
         json.loads(value.strip())
     except ValueError as exc:
