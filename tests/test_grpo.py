@@ -80,6 +80,13 @@ def learned(warm_model, rows, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # pieces
 # ---------------------------------------------------------------------------------------------
+def test_importing_the_rlvr_modules_stays_cheap():
+    code = ("import sys, tulu_pipeline.training.grpo, tulu_pipeline.training.grpo_job, tulu_pipeline.training.grpo_plan, "
+            "tulu_pipeline.rlvr; print(sorted(m for m in ('torch', 'transformers', 'vllm', 'trl') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_presets():
     assert GRPOTrainingConfig() == GRPO_PRESETS["cpu_demo"]
     demo = GRPO_PRESETS["cpu_demo"]
@@ -236,3 +243,20 @@ def test_resume_after_kill_9_matches_the_uninterrupted_run(warm_model, rows, tmp
     assert diff <= RESUME_ATOL
     # the reward history spans the whole run, before and after the kill, and matches step for step
     assert resumed.metrics["reward_per_step"] == uninterrupted.metrics["reward_per_step"]
+
+
+def test_completion_logprobs_of_a_padded_batch_equal_each_sequence_alone(warm_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tulu_pipeline.training.grpo import completion_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(warm_model)
+    prompts, completions = [[5, 6, 7], [5, 6, 7, 8, 9]], [[10, 11], [12, 13, 14]]
+    batched, mask = completion_logprobs(model, prompts, completions, pad_id=0, temperature=0.7)
+    assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    with torch.no_grad():
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            logps = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0].float() / 0.7, dim=-1)
+            alone = torch.stack([logps[len(p) - 1 + j, token] for j, token in enumerate(c)])
+            assert torch.allclose(batched[i, : len(c)], alone, atol=1e-5)

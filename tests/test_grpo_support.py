@@ -40,7 +40,7 @@ def addition_row(a: int, b: int, split: str = "train") -> dict[str, Any]:
 
 
 def save_warm_addition_model(target: Path, pairs: list[tuple[int, int]], correct_share: float = 0.3,
-                             steps: int = 120, seed: int = 0) -> Path:
+                             steps: int = 120, seed: int = 0, hidden_size: int = 64, heads: int = 4) -> Path:
     """A tiny Llama over `char_tokenizer`, SFT-warmed on ``pairs`` whose answers are right ``correct_share`` of the
     time and a random 0..18 otherwise: it has learned the answer format (a number, then EOS) but not the sums."""
     import torch
@@ -54,8 +54,8 @@ def save_warm_addition_model(target: Path, pairs: list[tuple[int, int]], correct
     tokenizer = apply_tulu_chat_template(char_tokenizer())
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=heads,
+        intermediate_size=2 * hidden_size, max_position_embeddings=256, tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
     rng = random.Random(seed)

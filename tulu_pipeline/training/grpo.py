@@ -270,15 +270,27 @@ class VLLMRollouts:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         return [[_split_completion(c.token_ids, eos, pad) for c in o.outputs] for o in outputs]
 
-    def _engine_model(self) -> Any:
-        executor = self.llm.llm_engine.model_executor
-        worker = executor.driver_worker
-        worker = getattr(worker, "worker", worker)  # vLLM v1 wraps the worker once more
-        return worker.model_runner.model
+    def _engine_model(self) -> Any | None:
+        """The engine's torch module when it runs in this process (vLLM's in-process executors), else None."""
+        engine = self.llm.llm_engine
+        for path in (("model_executor",), ("engine_core", "engine_core", "model_executor")):
+            executor = engine
+            for name in path:
+                executor = getattr(executor, name, None)
+            worker = getattr(executor, "driver_worker", None)
+            worker = getattr(worker, "worker", worker)  # vLLM v1 wraps the worker once more
+            runner = getattr(worker, "model_runner", None)
+            if runner is not None and hasattr(runner, "model"):
+                return runner.model
+        return None
 
     def sync(self, model: Any) -> None:
+        weights = [(name, param.data) for name, param in model.named_parameters()]
         engine_model = self._engine_model()
-        engine_model.load_weights(((name, param.data) for name, param in model.named_parameters()))
+        if engine_model is not None:
+            engine_model.load_weights(weights)
+        else:  # engine in worker processes: ship the weights to each (vLLM's apply_model)
+            self.llm.apply_model(lambda engine: engine.load_weights(weights))
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
@@ -311,11 +323,33 @@ def completion_logprobs(model: Any, prompts: Sequence[list[int]], completions: S
         positions[i, : len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
         targets[i, : len(c)] = torch.tensor(list(c))
         mask[i, : len(c)] = 1.0
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
     positions, targets, mask = positions.to(device), targets.to(device), mask.to(device)
-    picked = torch.gather(logits, 1, positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
+    decoder, head = _decoder_and_head(model)
+    if decoder is not None:
+        # Only the completion positions go through the LM head: [B, Lc, V] instead of [B, T, V] logits.
+        hidden = decoder(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                         use_cache=False).last_hidden_state
+        picked = head(torch.gather(hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))))
+    else:
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
+        picked = torch.gather(logits, 1, positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
     logps = torch.log_softmax(picked.float() / temperature, dim=-1)
     return torch.gather(logps, 2, targets.unsqueeze(-1)).squeeze(-1) * mask, mask
+
+
+def _decoder_and_head(model: Any) -> tuple[Any | None, Any | None]:
+    """The base transformer and the LM head of a plain causal LM (Llama, Qwen, SmolLM...); (None, None) for
+    models whose logits are more than ``lm_head(hidden)`` (e.g. final-logit soft-capping), which take the
+    full forward pass."""
+    if getattr(model.config, "final_logit_softcapping", None):
+        return None, None
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None, None
+    if decoder is None or head is None or decoder is model:
+        return None, None
+    return decoder, head
 
 
 def grpo_token_loss(logps: Any, old_logps: Any, ref_logps: Any | None, advantages: Any, mask: Any, beta: float,
