@@ -35,6 +35,9 @@ class RaySettings(BaseModel):
     num_cpus: int | None = None  # CPUs of a Ray started locally (None: all)
     object_store_memory: int | None = None  # bytes, for a Ray started locally (None: Ray's default)
     max_retries: int = Field(default=3, ge=0)  # re-runs of a task whose worker died
+    # Reducers of the dedup bucket shuffle. Each reads its slice of every shard's bucket file, so
+    # shards × partitions reads in all: keep it near the cluster's CPU count, not the shard count.
+    shuffle_partitions: int = Field(default=256, ge=1)
 
 
 class CurationConfig(BaseModel):

@@ -18,14 +18,16 @@ come out identical to the local path's.
 1. per shard, every row's sha256 and MinHash (`Deduplicator.signature`) are written beside the
    shard, and one record per LSH band (``bucket`` = hash of band index and band values; the
    digest without near dedup) is emitted;
-2. Ray Data groups the band records by bucket across all shards (the shuffle); every bucket
-   with two or more rows yields edges, and the driver unions them into candidate clusters
-   (rows that share no bucket with anyone are unique and never leave their shard);
-3. the members of each cluster, with their signatures, are grouped by cluster and resolved by
-   a `Deduplicator` fed in `dedup_order`: two rows can only interact when they share a band,
-   so running the rule per cluster gives the decisions the single pass gives;
-4. the pool is sorted into `dedup_order` with Ray Data's distributed sort and streamed to the
-   driver, which records every decision with `Deduplicator.apply` and writes the kept rows.
+2. the shuffle: each task writes its band records partitioned by bucket hash (one Parquet row
+   group per partition); one reducer task per partition reads its row groups from every shard,
+   and every bucket with two or more rows yields edges; the driver unions them into candidate
+   clusters (rows that share no bucket with anyone are unique and never leave their shard);
+3. the members of each cluster, with their signatures, are partitioned by cluster and resolved
+   by a `Deduplicator` fed in `dedup_order`: two rows can only interact when they share a band,
+   so running the rule over the clusters gives the decisions the single pass gives;
+4. each signature task also wrote its shard sorted in `dedup_order`; the driver merges these
+   runs (one batch per shard in memory), records every decision with `Deduplicator.apply` and
+   writes the kept rows.
 
 **Decontamination** builds the eval n-gram index once on the driver and puts it in the object
 store; each worker process reads it once (numpy buffers are shared, not copied) and streams its
@@ -351,6 +353,7 @@ def normalize_prompts_ray(store: Store, config: CurationConfig, run_id: str, pro
         _add_counts(stats, result["stats"])
     stats = _sorted_dicts(stats)
     sampler = _Sampler()
+    run.report(step="publish")
     try:
         with LedgerWriter(store, "curation", "normalized_prompts", version, run_id) as ledger:
             _replay_events(run, ledger, shards)
@@ -508,27 +511,27 @@ def _cluster_members_shard(store: Store, shard: Shard, staging: str, *, clusters
 
 def _resolve_clusters(store: Store, shard: Shard, staging: str, *, shard_count: int,
                       config: dict[str, Any]) -> dict[str, Any]:
-    """Reducer of partition ``shard.index``: the keep rule over each of its clusters, in `dedup_order`."""
+    """Reducer of partition ``shard.index``: the keep rule over its clusters' rows, in `dedup_order`.
+
+    One `Deduplicator` serves every cluster of the partition: rows of different clusters share no
+    LSH band (identical texts share all of them), so they never meet in its index, and the rule's
+    tie-break by keep order is the global one.
+    """
     partition = shard.index
     table = _read_partition(store, [_shard_file(staging, i, "members.parquet") for i in range(shard_count)], partition)
-    dedup_config = DedupConfig(**config)
-    by_cluster: dict[str, list[dict[str, Any]]] = {}
-    for row in ([] if table is None else table.to_pylist()):
-        by_cluster.setdefault(row["cluster"], []).append(row)
-    dropped: list[dict[str, Any]] = []
-    for cluster in sorted(by_cluster):
-        dedup = Deduplicator(dedup_config, _NoSink())
-        template = dedup._template
-        for row in sorted(by_cluster[cluster], key=lambda r: (r["rank"], r["source"], r["row_id"])):
-            minhash = None
-            if template is not None:
-                minhash = template.copy()
-                minhash.hashvalues = np.frombuffer(row["hashvalues"], dtype="<u8").astype(np.uint64)
-            dedup.decide({"row_id": row["row_id"], "source": row["source"], "ground_truth": row["ground_truth"]},
-                         row["digest"], minhash)
-        dropped.extend({k: d[k] for k in ("row_id", "duplicate_of", "kind", "jaccard")} for d in dedup.dropped)
+    rows = [] if table is None else sorted(table.to_pylist(), key=lambda r: (r["rank"], r["source"], r["row_id"]))
+    dedup = Deduplicator(DedupConfig(**config), _NoSink())
+    template = dedup._template
+    for row in rows:
+        minhash = None
+        if template is not None:
+            minhash = template.copy()
+            minhash.hashvalues = np.frombuffer(row["hashvalues"], dtype="<u8").astype(np.uint64)
+        dedup.decide({"row_id": row["row_id"], "source": row["source"], "ground_truth": row["ground_truth"]},
+                     row["digest"], minhash)
+    dropped = [{k: d[k] for k in ("row_id", "duplicate_of", "kind", "jaccard")} for d in dedup.dropped]
     _write_parquet(store, _shard_file(staging, partition, "decisions.parquet"), dropped, DECISION_SCHEMA)
-    return {"rows_in": 0 if table is None else table.num_rows, "clusters": len(by_cluster), "dropped": len(dropped)}
+    return {"rows_in": len(rows), "clusters": len({r["cluster"] for r in rows}), "dropped": len(dropped)}
 
 
 _OBJECTS: dict[str, Any] = {}
@@ -566,10 +569,11 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
     try:
         with ray_session(config.ray):
             shards = plan_shards(store, inputs, config.ray.shard_rows)
-            partitions = max(1, len(shards))
+            partitions = max(1, min(len(shards), config.ray.shuffle_partitions))
             # A reducer is a task over one partition: the same shard machinery, indexed by partition.
             reducers = [Shard(p, "", "", "", 0, 0) for p in range(partitions)]
-            run.map_shards("signatures", shards, _signature_shard, config=dedup_config, partitions=partitions)
+            signed = run.map_shards("signatures", shards, _signature_shard, config=dedup_config,
+                                    partitions=partitions)
             # The shuffle: each reducer groups the band records of its partition from every shard.
             run.map_shards("buckets", reducers, _bucket_edges, shard_count=len(shards))
             union = _UnionFind()
@@ -577,7 +581,8 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
                 for edge in _read_parquet(store, _shard_file(run.staging, p, "edges.parquet")):
                     union.union(edge["a"], edge["b"])
             clusters = {row_id: union.find(row_id) for row_id in list(union.parent)}
-            run.report(step="clusters", candidate_rows=len(clusters), clusters=len(set(clusters.values())))
+            run.report(step="clusters", bucket_records=sum(r["bucket_records"] for r in signed),
+                       candidate_rows=len(clusters), clusters=len(set(clusters.values())))
 
             decisions: dict[str, tuple[str, str, float | None]] = {}
             if clusters:
@@ -661,6 +666,7 @@ def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
                 stats.removed[(source, benchmark)] += n
             for benchmark, ids in result["eval_ids_hit"].items():
                 stats.eval_ids_hit[benchmark].update(ids)
+        run.report(step="publish")
         with LedgerWriter(store, "decontamination", "decontaminated_prompts", version, run_id) as ledger:
             _replay_events(run, ledger, shards)
             rows = chain.from_iterable(_read_parquet(store, _shard_file(run.staging, s.index, "rows.parquet"))
