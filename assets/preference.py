@@ -9,6 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.base_model import BASE_MODEL_ID
+from assets.curation import EVAL_KEYS
 from assets.metadata import TRAINING_OWNERS, config_hash, image, samples, table_schema
 from resources import ComputeLauncher, TuluStorage
 from resources.generation import GenerationResource, JudgeResource
@@ -19,19 +20,19 @@ from tulu_pipeline.generation.base import SamplingParams
 from tulu_pipeline.generation.spec import BackendSpec
 from tulu_pipeline.preference.completions import (
     PoolModel, completions_version, latest_sft_checkpoint, output_complete, output_path, publish_completions,
-    requests_path, write_generation_requests,
+    requests_path, write_generation_requests
 )
 from tulu_pipeline.preference.judge import judge_identity
 from tulu_pipeline.preference.judging import (
-    judge_output_path, judge_requests_path, judged_version, publish_judgments, write_judge_requests,
+    judge_output_path, judge_requests_path, judged_version, publish_judgments, write_judge_requests
 )
 from tulu_pipeline.preference.pairs import (
-    PairConfig, build_preference_pairs, identical_pairs, pair_eval_overlaps, prompt_mismatches, record_pair_checks,
+    PairConfig, build_preference_pairs, identical_pairs, pair_eval_overlaps, prompt_mismatches, record_pair_checks
 )
 from tulu_pipeline.preference.prompts import PREFERENCE_CODE_VERSION, PromptSelectionConfig, select_preference_prompts
 from tulu_pipeline.preference.rubric import ASPECTS, RUBRIC_VERSION, rubric_hash
 from tulu_pipeline.preference.schema import (
-    COMPLETION_SCHEMA, COMPLETIONS_DATASET, JUDGED_SCHEMA, PAIR_SCHEMA, PROMPT_SCHEMA, PROMPTS_DATASET,
+    COMPLETION_SCHEMA, COMPLETIONS_DATASET, JUDGED_SCHEMA, PAIR_SCHEMA, PROMPT_SCHEMA, PROMPTS_DATASET
 )
 from tulu_pipeline.reporting import histogram_png, markdown_table
 
@@ -44,6 +45,20 @@ def _latest(store, name: str) -> str:
     if version is None:
         raise FileNotFoundError(f"{name} has not been materialized under {store.url}")
     return version
+
+
+def _reported(invocation: Any) -> dict[str, Any]:
+    """The plain values a job reported with its materialization (empty when it reported none)."""
+    from dagster_pipes import DagsterPipesError
+
+    if invocation is None:  # a launcher that hands back no invocation (tests)
+        return {}
+    try:
+        metadata = invocation.get_materialize_result().metadata or {}
+    except DagsterPipesError:  # the job reported no materialization
+        return {}
+    return {k: getattr(v, "value", v) for k, v in metadata.items()
+            if isinstance(getattr(v, "value", v), (int, float, str, bool))}
 
 
 def _per_key_table(counts: dict[str, Any], key: str, value: str) -> dg.MetadataValue:
@@ -124,7 +139,8 @@ def model_pool(context: dg.AssetExecutionContext, store, config: PolicyCompletio
     pool = []
     if config.include_sft:
         checkpoint = _sft_checkpoint_id(context, store, config.sft_checkpoint_id)
-        pool.append(PoolModel(checkpoint, "sft", generation.spec(f"models/{checkpoint}", checkpoint).model_dump(mode="json")))
+        spec = generation.spec(f"models/{checkpoint}", checkpoint)
+        pool.append(PoolModel(checkpoint, "sft", spec.model_dump(mode="json")))
     if config.include_base:
         pool.append(PoolModel(BASE_MODEL_ID, "base",
                               generation.spec(f"models/{BASE_MODEL_ID}", BASE_MODEL_ID).model_dump(mode="json")))
@@ -156,16 +172,18 @@ def policy_completions(context: dg.AssetExecutionContext, config: PolicyCompleti
     requests_rel = requests_path(version)
     count = write_generation_requests(store, prompts_version, requests_rel)
     prompt_ids = [r["row_id"] for r in store.iter_rows(PROMPTS_DATASET, prompts_version)]
-    outputs = {}
+    outputs, runs = {}, {}
     for model in pool:
         rel = output_path(version, model)
         if output_complete(store, rel, prompt_ids, params.n):
             context.log.info(f"{model.model_id}: reusing the complete output of an earlier attempt ({rel})")
+            runs[model.model_id] = {"reused": rel}
         else:
             context.log.info(f"{model.model_id}: generating {params.n} x {count} completions")
-            launcher.run(context, GENERATION_JOB, kind="generate",
-                         extras={"tulu_home": store.url, "requests": requests_rel, "output": rel,
-                                 "backend": model.backend, "params": params.to_json()})
+            runs[model.model_id] = _reported(launcher.run(
+                context, GENERATION_JOB, kind="generate", extras={"tulu_home": store.url, "requests": requests_rel,
+                                                                  "output": rel, "backend": model.backend,
+                                                                  "params": params.to_json()}))
         outputs[model.model_id] = (model, rel)
     result = publish_completions(store, prompts_version, version, outputs, config.include_reference)
     return dg.MaterializeResult(
@@ -179,6 +197,7 @@ def policy_completions(context: dg.AssetExecutionContext, config: PolicyCompleti
             "model_pool": dg.MetadataValue.json([{"model_id": m.model_id, "role": m.role, "backend": m.backend}
                                                  for m in pool]),
             "sampling_params": dg.MetadataValue.json(params.to_json()),
+            "generation_runs": dg.MetadataValue.json(runs),
             "completions_per_model": _per_key_table(result.per_model, "model_id", "completions"),
             "input_versions": dg.MetadataValue.json({PROMPTS_DATASET: prompts_version}),
             "samples": samples(result.samples, ["prompt_row_id", "model_id", "seed", "text"]),
@@ -218,9 +237,9 @@ def judged_completions(context: dg.AssetExecutionContext, config: JudgedCompleti
     version = judged_version(completions, judge_id, {**settings, "backend": spec.model_dump(mode="json")})
     requests_rel, output_rel = judge_requests_path(version), judge_output_path(version)
     count = write_judge_requests(store, completions, requests_rel)
-    launcher.run(context, JUDGE_JOB, kind="generate",
-                 extras={"tulu_home": store.url, "requests": requests_rel, "output": output_rel,
-                         "backend": spec.model_dump(mode="json"), "judge": settings})
+    judge_run = _reported(launcher.run(context, JUDGE_JOB, kind="generate",
+                                       extras={"tulu_home": store.url, "requests": requests_rel, "output": output_rel,
+                                               "backend": spec.model_dump(mode="json"), "judge": settings}))
     result = publish_judgments(store, completions, version, output_rel, judge_id, context.run.run_id)
     histogram_rows = [{"aspect": a, **{str(r): result.aspect_histograms[a].get(r, 0) for r in range(1, 6)}}
                       for a in ASPECTS]
@@ -236,8 +255,9 @@ def judged_completions(context: dg.AssetExecutionContext, config: JudgedCompleti
             "rubric_hash": rubric_hash(),
             "completions": count,
             "quarantined": result.quarantined,
+            "judge_run": dg.MetadataValue.json(judge_run),
             "quarantine_path": dg.MetadataValue.path(result.quarantine_path),
-            "ratings_per_aspect": dg.MetadataValue.md(markdown_table(histogram_rows, ["aspect", "1", "2", "3", "4", "5"])),
+            "ratings_per_aspect": dg.MetadataValue.md(markdown_table(histogram_rows, ["aspect", *"12345"])),
             "mean_rating_per_model": dg.MetadataValue.json(result.per_model_mean),
             "input_versions": dg.MetadataValue.json({COMPLETIONS_DATASET: completions}),
             "samples": samples(result.samples, ["prompt_row_id", "model_id", "mean_rating", "ratings", "text"]),
@@ -268,7 +288,7 @@ class PreferencePairsConfig(dg.Config):
 
 
 @dg.asset(group_name="preference", kinds={"parquet"}, owners=TRAINING_OWNERS, code_version=PREFERENCE_CODE_VERSION,
-          deps=[judged_completions, "decontaminated_prompts"],
+          deps=[judged_completions, "decontaminated_prompts", *EVAL_KEYS],
           check_specs=[
               dg.AssetCheckSpec("chosen_differs_from_rejected", asset="preference_pairs", blocking=True,
                                 description="no pair's chosen text equals its rejected text"),
@@ -309,7 +329,8 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
             "input_versions": dg.MetadataValue.json(result.inputs),
             "samples": samples(result.samples, ["pair_id", "origin", "split", "chosen_rating", "rejected_rating",
                                                 "chosen", "rejected"]),
-            "rating_margin_histogram": image(store, f"reports/preference_pairs/{result.version}/margins.png", margins_png),
+            "rating_margin_histogram": image(store, f"reports/preference_pairs/{result.version}/margins.png",
+                                             margins_png),
         },
         data_version=dg.DataVersion(result.version),
     )

@@ -13,11 +13,9 @@ from test_sft_support import bundled_rows
 from tulu_pipeline.curation.pipeline import BlockedByChecksError, record_check_results
 from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.generation.base import Completion, SamplingParams
-from tulu_pipeline.preference.human import (
-    FG_PREDICTIONS, HumanPairProblem, fg_net_wins, fg_pair, hh_pair, human_pair,
-)
+from tulu_pipeline.preference.human import FG_PREDICTIONS, HumanPairProblem, fg_net_wins, fg_pair, hh_pair, human_pair
 from tulu_pipeline.preference.judge import (
-    ChatJudge, JudgeItem, LoglikelihoodJudge, judge_identity, rating_distribution, run_judging,
+    ChatJudge, JudgeItem, LoglikelihoodJudge, judge_identity, rating_distribution, run_judging
 )
 from tulu_pipeline.preference.pairs import NoPair, select_pair, split_of
 from tulu_pipeline.preference.prompts import PromptSelectionConfig, select_preference_prompts

@@ -56,3 +56,8 @@ def test_preference_assets_with_real_jobs(tiny_home):  # noqa: F811
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert all(checks.values()) and len(checks) == 3
     assert store.dataset_info("preference_pairs").rows + store.dataset_info("preference_pairs_quarantine").rows >= 3
+    completions_meta = result.asset_materializations_for_node("policy_completions")[0].metadata
+    runs = completions_meta["generation_runs"].value
+    assert set(runs) == {"sft-fake", "base_model"} and all(r.get("completions") == 3 for r in runs.values())
+    judge_run = result.asset_materializations_for_node("judged_completions")[0].metadata["judge_run"].value
+    assert judge_run["judged"] == len(judged) and judge_run["quarantined"] == 0

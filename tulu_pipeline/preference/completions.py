@@ -18,7 +18,7 @@ from typing import Any
 from tulu_pipeline.generation.base import SamplingParams
 from tulu_pipeline.preference.prompts import PREFERENCE_CODE_VERSION
 from tulu_pipeline.preference.schema import (
-    COMPLETION_SCHEMA, COMPLETIONS_DATASET, PROMPTS_DATASET, completion_id, content_hash,
+    COMPLETION_SCHEMA, COMPLETIONS_DATASET, PROMPTS_DATASET, completion_id, content_hash
 )
 from tulu_pipeline.storage import DatasetInfo, Store
 
@@ -96,7 +96,8 @@ def read_generation_output(store: Store, rel: str, expected_ids: Iterable[str] |
                                                            for c in completions):
                 raise ValueError("completions must be a list of objects with a text")
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{rel}:{number}: {exc}; expected {{\"request_id\", \"completions\": [Completion]}}") from exc
+            expected = '{"request_id", "completions": [Completion]}'
+            raise ValueError(f"{rel}:{number}: {exc}; expected {expected}") from exc
         out[request_id] = completions
     if expected_ids is not None:
         missing = sorted(set(expected_ids) - set(out))

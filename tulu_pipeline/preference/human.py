@@ -96,7 +96,8 @@ def hh_pair(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def fg_net_wins(preference: list[int]) -> list[int]:
     """Net wins (wins − losses) of each of the four predictions from the six pairwise judgments."""
-    if not isinstance(preference, list) or len(preference) != len(FG_PAIRS) or any(p not in (0, 1, 2) for p in preference):
+    valid = isinstance(preference, list) and len(preference) == len(FG_PAIRS)
+    if not valid or any(p not in (0, 1, 2) for p in preference):
         raise HumanPairProblem("bad_preference", f"preference must be 6 values in {{0, 1, 2}}, got {preference!r}")
     net = [0] * len(FG_PREDICTIONS)
     for (a, b), p in zip(FG_PAIRS, preference):
@@ -123,7 +124,9 @@ def fg_pair(row: Mapping[str, Any], seed: int) -> dict[str, Any]:
     net = fg_net_wins(preference)
     best = max(net)
     tops = [i for i in range(len(texts)) if net[i] == best]
-    key = lambda tag: (lambda i: rank_key(seed, row["row_id"], tag, FG_PREDICTIONS[i]))  # noqa: E731
+    def key(tag: str):
+        return lambda i: rank_key(seed, row["row_id"], tag, FG_PREDICTIONS[i])
+
     chosen = min(tops, key=key("chosen"))
     beaten = [i for i in range(len(texts)) if i != chosen and _beats(preference, chosen, i)
               and texts[i].strip() != texts[chosen].strip()]
@@ -132,7 +135,8 @@ def fg_pair(row: Mapping[str, Any], seed: int) -> dict[str, Any]:
     rejected = min(beaten, key=key("rejected"))
     _check_texts(texts[chosen], texts[rejected])
     ratings = {"scheme": "finegrained_pairwise_net_wins", "preference": preference,
-               "net_wins": dict(zip(FG_PREDICTIONS, net)), "chosen": {"field": FG_PREDICTIONS[chosen], "net_wins": net[chosen]},
+               "net_wins": dict(zip(FG_PREDICTIONS, net)),
+               "chosen": {"field": FG_PREDICTIONS[chosen], "net_wins": net[chosen]},
                "rejected": {"field": FG_PREDICTIONS[rejected], "net_wins": net[rejected]}}
     return {**_base(row), "chosen": texts[chosen], "rejected": texts[rejected],
             "chosen_model": f"fine_grained_rlhf:{FG_PREDICTIONS[chosen]}",

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from tulu_pipeline.generation.base import Messages, SamplingParams
 from tulu_pipeline.preference.rubric import (
     ASPECTS, RATINGS, RUBRIC_VERSION, UnparseableJudgment, all_aspects_messages, aspect_messages, parse_ratings,
-    rubric_hash,
+    rubric_hash
 )
 from tulu_pipeline.storage import Store, batched
 
@@ -115,7 +115,8 @@ class LoglikelihoodJudge:
             scores = self.scorer.loglikelihood(requests)
             if len(scores) != len(requests):
                 raise RuntimeError(f"loglikelihood returned {len(scores)} scores for {len(requests)} requests")
-            rows = [[float(s[0]) for s in scores[k:k + len(candidates)]] for k in range(0, len(scores), len(candidates))]
+            width = len(candidates)
+            rows = [[float(s[0]) for s in scores[k:k + width]] for k in range(0, len(scores), width)]
         if len(rows) != len(contexts) or any(len(row) != len(candidates) for row in rows):
             raise RuntimeError(f"the scorer returned {len(rows)} score rows for {len(contexts)} aspect prompts")
         out = []
@@ -164,7 +165,8 @@ class ChatJudge:
                     reasons[item.completion_id] = str(exc)
                     still.append(item)
                     continue
-                results[item.completion_id] = Judgment(item.completion_id, {a: {"rating": r} for a, r in ratings.items()},
+                results[item.completion_id] = Judgment(item.completion_id,
+                                                       {a: {"rating": r} for a, r in ratings.items()},
                                                        attempts=attempt + 1, raw=raw[item.completion_id])
             pending = still
         for item in pending:
@@ -183,7 +185,8 @@ def read_judge_requests(store: Store, rel: str) -> list[JudgeItem]:
             record = json.loads(line)
             items.append(JudgeItem(record["completion_id"], record["prompt"], record["response"]))
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{rel}:{number}: {exc}; expected {{\"completion_id\", \"prompt\", \"response\"}}") from exc
+            expected = '{"completion_id", "prompt", "response"}'
+            raise ValueError(f"{rel}:{number}: {exc}; expected {expected}") from exc
     return items
 
 

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,9 @@ def make_judge(backend: Any, settings: dict[str, Any]) -> Judge:
     raise ValueError(f"judge.kind must be 'local' or 'openai', got {kind!r}")
 
 
-def run_job(params: dict[str, Any], reporter: Reporter) -> dict[str, int]:
+def run_job(params: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
+    """Build the judge, judge every request, write the output; returns the counts and the wall time."""
+    started = time.perf_counter()
     missing = [key for key in REQUIRED if not params.get(key)]
     if missing:
         raise ValueError(f"judge_job parameters lack {missing}")
@@ -66,8 +69,9 @@ def run_job(params: dict[str, Any], reporter: Reporter) -> dict[str, int]:
     try:
         judge = make_judge(backend, params["judge"])
         reporter.log(f"judging {params['requests']} with {judge.judge_id}")
-        return run_judging(store, params["requests"], params["output"], judge, reporter,
-                           batch_size=int(params["judge"].get("batch_size", 8)))
+        counts = run_judging(store, params["requests"], params["output"], judge, reporter,
+                             batch_size=int(params["judge"].get("batch_size", 8)))
+        return {**counts, "judge_id": judge.judge_id, "wall_s": round(time.perf_counter() - started, 3)}
     finally:
         close = getattr(backend, "close", None)
         if close is not None:
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("not launched by Dagster (no pipes context): pass --params params.json")
     with open_dagster_pipes() as context:
         counts = run_job(dict(context.extras), PipesReporter(context))
-        context.report_asset_materialization(metadata={k: int(v) for k, v in counts.items()})
+        context.report_asset_materialization(metadata=counts)
     return 0
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import posixpath
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,8 +31,8 @@ from tulu_pipeline.mixing.publish import SOURCE_DATASET
 from tulu_pipeline.preference.human import HUMAN_PAIR_BUILDERS, HumanPairProblem, expected_human_texts, human_pair
 from tulu_pipeline.preference.prompts import PREFERENCE_CODE_VERSION, rank_key
 from tulu_pipeline.preference.schema import (
-    JUDGED_DATASET, PAIR_QUARANTINE_SCHEMA, PAIR_SCHEMA, PAIRS_DATASET, PAIRS_QUARANTINE_DATASET, content_hash,
-    pair_id, prompt_messages,
+    JUDGED_DATASET, PAIR_QUARANTINE_SCHEMA, PAIR_SCHEMA, PAIRS_DATASET, PAIRS_QUARANTINE_DATASET, content_hash, pair_id,
+    prompt_messages
 )
 from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.storage import DatasetInfo, Store

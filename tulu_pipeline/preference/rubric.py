@@ -48,7 +48,8 @@ RUBRICS: dict[str, dict[str, Any]] = {
         "scale": {
             1: "Irrelevant: no alignment with the instructions.",
             2: "Partial focus: addresses one aspect poorly.",
-            3: "Partial compliance: meets the goal or the restrictions, neglecting the other, or both with slight deviations.",
+            3: "Partial compliance: meets the goal or the restrictions, neglecting the other, "
+               "or both with slight deviations.",
             4: "Almost there: near alignment, with minor deviations.",
             5: "Comprehensive compliance: fully aligned, meets every requirement.",
         },
