@@ -8,8 +8,11 @@ offer:
 - Every sample is its own row with its own ``torch.Generator``, seeded with
   ``sample_seed(params.request_seed(i), j)`` for sample j of prompt i. A row draws exactly one number per
   generated token, so its text depends only on its prompt, the weights, the params and its seed, never on
-  which other rows share its batch or how many there are. (Numerically, batch composition can still move a
-  logit in its last bits through padding; on real weights that does not change the argmax or the draw.)
+  which other rows share its batch or how many there are. That is exact in float32 (checked on CPU and on
+  an H200). In bfloat16 on a GPU, a different batch shape runs different matmul kernels, whose rounding can
+  flip a near-tie between two tokens, after which the texts diverge; the draws stay the same, so this is
+  rare on trained weights (frequent on random ones). vLLM has the same property. Use ``dtype='float32'``
+  where bit-for-bit batch independence matters more than speed.
 - ``temperature == 0`` is greedy: one row per prompt, copied ``n`` times (greedy samples are identical).
 - A row stops at an EOS token (``stop``), when its text contains a stop string (``stop``: the text is cut
   before the stop string, as vLLM and the OpenAI API do), or after ``max_new_tokens`` or the model's
@@ -157,10 +160,11 @@ class TransformersBackend:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         return out.logits[:, -1, :].float()
 
-    def _choose(self, logits: Any, params: SamplingParams, generators: list[Any]) -> list[int]:
+    def _choose(self, logits: Any, params: SamplingParams, generators: list[Any]) -> Any:
+        """The next token of every row, as a tensor on the model's device."""
         torch = self._torch
         if params.greedy:
-            return logits.argmax(dim=-1).tolist()
+            return logits.argmax(dim=-1)
         probs = torch.softmax(logits / params.temperature, dim=-1)
         if params.top_p < 1.0:
             sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
@@ -168,7 +172,7 @@ class TransformersBackend:
             drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= params.top_p
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
-        return [int(torch.multinomial(probs[r], 1, generator=generators[r])) for r in range(len(generators))]
+        return torch.cat([torch.multinomial(probs[r], 1, generator=generators[r]) for r in range(len(generators))])
 
     def _stopped_by_string(self, row: _Row, stop: tuple[str, ...], window: int) -> bool:
         return any(s in self.encoder.decode(row.tokens[-window:]) for s in stop) if stop else False
@@ -195,7 +199,8 @@ class TransformersBackend:
         with torch.inference_mode():
             logits = self._forward(input_ids, attention, positions, cache)
             while active:
-                chosen = self._choose(logits, params, [generators[r] for r in active] if generators else [])
+                chosen_ids = self._choose(logits, params, [generators[r] for r in active] if generators else [])
+                chosen = chosen_ids.tolist()
                 keep = []
                 for slot, r in enumerate(active):
                     row = batch[r]
@@ -208,9 +213,10 @@ class TransformersBackend:
                         keep.append(slot)
                 if not keep:
                     break
-                next_ids = torch.tensor([[chosen[slot]] for slot in keep], dtype=torch.long, device=device)
+                next_ids = chosen_ids.unsqueeze(-1)
                 if len(keep) < len(active):
                     index = torch.tensor(keep, dtype=torch.long, device=device)
+                    next_ids = next_ids[index]
                     cache.batch_select_indices(index)
                     attention, positions = attention[index], positions[index]
                     active = [active[slot] for slot in keep]
