@@ -45,6 +45,12 @@ def _settings(config: dg.Config) -> dict:
     return config.model_dump(exclude=EXECUTION_FIELDS)
 
 
+def _runs_on_ray(config: ExecutionConfig) -> bool:
+    if config.executor not in ("local", "ray"):
+        raise ValueError(f"executor must be 'local' or 'ray', got {config.executor!r}")
+    return config.executor == "ray"
+
+
 def _on_ray(context: dg.AssetExecutionContext, launcher: ComputeLauncher, store, stage: str,
             curation: CurationConfig, config: ExecutionConfig) -> tuple[StageResult, dict]:
     """Run ``stage`` as a Ray job through the launcher; its result and the job's reported metrics."""
@@ -109,7 +115,7 @@ def normalized_prompts(context: dg.AssetExecutionContext, config: NormalizeStage
     store = storage.store()
     curation = CurationConfig(train_sources=config.train_sources, normalize=NormalizeConfig(
         max_chars=config.max_chars, strip_template_artifacts=config.strip_template_artifacts))
-    if config.executor == "ray":
+    if _runs_on_ray(config):
         result, reported = _on_ray(context, launcher, store, "normalized_prompts", curation, config)
         return dg.MaterializeResult(metadata={**_stage_metadata(store, result, config), **reported},
                                     data_version=dg.DataVersion(result.version))
@@ -124,7 +130,7 @@ def deduplicated_prompts(context: dg.AssetExecutionContext, config: DedupStageCo
                          storage: TuluStorage, launcher: ComputeLauncher) -> dg.MaterializeResult:
     store = storage.store()
     curation = CurationConfig(dedup=DedupConfig(**_settings(config)))
-    if config.executor == "ray":
+    if _runs_on_ray(config):
         result, reported = _on_ray(context, launcher, store, "deduplicated_prompts", curation, config)
         return dg.MaterializeResult(metadata={**_stage_metadata(store, result, config), **reported},
                                     data_version=dg.DataVersion(result.version))
@@ -161,7 +167,7 @@ def decontamination(context: dg.AssetExecutionContext, config: DecontamStageConf
         evals=EvalSelection(suites=config.suites, benchmarks=config.benchmarks), flag_share=config.flag_share)
     index = build_eval_index(store, curation)
     reported = {}
-    if config.executor == "ray":
+    if _runs_on_ray(config):
         result, reported = _on_ray(context, launcher, store, "decontaminated_prompts", curation, config)
     else:
         result = decontaminate_prompts(store, curation, context.run.run_id, index=index)

@@ -43,7 +43,7 @@ def ray_local():
     ray.shutdown()
 
 
-def _config(executor: str, shard_rows: int = 1_000) -> CurationConfig:
+def _config(executor: str, shard_rows: int = 2_500) -> CurationConfig:
     return CurationConfig(train_sources=TRAIN, evals=EvalSelection(benchmarks=BENCHMARKS), executor=executor,
                           ray=RaySettings(shard_rows=shard_rows))
 
@@ -206,7 +206,7 @@ def test_assets_launch_the_ray_job_through_the_compute_launcher(raw_home: Path, 
     # The job's driver joins this module's Ray instead of starting its own.
     address = ray.get_runtime_context().gcs_address
     run_config = {"ops": {"normalized_prompts": {"config": {
-        "train_sources": TRAIN, "executor": "ray", "ray_address": address, "shard_rows": 1_000}}}}
+        "train_sources": TRAIN, "executor": "ray", "ray_address": address, "shard_rows": 2_500}}}}
     with dg.instance_for_test() as instance:
         result = dg.materialize([normalized_prompts], run_config=run_config, instance=instance,
                                 resources={"storage": TuluStorage(root=store.url), "launcher": LocalLauncher()})
@@ -217,7 +217,7 @@ def test_assets_launch_the_ray_job_through_the_compute_launcher(raw_home: Path, 
     assert metadata["version"].value == expected.version
     assert metadata["dagster/row_count"].value == expected.dataset.rows
     assert metadata["ledger_events"].value == expected.ledger_events
-    assert metadata["ray_shards"].value >= 5 and metadata["ray_rows_per_s"].value > 0
+    assert metadata["ray_shards"].value == 4 and metadata["ray_rows_per_s"].value > 0  # one per pool
     progress = [line for line in logs if '"curation_progress"' in line]
     assert progress and '"shards_done": ' in progress[-1]
     assert list(store.iter_rows("normalized_prompts", expected.version))[:3] == expected.samples[:3]
