@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tulu_pipeline.rewards import TASKS, Verdict, reward, verify
 from tulu_pipeline.rewards.boxed import all_boxed, last_boxed
@@ -168,3 +171,29 @@ def test_verify_rejects_bad_arguments(kwargs, message):
     call = {"task": "gsm8k", "response": "#### 1", "ground_truth": "1", **kwargs}
     with pytest.raises(ValueError, match=message):
         verify(call.pop("task"), call.pop("response"), **call)
+
+
+def _reference_boxed(text):
+    """The plain depth-counting scan from each \\boxed{ (quadratic; the reference for the linear version)."""
+    out = []
+    for match in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth = 1
+        for pos in range(match.end(), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[pos], 0)
+            if depth == 0:
+                out.append(text[match.end():pos].strip())
+                break
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(["\\boxed{", "\\fbox{", "{", "}", "a", " ", "x^2"]), max_size=25).map("".join))
+def test_linear_boxed_matches_depth_scan(text):
+    assert all_boxed(text) == _reference_boxed(text)
+
+
+def test_many_unclosed_boxes_finish():
+    text = "\\boxed{" * 20000 + "7"
+    assert last_boxed(text) is None
+    assert not verify("gsm8k", text, ground_truth="8").ok
+    assert not verify("math", text, ground_truth="7").ok

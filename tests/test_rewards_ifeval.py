@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from tulu_pipeline.rewards import ifeval as _ifeval
 from tulu_pipeline.rewards import verify
 from tulu_pipeline.rewards.constraints import INSTRUCTION_TYPES, NOT_SAMPLED, conflicts, sample_constraints
 from tulu_pipeline.rewards.ifeval import ConstraintError, count_sentences, word_tokens
@@ -190,3 +194,37 @@ def test_sample_constraints_text_matches_kwargs():
                 assert str(value) in sample["instruction_text"]
     with pytest.raises(ValueError, match="between 1 and 6"):
         sample_constraints(random.Random(0), k=0)
+
+
+# ---- the linear-time rewrites match the official regexes exactly ----------------------------------------
+
+
+_TEXT = st.text(alphabet="[]<>*-pPsS. \t\n\rax1", max_size=60)
+
+
+def _official_bullets(text):
+    return (len(re.findall(r"^\s*\*[^\*].*$", text, flags=re.MULTILINE))
+            + len(re.findall(r"^\s*-.*$", text, flags=re.MULTILINE)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(_TEXT)
+def test_linear_checks_equal_official_regexes(text):
+    assert _ifeval._count_placeholders(text) == len(re.findall(r"\[.*?\]", text))
+    assert _ifeval._has_title(text) == any(t.lstrip("<").rstrip(">").strip() for t in re.findall(r"<<[^\n]+>>", text))
+    assert _ifeval._number_bullet_lists(text, num_bullets=_official_bullets(text))[0]
+    for marker, official in (("P.S.", r"\s*p\.\s?s\..*$"), ("P.P.S", r"\s*p\.\s?p\.\s?s.*$")):
+        expected = bool(re.findall(official, text.lower(), flags=re.MULTILINE))
+        assert _ifeval._postscript(text, postscript_marker=marker)[0] == expected
+
+
+def test_pathological_responses_finish():
+    # each of these took tens of seconds with the official (quadratic) regexes at this size
+    for text in ("[" * 20000, "<" * 20000, "\n" * 20000 + "x*", " " * 20000 + "xp.s"):
+        for instruction_id, (kwargs, _, _) in CASES.items():
+            if instruction_id != "language:response_language":
+                _ifeval.check_instruction(instruction_id, _ifeval.normalize_kwargs(instruction_id, kwargs), text,
+                                          "loose")
+    deep = verify("ifeval", "[" * 5000, constraints={"instruction_id_list": ["detectable_format:json_format"],
+                                                      "kwargs": [{}]})
+    assert not deep.ok and "nested too deeply" in deep.reason
