@@ -219,7 +219,7 @@ def test_assets_launch_the_ray_job_through_the_compute_launcher(raw_home: Path, 
     assert metadata["ledger_events"].value == expected.ledger_events
     assert metadata["ray_shards"].value == 4 and metadata["ray_rows_per_s"].value > 0  # one per pool
     progress = [line for line in logs if '"curation_progress"' in line]
-    assert progress and '"shards_done": ' in progress[-1]
+    assert any('"shards_done": 4' in line for line in progress) and '"step": "publish"' in progress[-1]
     assert list(store.iter_rows("normalized_prompts", expected.version))[:3] == expected.samples[:3]
 
 
