@@ -26,7 +26,10 @@ from tulu_pipeline.rlvr.prompts import (
     row_task,
 )
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.grpo_plan import find_start_checkpoint, start_checkpoint_by_id
+from tulu_pipeline.training.grpo_plan import (
+    find_start_checkpoint,
+    start_checkpoint_by_id,
+)
 
 CHECKS_OK = {"no_eval_overlap": True, "schema_valid": True, "unique_row_ids": True}
 SMALL = RLVRPromptsConfig(gsm8k_rows=4, math_rows=4, ifeval_rows=4, heldout_per_task=2, seed=3)

@@ -9,8 +9,8 @@ import json
 import shutil
 
 import dagster as dg
-from test_rlvr import _home
 from test_grpo_support import save_warm_addition_model
+from test_rlvr import _home
 
 from tulu_pipeline.provenance.ledger import Ledger
 
