@@ -36,15 +36,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tulu_pipeline.curation import pipeline  # noqa: E402
-from tulu_pipeline.curation.config import CurationConfig, RaySettings  # noqa: E402
-from tulu_pipeline.curation.ray_executor import (  # noqa: E402
-    decontaminate_prompts_ray, deduplicate_prompts_ray, normalize_prompts_ray,
+from tulu_pipeline.curation import pipeline
+from tulu_pipeline.curation.config import CurationConfig, RaySettings
+from tulu_pipeline.curation.ray_executor import (
+    decontaminate_prompts_ray,
+    deduplicate_prompts_ray,
+    normalize_prompts_ray,
 )
-from tulu_pipeline.data.ingest import ingest_source  # noqa: E402
-from tulu_pipeline.data.registry import registry  # noqa: E402
-from tulu_pipeline.settings import data_dir  # noqa: E402
-from tulu_pipeline.storage import Store  # noqa: E402
+from tulu_pipeline.data.ingest import ingest_source
+from tulu_pipeline.data.registry import registry
+from tulu_pipeline.settings import data_dir
+from tulu_pipeline.storage import Store
 
 QUICK_TRAIN = ["code_alpaca", "hh_rlhf_harmless", "self_instruct_seed", "fine_grained_rlhf_qa"]
 STEP_OF = {"normalized_prompts": "normalize", "deduplicated_prompts": "signatures",

@@ -54,8 +54,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tulu_pipeline.curation.config import CurationConfig, RaySettings
-from tulu_pipeline.curation.decontaminate import DecontamConfig, Decontaminator, DecontamStats, EvalIndex
-from tulu_pipeline.curation.dedup import DedupConfig, Deduplicator, _order_key, _ranks, lsh_bands
+from tulu_pipeline.curation.decontaminate import (
+    DecontamConfig,
+    Decontaminator,
+    DecontamStats,
+    EvalIndex,
+)
+from tulu_pipeline.curation.dedup import (
+    DedupConfig,
+    Deduplicator,
+    _order_key,
+    _ranks,
+    lsh_bands,
+)
 from tulu_pipeline.curation.normalize import NormalizeConfig, Normalizer
 from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.provenance.ledger import LedgerWriter, MemorySink
@@ -337,7 +348,11 @@ def normalize_prompts_ray(store: Store, config: CurationConfig, run_id: str, pro
                           shard_hook: ShardHook | None = None):
     """`pipeline.normalize_prompts` on Ray: one task per shard of the raw training datasets."""
     from tulu_pipeline.curation.pipeline import (
-        StageResult, _input_version, _Sampler, stage_version, train_specs,
+        StageResult,
+        _input_version,
+        _Sampler,
+        stage_version,
+        train_specs,
     )
     from tulu_pipeline.data.ingest import raw_dataset_name
 
@@ -559,7 +574,12 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
     """`pipeline.deduplicate_prompts` on Ray: near duplicates found across every shard (module docstring)."""
     import ray
 
-    from tulu_pipeline.curation.pipeline import StageResult, _input_version, _Sampler, stage_version
+    from tulu_pipeline.curation.pipeline import (
+        StageResult,
+        _input_version,
+        _Sampler,
+        stage_version,
+    )
 
     inputs = {"normalized_prompts": _input_version(store, "normalized_prompts")}
     version = stage_version("deduplicated_prompts", config.dedup.model_dump(), inputs)
@@ -639,7 +659,12 @@ def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
     import ray
 
     from tulu_pipeline.curation.pipeline import (
-        QUARANTINE_SCHEMA, StageResult, _input_version, _Sampler, build_eval_index, stage_version,
+        QUARANTINE_SCHEMA,
+        StageResult,
+        _input_version,
+        _Sampler,
+        build_eval_index,
+        stage_version,
     )
 
     eval_index, eval_inputs = index or build_eval_index(store, config)
@@ -685,6 +710,12 @@ def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
 
 
 __all__ = [
-    "RAY_DIR", "Shard", "plan_shards", "read_shard", "ray_session", "normalize_prompts_ray",
-    "deduplicate_prompts_ray", "decontaminate_prompts_ray",
+    "RAY_DIR",
+    "Shard",
+    "decontaminate_prompts_ray",
+    "deduplicate_prompts_ray",
+    "normalize_prompts_ray",
+    "plan_shards",
+    "ray_session",
+    "read_shard",
 ]
