@@ -197,3 +197,10 @@ def test_many_unclosed_boxes_finish():
     assert last_boxed(text) is None
     assert not verify("gsm8k", text, ground_truth="8").ok
     assert not verify("math", text, ground_truth="7").ok
+
+
+def test_math_overlong_answer_skips_math_verify_and_reason_stays_short():
+    verdict = verify("math", "\\boxed{" + "a" * 5000 + "}", ground_truth="1")
+    assert not verdict.ok
+    assert verdict.details["method"] == "normalized_string (answer too long for math-verify)"
+    assert len(verdict.reason) < 400
