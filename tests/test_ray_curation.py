@@ -300,3 +300,17 @@ def test_kuberay_manifests_use_known_fields_and_the_pinned_ray(tmp_path) -> None
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "WARN" not in output, output
     assert output.count("passed for resource") == len(plain) + len(templates), output
+
+
+def test_a_failing_shard_publishes_nothing(raw_home: Path, ray_local) -> None:
+    store = _copy(raw_home, "failing")
+
+    def fail(step: str, shard: int) -> None:
+        if shard == 2:
+            raise ValueError(f"injected failure in {step} shard {shard}")
+
+    with pytest.raises(Exception, match="injected failure in normalize shard 2"):
+        normalize_prompts_ray(store, _config("ray"), "run-1", shard_hook=fail)
+    assert store.latest_version("normalized_prompts") is None
+    assert not _events(store, "normalized_prompts")
+    assert not store.fs.find(store.path(RAY_DIR))  # the other shards' files are gone too

@@ -360,16 +360,16 @@ def normalize_prompts_ray(store: Store, config: CurationConfig, run_id: str, pro
     inputs = {raw_dataset_name(s.id): _input_version(store, raw_dataset_name(s.id)) for s in specs}
     version = stage_version("normalized_prompts", config.normalize.model_dump(), inputs)
     run = _Run(store, config, "normalized_prompts", version, run_id, progress, shard_hook)
-    with ray_session(config.ray):
-        shards = plan_shards(store, inputs, config.ray.shard_rows)
-        results = run.map_shards("normalize", shards, _normalize_shard, config=config.normalize.model_dump())
-    stats: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "changed": 0, "dropped_by_reason": {}, "changes": {}}
-    for result in results:
-        _add_counts(stats, result["stats"])
-    stats = _sorted_dicts(stats)
     sampler = _Sampler()
-    run.report(step="publish")
     try:
+        with ray_session(config.ray):
+            shards = plan_shards(store, inputs, config.ray.shard_rows)
+            results = run.map_shards("normalize", shards, _normalize_shard, config=config.normalize.model_dump())
+        stats: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "changed": 0, "dropped_by_reason": {}, "changes": {}}
+        for result in results:
+            _add_counts(stats, result["stats"])
+        stats = _sorted_dicts(stats)
+        run.report(step="publish")
         with LedgerWriter(store, "curation", "normalized_prompts", version, run_id) as ledger:
             _replay_events(run, ledger, shards)
             rows = chain.from_iterable(_read_parquet(store, _shard_file(run.staging, s.index, "rows.parquet"))
