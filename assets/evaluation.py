@@ -12,16 +12,20 @@ training run upstream was decontaminated against the benchmark; otherwise the sc
 contaminated). Both warn by default: an 8-item CPU sample is noisy.
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import dagster as dg
 
-from assets.metadata import image, samples as samples_table
+from assets.metadata import image
+from assets.metadata import samples as samples_table
 from resources import ComputeLauncher, TuluStorage
 from resources.generation import GenerationResource, JudgeResource
 from tulu_pipeline.evaluation.benchmarks import benchmark_config, benchmarks
 from tulu_pipeline.evaluation.comparison import (
-    comparison_markdown, comparison_png, comparison_table, regression,
+    comparison_markdown,
+    comparison_png,
+    comparison_table,
+    regression,
 )
 from tulu_pipeline.evaluation.lineage import list_checkpoints
 from tulu_pipeline.evaluation.pipeline import run_benchmark
@@ -51,11 +55,11 @@ def register_checkpoint(instance_or_context: Any, checkpoint_id: str) -> bool:
 class EvalConfig(dg.Config):
     preset: str = "cpu"
     """cpu (a few seeded items, minutes on the embedded model) or full (every item, published settings)"""
-    sample_size: Optional[int] = None
+    sample_size: int | None = None
     """override the preset's number of items"""
-    few_shot: Optional[int] = None
-    max_new_tokens: Optional[int] = None
-    seed: Optional[int] = None
+    few_shot: int | None = None
+    max_new_tokens: int | None = None
+    seed: int | None = None
     execution: str = "auto"
     """in_process (load the model here), launcher (the generation job through the compute launcher),
     auto (in_process up to 32 items)"""
@@ -201,12 +205,14 @@ def checkpoint_partitions_sensor(context: dg.SensorEvaluationContext, storage: T
                            run_requests=[dg.RunRequest(partition_key=c, run_key=f"evaluate:{c}") for c in new])
 
 
-def evaluate_all_checkpoints(instance: Optional[dg.DagsterInstance] = None, checkpoints: Optional[list] = None,
-                             defs: Optional[dg.Definitions] = None) -> dict:
+def evaluate_all_checkpoints(instance: dg.DagsterInstance | None = None, checkpoints: list | None = None,
+                             defs: dg.Definitions | None = None) -> dict:
     """Register and evaluate every checkpoint under TULU_HOME (or ``checkpoints``), then redraw the
     comparison; for ``make run`` after ``full_pipeline``. Returns ``{checkpoint_id: success}``."""
     if defs is None:
-        from definitions import defs  # the code location, with the deployment's resources
+        from definitions import (
+            defs,  # the code location, with the deployment's resources
+        )
 
     instance = instance or dg.DagsterInstance.get()
     ids = checkpoints if checkpoints is not None else list_checkpoints(TuluStorage().store())

@@ -11,11 +11,19 @@ import pytest
 
 from tulu_pipeline.evaluation import scoring
 from tulu_pipeline.evaluation.benchmarks import (
-    BenchmarkConfig, benchmark_config, benchmarks, load_samples, suite,
+    BenchmarkConfig,
+    benchmark_config,
+    benchmarks,
+    load_samples,
+    suite,
 )
 from tulu_pipeline.evaluation.judge import Judge
 from tulu_pipeline.evaluation.runner import (
-    build_result, evaluate, generation_requests, responses_from_output, score_samples,
+    build_result,
+    evaluate,
+    generation_requests,
+    responses_from_output,
+    score_samples,
 )
 from tulu_pipeline.storage import Store
 
@@ -364,7 +372,11 @@ def test_lineage_order_and_parents(tmp_path):
 
 
 def test_comparison_table_and_chart(tmp_path):
-    from tulu_pipeline.evaluation.comparison import comparison_markdown, comparison_png, comparison_table
+    from tulu_pipeline.evaluation.comparison import (
+        comparison_markdown,
+        comparison_png,
+        comparison_table,
+    )
 
     store = Store(str(tmp_path))
     store.write_json("models/base_model/tulu_model.json", {"weights_sha256": "abc"})

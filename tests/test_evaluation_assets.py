@@ -8,7 +8,6 @@ import shutil
 
 import dagster as dg
 import pytest
-
 from test_sft_support import save_tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::dagster.BetaWarning", "ignore::dagster.PreviewWarning")
@@ -39,8 +38,13 @@ def _config(name, **values):
 def test_partitioned_eval_assets_and_comparison(home, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     from assets.evaluation import (
-        CONTAMINATION_CHECK, REGRESSION_CHECK, checkpoint_partitions_sensor, eval_assets, eval_comparison,
-        no_possibly_contaminated_scores, register_checkpoint,
+        CONTAMINATION_CHECK,
+        REGRESSION_CHECK,
+        checkpoint_partitions_sensor,
+        eval_assets,
+        eval_comparison,
+        no_possibly_contaminated_scores,
+        register_checkpoint,
     )
     from tulu_pipeline.evaluation.results import checkpoints_that_saw, read_summary
     from tulu_pipeline.storage import Store
@@ -108,7 +112,12 @@ def test_eval_asset_refuses_a_missing_checkpoint(home):
 
 
 def test_every_benchmark_has_an_asset_key_and_checks(home):
-    from assets.evaluation import evaluation_assets, evaluation_checks, evaluation_jobs, evaluation_sensors
+    from assets.evaluation import (
+        evaluation_assets,
+        evaluation_checks,
+        evaluation_jobs,
+        evaluation_sensors,
+    )
     from tulu_pipeline.evaluation.benchmarks import benchmarks
 
     keys = {a.key for a in evaluation_assets}

@@ -10,7 +10,14 @@
 """
 
 from tulu_pipeline.evaluation.benchmarks import (
-    Benchmark, BenchmarkConfig, EvalSample, benchmark_config, benchmarks, get_benchmark, load_samples, suite,
+    Benchmark,
+    BenchmarkConfig,
+    EvalSample,
+    benchmark_config,
+    benchmarks,
+    get_benchmark,
+    load_samples,
+    suite,
 )
 from tulu_pipeline.evaluation.runner import EvalResult, evaluate
 

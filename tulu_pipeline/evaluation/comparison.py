@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tulu_pipeline.evaluation.benchmarks import benchmarks, get_benchmark
-from tulu_pipeline.evaluation.lineage import BASE_MODEL_ID, ancestors, lineage_order, parent_of, stage_of
+from tulu_pipeline.evaluation.lineage import (
+    BASE_MODEL_ID,
+    ancestors,
+    lineage_order,
+    parent_of,
+    stage_of,
+)
 from tulu_pipeline.evaluation.results import REPORTS, read_summary
 from tulu_pipeline.storage import Store
 
@@ -173,10 +179,9 @@ def contamination(store: Store, benchmark: str, checkpoint_id: str) -> dict[str,
 
 def _coverage_of(store: Store, checkpoint_id: str, sources: tuple[str, ...]) -> dict[str, Any]:
     """Which of ``sources`` the checkpoint's own training data was checked against."""
+    from tulu_pipeline.evaluation.lineage import read_manifest
     from tulu_pipeline.provenance.audit import registry_version
     from tulu_pipeline.provenance.coverage import eval_coverage
-
-    from tulu_pipeline.evaluation.lineage import read_manifest
 
     manifest = read_manifest(store, checkpoint_id)
     if manifest is None:

@@ -12,9 +12,13 @@ Two ways to ask, chosen by what the judge backend offers:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from tulu_pipeline.evaluation.scoring import parse_pairwise_verdict, parse_refusal_verdict
+from tulu_pipeline.evaluation.scoring import (
+    parse_pairwise_verdict,
+    parse_refusal_verdict,
+)
 
 Messages = list[dict[str, str]]
 

@@ -21,14 +21,23 @@ from __future__ import annotations
 
 import json
 import posixpath
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from tulu_pipeline.evaluation.benchmarks import BenchmarkConfig, get_benchmark, load_samples
+from tulu_pipeline.evaluation.benchmarks import (
+    BenchmarkConfig,
+    get_benchmark,
+    load_samples,
+)
 from tulu_pipeline.evaluation.comparison import contamination
 from tulu_pipeline.evaluation.judge import Judge
 from tulu_pipeline.evaluation.results import REPORTS, publish_result
 from tulu_pipeline.evaluation.runner import (
-    evaluate, generation_requests, needs_generation, responses_from_output, sampling_params,
+    evaluate,
+    generation_requests,
+    needs_generation,
+    responses_from_output,
+    sampling_params,
 )
 from tulu_pipeline.storage import Store
 

@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from tulu_pipeline.evaluation import scoring
-from tulu_pipeline.evaluation.benchmarks import VERIFIER_TASK, BenchmarkConfig, EvalSample, get_benchmark
+from tulu_pipeline.evaluation.benchmarks import (
+    VERIFIER_TASK,
+    BenchmarkConfig,
+    EvalSample,
+    get_benchmark,
+)
 from tulu_pipeline.evaluation.judge import Judge
 from tulu_pipeline.evaluation.sandbox import SandboxLimits, run_python
 

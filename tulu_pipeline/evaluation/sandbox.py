@@ -154,7 +154,7 @@ def _network_flags() -> int | None:
         # probed in a throwaway interpreter: unshare changes the caller for good
         probe = f"import ctypes, sys; sys.exit(0 if ctypes.CDLL(None).unshare({flags}) == 0 else 1)"
         try:
-            done = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, timeout=30)
+            done = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, timeout=30, check=False)
         except (OSError, subprocess.SubprocessError):
             continue
         if done.returncode == 0:
@@ -170,7 +170,8 @@ def _unprivileged_python() -> str | None:
             continue
         try:
             done = subprocess.run([candidate, "-I", "-c", "pass"], preexec_fn=_drop_privileges,
-                                  capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"}, cwd="/")
+                                  capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"}, cwd="/",
+                                  check=False)
         except (OSError, subprocess.SubprocessError):
             continue
         if done.returncode == 0:
@@ -253,7 +254,9 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
                 [python, "-I", "-B", str(work / "guard.py"), str(work), str(work / "program.py"),
                  "1" if limits.audit_hook else "0"],
                 cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, close_fds=True,
-                start_new_session=True, preexec_fn=lambda: _child_setup(limits, net_flags, unshare, drop),
+                start_new_session=True,
+                # limits, namespaces and the user change must happen between fork and exec; nothing is loaded there
+                preexec_fn=lambda: _child_setup(limits, net_flags, unshare, drop),  # noqa: PLW1509
             )
             timed_out = False
             try:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,9 @@ class ItemScore:
 
 
 def default_verify() -> Verify:
-    from tulu_pipeline.rewards import verify  # the verifiable-reward package (gsm8k, math, ifeval)
+    from tulu_pipeline.rewards import (
+        verify,  # the verifiable-reward package (gsm8k, math, ifeval)
+    )
 
     return verify
 
@@ -86,7 +89,7 @@ def ifeval_aggregate(details: Sequence[dict[str, Any]]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 # HumanEval and MBPP: programs for the sandbox, pass@1
 # ---------------------------------------------------------------------------------------------
-_FENCE = re.compile(r"```(?:[ \t]*(?:python|py|Python|python3))?[ \t]*\n(.*?)(?:```|\Z)", re.S)
+_FENCE = re.compile(r"```(?:[ \t]*(?:python|py|Python|python3))?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 def extract_code(response: str) -> str:
@@ -95,7 +98,7 @@ def extract_code(response: str) -> str:
     blocks = [b for b in _FENCE.findall(response) if b.strip()]
     if not blocks:
         return response
-    with_def = [b for b in blocks if re.search(r"^\s*(def|class|import|from)\s", b, re.M)]
+    with_def = [b for b in blocks if re.search(r"^\s*(def|class|import|from)\s", b, re.MULTILINE)]
     return (with_def or sorted(blocks, key=len, reverse=True))[0]
 
 
@@ -103,7 +106,7 @@ def humaneval_program(prompt: str, response: str, test: str, entry_point: str) -
     """The program HumanEval runs: the completion (after the prompt when it only gives the body), the
     benchmark's ``check`` function and the call ``check(entry_point)``."""
     code = extract_code(response)
-    if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.M):
+    if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
         header = "\n".join(line for line in prompt.splitlines() if re.match(r"^(import|from)\s", line))
         body = f"{header}\n\n{code}" if header else code  # a full definition: keep the prompt's imports
     else:
@@ -126,7 +129,7 @@ def score_execution(status: str, reason: str) -> ItemScore:
 # ---------------------------------------------------------------------------------------------
 # BBH: exact match
 # ---------------------------------------------------------------------------------------------
-_ANSWER_IS = re.compile(r"answer is[:\s]*(.+?)(?:\.\s*$|\.\s|\n|$)", re.I | re.S)
+_ANSWER_IS = re.compile(r"answer is[:\s]*(.+?)(?:\.\s*$|\.\s|\n|$)", re.IGNORECASE | re.DOTALL)
 
 
 def bbh_extract_answer(response: str) -> str:
@@ -178,10 +181,10 @@ def split_answers(text: str | None) -> list[str]:
 # pairwise preference (AlpacaEval-style win rate)
 # ---------------------------------------------------------------------------------------------
 _VERDICT_PATTERNS = (
-    re.compile(r"\[\[\s*([ab12])\s*\]\]", re.I),  # MT-Bench style [[A]]
-    re.compile(r"^\W*(?:(?:output|response|answer|assistant)\s*)?\(?\s*([ab12])\s*\)?(?:\W|$)", re.I),
-    re.compile(r"(?:output|response|answer|assistant)\s*\(?\s*([ab12])\s*\)?\s+is\s+(?:better|preferred)", re.I),
-    re.compile(r"(?:answer|verdict|winner|choice|preferred)\s*[:=]\s*(?:output|response)?\s*\(?\s*([ab12])\s*\)?(?:\W|$)", re.I),
+    re.compile(r"\[\[\s*([ab12])\s*\]\]", re.IGNORECASE),  # MT-Bench style [[A]]
+    re.compile(r"^\W*(?:(?:output|response|answer|assistant)\s*)?\(?\s*([ab12])\s*\)?(?:\W|$)", re.IGNORECASE),
+    re.compile(r"(?:output|response|answer|assistant)\s*\(?\s*([ab12])\s*\)?\s+is\s+(?:better|preferred)", re.IGNORECASE),
+    re.compile(r"(?:answer|verdict|winner|choice|preferred)\s*[:=]\s*(?:output|response)?\s*\(?\s*([ab12])\s*\)?(?:\W|$)", re.IGNORECASE),
 )
 
 
