@@ -11,6 +11,9 @@ from assets.automation import (
 )
 from assets.base_model import base_model
 from assets.curation import curation_assets
+from assets.evaluation import evaluation_assets, evaluation_checks, evaluation_jobs, evaluation_sensors
+from assets.preference import preference_assets, preference_checks
+from assets.rlvr import rlvr_assets, rlvr_checkpoint
 from assets.sft import sft_assets, sft_checkpoint
 from assets.sources import raw_source_assets
 from resources import resources_for
@@ -22,9 +25,9 @@ DEPLOYMENT = os.environ.get("TULU_DEPLOYMENT", "local")
 # processes through the compute launcher, and two cores gain nothing from parallel small steps.
 EXECUTORS = {"local": dg.in_process_executor, "k8s": dg.multiprocess_executor}
 
-TRAINING_ASSETS = [sft_checkpoint]
+TRAINING_ASSETS = [sft_checkpoint, rlvr_checkpoint]
 CHECKPOINT_KEYS = [a.key for a in TRAINING_ASSETS]
-STAGE_GROUPS = ("sources", "curation", "sft", "audit")
+STAGE_GROUPS = ("sources", "curation", "sft", "preference", "rlvr", "audit")
 
 
 def _training(asset: dg.AssetsDefinition) -> dg.AssetsDefinition:
@@ -41,17 +44,20 @@ recuration_job, weekly_recuration = build_recuration()
 jobs = stage_jobs(STAGE_GROUPS)
 full_pipeline = dg.define_asset_job(
     "full_pipeline",
-    selection=dg.AssetSelection.all() - dg.AssetSelection.key_prefixes("source_file"),
-    description="Materialize every stage of the pipeline on the configured deployment.",
+    # evaluation is partitioned by checkpoint: `evaluate_checkpoint` runs it per partition (see assets/evaluation.py)
+    selection=dg.AssetSelection.all() - dg.AssetSelection.key_prefixes("source_file") - dg.AssetSelection.groups("evaluation"),
+    description="Materialize every stage of the pipeline on the configured deployment, up to the checkpoints; "
+    "evaluation runs per checkpoint partition (evaluate_checkpoint).",
 )
 
 defs = dg.Definitions(
     assets=[source_files, *raw_source_assets, *curation_assets, base_model,
-            *[a for a in sft_assets if a not in TRAINING_ASSETS], *map(_training, TRAINING_ASSETS), audit_report],
-    asset_checks=build_coverage_checks(CHECKPOINT_KEYS),
-    jobs=[full_pipeline, recuration_job, *jobs.values()],
+            *[a for a in [*sft_assets, *preference_assets, *rlvr_assets] if a not in TRAINING_ASSETS],
+            *map(_training, TRAINING_ASSETS), audit_report, *evaluation_assets],
+    asset_checks=[*preference_checks, *evaluation_checks, *build_coverage_checks(CHECKPOINT_KEYS)],
+    jobs=[full_pipeline, recuration_job, *jobs.values(), *evaluation_jobs],
     schedules=[weekly_recuration],
-    sensors=[build_source_change_sensor(recuration_job, checkpoint_keys=CHECKPOINT_KEYS)],
+    sensors=[build_source_change_sensor(recuration_job, checkpoint_keys=CHECKPOINT_KEYS), *evaluation_sensors],
     resources=resources_for(DEPLOYMENT),
     executor=EXECUTORS[DEPLOYMENT],
 )

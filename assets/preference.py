@@ -8,6 +8,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from assets.automation import GPU_POOL, TRANSIENT_RETRY
 from assets.base_model import BASE_MODEL_ID
 from assets.curation import EVAL_KEYS
 from assets.metadata import TRAINING_OWNERS, config_hash, image, samples, table_schema
@@ -19,20 +20,44 @@ from tulu_pipeline.curation.pipeline import build_eval_index
 from tulu_pipeline.generation.base import SamplingParams
 from tulu_pipeline.generation.spec import BackendSpec
 from tulu_pipeline.preference.completions import (
-    PoolModel, completions_version, latest_sft_checkpoint, output_complete, output_path, publish_completions,
-    requests_path, write_generation_requests
+    PoolModel,
+    completions_version,
+    latest_sft_checkpoint,
+    output_complete,
+    output_path,
+    publish_completions,
+    requests_path,
+    write_generation_requests,
 )
 from tulu_pipeline.preference.judge import judge_identity
 from tulu_pipeline.preference.judging import (
-    judge_output_path, judge_requests_path, judged_version, publish_judgments, write_judge_requests
+    judge_output_path,
+    judge_requests_path,
+    judged_version,
+    publish_judgments,
+    write_judge_requests,
 )
 from tulu_pipeline.preference.pairs import (
-    PairConfig, build_preference_pairs, identical_pairs, pair_eval_overlaps, prompt_mismatches, record_pair_checks
+    PairConfig,
+    build_preference_pairs,
+    identical_pairs,
+    pair_eval_overlaps,
+    prompt_mismatches,
+    record_pair_checks,
 )
-from tulu_pipeline.preference.prompts import PREFERENCE_CODE_VERSION, PromptSelectionConfig, select_preference_prompts
+from tulu_pipeline.preference.prompts import (
+    PREFERENCE_CODE_VERSION,
+    PromptSelectionConfig,
+    select_preference_prompts,
+)
 from tulu_pipeline.preference.rubric import ASPECTS, RUBRIC_VERSION, rubric_hash
 from tulu_pipeline.preference.schema import (
-    COMPLETION_SCHEMA, COMPLETIONS_DATASET, JUDGED_SCHEMA, PAIR_SCHEMA, PROMPT_SCHEMA, PROMPTS_DATASET
+    COMPLETION_SCHEMA,
+    COMPLETIONS_DATASET,
+    JUDGED_SCHEMA,
+    PAIR_SCHEMA,
+    PROMPT_SCHEMA,
+    PROMPTS_DATASET,
 )
 from tulu_pipeline.reporting import histogram_png, markdown_table
 
@@ -157,7 +182,7 @@ def model_pool(context: dg.AssetExecutionContext, store, config: PolicyCompletio
 
 @dg.asset(group_name="preference", kinds={"pytorch", "parquet"}, owners=TRAINING_OWNERS,
           code_version=PREFERENCE_CODE_VERSION, deps=[preference_prompts, "sft_checkpoint", "base_model"],
-          tags={"tulu/compute": "gpu"},
+          tags={"tulu/compute": "gpu"}, pool=GPU_POOL, retry_policy=TRANSIENT_RETRY,
           description="N completions per preference prompt from each model of the pool (the on-policy SFT "
           "checkpoint, the base model, configured vLLM/HTTP models) plus the reference reply; each model runs "
           "the generation job in its own process. Every completion records model id, sampling params and seed.")
@@ -220,7 +245,7 @@ class JudgedCompletionsConfig(dg.Config):
 
 
 @dg.asset(group_name="preference", kinds={"pytorch", "parquet"}, owners=TRAINING_OWNERS,
-          code_version=PREFERENCE_CODE_VERSION, deps=[policy_completions, "base_model"], tags={"tulu/compute": "gpu"},
+          code_version=PREFERENCE_CODE_VERSION, deps=[policy_completions, "base_model"], tags={"tulu/compute": "gpu"}, pool=GPU_POOL, retry_policy=TRANSIENT_RETRY,
           description="1–5 ratings of every completion on helpfulness, honesty, instruction following and "
           "truthfulness (UltraFeedback-style, versioned rubric), by the judge job in its own process: a local "
           "model by constrained log-likelihood choice, or an OpenAI-compatible endpoint with strict parsing, "

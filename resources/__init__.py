@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from resources.compute import ComputeLauncher, K8sLauncher, LocalLauncher, StageProfile
+from resources.generation import GenerationResource, JudgeResource
 from resources.storage import DataBundle, TuluStorage
 
 DEPLOYMENTS = ("local", "k8s")
@@ -42,8 +43,19 @@ def resources_for(deployment: str) -> dict[str, object]:
         raise ValueError(f"TULU_DEPLOYMENT must be one of {DEPLOYMENTS}, got {deployment!r}")
     # Both deployments read their locations from the environment: locally the defaults point into the
     # checkout, on Kubernetes the Helm values set TULU_HOME to an object-store URL.
-    launcher: ComputeLauncher = k8s_launcher_from_env() if deployment == "k8s" else LocalLauncher()
-    return {"storage": TuluStorage(), "data_bundle": DataBundle(), "launcher": launcher}
+    if deployment == "k8s":
+        # Generation and judging run in GPU pods: vLLM by default, an API judge when TULU_JUDGE_KIND=openai
+        # (its key comes from the Secret mapped to TULU_JUDGE_API_KEY, never from a file).
+        launcher: ComputeLauncher = k8s_launcher_from_env()
+        generation = GenerationResource(kind=os.environ.get("TULU_GENERATION_KIND", "vllm"), device="cuda")
+        judge = JudgeResource(kind=os.environ.get("TULU_JUDGE_KIND", "local"),
+                              model=os.environ.get("TULU_JUDGE_MODEL", "models/base_model"),
+                              base_url=os.environ.get("TULU_JUDGE_BASE_URL") or None,
+                              api_key_env="TULU_JUDGE_API_KEY", device="cuda")
+    else:
+        launcher, generation, judge = LocalLauncher(), GenerationResource(), JudgeResource()
+    return {"storage": TuluStorage(), "data_bundle": DataBundle(), "launcher": launcher,
+            "generation": generation, "judge": judge}
 
 
 __all__ = [
@@ -51,6 +63,8 @@ __all__ = [
     "K8S_LAUNCHER_ENV",
     "ComputeLauncher",
     "DataBundle",
+    "GenerationResource",
+    "JudgeResource",
     "K8sLauncher",
     "LocalLauncher",
     "StageProfile",

@@ -12,7 +12,7 @@ import pytest
 import tulu_pipeline.curation.pipeline as curation_pipeline
 from assets.curation import curation_assets
 from assets.sources import raw_source_assets
-from resources import DataBundle, TuluStorage
+from resources import DataBundle, LocalLauncher, TuluStorage
 from tulu_pipeline.cli import main as tulu
 from tulu_pipeline.curation.decontaminate import Match
 from tulu_pipeline.provenance.ledger import Ledger
@@ -25,7 +25,8 @@ def curated(tmp_path_factory, bundle: Path):
     home = tmp_path_factory.mktemp("curation") / "home"
     result = dg.materialize(
         [*raw_source_assets, *curation_assets],
-        resources={"storage": TuluStorage(root=str(home)), "data_bundle": DataBundle(data_dir=str(bundle))},
+        resources={"storage": TuluStorage(root=str(home)), "data_bundle": DataBundle(data_dir=str(bundle)),
+                   "launcher": LocalLauncher()},
     )
     assert result.success
     return result, Store(str(home))
@@ -122,7 +123,8 @@ def test_failed_overlap_check_blocks_downstream(curated, monkeypatch, tmp_path: 
     result = dg.materialize(
         [*curation_assets, fake_training],
         selection=["decontaminated_prompts", "decontamination_report", "fake_training"],
-        resources={"storage": TuluStorage(root=str(home)), "data_bundle": DataBundle(data_dir=str(bundle))},
+        resources={"storage": TuluStorage(root=str(home)), "data_bundle": DataBundle(data_dir=str(bundle)),
+                   "launcher": LocalLauncher()},
         raise_on_error=False,
     )
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
