@@ -38,10 +38,12 @@ def stage_of(event: dict[str, Any]) -> str:
         return "dedup"
     if stage == "decontamination" or asset == "decontaminated_prompts":
         return "decontamination"
-    if name == "included_in_mix":
+    if name == "included_in_mix" and (stage in (None, "sft") or asset == "sft_mix"):
         return "mixes"
-    if name == "paired":
+    if name in ("paired", "selected_for_preference", "not_paired") or stage == "preference":
         return "preference_pairs"
+    if name == "included_in_mix":  # an RLVR prompt set (or another stage's selection)
+        return "mixes"
     if name in ("trained_on", "evaluated"):
         return "checkpoints"
     return "other"
@@ -83,7 +85,8 @@ def _entry(event: dict[str, Any], stage: str) -> dict[str, Any]:
                  "reason": event.get("reason") if contaminated else None,
                  "ngram": d.get("ngram"), "threshold": d.get("threshold")}
     elif stage == "mixes":
-        entry = {"decision": event["decision"], "mix": d.get("mix"), "mix_hash": d.get("mix_hash")}
+        entry = {"decision": event["decision"], "mix": d.get("mix") or event["asset_key"],
+                 "mix_hash": d.get("mix_hash") or event["asset_version"], "stage": d.get("stage")}
     elif stage == "checkpoints":
         entry = {"decision": event["decision"], "event": event["event"],
                  "checkpoint": d.get("checkpoint") or (related[0] if related else None),
@@ -138,9 +141,13 @@ def _status(trace: dict[str, Any], s: dict[str, Any]) -> str:
     trained = sorted({c["checkpoint"] for c in s["checkpoints"] if c["event"] == "trained_on"})
     if trained:
         return "trained on " + ", ".join(trained)
-    heldout = sorted({c["checkpoint"] for c in s["checkpoints"] if c["event"] == "evaluated"})
+    heldout = sorted({c["checkpoint"] for c in s["checkpoints"]
+                      if c["event"] == "evaluated" and c.get("decision") != "scored"})
     if heldout:
-        return "held out (loss only) for " + ", ".join(heldout)
+        return "held out (measured, not trained) for " + ", ".join(heldout)
+    scored = sorted({c["checkpoint"] for c in s["checkpoints"] if c.get("decision") == "scored"})
+    if scored:
+        return "eval item, evaluated on " + ", ".join(scored)
     if s["mixes"]:
         mixes = ", ".join(f"{m.get('mix')}@{m.get('mix_hash')} ({m['decision']})" for m in s["mixes"])
         return f"in mix {mixes}; not trained on yet"
@@ -218,7 +225,8 @@ def _describe(stage: str, e: dict[str, Any]) -> list[str]:
     if stage == "mixes":
         return [f"{e.get('mix')}@{e.get('mix_hash')} ({e['decision']})"]
     if stage == "checkpoints":
-        verb = "trained" if e["event"] == "trained_on" else "held out (loss measured)"
+        verb = ("trained" if e["event"] == "trained_on" else
+                "evaluated (benchmark item)" if e.get("decision") == "scored" else "held out (measured)")
         epochs = f", {e['epochs']} epoch(s)" if e.get("epochs") is not None else ""
         return [f"{e.get('checkpoint')}: {verb}{epochs}"]
     if stage == "preference_pairs":
