@@ -20,22 +20,10 @@ from test_sft_support import bundled_rows, save_tiny_model
 
 
 def pair_schema():
-    """The preference-pair schema (PAIR_SCHEMA's fields; tulu_pipeline.preference.schema once it lands)."""
-    try:
-        from tulu_pipeline.preference.schema import PAIR_SCHEMA  # type: ignore[import-not-found]
+    """The preference-pair schema the preference stage publishes (the DPO stage's input contract)."""
+    from tulu_pipeline.preference.schema import PAIR_SCHEMA
 
-        return PAIR_SCHEMA
-    except ImportError:
-        import pyarrow as pa
-
-        message = pa.struct([("role", pa.string()), ("content", pa.string())])
-        return pa.schema([
-            ("pair_id", pa.string()), ("prompt_row_id", pa.string()), ("source", pa.string()),
-            ("license", pa.string()), ("prompt", pa.list_(message)), ("chosen", pa.string()),
-            ("rejected", pa.string()), ("chosen_model", pa.string()), ("rejected_model", pa.string()),
-            ("chosen_rating", pa.float64()), ("rejected_rating", pa.float64()), ("ratings", pa.string()),
-            ("judge_id", pa.string()), ("origin", pa.string()), ("split", pa.string()), ("extra", pa.string()),
-        ])
+    return PAIR_SCHEMA
 
 
 def model_samples(model_dir: Path, prompts: list[list[dict[str, str]]], max_new_tokens: int = 24,

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.models.base_model import weights_sha256
+from tulu_pipeline.preference.schema import PAIRS_DATASET  # noqa: F401  (re-exported for the job and plan)
 from tulu_pipeline.training.batching import SFTCollator
 from tulu_pipeline.training.chat_template import (
     IGNORE_INDEX,
@@ -76,7 +77,6 @@ DPO_CODE_VERSION = "1"
 # Bump when the reference log-probs of the same pairs, checkpoint and max_length would change.
 REFERENCE_CODE_VERSION = "1"
 MANIFEST_FORMAT_VERSION = 1
-PAIRS_DATASET = "preference_pairs"
 REFERENCE_DATASET = "reference_logprobs"
 LOSS_CURVE_FILE = "loss_curve.png"
 TRAINED_PAIRS_FILE = "trained_pair_ids.txt"
