@@ -171,5 +171,5 @@ def publish_completions(store: Store, prompts_version: str, version: str,
 
     info = store.write_rows(COMPLETIONS_DATASET, version,
                             counted(completion_rows(store, prompts_version, outputs, include_reference)),
-                            COMPLETION_SCHEMA)
+                            COMPLETION_SCHEMA, inputs={PROMPTS_DATASET: prompts_version})
     return CompletionsResult(version, info, per_model, lengths, first)

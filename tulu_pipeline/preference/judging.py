@@ -109,7 +109,8 @@ def publish_judgments(store: Store, completions_version: str, version: str, outp
             yield out
 
     with LedgerWriter(store, "preference", JUDGED_DATASET, version, run_id) as ledger:
-        info = store.write_rows(JUDGED_DATASET, version, rows(ledger), JUDGED_SCHEMA)
+        info = store.write_rows(JUDGED_DATASET, version, rows(ledger), JUDGED_SCHEMA,
+                                inputs={COMPLETIONS_DATASET: completions_version})
         qpath = store.write_jsonl(quarantine_path(version), quarantine)
     return JudgedResult(version, info, qpath, len(quarantine), means,
                         {a: dict(sorted(c.items())) for a, c in histograms.items()},

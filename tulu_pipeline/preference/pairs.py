@@ -236,7 +236,7 @@ def build_preference_pairs(store: Store, config: PairConfig, run_id: str, judged
         pairs = kept
 
     with LedgerWriter(store, "preference", PAIRS_DATASET, version, run_id) as ledger:
-        info = store.write_rows(PAIRS_DATASET, version, pairs, PAIR_SCHEMA)
+        info = store.write_rows(PAIRS_DATASET, version, pairs, PAIR_SCHEMA, inputs=inputs)
         quarantine = store.write_rows(PAIRS_QUARANTINE_DATASET, version, dropped, PAIR_QUARANTINE_SCHEMA)
         for pair in pairs:
             ledger.record(pair["prompt_row_id"], PAIRED_EVENT, decision=pair["split"], related_ids=[pair["pair_id"]],

@@ -130,7 +130,7 @@ def select_preference_prompts(store: Store, config: PromptSelectionConfig, run_i
             yield out
 
     with LedgerWriter(store, "preference", PROMPTS_DATASET, version, run_id) as ledger:
-        info = store.write_rows(PROMPTS_DATASET, version, rows(), PROMPT_SCHEMA)
+        info = store.write_rows(PROMPTS_DATASET, version, rows(), PROMPT_SCHEMA, inputs=inputs)
         for row_id in chosen:
             ledger.record(row_id, SELECTED_EVENT, decision="selected",
                           details={"rank": rank[row_id], "sample": version, "seed": config.seed})
