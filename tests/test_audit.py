@@ -443,3 +443,31 @@ def test_ledger_cli_compact_and_status(state, tmp_path, capsys) -> None:
     assert status["compacted"] and status["generation"] == summary["generation"] and status["remainder_files"] == 0
     code, trace = _cli_json(capsys, "--home", store.root, "trace", _trained_row(state))
     assert code == 0 and trace["summary"]["status"] == f"trained on {state['checkpoint']}"
+
+
+def test_bill_of_a_checkpoint_trained_from_another_inherits_its_data(state, tmp_path) -> None:
+    """An RLVR/DPO-style checkpoint: its own prompts from the ledger, plus its start checkpoint's bill."""
+    from tulu_pipeline.data.schema import ROW_SCHEMA
+
+    store = _copy(state, tmp_path)
+    decontam = store.latest_version("decontaminated_prompts")
+    rows = [r for r in store.iter_rows("decontaminated_prompts", decontam) if r["source"] == "code_alpaca"][:5]
+    store.write_rows("rlvr_prompts", "p1", rows, ROW_SCHEMA, inputs={"decontaminated_prompts": decontam})
+    checkpoint = "rlvr-test"
+    store.write_json(f"models/{checkpoint}/training_manifest.json", {
+        "checkpoint_id": checkpoint, "prompts_dataset": "rlvr_prompts", "prompts_version": "p1",
+        "start_checkpoint": state["checkpoint"], "config": {"seed": 1}})
+    with LedgerWriter(store, "rlvr", "rlvr_checkpoint", "v1", "run-rlvr") as ledger:
+        for row in rows[:3]:
+            ledger.record(row["row_id"], "trained_on", related_ids=[checkpoint])
+        ledger.record(rows[3]["row_id"], "evaluated", related_ids=[checkpoint])
+    bill = checkpoint_bill(store, checkpoint)
+    assert (bill["rows"], bill["heldout_rows"], bill["not_reached"]) == (3, 1, 1)
+    assert bill["parent"]["checkpoint_id"] == state["checkpoint"]
+    # code_alpaca is CC BY-NC: the derived checkpoint inherits that too, whichever stage brought it in
+    assert "code_alpaca" in bill["non_commercial_sources"] and not bill["commercial_use_ok"]
+    assert set(bill["non_commercial_sources"]) >= set(bill["parent"]["non_commercial_sources"])
+    assert bill["decontamination"]["version"] == decontam
+    assert all(v is not False for v in bill["checks"].values())
+    markdown = bill_markdown(bill)
+    assert f"Inherited from `{state['checkpoint']}`" in markdown

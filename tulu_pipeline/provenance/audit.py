@@ -26,6 +26,8 @@ from tulu_pipeline.provenance.trace import score_text
 from tulu_pipeline.reporting import markdown_table
 from tulu_pipeline.storage import Store
 
+MANIFEST_NAME = "training_manifest.json"
+
 DECONTAM_REPORTS = "reports/decontamination"
 
 
@@ -265,7 +267,7 @@ def checkpoint_bill(store: Store, checkpoint_id: str) -> dict[str, Any]:
     manifest = load_checkpoint_manifest(store, checkpoint_id)
     mix_hash = manifest.get("mix_hash") or manifest.get("mix_version")
     if not mix_hash:
-        raise ValueError(f"checkpoint {checkpoint_id!r}: training_manifest.json names no mix_hash")
+        return _derived_bill(store, checkpoint_id, manifest)
     mix_info = store.read_json(mix_info_path(mix_hash)) if store.exists(mix_info_path(mix_hash)) else {}
     inputs = manifest.get("mix_inputs") or mix_info.get("inputs") or {}
     heldout = set(manifest.get("heldout_row_ids") or mix_info.get("heldout_row_ids") or [])
@@ -369,6 +371,90 @@ def checkpoint_bill(store: Store, checkpoint_id: str) -> dict[str, Any]:
     }
 
 
+# Datasets a later stage trains on, and the column holding the ledger row id of each of their rows.
+DERIVED_DATASETS = {"preference_pairs": "prompt_row_id", "rlvr_prompts": "row_id"}
+PARENT_KEYS = ("start_checkpoint", "reference_checkpoint")
+
+
+def _derived_bill(store: Store, checkpoint_id: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The bill of a checkpoint trained on pairs (DPO) or prompts (RLVR) from another checkpoint: its own rows,
+    counted from the ledger, plus everything its start checkpoint learned from (licenses are inherited)."""
+    from tulu_pipeline.provenance.coverage import checkpoint_decontaminated_versions, dataset_refs
+
+    refs = [(n, v) for n, v in dataset_refs(manifest) if n in DERIVED_DATASETS]
+    if not refs:
+        raise ValueError(f"checkpoint {checkpoint_id!r}: training_manifest.json names no training data "
+                         f"(a mix, or one of {sorted(DERIVED_DATASETS)} with its version)")
+    name, version = refs[0]
+    id_column = DERIVED_DATASETS[name]
+    ledger = Ledger(store)
+    decided = ledger.query("SELECT row_id, event FROM events WHERE list_contains(related_ids, ?)",
+                           [checkpoint_id], related_to=checkpoint_id)
+    trained = {r["row_id"] for r in decided if r["event"] == "trained_on"}
+    heldout = {r["row_id"] for r in decided if r["event"] == "evaluated"}
+    per_source: dict[str, Counter[str]] = defaultdict(Counter)
+    licenses_seen: dict[str, set[str]] = defaultdict(set)
+    in_dataset: set[str] = set()
+    for row in store.iter_rows(name, version):
+        row_id, source = row[id_column], row["source"]
+        in_dataset.add(row_id)
+        licenses_seen[source].add(row["license"])
+        kind = "trained" if row_id in trained else "heldout" if row_id in heldout else "not_reached"
+        per_source[source][kind] += 1
+    specs = _registry_specs()
+    sources = [{"source": source, "rows": c["trained"], "heldout": c["heldout"], "left_out_too_long": 0,
+                "not_reached": c["not_reached"], "license": sorted(licenses_seen[source])[0]
+                if len(licenses_seen[source]) == 1 else sorted(licenses_seen[source]),
+                "non_commercial": any(license_is_non_commercial(lic) for lic in licenses_seen[source]),
+                "ingested_file_sha256": [], "registry_sha256": specs[source].sha256 if source in specs else None,
+                "upstream": None, "stage": name} for source, c in sorted(per_source.items())]
+
+    parent_id = next((manifest[k] for k in PARENT_KEYS if isinstance(manifest.get(k), str)), None)
+    parent = checkpoint_bill(store, parent_id) if parent_id and store.exists("models", parent_id, MANIFEST_NAME) else None
+    licenses: dict[str, dict[str, Any]] = {}
+    for entry in [*sources, *(parent["sources"] if parent else [])]:
+        for lic in ([entry["license"]] if isinstance(entry["license"], str) else entry["license"]):
+            item = licenses.setdefault(lic, {"license": lic, "rows": 0, "sources": [],
+                                             "non_commercial": license_is_non_commercial(lic)})
+            item["rows"] += entry["rows"]
+            if entry["source"] not in item["sources"]:
+                item["sources"].append(entry["source"])
+    non_commercial = sorted({s["source"] for s in sources if s["non_commercial"]}
+                            | set(parent["non_commercial_sources"] if parent else []))
+    decontam = sorted(checkpoint_decontaminated_versions(store, checkpoint_id))
+    info_rel = f"{store.dataset_dir(name, version)}/_dataset.json"
+    inputs = store.read_json(info_rel).get("inputs", {}) if store.exists(info_rel) else {}
+    config = manifest.get("config")
+    return {
+        "checkpoint_id": checkpoint_id,
+        "rows": sum(s["rows"] for s in sources),
+        "heldout_rows": sum(s["heldout"] for s in sources),
+        "left_out_too_long": 0,
+        "not_reached": sum(s["not_reached"] for s in sources),
+        "sources": sources,
+        "licenses": sorted(licenses.values(), key=lambda e: (-e["rows"], e["license"])),
+        "non_commercial_sources": non_commercial,
+        "commercial_use_ok": not non_commercial,
+        "decontamination": decontamination_status(store, decontam[-1]) if decontam else None,
+        "registry": {"version": registry_version(), "at_training": manifest.get("registry_version")},
+        "mix": {"name": name, "mix_hash": version, "config": None, "config_hash": None, "inputs": inputs,
+                "train_row_ids_hash": None, "heldout_row_ids_hash": None},
+        "training": {"preset": manifest.get("preset"), "config_hash": _canonical_hash(config) if config else None,
+                     "fingerprint": manifest.get("fingerprint"), "base_model_sha256": manifest.get("base_model_sha256"),
+                     "seed": manifest.get("seed") or (config or {}).get("seed")},
+        "code": {"sft_code_version": manifest.get("sft_code_version"), "format_version": manifest.get("format_version"),
+                 "libraries": manifest.get("versions")},
+        "parent": parent,
+        "checks": {
+            "ledger_trained_on_rows": len(trained),
+            "ledger_heldout_rows": len(heldout),
+            # every row the ledger says was trained on (or measured) is in the dataset the manifest names
+            "ledger_matches_mix": (trained | heldout) <= in_dataset,
+            "parent_consistent": None if parent is None else all(v is not False for v in parent["checks"].values()),
+        },
+    }
+
+
 def bill_markdown(bill: dict[str, Any]) -> str:
     """The bill as markdown (for `tulu audit checkpoint --markdown` and an ``audit_report`` asset)."""
     sources = [{"source": s["source"], "rows": s["rows"], "held out": s["heldout"],
@@ -418,4 +504,7 @@ def bill_markdown(bill: dict[str, Any]) -> str:
     failed = [k for k, v in bill["checks"].items() if v is False]
     lines += ["### Consistency", ("All checks pass" if not failed else "⚠ Failed: " + ", ".join(failed))
               + f" (the ledger holds {bill['checks']['ledger_trained_on_rows']} trained_on events for it)."]
+    if bill.get("parent"):
+        lines += [f"### Inherited from `{bill['parent']['checkpoint_id']}` (the checkpoint this one started from)",
+                  bill_markdown(bill["parent"]).replace("\n## ", "\n#### ").replace("\n### ", "\n#### ")]
     return "\n\n".join(lines)
