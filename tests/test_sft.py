@@ -365,6 +365,31 @@ def test_sft_job_under_pipes_subprocess_client(tiny_model, rows, tmp_path):
     assert all({"loss", "learning_rate", "tokens_per_s"} <= line.keys() for line in streamed)
 
 
+def test_sft_job_under_torchrun_reports_and_publishes_once(tiny_model, rows, tmp_path):
+    """Two ranks (CPU, gloo) as the Kubernetes launcher runs them with --nproc_per_node: one Pipes session,
+    one materialization, one published checkpoint whose trained rows cover both ranks' shards."""
+    store, params = _job_home(tmp_path, tiny_model, rows)
+    params["config"] = {**params["config"], "max_steps": 2}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+    @dg.asset(required_resource_keys={"pipes"})
+    def sft_checkpoint(context):
+        return context.resources.pipes.run(command=[*torchrun, "-m", "tulu_pipeline.training.sft_job"],
+                                           context=context, extras=params,
+                                           env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}).get_materialize_result()
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([sft_checkpoint], resources={"pipes": dg.PipesSubprocessClient()}, instance=instance)
+    assert result.success
+    (materialization,) = result.asset_materializations_for_node("sft_checkpoint")
+    assert materialization.metadata["steps"].value == 2
+    manifest = json.loads((Path(store.path("models/sft-test")) / MANIFEST_FILE).read_text())
+    trained = (Path(store.path("models/sft-test")) / TRAINED_ROWS_FILE).read_text().split()
+    # 2 steps x 2 micro-batches x 4 rows x 2 ranks: each rank saw its own shard, rank 0 counted both
+    assert len(trained) == manifest["metrics"]["trained_rows_seen"] == 32
+    assert not list(Path(store.path("models")).glob(".sft-test.tmp-*"))
+
+
 def test_sft_job_with_an_object_store_home_trains_locally_and_uploads(tiny_model, rows, tmp_path, monkeypatch):
     import uuid
 

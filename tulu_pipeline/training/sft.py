@@ -61,9 +61,12 @@ from tulu_pipeline.training.chat_template import (
     encode_rows,
 )
 from tulu_pipeline.training.checkpointing import (
+    CHECKPOINTS_DIR,
     MANIFEST_FILE,
     PROGRESS_FILE,
+    RUN_FILE,
     fingerprint,
+    latest_complete_checkpoint,
     mark_complete,
     new_publish_dir,
     prepare_run_dir,
@@ -233,8 +236,9 @@ def _trainer_classes():
             seconds = time.perf_counter() - started
             self.progress.session_save_seconds += seconds
             self.progress.interval_save_seconds += seconds
-            mark_complete(checkpoint, {"step": self.state.global_step, **self.progress.to_json()})
-            prune_checkpoints(Path(self.args.output_dir), keep=KEEP_CHECKPOINTS)
+            if self.is_world_process_zero():  # one writer per run directory under torchrun
+                mark_complete(checkpoint, {"step": self.state.global_step, **self.progress.to_json()})
+                prune_checkpoints(Path(self.args.output_dir), keep=KEEP_CHECKPOINTS)
             self.reporter.log(f"checkpoint saved at step {self.state.global_step} ({seconds:.1f}s)")
 
     class ReportingCallback(TrainerCallback):
@@ -278,9 +282,47 @@ def _trainer_classes():
 # helpers
 # ---------------------------------------------------------------------------------------------
 def _device():
+    """This process's device: under torchrun each rank takes the GPU of its LOCAL_RANK."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _dist():
+    """torch.distributed when a multi-process run (torchrun) initialized it, else None."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def await_run_dir(output_dir: Path, run_fingerprint: str, timeout_s: float = 600.0) -> tuple[Path, Path | None]:
+    """A torchrun worker's view of the run directory rank 0 prepares: wait for its run record, then resume from
+    the same complete checkpoint."""
+    root = output_dir / CHECKPOINTS_DIR
+    deadline = time.monotonic() + timeout_s
+    while (read_json(root / RUN_FILE) or {}).get("fingerprint") != run_fingerprint:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{root}: rank 0 did not prepare the run directory within {timeout_s:.0f} s")
+        time.sleep(0.5)
+    return root, latest_complete_checkpoint(root)
+
+
+def _gather_progress(progress: TrainingProgress) -> None:
+    """Sum what every rank saw (rows, tokens) so rank 0 publishes the whole run's counts."""
+    dist = _dist()
+    if dist is None:
+        return
+    import torch
+
+    device = _device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    counts = torch.tensor([*progress.times_seen, progress.real_tokens, progress.computed_tokens],
+                          dtype=torch.long, device=device)
+    dist.all_reduce(counts)
+    values = counts.tolist()
+    progress.times_seen = values[:-2]
+    progress.real_tokens, progress.computed_tokens = values[-2], values[-1]
 
 
 def cpu_has_native_bf16() -> bool:
@@ -449,9 +491,12 @@ def run_sft(
         reporter.log(f"{output_dir} already holds this run (fingerprint {run_fingerprint[:12]}); not retraining")
         return _result_from_manifest(output_dir, existing, reused=True)
 
-    for stale in remove_stale_siblings(output_dir):
-        reporter.log(f"removed {stale.name}, left behind by an interrupted run")
-    root, resume_from = prepare_run_dir(output_dir, run_fingerprint, identity, reporter.log)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 owns the run directory
+        for stale in remove_stale_siblings(output_dir):
+            reporter.log(f"removed {stale.name}, left behind by an interrupted run")
+        root, resume_from = prepare_run_dir(output_dir, run_fingerprint, identity, reporter.log)
+    else:
+        root, resume_from = await_run_dir(output_dir, run_fingerprint)
     progress = TrainingProgress(times_seen=[0] * len(train.examples))
     resumed_from_step = 0
     if resume_from is not None:
@@ -532,6 +577,9 @@ def run_sft(
                  f"trained) for {config.num_epochs} epochs, effective batch {config.effective_batch_size}, "
                  f"{trainable} trainable parameters, attention {attn}, bf16={use_bf16}, device {device}")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    _gather_progress(progress)
+    if not trainer.is_world_process_zero():  # rank 0 publishes; the other ranks' work is in its weights
+        return SFTResult(checkpoint_dir=output_dir, metrics={"steps": int(trainer.state.global_step)}, manifest={})
     train_seconds = progress.train_seconds()
     steps = int(trainer.state.global_step)
     curve = [{"step": int(e["step"]), "loss": float(e["token_loss"]), "learning_rate": float(e.get("learning_rate", 0.0))}

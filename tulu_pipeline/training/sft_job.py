@@ -5,6 +5,7 @@ from the pipes context's extras, streams every logging step as a JSON ``log.info
 (``{"event": "sft_metrics", "step", "loss", "learning_rate", "tokens_per_s", ...}``) and ends with
 ``report_asset_materialization`` carrying the final metrics, the loss-curve plot and the checkpoint path.
 Without Dagster, ``--params params.json`` (the same fields) runs it directly and prints the metadata.
+Under ``torchrun`` (several GPUs) every rank trains; only rank 0 opens the Pipes session, reports and publishes.
 
 Parameters (extras):
 
@@ -39,7 +40,7 @@ from typing import Any
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.checkpointing import MANIFEST_FILE
 from tulu_pipeline.training.config import sft_config
-from tulu_pipeline.training.reporting import PipesReporter, PrintReporter, Reporter
+from tulu_pipeline.training.reporting import NullReporter, PipesReporter, PrintReporter, Reporter
 from tulu_pipeline.training.sft import LOSS_CURVE_FILE, SFTResult, run_sft
 
 WORK_DIR_ENV = "TULU_SFT_WORK_DIR"
@@ -135,6 +136,14 @@ def _print_summary(metadata: dict[str, Any]) -> None:
     print(json.dumps({"event": "sft_result", **plain}, sort_keys=True, default=str), flush=True)
 
 
+def pipes_extras() -> dict[str, Any]:
+    """The step's extras, read from the Pipes context without opening a session (no messages are sent)."""
+    from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader
+
+    with PipesDefaultContextLoader().load_context(PipesEnvVarParamsLoader().load_context_params()) as data:
+        return dict(data.get("extras") or {})
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -153,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
         parser.error("not launched by Dagster (no pipes context): pass --params params.json")
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun workers: one Pipes session (rank 0's) per step
+        run_job(pipes_extras(), NullReporter())
+        return 0
     with open_dagster_pipes() as context:
         reporter = PipesReporter(context)
         result, location = run_job(dict(context.extras), reporter)
