@@ -28,8 +28,10 @@ instance: setup
 # The whole pipeline that exists so far, on the embedded default model, recorded in the local instance.
 run: instance
 	$(BIN)/dagster job execute -m definitions -j full_pipeline
+	# evaluation is partitioned by checkpoint: base, SFT, DPO and RLVR, then the comparison table
+	$(BIN)/python -c "from assets.evaluation import evaluate_all_checkpoints as run; r = run(); print(r); raise SystemExit(not all(r.values()))"
 	@echo
-	@echo "Pipeline materialized under $(TULU_HOME)."
+	@echo "Pipeline materialized under $(TULU_HOME); comparison table: $(TULU_HOME)/reports/eval/comparison/comparison.md"
 	@echo "Open the Dagster UI:  make ui   (then http://localhost:$(PORT))"
 	@echo "Trace a row:          $(BIN)/tulu trace $$($(BIN)/tulu rows raw/gsm8k_train --limit 1 | $(BIN)/python -c 'import json,sys; print(json.loads(sys.stdin.readline())["row_id"])')"
 

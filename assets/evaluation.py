@@ -28,7 +28,7 @@ from tulu_pipeline.evaluation.comparison import (
     comparison_table,
     regression,
 )
-from tulu_pipeline.evaluation.lineage import list_checkpoints
+from tulu_pipeline.evaluation.lineage import BASE_MODEL_ID, lineage_order, list_checkpoints
 from tulu_pipeline.evaluation.pipeline import run_benchmark
 from tulu_pipeline.evaluation.results import dataset_name
 from tulu_pipeline.evaluation.runner import EVAL_CODE_VERSION
@@ -207,6 +207,21 @@ def checkpoint_partitions_sensor(context: dg.SensorEvaluationContext, storage: T
                            run_requests=[dg.RunRequest(partition_key=c, run_key=f"evaluate:{c}") for c in new])
 
 
+def current_checkpoints(instance: dg.DagsterInstance, store) -> list[str]:
+    """The base model and the checkpoint each training asset last materialized, in lineage order (older
+    checkpoints on disk stay evaluable through their partitions); every checkpoint on disk when the instance
+    has recorded none."""
+    ids = []
+    for key in CHECKPOINT_ASSETS[1:]:
+        event = instance.get_latest_materialization_event(dg.AssetKey(key))
+        value = event.asset_materialization.metadata.get("checkpoint_id") if event and event.asset_materialization else None
+        if value is not None:
+            ids.append(getattr(value, "value", value))
+    if not ids:
+        return list_checkpoints(store)
+    return lineage_order(store, [BASE_MODEL_ID, *ids]) if store.exists("models", BASE_MODEL_ID) else lineage_order(store, ids)
+
+
 def evaluate_all_checkpoints(instance: dg.DagsterInstance | None = None, checkpoints: list | None = None,
                              defs: dg.Definitions | None = None) -> dict:
     """Register and evaluate every checkpoint under TULU_HOME (or ``checkpoints``), then redraw the
@@ -217,7 +232,7 @@ def evaluate_all_checkpoints(instance: dg.DagsterInstance | None = None, checkpo
         )
 
     instance = instance or dg.DagsterInstance.get()
-    ids = checkpoints if checkpoints is not None else list_checkpoints(TuluStorage().store())
+    ids = checkpoints if checkpoints is not None else current_checkpoints(instance, TuluStorage().store())
     outcome = {}
     for checkpoint_id in ids:
         register_checkpoint(instance, checkpoint_id)
