@@ -1,4 +1,4 @@
-"""The DPO job and assets on a tiny TULU_HOME: kill -9 then resume, and dg.materialize with ledger events.
+"""The DPO assets on a tiny TULU_HOME: content-addressed plans, and dg.materialize with ledger events.
 
 The home holds a ``preference_pairs`` dataset (tests/test_dpo_support.py) and a tiny "SFT checkpoint"
 (``models/sft-tiny``: the tiny random Llama with a training manifest), as the SFT stage would leave them.
@@ -6,56 +6,22 @@ The home holds a ``preference_pairs`` dataset (tests/test_dpo_support.py) and a 
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import dagster as dg
-from test_dpo_support import TINY_DPO, pair_schema, split_pairs, tiny_setup
+from test_dpo_support import SFT_ID, TINY_DPO, split_pairs, tiny_home, tiny_setup
 
-from tulu_pipeline.storage import Store
 from tulu_pipeline.training.checkpointing import (
-    CHECKPOINTS_DIR,
     MANIFEST_FILE,
-    PROGRESS_FILE,
-    write_json_atomic,
 )
-from tulu_pipeline.training.dpo import PAIRS_DATASET, REFERENCE_DATASET, STEP_DELAY_ENV
+from tulu_pipeline.training.dpo import REFERENCE_DATASET
 from tulu_pipeline.training.dpo_plan import (
     dpo_checkpoint_plan,
     reference_logprobs_plan,
     sft_checkpoint_ref,
 )
-from tulu_pipeline.training.reporting import NullReporter
-
-RESUME_ATOL = 1e-5
-SFT_ID = "sft-tiny"
-
-
-def _home(tmp_path: Path) -> Store:
-    model_dir, pairs = tiny_setup()
-    store = Store(str(tmp_path / "tulu_home"))
-    store.write_rows(PAIRS_DATASET, "pairs-v1", list(pairs), pair_schema())
-    target = Path(store.path("models", SFT_ID))
-    target.mkdir(parents=True)
-    for path in model_dir.iterdir():
-        (target / path.name).write_bytes(path.read_bytes())
-    write_json_atomic(target / MANIFEST_FILE, {"fingerprint": "f" * 64, "base_model_sha256": "b" * 64})
-    return store
-
-
-def _load_weights(directory: Path):
-    from safetensors.torch import load_file
-
-    return load_file(str(directory / "model.safetensors"))
 
 
 def test_plan_is_content_addressed(tmp_path):
-    store = _home(tmp_path)
+    store = tiny_home(tmp_path)
     assert sft_checkpoint_ref(store).checkpoint_id == SFT_ID  # the newest published sft-* when none is named
     plan = dpo_checkpoint_plan(store, "cpu_demo", {})
     assert plan.checkpoint_id.startswith("dpo-") and plan.checkpoint_id == dpo_checkpoint_plan(store, "cpu_demo", {}).checkpoint_id
@@ -66,54 +32,12 @@ def test_plan_is_content_addressed(tmp_path):
     assert plan.extras["manifest_extra"]["reference_checkpoint"] == SFT_ID
 
 
-def test_kill_9_then_resume_matches_the_uninterrupted_run(tmp_path):
-    from tulu_pipeline.training.dpo_job import run_task
-
-    store = _home(tmp_path)
-    overrides = {**TINY_DPO, "save_steps": 2}
-    reference = reference_logprobs_plan(store, "cpu_demo", overrides)
-    run_task(reference.extras, NullReporter())
-    plan = dpo_checkpoint_plan(store, "cpu_demo", overrides)
-    uninterrupted = {**plan.extras, "checkpoint_dir": "models/dpo-uninterrupted"}
-    run_task(uninterrupted, NullReporter())
-
-    params_file = tmp_path / "params.json"
-    params_file.write_text(json.dumps(plan.extras))
-    checkpoints = Path(store.path(plan.checkpoint_dir)) / CHECKPOINTS_DIR
-    env = {**os.environ, STEP_DELAY_ENV: "0.5", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tulu_pipeline.training.dpo_job", "--params", str(params_file)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while not list(checkpoints.glob(f"checkpoint-*/{PROGRESS_FILE}")):
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 180 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (Path(store.path(plan.checkpoint_dir)) / MANIFEST_FILE).exists()
-
-    reporter = NullReporter()
-    metadata, _version = run_task(plan.extras, reporter)
-    assert metadata["resumed_from_step"] > 0
-    assert any("resuming from checkpoint-" in m for m in reporter.messages)
-    a = _load_weights(Path(store.path("models/dpo-uninterrupted")))
-    b = _load_weights(Path(store.path(plan.checkpoint_dir)))
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    print(f"resumed from step {metadata['resumed_from_step']}; max |w_A - w_B| = {diff:.3g}")
-    assert diff <= RESUME_ATOL
-
-
 def test_materialize_reference_logprobs_and_dpo_checkpoint(tmp_path):
     from assets.dpo import dpo_assets
     from resources import LocalLauncher, TuluStorage
     from tulu_pipeline.provenance.ledger import Ledger
 
-    store = _home(tmp_path)
+    store = tiny_home(tmp_path)
     overrides = {**TINY_DPO, "max_steps": 2}
     run_config = dg.RunConfig(ops={name: {"config": {"preset": "cpu_demo", "overrides": overrides}}
                                    for name in ("reference_logprobs", "dpo_checkpoint")})

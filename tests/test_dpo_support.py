@@ -88,3 +88,23 @@ def tiny_setup() -> tuple[Path, tuple[dict[str, Any], ...]]:
 
 def split_pairs(pairs) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return [p for p in pairs if p["split"] == "train"], [p for p in pairs if p["split"] == "heldout"]
+
+
+SFT_ID = "sft-tiny"
+
+
+def tiny_home(tmp_path: Path) -> Any:
+    """A TULU_HOME with ``preference_pairs@pairs-v1`` and a tiny "SFT checkpoint" ``models/sft-tiny``."""
+    from tulu_pipeline.storage import Store
+    from tulu_pipeline.training.checkpointing import MANIFEST_FILE, write_json_atomic
+    from tulu_pipeline.training.dpo import PAIRS_DATASET
+
+    model_dir, pairs = tiny_setup()
+    store = Store(str(tmp_path / "tulu_home"))
+    store.write_rows(PAIRS_DATASET, "pairs-v1", list(pairs), pair_schema())
+    target = Path(store.path("models", SFT_ID))
+    target.mkdir(parents=True)
+    for path in model_dir.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    write_json_atomic(target / MANIFEST_FILE, {"fingerprint": "f" * 64, "base_model_sha256": "b" * 64})
+    return store
