@@ -207,6 +207,29 @@ def checkpoint_partitions_sensor(context: dg.SensorEvaluationContext, storage: T
                            run_requests=[dg.RunRequest(partition_key=c, run_key=f"evaluate:{c}") for c in new])
 
 
+@dg.sensor(name="new_benchmark_backfill_sensor", minimum_interval_seconds=300, job=evaluate_checkpoint,
+           default_status=dg.DefaultSensorStatus.RUNNING,
+           description="a benchmark added after checkpoints exist is evaluated on every existing checkpoint, "
+                       "one run per checkpoint partition")
+def new_benchmark_backfill_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    """Backfills a new eval asset over the ``checkpoints`` partitions.
+
+    A benchmark is new when no partition of its asset was ever materialized while other benchmarks were
+    (a checkpoint nobody evaluated yet is `checkpoint_partitions_sensor`'s job). Run keys make each
+    (benchmark, checkpoint) request once.
+    """
+    partitions = context.instance.get_dynamic_partitions(CHECKPOINT_PARTITIONS)
+    done = {asset.key: context.instance.get_materialized_partitions(asset.key) for asset in eval_assets}
+    if not partitions or not any(done.values()):
+        return dg.SensorResult(skip_reason="no checkpoint has been evaluated yet")
+    requests = [dg.RunRequest(run_key=f"backfill:{key.to_user_string()}:{partition}", partition_key=partition,
+                              asset_selection=[key], tags={"tulu/trigger": "new_benchmark"})
+                for key, materialized in done.items() if not materialized for partition in partitions]
+    if not requests:
+        return dg.SensorResult(skip_reason="every benchmark has evaluations")
+    return dg.SensorResult(run_requests=requests)
+
+
 def current_checkpoints(instance: dg.DagsterInstance, store) -> list[str]:
     """The base model and the checkpoint each training asset last materialized, in lineage order (older
     checkpoints on disk stay evaluable through their partitions); every checkpoint on disk when the instance
@@ -245,5 +268,5 @@ def evaluate_all_checkpoints(instance: dg.DagsterInstance | None = None, checkpo
 
 evaluation_assets = [*eval_assets, eval_comparison]
 evaluation_checks = [no_possibly_contaminated_scores]
-evaluation_sensors = [checkpoint_partitions_sensor]
+evaluation_sensors = [checkpoint_partitions_sensor, new_benchmark_backfill_sensor]
 evaluation_jobs = [evaluate_checkpoint, eval_report]

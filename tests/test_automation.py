@@ -182,8 +182,9 @@ def test_training_waits_unless_enabled(monkeypatch):
     assert node.automation_condition is None
     assert all(asset.op.pool == GPU_POOL for asset in definitions.TRAINING_ASSETS)
     monkeypatch.setenv("TULU_AUTO_TRAIN", "1")
-    (enabled,) = [definitions._training(a) for a in definitions.TRAINING_ASSETS]
-    assert enabled.specs_by_key[dg.AssetKey("sft_checkpoint")].automation_condition is not None
+    for asset in definitions.TRAINING_ASSETS:
+        enabled = definitions._training(asset)
+        assert all(spec.automation_condition is not None for spec in enabled.specs)
 
 
 def test_gpu_jobs_are_tagged_and_retry_transient_failures_only():
@@ -202,3 +203,24 @@ def test_raw_sources_have_a_freshness_policy():
     policy = graph.get(dg.AssetKey(["raw", "gsm8k_train"])).freshness_policy
     assert policy.fail_window.to_timedelta().days == 30
     assert graph.get(dg.AssetKey(["raw", "gsm8k_train"])).parent_keys == {dg.AssetKey(["source_file", "gsm8k_train"])}
+
+
+def test_a_new_benchmark_is_backfilled_over_every_checkpoint():
+    from assets.evaluation import eval_assets, new_benchmark_backfill_sensor
+
+    checkpoints = ["base_model", "sft-a", "dpo-b"]
+    keys = [a.key for a in eval_assets]
+    new, evaluated = keys[0], keys[1:]
+    with dg.instance_for_test() as instance, dg.partition_loading_context(dynamic_partitions_store=instance):
+        instance.add_dynamic_partitions("checkpoints", checkpoints)
+        context = dg.build_sensor_context(instance=instance, repository_def=definitions.defs.get_repository_def())
+        assert new_benchmark_backfill_sensor.evaluate_tick(context).skip_message  # nothing evaluated yet
+        for key in evaluated:  # the suite ran on every checkpoint before `new` existed
+            for partition in checkpoints:
+                instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=partition))
+        result = new_benchmark_backfill_sensor.evaluate_tick(context)
+        assert sorted(r.partition_key for r in result.run_requests) == sorted(checkpoints)
+        assert all(list(r.asset_selection) == [new] for r in result.run_requests)
+        assert len({r.run_key for r in result.run_requests}) == len(checkpoints)
+        instance.report_runless_asset_event(dg.AssetMaterialization(new, partition="base_model"))
+        assert new_benchmark_backfill_sensor.evaluate_tick(context).skip_message == "every benchmark has evaluations"
