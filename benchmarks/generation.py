@@ -44,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout, uninstalled
 
-from tulu_pipeline.generation.base import SamplingParams  # noqa: E402
+from tulu_pipeline.generation.base import SamplingParams
 
 PROMPTS = [
     "What is the capital of France?",
@@ -65,11 +65,11 @@ PROMPTS = [
     "Write a limerick about a programmer.",
 ]
 
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
-                    tie_word_embeddings=True)
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=2048, tie_word_embeddings=True)
+SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "max_position_embeddings": 8192, "rope_theta": 100000.0,
+                "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "max_position_embeddings": 2048, "tie_word_embeddings": True}
 
 
 def _tokenizer(tokenizer_dir: Path | None) -> Any:

@@ -13,9 +13,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from test_sft_support import smollm2_tokenizer
-from tulu_pipeline.generation.base import Completion, LogLikelihoodUnsupported, SamplingParams, sample_seed
+
+from tulu_pipeline.generation.base import (
+    Completion,
+    LogLikelihoodUnsupported,
+    SamplingParams,
+    sample_seed,
+)
 from tulu_pipeline.generation.chat import ChatEncoder
 from tulu_pipeline.generation.spec import BackendSpec, build_backend, resolve_model_path
 from tulu_pipeline.storage import Store

@@ -39,5 +39,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Completion", "GenerationBackend", "LogLikelihoodUnsupported", "Messages", "SamplingParams", "sample_seed",
-           *_LAZY]
+__all__ = [
+    "BackendSpec", "ChatEncoder", "Completion", "GenerationBackend", "GenerationHTTPError", "LogLikelihoodUnsupported",
+    "Messages", "OpenAICompatBackend", "SamplingParams", "TransformersBackend", "VLLMBackend", "build_backend",
+    "run_generation", "sample_seed",
+]

@@ -5,8 +5,9 @@ OpenAI-compatible HTTP server. Stages (policy completions, the judge, evaluation
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 Messages = list[dict[str, str]]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
 
@@ -49,7 +50,7 @@ class SamplingParams:
         return {**asdict(self), "stop": list(self.stop)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "SamplingParams":
+    def from_json(cls, data: dict[str, Any]) -> SamplingParams:
         """Inverse of `to_json`; unknown keys are an error (a typo must not silently sample differently)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -91,7 +92,7 @@ class Completion:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Completion":
+    def from_json(cls, data: dict[str, Any]) -> Completion:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -70,7 +70,7 @@ class ChatEncoder:
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_pretrained(cls, model_path: str | Path, template: str = "auto", trust_remote_code: bool = False) -> "ChatEncoder":
+    def from_pretrained(cls, model_path: str | Path, template: str = "auto", trust_remote_code: bool = False) -> ChatEncoder:
         from transformers import AutoTokenizer
 
         return cls(AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code), template)

@@ -35,7 +35,12 @@ from tulu_pipeline.generation.base import GenerationBackend, SamplingParams
 from tulu_pipeline.generation.chat import validate_messages
 from tulu_pipeline.generation.spec import BackendSpec, build_backend
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.reporting import NullReporter, PipesReporter, PrintReporter, Reporter
+from tulu_pipeline.training.reporting import (
+    NullReporter,
+    PipesReporter,
+    PrintReporter,
+    Reporter,
+)
 
 PROGRESS_EVENT = "generation_progress"
 REQUIRED = ("tulu_home", "requests", "output", "backend")

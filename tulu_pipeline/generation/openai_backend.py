@@ -19,7 +19,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from tulu_pipeline.generation.base import Completion, LogLikelihoodUnsupported, Messages, SamplingParams
+from tulu_pipeline.generation.base import (
+    Completion,
+    LogLikelihoodUnsupported,
+    Messages,
+    SamplingParams,
+)
 from tulu_pipeline.generation.chat import validate_messages
 
 RETRY_STATUS = frozenset({429}) | frozenset(range(500, 600))

@@ -37,7 +37,7 @@ class BackendSpec(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check(self) -> "BackendSpec":
+    def _check(self) -> BackendSpec:
         if self.kind == "openai" and not self.base_url:
             raise ValueError("kind 'openai' needs base_url (e.g. http://localhost:8000/v1)")
         return self

@@ -30,7 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tulu_pipeline.generation.base import Completion, Messages, SamplingParams, sample_seed
+from tulu_pipeline.generation.base import (
+    Completion,
+    Messages,
+    SamplingParams,
+    sample_seed,
+)
 from tulu_pipeline.generation.chat import ChatEncoder
 
 
