@@ -6,6 +6,7 @@ specs/resources, and the generation job end to end."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import threading
 import types
@@ -400,7 +401,11 @@ def test_openai_backend_connection_errors_and_missing_key(server, monkeypatch):
 def test_backend_spec_and_resources(tmp_path, model_dir):
     store = Store(str(tmp_path / "home"))
     assert resolve_model_path("models/sft-1", store) == Path(store.path("models/sft-1"))
-    assert resolve_model_path(str(model_dir), store) == model_dir
+    with pytest.raises(ValueError, match="outside TULU_HOME"):  # configs cannot point out of TULU_HOME
+        resolve_model_path(str(model_dir), store)
+    with pytest.raises(ValueError, match="escapes TULU_HOME"):
+        resolve_model_path("models/../../etc", store)
+    assert resolve_model_path(store.path("models/sft-1"), store) == Path(store.path("models/sft-1"))
     with pytest.raises(ValueError, match="base_url"):
         BackendSpec(kind="openai", model="m")
     with pytest.raises(ValueError):
@@ -495,10 +500,11 @@ def test_job_main_with_params_file(tmp_path, model_dir, capsys):
 
     store = Store(str(tmp_path / "home"))
     _write_requests(store, "requests.jsonl", 2)
+    shutil.copytree(model_dir, store.path("models/tiny"))  # model paths in job configs live under TULU_HOME
     params_file = tmp_path / "params.json"
     params_file.write_text(json.dumps({
         "tulu_home": str(tmp_path / "home"), "requests": "requests.jsonl", "output": "out/gen.jsonl",
-        "backend": BackendSpec(model=str(model_dir), model_id="tiny", device="cpu").model_dump_json(),
+        "backend": BackendSpec(model="models/tiny", model_id="tiny", device="cpu").model_dump_json(),
         "params": {"max_new_tokens": 4, "temperature": 0, "n": 1, "seed": 0, "stop": []},
     }))
     assert main(["--params", str(params_file)]) == 0

@@ -48,11 +48,18 @@ class BackendSpec(BaseModel):
 
 
 def resolve_model_path(model: str, store: Any = None) -> Path:
-    """A local model directory: absolute paths as they are, relative ones under TULU_HOME (``store``)."""
-    if Path(model).is_absolute():
-        return Path(model)
+    """A local model directory under TULU_HOME (``store``): relative paths resolve inside it, and a path that
+    leaves it (``..``, or an absolute path elsewhere) is a `StorePathError`. Without a store (library use)
+    the path is taken as given."""
     if store is None:
         return Path(model)
+    if Path(model).is_absolute():
+        if store.is_local and Path(model).resolve().is_relative_to(Path(store.root).resolve()):
+            return Path(model)
+        from tulu_pipeline.storage import StorePathError
+
+        raise StorePathError(f"model path {model!r} is outside TULU_HOME ({store.url}); put the model under "
+                             "TULU_HOME and give its relative path")
     if not store.is_local:
         raise ValueError(f"model {model!r} is under a remote TULU_HOME ({store.url}); local backends need a local "
                          "directory: download it first and pass its absolute path")
