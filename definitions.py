@@ -11,6 +11,7 @@ from assets.automation import (
 )
 from assets.base_model import base_model
 from assets.curation import curation_assets
+from assets.dpo import dpo_assets, dpo_checkpoint
 from assets.evaluation import evaluation_assets, evaluation_checks, evaluation_jobs, evaluation_sensors
 from assets.preference import preference_assets, preference_checks
 from assets.rlvr import rlvr_assets, rlvr_checkpoint
@@ -25,7 +26,7 @@ DEPLOYMENT = os.environ.get("TULU_DEPLOYMENT", "local")
 # processes through the compute launcher, and two cores gain nothing from parallel small steps.
 EXECUTORS = {"local": dg.in_process_executor, "k8s": dg.multiprocess_executor}
 
-TRAINING_ASSETS = [sft_checkpoint, rlvr_checkpoint]
+TRAINING_ASSETS = [sft_checkpoint, dpo_checkpoint, rlvr_checkpoint]
 CHECKPOINT_KEYS = [a.key for a in TRAINING_ASSETS]
 STAGE_GROUPS = ("sources", "curation", "sft", "preference", "rlvr", "audit")
 
@@ -52,7 +53,7 @@ full_pipeline = dg.define_asset_job(
 
 defs = dg.Definitions(
     assets=[source_files, *raw_source_assets, *curation_assets, base_model,
-            *[a for a in [*sft_assets, *preference_assets, *rlvr_assets] if a not in TRAINING_ASSETS],
+            *[a for a in [*sft_assets, *preference_assets, *dpo_assets, *rlvr_assets] if a not in TRAINING_ASSETS],
             *map(_training, TRAINING_ASSETS), audit_report, *evaluation_assets],
     asset_checks=[*preference_checks, *evaluation_checks, *build_coverage_checks(CHECKPOINT_KEYS)],
     jobs=[full_pipeline, recuration_job, *jobs.values(), *evaluation_jobs],
