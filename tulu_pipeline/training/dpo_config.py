@@ -60,9 +60,11 @@ class DPOTrainingConfig(BaseModel):
 
 
 DPO_PRESETS: dict[str, DPOTrainingConfig] = {
-    # SmolLM2-135M SFT checkpoint, preference pairs of the CPU demo (~64 training pairs), 2 CPU cores: one epoch
-    # of 8-pair steps. β = 5 as in Tülu 3; lr 1e-5 (20x the 8B recipe) so that 8 steps move the held-out
-    # length-normalized preference accuracy (tests/test_dpo.py checks the direction on a tiny model).
+    # SmolLM2-135M, 2 CPU cores: one epoch of 8-pair steps (~64 training pairs: 8 steps). β = 5 and dpo_norm as
+    # in Tülu 3; lr 1e-5 (20x the 8B recipe) so that 8 steps move the model. Measured (benchmarks/dpo.py ->
+    # benchmarks/results/dpo.json; SmolLM2-135M-Instruct as the SFT model, 32 train / 24 held-out GSM8K pairs of
+    # reference answer vs the model's own T=0.7 sample, 8 steps, max_length 256): held-out length-normalized
+    # preference accuracy 0.667 -> 0.833, reward accuracy 1.0, mean margin 1.22; training 163 s.
     "cpu_demo": DPOTrainingConfig(),
     # Tülu 3 8B DPO (open-instruct dpo_8b.sh): 128 pairs per step as 1 per device x 16 accumulation steps x
     # 8 GPUs; here expressed for one process (use more accumulation or for_world_size-style division).
