@@ -4,6 +4,7 @@ from typing import Any
 
 import dagster as dg
 
+from assets.automation import GPU_POOL, TRANSIENT_RETRY
 from assets.metadata import TRAINING_OWNERS, config_hash, image
 from resources import ComputeLauncher, TuluStorage
 from tulu_pipeline.training.dpo import (
@@ -40,7 +41,7 @@ def _sft_checkpoint_id(context: dg.AssetExecutionContext, config: DPOStageConfig
 
 
 @dg.asset(group_name="preference", kinds={"parquet"}, owners=TRAINING_OWNERS, code_version=REFERENCE_CODE_VERSION,
-          deps=["preference_pairs", "sft_checkpoint"], tags={"tulu/compute": "gpu"},
+          deps=["preference_pairs", "sft_checkpoint"], tags={"tulu/compute": "gpu"}, pool=GPU_POOL, retry_policy=TRANSIENT_RETRY,
           description="Summed log-probs and token counts of every pair's chosen and rejected response under the "
           "reference model (the SFT checkpoint), computed once per (pairs version, reference checkpoint, max_length) "
           "in its own process and reused by every DPO run.")
@@ -57,7 +58,7 @@ def reference_logprobs(context: dg.AssetExecutionContext, config: DPOStageConfig
 
 @dg.asset(group_name="preference", kinds={"pytorch", "safetensors"}, owners=TRAINING_OWNERS,
           code_version=DPO_CODE_VERSION, deps=[reference_logprobs, "preference_pairs", "sft_checkpoint"],
-          tags={"tulu/compute": "gpu"},
+          tags={"tulu/compute": "gpu"}, pool=GPU_POOL, retry_policy=TRANSIENT_RETRY,
           description="Length-normalized DPO (Tülu 3's dpo_norm) of the SFT checkpoint on the train split of "
           "preference_pairs with the stored reference log-probs, run by the compute launcher; held-out preference "
           "and reward accuracy before and after.")

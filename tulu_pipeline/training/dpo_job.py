@@ -24,14 +24,11 @@ import argparse
 import base64
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.checkpointing import MANIFEST_FILE
 from tulu_pipeline.training.dpo import (
     PAIRS_DATASET,
     REFERENCE_DATASET,
@@ -41,6 +38,7 @@ from tulu_pipeline.training.dpo import (
     run_dpo,
 )
 from tulu_pipeline.training.dpo_config import dpo_config
+from tulu_pipeline.training.remote import download_model, upload_checkpoint, work_dir
 from tulu_pipeline.training.reporting import PipesReporter, PrintReporter, Reporter
 
 WORK_DIR_ENV = "TULU_DPO_WORK_DIR"
@@ -59,34 +57,11 @@ def load_pairs(store: Store, params: dict[str, Any]) -> tuple[list[dict], list[d
     return train, heldout
 
 
-def work_dir(rel: str) -> Path:
-    """A local directory for ``rel`` when ``tulu_home`` is an object store."""
-    root = Path(os.environ.get(WORK_DIR_ENV) or tempfile.gettempdir()) / "tulu-dpo"
-    return root / rel.strip("/").replace("/", "__")
-
-
 def local_model_dir(store: Store, rel: str, reporter: Reporter) -> Path:
-    """``rel`` as a local directory: itself on a local store, else a download (renamed in place when complete)."""
+    """``rel`` as a local directory: itself on a local store, else a download into the work directory."""
     if store.is_local:
         return Path(store.path(rel))
-    target = work_dir(rel)
-    if not target.is_dir():
-        reporter.log(f"downloading {store.uri(rel)} to {target}")
-        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        store.fs.get(store.path(rel) + "/", str(partial) + "/", recursive=True)
-        os.rename(partial, target)
-    return target
-
-
-def upload_checkpoint(store: Store, local: Path, rel: str) -> None:
-    """Copy a published checkpoint directory to the store, ``training_manifest.json`` last."""
-    files = sorted(p for p in local.rglob("*") if p.is_file())
-    for path in [p for p in files if p.name != MANIFEST_FILE] + [local / MANIFEST_FILE]:
-        target = store.path(rel, path.relative_to(local).as_posix())
-        store.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        store.fs.put_file(str(path), target)
+    return download_model(store, rel, work_dir(WORK_DIR_ENV, "dpo", rel), reporter)
 
 
 def run_reference_task(params: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
@@ -132,7 +107,7 @@ def run_train_task(params: dict[str, Any], reporter: Reporter) -> tuple[DPOResul
     manifest_extra.setdefault("pairs_dataset", params.get("pairs_dataset") or PAIRS_DATASET)
     manifest_extra.setdefault("pairs_version", params.get("pairs_version"))
     manifest_extra.setdefault("reference_logprobs_version", version)
-    output = Path(store.path(checkpoint_rel)) if store.is_local else work_dir(checkpoint_rel) / "checkpoint"
+    output = Path(store.path(checkpoint_rel)) if store.is_local else work_dir(WORK_DIR_ENV, "dpo", checkpoint_rel) / "checkpoint"
     result = run_dpo(train, heldout, model_dir, output, config, reference_logprobs=reference, reporter=reporter,
                      manifest_extra=manifest_extra)
     if not store.is_local:
@@ -190,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, help="JSON file with the job parameters (runs without Dagster)")
     args = parser.parse_args(argv)
     if args.params is not None:
-        metadata, _version = run_task(json.loads(args.params.read_text(encoding="utf-8")), PrintReporter())
+        metadata, _version = run_task(json.loads(args.params.read_text(encoding="utf-8")), PrintReporter(event="dpo_metrics"))
         plain = {k: (v["raw_value"] if isinstance(v, dict) and "raw_value" in v else v) for k, v in metadata.items()
                  if k not in ("loss_curve", "config")}
         print(json.dumps({"event": "dpo_result", **plain}, sort_keys=True, default=str), flush=True)
@@ -201,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
         parser.error("not launched by Dagster (no pipes context): pass --params params.json")
     with open_dagster_pipes() as context:
-        metadata, version = run_task(dict(context.extras), PipesReporter(context))
+        metadata, version = run_task(dict(context.extras), PipesReporter(context, event="dpo_metrics"))
         context.report_asset_materialization(metadata=metadata, data_version=version)
     return 0
 

@@ -1,7 +1,7 @@
 """The RLVR job: ``python -m tulu_pipeline.training.grpo_job``, run by the compute launcher in its own process.
 
 Like `tulu_pipeline.training.sft_job`: under Dagster it reads its parameters from the pipes context's extras,
-streams every logging step as a JSON ``log.info`` line (``{"event": "sft_metrics", "step", "reward_mean",
+streams every logging step as a JSON ``log.info`` line (``{"event": "grpo_metrics", "step", "reward_mean",
 "accuracy", "kl", ...}``; the event name is the shared training-metrics one) and ends with
 ``report_asset_materialization`` carrying the reward curve and final metrics. Without Dagster,
 ``--params params.json`` (the same fields) runs it directly and prints the metadata.
@@ -29,14 +29,11 @@ import argparse
 import base64
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.checkpointing import MANIFEST_FILE
 from tulu_pipeline.training.grpo import (
     DEFAULT_VERIFIER_MODULE,
     REWARD_CURVE_FILE,
@@ -45,6 +42,7 @@ from tulu_pipeline.training.grpo import (
     verifier_from_module,
 )
 from tulu_pipeline.training.grpo_config import grpo_config
+from tulu_pipeline.training.remote import download_model, upload_checkpoint, work_dir
 from tulu_pipeline.training.reporting import PipesReporter, PrintReporter, Reporter
 
 WORK_DIR_ENV = "TULU_GRPO_WORK_DIR"
@@ -62,11 +60,6 @@ def load_prompts(store: Store, params: dict[str, Any], reporter: Reporter) -> tu
     if missing:
         reporter.log(f"{missing} held-out row ids are not in {name}; measuring on the {len(heldout)} found")
     return train, heldout
-
-
-def _local_work_dir(checkpoint_rel: str) -> Path:
-    root = Path(os.environ.get(WORK_DIR_ENV) or tempfile.gettempdir()) / "tulu-grpo"
-    return root / checkpoint_rel.strip("/").replace("/", "__")
 
 
 def run_job(params: dict[str, Any], reporter: Reporter) -> tuple[GRPOResult, str]:
@@ -89,24 +82,11 @@ def run_job(params: dict[str, Any], reporter: Reporter) -> tuple[GRPOResult, str
                           reporter=reporter, manifest_extra=manifest_extra, verifier=verifier)
         return result, store.uri(checkpoint_rel)
 
-    work = _local_work_dir(checkpoint_rel)
-    work.mkdir(parents=True, exist_ok=True)
-    start_local = work / "start_model"
-    if not start_local.is_dir():  # downloaded beside it, then renamed: never half there
-        reporter.log(f"downloading {store.uri(start_rel)} to {start_local}")
-        partial = work / f"start_model.partial-{os.getpid()}"
-        shutil.rmtree(partial, ignore_errors=True)
-        store.fs.get(store.path(start_rel) + "/", str(partial) + "/", recursive=True)
-        shutil.rmtree(partial / "_checkpoints", ignore_errors=True)
-        os.rename(partial, start_local)
+    work = work_dir(WORK_DIR_ENV, "grpo", checkpoint_rel)
+    start_local = download_model(store, start_rel, work / "start_model", reporter)
     result = run_grpo(train, heldout, start_local, work / "checkpoint", config, reporter=reporter,
                       manifest_extra=manifest_extra, verifier=verifier)
-    files = sorted(p for p in result.checkpoint_dir.rglob("*") if p.is_file())
-    for path in [p for p in files if p.name != MANIFEST_FILE] + [result.checkpoint_dir / MANIFEST_FILE]:
-        rel = path.relative_to(result.checkpoint_dir).as_posix()
-        store.fs.makedirs(store.path(checkpoint_rel, rel).rsplit("/", 1)[0], exist_ok=True)
-        store.fs.put_file(str(path), store.path(checkpoint_rel, rel))
-    reporter.log(f"uploaded the checkpoint to {store.uri(checkpoint_rel)}")
+    upload_checkpoint(store, result.checkpoint_dir, checkpoint_rel, reporter)
     return result, store.uri(checkpoint_rel)
 
 
@@ -150,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.params is not None:
         params = json.loads(args.params.read_text(encoding="utf-8"))
-        result, location = run_job(params, PrintReporter())
+        result, location = run_job(params, PrintReporter(event="grpo_metrics"))
         _print_summary(materialization_metadata(result, location))
         return 0
 
@@ -159,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
         parser.error("not launched by Dagster (no pipes context): pass --params params.json")
     with open_dagster_pipes() as context:
-        result, location = run_job(dict(context.extras), PipesReporter(context))
+        result, location = run_job(dict(context.extras), PipesReporter(context, event="grpo_metrics"))
         context.report_asset_materialization(metadata=materialization_metadata(result, location),
                                              data_version=result.manifest["fingerprint"][:16])
     return 0

@@ -21,15 +21,17 @@ class Reporter(Protocol):
     def log(self, message: str) -> None: ...
 
 
-def metrics_line(step: int, metrics: dict[str, Any]) -> str:
-    """One JSON line for a logging step: ``{"event": "sft_metrics", "step": ..., <metrics>}``."""
-    return json.dumps({"event": METRICS_EVENT, "step": step, **metrics}, sort_keys=True, default=float)
+def metrics_line(step: int, metrics: dict[str, Any], event: str = METRICS_EVENT) -> str:
+    """One JSON line for a logging step: ``{"event": "sft_metrics", "step": ..., <metrics>}`` (``dpo_metrics``,
+    ``grpo_metrics`` for the other trainers)."""
+    return json.dumps({"event": event, "step": step, **metrics}, sort_keys=True, default=float)
 
 
 class NullReporter:
-    """Keeps the history, prints nothing."""
+    """Keeps the history, prints nothing. ``event`` names the metric lines of the streaming reporters."""
 
-    def __init__(self) -> None:
+    def __init__(self, event: str = METRICS_EVENT) -> None:
+        self.event = event
         self.history: list[dict[str, Any]] = []
         self.messages: list[str] = []
 
@@ -43,8 +45,8 @@ class NullReporter:
 class PrintReporter(NullReporter):
     """Metrics as JSON lines and messages as plain lines on a stream (stdout by default)."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
-        super().__init__()
+    def __init__(self, stream: TextIO | None = None, event: str = METRICS_EVENT) -> None:
+        super().__init__(event)
         self.stream = stream
 
     def _write(self, text: str) -> None:
@@ -54,7 +56,7 @@ class PrintReporter(NullReporter):
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         super().log_metrics(step, metrics)
-        self._write(metrics_line(step, metrics))
+        self._write(metrics_line(step, metrics, self.event))
 
     def log(self, message: str) -> None:
         super().log(message)
@@ -65,13 +67,13 @@ class PipesReporter(NullReporter):
     """Streams to Dagster through a dagster-pipes context: each logging step is a ``context.log.info`` JSON line
     (shown live in the run's event log), each message a plain ``context.log.info`` line."""
 
-    def __init__(self, pipes_context: Any) -> None:
-        super().__init__()
+    def __init__(self, pipes_context: Any, event: str = METRICS_EVENT) -> None:
+        super().__init__(event)
         self.context = pipes_context
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         super().log_metrics(step, metrics)
-        self.context.log.info(metrics_line(step, metrics))
+        self.context.log.info(metrics_line(step, metrics, self.event))
 
     def log(self, message: str) -> None:
         super().log(message)

@@ -31,16 +31,19 @@ import argparse
 import base64
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.checkpointing import MANIFEST_FILE
 from tulu_pipeline.training.config import sft_config
-from tulu_pipeline.training.reporting import NullReporter, PipesReporter, PrintReporter, Reporter
+from tulu_pipeline.training.remote import download_model, upload_checkpoint, work_dir
+from tulu_pipeline.training.reporting import (
+    NullReporter,
+    PipesReporter,
+    PrintReporter,
+    Reporter,
+)
 from tulu_pipeline.training.sft import LOSS_CURVE_FILE, SFTResult, run_sft
 
 WORK_DIR_ENV = "TULU_SFT_WORK_DIR"
@@ -58,11 +61,6 @@ def load_rows(store: Store, params: dict[str, Any], reporter: Reporter) -> tuple
     if missing:
         reporter.log(f"{missing} held-out row ids are not in {name}; measuring on the {len(heldout)} found")
     return train, heldout
-
-
-def _local_work_dir(checkpoint_rel: str) -> Path:
-    root = Path(os.environ.get(WORK_DIR_ENV) or tempfile.gettempdir()) / "tulu-sft"
-    return root / checkpoint_rel.strip("/").replace("/", "__")
 
 
 def run_job(params: dict[str, Any], reporter: Reporter) -> tuple[SFTResult, str]:
@@ -84,23 +82,11 @@ def run_job(params: dict[str, Any], reporter: Reporter) -> tuple[SFTResult, str]
                          reporter=reporter, manifest_extra=manifest_extra)
         return result, store.uri(checkpoint_rel)
 
-    work = _local_work_dir(checkpoint_rel)
-    work.mkdir(parents=True, exist_ok=True)
-    base_local = work / "base_model"
-    if not base_local.is_dir():  # downloaded beside it, then renamed: never half there
-        reporter.log(f"downloading {store.uri(base_rel)} to {base_local}")
-        partial = work / f"base_model.partial-{os.getpid()}"
-        shutil.rmtree(partial, ignore_errors=True)
-        store.fs.get(store.path(base_rel) + "/", str(partial) + "/", recursive=True)
-        os.rename(partial, base_local)
+    work = work_dir(WORK_DIR_ENV, "sft", checkpoint_rel)
+    base_local = download_model(store, base_rel, work / "base_model", reporter)
     result = run_sft(train, heldout, base_local, work / "checkpoint", config, reporter=reporter,
                      manifest_extra=manifest_extra)
-    files = sorted(p for p in result.checkpoint_dir.rglob("*") if p.is_file())
-    for path in [p for p in files if p.name != MANIFEST_FILE] + [result.checkpoint_dir / MANIFEST_FILE]:
-        rel = path.relative_to(result.checkpoint_dir).as_posix()
-        store.fs.makedirs(store.path(checkpoint_rel, rel).rsplit("/", 1)[0], exist_ok=True)
-        store.fs.put_file(str(path), store.path(checkpoint_rel, rel))
-    reporter.log(f"uploaded the checkpoint to {store.uri(checkpoint_rel)}")
+    upload_checkpoint(store, result.checkpoint_dir, checkpoint_rel, reporter)
     return result, store.uri(checkpoint_rel)
 
 
