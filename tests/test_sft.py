@@ -216,6 +216,16 @@ def test_rerun_with_the_same_inputs_reuses_the_checkpoint(trained, tiny_model, r
     assert again.reused and again.metrics == result.metrics
 
 
+def test_two_independent_runs_give_identical_weights(trained, tiny_model, rows, tmp_path):
+    """Determinism: the same rows, config and seed train bit-identical weights on CPU (a fresh directory, so
+    nothing is reused)."""
+    result, _ = trained
+    again = run_sft(rows[0], rows[1], tiny_model, tmp_path / "again", TINY, manifest_extra=MANIFEST_EXTRA)
+    assert not again.reused
+    assert max_abs_diff(load_weights(result.checkpoint_dir), load_weights(again.checkpoint_dir)) == 0.0
+    assert again.manifest["fingerprint"] == result.manifest["fingerprint"]
+
+
 def test_loss_reduction_sum_vs_mean(tiny_model, rows, tmp_path):
     """One step over 8 rows (2 micro-batches of 4): mean = NLL per trained token of the step; sum = per
     micro-batch token sums averaged over the 2 micro-batches, so it (and its gradient) is N/2 times larger."""
