@@ -246,7 +246,7 @@ def current_checkpoints(instance: dg.DagsterInstance, store) -> list[str]:
 
 
 def evaluate_all_checkpoints(instance: dg.DagsterInstance | None = None, checkpoints: list | None = None,
-                             defs: dg.Definitions | None = None) -> dict:
+                             defs: dg.Definitions | None = None, run_config: dict | None = None) -> dict:
     """Register and evaluate every checkpoint under TULU_HOME (or ``checkpoints``), then redraw the
     comparison; for ``make run`` after ``full_pipeline``. Returns ``{checkpoint_id: success}``."""
     if defs is None:
@@ -261,7 +261,7 @@ def evaluate_all_checkpoints(instance: dg.DagsterInstance | None = None, checkpo
         register_checkpoint(instance, checkpoint_id)
         job = defs.resolve_job_def("evaluate_checkpoint")
         outcome[checkpoint_id] = job.execute_in_process(instance=instance, partition_key=checkpoint_id,
-                                                        raise_on_error=False).success
+                                                        run_config=run_config, raise_on_error=False).success
     defs.resolve_job_def("eval_report").execute_in_process(instance=instance)
     return outcome
 

@@ -1,4 +1,5 @@
-"""README command (a) in miniature: the full job through the Dagster CLI into a real local instance."""
+"""README command (a) in miniature: the full job through the Dagster CLI into a real local instance, every stage
+at smoke-test sizes (tests/configs/e2e_small.yaml), then evaluation of the base model and the final checkpoint."""
 
 from __future__ import annotations
 
@@ -22,14 +23,15 @@ def test_full_pipeline_job_materializes_everything(tmp_path: Path) -> None:
     env = {**os.environ, "TULU_HOME": str(tmp_path / "home"), "DAGSTER_HOME": str(tmp_path / "home" / "dagster")}
     subprocess.run([str(BIN / "tulu"), "instance"], cwd=REPO, env=env, check=True, capture_output=True)
     run = subprocess.run(
-        [str(BIN / "dagster"), "job", "execute", "-m", "definitions", "-j", "full_pipeline"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+        [str(BIN / "dagster"), "job", "execute", "-m", "definitions", "-j", "full_pipeline",
+         "-c", str(REPO / "tests" / "configs" / "e2e_small.yaml")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
     instance = dg.DagsterInstance.from_config(env["DAGSTER_HOME"])
     try:
-        for key in defs.resolve_all_asset_keys():
+        for key in defs.get_job_def("full_pipeline").asset_layer.executable_asset_keys:
             event = instance.get_latest_materialization_event(key)
             assert event is not None, f"{key.to_user_string()} was not materialized"
         gsm = instance.get_latest_materialization_event(dg.AssetKey(["raw", "gsm8k_test"]))
@@ -70,6 +72,30 @@ def test_full_pipeline_job_materializes_everything(tmp_path: Path) -> None:
     assert trace["origin"]["file"].startswith("train/")
     events = [e["event"] for e in trace["events"]]
     assert {"ingested", "normalized", "kept", "included_in_mix", "trained_on"} <= set(events)
+    sft_trained = [r for r in trained if r["related_ids"][0].startswith("sft-")]
     bill = json.loads(subprocess.run([str(BIN / "tulu"), "audit", "checkpoint", checkpoint_id], env=env,
                                      capture_output=True, text=True, check=True).stdout)
-    assert bill["rows"] == len(trained) and all(v is not False for v in bill["checks"].values())
+    assert bill["rows"] == len(sft_trained) and all(v is not False for v in bill["checks"].values())
+
+    # Every later stage left its trail: pairs, DPO and RLVR checkpoints built on the SFT one.
+    events = {r["event"] for r in Ledger(store).query("SELECT DISTINCT event FROM events")}
+    assert {"selected_for_preference", "paired", "trained_on", "not_trained"} <= events
+    stages = {r["related_ids"][0].split("-")[0] for r in trained}
+    assert stages == {"sft", "dpo", "rlvr"}, stages
+    rlvr = next(r["related_ids"][0] for r in trained if r["related_ids"][0].startswith("rlvr-"))
+    manifest = json.loads((tmp_path / "home" / "models" / rlvr / "training_manifest.json").read_text())
+    assert manifest["start_checkpoint"].startswith("dpo-")
+    bill = json.loads(subprocess.run([str(BIN / "tulu"), "audit", "checkpoint", rlvr], env=env,
+                                     capture_output=True, text=True, check=True).stdout)
+    assert bill["parent"]["checkpoint_id"].startswith("dpo-") and bill["parent"]["parent"]["checkpoint_id"] == checkpoint_id
+
+    # Evaluation through the partitions: the base model and the final checkpoint, two items per benchmark.
+    script = ("from assets.evaluation import eval_assets, evaluate_all_checkpoints; import sys; "
+              "config = {'ops': {a.node_def.name: {'config': {'sample_size': 2}} for a in eval_assets}}; "
+              f"result = evaluate_all_checkpoints(checkpoints=['base_model', {rlvr!r}], run_config=config); "
+              "print(result); sys.exit(not all(result.values()))")
+    evaluation = subprocess.run([str(BIN / "python"), "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=1200)
+    assert evaluation.returncode == 0, evaluation.stdout[-3000:] + evaluation.stderr[-3000:]
+    comparison = (tmp_path / "home" / "reports" / "eval" / "comparison" / "comparison.md").read_text()
+    assert "gsm8k" in comparison and rlvr in comparison
