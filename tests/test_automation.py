@@ -65,9 +65,10 @@ def _sensor(root: Path, checkpoint_keys=()):
 
 
 def _tick(sensor, instance, cursor=None) -> dg.SensorResult:
-    context = dg.build_sensor_context(instance=instance, cursor=cursor,
-                                      repository_def=definitions.defs.get_repository_def())
-    return sensor.evaluate_tick(context)
+    # as a context manager: leaving it resets the definitions state the evaluation set for this instance
+    with dg.build_sensor_context(instance=instance, cursor=cursor,
+                                 repository_def=definitions.defs.get_repository_def()) as context:
+        return sensor.evaluate_tick(context)
 
 
 def _selected(result) -> set[str]:
@@ -76,7 +77,7 @@ def _selected(result) -> set[str]:
 
 
 def test_first_look_records_hashes_and_requests_nothing(bundle_copy):
-    with dg.instance_for_test() as instance:
+    with dg.instance_for_test(set_dagster_home=False) as instance:
         result = _tick(_sensor(bundle_copy), instance)
         assert not result.run_requests and "first look" in result.skip_message
         cursor = json.loads(result.cursor)
@@ -86,7 +87,7 @@ def test_first_look_records_hashes_and_requests_nothing(bundle_copy):
 
 
 def test_changed_training_source_reruns_exactly_its_curation(bundle_copy):
-    with dg.instance_for_test() as instance:
+    with dg.instance_for_test(set_dagster_home=False) as instance:
         first = _tick(_sensor(bundle_copy), instance)
         _change_file(bundle_copy, "train/gsm8k/train.jsonl", repin=True)
         result = _tick(_sensor(bundle_copy), instance, first.cursor)
@@ -99,7 +100,7 @@ def test_changed_training_source_reruns_exactly_its_curation(bundle_copy):
 
 
 def test_a_changed_file_that_was_not_repinned_is_reported_not_ingested(bundle_copy):
-    with dg.instance_for_test() as instance:
+    with dg.instance_for_test(set_dagster_home=False) as instance:
         first = _tick(_sensor(bundle_copy), instance)
         _change_file(bundle_copy, "train/gsm8k/train.jsonl", repin=False)
         result = _tick(_sensor(bundle_copy), instance, first.cursor)
@@ -110,7 +111,7 @@ def test_a_changed_file_that_was_not_repinned_is_reported_not_ingested(bundle_co
 
 def test_changed_benchmark_reruns_decontamination_and_flags_checkpoints(bundle_copy):
     key = dg.AssetKey("sft_checkpoint")
-    with dg.instance_for_test() as instance:
+    with dg.instance_for_test(set_dagster_home=False) as instance:
         instance.report_runless_asset_event(dg.AssetMaterialization(key, metadata={"checkpoint_id": "sft-x"}))
         first = _tick(_sensor(bundle_copy, [key]), instance)
         _change_file(bundle_copy, "eval/gsm8k/test.jsonl", repin=True)
@@ -154,7 +155,7 @@ def test_coverage_check_flags_the_checkpoint(tmp_path):
     def fake_checkpoint() -> dg.MaterializeResult:
         return dg.MaterializeResult(metadata={"checkpoint_id": checkpoint})
 
-    with dg.instance_for_test() as instance:
+    with dg.instance_for_test(set_dagster_home=False) as instance:
         result = dg.materialize([fake_checkpoint, *build_coverage_checks([fake_checkpoint.key])],
                                 resources={"storage": storage}, instance=instance)
         (evaluation,) = result.get_asset_check_evaluations()
@@ -165,10 +166,10 @@ def test_coverage_check_flags_the_checkpoint(tmp_path):
 def test_weekly_schedule_requests_the_recuration_job():
     schedule = definitions.weekly_recuration
     assert schedule.cron_schedule == "0 3 * * 1" and schedule.job_name == "recuration_job"
-    with dg.instance_for_test() as instance:
-        context = dg.build_schedule_context(instance=instance,
-                                            scheduled_execution_time=datetime(2026, 11, 30, 3, tzinfo=timezone.utc))
-        (request,) = schedule.evaluate_tick(context).run_requests
+    with dg.instance_for_test(set_dagster_home=False) as instance:
+        with dg.build_schedule_context(instance=instance, scheduled_execution_time=datetime(
+                2026, 11, 30, 3, tzinfo=timezone.utc)) as context:
+            (request,) = schedule.evaluate_tick(context).run_requests
     job = definitions.defs.get_job_def("recuration_job")
     keys = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
     assert CURATION_CHAIN <= keys and "raw/gsm8k_train" in keys
@@ -211,9 +212,10 @@ def test_a_new_benchmark_is_backfilled_over_every_checkpoint():
     checkpoints = ["base_model", "sft-a", "dpo-b"]
     keys = [a.key for a in eval_assets]
     new, evaluated = keys[0], keys[1:]
-    with dg.instance_for_test() as instance, dg.partition_loading_context(dynamic_partitions_store=instance):
+    with dg.instance_for_test(set_dagster_home=False) as instance, dg.partition_loading_context(
+            dynamic_partitions_store=instance), dg.build_sensor_context(
+            instance=instance, repository_def=definitions.defs.get_repository_def()) as context:
         instance.add_dynamic_partitions("checkpoints", checkpoints)
-        context = dg.build_sensor_context(instance=instance, repository_def=definitions.defs.get_repository_def())
         assert new_benchmark_backfill_sensor.evaluate_tick(context).skip_message  # nothing evaluated yet
         for key in evaluated:  # the suite ran on every checkpoint before `new` existed
             for partition in checkpoints:

@@ -51,7 +51,8 @@ def test_partitioned_eval_assets_and_comparison(home, monkeypatch):
 
     by_name = {a.key.path[-1]: a for a in eval_assets}
     instance = dg.DagsterInstance.ephemeral()
-    result = checkpoint_partitions_sensor(dg.build_sensor_context(instance=instance, resources=_resources(home)))
+    with dg.build_sensor_context(instance=instance, resources=_resources(home)) as context:
+        result = checkpoint_partitions_sensor(context)
     added = result.dynamic_partitions_requests[0].partition_keys
     assert added == ["base_model", "sft-tiny"]
     assert [r.partition_key for r in result.run_requests] == added
