@@ -166,3 +166,36 @@ def publish_dir(new: Path, output_dir: Path) -> None:
     """Swap the finished ``new`` directory in for ``output_dir`` (which may hold ``_checkpoints``)."""
     new.chmod(0o755)
     swap_directory(new, output_dir)
+
+
+def trainer_arguments(config: Any, output_dir: Path, bf16: bool, device: Any) -> dict[str, Any]:
+    """The `transformers.TrainingArguments` every trainer here shares: its config's optimizer and schedule
+    fields, resumable step checkpoints in ``output_dir`` (pruned by the trainers once complete), no
+    evaluation or reporting integrations, deterministic single-process data loading."""
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps or -1,
+        per_device_train_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type=config.lr_scheduler,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm or 0.0,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=bf16,
+        fp16=False,
+        activation_checkpointing=config.gradient_checkpointing,
+        use_cpu=device.type == "cpu",
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=None,  # pruned after each checkpoint is marked complete
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )

@@ -66,6 +66,7 @@ from tulu_pipeline.training.checkpointing import (
     read_json,
     remove_stale_siblings,
     row_ids_sha256,
+    trainer_arguments,
     write_json_atomic,
 )
 from tulu_pipeline.training.dpo_config import DPOTrainingConfig
@@ -567,33 +568,7 @@ def run_dpo(
     before = preference_metrics(held_reference, held_reference, config)
     reporter.log(f"held-out before (the reference): {json.dumps(before, sort_keys=True)}")
     model = _load_scoring_model(model_dir, config)
-    args = TrainingArguments(
-        output_dir=str(root),
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.num_epochs,
-        max_steps=config.max_steps or -1,
-        per_device_train_batch_size=config.per_device_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        warmup_steps=config.warmup_ratio,
-        lr_scheduler_type=config.lr_scheduler,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm or 0.0,
-        seed=config.seed,
-        data_seed=config.seed,
-        bf16=use_bf16,
-        fp16=False,
-        activation_checkpointing=config.gradient_checkpointing,
-        use_cpu=device.type == "cpu",
-        logging_steps=config.logging_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=None,  # pruned after each checkpoint is marked complete
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
+    args = TrainingArguments(**trainer_arguments(config, root, use_bf16, device))
     trainer_cls, callback_cls = _trainer_classes()
     trainer = trainer_cls(
         model=model, args=args, data_collator=DPOCollator(tokenizer.pad_token_id),
