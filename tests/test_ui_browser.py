@@ -104,8 +104,10 @@ def test_dagster_ui_end_to_end(dagster_ui: DagsterDev, chromium: str, artifacts:
     served, expected = _asset_graph(server), _expected_graph()
     assert served == expected
     groups = sorted({a["group"] for a in expected.values()})
-    stage_groups = [g for g in groups if g != "sources"]
-    stage_assets = sorted(k for k, a in expected.items() if a["group"] != "sources")
+    assert {"preference", "rlvr", "evaluation", "audit"} <= set(groups)
+    # the stages drawn expanded: the recipe up to the checkpoints (evaluation is eleven partitioned assets)
+    stage_groups = [g for g in groups if g not in ("sources", "evaluation")]
+    stage_assets = sorted(k for k, a in expected.items() if a["group"] in stage_groups)
     assert {"sources", "curation", "models"} <= set(groups)
     assert {"normalized_prompts", "deduplicated_prompts", "decontaminated_prompts", "decontamination_report",
             "base_model"} <= set(stage_assets)
@@ -127,16 +129,16 @@ def test_dagster_ui_end_to_end(dagster_ui: DagsterDev, chromium: str, artifacts:
         community = page.get_by_text("Join the Dagster community")
         page.add_locator_handler(community, lambda: page.get_by_role("button", name="Skip").click())
         try:
-            # 1. The global lineage: one node per group, each with its asset count.
+            # 1. The global lineage: one node per group (zoomed out to fit eight groups, a node shows its name;
+            # the asset counts per group were checked against GraphQL above).
             page.goto(f"{server.url}/asset-groups")
             expect(page.get_by_text("Global asset lineage")).to_be_visible()
             graph = page.locator("svg:has(foreignObject)").first
             statuses_loading = page.get_by_text(re.compile("fetching statuses"))
             asset_nodes = graph.locator("foreignObject:not(.group)").filter(has_text=re.compile(r"\w"))
             for group in groups:
-                count = sum(1 for a in expected.values() if a["group"] == group)
                 node = graph.locator("foreignObject.group").filter(has=page.get_by_text(group, exact=True))
-                expect(node).to_contain_text(str(count))
+                expect(node).to_have_count(1)
             expect(community).to_be_hidden()
             expect(statuses_loading).to_have_count(0)
             shot(page, "01-global-lineage.png")
