@@ -25,7 +25,8 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,19 @@ def publish_dir(new: Path, output_dir: Path) -> None:
     """Swap the finished ``new`` directory in for ``output_dir`` (which may hold ``_checkpoints``)."""
     new.chmod(0o755)
     swap_directory(new, output_dir)
+
+
+@contextmanager
+def publishing(output_dir: Path) -> Iterator[Path]:
+    """A staging directory beside ``output_dir``, swapped in for it when the block ends cleanly and removed
+    when it raises: write the manifest last inside the block, so a published directory is always complete."""
+    staging = new_publish_dir(output_dir)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish_dir(staging, output_dir)
 
 
 def trainer_arguments(config: Any, output_dir: Path, bf16: bool, device: Any) -> dict[str, Any]:

@@ -59,10 +59,9 @@ from tulu_pipeline.training.checkpointing import (
     canonical_json,
     fingerprint,
     mark_complete,
-    new_publish_dir,
     prepare_run_dir,
     prune_checkpoints,
-    publish_dir,
+    publishing,
     read_json,
     remove_stale_siblings,
     row_ids_sha256,
@@ -588,8 +587,7 @@ def run_dpo(
               "reward_margin": float(e.get("rewards/margins", float("nan")))}
              for e in trainer.state.log_history if "loss" in e and "step" in e]
 
-    staging = new_publish_dir(output_dir)
-    try:
+    with publishing(output_dir) as staging:
         _save_final(trainer, tokenizer, staging, lora=False)
         del trainer, model
         gc.collect()
@@ -640,12 +638,6 @@ def run_dpo(
             "metrics": metrics,
         }
         write_json_atomic(staging / MANIFEST_FILE, manifest)  # last: a directory with it is complete
-        publish_dir(staging, output_dir)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     reporter.log(f"published {output_dir}: held-out preference accuracy {before.get('preference_accuracy')} -> "
                  f"{after.get('preference_accuracy')}, reward accuracy {after.get('reward_accuracy')}, "
                  f"{steps} steps in {train_seconds:.1f}s")

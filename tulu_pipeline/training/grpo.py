@@ -57,10 +57,9 @@ from tulu_pipeline.training.checkpointing import (
     PROGRESS_FILE,
     fingerprint,
     mark_complete,
-    new_publish_dir,
     prepare_run_dir,
     prune_checkpoints,
-    publish_dir,
+    publishing,
     read_json,
     remove_stale_siblings,
     row_ids_sha256,
@@ -682,8 +681,7 @@ def run_grpo(
     train_seconds = prior_seconds + time.perf_counter() - session_start
     rollouts_backend.close()
 
-    staging = new_publish_dir(output_dir)
-    try:
+    with publishing(output_dir) as staging:
         model.config.use_cache = True
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -729,12 +727,6 @@ def run_grpo(
             "metrics": metrics,
         }
         write_json_atomic(staging / MANIFEST_FILE, manifest)  # last: a directory with it is complete
-        publish_dir(staging, output_dir)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     reporter.log(f"published {output_dir}: mean reward {metrics['reward_first_steps']:.3f} (first steps) -> "
                  f"{metrics['reward_last_steps']:.3f} (last steps), held-out accuracy "
                  f"{_fmt(metrics['heldout_accuracy_before'])} -> {_fmt(metrics['heldout_accuracy_after'])}")

@@ -68,10 +68,9 @@ from tulu_pipeline.training.checkpointing import (
     fingerprint,
     latest_complete_checkpoint,
     mark_complete,
-    new_publish_dir,
     prepare_run_dir,
     prune_checkpoints,
-    publish_dir,
+    publishing,
     read_json,
     remove_stale_siblings,
     row_ids_sha256,
@@ -562,8 +561,7 @@ def run_sft(
     curve = [{"step": int(e["step"]), "loss": float(e["token_loss"]), "learning_rate": float(e.get("learning_rate", 0.0))}
              for e in trainer.state.log_history if "token_loss" in e]
 
-    staging = new_publish_dir(output_dir)
-    try:
+    with publishing(output_dir) as staging:
         _save_final(trainer, tokenizer, staging, lora=config.lora is not None)
         del trainer, model
         gc.collect()
@@ -624,12 +622,6 @@ def run_sft(
             "metrics": metrics,
         }
         write_json_atomic(staging / MANIFEST_FILE, manifest)  # last: a directory with it is complete
-        publish_dir(staging, output_dir)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     reporter.log(f"published {output_dir}: loss {metrics['initial_loss']:.4f} -> {metrics['final_loss']:.4f}, "
                  f"held-out {_fmt(heldout_before)} -> {_fmt(heldout_after)}, {steps} steps in {train_seconds:.1f}s")
     return SFTResult(checkpoint_dir=output_dir, metrics=metrics, manifest=manifest)
