@@ -83,7 +83,11 @@ class DedupStageConfig(ExecutionConfig):
 class DecontamStageConfig(ExecutionConfig):
     ngram: int = 8
     threshold: float = 0.5
+    rule: str = Field("token_coverage", description="token_coverage (Tülu 3) or ngram_share")
+    short_items: str = Field("share", description="items shorter than ngram tokens: share, anywhere or ignore")
     include_response: bool = False
+    incremental: bool = Field(True, description="reuse the latest version made with the same settings: scan only "
+                              "new or edited rows, and kept rows only against added or changed benchmarks")
     suites: list[str] = Field(default_factory=lambda: ["dev", "unseen"])
     benchmarks: list[str] | None = None
     flag_share: float = 0.02
@@ -163,14 +167,16 @@ def decontamination(context: dg.AssetExecutionContext, config: DecontamStageConf
                     launcher: ComputeLauncher):
     store = storage.store()
     curation = CurationConfig(
-        decontam=DecontamConfig(ngram=config.ngram, threshold=config.threshold, include_response=config.include_response),
+        decontam=DecontamConfig(ngram=config.ngram, threshold=config.threshold, rule=config.rule,
+                                short_items=config.short_items, include_response=config.include_response),
         evals=EvalSelection(suites=config.suites, benchmarks=config.benchmarks), flag_share=config.flag_share)
     index = build_eval_index(store, curation)
     reported = {}
     if _runs_on_ray(config):
         result, reported = _on_ray(context, launcher, store, "decontaminated_prompts", curation, config)
     else:
-        result = decontaminate_prompts(store, curation, context.run.run_id, index=index)
+        result = decontaminate_prompts(store, curation, context.run.run_id, index=index,
+                                       incremental=config.incremental)
     yield dg.MaterializeResult(asset_key="decontaminated_prompts",
                                metadata={**_stage_metadata(store, result, config), **reported},
                                data_version=dg.DataVersion(result.version))

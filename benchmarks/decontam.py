@@ -60,15 +60,21 @@ from tulu_pipeline.curation.decontaminate import (  # noqa: E402
     Decontaminator,
     EvalIndex,
     EvalItem,
+    PreviousDecisions,
     reference_matches,
     registry_eval_items,
+    text_digest,
     tokenize,
     training_text,
+    training_turns,
 )
 from tulu_pipeline.data.loaders import iter_source_rows  # noqa: E402
 from tulu_pipeline.data.registry import registry  # noqa: E402
 
 TARGET_ROWS_PER_S = 30_000
+DECON_NS_PER_BYTE = 34_000 / 5_800  # allenai/decon: ~34 us per document of ~5.8 KB
+ROW_BYTES = (200, 1_000, 5_000, 20_000)
+INCREMENTAL_BENCHMARK = "mbpp"
 ZIPF_EXPONENT = 1.0
 CHUNK_ROWS = 10_000
 
@@ -205,10 +211,10 @@ def part_fast(args) -> dict:
     match_s = 0.0
     inner = index.match_texts
 
-    def timed_match(texts, threshold):
+    def timed_match(*args, **kwargs):
         nonlocal match_s
         t = time.perf_counter()
-        out = inner(texts, threshold)
+        out = inner(*args, **kwargs)
         match_s += time.perf_counter() - t
         return out
 
@@ -259,8 +265,9 @@ def part_reference(args) -> dict:
     for chunk in stream.chunks(args.baseline_rows):
         wall0, cpu0 = time.perf_counter(), time.process_time()
         for row in chunk:
-            matches = reference_matches(items, training_text(row, config.include_response), config.ngram,
-                                        config.threshold)
+            turns = training_turns(row, config.include_response)
+            matches = reference_matches(items, "\n".join(turns), config.ngram, config.threshold, config.rule,
+                                        config.short_items, turns)
             if matches:
                 flagged[int(row["row_id"].split("-")[1])] = matches
         wall += time.perf_counter() - wall0
@@ -347,7 +354,95 @@ def part_minhash(args) -> dict:
     }
 
 
-PARTS = {"fast": part_fast, "reference": part_reference, "minhash_lsh": part_minhash}
+def part_per_byte(args) -> dict:
+    """ns per byte and rows/s of the default rule on rows of several lengths (one user turn each)."""
+    config = DecontamConfig()
+    index = EvalIndex.build(load_items(), config.ngram, config.min_item_tokens)
+    words, p = training_vocabulary()
+    cdf = np.cumsum(p)
+    rng = np.random.default_rng(args.seed)
+    out = {}
+    for length in ROW_BYTES:
+        texts, size = [], 0
+        while size < args.bytes_per_length:  # words drawn as in `SyntheticRows`, cut to ``length`` bytes
+            idx = np.minimum(np.searchsorted(cdf, rng.random(length // 4) * cdf[-1], "right"), len(words) - 1)
+            text = " ".join(words[i] for i in idx.tolist()).encode()[:length].decode("utf-8", "ignore")
+            texts.append(text)
+            size += len(text.encode())
+        rows = [{"row_id": f"r{k}", "source": "synthetic", "messages": [{"role": "user", "content": t}]}
+                for k, t in enumerate(texts)]
+        step = Decontaminator(index, config, CountingSink(), batch_size=args.batch_size)
+        cpu0 = time.process_time()
+        kept = sum(1 for _ in step(iter(rows)))
+        cpu = time.process_time() - cpu0
+        out[str(length)] = {"rows": len(rows), "bytes": size, "cpu_seconds": round(cpu, 3),
+                            "ns_per_byte": round(1e9 * cpu / size, 2), "rows_per_s_per_core": rate(len(rows), cpu),
+                            "ascii_rows_share": round(sum(t.isascii() for t in texts) / len(texts), 3),
+                            "quarantined": len(rows) - kept}
+    return {"what": "Decontaminator, default config (token_coverage, short items by share), every bundled "
+                    "benchmark, exhaustive (no sampling, no hit cap)", "by_row_bytes": out, **rss_mb()}
+
+
+def part_incremental(args) -> dict:
+    """Add one benchmark to a pool, then append rows: incremental (`PreviousDecisions`) vs full reruns."""
+    config = DecontamConfig()
+    items = load_items()
+    added = INCREMENTAL_BENCHMARK
+    index_all = EvalIndex.build(items, config.ngram, config.min_item_tokens)
+    index_before = EvalIndex.build([i for i in items if i.benchmark != added], config.ngram, config.min_item_tokens)
+    index_added = EvalIndex.build([i for i in items if i.benchmark == added], config.ngram, config.min_item_tokens)
+    stream = SyntheticRows(args.seed, args.incremental_rows + args.append_rows, index_all.items, args.plant_every)
+    pool = [row for chunk in stream.chunks() for row in chunk]
+    base, extra = pool[:args.incremental_rows], pool[args.incremental_rows:]
+
+    def run(index, rows, previous=None) -> tuple[float, Decontaminator]:
+        step = Decontaminator(index, config, CountingSink(), batch_size=args.batch_size, previous=previous)
+        cpu0 = time.process_time()
+        for _ in step(iter(rows)):
+            pass
+        return time.process_time() - cpu0, step
+
+    def decisions(rows, step) -> tuple[float, dict]:
+        """What the pipeline reads back from the earlier version: each row's text digest and decision."""
+        cpu0 = time.process_time()
+        quarantined = {q["row"]["row_id"] for q in step.quarantine}
+        out = {r["row_id"]: (text_digest(training_turns(r, False)), r["row_id"] in quarantined) for r in rows}
+        return time.process_time() - cpu0, out
+
+    def signature(step) -> list:
+        return [(q["row"]["row_id"], match_signature(q["matches"])) for q in step.quarantine]
+
+    _, before = run(index_before, base)
+    full_s, full = run(index_all, base)
+    read_s, prior = decisions(base, before)
+    inc_s, inc = run(index_all, base, PreviousDecisions("before", prior, index_added, (added,)))
+    add = {"full_rerun_cpu_seconds": round(full_s, 3), "incremental_cpu_seconds": round(inc_s + read_s, 3),
+           "of_which_reading_previous_decisions": round(read_s, 3),
+           "cost_ratio_incremental_over_full": round((inc_s + read_s) / full_s, 3),
+           "scanned": dict(inc.stats.scanned), "equal_to_full_rerun": signature(inc) == signature(full),
+           "quarantined_by_added_benchmark": sum(n for (_, b), n in inc.stats.removed.items() if b == added)}
+    grown = base + extra
+    full2_s, full2 = run(index_all, grown)
+    read2_s, prior2 = decisions(base, full)
+    inc2_s, inc2 = run(index_all, grown, PreviousDecisions("before", prior2, None))
+    append = {"full_rerun_cpu_seconds": round(full2_s, 3), "incremental_cpu_seconds": round(inc2_s + read2_s, 3),
+              "of_which_reading_previous_decisions": round(read2_s, 3),
+              "cost_ratio_incremental_over_full": round((inc2_s + read2_s) / full2_s, 3),
+              "scanned": dict(inc2.stats.scanned), "equal_to_full_rerun": signature(inc2) == signature(full2)}
+    scale = 1_000_000 / args.incremental_rows
+    return {"pool_rows": args.incremental_rows, "appended_rows": args.append_rows, "added_benchmark": added,
+            "add_benchmark": add, "append_rows": append,
+            "extrapolated_to_1m_pool_10k_appended": {
+                "how": f"measured on {args.incremental_rows} rows (+{args.append_rows}); every cost here is "
+                       "linear in the rows it touches, so seconds scale by 1M / pool rows",
+                "add_benchmark_full_s": round(full_s * scale, 1), "add_benchmark_incremental_s":
+                    round((inc_s + read_s) * scale, 1),
+                "append_full_s": round(full2_s * scale, 1), "append_incremental_s": round((inc2_s + read2_s) * scale, 1),
+            }, **rss_mb()}
+
+
+PARTS = {"fast": part_fast, "reference": part_reference, "minhash_lsh": part_minhash, "per_byte": part_per_byte,
+         "incremental": part_incremental}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +453,9 @@ def run_part(name: str, args, core: int) -> dict:
         result_path = tmp.name
     cmd = [sys.executable, __file__, "--part", name, "--core", str(core), "--result", result_path,
            "--rows", str(args.rows), "--baseline-rows", str(args.baseline_rows), "--seed", str(args.seed),
-           "--plant-every", str(args.plant_every), "--batch-size", str(args.batch_size)]
+           "--plant-every", str(args.plant_every), "--batch-size", str(args.batch_size),
+           "--bytes-per-length", str(args.bytes_per_length), "--incremental-rows", str(args.incremental_rows),
+           "--append-rows", str(args.append_rows)]
     print(f"[decontam bench] {name} ...", file=sys.stderr, flush=True)
     try:
         subprocess.run(cmd, check=True)
@@ -384,6 +481,11 @@ def main() -> None:
     parser.add_argument("--plant-every", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--skip-minhash", action="store_true")
+    parser.add_argument("--bytes-per-length", type=int, default=20_000_000, help="text per row length (per_byte)")
+    parser.add_argument("--incremental-rows", type=int, default=200_000, help="pool rows (incremental)")
+    parser.add_argument("--append-rows", type=int, default=2_000, help="rows appended to the pool (incremental)")
+    parser.add_argument("--only", choices=["per_byte", "incremental"],
+                        help="run only this part and merge it into the existing results file")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decontam.json"))
     parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
     parser.add_argument("--core", type=int, default=None, help="CPU to pin to (default: the last allowed one)")
@@ -391,6 +493,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rows, args.baseline_rows = 20_000, 2_000
+        args.bytes_per_length, args.incremental_rows, args.append_rows = 2_000_000, 20_000, 200
     args.baseline_rows = min(args.baseline_rows, args.rows)
     core = args.core if args.core is not None else max(os.sched_getaffinity(0))
 
@@ -401,6 +504,9 @@ def main() -> None:
         Path(args.result).write_text(json.dumps(result))
         return
 
+    if args.only:
+        merge_part(args, core)
+        return
     fast = run_part("fast", args, core)
     ref = run_part("reference", args, core)
     minhash = None if args.skip_minhash else run_part("minhash_lsh", args, core)
@@ -435,6 +541,9 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # the parts run with --only are kept
+        earlier = json.loads(out.read_text())
+        result.update({k: earlier[k] for k in ("per_byte", "incremental") if k in earlier})
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     tmp.replace(out)
@@ -442,6 +551,25 @@ def main() -> None:
                "fast_rows_per_s_per_core": fast["rows_per_s_per_core"], "fast_peak_rss_mb": fast["peak_rss_mb"],
                "planted_recall": fast["planted_recall"], "reference_agrees": ref["agrees_with_fast"]}
     print(json.dumps(summary, indent=2))
+
+
+def merge_part(args, core: int) -> None:
+    """Run one of the newer parts and write its result into the results file (atomically)."""
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {"benchmark": "decontam"}
+    part = run_part(args.only, args, core)
+    if args.only == "per_byte":
+        for row in part["by_row_bytes"].values():
+            row["ratio_to_decon_ns_per_byte"] = round(row["ns_per_byte"] / DECON_NS_PER_BYTE, 2)
+        part["decon_ns_per_byte"] = round(DECON_NS_PER_BYTE, 2)
+        part["target_ns_per_byte"] = round(1.5 * DECON_NS_PER_BYTE, 2)
+        part["meets_target"] = (all(r["ns_per_byte"] <= 1.5 * DECON_NS_PER_BYTE for r in part["by_row_bytes"].values())
+                                and part["peak_rss_mb"] < 2048)
+    result[args.only] = {**part, "pinned_core": core}
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    print(json.dumps(result[args.only], indent=2)[:4000])
 
 
 def _version(package: str) -> str | None:

@@ -26,6 +26,7 @@ from tulu_pipeline.curation.decontaminate import (
     reference_matches,
     tokenize,
     training_text,
+    training_turns,
 )
 from tulu_pipeline.data.loaders import iter_source_rows
 from tulu_pipeline.data.registry import get_source
@@ -44,11 +45,12 @@ def source_items(*source_ids: str) -> list[EvalItem]:
     return [item for sid in source_ids for item in eval_items_from_rows(source_rows(sid), get_source(sid).benchmark)]
 
 
-def flagged(train_source: str, *eval_sources: str, include_response: bool = False):
+def flagged(train_source: str, *eval_sources: str, include_response: bool = False, rule: str = "token_coverage"):
     """(row, matches) for every row of ``train_source`` contaminated by ``eval_sources``."""
     index = EvalIndex.build(source_items(*eval_sources))
     rows = source_rows(train_source)
-    results = index.match_texts([training_text(r, include_response) for r in rows], 0.5)
+    turns = [training_turns(r, include_response) for r in rows]
+    results = index.match_texts(["\n".join(t) for t in turns], 0.5, rule, "share", turns)
     return [(row, matches) for row, matches in zip(rows, results) if matches]
 
 
@@ -61,10 +63,11 @@ def row(*turns: tuple[str, str], row_id: str = "r1", source: str = "train") -> d
     return {"row_id": row_id, "source": source, "messages": [{"role": r, "content": c} for r, c in turns]}
 
 
-def matches_for(items: list[EvalItem], text: str, threshold: float = 0.5, ngram: int = 8) -> list[Match]:
+def matches_for(items: list[EvalItem], text: str, threshold: float = 0.5, ngram: int = 8,
+                rule: str = "token_coverage", short_items: str = "share") -> list[Match]:
     """Fast path, checked against the reference on the way."""
-    fast = EvalIndex.build(items, ngram=ngram).match_texts([text], threshold)[0]
-    assert fast == reference_matches(items, text, ngram, threshold)
+    fast = EvalIndex.build(items, ngram=ngram).match_texts([text], threshold, rule, short_items)[0]
+    assert fast == reference_matches(items, text, ngram, threshold, rule, short_items)
     return fast
 
 
@@ -83,7 +86,8 @@ def test_alpaca_eval_flags_exactly_its_vicuna_subset(bundle):
     # step-by-step." (10 n-grams), which alone covers >= 50% of the shorter ones.
     extras = {(r["row_id"], m.eval_id, m.score) for r, ms in hits for m in ms[1:]}
     assert {eval_id for _, eval_id, _ in extras} <= {str(q) for q in range(41, 51)}
-    assert all(0.5 <= score < 0.6 for _, _, score in extras)
+    # Token coverage: the shared 17 tokens are 53-68% of a Fermi question's tokens.
+    assert all(0.5 < score < 0.7 for _, _, score in extras)
     assert sum(1 for _, ms in hits if len(ms) > 1) == 10
 
 
@@ -96,7 +100,10 @@ def test_tulu1_human_eval_prompts_are_all_eval_prompts(bundle):
 
 
 def test_math_train_against_math_test(bundle):
-    hits = flagged("math_train", "math_test")
+    # Token coverage (Tülu 3's rule) counts a shared stock phrase by its tokens, so it flags about twice
+    # as many near-twin problems as the distinct-8-gram share (805 vs 378 of 7500, measured).
+    assert 700 <= len(flagged("math_train", "math_test")) <= 900
+    hits = flagged("math_train", "math_test", rule="ngram_share")
     by_id = {r["eval_id"]: m for r, m in hits}
     duplicate = by_id["train/geometry/6032.json"]
     assert duplicate[0].eval_id == "test/precalculus/24307.json" and duplicate[0].score == 1.0
@@ -108,7 +115,10 @@ def test_math_train_against_math_test(bundle):
 
 
 def test_gsm8k_train_against_gsm8k_test_is_almost_clean(bundle):
-    hits = flagged("gsm8k_train", "gsm8k_test")
+    # Token coverage adds a third twin: 10 of 16 tokens of test question 632 ("Bella bought stamps ...").
+    assert [m[0].eval_id for _, m in flagged("gsm8k_train", "gsm8k_test")] == [
+        "gsm8k_test:632", "gsm8k_test:602", "gsm8k_test:602"]
+    hits = flagged("gsm8k_train", "gsm8k_test", rule="ngram_share")
     # Two templated twins of test question 602 ("A train travels 270 (360) miles in 3 hours ...").
     assert len(hits) <= 3
     assert [(r["messages"][0]["content"][:30], m[0].eval_id) for r, m in hits] == [
@@ -118,7 +128,11 @@ def test_gsm8k_train_against_gsm8k_test_is_almost_clean(bundle):
 
 
 def test_code_alpaca_generic_phrases_are_not_contamination(bundle):
-    hits = flagged("code_alpaca", "humaneval", "mbpp")
+    # Token coverage flags 16 rows whose stock phrasing ("write a python function to check whether
+    # a ...") covers just over half of a short MBPP item; the distinct-8-gram share flags one.
+    by_coverage = flagged("code_alpaca", "humaneval", "mbpp")
+    assert len(by_coverage) == 16 and all(m[0].benchmark == "mbpp" and m[0].score > 0.5 for _, m in by_coverage)
+    hits = flagged("code_alpaca", "humaneval", "mbpp", rule="ngram_share")
     # The one hit is the known near-duplicate (MBPP 374, permutations of a string); the 16 HumanEval
     # and ~60 MBPP single 8-gram overlaps ("write a python function to ...") stay below 50%.
     assert [(r["messages"][0]["content"], [(x.benchmark, x.eval_id) for x in m]) for r, m in hits] == [
@@ -190,9 +204,12 @@ LONG = "The committee reviewed every proposal carefully before announcing which 
 
 def test_short_item_contained_is_flagged_and_not_contained_is_not():
     items = [item("Who is Larry Page?")]  # 4 tokens < 8
-    [m] = matches_for(items, "Quick question: who is LARRY page, and what did he build?")
+    text = "Quick question: who is LARRY page, and what did he build?"
+    assert matches_for(items, text) == []  # 4 of 12 tokens: not most of the row
+    [m] = matches_for(items, text, short_items="anywhere")
     assert (m.score, m.matched_ngrams, m.item_ngrams, m.span) == (1.0, 1, 1, "who is LARRY page")
-    assert matches_for(items, "Who is Larry Pages?") == []
+    assert matches_for(items, "Who is Larry Page, please?")[0].score == 1.0  # 4 of 5 tokens
+    assert matches_for(items, "Who is Larry Pages?", short_items="anywhere") == []
     assert matches_for(items, "Larry Page: who is he?") == []
     assert matches_for(items, "who is larry") == []
 
@@ -242,10 +259,15 @@ def test_coverage_boundary_49_vs_50_percent():
     items = [item(" ".join(words))]
     at_50 = " ".join(words[:57])  # windows 0..49: 50 n-grams
     at_49 = " ".join(words[:56])  # 49 n-grams
-    [m] = matches_for(items, at_50)
+    [m] = matches_for(items, at_50, rule="ngram_share")
     assert (m.matched_ngrams, m.item_ngrams, m.score) == (50, 100, 0.5)
-    assert matches_for(items, at_49) == []
-    assert matches_for(items, at_49, threshold=0.49)[0].matched_ngrams == 49
+    assert matches_for(items, at_49, rule="ngram_share") == []
+    assert matches_for(items, at_49, threshold=0.49, rule="ngram_share")[0].matched_ngrams == 49
+    # Token coverage flags strictly above the threshold (open-instruct: ``score > match_threshold``).
+    assert matches_for(items, " ".join(words[:53])) == []  # 53 of 107 tokens
+    [m] = matches_for(items, " ".join(words[:54]))  # 54 of 107
+    assert (m.covered_tokens, m.item_tokens, m.rule) == (54, 107, "token_coverage")
+    assert matches_for(items, " ".join(words[:54]), threshold=54 / 107) == []
 
 
 def test_coverage_counts_distinct_ngrams():
@@ -270,7 +292,8 @@ def test_include_response_toggles_the_assistant_turn():
 def test_empty_texts_and_empty_items():
     index = EvalIndex.build([item(""), item("...", eval_id="e2"), item("Hi there", eval_id="e3")])
     assert [i.eval_id for i in index.skipped] == ["e1", "e2"]  # no tokens: never indexed
-    results = index.match_texts(["", " ", "hi there", "Say: HI, there friend", "hi", "there hi"], 0.5)
+    results = index.match_texts(["", " ", "hi there", "Say: HI, there friend", "hi", "there hi"], 0.5,
+                                short_items="anywhere")
     assert [[m.eval_id for m in r] for r in results] == [[], [], ["e3"], ["e3"], [], []]
     assert results[3][0].span == "HI, there"
     assert reference_matches(index.items, "", 8, 0.5) == []
@@ -290,9 +313,12 @@ def test_every_item_at_threshold_is_reported_best_first():
     b = item(LONG, eval_id="b", benchmark="b0")  # the same text in another benchmark
     c = item(LONG + " and nothing else", eval_id="c")  # 10 n-grams, 7 of them in LONG
     d = item(LONG + " and nothing else was decided by anyone there today", eval_id="d")  # 7 of 16: below
-    result = matches_for([a, b, c, d], LONG)
+    result = matches_for([a, b, c, d], LONG, rule="ngram_share")
     assert [(m.benchmark, m.eval_id) for m in result] == [("b0", "b"), ("b1", "a"), ("bench", "c")]
     assert (result[2].matched_ngrams, result[2].item_ngrams, result[2].score) == (7, 10, 0.7)
+    # By token coverage d is reported too: LONG is 14 of its 23 tokens.
+    result = matches_for([a, b, c, d], LONG)
+    assert [(m.eval_id, m.covered_tokens, m.item_tokens) for m in result[2:]] == [("c", 14, 17), ("d", 14, 23)]
 
 
 def test_long_spans_are_truncated():
@@ -336,7 +362,10 @@ def corpus(draw):
 def test_fast_path_equals_reference_property(case):
     items, texts, ngram, threshold = case
     index = EvalIndex.build(items, ngram=ngram)
-    assert index.match_texts(texts, threshold) == [reference_matches(index.items, t, ngram, threshold) for t in texts]
+    for rule in ("token_coverage", "ngram_share"):
+        for policy in ("share", "anywhere"):
+            assert index.match_texts(texts, threshold, rule, policy) == [
+                reference_matches(index.items, t, ngram, threshold, rule, policy) for t in texts]
 
 
 def test_fast_path_equals_reference_on_real_items(bundle):
@@ -354,8 +383,10 @@ def test_fast_path_equals_reference_on_real_items(bundle):
             planted[i] = chosen
         texts.append(" ".join(words))
     index = EvalIndex.build(items)
-    fast = index.match_texts(texts, 0.5)
-    assert fast == [reference_matches(index.items, t, 8, 0.5) for t in texts]
+    fast = index.match_texts(texts, 0.5, short_items="anywhere")
+    assert fast == [reference_matches(index.items, t, 8, 0.5, short_items="anywhere") for t in texts]
+    for rule in ("token_coverage", "ngram_share"):
+        assert index.match_texts(texts, 0.5, rule) == [reference_matches(index.items, t, 8, 0.5, rule) for t in texts]
     whole = [i for i in planted if planted[i].text in texts[i] or planted[i].text.upper() in texts[i]]
     assert whole and all(any(m.eval_row_id == planted[i].row_id for m in fast[i]) for i in whole)
 
@@ -367,8 +398,8 @@ def test_decontaminator_events_order_quarantine_and_stats():
     items = [item(LONG, eval_id="q1", benchmark="b1"), item("Who is Larry Page?", eval_id="q2", benchmark="b2")]
     index = EvalIndex.build(items)
     rows = [row(("user", f"clean row number {i}"), row_id=f"r{i}", source="s1" if i % 2 else "s2") for i in range(10)]
-    rows[3] = row(("system", "Be brief."), ("user", f"Please: {LONG}. Also, who is Larry Page?"),
-                  row_id="r3", source="s1")
+    rows[3] = row(("system", "Be brief."), ("user", f"Please: {LONG}."), ("user", "Also, who is Larry Page?"),
+                  row_id="r3", source="s1")  # the short item is most of its own turn
     rows[8] = row(("user", "who is larry page"), row_id="r8", source="s2")
     sink = MemorySink()
     step = Decontaminator(index, DecontamConfig(), sink, batch_size=3)
@@ -378,12 +409,15 @@ def test_decontaminator_events_order_quarantine_and_stats():
     events = {e["row_id"]: e for e in sink.events}
     assert all(events[f"r{i}"]["event"] == "kept" and events[f"r{i}"]["decision"] == "clean" for i in (0, 1, 9))
     e3 = events["r3"]
-    assert (e3["event"], e3["decision"], e3["reason"]) == ("quarantined", "contaminated", "b1:q1 coverage 1.00")
+    assert (e3["event"], e3["decision"], e3["reason"]) == ("quarantined", "contaminated",
+                                                           "b1:q1 token_coverage 1.00")
     assert e3["related_ids"] == ["b1-q1", "b2-q2"]
     assert e3["details"]["ngram"] == 8 and e3["details"]["threshold"] == 0.5
+    assert e3["details"]["rule"] == "token_coverage" and e3["details"]["benchmarks"] == ["b1", "b2"]
     assert [m["eval_id"] for m in e3["details"]["matches"]] == ["q1", "q2"]
     assert set(e3["details"]["matches"][0]) == {"benchmark", "eval_id", "source", "eval_row_id", "score",
-                                                "matched_ngrams", "item_ngrams", "span"}
+                                                "matched_ngrams", "item_ngrams", "span", "rule", "covered_tokens",
+                                                "item_tokens", "spans"}
     assert [q["row"]["row_id"] for q in step.quarantine] == ["r3", "r8"]
     q = step.quarantine[0]["matches"][0]
     assert (q.benchmark, q.eval_id, q.score, q.span) == ("b1", "q1", 1.0, LONG)
@@ -394,7 +428,8 @@ def test_decontaminator_events_order_quarantine_and_stats():
 
 
 def test_config_validation_and_index_mismatch():
-    assert DecontamConfig().model_dump() == {"ngram": 8, "threshold": 0.5, "include_response": False,
+    assert DecontamConfig().model_dump() == {"ngram": 8, "threshold": 0.5, "rule": "token_coverage",
+                                             "short_items": "share", "include_response": False,
                                              "min_item_tokens": 1}
     for bad in ({"threshold": 0}, {"threshold": 1.5}, {"ngram": 0}, {"min_item_tokens": 0}, {"n": 8}):
         with pytest.raises(ValidationError):

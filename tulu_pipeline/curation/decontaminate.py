@@ -1,10 +1,13 @@
 """Exhaustive n-gram decontamination: training rows against every eval item, no hit cap.
 
-**The rule.** A training row is contaminated by an eval item when the row's text covers at least
-``threshold`` (default 50%) of the item's *distinct* word n-grams (default n = 8), or, for an item
-shorter than n tokens, when the row contains the item's whole token sequence. Coverage is
-``|distinct item n-grams found in the row| / |distinct item n-grams|``. Every item at or above the
-threshold is reported (no cap on hits per row, no cap on rows per item).
+**The rule** (`DecontamConfig.rule`). ``token_coverage`` (default, Tülu 3's, as open-instruct's
+``decontamination/search.py`` scores): the share of the item's tokens that lie inside one of its
+n-grams (default n = 8) also found in the row; contaminated when **above** ``threshold`` (default
+0.5). ``ngram_share``: the share of the item's distinct n-grams found in the row; contaminated when
+**at or above** the threshold. An item shorter than n tokens matches when the row contains its whole
+token sequence and, under the default ``short_items="share"`` policy, that sequence makes up most of
+the row or of one turn (`short_item_share`). Every item passing is reported (no cap on hits per
+row, no cap on rows per item).
 
 **The texts.** A row's text is its system and user turns (and assistant turns with
 ``include_response``) joined with ``"\\n"`` in message order, so n-grams span turn boundaries and an
@@ -41,18 +44,22 @@ of the training text from the first to the last matched token, in the original c
    a bitmap of the eval n-gram hashes; items shorter than n are found by probing every 2-token
    window against their first two tokens, then rolling the few survivors out to the item lengths;
 3. the few bitmap survivors are confirmed against the sorted eval hashes (`np.searchsorted`), which
-   also gives their postings (item, position); (row, item) pairs whose hash-level coverage reaches
-   the threshold (an upper bound of the exact coverage) go to
-4. exact verification in Python: the row is re-tokenized with `tokenize` and every candidate window
-   is compared token by token with the item's n-gram, so hash collisions never produce a match.
+   also gives their postings (item, position); (row, item) pairs whose hash-level score bound can
+   pass the rule go to
+4. exact verification: each distinct (window, n-gram) is compared token by token with the item's
+   n-gram once (re-tokenizing the row with `tokenize`), so hash collisions never produce a match;
+   exact scores are then computed in numpy per (row, item).
 
 `reference_matches` is a deliberately plain implementation of the same rule (sets of n-gram tuples,
-no hashing, no numpy), used to re-verify outputs and as the benchmark baseline.
+no hashing, no numpy), used to re-verify outputs and as the benchmark baseline; the blocking check
+uses `overlap_check`, which does not share the tokenizer either. `PreviousDecisions` lets a
+`Decontaminator` scan only what changed since an earlier run.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
 import unicodedata
@@ -60,7 +67,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -81,14 +88,50 @@ _STANDALONE_BLOCKS = (
 _SEPARATOR, _WORD, _STANDALONE = 0, 1, 2
 
 
+Rule = Literal["token_coverage", "ngram_share"]
+ShortItems = Literal["share", "anywhere", "ignore"]
+RULES: tuple[str, ...] = ("token_coverage", "ngram_share")
+SHORT_ITEM_POLICIES: tuple[str, ...] = ("share", "anywhere", "ignore")
+
+
 class DecontamConfig(BaseModel):
-    """How decontamination decides (defaults: 8-grams, 50% coverage, prompts only)."""
+    """How decontamination decides (defaults: Tülu 3's rule, 8-grams, coverage above 50%, prompts only)."""
 
     model_config = ConfigDict(extra="forbid")
     ngram: int = Field(8, ge=1, description="n of the word n-grams")
-    threshold: float = Field(0.5, gt=0, le=1, description="contaminated when coverage >= threshold")
+    threshold: float = Field(0.5, gt=0, le=1, description="token_coverage: contaminated when score > threshold; "
+                             "ngram_share: when score >= threshold")
+    rule: Rule = Field("token_coverage", description="token_coverage (open-instruct) or ngram_share")
+    short_items: ShortItems = Field("share", description="items shorter than ngram tokens: share (must make up "
+                                    "most of the row or a turn), anywhere (contained anywhere), ignore")
     include_response: bool = Field(False, description="also match the assistant turns of training rows")
     min_item_tokens: int = Field(1, ge=1, description="eval items with fewer tokens are not indexed")
+
+
+def short_item_share(item_tokens: int, ngram: int) -> float:
+    """Share of a row's (or a turn's) tokens that an item shorter than ``ngram`` must make up.
+
+    1.0 for a one-token item (the turn is that word), easing linearly to 0.5 at ``ngram - 1``
+    tokens: "who are you" counts as the whole question, not inside a 150-word row.
+    """
+    if ngram <= 2:
+        return 1.0
+    return 1.0 - 0.5 * (item_tokens - 1) / (ngram - 2)
+
+
+def passes(score: float, threshold: float, rule: str) -> bool:
+    """The rule's threshold comparison: open-instruct flags ``score > threshold``; ngram_share ``>=``."""
+    return score > threshold if rule == "token_coverage" else score >= threshold
+
+
+def short_item_counts(policy: str, item_tokens: int, ngram: int, row_tokens: int, turn_tokens: int) -> bool:
+    """Whether a contained short item counts under ``policy`` (see `short_item_share`)."""
+    if policy == "ignore":
+        return False
+    if policy == "anywhere":
+        return True
+    need = short_item_share(item_tokens, ngram)
+    return item_tokens >= need * row_tokens or item_tokens >= need * turn_tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +238,9 @@ def _token_offsets(text: str) -> tuple[str, list[tuple[int, int]]]:
     """
     if text.isascii():
         return text, _token_spans(text.lower())
+    normalized = normalize(text)
+    if len(normalized) == len(text) and unicodedata.is_normalized("NFKC", text):
+        return text, _token_spans(normalized)  # casefold mapped each character to one: offsets align
     pieces: list[str] = []
     begins: list[int] = []
     ends: list[int] = []
@@ -207,7 +253,6 @@ def _token_offsets(text: str) -> tuple[str, list[tuple[int, int]]]:
         begins.extend([seg] * len(piece))
         ends.extend([i] * len(piece))
         seg = i
-    normalized = normalize(text)
     if "".join(pieces) != normalized:
         return normalized, _token_spans(normalized)
     return text, [(begins[start], ends[end - 1]) for start, end in _token_spans(normalized)]
@@ -259,24 +304,58 @@ def registry_eval_items(root: Path | None = None) -> list[EvalItem]:
     return items
 
 
-def training_text(row: dict[str, Any], include_response: bool) -> str:
-    """System and user turns (and assistant turns with ``include_response``) joined with newlines."""
+def training_turns(row: dict[str, Any], include_response: bool) -> list[str]:
+    """System and user turns (and assistant turns with ``include_response``) in message order."""
     roles = ("system", "user", "assistant") if include_response else ("system", "user")
-    return _turns(row, roles)
+    return [m["content"] for m in row["messages"] if m["role"] in roles]
+
+
+def training_text(row: dict[str, Any], include_response: bool) -> str:
+    """`training_turns` joined with newlines: the text that is matched."""
+    return "\n".join(training_turns(row, include_response))
 
 
 @dataclass(frozen=True)
 class Match:
-    """One eval item a training text is contaminated by."""
+    """One eval item a training text is contaminated by, under ``rule``."""
 
     benchmark: str
     eval_id: str
     source: str
     eval_row_id: str
-    score: float  # coverage: matched_ngrams / item_ngrams (1.0 for a contained short item)
-    matched_ngrams: int
-    item_ngrams: int
+    score: float  # under `rule` (1.0 for a contained short item)
+    matched_ngrams: int  # distinct item n-grams found in the text
+    item_ngrams: int  # distinct n-grams of the item (1 for a short item)
     span: str  # training text from the first to the last matched token, original casing
+    rule: str = "token_coverage"
+    covered_tokens: int = 0  # item tokens inside a matched n-gram (the whole item for a short item)
+    item_tokens: int = 0
+    spans: tuple[str, ...] = ()  # each maximal run of matched training tokens (at most MAX_SPANS)
+
+
+MAX_SPANS = 20
+
+
+def _merged_runs(windows: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Maximal runs (first, last token) covered by ``(start, length)`` windows."""
+    runs: list[tuple[int, int]] = []
+    for start, length in sorted(windows):
+        end = start + length - 1
+        if runs and start <= runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], end))
+        else:
+            runs.append((start, end))
+    return runs
+
+
+def _covered(positions: Iterable[int], ngram: int) -> int:
+    """Number of item tokens inside the n-grams starting at ``positions`` (open-instruct's numerator)."""
+    runs = _merged_runs((p, ngram) for p in positions)
+    return sum(last - first + 1 for first, last in runs)
+
+
+def _score(rule: str, covered: int, item_tokens: int, matched: int, item_ngrams: int) -> float:
+    return covered / item_tokens if rule == "token_coverage" else matched / item_ngrams
 
 
 def _sort_matches(matches: list[Match]) -> list[Match]:
@@ -455,8 +534,12 @@ class EvalIndex:
         first_token = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
         window_hashes = index._window_hashes(_mix(token_hashes, ngram), ngram)
 
-        main_hash, main_item, main_pos = [], [], []
-        short_hash, short_item, short_len = [], [], []
+        # Every position of every n-gram is an entry (token coverage counts the tokens of each
+        # occurrence). ``gram`` numbers distinct token sequences over all items: the distinct-n-gram
+        # share counts (item, gram) pairs, and a candidate window is verified once per gram.
+        main_hash, main_item, main_pos, main_gram = [], [], [], []
+        short_hash, short_item, short_len, short_gram = [], [], [], []
+        gram_ids: dict[tuple[str, ...], int] = {}
         item_ngrams = np.ones(len(tokens), np.int64)
         for i, toks in enumerate(tokens):
             start = int(first_token[i])
@@ -464,29 +547,36 @@ class EvalIndex:
                 short_hash.append(window_hashes[len(toks)][start])
                 short_item.append(i)
                 short_len.append(len(toks))
+                short_gram.append(gram_ids.setdefault(tuple(toks), len(gram_ids)))
                 continue
-            seen: set[tuple[str, ...]] = set()
-            for pos in range(len(toks) - ngram + 1):
-                gram = tuple(toks[pos:pos + ngram])
-                if gram not in seen:  # distinct n-grams only: coverage counts each once
-                    seen.add(gram)
-                    main_hash.append(window_hashes[ngram][start + pos])
-                    main_item.append(i)
-                    main_pos.append(pos)
-            item_ngrams[i] = len(seen)
+            grams = [gram_ids.setdefault(tuple(toks[pos:pos + ngram]), len(gram_ids))
+                     for pos in range(len(toks) - ngram + 1)]
+            main_hash.extend(window_hashes[ngram][start:start + len(grams)].tolist())
+            main_item.extend([i] * len(grams))
+            main_pos.extend(range(len(grams)))
+            main_gram.extend(grams)
+            item_ngrams[i] = len(set(grams))
+        del gram_ids
         index._item_ngrams = item_ngrams
+        index._item_len = np.array([len(t) for t in tokens], np.int64)
         order = np.argsort(np.array(main_hash, np.uint64), kind="stable")
         index._main_hash = np.array(main_hash, np.uint64)[order]
         index._main_item = np.array(main_item, np.int64)[order]
         index._main_pos = np.array(main_pos, np.int64)[order]
+        index._main_gram = np.array(main_gram, np.int64)[order]
         order = np.argsort(np.array(short_hash, np.uint64), kind="stable")
         index._short_hash = np.array(short_hash, np.uint64)[order]
         index._short_item = np.array(short_item, np.int64)[order]
+        index._short_gram = np.array(short_gram, np.int64)[order]
         index._short_lengths = sorted(set(short_len))
         # Entry ids: main n-grams first (in hash order), then short items (in hash order).
         index._entry_item = np.concatenate([index._main_item, index._short_item])
         index._entry_pos = np.concatenate([index._main_pos, np.zeros(len(index._short_item), np.int64)])
-        index._main_filter = _BitFilter(index._main_hash)
+        index._entry_gram = np.concatenate([index._main_gram, index._short_gram])
+        n_grams = int(index._entry_gram.max()) + 1 if len(index._entry_gram) else 0
+        index._gram_entry = np.zeros(n_grams, np.int64)  # one entry having each gram, to verify against
+        index._gram_entry[index._entry_gram] = np.arange(len(index._entry_gram))
+        index._main_filter = _BitFilter(np.unique(index._main_hash))  # repeated n-grams: one key each
         index._short_length_set = set(short_len)
         single = np.array([h for h, ln in zip(short_hash, short_len) if ln == 1], np.uint64)
         starts = np.array([first_token[i] for i, ln in zip(short_item, short_len) if ln >= 2], np.int64)
@@ -514,10 +604,20 @@ class EvalIndex:
         return out
 
     # ---- matching -----------------------------------------------------------------------------
-    def match_texts(self, texts: Sequence[str], threshold: float) -> list[list[Match]]:
-        """For each text, every item it is contaminated by (coverage >= ``threshold``), best first."""
+    def match_texts(self, texts: Sequence[str], threshold: float, rule: Rule = "token_coverage",
+                    short_items: ShortItems = "share",
+                    turns: Sequence[Sequence[str]] | None = None) -> list[list[Match]]:
+        """For each text, every item it is contaminated by under ``rule`` (see `passes`), best first.
+
+        ``turns[i]``, when given, are the turns that joined with newlines make ``texts[i]``: a short
+        item making up most of one turn counts under the ``share`` policy (else only the whole text).
+        """
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        if rule not in RULES or short_items not in SHORT_ITEM_POLICIES:
+            raise ValueError(f"rule must be one of {RULES} and short_items one of {SHORT_ITEM_POLICIES}, "
+                             f"got {rule!r}, {short_items!r}")
+        query = _Query(threshold, rule, short_items, turns)
         results: list[list[Match]] = [[] for _ in texts]
         if not self.items:
             return results
@@ -531,14 +631,14 @@ class EvalIndex:
                 chunk.append(normalize(text).encode("utf-8", "surrogatepass"))
             chunk_bytes += len(chunk[-1]) + 1
             if chunk_bytes >= _BATCH_BYTES:
-                self._match_chunk(texts, chunk_start, chunk, ascii_only, threshold, results)
+                self._match_chunk(texts, chunk_start, chunk, ascii_only, query, results)
                 chunk, chunk_start, chunk_bytes, ascii_only = [], i + 1, 0, True
         if chunk:
-            self._match_chunk(texts, chunk_start, chunk, ascii_only, threshold, results)
+            self._match_chunk(texts, chunk_start, chunk, ascii_only, query, results)
         return results
 
     def _match_chunk(self, texts: Sequence[str], offset: int, encoded: list[bytes], ascii_only: bool,
-                     threshold: float, results: list[list[Match]]) -> None:
+                     query: "_Query", results: list[list[Match]]) -> None:
         n = self.ngram
         token_hashes, counts = _token_hashes(encoded, ascii_only)
         total = len(token_hashes)
@@ -598,56 +698,175 @@ class EvalIndex:
         entry = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps) + lo[cand]
         item = self._entry_item[entry]
         row = np.searchsorted(row_first, pos[cand], "right") - 1
-        # Hash-level coverage bounds the exact coverage from above: keep (row, item) pairs reaching it.
+        # Hash-level scores bound the exact scores from above: keep (row, item) pairs reaching them.
+        threshold = query.threshold
         n_entries = len(self._main_hash) + len(self._short_hash)
+        n_items = len(self.items)
         pair_entry = np.unique(row * n_entries + entry)
-        pair_item = self._entry_item[pair_entry % n_entries]
-        pair_key, pair_count = np.unique((pair_entry // n_entries) * len(self.items) + pair_item, return_counts=True)
-        pair_item = pair_key % len(self.items)
-        keep = pair_key[pair_count / self._item_ngrams[pair_item] >= threshold]
+        pair_row, pair_ent = pair_entry // n_entries, pair_entry % n_entries
+        pair_item = self._entry_item[pair_ent]
+        if query.rule == "ngram_share":
+            n_grams = len(self._gram_entry)
+            gram_key = np.unique((pair_row * n_items + pair_item) * n_grams + self._entry_gram[pair_ent])
+            pair_key, pair_count = np.unique(gram_key // n_grams, return_counts=True)
+            keep = pair_key[pair_count / self._item_ngrams[pair_key % n_items] >= threshold]
+        else:
+            pair_key, pair_count = np.unique(pair_row * n_items + pair_item, return_counts=True)
+            length_of = self._item_len[pair_key % n_items]
+            bound = np.minimum(pair_count * n, length_of) / length_of
+            keep = pair_key[(bound > threshold) | (length_of < n)]
         if not len(keep):
             return
-        selected = np.isin(row * len(self.items) + item, keep)
-        by_row: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
-        for r, p, ln, e in zip(row[selected].tolist(), (pos[cand] - row_first[row])[selected].tolist(),
-                               length[cand][selected].tolist(), entry[selected].tolist()):
-            by_row[r].append((p, ln, e))
-        for r, windows in by_row.items():
-            text = texts[offset + r]
-            results[offset + r] = self._verify(text, int(counts[r]), windows, threshold)
+        selected = np.isin(row * n_items + item, keep)
+        self._verify_chunk(texts, offset, row_first, pos[cand][selected], length[cand][selected], entry[selected],
+                           query, results)
 
-    def _verify(self, text: str, token_count: int, windows: list[tuple[int, int, int]],
-                threshold: float) -> list[Match]:
-        """Exact token comparison of candidate windows; only verified n-grams count."""
-        tokens = tokenize(text)
-        if len(tokens) != token_count:  # never expected: the byte tokenizer is tested against tokenize()
-            log.warning("byte tokenizer disagrees with tokenize() on a text of %d chars; using the reference",
-                        len(text))
-            return reference_matches(self.items, text, self.ngram, threshold)
-        matched: dict[int, set[int]] = defaultdict(set)
-        first: dict[int, int] = {}
-        last: dict[int, int] = {}
-        for pos, length, entry in windows:
-            item, at = int(self._entry_item[entry]), int(self._entry_pos[entry])
-            if tokens[pos:pos + length] != self._item_tokens[item][at:at + length]:
-                continue  # a hash collision
-            matched[item].add(entry)
-            first[item] = min(first.get(item, pos), pos)
-            last[item] = max(last.get(item, pos + length - 1), pos + length - 1)
-        out: list[Match] = []
-        located = None
-        for item, entries in matched.items():
-            total = int(self._item_ngrams[item])
-            score = len(entries) / total
-            if score < threshold:
+    def _verify_chunk(self, texts: Sequence[str], offset: int, row_first: np.ndarray, pos: np.ndarray,
+                      length: np.ndarray, entry: np.ndarray, query: "_Query", results: list[list[Match]]) -> None:
+        """Exact verification of candidate windows, exact scores, and the matches of each row.
+
+        ``pos`` (token position in the chunk), ``length`` and ``entry`` describe one candidate
+        window each. Every distinct (window, gram) is compared token by token with the item's
+        n-gram once, so hash collisions never count; scores are then computed in numpy.
+        """
+        n, n_items = self.ngram, len(self.items)
+        gram = self._entry_gram[entry]
+        n_grams = len(self._gram_entry)
+        window_key, window_of = np.unique(pos * n_grams + gram, return_inverse=True)
+        w_pos, w_gram = window_key // n_grams, window_key % n_grams
+        w_row = np.searchsorted(row_first, w_pos, "right") - 1
+        ok = np.zeros(len(window_key), bool)
+        tokens_of: dict[int, list[str]] = {}
+        fallback: set[int] = set()
+        rep_entry = self._gram_entry[w_gram]
+        for k, (p, r, e) in enumerate(zip(w_pos.tolist(), w_row.tolist(), rep_entry.tolist())):
+            tokens = tokens_of.get(r)
+            if tokens is None:
+                tokens = tokens_of[r] = tokenize(texts[offset + r])
+                if len(tokens) != int(row_first[r + 1] - row_first[r]):  # never expected (tested)
+                    log.warning("byte tokenizer disagrees with tokenize() on a text of %d chars; using the "
+                                "reference", len(texts[offset + r]))
+                    fallback.add(r)
+            item, at = int(self._entry_item[e]), int(self._entry_pos[e])
+            size = n if e < len(self._main_hash) else int(self._item_len[item])
+            local = p - int(row_first[r])
+            ok[k] = tokens[local:local + size] == self._item_tokens[item][at:at + size]
+        valid = ok[window_of]
+        pos, length, entry = pos[valid], length[valid], entry[valid]
+        row = np.searchsorted(row_first, pos, "right") - 1
+        local = pos - row_first[row]
+        item = self._entry_item[entry]
+        pair = row * n_items + item
+        # (row, item) -> [score, matched, total, covered, [(first, last) token runs]]
+        found: dict[tuple[int, int], list[Any]] = {}
+        main = entry < len(self._main_hash)
+        if main.any():
+            self._score_pairs(pair[main], self._entry_pos[entry[main]], self._entry_gram[entry[main]],
+                              local[main], query, found)
+        turn_counts: dict[int, list[int]] = {}
+        for r, i, p, ln in zip(row[~main].tolist(), item[~main].tolist(), local[~main].tolist(),
+                               length[~main].tolist()):
+            if query.short_items == "ignore":
+                break
+            total = int(row_first[r + 1] - row_first[r])
+            if r not in turn_counts:
+                turns = query.turns[offset + r] if query.turns is not None else None
+                turn_counts[r] = _turn_token_counts(turns, total) if query.short_items == "share" else [total]
+            if short_item_counts(query.short_items, ln, n, total, _turn_at(turn_counts[r], p, ln)):
+                found.setdefault((r, i), [1.0, 1, 1, ln, []])[4].append((p, p + ln - 1))
+        by_row: dict[int, list[Match]] = defaultdict(list)
+        located: dict[int, tuple[str, list[tuple[int, int]]]] = {}
+        for (r, i), (score, matched, total, covered, runs) in found.items():
+            if r in fallback:
                 continue
-            if located is None:
-                located = _token_offsets(text)
-            it = self.items[item]
-            out.append(Match(benchmark=it.benchmark, eval_id=it.eval_id, source=it.source, eval_row_id=it.row_id,
-                             score=score, matched_ngrams=len(entries), item_ngrams=total,
-                             span=_span(*located, first[item], last[item])))
-        return _sort_matches(out)
+            text = texts[offset + r]
+            if r not in located:
+                located[r] = _token_offsets(text)
+            runs = _merged_runs((a, b - a + 1) for a, b in runs)
+            it = self.items[i]
+            by_row[r].append(Match(
+                benchmark=it.benchmark, eval_id=it.eval_id, source=it.source, eval_row_id=it.row_id, score=score,
+                matched_ngrams=matched, item_ngrams=total, span=_span(*located[r], runs[0][0], runs[-1][1]),
+                rule=query.rule, covered_tokens=covered, item_tokens=int(self._item_len[i]),
+                spans=tuple(_span(*located[r], a, b) for a, b in runs[:MAX_SPANS])))
+        for r, matches in by_row.items():
+            results[offset + r] = _sort_matches(matches)
+        for r in fallback:
+            turns = query.turns[offset + r] if query.turns is not None else None
+            results[offset + r] = reference_matches(self.items, texts[offset + r], n, query.threshold, query.rule,
+                                                    query.short_items, turns)
+
+    def _score_pairs(self, pair: np.ndarray, at: np.ndarray, gram: np.ndarray, local: np.ndarray, query: "_Query",
+                     found: dict[tuple[int, int], list[Any]]) -> None:
+        """Exact scores of (row, item) pairs from their verified n-gram windows (numpy, grouped by pair).
+
+        ``at`` is the item position of each matched n-gram and ``local`` the row position of the
+        window that matched it; the pairs passing the rule go into ``found`` with their token runs.
+        """
+        n, n_items = self.ngram, len(self.items)
+        span = int(self._item_len.max()) + 1
+        # Covered item tokens: over each pair's distinct item positions a_1 < ... < a_m, the union of
+        # [a_j, a_j + n) has sum(min(n, a_{j+1} - a_j)) + n tokens.
+        key = np.unique(pair * span + at)
+        group, pos_in_item = key // span, key % span
+        step = np.full(len(key), n, np.int64)
+        same = group[1:] == group[:-1]
+        step[:-1][same] = np.minimum(n, np.diff(pos_in_item)[same])
+        pairs, first = np.unique(group, return_index=True)
+        covered = np.add.reduceat(step, first)
+        n_grams = len(self._gram_entry)
+        distinct = np.unique(pair * n_grams + gram) // n_grams
+        matched = np.unique(distinct, return_counts=True)[1]  # same pair order as ``pairs``
+        items = pairs % n_items
+        size, total = self._item_len[items], self._item_ngrams[items]
+        if query.rule == "token_coverage":
+            score = covered / size
+            ok = score > query.threshold
+        else:
+            score = matched / total
+            ok = score >= query.threshold
+        if not ok.any():
+            return
+        # Token runs of the row covered by the matching windows, per passing pair.
+        chosen = np.isin(pair, pairs[ok])
+        run_key = np.unique(pair[chosen] * (int(local.max()) + 1) + local[chosen])
+        run_pair, run_start = run_key // (int(local.max()) + 1), run_key % (int(local.max()) + 1)
+        new_run = np.ones(len(run_key), bool)
+        new_run[1:] = (run_pair[1:] != run_pair[:-1]) | (run_start[1:] > run_start[:-1] + n)
+        starts = np.flatnonzero(new_run)
+        ends = np.r_[starts[1:], len(run_key)] - 1
+        runs: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for p, a, b in zip(run_pair[starts].tolist(), run_start[starts].tolist(), (run_start[ends] + n - 1).tolist()):
+            runs[p].append((a, b))
+        for p, sc, m, t, c in zip(pairs[ok].tolist(), score[ok].tolist(), matched[ok].tolist(), total[ok].tolist(),
+                                  covered[ok].tolist()):
+            found[(p // n_items, p % n_items)] = [sc, m, t, c, runs[p]]
+
+
+@dataclass(frozen=True)
+class _Query:
+    threshold: float
+    rule: str
+    short_items: str
+    turns: Sequence[Sequence[str]] | None
+
+
+def _turn_token_counts(turns: Sequence[str] | None, total: int) -> list[int]:
+    """Token counts of the turns that make up a text (one turn, the whole text, without ``turns``)."""
+    if not turns:
+        return [total]
+    counts = [len(tokenize(t)) for t in turns]
+    return counts if sum(counts) == total else [total]
+
+
+def _turn_at(turn_tokens: list[int], pos: int, length: int) -> int:
+    """Token count of the turn holding tokens ``pos .. pos+length-1`` (the whole text if it spans turns)."""
+    start = 0
+    for count in turn_tokens:
+        if pos < start + count:
+            return count if pos + length <= start + count else sum(turn_tokens)
+        start += count
+    return sum(turn_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,9 +877,10 @@ class _ReferenceIndex:
     items: Sequence[EvalItem]
     count: int
     ngram: int
-    grams: dict[tuple[str, ...], list[int]]  # n-gram -> items having it (each item once)
+    grams: dict[tuple[str, ...], list[tuple[int, int]]]  # n-gram -> (item, position) of every occurrence
     short: dict[tuple[str, ...], list[int]]  # whole token sequence of items shorter than n -> items
     short_first: dict[str, set[int]]  # first token of a short item -> the lengths of such items
+    lengths: list[int]  # tokens per item
     totals: list[int]  # distinct n-grams per item (1 for a short item)
 
 
@@ -671,68 +891,76 @@ def _reference_index(items: Sequence[EvalItem], ngram: int) -> _ReferenceIndex:
     for cached in _REFERENCE_CACHE:  # items are treated as immutable between calls
         if cached.items is items and cached.count == len(items) and cached.ngram == ngram:
             return cached
-    grams: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    grams: dict[tuple[str, ...], list[tuple[int, int]]] = defaultdict(list)
     short: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    lengths: list[int] = []
     totals: list[int] = []
     for i, item in enumerate(items):
         tokens = tokenize(item.text)
+        lengths.append(len(tokens))
         if len(tokens) < ngram:
             if tokens:  # an empty item is contained in everything: never indexed
                 short[tuple(tokens)].append(i)
             totals.append(1)
             continue
-        distinct = {tuple(tokens[p:p + ngram]) for p in range(len(tokens) - ngram + 1)}
-        for gram in distinct:
-            grams[gram].append(i)
-        totals.append(len(distinct))
+        for p in range(len(tokens) - ngram + 1):
+            grams[tuple(tokens[p:p + ngram])].append((i, p))
+        totals.append(len({tuple(tokens[p:p + ngram]) for p in range(len(tokens) - ngram + 1)}))
     short_first: dict[str, set[int]] = defaultdict(set)
     for key in short:
         short_first[key[0]].add(len(key))
-    _REFERENCE_CACHE[:] = [
-        _ReferenceIndex(items, len(items), ngram, dict(grams), dict(short), dict(short_first), totals)]
+    _REFERENCE_CACHE[:] = [_ReferenceIndex(items, len(items), ngram, dict(grams), dict(short), dict(short_first),
+                                           lengths, totals)]
     return _REFERENCE_CACHE[0]
 
 
-def reference_matches(items: Sequence[EvalItem], text: str, ngram: int, threshold: float) -> list[Match]:
+def reference_matches(items: Sequence[EvalItem], text: str, ngram: int, threshold: float,
+                      rule: Rule = "token_coverage", short_items: ShortItems = "share",
+                      turns: Sequence[str] | None = None) -> list[Match]:
     """The matches of one text by plain sets of n-gram tuples (independent of the fast path).
 
-    Builds (and keeps, for the same ``items`` object) an n-gram -> items dict; then takes the set
-    of the text's n-grams, counts per item how many of its distinct n-grams are in that set, and
+    Builds (and keeps, for the same ``items`` object) an n-gram -> (item, position) dict; then
+    takes the text's n-grams, collects per item the positions (and distinct n-grams) found, and
     checks the windows that start with a short item's first token against the short items' token
     sequences. Pass the same ``items`` object on every call (e.g. ``index.items``): the dict is
     kept for one object (a few seconds to build for all bundled evals) and rebuilt for another.
-    About 6,000 rows/s on one core for all bundled evals (benchmarks/results/decontam.json).
     """
     ref = _reference_index(items, ngram)
     tokens = tokenize(text)
     where: dict[tuple[str, ...], list[int]] = defaultdict(list)  # n-gram of the text -> its positions
     for p in range(len(tokens) - ngram + 1):
         where[tuple(tokens[p:p + ngram])].append(p)
-    hits: dict[int, list[tuple[str, ...]]] = defaultdict(list)
+    hits: dict[int, list[tuple[tuple[str, ...], int]]] = defaultdict(list)  # item -> (n-gram, item position)
     for gram in where:
-        for i in ref.grams.get(gram, ()):
-            hits[i].append(gram)
-    spans: dict[int, tuple[int, int, int]] = {}  # item -> (matched, first token, last token)
-    for i, found in hits.items():
-        if len(found) / ref.totals[i] >= threshold:
-            starts = [p for gram in found for p in where[gram]]
-            spans[i] = (len(found), min(starts), max(starts) + ngram - 1)
+        for i, at in ref.grams.get(gram, ()):
+            hits[i].append((gram, at))
+    found: dict[int, tuple[float, int, int, int, list[tuple[int, int]]]] = {}
+    for i, pairs in hits.items():
+        matched = len({gram for gram, _ in pairs})
+        covered = _covered({at for _, at in pairs}, ngram)
+        score = _score(rule, covered, ref.lengths[i], matched, ref.totals[i])
+        if passes(score, threshold, rule):
+            windows = [(p, ngram) for gram in {g for g, _ in pairs} for p in where[gram]]
+            found[i] = (score, matched, ref.totals[i], covered, windows)
+    turn_tokens = _turn_token_counts(turns, len(tokens))
     for p, token in enumerate(tokens):
         for length in ref.short_first.get(token, ()):
             if p + length > len(tokens):
                 continue
             for i in ref.short.get(tuple(tokens[p:p + length]), ()):
-                matched, lo, hi = spans.get(i, (1, p, p + length - 1))
-                spans[i] = (1, min(lo, p), max(hi, p + length - 1))
-    if not spans:
+                if short_item_counts(short_items, length, ngram, len(tokens), _turn_at(turn_tokens, p, length)):
+                    found.setdefault(i, (1.0, 1, 1, length, []))[4].append((p, length))
+    if not found:
         return []
     located = _token_offsets(text)
     out = []
-    for i, (matched, lo, hi) in spans.items():
+    for i, (score, matched, total, covered, windows) in found.items():
         item = items[i]
+        runs = _merged_runs(windows)
         out.append(Match(benchmark=item.benchmark, eval_id=item.eval_id, source=item.source, eval_row_id=item.row_id,
-                         score=matched / ref.totals[i], matched_ngrams=matched, item_ngrams=ref.totals[i],
-                         span=_span(*located, lo, hi)))
+                         score=score, matched_ngrams=matched, item_ngrams=total,
+                         span=_span(*located, runs[0][0], runs[-1][1]), rule=rule, covered_tokens=covered,
+                         item_tokens=ref.lengths[i], spans=tuple(_span(*located, a, b) for a, b in runs[:MAX_SPANS])))
     return _sort_matches(out)
 
 
@@ -748,12 +976,42 @@ class DecontamStats:
     quarantined: int = 0
     removed: Counter = field(default_factory=Counter)  # (training source, benchmark) -> rows removed
     eval_ids_hit: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # benchmark -> ids
+    scanned: Counter = field(default_factory=Counter)  # "all" / "changed" / "reused" -> rows
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly view (asset metadata)."""
         return {"rows": self.rows, "clean": self.clean, "quarantined": self.quarantined,
                 "removed": {f"{s}/{b}": n for (s, b), n in sorted(self.removed.items())},
-                "eval_ids_hit": {b: len(ids) for b, ids in sorted(self.eval_ids_hit.items())}}
+                "eval_ids_hit": {b: len(ids) for b, ids in sorted(self.eval_ids_hit.items())},
+                "scanned": dict(sorted(self.scanned.items()))}
+
+
+def text_digest(turns: Sequence[str]) -> bytes:
+    """A digest of a row's matched text: an earlier decision is reused only for the same text."""
+    return hashlib.blake2b("\n".join(turns).encode("utf-8", "surrogatepass"), digest_size=12).digest()
+
+
+@dataclass
+class PreviousDecisions:
+    """What an earlier decontamination (same config) decided, so that only what changed is scanned.
+
+    Matches are per (row, item), so a full rerun's answer for a row whose text is unchanged follows
+    from the earlier one: a row clean before is clean now unless an item of an added or changed
+    benchmark (``changed_index``) contaminates it; a row quarantined before is scanned again against
+    every benchmark (its match list may change), and so is a row not seen before.
+    """
+
+    version: str
+    decisions: dict[str, tuple[bytes, bool]]  # row_id -> (text_digest, quarantined)
+    changed_index: EvalIndex | None  # items of the benchmarks added or changed since; None: none
+    changed_benchmarks: tuple[str, ...] = ()
+
+    def route(self, row_id: str, digest: bytes) -> str:
+        """``all`` (scan against every benchmark), ``changed`` (only the changed ones) or ``reused``."""
+        before = self.decisions.get(row_id)
+        if before is None or before[0] != digest or before[1]:
+            return "all"
+        return "reused" if self.changed_index is None else "changed"
 
 
 class Decontaminator:
@@ -765,13 +1023,19 @@ class Decontaminator:
     ``{"row": row, "matches": [Match, ...]}``.
     """
 
-    def __init__(self, index: EvalIndex, config: DecontamConfig, sink: DecisionSink, batch_size: int = 4096):
+    def __init__(self, index: EvalIndex, config: DecontamConfig, sink: DecisionSink, batch_size: int = 4096,
+                 previous: PreviousDecisions | None = None):
         if index.ngram != config.ngram or index.min_item_tokens != config.min_item_tokens:
             raise ValueError(f"index built with ngram={index.ngram}, min_item_tokens={index.min_item_tokens}; "
                              f"config says ngram={config.ngram}, min_item_tokens={config.min_item_tokens}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if previous is not None and previous.changed_index is not None and (
+                previous.changed_index.ngram, previous.changed_index.min_item_tokens) != (index.ngram,
+                                                                                          index.min_item_tokens):
+            raise ValueError("the changed benchmarks' index must use the same ngram and min_item_tokens")
         self.index, self.config, self.sink, self.batch_size = index, config, sink, batch_size
+        self.previous = previous
         self.quarantine: list[dict[str, Any]] = []
         self.stats = DecontamStats()
 
@@ -786,14 +1050,31 @@ class Decontaminator:
             yield from self._process(batch)
 
     def _process(self, batch: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        include_response, threshold = self.config.include_response, self.config.threshold
-        results = self.index.match_texts([training_text(row, include_response) for row in batch], threshold)
+        config, threshold = self.config, self.config.threshold
+        turns = [training_turns(row, config.include_response) for row in batch]
+        previous = self.previous
+        routes = (["all"] * len(batch) if previous is None else
+                  [previous.route(row["row_id"], text_digest(t)) for row, t in zip(batch, turns)])
+        results: list[list[Match]] = [[] for _ in batch]
+        for route, index in (("all", self.index), ("changed", previous and previous.changed_index)):
+            chosen = [k for k, r in enumerate(routes) if r == route]
+            if chosen and index is not None:
+                found = index.match_texts(["\n".join(turns[k]) for k in chosen], threshold, config.rule,
+                                          config.short_items, [turns[k] for k in chosen])
+                for k, matches in zip(chosen, found):
+                    results[k] = matches
         record, stats = self.sink.record, self.stats
-        for row, matches in zip(batch, results):
+        for row, matches, route in zip(batch, results, routes):
             stats.rows += 1
+            stats.scanned[route] += 1
             if not matches:
                 stats.clean += 1
-                record(row["row_id"], "kept", decision="clean")
+                if previous is None:
+                    record(row["row_id"], "kept", decision="clean")
+                else:  # the event says what this version checked the row against
+                    record(row["row_id"], "kept", decision="clean", details={
+                        "scanned": route, "previous_version": previous.version,
+                        "benchmarks_scanned": list(previous.changed_benchmarks) if route == "changed" else None})
                 yield row
                 continue
             stats.quarantined += 1
@@ -804,7 +1085,9 @@ class Decontaminator:
             self.quarantine.append({"row": row, "matches": matches})
             best = matches[0]
             record(row["row_id"], "quarantined", decision="contaminated",
-                   reason=f"{best.benchmark}:{best.eval_id} coverage {best.score:.2f}",
+                   reason=f"{best.benchmark}:{best.eval_id} {config.rule} {best.score:.2f}",
                    related_ids=[m.eval_row_id for m in matches],
-                   details={"matches": [asdict(m) for m in matches], "ngram": self.config.ngram,
-                            "threshold": threshold})
+                   details={"matches": [asdict(m) for m in matches], "benchmarks": sorted({m.benchmark for m in matches}),
+                            "ngram": config.ngram, "threshold": threshold, "rule": config.rule,
+                            "short_items": config.short_items,
+                            **({} if previous is None else {"scanned": route, "previous_version": previous.version})})

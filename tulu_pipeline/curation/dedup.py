@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from datasketch import MinHash, MinHashLSH
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tulu_pipeline.provenance.ledger import DecisionSink
+
+if TYPE_CHECKING:  # datasketch loads scipy: imported where hashing starts, not with the config
+    from datasketch import MinHash, MinHashLSH
 
 PROMPT_ROLES = ("system", "user")
 # LSH band/row choice weighted (false positives, false negatives) towards recall: every candidate is
@@ -52,6 +54,8 @@ class DedupConfig(BaseModel):
 
 
 def _lsh(config: DedupConfig) -> MinHashLSH:
+    from datasketch import MinHashLSH
+
     return MinHashLSH(threshold=config.threshold, num_perm=config.num_perm, weights=LSH_WEIGHTS)
 
 
@@ -118,6 +122,8 @@ class Deduplicator:
         self._answers: dict[str, str] = {}  # kept row id → its ground truth, when it has one
         self._lsh = _lsh(config) if config.near_duplicates else None
         # Built once: copying it reuses the permutations instead of drawing them again for every row.
+        from datasketch import MinHash
+
         self._template = MinHash(num_perm=config.num_perm, seed=config.seed) if config.near_duplicates else None
         self._last_key: tuple[int, str, str] | None = None
 

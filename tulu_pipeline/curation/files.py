@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.curation.decontaminate import (
-    DecontamConfig, EvalIndex, EvalItem, eval_items_from_rows, registry_eval_items, training_text,
+    DecontamConfig, EvalIndex, EvalItem, eval_items_from_rows, registry_eval_items, training_turns,
 )
 from tulu_pipeline.data.loaders import SourceRecordError, iter_jsonl_records, iter_source_rows
 from tulu_pipeline.data.registry import registry
@@ -108,8 +108,10 @@ def decontaminate_file(train: Path, out_dir: Path, config: DecontamConfig, evals
 
             def flush() -> None:
                 nonlocal removed
-                texts = [training_text(row, config.include_response) for row, _ in batch]
-                for (row, obj), matches in zip(batch, index.match_texts(texts, config.threshold)):
+                turns = [training_turns(row, config.include_response) for row, _ in batch]
+                results = index.match_texts(["\n".join(t) for t in turns], config.threshold, config.rule,
+                                            config.short_items, turns)
+                for (row, obj), matches in zip(batch, results):
                     if not matches:
                         clean.write(json.dumps(obj, ensure_ascii=False) + "\n")
                         continue
@@ -120,8 +122,8 @@ def decontaminate_file(train: Path, out_dir: Path, config: DecontamConfig, evals
                     for m in matches:
                         items_hit[m.benchmark].add(m.eval_id)
                     quarantine.write(json.dumps({
-                        "id": obj["id"], "benchmark": best.benchmark, "eval_id": best.eval_id, "score": best.score,
-                        "span": best.span, "matches": [asdict(m) for m in matches],
+                        "id": obj["id"], "benchmark": best.benchmark, "eval_id": best.eval_id, "rule": config.rule,
+                        "score": best.score, "span": best.span, "spans": list(best.spans), "matches": [asdict(m) for m in matches],
                     }, ensure_ascii=False) + "\n")
                 batch.clear()
 

@@ -19,10 +19,11 @@ import pyarrow as pa
 
 from tulu_pipeline.curation.config import CurationConfig
 from tulu_pipeline.curation.decontaminate import (
-    Decontaminator, EvalIndex, eval_items_from_rows, reference_matches, training_text,
+    Decontaminator, EvalIndex, PreviousDecisions, eval_items_from_rows, text_digest, training_turns,
 )
 from tulu_pipeline.curation.dedup import Deduplicator, dedup_order
 from tulu_pipeline.curation.normalize import Normalizer
+from tulu_pipeline.curation.overlap_check import OverlapChecker
 from tulu_pipeline.data.ingest import raw_dataset_name
 from tulu_pipeline.data.registry import SourceSpec, get_source, registry
 from tulu_pipeline.data.schema import ROW_SCHEMA, row_problems, row_text
@@ -158,9 +159,10 @@ def deduplicate_prompts(store: Store, config: CurationConfig, run_id: str) -> St
                        ledger.count, quarantine, len(dedup.dropped), inputs)
 
 
-def build_eval_index(store: Store, config: CurationConfig) -> tuple[EvalIndex, dict[str, str]]:
-    """The n-gram index of every selected eval item, from the materialized raw eval datasets."""
-    specs = eval_specs(config)
+def build_eval_index(store: Store, config: CurationConfig,
+                     only: set[str] | None = None) -> tuple[EvalIndex, dict[str, str]]:
+    """The n-gram index of every selected eval item (of the raw eval datasets named in ``only``)."""
+    specs = [s for s in eval_specs(config) if only is None or raw_dataset_name(s.id) in only]
     inputs = {raw_dataset_name(s.id): _input_version(store, raw_dataset_name(s.id)) for s in specs}
     items = chain.from_iterable(
         eval_items_from_rows(store.iter_rows(raw_dataset_name(s.id), inputs[raw_dataset_name(s.id)]), s.benchmark)
@@ -179,9 +181,46 @@ def _quarantine_record(entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _run_record_path(version: str) -> str:
+    return posixpath.join("reports", "decontamination", version, "run.json")
+
+
+def previous_decisions(store: Store, config: CurationConfig, eval_inputs: dict[str, str],
+                       building: str) -> PreviousDecisions | None:
+    """The latest decontaminated_prompts version's decisions, if made with the same decontam config and it is
+    not ``building`` itself (a rerun, or a concurrent run, of that version scans in full, so its events equal
+    the first run's).
+
+    Its raw eval inputs are compared with ``eval_inputs``: benchmarks added or changed since get an
+    index of their own (`PreviousDecisions.changed_index`); removed ones need nothing (rows they
+    quarantined are scanned again).
+    """
+    version = store.latest_version("decontaminated_prompts")
+    if version is None or version == building or not store.exists(_run_record_path(version)):
+        return None
+    before = store.read_json(_run_record_path(version))
+    if before["decontam"] != config.decontam.model_dump():
+        return None
+    changed = {name for name, v in eval_inputs.items() if before["inputs"].get(name) != v}
+    changed_index = build_eval_index(store, config, only=changed)[0] if changed else None
+    decisions: dict[str, tuple[bytes, bool]] = {}
+    include_response = config.decontam.include_response
+    for name, quarantined in (("decontaminated_prompts", False), ("decontamination_quarantine", True)):
+        for row in store.iter_rows(name, version):
+            decisions[row["row_id"]] = (text_digest(training_turns(row, include_response)), quarantined)
+    benchmarks = tuple(sorted(changed_index.benchmarks)) if changed_index is not None else ()
+    return PreviousDecisions(version, decisions, changed_index, benchmarks)
+
+
 def decontaminate_prompts(store: Store, config: CurationConfig, run_id: str,
-                          index: tuple[EvalIndex, dict[str, str]] | None = None) -> StageResult:
-    """decontaminated_prompts: rows overlapping any eval item set aside in decontamination_quarantine."""
+                          index: tuple[EvalIndex, dict[str, str]] | None = None,
+                          incremental: bool = True) -> StageResult:
+    """decontaminated_prompts: rows overlapping any eval item set aside in decontamination_quarantine.
+
+    With ``incremental`` (local executor), the latest earlier version made with the same decontam
+    config is reused: only new or edited rows, rows it quarantined, and (against the added or
+    changed benchmarks only) the rows it kept are scanned; the result equals a full rerun's.
+    """
     if config.executor == "ray":
         from tulu_pipeline.curation.ray_executor import decontaminate_prompts_ray
         return decontaminate_prompts_ray(store, config, run_id, index=index)
@@ -189,14 +228,18 @@ def decontaminate_prompts(store: Store, config: CurationConfig, run_id: str,
     inputs = {"deduplicated_prompts": _input_version(store, "deduplicated_prompts"), **eval_inputs}
     version = stage_version("decontaminated_prompts",
                             {"decontam": config.decontam.model_dump(), "evals": config.evals.model_dump()}, inputs)
+    previous = previous_decisions(store, config, eval_inputs, version) if incremental else None
     sampler = _Sampler()
     with LedgerWriter(store, "decontamination", "decontaminated_prompts", version, run_id) as ledger:
-        step = Decontaminator(eval_index, config.decontam, ledger)
+        step = Decontaminator(eval_index, config.decontam, ledger, previous=previous)
         rows = store.iter_rows("deduplicated_prompts", inputs["deduplicated_prompts"])
         info = store.write_rows("decontaminated_prompts", version, sampler(step(rows)), ROW_SCHEMA, inputs=inputs)
         quarantine = store.write_rows("decontamination_quarantine", version,
                                       (_quarantine_record(e) for e in step.quarantine), QUARANTINE_SCHEMA)
-    stats = {**step.stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks)}
+    store.write_json(_run_record_path(version), {"decontam": config.decontam.model_dump(), "inputs": inputs})
+    stats = {**step.stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks),
+             "previous_version": previous.version if previous else None,
+             "changed_benchmarks": list(previous.changed_benchmarks) if previous else None}
     return StageResult("decontaminated_prompts", version, info, stats, sampler.samples, sampler.lengths,
                        ledger.count, quarantine.path, quarantine.rows, inputs)
 
@@ -206,14 +249,18 @@ def decontaminate_prompts(store: Store, config: CurationConfig, run_id: str,
 # ---------------------------------------------------------------------------------------------
 def verify_no_eval_overlap(store: Store, version: str, index: EvalIndex, config: CurationConfig,
                            limit: int = 20) -> list[dict[str, Any]]:
-    """Re-check every clean row with the independent reference implementation; returns violations."""
+    """Re-check every clean row with the independent implementation (`OverlapChecker`); returns violations."""
+    decontam = config.decontam
+    checker = OverlapChecker([item.text for item in index.items], decontam.ngram, decontam.threshold,
+                             decontam.rule, decontam.short_items)
     violations: list[dict[str, Any]] = []
     for row in store.iter_rows("decontaminated_prompts", version):
-        text = training_text(row, config.decontam.include_response)
-        matches = reference_matches(index.items, text, config.decontam.ngram, config.decontam.threshold)
-        if matches:
-            violations.append({"row_id": row["row_id"], "benchmark": matches[0].benchmark,
-                               "eval_id": matches[0].eval_id, "score": matches[0].score})
+        found = checker.overlaps(training_turns(row, decontam.include_response))
+        if found:
+            best = max(found, key=lambda o: o.score)
+            item = index.items[best.item]
+            violations.append({"row_id": row["row_id"], "benchmark": item.benchmark, "eval_id": item.eval_id,
+                               "rule": decontam.rule, "score": best.score})
             if len(violations) >= limit:
                 break
     return violations
@@ -291,6 +338,8 @@ def decontamination_report(store: Store, version: str, config: CurationConfig,
         "version": version,
         "ngram": config.decontam.ngram,
         "threshold": config.decontam.threshold,
+        "rule": config.decontam.rule,
+        "short_items": config.decontam.short_items,
         "include_response": config.decontam.include_response,
         "flag_share": config.flag_share,
         "sources": {s: {"rows_in": rows_in[s], "rows_removed": removed_rows[s]} for s in sorted(rows_in)},

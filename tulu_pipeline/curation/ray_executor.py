@@ -649,7 +649,8 @@ def _decontaminate_shard(store: Store, shard: Shard, staging: str, *, index_ref:
     stats = step.stats
     return {"rows_in": stats.rows, "clean": stats.clean, "quarantined": stats.quarantined,
             "removed": [[s, b, n] for (s, b), n in sorted(stats.removed.items())],
-            "eval_ids_hit": {b: sorted(ids) for b, ids in stats.eval_ids_hit.items()}}
+            "eval_ids_hit": {b: sorted(ids) for b, ids in stats.eval_ids_hit.items()},
+            "scanned": dict(stats.scanned)}
 
 
 def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
@@ -691,6 +692,7 @@ def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
                 stats.removed[(source, benchmark)] += n
             for benchmark, ids in result["eval_ids_hit"].items():
                 stats.eval_ids_hit[benchmark].update(ids)
+            stats.scanned.update(result["scanned"])
         run.report(step="publish")
         with LedgerWriter(store, "decontamination", "decontaminated_prompts", version, run_id) as ledger:
             _replay_events(run, ledger, shards)
@@ -702,7 +704,8 @@ def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
             quarantine = store.write_rows("decontamination_quarantine", version, quarantined, QUARANTINE_SCHEMA)
     finally:
         run.cleanup()
-    stage_stats = {**stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks)}
+    stage_stats = {**stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks),
+                   "previous_version": None, "changed_benchmarks": None}  # Ray runs are never incremental
     result = StageResult("decontaminated_prompts", version, info, stage_stats, sampler.samples, sampler.lengths,
                          ledger.count, quarantine.path, quarantine.rows, inputs)
     _attach_metrics(result, run)
