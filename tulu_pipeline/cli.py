@@ -63,6 +63,17 @@ def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from tulu_pipeline.provenance.diff import checkpoint_diff, diff_markdown
+
+    diff = checkpoint_diff(_store(args), args.checkpoint_a, args.checkpoint_b)
+    if args.json:
+        print(json.dumps(diff, indent=2, sort_keys=True, default=str))
+    else:
+        print(diff_markdown(diff))
+    return 0
+
+
 def cmd_audit_licenses(args: argparse.Namespace) -> int:
     from tulu_pipeline.provenance.audit import license_audit, licenses_markdown
 
@@ -116,7 +127,8 @@ def cmd_decontam(args: argparse.Namespace) -> int:
     from tulu_pipeline.curation.decontaminate import DecontamConfig
     from tulu_pipeline.curation.files import decontaminate_file
 
-    config = DecontamConfig(ngram=args.ngram, threshold=args.threshold, include_response=args.include_response)
+    config = DecontamConfig(ngram=args.ngram, threshold=args.threshold, rule=args.rule, short_items=args.short_items,
+                            include_response=args.include_response)
     report = decontaminate_file(Path(args.train), Path(args.out), config, evals=args.evals, skip_bad=args.skip_bad)
     print(json.dumps({k: report[k] for k in ("rows_in", "rows_clean", "rows_quarantined", "bad_lines")}))
     return 0
@@ -223,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
         parser_.add_argument("--markdown", action="store_true", help="markdown instead of JSON")
         parser_.set_defaults(func=func)
 
+    diff = sub.add_parser("diff", help="what changed between two checkpoints: rows added/removed per source, "
+                          "differing decisions, licenses, decontamination, hyperparameters, code, eval deltas "
+                          "with paired intervals and flipped items (markdown; --json for JSON)")
+    diff.add_argument("checkpoint_a")
+    diff.add_argument("checkpoint_b")
+    diff.add_argument("--json", action="store_true", help="JSON instead of markdown")
+    diff.set_defaults(func=cmd_diff)
+
     reproduce = sub.add_parser("reproduce", help="rebuild a checkpoint's configs and data versions from its manifest "
                                "and verify the rebuilt mix has the same row ids")
     reproduce.add_argument("checkpoint_id")
@@ -253,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "separated by commas (default: every bundled eval benchmark)")
     decontam.add_argument("--ngram", type=int, default=8)
     decontam.add_argument("--threshold", type=float, default=0.5)
+    decontam.add_argument("--rule", choices=["token_coverage", "ngram_share"], default="token_coverage",
+                          help="token_coverage: share of an item's tokens inside matching n-grams, flagged above "
+                          "the threshold (Tülu 3); ngram_share: share of its distinct n-grams, at or above")
+    decontam.add_argument("--short-items", choices=["share", "anywhere", "ignore"], default="share",
+                          help="items shorter than --ngram tokens: count only when most of the row or a turn "
+                          "(share), wherever contained (anywhere), or never (ignore)")
     decontam.add_argument("--include-response", action="store_true", help="match assistant turns too")
     decontam.add_argument("--skip-bad", action="store_true", help="quarantine malformed lines instead of stopping")
     decontam.add_argument("--out", required=True, help="directory for clean.jsonl, quarantine.jsonl, report.json")
