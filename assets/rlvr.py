@@ -5,9 +5,10 @@ from typing import Any
 import dagster as dg
 
 from assets.automation import GPU_POOL, TRANSIENT_RETRY
-from assets.metadata import TRAINING_OWNERS, config_hash, image, samples, table_schema
+from assets.metadata import TRAINING_OWNERS, config_hash, image, latest_checkpoint_id, samples, table_schema
 from resources import ComputeLauncher, TuluStorage
 from tulu_pipeline.data.schema import ROW_SCHEMA
+from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.reporting import markdown_table
 from tulu_pipeline.rlvr.prompts import (
     RLVR_CODE_VERSION,
@@ -75,11 +76,9 @@ def _start_checkpoint_id(context: dg.AssetExecutionContext, config: RLVRCheckpoi
     if config.start_checkpoint_id:
         return config.start_checkpoint_id
     for key in ("dpo_checkpoint", "sft_checkpoint"):
-        event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
-        if event is not None and event.asset_materialization is not None:
-            value = event.asset_materialization.metadata.get("checkpoint_id")
-            if value is not None:
-                return value.value
+        checkpoint_id = latest_checkpoint_id(context.instance, key)
+        if checkpoint_id is not None:
+            return checkpoint_id
     return None
 
 
@@ -111,12 +110,13 @@ def rlvr_checkpoint(context: dg.AssetExecutionContext, config: RLVRCheckpointCon
         "trained_rows": events["trained_on"],
         "evaluated_rows": events["evaluated"],
         "config": dg.MetadataValue.json(manifest["config"]),
+        "template_lineage": dg.MetadataValue.json(lineage_hashes(manifest.get("template_lineage"))),
         "metrics": dg.MetadataValue.json({k: v for k, v in metrics.items() if not isinstance(v, list)}),
     }
-    curve = f"{plan.checkpoint_dir}/reward_curve.png"
-    if store.exists(curve):
-        metadata["reward_curve"] = image(store, f"reports/rlvr/{plan.checkpoint_id}/reward_curve.png",
-                                         store.read_bytes(curve))
+    for name in ("reward_curve", "training_metrics"):
+        png = f"{plan.checkpoint_dir}/{name}.png"
+        if store.exists(png):
+            metadata[name] = image(store, f"reports/rlvr/{plan.checkpoint_id}/{name}.png", store.read_bytes(png))
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(plan.version))
 
 

@@ -10,16 +10,14 @@ resumes from it and ends with the uninterrupted run's weights (max |diff| <= RES
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from resume_helpers import kill_9_after_first_checkpoint, max_abs_weight_diff
 from test_grpo_support import addition_row, save_warm_addition_model
 
 from tulu_pipeline.data.schema import ROW_SCHEMA
@@ -27,7 +25,6 @@ from tulu_pipeline.storage import Store
 from tulu_pipeline.training.checkpointing import (
     CHECKPOINTS_DIR,
     MANIFEST_FILE,
-    PROGRESS_FILE,
 )
 from tulu_pipeline.training.grpo import (
     REWARD_CURVE_FILE,
@@ -88,7 +85,7 @@ def test_importing_the_rlvr_modules_stays_cheap():
 
 
 def test_presets():
-    assert GRPOTrainingConfig() == GRPO_PRESETS["cpu_demo"]
+    assert grpo_config("cpu_demo") == GRPO_PRESETS["cpu_demo"]
     demo = GRPO_PRESETS["cpu_demo"]
     assert (demo.correct_reward, demo.unfinished_penalty, demo.use_vllm) == (10.0, 10.0, False)
     paper = GRPO_PRESETS["tulu3_8b"]
@@ -114,7 +111,7 @@ def test_group_advantages():
     adv = group_advantages([10.0, 0.0, 0.0, 0.0])
     assert adv[0] > 0 > adv[1] and adv[1] == adv[2] == adv[3]
     assert abs(sum(adv)) < 1e-9
-    assert group_advantages([4.0, 0.0], scale=False) == [2.0, -2.0]
+    assert group_advantages([4.0, 0.0], "centered") == [2.0, -2.0]
 
 
 def test_prompt_order_is_seeded_and_covers_every_prompt_each_epoch():
@@ -194,12 +191,7 @@ def test_unfinished_answers_are_penalized(warm_model, rows, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # resume after kill -9
 # ---------------------------------------------------------------------------------------------
-def _load_weights(directory: Path):
-    from safetensors.torch import load_file
-
-    return load_file(str(directory / "model.safetensors"))
-
-
+@pytest.mark.integration
 def test_resume_after_kill_9_matches_the_uninterrupted_run(warm_model, rows, tmp_path):
     from tulu_pipeline.training.grpo_job import run_job
 
@@ -212,33 +204,15 @@ def test_resume_after_kill_9_matches_the_uninterrupted_run(warm_model, rows, tmp
               "checkpoint_dir": "models/rlvr-killed", "config": config.model_dump(mode="json")}
     uninterrupted = run_job({**params, "checkpoint_dir": "models/rlvr-whole"}, NullReporter())[0]
 
-    params_file = tmp_path / "params.json"
-    params_file.write_text(json.dumps(params))
-    checkpoints = Path(store.path("models/rlvr-killed")) / CHECKPOINTS_DIR
-    env = {**os.environ, STEP_DELAY_ENV: "0.4", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tulu_pipeline.training.grpo_job", "--params", str(params_file)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(checkpoints.glob(f"checkpoint-*/{PROGRESS_FILE}")):
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (Path(store.path("models/rlvr-killed")) / MANIFEST_FILE).exists()
+    kill_9_after_first_checkpoint("tulu_pipeline.training.grpo_job", params, Path(store.path("models/rlvr-killed")),
+                                  tmp_path / "killed", STEP_DELAY_ENV, 0.4)
 
     reporter = NullReporter()
     resumed, location = run_job(params, reporter)
     assert location == store.uri("models/rlvr-killed")
     assert resumed.resumed_from_step > 0
     assert any("resuming from checkpoint-" in m for m in reporter.messages)
-    a, b = _load_weights(uninterrupted.checkpoint_dir), _load_weights(resumed.checkpoint_dir)
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    diff = max_abs_weight_diff(uninterrupted.checkpoint_dir, resumed.checkpoint_dir)
     print(f"resumed from step {resumed.resumed_from_step}; max |w_A - w_B| = {diff:.3g}")
     assert diff <= RESUME_ATOL
     # the reward history spans the whole run, before and after the kill, and matches step for step

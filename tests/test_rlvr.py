@@ -6,7 +6,7 @@ The rlvr_checkpoint asset is tested in test_rlvr_checkpoint.py.
 from __future__ import annotations
 
 import json
-import time
+import os
 
 import dagster as dg
 import pytest
@@ -114,6 +114,7 @@ def test_refuses_a_pool_whose_blocking_checks_failed(tmp_path):
     assert store.latest_version(RLVR_DATASET) is None
 
 
+@pytest.mark.integration
 def test_materialize_rlvr_prompts(tmp_path):
     from assets.rlvr import rlvr_prompts
     from resources import TuluStorage
@@ -136,22 +137,23 @@ def test_materialize_rlvr_prompts(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the checkpoint
 # ---------------------------------------------------------------------------------------------
-def _fake_checkpoint(store: Store, name: str, checkpoint_id: str) -> None:
-    store.write_json(f"models/{name}/training_manifest.json", {"checkpoint_id": checkpoint_id, "fingerprint": name})
+def _fake_checkpoint(store: Store, name: str, checkpoint_id: str, mtime: float) -> None:
+    """A published checkpoint manifest, stamped `mtime` (explicit: no sleeping to order files)."""
+    rel = f"models/{name}/training_manifest.json"
+    store.write_json(rel, {"checkpoint_id": checkpoint_id, "fingerprint": name})
+    os.utime(store.path(rel), (mtime, mtime))
 
 
 def test_start_checkpoint_is_the_latest_dpo_else_the_latest_sft(tmp_path):
     store = Store(str(tmp_path / "home"))
     with pytest.raises(FileNotFoundError, match="materialize sft_checkpoint first"):
         find_start_checkpoint(store)
-    _fake_checkpoint(store, "sft-old", "sft-old")
-    time.sleep(0.02)
-    _fake_checkpoint(store, "sft-new", "sft-new")
+    _fake_checkpoint(store, "sft-new", "sft-new", mtime=1_700_000_100)  # written first, stamped newer
+    _fake_checkpoint(store, "sft-old", "sft-old", mtime=1_700_000_000)
     store.write_json("models/base_model/tulu_model.json", {"weights_sha256": "x"})
     assert find_start_checkpoint(store).checkpoint_id == "sft-new"
-    _fake_checkpoint(store, "dpo-a", "dpo-a")
-    time.sleep(0.02)
-    _fake_checkpoint(store, "sft-newest", "sft-newest")
+    _fake_checkpoint(store, "dpo-a", "dpo-a", mtime=1_700_000_200)
+    _fake_checkpoint(store, "sft-newest", "sft-newest", mtime=1_700_000_300)
     start = find_start_checkpoint(store)
     assert (start.checkpoint_id, start.kind, start.checkpoint_dir) == ("dpo-a", "dpo", "models/dpo-a")
     assert start_checkpoint_by_id(store, "sft-old").checkpoint_dir == "models/sft-old"
@@ -159,3 +161,39 @@ def test_start_checkpoint_is_the_latest_dpo_else_the_latest_sft(tmp_path):
         start_checkpoint_by_id(store, "dpo-missing")
     with pytest.raises(ValueError, match="DPO or SFT"):
         start_checkpoint_by_id(store, "base_model")
+
+
+def test_cpu_demo_prompts_are_word_limited_constraint_prompts_only(tmp_path):
+    from tulu_pipeline.rlvr.prompts import RLVR_PRESETS
+
+    store = _home(tmp_path)
+    demo = RLVR_PRESETS["cpu_demo"].model_copy(update={"ifeval_rows": 6, "heldout_per_task": 3})
+    result = build_rlvr_prompts(store, demo, "run-demo")
+    rows = list(store.iter_rows(RLVR_DATASET, result.version))
+    # a task with 0 training rows is left out entirely, held-out rows included
+    assert {t: (c["train"], c["heldout"]) for t, c in result.counts.items()} == {
+        "gsm8k": (0, 0), "math": (0, 0), "ifeval": (6, 3)}
+    assert {row_task(r) for r in rows} == {"ifeval"}
+    lo, hi = demo.if_word_limit
+    for row in rows:
+        constraints = json.loads(row["constraints"])
+        assert constraints["instruction_id_list"] == ["length_constraints:number_words"]
+        kwargs = constraints["kwargs"][0]
+        assert kwargs["relation"] == "less than" and lo <= kwargs["num_words"] <= hi
+        assert f"less than {kwargs['num_words']} words" in row["messages"][0]["content"]
+        assert verify("ifeval", "Yes.", constraints=constraints).ok
+        assert not verify("ifeval", "word " * hi, constraints=constraints).ok
+
+
+def test_constraint_sampler_restricted_to_types():
+    import random
+
+    from tulu_pipeline.rewards.constraints import sample_constraints
+
+    drawn = [sample_constraints(random.Random(i), k=1, types=("punctuation:no_comma", "keywords:existence"))
+             for i in range(20)]
+    assert {d["instruction_id_list"][0] for d in drawn} == {"punctuation:no_comma", "keywords:existence"}
+    with pytest.raises(ValueError, match="cannot sample"):
+        sample_constraints(random.Random(0), types=("combination:repeat_prompt",))
+    with pytest.raises(ValueError, match="could not draw 2"):
+        sample_constraints(random.Random(0), k=2, types=("change_case:english_lowercase",))

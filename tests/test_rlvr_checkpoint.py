@@ -9,10 +9,13 @@ import json
 import shutil
 
 import dagster as dg
+import pytest
 from test_grpo_support import save_warm_addition_model
 from test_rlvr import _home
 
 from tulu_pipeline.provenance.ledger import Ledger
+
+pytestmark = pytest.mark.integration  # a whole Dagster materialization with training
 
 
 def test_materialize_rlvr_checkpoint_from_the_sft_checkpoint(tmp_path):
@@ -24,8 +27,10 @@ def test_materialize_rlvr_checkpoint_from_the_sft_checkpoint(tmp_path):
     sft_dir = save_warm_addition_model(tmp_path / "sft", [], steps=0)
     shutil.copytree(sft_dir, store.path("models/sft-tiny"))
     store.write_json("models/sft-tiny/training_manifest.json", {"checkpoint_id": "sft-tiny", "fingerprint": "f" * 64})
+    # the untrained toy model's groups mostly score alike: keep them (cpu_demo would drop zero-std groups)
     overrides = {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2, "max_completion_length": 6,
-                 "save_steps": 1, "learning_rate": 1e-3, "max_prompt_length": 2048}
+                 "save_steps": 1, "learning_rate": 1e-3, "max_prompt_length": 2048,
+                 "filter_zero_std_groups": False, "active_sampling": False}
     run_config = dg.RunConfig(ops={
         "rlvr_prompts": {"config": {"overrides": {"gsm8k_rows": 2, "math_rows": 2, "ifeval_rows": 2,
                                                    "heldout_per_task": 1}}},
@@ -45,6 +50,7 @@ def test_materialize_rlvr_checkpoint_from_the_sft_checkpoint(tmp_path):
             "reward_per_step"} <= meta.keys()
     assert len(meta["reward_per_step"].value) == 2
     assert "data:image/png;base64," in meta["reward_curve"].value
+    assert "data:image/png;base64," in meta["training_metrics"].value  # the per-step metrics' panels
     manifest = store.read_json(f"{plan.checkpoint_dir}/training_manifest.json")
     assert manifest["start_checkpoint"] == "sft-tiny" and manifest["start_checkpoint_info"]["kind"] == "sft"
     assert manifest["prompts_dataset"] == "rlvr_prompts" and manifest["prompts_version"] == plan.dataset_version

@@ -185,16 +185,25 @@ def _draw_kwargs(instruction_id: str, rng: random.Random, words: list[str]) -> d
     return {}
 
 
-def sample_constraints(rng: random.Random, k: int = 1) -> dict[str, Any]:
+def sample_constraints(rng: random.Random, k: int = 1, types: tuple[str, ...] | None = None,
+                       word_limit: tuple[int, int] | None = None) -> dict[str, Any]:
     """k random, mutually compatible IFEval constraints with concrete kwargs.
 
     Returns {"instruction_id_list": [...], "kwargs": [...], "instruction_text": str}; the first two are
     exactly IFEval's input format, `instruction_text` is the instruction to append to a prompt.
-    Deterministic for a given rng state. Raises ValueError when k is not between 1 and 6.
+    ``types`` restricts the draw to those instruction ids (default: every sampled type); ``word_limit`` =
+    (lo, hi) makes ``length_constraints:number_words`` an "answer in less than N words" with N in [lo, hi]
+    (default: IFEval-like 50..500-word limits). Deterministic for a given rng state. Raises ValueError when k is
+    not between 1 and 6 or ``types`` names an unknown or unsampled type.
     """
     if not isinstance(k, int) or not 1 <= k <= 6:
         raise ValueError(f"k must be an integer between 1 and 6, got {k!r}")
     candidates = sorted(_ALL - NOT_SAMPLED)
+    if types is not None:
+        unknown = sorted(set(types) - set(candidates))
+        if unknown:
+            raise ValueError(f"cannot sample constraint types {unknown}; known: {candidates}")
+        candidates = sorted(set(types))
     for _attempt in range(100):
         chosen: list[str] = []
         pool = candidates[:]
@@ -206,11 +215,15 @@ def sample_constraints(rng: random.Random, k: int = 1) -> dict[str, Any]:
                 chosen.append(instruction_id)
         if len(chosen) == k:
             break
-    else:  # pragma: no cover - k <= 6 always fits
-        raise ValueError(f"could not draw {k} compatible constraints")
+    else:
+        raise ValueError(f"could not draw {k} compatible constraints from {candidates}")
     words = list(KEYWORDS)
     rng.shuffle(words)
     kwargs = [_draw_kwargs(instruction_id, rng, words) for instruction_id in chosen]
+    if word_limit is not None:
+        for instruction_id, kw in zip(chosen, kwargs):
+            if instruction_id == "length_constraints:number_words":
+                kw.update(num_words=rng.randint(*word_limit), relation="less than")
     for instruction_id, kw in zip(chosen, kwargs):
         normalize_kwargs(instruction_id, kw)  # the sampler must only emit what the verifier accepts
     text = " ".join(describe(instruction_id, kw) for instruction_id, kw in zip(chosen, kwargs))

@@ -59,14 +59,19 @@ class RLVRPromptsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    gsm8k_rows: int | None = Field(16, ge=0, description="training prompts from gsm8k_train; None: all")
-    math_rows: int | None = Field(16, ge=0, description="training prompts from math_train; None: all")
+    gsm8k_rows: int | None = Field(16, ge=0, description="training prompts from gsm8k_train; None: all; 0: the task "
+                                   "is left out (held-out rows too)")
+    math_rows: int | None = Field(16, ge=0, description="training prompts from math_train; None: all; 0: left out")
     ifeval_rows: int | None = Field(16, ge=0, description="constraint prompts; None: one per eligible parent")
     heldout_per_task: int = Field(4, ge=0, description="held-out prompts per task (taken first from each rank)")
     if_sources: tuple[str, ...] = Field(
         ("self_instruct_seed", "fine_grained_rlhf_qa", "code_alpaca"),
         description="curated sources whose prompts get constraints attached")
     constraints_per_prompt: int = Field(1, ge=1, le=4)
+    if_instruction_types: tuple[str, ...] | None = Field(
+        None, description="constraint types to sample (IFEval ids); None: the whole taxonomy")
+    if_word_limit: tuple[int, int] | None = Field(
+        None, description="(lo, hi): number_words constraints become 'less than N words', N in [lo, hi]")
     max_prompt_chars: int = Field(2000, ge=16)
     seed: int = 1
 
@@ -75,7 +80,11 @@ class RLVRPromptsConfig(BaseModel):
 
 
 RLVR_PRESETS: dict[str, RLVRPromptsConfig] = {
-    "cpu_demo": RLVRPromptsConfig(),
+    # Instruction-following prompts only, with a constraint whose training reward a 135M model raises in a few CPU
+    # RL steps ("answer with less than N words", N in 5..10: short, finished answers); benchmarks/results/rlvr.json
+    # measures it (held-out: no gain yet in 8 steps). GSM8K and MATH answers need 200+ tokens: too long to train on in CPU minutes.
+    "cpu_demo": RLVRPromptsConfig(gsm8k_rows=0, math_rows=0, ifeval_rows=32, heldout_per_task=16,
+                                  if_instruction_types=("length_constraints:number_words",), if_word_limit=(5, 10)),
     # Tülu 3's RLVR set uses all of GSM8K and MATH train and ~15k IF prompts; here: every eligible row.
     "tulu3": RLVRPromptsConfig(gsm8k_rows=None, math_rows=None, ifeval_rows=None, heldout_per_task=128),
 }
@@ -119,10 +128,11 @@ def _user_prompt(row: dict[str, Any]) -> str | None:
     return users[0] if users else None
 
 
-def _default_sampler() -> ConstraintSampler:
+def _default_sampler(config: RLVRPromptsConfig) -> ConstraintSampler:
     from tulu_pipeline.rewards.constraints import sample_constraints
 
-    return lambda rng, k: sample_constraints(rng, k=k)
+    return lambda rng, k: sample_constraints(rng, k=k, types=config.if_instruction_types,
+                                             word_limit=config.if_word_limit)
 
 
 @dataclass
@@ -145,7 +155,8 @@ def _task_row(row: dict[str, Any], task: str, split: str, prompt: str, **extra: 
     }
 
 
-def _if_row(parent: dict[str, Any], prompt: str, split: str, sampled: dict[str, Any]) -> dict[str, Any]:
+def if_row(parent: dict[str, Any], prompt: str, split: str, sampled: dict[str, Any]) -> dict[str, Any]:
+    """The RLVR row of ``parent``'s prompt with the sampled constraints' instruction appended."""
     constraints = {"instruction_id_list": list(sampled["instruction_id_list"]), "kwargs": list(sampled["kwargs"])}
     text = str(sampled["instruction_text"]).strip()
     content = json.dumps(constraints, sort_keys=True, ensure_ascii=False)
@@ -161,6 +172,8 @@ def _if_row(parent: dict[str, Any], prompt: str, split: str, sampled: dict[str, 
 
 
 def _select(candidates: list[tuple[str, dict[str, Any]]], quota: int | None, heldout: int) -> tuple[list, list]:
+    if quota == 0:  # a task without training rows is left out, held-out rows included
+        return [], []
     candidates.sort(key=lambda item: item[0])
     rows = [row for _key, row in candidates]
     held = rows[:heldout]
@@ -215,13 +228,13 @@ def build_rlvr_prompts(store: Store, config: RLVRPromptsConfig, run_id: str,
     for task in TASKS:
         train, held = _select(candidates[task], config.quota(task), config.heldout_per_task)
         if (train or held) and task == "ifeval" and sampler is None:
-            sampler = _default_sampler()
+            sampler = _default_sampler(config)
         for split, chosen in (("heldout", held), ("train", train)):
             for row in chosen:
                 prompt = _user_prompt(row) or ""
                 if task == "ifeval":
                     rng = random.Random(f"{config.seed}:{row['row_id']}")
-                    out = _if_row(row, prompt, split, sampler(rng, config.constraints_per_prompt))
+                    out = if_row(row, prompt, split, sampler(rng, config.constraints_per_prompt))
                     parents.append((row["row_id"], out["row_id"]))
                 else:
                     out = _task_row(row, task, split, prompt)

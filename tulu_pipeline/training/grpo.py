@@ -4,18 +4,32 @@ One optimizer step:
 
 1. Takes ``prompts_per_step`` prompts in a seeded order (a fresh permutation per pass over the prompts) and samples
    ``num_generations`` completions of each (transformers' ``generate`` on CPU; vLLM colocated on a GPU with
-   ``use_vllm``), with a sampling seed derived from the run seed and the step.
+   ``use_vllm``), with a sampling seed derived from the run seed and the step. The backend also reports the
+   log-prob its sampling distribution gave each token (for the sampler/learner mismatch and importance sampling).
 2. Scores every completion with the verifier (`tulu_pipeline.rewards.verify`: ``correct_reward`` when right, 0
-   otherwise); a completion that stopped at ``max_completion_length`` without EOS scores ``-unfinished_penalty``.
-3. Advantages are group-relative: ``(r - mean(group)) / (std(group) + 1e-4)`` (without the division when
-   ``scale_rewards`` is off). A group whose completions all score the same teaches nothing.
-4. Loss per completion token, averaged over all completion tokens of the step (the DAPO/TRL ``dapo``
-   normalization: long and short completions weigh per token)::
+   otherwise); a completion that stopped at ``max_completion_length`` without EOS scores ``-unfinished_penalty``
+   (or, with ``mask_truncated_completions``, keeps its score and is left out of the loss: DAPO's overlong
+   filtering).
+3. Advantages are group-relative: ``(r - mean(group)) / (std(group) + 1e-4)``, or ``r - mean(group)`` with
+   ``advantage_normalization="centered"`` (Dr GRPO). A group whose rewards are all equal teaches nothing; with
+   ``filter_zero_std_groups`` it is dropped, and with ``active_sampling`` further prompts (a seeded draw per step
+   and round) are sampled until ``prompts_per_step`` groups with signal are collected, at most
+   ``max_sampling_rounds`` rounds (open-instruct's ``filter_zero_std_samples`` / ``active_sampling``).
+4. The loss per completion token (`grpo_loss`; equal to TRL's ``GRPOTrainer._compute_loss``, tested on identical
+   tensors)::
 
-       -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon) * A) + beta * KL_k3(policy || start checkpoint)
+       -min(r * A, clip(r, 1 - epsilon_low, 1 + epsilon_high) * A) * w + beta * KL_k3(policy || start checkpoint)
 
-   ``ratio`` is against the policy that sampled the rollouts; with ``num_iterations = 1`` it is 1 and the clip is
-   inert; with more, the same rollouts are reused for that many optimizer updates (GRPO's mu).
+   averaged as ``loss_type`` says: ``dapo`` over all loss tokens of the step, ``grpo`` over each completion then
+   over completions, ``dr_grpo`` over completions x ``max_completion_length``. ``r`` is against the policy that
+   sampled the rollouts (1 with ``num_iterations = 1``; with more, the same rollouts are reused for that many
+   updates, GRPO's mu). ``w`` is 1, or with ``importance_sampling_correction`` the truncated importance weight
+   ``min(exp(learner - sampler log-prob), cap)`` for samplers whose numerics differ from the learner's (vLLM in
+   bf16). ``beta = 0`` loads no reference model.
+
+Every step streams its metrics (reward mean/std, share of zero-std groups dropped, share truncated, clip fractions
+low/high, KL, entropy, response length, sampler/learner log-prob mismatch, ...) through the reporter (Pipes under
+Dagster), and the checkpoint holds their plot (``training_metrics.png``).
 
 Why not TRL's GRPOTrainer: it is built around accelerate and a Trainer loop whose generation, reward and
 resume paths are hard to make exact and fast for a 2-layer toy model on 2 CPU cores (the acceptance test must
@@ -46,8 +60,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tulu_pipeline.vllm_runtime import engine_env
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.rlvr.prompts import row_task
+from tulu_pipeline.provenance.template_lineage import template_lineage
 from tulu_pipeline.training.chat_template import (
     apply_tulu_chat_template,
     encode_conversation,
@@ -70,14 +86,19 @@ from tulu_pipeline.training.grpo_config import GRPOTrainingConfig
 from tulu_pipeline.training.reporting import NullReporter, Reporter
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
-GRPO_CODE_VERSION = "1"
+GRPO_CODE_VERSION = "2"
 MANIFEST_FORMAT_VERSION = 1
 REWARD_CURVE_FILE = "reward_curve.png"
+TRAINING_METRICS_FILE = "training_metrics.png"
 TRAINED_ROWS_FILE = "trained_row_ids.txt"
 STATE_FILE = "grpo_state.pt"
 # Test knob: sleep this many seconds after every optimizer step (widens the kill -9 window; never in production).
 STEP_DELAY_ENV = "TULU_GRPO_STEP_DELAY_S"
 KEEP_CHECKPOINTS = 2
+# Per-step metrics kept in the manifest and plotted (every metric is also streamed each logging step).
+STEP_CURVE_KEYS = ("step", "reward_mean", "reward_std", "accuracy", "unfinished_rate", "zero_std_groups_dropped_share",
+                   "clip_low_fraction", "clip_high_fraction", "kl", "entropy", "completion_tokens_mean",
+                   "logprob_mismatch", "is_weight_mean", "loss", "reward_by_task")
 DEFAULT_VERIFIER_MODULE = "tulu_pipeline.rewards"
 
 # (row, response text) -> (score, ok): the verifier's reward (correct_reward when right) and its verdict.
@@ -122,6 +143,10 @@ class GRPOResult:
     def reward_curve_path(self) -> Path:
         return self.checkpoint_dir / REWARD_CURVE_FILE
 
+    @property
+    def training_metrics_path(self) -> Path:
+        return self.checkpoint_dir / TRAINING_METRICS_FILE
+
 
 @dataclass
 class Rollout:
@@ -133,6 +158,8 @@ class Rollout:
     ok: bool = False
     reward: float = 0.0  # after the unfinished penalty
     advantage: float = 0.0
+    sampler_logps: list[float] | None = None  # per completion token, from the engine that sampled it
+    in_loss: bool = True  # False: a truncated completion left out by mask_truncated_completions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,14 +184,28 @@ def apply_unfinished_penalty(score: float, finished: bool, config: GRPOTrainingC
     return score
 
 
-def group_advantages(rewards: Sequence[float], scale: bool = True) -> list[float]:
-    """GRPO's group-relative advantages: reward minus the group mean, over the group std (+1e-4)."""
+def group_advantages(rewards: Sequence[float], normalization: str = "std") -> list[float]:
+    """GRPO's group-relative advantages: reward minus the group mean, over the group's (unbiased) std + 1e-4
+    with ``normalization="std"``; without the division with ``"centered"`` (Dr GRPO)."""
+    if normalization not in ("std", "centered"):
+        raise ValueError(f"advantage normalization must be 'std' or 'centered', got {normalization!r}")
     n = len(rewards)
     mean = sum(rewards) / n
-    if not scale:
+    if normalization == "centered":
         return [r - mean for r in rewards]
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1)) if n > 1 else 0.0
     return [(r - mean) / (std + 1e-4) for r in rewards]
+
+
+def has_signal(rewards: Sequence[float]) -> bool:
+    """Whether a group's rewards differ (a group whose rewards are all equal has zero advantages)."""
+    return max(rewards) - min(rewards) > 1e-9
+
+
+def resample_prompt_indices(step: int, sampling_round: int, per_step: int, total: int, seed: int) -> list[int]:
+    """Prompts of an active-sampling round (``sampling_round`` >= 1) of step ``step``: a seeded draw, so a resumed
+    run draws the same ones."""
+    return random.Random(f"{seed}:{step}:{sampling_round}").sample(range(total), min(per_step, total))
 
 
 def step_prompt_indices(step: int, per_step: int, total: int, seed: int) -> list[int]:
@@ -199,8 +240,9 @@ class TransformersRollouts:
 
     def generate(self, model: Any, prompts: Sequence[list[int]], n: int, max_new_tokens: int, seed: int,
                  temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-                 batch_size: int = 8) -> list[list[tuple[list[int], bool]]]:
-        """``n`` completions per prompt as ``(token ids incl. EOS, finished)``."""
+                 batch_size: int = 8) -> list[list[tuple]]:
+        """``n`` completions per prompt as ``(token ids incl. EOS, finished)``, sampled ones with a third element:
+        the sampling distribution's log-prob of each token."""
         import torch
         from transformers import GenerationConfig
 
@@ -209,6 +251,7 @@ class TransformersRollouts:
         gen_config = GenerationConfig(
             do_sample=not greedy, max_new_tokens=max_new_tokens, num_return_sequences=n,
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True,
+            output_scores=not greedy, return_dict_in_generate=True,
             **({} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}))
         was_training = model.training
         model.eval()
@@ -226,10 +269,20 @@ class TransformersRollouts:
             with torch.no_grad():
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                      generation_config=gen_config)
-            generated = out[:, width:].tolist()
+                tokens = out.sequences[:, width:]
+                # The processed scores are the sampling distribution (after temperature / top-p): the log-prob
+                # each sampled token had, for the sampler/learner comparison and importance sampling.
+                sampled_logps = None if greedy else torch.stack(
+                    [torch.log_softmax(score.float(), dim=-1).gather(1, tokens[:, t : t + 1]).squeeze(1)
+                     for t, score in enumerate(out.scores)], dim=1).tolist()
+            generated = tokens.tolist()
             for i in range(len(chunk)):
-                results.append([_split_completion(generated[i * n + j], tok.eos_token_id, tok.pad_token_id)
-                                for j in range(n)])
+                group = []
+                for j in range(n):
+                    ids, finished = _split_completion(generated[i * n + j], tok.eos_token_id, tok.pad_token_id)
+                    group.append((ids, finished) if sampled_logps is None
+                                 else (ids, finished, sampled_logps[i * n + j][: len(ids)]))
+                results.append(group)
         model.train(was_training)
         return results
 
@@ -240,22 +293,41 @@ class TransformersRollouts:
         pass
 
 
+def _repack_lm_head(engine_model: Any) -> None:
+    """Re-run the LM head's post-load processing after a weight reload. A tied head has no weights of its own to
+    reload, but vLLM's CPU backend packs it into a matmul kernel at start-up: without this, logits keep coming
+    from the start checkpoint's embeddings. (CPU only: the GPU build packs nothing there.)"""
+    head = getattr(engine_model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if method is not None and getattr(head, "weight", None) is not None:
+        method.process_weights_after_loading(head)
+
+
 class VLLMRollouts:
-    """Sampling with a colocated vLLM engine (GPU only; vLLM is imported here, never at module import).
+    """Sampling with a colocated vLLM engine (vLLM is imported here, never at module import: the GRPO job then
+    runs with the vLLM interpreter, see `tulu_pipeline.vllm_runtime`).
 
     After every optimizer step the policy's weights are loaded into the engine in place (TRL's colocate mode),
     so rollouts always come from the current policy.
     """
 
     def __init__(self, model_dir: Path, tokenizer: Any, config: GRPOTrainingConfig):
+        import torch
+
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keep the engine in this process
+        self.on_gpu = on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            os.environ.update(engine_env())
         from vllm import LLM
 
         self.tokenizer = tokenizer
+        # fp32 on CPU: bf16 is slower on AVX2 and its log-probs drift from the fp32 learner's.
         self.llm = LLM(model=str(model_dir), gpu_memory_utilization=config.vllm_gpu_memory_utilization,
                        max_model_len=config.max_prompt_length + max(config.max_completion_length,
                                                                     config.heldout_max_completion_length or 0),
-                       seed=config.seed, dtype="bfloat16", enable_prefix_caching=True)
+                       seed=config.seed, dtype="bfloat16" if on_gpu else "float32", enable_prefix_caching=True,
+                       enforce_eager=not on_gpu,
+                       logprobs_mode="processed_logprobs")  # sampler log-probs after temperature, as trained
 
     def generate(self, model: Any, prompts: Sequence[list[int]], n: int, max_new_tokens: int, seed: int,
                  temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
@@ -263,33 +335,30 @@ class VLLMRollouts:
         from vllm import SamplingParams
 
         params = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-                                 top_p=1.0 if greedy else top_p, seed=seed + i, skip_special_tokens=False)
+                                 top_p=1.0 if greedy else top_p, seed=seed + i, skip_special_tokens=False,
+                                 logprobs=None if greedy else 0)
                   for i in range(len(prompts))]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        return [[_split_completion(c.token_ids, eos, pad) for c in o.outputs] for o in outputs]
-
-    def _engine_model(self) -> Any | None:
-        """The engine's torch module when it runs in this process (vLLM's in-process executors), else None."""
-        engine = self.llm.llm_engine
-        for path in (("model_executor",), ("engine_core", "engine_core", "model_executor")):
-            executor = engine
-            for name in path:
-                executor = getattr(executor, name, None)
-            worker = getattr(executor, "driver_worker", None)
-            worker = getattr(worker, "worker", worker)  # vLLM v1 wraps the worker once more
-            runner = getattr(worker, "model_runner", None)
-            if runner is not None and hasattr(runner, "model"):
-                return runner.model
-        return None
+        results = []
+        for o in outputs:
+            group = []
+            for c in o.outputs:
+                ids, finished = _split_completion(c.token_ids, eos, pad)
+                if greedy or not c.logprobs:
+                    group.append((ids, finished))
+                else:  # logprobs=0: each position holds the sampled token's log-prob
+                    group.append((ids, finished, [pos[t].logprob for pos, t in zip(c.logprobs, ids)]))
+            results.append(group)
+        return results
 
     def sync(self, model: Any) -> None:
+        # The worker's reload_weights takes checkpoint-format weights and re-runs the post-load processing
+        # (the CPU backend repacks linear weights, so a bare model.load_weights after start-up fails there).
         weights = [(name, param.data) for name, param in model.named_parameters()]
-        engine_model = self._engine_model()
-        if engine_model is not None:
-            engine_model.load_weights(weights)
-        else:  # engine in worker processes: ship the weights to each (vLLM's apply_model)
-            self.llm.apply_model(lambda engine: engine.load_weights(weights))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        if not self.on_gpu:
+            self.llm.apply_model(_repack_lm_head)
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
@@ -301,8 +370,9 @@ class VLLMRollouts:
 # log-probabilities and the loss
 # ---------------------------------------------------------------------------------------------
 def completion_logprobs(model: Any, prompts: Sequence[list[int]], completions: Sequence[list[int]], pad_id: int,
-                        temperature: float = 1.0) -> tuple[Any, Any]:
-    """Per-token log-probabilities of each completion given its prompt, ``[B, Lc]``, and their mask.
+                        temperature: float = 1.0, with_entropy: bool = False) -> tuple[Any, ...]:
+    """Per-token log-probabilities of each completion given its prompt, ``[B, Lc]``, and their mask; with
+    ``with_entropy`` also the entropy of each position's distribution (no gradient; for monitoring).
 
     Logits are divided by ``temperature`` so they are the sampling distribution's probabilities.
     """
@@ -333,7 +403,12 @@ def completion_logprobs(model: Any, prompts: Sequence[list[int]], completions: S
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
         picked = torch.gather(logits, 1, positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
     logps = torch.log_softmax(picked.float() / temperature, dim=-1)
-    return torch.gather(logps, 2, targets.unsqueeze(-1)).squeeze(-1) * mask, mask
+    token_logps = torch.gather(logps, 2, targets.unsqueeze(-1)).squeeze(-1) * mask
+    if not with_entropy:
+        return token_logps, mask
+    with torch.no_grad():
+        entropy = -(logps.exp() * logps).sum(-1) * mask
+    return token_logps, mask, entropy
 
 
 def _decoder_and_head(model: Any) -> tuple[Any | None, Any | None]:
@@ -351,20 +426,69 @@ def _decoder_and_head(model: Any) -> tuple[Any | None, Any | None]:
     return decoder, head
 
 
-def grpo_token_loss(logps: Any, old_logps: Any, ref_logps: Any | None, advantages: Any, mask: Any, beta: float,
-                    epsilon: float) -> tuple[Any, Any]:
-    """Summed clipped-surrogate + ``beta`` * k3-KL loss over masked tokens, and the summed KL (for logging)."""
+@dataclass
+class LossTerms:
+    """One micro-batch's share of the step loss and the sums its metrics are made of (all over loss tokens)."""
+
+    loss: Any  # scalar tensor with grad: this micro-batch's contribution to the step loss
+    tokens: float
+    kl_sum: float
+    clip_low: float  # tokens with ratio < 1 - epsilon_low and a negative advantage
+    clip_high: float  # tokens with ratio > 1 + epsilon_high and a positive advantage
+
+
+def importance_weights(learner_logps: Any, sampler_logps: Any, mask: Any, cap: float) -> Any:
+    """Truncated importance sampling weights ``min(exp(learner - sampler), cap)`` per completion token (1 on
+    padding): the correction for rollouts sampled by an engine whose log-probs differ from the learner's.
+
+    TRL's ``vllm_importance_sampling_mode="token_truncate"``; open-instruct's ``compute_tis_weights`` with
+    ``truncated_importance_sampling_ratio_cap``. Computed without gradient.
+    """
+    import torch
+
+    with torch.no_grad():
+        diff = torch.nan_to_num((learner_logps - sampler_logps) * mask, nan=0.0)
+        return torch.clamp(torch.exp(diff), max=cap)
+
+
+def grpo_loss(logps: Any, old_logps: Any, advantages: Any, mask: Any, config: GRPOTrainingConfig, *,
+              num_sequences: int, num_tokens: int, ref_logps: Any | None = None,
+              is_weights: Any | None = None) -> LossTerms:
+    """The clipped-surrogate (+ ``beta`` * k3 KL) loss of one micro-batch, normalized for the whole step.
+
+    Per token: ``-min(r * A, clip(r, 1 - epsilon_low, 1 + epsilon_high) * A)`` with ``r = exp(logps - old_logps)``
+    (capped at ``delta`` when set), times the importance weight when given, plus ``beta * KL``. Summed over the
+    ``mask`` (0 on padding and on masked completions) and divided as ``config.loss_type`` says, where
+    ``num_sequences`` / ``num_tokens`` count the completions / loss tokens of the whole step, so the
+    micro-batches' losses add up to the step loss. On one micro-batch this is TRL's ``GRPOTrainer._compute_loss``
+    (tests/test_grpo_trl_parity.py).
+    """
     import torch
 
     ratio = torch.exp(logps - old_logps)
     adv = advantages.unsqueeze(-1)
-    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * adv)
-    kl = torch.zeros_like(logps)
-    if ref_logps is not None:
-        delta = ref_logps - logps
-        kl = torch.exp(delta) - delta - 1
-        per_token = per_token + beta * kl
-    return (per_token * mask).sum(), (kl.detach() * mask).sum()
+    clipped = torch.clamp(ratio, 1 - config.epsilon_low, 1 + config.clip_high)
+    unclipped = ratio if config.delta is None else torch.clamp(ratio, max=config.delta)
+    per_token = -torch.min(unclipped * adv, clipped * adv)
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    kl = None
+    if ref_logps is not None and config.beta > 0:
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        per_token = per_token + config.beta * kl
+    masked = per_token * mask
+    if config.loss_type == "grpo":
+        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / max(1, num_sequences)
+    elif config.loss_type == "dapo":
+        loss = masked.sum() / max(1, num_tokens)
+    else:  # dr_grpo
+        loss = masked.sum() / (max(1, num_sequences) * config.max_completion_length)
+    with torch.no_grad():
+        low = ((ratio < 1 - config.epsilon_low) & (adv < 0)).float()
+        high = ((ratio > 1 + config.clip_high) & (adv > 0)).float()
+        return LossTerms(loss=loss, tokens=float(mask.sum()),
+                         kl_sum=float((kl * mask).sum()) if kl is not None else 0.0,
+                         clip_low=float((low * mask).sum()), clip_high=float((high * mask).sum()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,14 +518,22 @@ def heldout_accuracy(model: Any, rollouts: Any, rows: Sequence[dict[str, Any]], 
     outs = rollouts.generate(model, list(encoded), n=1, max_new_tokens=max_new_tokens, seed=seed, greedy=True,
                              batch_size=batch_size)
     per_task: dict[str, list[bool]] = {}
-    scores = []
-    for row, [(ids, _finished)] in zip(rows, outs):
-        score, ok = verifier(row, tokenizer.decode(ids, skip_special_tokens=True))
+    scores, oks = [], []
+    for row, [out] in zip(rows, outs):
+        score, ok = verifier(row, tokenizer.decode(out[0], skip_special_tokens=True))
         per_task.setdefault(row_task(row), []).append(ok)
         scores.append(score)
-    oks = [ok for values in per_task.values() for ok in values]
-    return {"accuracy": sum(oks) / len(oks), "mean_score": sum(scores) / len(scores), "rows": len(oks),
+        oks.append(ok)
+    return {"accuracy": sum(oks) / len(oks), "accuracy_ci95": _ci(oks), "mean_score": sum(scores) / len(scores),
+            "rows": len(oks), "ok_per_row": [int(ok) for ok in oks],
             "per_task": {task: sum(v) / len(v) for task, v in sorted(per_task.items())}}
+
+
+def _ci(values: Sequence[float], seed: int = 0) -> list[float]:
+    """Seeded percentile-bootstrap 95% interval of the mean."""
+    from tulu_pipeline.evaluation.scoring import bootstrap_ci
+
+    return list(bootstrap_ci([float(v) for v in values], n_resamples=2000, seed=seed))
 
 
 def reward_curve_png(history: list[dict[str, Any]], before: float | None, after: float | None,
@@ -431,6 +563,42 @@ def reward_curve_png(history: list[dict[str, Any]], before: float | None, after:
     return figure_png(fig)
 
 
+# (panel title, [(metric key, label)]) of `training_metrics_png`
+METRIC_PANELS = (
+    ("reward", [("reward_mean", "mean"), ("reward_std", "std")]),
+    ("share of rollouts / groups", [("unfinished_rate", "truncated"),
+                                    ("zero_std_groups_dropped_share", "zero-std groups dropped")]),
+    ("clipped tokens", [("clip_low_fraction", "low (r < 1 - eps_low, A < 0)"),
+                        ("clip_high_fraction", "high (r > 1 + eps_high, A > 0)")]),
+    ("policy", [("entropy", "entropy (nats)"), ("kl", "KL to start (k3)")]),
+    ("response length (tokens)", [("completion_tokens_mean", "mean")]),
+    ("sampler vs learner", [("logprob_mismatch", "mean |log p diff|"), ("is_weight_mean", "mean IS weight")]),
+)
+
+
+def training_metrics_png(history: list[dict[str, Any]], title: str = "RLVR: per-step training metrics") -> bytes:
+    """One panel per group of `METRIC_PANELS` over the optimizer steps (a metric a run did not record is left out,
+    e.g. KL with beta = 0)."""
+    from tulu_pipeline.reporting import figure_png, pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(11, 5.6), dpi=100)
+    steps = [h["step"] for h in history]
+    for ax, (panel, series) in zip(axes.flat, METRIC_PANELS):
+        for key, label in series:
+            values = [h.get(key) for h in history]
+            if any(v is not None for v in values):
+                ax.plot(steps, [float("nan") if v is None else v for v in values], marker=".", label=label)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
 def _library_versions() -> dict[str, str]:
     import platform
 
@@ -447,92 +615,187 @@ def _mean(values: Sequence[float]) -> float:
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
+def _rollout_groups(model: Any, rollouts_backend: Any, tokenizer: Any, config: GRPOTrainingConfig, seed: int,
+                    indices: list[int], train_rows: Sequence[dict[str, Any]], train_prompts: Sequence[list[int]],
+                    verifier: Verifier) -> list[list[Rollout]]:
+    """Sample ``num_generations`` completions of each prompt in ``indices`` and score them, one group per prompt.
+
+    A backend returns ``(token ids, finished)`` per completion, or ``(token ids, finished, sampler log-probs)``
+    when it can report the log-probability its sampling distribution gave each token (needed for
+    ``importance_sampling_correction``, whichever engine sampled)."""
+    outputs = rollouts_backend.generate(model, [train_prompts[i] for i in indices], n=config.num_generations,
+                                        max_new_tokens=config.max_completion_length, seed=seed,
+                                        temperature=config.temperature, top_p=config.top_p,
+                                        batch_size=config.micro_batch_size)
+    groups = []
+    for index, outs in zip(indices, outputs):
+        members = []
+        for out in outs:
+            ids, finished = list(out[0]), bool(out[1])
+            sampler = list(out[2]) if len(out) > 2 and out[2] is not None else None
+            if not ids:  # an empty completion cannot be scored per token; EOS is the shortest real one
+                ids, finished, sampler = [tokenizer.eos_token_id], True, None
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            score, ok = verifier(train_rows[index], text)
+            reward = apply_unfinished_penalty(score, finished, config)
+            members.append(Rollout(index, ids, text, finished, score, ok, reward, sampler_logps=sampler))
+        for member, adv in zip(members, group_advantages([m.reward for m in members],
+                                                         config.advantage_normalization)):
+            member.advantage = adv
+        groups.append(members)
+    return groups
+
+
 def _train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: Any, rollouts_backend: Any,
-                tokenizer: Any, config: GRPOTrainingConfig, step: int, batch_rows: list[dict[str, Any]],
-                batch_prompts: list[list[int]], verifier: Verifier) -> dict[str, Any]:
+                tokenizer: Any, config: GRPOTrainingConfig, step: int, train_rows: Sequence[dict[str, Any]],
+                train_prompts: Sequence[list[int]], verifier: Verifier) -> tuple[dict[str, Any], list[int]]:
+    """One optimizer step (``num_iterations`` updates on one batch of rollouts); its metrics and the indices of
+    the prompts it trained on (a prompt whose group was dropped for zero reward std is not among them)."""
     import torch
 
     started = time.perf_counter()
-    seed = config.seed * 1_000_003 + step
-    groups = rollouts_backend.generate(model, batch_prompts, n=config.num_generations,
-                                       max_new_tokens=config.max_completion_length, seed=seed,
-                                       temperature=config.temperature, top_p=config.top_p,
-                                       batch_size=config.micro_batch_size)
-    rollouts: list[Rollout] = []
-    for index, group in enumerate(groups):
-        members = []
-        for ids, finished in group:
-            if not ids:  # an empty completion cannot be scored per token; EOS is the shortest real one
-                ids, finished = [tokenizer.eos_token_id], True
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            score, ok = verifier(batch_rows[index], text)
-            reward = apply_unfinished_penalty(score, finished, config)
-            members.append(Rollout(index, ids, text, finished, score, ok, reward))
-        for member, adv in zip(members, group_advantages([m.reward for m in members], config.scale_rewards)):
-            member.advantage = adv
-        rollouts.extend(members)
+    indices = step_prompt_indices(step, config.prompts_per_step, len(train_rows), config.seed)
+    sampled: list[Rollout] = []
+    kept: list[list[Rollout]] = []
+    generated = dropped = rounds = 0
+    # Active sampling (open-instruct's active_sampling): draw more prompts until the batch holds prompts_per_step
+    # groups with signal, at most max_sampling_rounds rounds, so a policy that solves (or fails) everything
+    # cannot stall the step.
+    for sampling_round in range(config.max_sampling_rounds if config.active_sampling else 1):
+        if sampling_round:
+            indices = resample_prompt_indices(step, sampling_round, config.prompts_per_step - len(kept),
+                                              len(train_rows), config.seed)
+        rounds += 1
+        seed = config.seed * 1_000_003 + step + 7_919 * sampling_round
+        for group in _rollout_groups(model, rollouts_backend, tokenizer, config, seed, indices, train_rows,
+                                     train_prompts, verifier):
+            generated += 1
+            sampled.extend(group)
+            if config.filter_zero_std_groups and not has_signal([r.reward for r in group]):
+                dropped += 1
+                continue
+            if len(kept) < config.prompts_per_step:
+                kept.append(group)
+        if len(kept) >= config.prompts_per_step:
+            break
     generate_s = time.perf_counter() - started
 
+    rollouts = [r for group in kept for r in group]
+    for r in rollouts:
+        r.in_loss = r.finished or not config.mask_truncated_completions
+    num_tokens = sum(len(r.completion_ids) for r in rollouts if r.in_loss)
     device = next(model.parameters()).device
-    total_tokens = sum(len(r.completion_ids) for r in rollouts)
     chunks = [rollouts[i : i + config.micro_batch_size] for i in range(0, len(rollouts), config.micro_batch_size)]
-    old, ref = [], []
+
+    def forward(policy: Any, chunk: list[Rollout], with_entropy: bool = False) -> tuple[Any, ...]:
+        return completion_logprobs(policy, [train_prompts[r.prompt_index] for r in chunk],
+                                   [r.completion_ids for r in chunk], tokenizer.pad_token_id, config.temperature,
+                                   with_entropy=with_entropy)
+
+    old: list[Any] = []
+    ref: list[Any] = []
     with torch.no_grad():
         for chunk in chunks:
-            p = [batch_prompts[r.prompt_index] for r in chunk]
-            c = [r.completion_ids for r in chunk]
             if config.num_iterations > 1:
                 model.eval()
-                old.append(completion_logprobs(model, p, c, tokenizer.pad_token_id, config.temperature)[0])
+                old.append(forward(model, chunk)[0])
             if ref_model is not None:
-                ref.append(completion_logprobs(ref_model, p, c, tokenizer.pad_token_id, config.temperature)[0])
+                ref.append(forward(ref_model, chunk)[0])
     model.train()
-    loss_sum = kl_sum = 0.0
+    totals = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0, "entropy": 0.0,
+              "mismatch": 0.0, "mismatch_tokens": 0.0, "is_weight": 0.0}
+    is_weights: dict[int, Any] = {}
     grad_norm = None
-    for _iteration in range(config.num_iterations):
+    for iteration in range(config.num_iterations if num_tokens else 0):
         optimizer.zero_grad(set_to_none=True)
         for k, chunk in enumerate(chunks):
-            p = [batch_prompts[r.prompt_index] for r in chunk]
-            c = [r.completion_ids for r in chunk]
-            logps, mask = completion_logprobs(model, p, c, tokenizer.pad_token_id, config.temperature)
+            logps, mask, entropy = forward(model, chunk, with_entropy=iteration == 0)
             old_logps = old[k] if old else logps.detach()
+            loss_mask = mask * torch.tensor([[float(r.in_loss)] for r in chunk], device=device)
+            if iteration == 0:
+                sampler = _sampler_logps(chunk, mask)
+                if sampler is not None:
+                    totals["mismatch"] += float(((old_logps - sampler).abs() * mask).sum())
+                    totals["mismatch_tokens"] += float(mask.sum())
+                if config.importance_sampling_correction:
+                    if sampler is None:
+                        raise ValueError("importance_sampling_correction needs the sampler's log-probs, and the "
+                                         f"{type(rollouts_backend).__name__} backend returned none")
+                    is_weights[k] = importance_weights(old_logps, sampler, mask, config.importance_sampling_cap)
+                    totals["is_weight"] += float((is_weights[k] * loss_mask).sum())
+                totals["entropy"] += float((entropy * loss_mask).sum())
             advantages = torch.tensor([r.advantage for r in chunk], dtype=torch.float32, device=device)
-            loss, kl = grpo_token_loss(logps, old_logps, ref[k] if ref else None, advantages, mask, config.beta,
-                                       config.epsilon)
-            (loss / total_tokens).backward()
-            loss_sum += float(loss.detach())
-            kl_sum += float(kl)
+            terms = grpo_loss(logps, old_logps, advantages, loss_mask, config, num_sequences=len(rollouts),
+                              num_tokens=num_tokens, ref_logps=ref[k] if ref else None,
+                              is_weights=is_weights.get(k))
+            terms.loss.backward()
+            totals["loss"] += float(terms.loss.detach())
+            for key in ("kl", "clip_low", "clip_high"):
+                totals[key] += getattr(terms, key if key != "kl" else "kl_sum")
+            totals["tokens"] += terms.tokens
         if config.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
         optimizer.step()
         scheduler.step()
+    if not num_tokens:  # nothing to learn from this step: keep the schedule aligned with the step count
+        for _ in range(config.num_iterations):
+            scheduler.step()
     rollouts_backend.sync(model)
 
     by_task: dict[str, list[float]] = {}
-    for r in rollouts:
-        by_task.setdefault(row_task(batch_rows[r.prompt_index]), []).append(r.reward)
-    rewards = [r.reward for r in rollouts]
+    for r in sampled:
+        by_task.setdefault(row_task(train_rows[r.prompt_index]), []).append(r.reward)
+    rewards = [r.reward for r in sampled]
+    updates = max(1, config.num_iterations if num_tokens else 1)
+    loss_tokens = max(1.0, totals["tokens"])
+    first_tokens = max(1.0, totals["tokens"] / updates)
     metrics = {
         "reward_mean": _mean(rewards),
         "reward_std": math.sqrt(_mean([(x - _mean(rewards)) ** 2 for x in rewards])),
-        "verifier_score_mean": _mean([r.score for r in rollouts]),
-        "accuracy": _mean([float(r.ok) for r in rollouts]),
-        "unfinished_rate": _mean([float(not r.finished) for r in rollouts]),
-        "completion_tokens_mean": total_tokens / len(rollouts),
-        "loss": loss_sum / (total_tokens * config.num_iterations),
-        "kl": kl_sum / (total_tokens * config.num_iterations),
+        "verifier_score_mean": _mean([r.score for r in sampled]),
+        "accuracy": _mean([float(r.ok) for r in sampled]),
+        "unfinished_rate": _mean([float(not r.finished) for r in sampled]),
+        "completion_tokens_mean": _mean([float(len(r.completion_ids)) for r in sampled]),
+        "loss": totals["loss"] / updates,
+        "kl": totals["kl"] / loss_tokens,
+        "clip_low_fraction": totals["clip_low"] / loss_tokens,
+        "clip_high_fraction": totals["clip_high"] / loss_tokens,
+        # diagnostics rounded to 1e-6: their last bits depend on the kernels' thread count, and a resumed run must
+        # record the same curve as an uninterrupted one
+        "entropy": round(totals["entropy"] / first_tokens, 6),
         "grad_norm": grad_norm,
         "learning_rate": float(scheduler.get_last_lr()[0]),
-        "rollouts": len(rollouts),
-        "zero_signal_groups": sum(1 for g in range(len(groups))
-                                  if all(r.advantage == 0 for r in rollouts if r.prompt_index == g)),
+        "rollouts": len(sampled),
+        "trained_rollouts": len(rollouts),
+        "loss_tokens": num_tokens,
+        "groups_sampled": generated,
+        "zero_std_groups": sum(1 for i in range(0, len(sampled), config.num_generations)
+                               if not has_signal([r.reward for r in sampled[i : i + config.num_generations]])),
+        "zero_std_groups_dropped_share": dropped / generated,
+        "sampling_rounds": rounds,
         "reward_by_task": {task: _mean(v) for task, v in sorted(by_task.items())},
         "generate_s": generate_s,
         "step_s": time.perf_counter() - started,
-        "sample": {"prompt_row_id": batch_rows[0].get("row_id"), "completion": rollouts[0].text[:200],
-                   "reward": rollouts[0].reward},
+        "sample": {"prompt_row_id": train_rows[sampled[0].prompt_index].get("row_id"),
+                   "completion": sampled[0].text[:200], "reward": sampled[0].reward},
     }
-    return metrics
+    if totals["mismatch_tokens"]:
+        metrics["logprob_mismatch"] = round(totals["mismatch"] / totals["mismatch_tokens"], 6)
+    if config.importance_sampling_correction:
+        metrics["is_weight_mean"] = round(totals["is_weight"] / first_tokens, 6)
+    return metrics, [group[0].prompt_index for group in kept]
+
+
+def _sampler_logps(chunk: Sequence[Rollout], mask: Any) -> Any | None:
+    """The sampler's per-token log-probs of a micro-batch as a ``[B, Lc]`` tensor, or None when any is missing."""
+    import torch
+
+    if any(r.sampler_logps is None or len(r.sampler_logps) != len(r.completion_ids) for r in chunk):
+        return None
+    out = torch.zeros_like(mask)
+    for i, r in enumerate(chunk):
+        out[i, : len(r.sampler_logps)] = torch.tensor(r.sampler_logps, dtype=out.dtype)
+    return out
 
 
 def run_grpo(
@@ -656,10 +919,9 @@ def run_grpo(
     session_start = time.perf_counter()
     save_seconds = 0.0
     for step in range(resumed_from_step + 1, config.max_steps + 1):
-        indices = step_prompt_indices(step, config.prompts_per_step, len(train_rows), config.seed)
-        used.update(indices)
-        metrics = _train_step(model, ref_model, optimizer, scheduler, rollouts_backend, tokenizer, config, step,
-                              [train_rows[i] for i in indices], [train_prompts[i] for i in indices], verifier)
+        metrics, trained_indices = _train_step(model, ref_model, optimizer, scheduler, rollouts_backend, tokenizer,
+                                               config, step, train_rows, train_prompts, verifier)
+        used.update(trained_indices)
         history.append({"step": step, **metrics})
         if step % config.logging_steps == 0 or step == config.max_steps:
             reporter.log_metrics(step, {k: v for k, v in metrics.items() if k != "sample"})
@@ -698,6 +960,7 @@ def run_grpo(
             "steps": len(history), "resumed_from_step": resumed_from_step, "train_s": train_seconds,
             "checkpoint_save_s": save_seconds, "wall_s": time.perf_counter() - wall_start,
             "prompt_rows": len(train_rows), "heldout_rows": len(held_rows), "too_long_rows": len(too_long),
+            "reference_model": config.beta > 0,
             "task_counts": _task_counts(train_rows),
         })
         seen_ids = [train_rows[i]["row_id"] for i in sorted(used)]
@@ -705,6 +968,7 @@ def run_grpo(
         (staging / TRAINED_ROWS_FILE).write_text("".join(f"{r}\n" for r in seen_ids), encoding="utf-8")
         (staging / REWARD_CURVE_FILE).write_bytes(reward_curve_png(
             history, before["accuracy"] if before else None, after["accuracy"] if after else None))
+        (staging / TRAINING_METRICS_FILE).write_bytes(training_metrics_png(history))
         manifest = {
             **manifest_extra,
             "format_version": MANIFEST_FORMAT_VERSION,
@@ -714,6 +978,7 @@ def run_grpo(
             "config": config.model_dump(mode="json"),
             "seed": config.seed,
             "chat_template": "tulu",
+            "template_lineage": template_lineage(tokenizer),
             "start_model": {"path": str(start_model_dir), "weights_sha256": start_sha},
             "start_model_sha256": start_sha,
             "prompt_row_ids_sha256": row_ids_sha256(r["row_id"] for r in train_rows),
@@ -752,15 +1017,16 @@ def _final_metrics(history: list[dict[str, Any]], before: dict | None, after: di
     k = max(1, len(history) // 4)
     rewards = [h["reward_mean"] for h in history]
     return {
-        "reward_per_step": [{"step": h["step"], "reward_mean": h["reward_mean"], "accuracy": h["accuracy"],
-                             "unfinished_rate": h["unfinished_rate"], "kl": h["kl"], "loss": h["loss"],
-                             "reward_by_task": h["reward_by_task"]} for h in history],
+        "reward_per_step": [{key: h[key] for key in STEP_CURVE_KEYS if key in h} for h in history],
         "mean_reward": _mean(rewards),
         "reward_first_steps": _mean(rewards[:k]),
         "reward_last_steps": _mean(rewards[-k:]),
         "reward_window_steps": k,
         "heldout_accuracy_before": before["accuracy"] if before else None,
         "heldout_accuracy_after": after["accuracy"] if after else None,
+        # paired: the same prompts greedily answered by the start and the trained checkpoint
+        "heldout_accuracy_change_ci95": (_ci([a - b for a, b in zip(after["ok_per_row"], before["ok_per_row"])])
+                                         if before and after else None),
         "heldout_before": before,
         "heldout_after": after,
         "samples": [h["sample"] for h in history[-3:]],

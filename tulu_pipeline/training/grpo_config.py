@@ -1,8 +1,9 @@
 """The RLVR (GRPO) config: typed, with defaults that run on a CPU in minutes, and named presets.
 
-`GRPOTrainingConfig()` is the CPU demo (``GRPO_PRESETS["cpu_demo"]``): a handful of optimizer steps, each on
-2 prompts x 4 sampled completions of at most 48 tokens. ``GRPO_PRESETS["tulu3_8b"]`` carries the Tülu 3 8B
-RLVR hyperparameters over to GRPO (see the preset's comment for what is taken from the paper and what is not).
+The field defaults are TRL-like GRPO (KL 0.05, symmetric clip, std-normalized advantages, token-level loss).
+``GRPO_PRESETS["cpu_demo"]`` is the CPU demo (see its comment), ``"tulu3_8b"`` carries the Tülu 3 8B RLVR
+hyperparameters over to GRPO and ``"olmo3_style"`` is open-instruct's grpo_fast as the Olmo 3 recipes run it (each
+value with its source).
 
 Reward (Tülu 3's RLVR): the verifier's score, ``correct_reward`` (10) when the answer is right and 0 otherwise;
 a completion that reaches ``max_completion_length`` without the EOS token gets ``-unfinished_penalty`` instead,
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 
 class GRPOTrainingConfig(BaseModel):
@@ -36,9 +37,36 @@ class GRPOTrainingConfig(BaseModel):
     max_completion_length: int = Field(48, ge=1, description="generated tokens per completion")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)
-    beta: float = Field(0.05, ge=0.0, description="KL coefficient against the start checkpoint (k3 estimator)")
-    epsilon: float = Field(0.2, gt=0, description="PPO-style clipping of the policy ratio")
-    scale_rewards: bool = Field(True, description="divide group-relative advantages by the group's reward std")
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "dapo", description="how per-token losses are averaged (TRL's names): grpo = mean over each completion's "
+        "tokens, then over completions; dapo = over all completion tokens of the step; dr_grpo = sum over "
+        "completions x max_completion_length (a constant denominator)")
+    beta: float = Field(0.05, ge=0.0, description="KL coefficient against the start checkpoint (k3 estimator); "
+                        "0 loads no reference model")
+    epsilon_low: float = Field(0.2, gt=0, validation_alias=AliasChoices("epsilon_low", "epsilon"),
+                               description="lower clip of the policy ratio: 1 - epsilon_low (TRL's epsilon)")
+    epsilon_high: float | None = Field(
+        None, gt=0, description="upper clip: 1 + epsilon_high (DAPO's clip-higher); None: epsilon_low")
+    delta: float | None = Field(
+        None, gt=1.0, description="TRL's two-sided clipping: the unclipped ratio is capped at delta; None: off")
+    advantage_normalization: Literal["std", "centered"] = Field(
+        "std", description="std: (r - group mean) / (group std + 1e-4); centered: r - group mean (Dr GRPO; "
+        "open-instruct's advantage_normalization_type)")
+    filter_zero_std_groups: bool = Field(
+        False, description="drop groups whose rewards are all equal (no learning signal) before the loss "
+        "(open-instruct's filter_zero_std_samples)")
+    active_sampling: bool = Field(
+        False, description="with filter_zero_std_groups: sample further prompts until prompts_per_step groups "
+        "with signal are collected, at most max_sampling_rounds generation rounds per step")
+    max_sampling_rounds: int = Field(4, ge=1, description="bound on generation rounds per step (active sampling)")
+    mask_truncated_completions: bool = Field(
+        False, description="leave completions cut off without EOS out of the loss (DAPO's overlong filtering); "
+        "the alternative to unfinished_penalty")
+    importance_sampling_correction: bool = Field(
+        False, description="truncated importance sampling: weight each token's policy loss by "
+        "min(exp(learner - sampler log-prob), importance_sampling_cap), for samplers (vLLM, bf16) whose "
+        "log-probs differ from the learner's; needs a rollout backend that returns sampler log-probs")
+    importance_sampling_cap: float = Field(2.0, gt=0, description="cap of the truncated importance weight")
     correct_reward: float = Field(10.0, description="reward of a completion the verifier accepts (else 0)")
     unfinished_penalty: float | None = Field(
         10.0, ge=0.0,
@@ -53,16 +81,48 @@ class GRPOTrainingConfig(BaseModel):
     save_steps: int = Field(2, ge=1, description="optimizer steps between resumable checkpoints")
     logging_steps: int = Field(1, ge=1)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> GRPOTrainingConfig:
+        if self.mask_truncated_completions and self.unfinished_penalty is not None:
+            raise ValueError("mask_truncated_completions and unfinished_penalty are alternatives: set "
+                             "unfinished_penalty=None to mask truncated completions instead of penalizing them")
+        if self.active_sampling and not self.filter_zero_std_groups:
+            raise ValueError("active_sampling refills groups dropped by filter_zero_std_groups; enable it too")
+        return self
+
     @property
     def rollouts_per_step(self) -> int:
         return self.prompts_per_step * self.num_generations
 
+    @property
+    def clip_high(self) -> float:
+        """The upper clip epsilon (epsilon_high, else epsilon_low)."""
+        return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
+
 
 GRPO_PRESETS: dict[str, GRPOTrainingConfig] = {
-    # SmolLM2-135M (or an SFT checkpoint of it) on 2 CPU cores: 4 steps x 2 prompts x 4 completions of at most
-    # 48 tokens, a few minutes end to end. Too short to move the verifier accuracy of a 135M model: it shows the
-    # stage running and logging rewards; tests/test_grpo.py shows learning on a task a tiny model can learn.
-    "cpu_demo": GRPOTrainingConfig(),
+    # SmolLM2-135M (the DPO checkpoint of it in `make run`) on 2 shared CPU cores, on rlvr_prompts' cpu_demo set
+    # ("answer with less than N words" constraints): 8 steps x 2 prompts x 4 completions of at most 24 tokens, in
+    # the Olmo 3 form (no KL, clip-higher, zero-std groups dropped and refilled), with a learning rate that
+    # moves a 135M model in 8 steps and temperature 0.7 (at 1.0 the 135M model's samples are mostly noise).
+    # benchmarks/results/rlvr.json measures the held-out reward before and after.
+    "cpu_demo": GRPOTrainingConfig(
+        learning_rate=3e-5,
+        max_steps=8,
+        prompts_per_step=2,
+        num_generations=4,
+        micro_batch_size=8,
+        max_prompt_length=96,
+        max_completion_length=24,
+        temperature=0.7,
+        beta=0.0,
+        epsilon_high=0.28,
+        filter_zero_std_groups=True,
+        active_sampling=True,
+        max_sampling_rounds=2,
+        eval_batch_size=16,
+        save_steps=4,
+    ),
     # Tülu 3 8B RLVR (Lambert et al. 2024, "RLVR hyperparameters"): lr 3e-7 with a linear schedule and no warmup,
     # beta 0.05, clip 0.2, 4 update iterations per batch, temperature 1.0, grad-norm 1.0, -10 for responses without
     # EOS, responses up to 1024 tokens, max prompt length 2048. Tülu 3 trained with PPO (a value model); this
@@ -81,14 +141,49 @@ GRPO_PRESETS: dict[str, GRPOTrainingConfig] = {
         max_prompt_length=2048,
         max_completion_length=1024,
         temperature=1.0,
+        loss_type="grpo",  # PPO's per-response mean, as open-instruct's GRPO had it in 2024
         beta=0.05,
-        epsilon=0.2,
+        epsilon_low=0.2,
+        advantage_normalization="std",
         correct_reward=10.0,
         unfinished_penalty=10.0,
         use_vllm=True,
         vllm_gpu_memory_utilization=0.3,
         seed=1,
         save_steps=10,
+    ),
+    # open-instruct's grpo_fast as the Olmo 3 Instruct RL recipe runs it. Sources: "7b_instruct_rl.sh" is
+    # allenai/open-instruct scripts/train/olmo3/7b_instruct_rl.sh; "grpo_utils" / "data_loader" are the defaults of
+    # open_instruct/grpo_utils.py GRPOExperimentConfig and open_instruct/data_loader.py StreamingDataLoaderConfig.
+    "olmo3_style": GRPOTrainingConfig(
+        learning_rate=1e-6,  # 7b_instruct_rl.sh: --learning_rate 1e-6
+        lr_scheduler="constant",  # 7b_instruct_rl.sh: --lr_scheduler_type constant
+        max_grad_norm=1.0,  # grpo_utils: max_grad_norm 1.0
+        max_steps=1000,  # 7b_instruct_rl.sh: --total_episodes 1024000 / (64 x 8) = 2000 steps; a tenth of it
+        prompts_per_step=64,  # 7b_instruct_rl.sh: --num_unique_prompts_rollout 64
+        num_generations=8,  # 7b_instruct_rl.sh: --num_samples_per_prompt_rollout 8
+        num_iterations=1,  # 7b_instruct_rl.sh: --num_epochs 1
+        micro_batch_size=16,
+        max_prompt_length=2048,  # 7b_instruct_rl.sh: --max_prompt_token_length 2048
+        max_completion_length=8192,  # 7b_instruct_rl.sh: --response_length 8192
+        temperature=1.0,  # 7b_instruct_rl.sh: --temperature 1.0
+        loss_type="dapo",  # grpo_utils: loss_fn dapo, loss_denominator "token" (token-level normalization)
+        beta=0.0,  # 7b_instruct_rl.sh: --beta 0.0 (no KL, no reference model)
+        epsilon_low=0.2,  # grpo_utils: clip_lower 0.2
+        epsilon_high=0.272,  # 7b_instruct_rl.sh / grpo_utils: --clip_higher 0.272
+        advantage_normalization="centered",  # 7b_instruct_rl.sh: --advantage_normalization_type centered
+        filter_zero_std_groups=True,  # data_loader: filter_zero_std_samples True
+        active_sampling=True,  # 7b_instruct_rl.sh: --active_sampling
+        max_sampling_rounds=8,  # ours: grpo_fast keeps pulling prompts asynchronously; here a bound per step
+        mask_truncated_completions=False,  # 7b_instruct_rl.sh: --mask_truncated_completions False
+        unfinished_penalty=None,  # 7b_instruct_rl.sh: --non_stop_penalty False
+        importance_sampling_correction=True,  # grpo_utils: truncated_importance_sampling_ratio_cap 2.0
+        importance_sampling_cap=2.0,
+        correct_reward=10.0,  # grpo_utils / grpo_fast: verification_reward 10.0
+        use_vllm=True,
+        vllm_gpu_memory_utilization=0.3,
+        seed=1,  # 7b_instruct_rl.sh: --seed 1
+        save_steps=50,  # 7b_instruct_rl.sh: --checkpoint_state_freq 50
     ),
 }
 

@@ -37,6 +37,7 @@ from tulu_pipeline.storage import Store
 from tulu_pipeline.training.grpo import (
     DEFAULT_VERIFIER_MODULE,
     REWARD_CURVE_FILE,
+    TRAINING_METRICS_FILE,
     GRPOResult,
     run_grpo,
     verifier_from_module,
@@ -94,12 +95,17 @@ def materialization_metadata(result: GRPOResult, location: str) -> dict[str, Any
     """Final metrics as dagster-pipes metadata (plain values are inferred; typed ones are {raw_value, type})."""
     m = result.metrics
     png = result.reward_curve_path.read_bytes() if result.reward_curve_path.exists() else b""
+    panels = result.training_metrics_path.read_bytes() if result.training_metrics_path.exists() else b""
     metadata: dict[str, Any] = {
         "checkpoint_path": {"raw_value": location, "type": "path"},
         "reward_curve_path": {"raw_value": f"{location.rstrip('/')}/{REWARD_CURVE_FILE}", "type": "path"},
         "reward_curve": {"raw_value": f"![reward curve](data:image/png;base64,{base64.b64encode(png).decode()})",
                          "type": "md"},
+        "training_metrics_path": {"raw_value": f"{location.rstrip('/')}/{TRAINING_METRICS_FILE}", "type": "path"},
+        "training_metrics": {"raw_value": "![per-step training metrics](data:image/png;base64,"
+                                          f"{base64.b64encode(panels).decode()})", "type": "md"},
         "reward_per_step": {"raw_value": m.get("reward_per_step", []), "type": "json"},
+        "heldout_accuracy_change_ci95": {"raw_value": m.get("heldout_accuracy_change_ci95"), "type": "json"},
         "config": {"raw_value": result.manifest.get("config", {}), "type": "json"},
         "fingerprint": result.manifest.get("fingerprint"),
         "start_model_sha256": result.manifest.get("start_model_sha256"),
@@ -116,7 +122,8 @@ def materialization_metadata(result: GRPOResult, location: str) -> dict[str, Any
 
 def _print_summary(metadata: dict[str, Any]) -> None:
     plain = {k: (v["raw_value"] if isinstance(v, dict) and "raw_value" in v else v) for k, v in metadata.items()
-             if k not in ("reward_curve", "reward_per_step", "config")}
+             if k not in ("reward_curve", "training_metrics", "reward_per_step", "config",
+                          "heldout_accuracy_change_ci95")}
     print(json.dumps({"event": "grpo_result", **plain}, sort_keys=True, default=str), flush=True)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tulu_pipeline.provenance.ledger import LedgerWriter
+from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.rlvr.prompts import RLVR_DATASET, rlvr_info_path, row_task
 from tulu_pipeline.storage import Store
 
@@ -146,7 +147,8 @@ def record_rlvr_events(store: Store, plan: GRPOPlan, manifest: dict[str, Any], r
     too_long = set(manifest.get("too_long_row_ids") or [])
     counts = {"trained_on": 0, "evaluated": 0, "not_trained": 0}
     base = {"checkpoint": plan.checkpoint_id, "dataset_version": plan.dataset_version,
-            "start_checkpoint": plan.start.checkpoint_id}
+            "start_checkpoint": plan.start.checkpoint_id,
+            "template_lineage": lineage_hashes(manifest.get("template_lineage"))}
     with LedgerWriter(store, "rlvr", "rlvr_checkpoint", plan.version, run_id) as ledger:
         for row in store.iter_rows(plan.extras["prompts_dataset"], plan.dataset_version):
             row_id = row["row_id"]

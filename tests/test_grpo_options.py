@@ -1,0 +1,235 @@
+"""The DAPO / Dr GRPO / Olmo 3 options of the GRPO stage, each with a test that fails when the option is ignored.
+
+Runs are one or two optimizer steps of the toy addition model (tests/test_grpo_support.py): the same seed and start
+model sample the same rollouts, so two runs that differ in one option differ only where that option acts. The loss
+formulas themselves are checked against TRL in tests/test_grpo_trl_parity.py.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_grpo_support import addition_row, save_warm_addition_model
+
+from tulu_pipeline.training import grpo
+from tulu_pipeline.training.grpo import (
+    TRAINING_METRICS_FILE,
+    group_advantages,
+    has_signal,
+    resample_prompt_indices,
+    run_grpo,
+    step_prompt_indices,
+    verifier_from_module,
+)
+from tulu_pipeline.training.grpo_config import GRPO_PRESETS, GRPOTrainingConfig, grpo_config
+from tulu_pipeline.training.reporting import NullReporter
+
+PAIRS = [(a, b) for a in range(10) for b in range(10)]
+random.Random(1).shuffle(PAIRS)
+TRAIN = [addition_row(a, b) for a, b in PAIRS[:8]]
+HELDOUT = [addition_row(a, b, "heldout") for a, b in PAIRS[8:12]]
+BASE = GRPOTrainingConfig(learning_rate=5e-3, max_steps=1, prompts_per_step=4, num_generations=6,
+                          micro_batch_size=64, max_completion_length=4, beta=0.0, save_steps=100, seed=3)
+STEP_METRICS = {"reward_mean", "reward_std", "zero_std_groups_dropped_share", "unfinished_rate",
+                "clip_low_fraction", "clip_high_fraction", "kl", "entropy", "completion_tokens_mean",
+                "logprob_mismatch"}
+
+
+@pytest.fixture(scope="module")
+def toy_model(tmp_path_factory) -> Path:
+    return save_warm_addition_model(tmp_path_factory.mktemp("toy") / "sft-toy", PAIRS[:8], steps=150)
+
+
+_REAL = verifier_from_module()
+# Two of the first step's prompts count as solved whatever the answer: their groups have zero reward std.
+_SOLVED = {TRAIN[i]["row_id"] for i in step_prompt_indices(1, BASE.prompts_per_step, len(TRAIN), BASE.seed)[:2]}
+
+
+def SOLVED_TWO(row: dict[str, Any], response: str) -> tuple[float, bool]:
+    return (10.0, True) if row["row_id"] in _SOLVED else _REAL(row, response)
+
+
+def _run(toy_model: Path, tmp_path: Path, name: str, heldout: list | None = None, verifier: Any = None,
+         **overrides: Any) -> dict[str, Any]:
+    reporter = NullReporter()
+    result = run_grpo(TRAIN, heldout or [], toy_model, tmp_path / name, BASE.model_copy(update=overrides),
+                      reporter=reporter, verifier=verifier)
+    result.metrics["streamed"] = reporter.history
+    return result.metrics
+
+
+def _step(metrics: dict[str, Any], step: int = 0) -> dict[str, Any]:
+    return metrics["streamed"][step]
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+def test_presets_carry_their_recipes():
+    olmo = GRPO_PRESETS["olmo3_style"]
+    assert (olmo.beta, olmo.epsilon_low, olmo.clip_high, olmo.loss_type) == (0.0, 0.2, 0.272, "dapo")
+    assert (olmo.advantage_normalization, olmo.filter_zero_std_groups, olmo.active_sampling) == ("centered", True, True)
+    assert (olmo.importance_sampling_correction, olmo.importance_sampling_cap) == (True, 2.0)
+    assert (olmo.unfinished_penalty, olmo.mask_truncated_completions) == (None, False)
+    paper = GRPO_PRESETS["tulu3_8b"]
+    assert (paper.beta, paper.clip_high, paper.advantage_normalization, paper.filter_zero_std_groups) == (
+        0.05, 0.2, "std", False)
+    demo = GRPO_PRESETS["cpu_demo"]
+    assert (demo.use_vllm, demo.beta, demo.filter_zero_std_groups, demo.max_completion_length) == (False, 0.0, True, 24)
+
+
+def test_epsilon_is_accepted_as_trls_name_for_the_lower_clip():
+    config = GRPOTrainingConfig.model_validate({"epsilon": 0.3})
+    assert (config.epsilon_low, config.clip_high) == (0.3, 0.3)
+    assert grpo_config("cpu_demo", epsilon_high=0.28).clip_high == 0.28
+
+
+def test_inconsistent_options_are_refused():
+    with pytest.raises(ValueError, match="alternatives"):
+        GRPOTrainingConfig(mask_truncated_completions=True, unfinished_penalty=10.0)
+    with pytest.raises(ValueError, match="filter_zero_std_groups"):
+        GRPOTrainingConfig(active_sampling=True, filter_zero_std_groups=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# advantages and sampling
+# ---------------------------------------------------------------------------------------------
+def test_advantage_normalizations():
+    rewards = [10.0, 0.0, 0.0, 0.0]
+    centered = group_advantages(rewards, "centered")
+    assert centered == [7.5, -2.5, -2.5, -2.5]  # r - mean(r): Dr GRPO / open-instruct "centered"
+    std = (sum((r - 2.5) ** 2 for r in rewards) / 3) ** 0.5  # unbiased, as TRL's nanstd and open-instruct
+    assert group_advantages(rewards, "std") == pytest.approx([a / (std + 1e-4) for a in centered])
+    with pytest.raises(ValueError, match="std"):
+        group_advantages(rewards, "batch")
+    assert not has_signal([10.0, 10.0, 10.0]) and has_signal([10.0, 0.0, 10.0])
+
+
+def test_resampled_prompts_are_seeded():
+    first = resample_prompt_indices(step=3, sampling_round=1, per_step=4, total=10, seed=7)
+    assert first == resample_prompt_indices(step=3, sampling_round=1, per_step=4, total=10, seed=7)
+    assert first != resample_prompt_indices(step=3, sampling_round=2, per_step=4, total=10, seed=7)
+    assert len(set(first)) == 4
+    assert sorted(resample_prompt_indices(1, 1, per_step=20, total=5, seed=0)) == list(range(5))
+
+
+# ---------------------------------------------------------------------------------------------
+# the options in a run
+# ---------------------------------------------------------------------------------------------
+def test_every_step_streams_the_training_metrics_and_the_checkpoint_plots_them(toy_model, tmp_path):
+    metrics = _run(toy_model, tmp_path, "metrics", max_steps=2, beta=0.05)
+    for step in metrics["streamed"]:
+        assert STEP_METRICS <= step.keys(), STEP_METRICS - step.keys()
+    assert _step(metrics)["kl"] == 0.0  # the policy starts at the reference...
+    assert _step(metrics, 1)["kl"] > 0.0  # ...and leaves it after one update
+    # the transformers sampler is the learner itself: its log-probs agree up to float error
+    assert all(step["logprob_mismatch"] < 1e-3 for step in metrics["streamed"])
+    assert metrics["reference_model"] is True
+    assert (tmp_path / "metrics" / TRAINING_METRICS_FILE).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_beta_zero_loads_no_reference_model(toy_model, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    loaded = []
+    original = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: loaded.append(args[0]) or original(*args, **kwargs))
+    without = _run(toy_model, tmp_path, "beta0")
+    loads_without = len(loaded)  # the policy, and the published checkpoint for the held-out measurement
+    with_kl = _run(toy_model, tmp_path, "beta", beta=0.05)
+    assert without["reference_model"] is False and with_kl["reference_model"] is True
+    assert len(loaded) - loads_without == loads_without + 1  # one more: the reference model
+
+
+def test_centered_advantages_change_the_update(toy_model, tmp_path):
+    std = _step(_run(toy_model, tmp_path, "std"))
+    centered = _step(_run(toy_model, tmp_path, "centered", advantage_normalization="centered"))
+    assert std["reward_mean"] == centered["reward_mean"]  # same rollouts...
+    assert std["loss"] != pytest.approx(centered["loss"], abs=1e-6)  # ...different advantages
+
+
+def test_zero_std_groups_are_dropped(toy_model, tmp_path):
+    kept = _step(_run(toy_model, tmp_path, "kept", verifier=SOLVED_TWO))
+    filtered = _step(_run(toy_model, tmp_path, "filtered", verifier=SOLVED_TWO, filter_zero_std_groups=True))
+    assert kept["reward_mean"] == filtered["reward_mean"]
+    assert kept["zero_std_groups"] == filtered["zero_std_groups"] >= 2  # the two always-solved prompts at least
+    dropped = filtered["zero_std_groups"]
+    assert dropped < BASE.prompts_per_step, "this batch must keep a group with signal"
+    assert filtered["zero_std_groups_dropped_share"] == dropped / BASE.prompts_per_step
+    assert kept["zero_std_groups_dropped_share"] == 0.0
+    assert filtered["trained_rollouts"] == kept["trained_rollouts"] - dropped * BASE.num_generations
+    # dapo divides by the tokens trained on: fewer tokens, a larger per-token weight on the rest
+    assert filtered["loss_tokens"] < kept["loss_tokens"]
+    assert filtered["loss"] != pytest.approx(kept["loss"], abs=1e-6)
+
+
+def test_active_sampling_refills_the_batch_within_its_bound(toy_model, tmp_path):
+    metrics = _step(_run(toy_model, tmp_path, "active", verifier=SOLVED_TWO, filter_zero_std_groups=True,
+                         active_sampling=True, max_sampling_rounds=4))
+    assert 2 <= metrics["sampling_rounds"] <= 4  # the first round had zero-std groups to replace
+    assert metrics["groups_sampled"] > BASE.prompts_per_step
+    kept_groups = metrics["trained_rollouts"] // BASE.num_generations
+    # more than the first round's at most prompts_per_step - 2 groups with signal, never more than the batch
+    assert BASE.prompts_per_step - 2 < kept_groups <= BASE.prompts_per_step
+    if kept_groups < BASE.prompts_per_step:  # stopped by the bound, not by a full batch
+        assert metrics["sampling_rounds"] == 4
+
+
+def test_active_sampling_stops_at_its_bound_when_no_group_has_signal(toy_model, tmp_path):
+    def always_wrong(row, response):
+        return 0.0, False
+
+    metrics = _step(_run(toy_model, tmp_path, "hopeless", verifier=always_wrong, filter_zero_std_groups=True,
+                         active_sampling=True, max_sampling_rounds=3, unfinished_penalty=None))
+    assert metrics["sampling_rounds"] == 3
+    assert metrics["zero_std_groups_dropped_share"] == 1.0
+    assert metrics["trained_rollouts"] == 0 and metrics["loss"] == 0.0 and metrics["grad_norm"] is None
+
+
+def test_truncated_completions_are_masked_instead_of_penalized(toy_model, tmp_path):
+    # Two tokens cut off most "<digits><EOS>" answers: the masked run trains on the finished ones only.
+    short = dict(max_completion_length=2, unfinished_penalty=None)
+    kept = _step(_run(toy_model, tmp_path, "unmasked", **short))
+    masked = _step(_run(toy_model, tmp_path, "masked", mask_truncated_completions=True, **short))
+    assert kept["reward_mean"] == masked["reward_mean"] and 0 < masked["unfinished_rate"] < 1
+    assert masked["loss_tokens"] < kept["loss_tokens"]
+    assert masked["loss"] != pytest.approx(kept["loss"], abs=1e-6)
+
+
+def test_importance_sampling_correction_weights_by_the_capped_ratio(toy_model, tmp_path, monkeypatch):
+    plain = _step(_run(toy_model, tmp_path, "plain"))
+    # A sampler whose log-probs are 1 nat below the learner's: every weight is exp(1) > cap, so exactly the cap.
+    original = grpo.TransformersRollouts.generate
+
+    def shifted(self, *args, **kwargs):
+        groups = original(self, *args, **kwargs)
+        return [[(out[0], out[1], [lp - 1.0 for lp in out[2]]) for out in group] for group in groups]
+
+    monkeypatch.setattr(grpo.TransformersRollouts, "generate", shifted)
+    corrected = _step(_run(toy_model, tmp_path, "corrected", importance_sampling_correction=True,
+                           importance_sampling_cap=1.5))
+    assert corrected["logprob_mismatch"] == pytest.approx(1.0, abs=1e-3)
+    assert corrected["is_weight_mean"] == pytest.approx(1.5)
+    assert corrected["loss"] == pytest.approx(1.5 * plain["loss"], rel=1e-4, abs=1e-7)
+
+
+def test_importance_sampling_needs_sampler_logprobs(toy_model, tmp_path, monkeypatch):
+    original = grpo.TransformersRollouts.generate
+    monkeypatch.setattr(grpo.TransformersRollouts, "generate", lambda self, *a, **k: [
+        [tuple(out[:2]) for out in group] for group in original(self, *a, **k)])
+    with pytest.raises(ValueError, match="sampler's log-probs"):
+        _run(toy_model, tmp_path, "no-logprobs", importance_sampling_correction=True)
+
+
+def test_heldout_accuracy_has_a_paired_interval(toy_model, tmp_path):
+    metrics = _run(toy_model, tmp_path, "heldout", heldout=HELDOUT)
+    before, after = metrics["heldout_before"], metrics["heldout_after"]
+    assert len(before["ok_per_row"]) == len(HELDOUT)
+    low, high = before["accuracy_ci95"]
+    assert low <= before["accuracy"] <= high
+    low, high = metrics["heldout_accuracy_change_ci95"]
+    assert low <= after["accuracy"] - before["accuracy"] <= high
