@@ -26,6 +26,14 @@ GPU image as is::
     .venv/bin/python benchmarks/generation.py [--model-dir DIR] [--batch-size 8] [--repeats 2]
     python3 benchmarks/generation.py --device cuda --random-like smollm2-135m --tokenizer-dir DIR --out ...
     python3 benchmarks/generation.py --backend vllm --model-dir DIR
+
+``--compare`` (CPU) runs, in one invocation, each backend in a fresh child process: the transformers backend
+(our batched loop, with transformers' own ``generate`` as the baseline) with this interpreter and vLLM with the
+vLLM interpreter (``.venv-vllm``, `tulu_pipeline.vllm_runtime`). Each child's run is stored as above, plus
+``startup_s`` (process start to a loaded backend, imports included) and ``peak_rss_mib`` (the child's whole
+process tree, sampled every 0.2 s by the parent: vLLM runs an engine and a worker process beside its own); the
+parent adds ``runs["cpu-comparison"]`` with the ratios of that same run (the children's runs are stored as
+``cpu-compare-transformers-float32-b8`` and ``cpu-compare-vllm-float32``).
 """
 
 from __future__ import annotations
@@ -113,7 +121,8 @@ def build(args: argparse.Namespace, model_dir: Path) -> Any:
     if args.backend == "vllm":
         from tulu_pipeline.generation.vllm_backend import VLLMBackend
 
-        return VLLMBackend(model_dir, "bench", dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization)
+        return VLLMBackend(model_dir, "bench", dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+                           max_model_len=1024)
     from tulu_pipeline.generation.transformers_backend import TransformersBackend
 
     return TransformersBackend(model_dir, "bench", device=args.device, dtype=args.dtype, batch_size=args.batch_size)
@@ -174,8 +183,8 @@ def machine_info(backend: Any) -> dict[str, Any]:
                             "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-    device = str(getattr(backend, "device", "cuda"))
-    info["device"] = device
+    # the vLLM backend has no device attribute: it runs where its build does
+    info["device"] = str(getattr(backend, "device", "cuda" if torch.cuda.is_available() else "cpu"))
     return info
 
 
@@ -192,6 +201,74 @@ def write_run(path: Path, label: str, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def process_start_s() -> float:
+    """Seconds since this process started (interpreter start-up and imports included)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+def run_child(command: list[str], env: dict[str, str]) -> float:
+    """Run ``command`` and return the peak resident memory of its process tree in MiB."""
+    import subprocess
+
+    import psutil
+
+    child = subprocess.Popen(command, env=env)
+    root, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:  # a process of the tree exited between listing and reading it
+            pass
+        time.sleep(0.2)
+    if child.returncode != 0:
+        raise SystemExit(f"{command} failed with exit code {child.returncode}")
+    return peak / 2**20
+
+
+def compare(args: argparse.Namespace) -> None:
+    """The CPU comparison (see the module docstring): transformers and vLLM children, then the ratios."""
+    from tulu_pipeline.vllm_runtime import engine_env, require_vllm_python
+
+    script = str(Path(__file__).resolve())
+    common = ["--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats), "--out", str(args.out),
+              "--dtype", "float32", "--batch-size", str(args.batch_size)]
+    if args.model_dir is not None:
+        common += ["--model-dir", str(args.model_dir)]
+    children = {"transformers": ([sys.executable, script, "--backend", "transformers", "--hf-baseline",
+                                  "--label", "cpu-compare-transformers-float32-b8"], dict(os.environ)),
+                "vllm": ([str(require_vllm_python()), script, "--backend", "vllm",
+                          "--label", "cpu-compare-vllm-float32"],
+                         engine_env())}
+    peaks = {}
+    for name, (command, env) in children.items():
+        peaks[name] = round(run_child(command + common, env), 1)
+    results = json.loads(args.out.read_text(encoding="utf-8"))["runs"]
+    ours, vllm = results["cpu-compare-transformers-float32-b8"], results["cpu-compare-vllm-float32"]
+    ours["peak_rss_mib"], vllm["peak_rss_mib"] = peaks["transformers"], peaks["vllm"]
+    write_run(args.out, "cpu-compare-transformers-float32-b8", ours)
+    write_run(args.out, "cpu-compare-vllm-float32", vllm)
+    tps = {"vllm": vllm["modes"]["batched"]["tokens_per_s"],
+           "transformers_batched": ours["modes"]["batched"]["tokens_per_s"],
+           "hf_generate": ours["modes"]["hf_generate_batched"]["tokens_per_s"]}
+    workload_tokens = ours["modes"]["batched"]["tokens"] // args.repeats
+    end_to_end = {name: round(run["startup_s"] + workload_tokens / run["modes"]["batched"]["tokens_per_s"], 1)
+                  for name, run in (("transformers_batched", ours), ("vllm", vllm))}
+    write_run(args.out, "cpu-comparison", {
+        "runs": ["cpu-compare-transformers-float32-b8", "cpu-compare-vllm-float32"],
+        "batched_tokens_per_s": tps,
+        "vllm_over_transformers_batched_tokens_per_s": round(tps["vllm"] / tps["transformers_batched"], 3),
+        "startup_s": {"transformers": ours["startup_s"], "vllm": vllm["startup_s"]},
+        "peak_rss_mib": peaks,
+        "greedy_texts_identical_vllm_vs_transformers": f"{sum(a == b for a, b in zip(ours['texts'], vllm['texts']))}"
+                                                       f"/{len(PROMPTS)}",
+        # one batched workload (16 prompts) including the process start-up: what a generation job costs
+        "one_workload_end_to_end_s": end_to_end,
+    })
 
 
 def main() -> None:
@@ -211,7 +288,12 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "generation.json")
     parser.add_argument("--label", help="key of this run in the results file (default: backend-device-dtype-bN)")
+    parser.add_argument("--compare", action="store_true",
+                        help="CPU: transformers and vLLM, each in its own process, in one run (module docstring)")
     args = parser.parse_args()
+    if args.compare:
+        compare(args)
+        return
 
     prompts = [[{"role": "user", "content": text}] for text in PROMPTS]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
@@ -220,6 +302,7 @@ def main() -> None:
         load_started = time.perf_counter()
         backend = build(args, model_dir)
         load_s = time.perf_counter() - load_started
+        startup_s = process_start_s()
         if args.backend == "vllm" or str(getattr(backend, "device", "")).startswith("cuda"):
             # On a GPU the first call at each batch shape and KV length picks kernels (cuDNN attention
             # plans, cuBLAS heuristics): 6.7 s instead of 1.9 s for the batched bf16 call on an H200.
@@ -257,6 +340,7 @@ def main() -> None:
         "settings": {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "decoding": "greedy",
                      "batch_size": args.batch_size if args.backend == "transformers" else "vllm scheduler",
                      "repeats": args.repeats, "dtype": dtype, "model_load_s": round(load_s, 2)},
+        "startup_s": round(startup_s, 1),
         "machine": {**info, "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in load_after]},
         "modes": modes,
@@ -268,8 +352,9 @@ def main() -> None:
             f"{sum(a == b for a, b in zip(texts['hf_generate_batched'], texts['batched']))}/{len(prompts)}"}
            if "hf_generate_batched" in modes else {}),
         "sample": {"prompt": PROMPTS[0], "completion": texts["batched"][0][:200]},
+        "texts": texts["batched"],
     }
-    device = "vllm" if args.backend == "vllm" else info["device"]
+    device = info["device"]
     label = args.label or f"{args.backend}-{device}-{dtype}-b{args.batch_size}"
     write_run(args.out, label, payload)
     print(json.dumps({label: payload}, indent=2))

@@ -8,6 +8,7 @@ resource set (`resources.resources_for`) decides.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any, Literal
@@ -27,8 +28,25 @@ from resources.k8s_spec import (
     pod_spec,
 )
 from tulu_pipeline.settings import repo_root
+from tulu_pipeline.training.grpo_config import grpo_config
+from tulu_pipeline.vllm_runtime import engine_env, require_vllm_python
 
 StageKind = Literal["train", "generate", "eval"]
+BACKEND_JOBS = ("tulu_pipeline.generation.job", "tulu_pipeline.preference.judge_job")
+GRPO_JOB = "tulu_pipeline.training.grpo_job"
+
+
+def needs_vllm(module: str, extras: dict[str, Any]) -> bool:
+    """Whether job ``module`` with ``extras`` builds a vLLM engine: a generation or judge job whose ``backend``
+    kind is ``vllm``, or a GRPO job whose resolved config (``preset`` + ``config``) has ``use_vllm``."""
+    if module in BACKEND_JOBS:
+        backend = extras.get("backend")
+        if isinstance(backend, str):
+            backend = json.loads(backend)
+        return isinstance(backend, dict) and backend.get("kind") == "vllm"
+    if module == GRPO_JOB:
+        return grpo_config(extras.get("preset") or "cpu_demo", **(extras.get("config") or {})).use_vllm
+    return False
 
 
 def _secret_ref(name: str, ref: str) -> tuple[str, str, str]:
@@ -52,25 +70,43 @@ class ComputeLauncher(dg.ConfigurableResource):
 
 
 class LocalLauncher(ComputeLauncher):
-    """A child process on this machine (PipesSubprocessClient); a terminated run terminates it too."""
+    """A child process on this machine (PipesSubprocessClient); a terminated run terminates it too.
+
+    Jobs that build a vLLM engine (`needs_vllm`) run with ``vllm_python``,
+    the interpreter that has vLLM (the checkout's ``.venv-vllm`` by default), the others with ``python``.
+    """
 
     python: str = Field(default_factory=lambda: sys.executable, description="interpreter for the entrypoint")
+    vllm_python: str | None = Field(default=None, description="interpreter for vLLM jobs (default: "
+                                    "$TULU_VLLM_PYTHON or <repo>/.venv-vllm/bin/python)")
     extra_env: dict[str, str] = Field(default_factory=dict, description="extra environment for the child process")
 
-    def command(self, module: str, nproc_per_node: int | None = None, nodes: int | None = None) -> list[str]:
+    def command(self, module: str, nproc_per_node: int | None = None, nodes: int | None = None,
+                python: str | None = None) -> list[str]:
         """``python -m module``, or a standalone ``torchrun`` for several local workers."""
+        python = python or self.python
         if nodes and nodes > 1:
             raise ValueError(f"{module}: {nodes} nodes need the Kubernetes launcher (TULU_DEPLOYMENT=k8s)")
         if nproc_per_node and nproc_per_node > 1:
-            return [self.python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", "--standalone",
+            return [python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", "--standalone",
                     "-m", module]
-        return [self.python, "-m", module]
+        return [python, "-m", module]
+
+    def interpreter(self, module: str, extras: dict[str, Any]) -> str:
+        """The python that runs ``module`` with ``extras``; FileNotFoundError if a vLLM job has none."""
+        if not needs_vllm(module, extras):
+            return self.python
+        return self.vllm_python or str(require_vllm_python())
 
     def run(self, context, module, extras, *, gpus=None, nproc_per_node=None, nodes=None, kind=None):
         # GPUs are whatever this machine has; only an explicit worker count changes the command.
+        python = self.interpreter(module, extras)
+        env = {**os.environ, **self.extra_env}
+        if python != self.python:
+            env = engine_env(env)
         client = dg.PipesSubprocessClient(cwd=str(repo_root()), forward_termination=True)
-        return client.run(command=self.command(module, nproc_per_node, nodes), context=context, extras=extras,
-                          env={**os.environ, **self.extra_env})
+        return client.run(command=self.command(module, nproc_per_node, nodes, python), context=context,
+                          extras=extras, env=env)
 
 
 class TolerationConfig(dg.Config):

@@ -1,7 +1,7 @@
 """Generation backends: the transformers loop on a tiny random Llama (greedy equals transformers' own
 ``generate``, batch-independent results, seeded sampling, stop handling, log-likelihoods), vLLM request
-translation against a fake ``vllm`` module, the OpenAI-compatible client against a real local HTTP server,
-specs/resources, and the generation job end to end."""
+translation against a fake ``vllm`` module (the real engine: tests/test_vllm_engine.py), the OpenAI-compatible
+client against a real local HTTP server, specs/resources, and the generation job end to end."""
 
 from __future__ import annotations
 
@@ -246,7 +246,8 @@ def test_vllm_backend_translates_requests(monkeypatch, model_dir):
 
     backend = VLLMBackend(model_dir, "tiny-vllm", dtype="bfloat16", gpu_memory_utilization=0.5, max_model_len=1024)
     assert calls["init"] == {"model": str(model_dir), "dtype": "bfloat16", "gpu_memory_utilization": 0.5,
-                             "tensor_parallel_size": 1, "trust_remote_code": False, "seed": 0, "max_model_len": 1024}
+                             "tensor_parallel_size": 1, "trust_remote_code": False, "seed": 0, "max_model_len": 1024,
+                             "enforce_eager": True}  # no CUDA here: the CPU engine runs eagerly
     params = SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, n=2, seed=100, stop=("\n\n",))
     results = backend.generate(PROMPTS[:2], params)
     inputs, sampling = calls["generate"][-1]
@@ -275,7 +276,7 @@ def test_vllm_missing_gives_an_install_hint(monkeypatch, model_dir):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
     from tulu_pipeline.generation.vllm_backend import VLLMBackend
 
-    with pytest.raises(ImportError, match="install the gpu extra"):
+    with pytest.raises(ImportError, match="make setup"):
         VLLMBackend(model_dir, "x")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.generation.base import Messages
+from tulu_pipeline.provenance.template_lineage import template_lineage
 from tulu_pipeline.training.chat_template import (
     ROLES,
     TULU_CHAT_TEMPLATE,
@@ -100,6 +101,10 @@ class ChatEncoder:
             if trained:  # an earlier assistant turn ends with its EOS, as in training
                 ids.append(self.tokenizer.eos_token_id)
         return ids
+
+    def lineage(self) -> dict[str, Any]:
+        """The chat template, tokenizer and masking rule these prompts are encoded with (`template_lineage`)."""
+        return template_lineage(self.tokenizer)
 
     def continuation_ids(self, continuation: str) -> list[int]:
         """Token ids of a continuation scored after a prompt (tokenized on its own, like an assistant turn)."""

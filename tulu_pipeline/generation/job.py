@@ -34,6 +34,7 @@ from typing import Any
 from tulu_pipeline.generation.base import GenerationBackend, SamplingParams
 from tulu_pipeline.generation.chat import validate_messages
 from tulu_pipeline.generation.spec import BackendSpec, build_backend
+from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.reporting import (
     NullReporter,
@@ -95,6 +96,8 @@ def run_generation(store: Store, requests_rel: str, output_rel: str, spec: Backe
     if backend is None:
         backend = build_backend(spec, store)
     model_id = backend.model_id
+    encoder = getattr(backend, "encoder", None)  # local backends tokenize; an HTTP server's template is its own
+    lineage = encoder.lineage() if encoder is not None else None
     if chunk_size is None:
         chunk_size = spec.batch_size * 4 if spec.kind == "transformers" else 256
     reporter.log(f"generating {params.n} completion(s) for {len(requests)} requests from {requests_rel} with "
@@ -151,9 +154,17 @@ def run_generation(store: Store, requests_rel: str, output_rel: str, spec: Backe
         "params": meta,
         "output": store.uri(output_rel),
         "output_sha256": digest.hexdigest(),
+        "template_lineage": lineage,
     }
+    if lineage is not None:
+        store.write_json(lineage_path(output_rel), lineage)
     reporter.log(f"wrote {totals['completions']} completions for {len(requests)} requests to {summary['output']}")
     return summary
+
+
+def lineage_path(output_rel: str) -> str:
+    """Sidecar of a generation output: the template lineage its prompts were encoded with."""
+    return f"{output_rel}.lineage.json"
 
 
 def run_job(extras: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
@@ -177,6 +188,7 @@ def materialization_metadata(summary: dict[str, Any]) -> dict[str, Any]:
     metadata["output"] = {"raw_value": summary["output"], "type": "path"}
     metadata["finish_reasons"] = {"raw_value": summary["finish_reasons"], "type": "json"}
     metadata["params"] = {"raw_value": summary["params"], "type": "json"}
+    metadata["template_lineage"] = {"raw_value": lineage_hashes(summary.get("template_lineage")), "type": "json"}
     return metadata
 
 

