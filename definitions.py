@@ -13,6 +13,7 @@ from assets.base_model import base_model
 from assets.curation import curation_assets
 from assets.dpo import dpo_assets, dpo_checkpoint
 from assets.evaluation import evaluation_assets, evaluation_checks, evaluation_jobs, evaluation_sensors
+from assets.lineage import build_template_checks, checkpoint_diff
 from assets.preference import preference_assets, preference_checks
 from assets.rlvr import rlvr_assets, rlvr_checkpoint
 from assets.sft import sft_assets, sft_checkpoint
@@ -54,8 +55,9 @@ full_pipeline = dg.define_asset_job(
 defs = dg.Definitions(
     assets=[source_files, *raw_source_assets, *curation_assets, base_model,
             *[a for a in [*sft_assets, *preference_assets, *dpo_assets, *rlvr_assets] if a not in TRAINING_ASSETS],
-            *map(_training, TRAINING_ASSETS), audit_report, *evaluation_assets],
-    asset_checks=[*preference_checks, *evaluation_checks, *build_coverage_checks(CHECKPOINT_KEYS)],
+            *map(_training, TRAINING_ASSETS), audit_report, checkpoint_diff, *evaluation_assets],
+    asset_checks=[*preference_checks, *evaluation_checks, *build_coverage_checks(CHECKPOINT_KEYS),
+                  *build_template_checks(CHECKPOINT_KEYS)],
     jobs=[full_pipeline, recuration_job, *jobs.values(), *evaluation_jobs],
     schedules=[weekly_recuration],
     sensors=[build_source_change_sensor(recuration_job, checkpoint_keys=CHECKPOINT_KEYS), *evaluation_sensors],

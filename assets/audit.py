@@ -2,14 +2,12 @@
 
 import dagster as dg
 
-from assets.metadata import TRAINING_OWNERS
+from assets.metadata import TRAINED_CHECKPOINT_ASSETS, TRAINING_OWNERS, latest_checkpoint_id
 from resources import TuluStorage
 from tulu_pipeline.provenance.audit import bill_markdown, checkpoint_bill
 
-AUDITED_CHECKPOINTS = ["sft_checkpoint", "dpo_checkpoint", "rlvr_checkpoint"]
 
-
-@dg.asset(group_name="audit", kinds={"json"}, owners=TRAINING_OWNERS, code_version="1", deps=AUDITED_CHECKPOINTS,
+@dg.asset(group_name="audit", kinds={"json"}, owners=TRAINING_OWNERS, code_version="1", deps=TRAINED_CHECKPOINT_ASSETS,
           description="The data bill of the newest checkpoint (RLVR, else DPO, else SFT; a later stage's bill includes "
           "the checkpoint it started from): sources and row counts, licenses (non-commercial flagged), "
           "decontamination status, mix/config hashes and code versions.",
@@ -17,14 +15,11 @@ AUDITED_CHECKPOINTS = ["sft_checkpoint", "dpo_checkpoint", "rlvr_checkpoint"]
                                          description="ledger, manifest and registry agree on the checkpoint's rows")])
 def audit_report(context: dg.AssetExecutionContext, storage: TuluStorage) -> dg.MaterializeResult:
     store = storage.store()
-    event = None
-    for key in reversed(AUDITED_CHECKPOINTS):  # the last stage of the recipe that has a checkpoint
-        event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
-        if event is not None and event.asset_materialization is not None:
-            break
-    if event is None or event.asset_materialization is None:
-        raise RuntimeError(f"none of {AUDITED_CHECKPOINTS} has been materialized yet")
-    checkpoint_id = event.asset_materialization.metadata["checkpoint_id"].value
+    # the last stage of the recipe that has a checkpoint
+    checkpoint_id = next((c for c in (latest_checkpoint_id(context.instance, key)
+                                      for key in reversed(TRAINED_CHECKPOINT_ASSETS)) if c is not None), None)
+    if checkpoint_id is None:
+        raise RuntimeError(f"none of {TRAINED_CHECKPOINT_ASSETS} has been materialized yet")
     bill = checkpoint_bill(store, checkpoint_id)
     markdown = bill_markdown(bill)
     base = f"reports/audit/{checkpoint_id}"

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 
 import dagster as dg
 
-from assets.metadata import DATA_OWNERS
+from assets.metadata import DATA_OWNERS, latest_checkpoint_id
 from resources import DataBundle, TuluStorage
 from tulu_pipeline.data.registry import SourceSpec, registry
 from tulu_pipeline.data.versions import changed_sources, dump_versions, load_versions, look_at_sources
@@ -76,8 +76,9 @@ def build_source_change_sensor(job, specs_fn: Callable[[], Sequence[SourceSpec]]
     """Re-curates what depends on a changed source file, and nothing else.
 
     The cursor holds every file's (size, mtime, sha256). A changed training pool reruns its raw table and the
-    curation chain below it; a changed or new benchmark reruns its raw table and decontamination (every training
-    row checked against it) and re-evaluates the coverage check of every checkpoint, which flags checkpoints
+    curation chain below it; a changed or new benchmark reruns its raw table and decontamination, which is
+    incremental (`pipeline.decontaminate_prompts`): rows kept before are checked against the changed benchmark
+    only, and when a pool gains rows only the new rows are scanned. It then re-evaluates the coverage check of every checkpoint, which flags checkpoints
     trained on data never decontaminated against it. A file that no longer matches its MANIFEST.json hash is
     reported, not ingested: the run would fail on the hash check, so the sensor asks for the manifest update first.
     """
@@ -118,7 +119,8 @@ def build_source_change_sensor(job, specs_fn: Callable[[], Sequence[SourceSpec]]
                           if context.instance.get_latest_materialization_event(k) is not None]
         run = dg.RunRequest(run_key=f"sources-{cursor_digest(cursor)}", asset_selection=keys,
                             asset_check_keys=check_keys or None,
-                            tags={"tulu/trigger": "source_change", "tulu/changed_sources": ",".join(usable)[:200]})
+                            tags={"tulu/trigger": "source_change", "tulu/changed_sources": ",".join(usable)[:200],
+                                  "tulu/decontamination": "incremental"})
         return dg.SensorResult(run_requests=[run], cursor=cursor, asset_events=observations)
 
     return source_change_sensor
@@ -133,12 +135,10 @@ def _coverage_check(key: dg.AssetKey) -> dg.AssetChecksDefinition:
                     description="every current eval benchmark was in the decontamination of the data this "
                     "checkpoint (and the checkpoints it started from) was trained on")
     def coverage_check(context: dg.AssetCheckExecutionContext, storage: TuluStorage) -> dg.AssetCheckResult:
-        event = context.instance.get_latest_materialization_event(key)
-        value = event.asset_materialization.metadata.get("checkpoint_id") if event else None
-        if value is None:
+        checkpoint_id = latest_checkpoint_id(context.instance, key)
+        if checkpoint_id is None:
             return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN,
                                        metadata={"reason": "no materialization with a checkpoint_id yet"})
-        checkpoint_id = getattr(value, "value", value)
         coverage = eval_coverage(storage.store(), checkpoint_id)
         missing = coverage.missing_benchmarks([s for s in registry() if s.role == "eval"])
         return dg.AssetCheckResult(

@@ -5,8 +5,9 @@ from typing import Any
 import dagster as dg
 
 from assets.automation import GPU_POOL, TRANSIENT_RETRY
-from assets.metadata import TRAINING_OWNERS, config_hash, image
+from assets.metadata import TRAINING_OWNERS, config_hash, image, latest_checkpoint_id
 from resources import ComputeLauncher, TuluStorage
+from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.training.dpo import (
     DPO_CODE_VERSION,
     LOSS_CURVE_FILE,
@@ -33,11 +34,7 @@ def _sft_checkpoint_id(context: dg.AssetExecutionContext, config: DPOStageConfig
     """The configured id, else the one sft_checkpoint's latest materialization reported (None: newest on disk)."""
     if config.sft_checkpoint_id:
         return config.sft_checkpoint_id
-    event = context.instance.get_latest_materialization_event(dg.AssetKey("sft_checkpoint"))
-    if event is None or event.asset_materialization is None:
-        return None
-    value = event.asset_materialization.metadata.get("checkpoint_id")
-    return value.value if value is not None else None
+    return latest_checkpoint_id(context.instance, "sft_checkpoint")
 
 
 @dg.asset(group_name="preference", kinds={"parquet"}, owners=TRAINING_OWNERS, code_version=REFERENCE_CODE_VERSION,
@@ -80,6 +77,7 @@ def dpo_checkpoint(context: dg.AssetExecutionContext, config: DPOStageConfig, st
         "reference_logprobs_version": plan.reference_version,
         "ledger_events": dg.MetadataValue.json(events),
         "config": dg.MetadataValue.json(manifest["config"]),
+        "template_lineage": dg.MetadataValue.json(lineage_hashes(manifest.get("template_lineage"))),
         "heldout_before": dg.MetadataValue.json(metrics["heldout_before"]),
         "heldout_after": dg.MetadataValue.json(metrics["heldout_after"]),
         "manifest": dg.MetadataValue.json({k: v for k, v in manifest.items() if k != "metrics"}),

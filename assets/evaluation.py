@@ -17,7 +17,7 @@ from typing import Any
 import dagster as dg
 
 from assets.automation import GPU_POOL, TRANSIENT_RETRY
-from assets.metadata import image
+from assets.metadata import TRAINED_CHECKPOINT_ASSETS, image, latest_checkpoint_id
 from assets.metadata import samples as samples_table
 from resources import ComputeLauncher, TuluStorage
 from resources.generation import GenerationResource, JudgeResource
@@ -32,15 +32,17 @@ from tulu_pipeline.evaluation.lineage import BASE_MODEL_ID, lineage_order, list_
 from tulu_pipeline.evaluation.pipeline import run_benchmark
 from tulu_pipeline.evaluation.results import dataset_name
 from tulu_pipeline.evaluation.runner import EVAL_CODE_VERSION
+from tulu_pipeline.provenance.template_lineage import check_evaluation_lineage
 
 EVAL_OWNERS = ["team:evaluation"]
 CHECKPOINT_PARTITIONS = "checkpoints"
 checkpoint_partitions = dg.DynamicPartitionsDefinition(name=CHECKPOINT_PARTITIONS)
 REGRESSION_CHECK = "no_regression_vs_parent"
 CONTAMINATION_CHECK = "decontaminated_upstream"
+TEMPLATE_CHECK = "template_matches_checkpoint"
 COMPARISON_REPORT = "reports/eval/comparison"
 # the assets that write models/<checkpoint_id>/ (lineage in the UI; the partition names the checkpoint)
-CHECKPOINT_ASSETS = ["base_model", "sft_checkpoint", "dpo_checkpoint", "rlvr_checkpoint"]
+CHECKPOINT_ASSETS = ["base_model", *TRAINED_CHECKPOINT_ASSETS]
 
 
 def register_checkpoint(instance_or_context: Any, checkpoint_id: str) -> bool:
@@ -96,7 +98,10 @@ def build_eval_asset(name: str) -> dg.AssetsDefinition:
         check_specs=[dg.AssetCheckSpec(REGRESSION_CHECK, asset=key,
                                        description="score against the checkpoint this one was trained from"),
                      dg.AssetCheckSpec(CONTAMINATION_CHECK, asset=key,
-                                       description="every training run upstream was decontaminated against it")],
+                                       description="every training run upstream was decontaminated against it"),
+                     dg.AssetCheckSpec(TEMPLATE_CHECK, asset=key,
+                                       description="prompted with the chat template and tokenizer the checkpoint "
+                                       "was trained with (warns, naming both hashes and the first differing line)")],
         description=f"{name} ({spec.suite} suite, {spec.metric}) of one checkpoint: per-item prompt, response, "
                     "score and reason, with a seeded bootstrap interval.",
     )
@@ -122,6 +127,7 @@ def build_eval_asset(name: str) -> dg.AssetsDefinition:
         severity = dg.AssetCheckSeverity.ERROR if config.blocking_checks else dg.AssetCheckSeverity.WARN
         reg = regression(store, name, checkpoint_id, config.max_regression, config.regression_needs_disjoint_intervals)
         contamination = summary["contamination"]
+        template = check_evaluation_lineage(summary, store, checkpoint_id)
         checks = [
             dg.AssetCheckResult(check_name=REGRESSION_CHECK, passed=reg.passed, severity=severity,
                                 description=reg.description, metadata={k: v for k, v in reg.metadata.items()
@@ -130,6 +136,10 @@ def build_eval_asset(name: str) -> dg.AssetsDefinition:
                                 severity=severity, description="; ".join(contamination["reasons"]) or contamination["status"],
                                 metadata={"status": contamination["status"],
                                           "checked": dg.MetadataValue.json(contamination["checked"])}),
+            dg.AssetCheckResult(check_name=TEMPLATE_CHECK, passed=template["passed"], severity=dg.AssetCheckSeverity.WARN,
+                                description=template["description"],
+                                metadata={"template_lineage": dg.MetadataValue.json(template["lineage"]),
+                                          "checkpoint": dg.MetadataValue.json(template["parents"])}),
         ]
         metadata = {
             "score": dg.MetadataValue.float(float(summary["score"])),
@@ -235,11 +245,10 @@ def current_checkpoints(instance: dg.DagsterInstance, store) -> list[str]:
     checkpoints on disk stay evaluable through their partitions); every checkpoint on disk when the instance
     has recorded none."""
     ids = []
-    for key in CHECKPOINT_ASSETS[1:]:
-        event = instance.get_latest_materialization_event(dg.AssetKey(key))
-        value = event.asset_materialization.metadata.get("checkpoint_id") if event and event.asset_materialization else None
-        if value is not None:
-            ids.append(getattr(value, "value", value))
+    for key in TRAINED_CHECKPOINT_ASSETS:
+        checkpoint_id = latest_checkpoint_id(instance, key)
+        if checkpoint_id is not None:
+            ids.append(checkpoint_id)
     if not ids:
         return list_checkpoints(store)
     return lineage_order(store, [BASE_MODEL_ID, *ids]) if store.exists("models", BASE_MODEL_ID) else lineage_order(store, ids)

@@ -31,6 +31,19 @@ def samples(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> dg.Metada
     return dg.MetadataValue.md(markdown_table(rows, columns))
 
 
+# The training stages' checkpoint assets, in recipe order.
+TRAINED_CHECKPOINT_ASSETS = ["sft_checkpoint", "dpo_checkpoint", "rlvr_checkpoint"]
+
+
+def latest_checkpoint_id(instance: dg.DagsterInstance, key: str | dg.AssetKey) -> str | None:
+    """The ``checkpoint_id`` that asset ``key``'s latest materialization reported, or None."""
+    event = instance.get_latest_materialization_event(dg.AssetKey.from_coercible(key))
+    if event is None or event.asset_materialization is None:
+        return None
+    value = event.asset_materialization.metadata.get("checkpoint_id")
+    return None if value is None else getattr(value, "value", value)
+
+
 def config_hash(config: Any) -> str:
     """A short, stable hash of an asset's configuration (pydantic model or plain data)."""
     data = config.model_dump(mode="json") if hasattr(config, "model_dump") else config

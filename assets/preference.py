@@ -11,7 +11,7 @@ from pydantic import Field
 from assets.automation import GPU_POOL, TRANSIENT_RETRY
 from assets.base_model import BASE_MODEL_ID
 from assets.curation import EVAL_KEYS
-from assets.metadata import TRAINING_OWNERS, config_hash, image, samples, table_schema
+from assets.metadata import TRAINING_OWNERS, config_hash, image, latest_checkpoint_id, samples, table_schema
 from resources import ComputeLauncher, TuluStorage
 from resources.generation import GenerationResource, JudgeResource
 from tulu_pipeline.curation.config import CurationConfig, EvalSelection
@@ -151,12 +151,7 @@ class PolicyCompletionsConfig(dg.Config):
 def _sft_checkpoint_id(context: dg.AssetExecutionContext, store, configured: str | None) -> str:
     if configured:
         return latest_sft_checkpoint(store, configured)
-    event = context.instance.get_latest_materialization_event(dg.AssetKey("sft_checkpoint"))
-    if event is not None and event.asset_materialization is not None:
-        entry = event.asset_materialization.metadata.get("checkpoint_id")
-        if entry is not None:
-            return latest_sft_checkpoint(store, entry.value)
-    return latest_sft_checkpoint(store)
+    return latest_sft_checkpoint(store, latest_checkpoint_id(context.instance, "sft_checkpoint"))
 
 
 def model_pool(context: dg.AssetExecutionContext, store, config: PolicyCompletionsConfig,

@@ -12,6 +12,7 @@ from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.mixing.config import load_mix_config
 from tulu_pipeline.mixing.publish import build_sft_mix
 from tulu_pipeline.mixing.sample import MIX_CODE_VERSION
+from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.training.plan import record_trained_on, sft_checkpoint_plan
 from tulu_pipeline.reporting import histogram_png, markdown_table
 from tulu_pipeline.training.sft import SFT_CODE_VERSION
@@ -44,6 +45,7 @@ def sft_mix(context: dg.AssetExecutionContext, config: SFTMixConfig, storage: Tu
             "heldout_rows": len(result.heldout_ids),
             "rows_and_tokens_per_source": dg.MetadataValue.md(markdown_table(per_source, ["source", "rows", "tokens"])),
             "input_versions": dg.MetadataValue.json(result.inputs),
+            "template_lineage": dg.MetadataValue.json(lineage_hashes(result.template_lineage)),
             "samples": samples(result.samples, ["row_id", "source", "messages"]),
             "token_length_histogram": image(store, f"reports/sft_mix/{result.version}/token_lengths.png",
                                             histogram_png(result.token_lengths, "sft_mix: tokens per row", "tokens")),
@@ -80,6 +82,7 @@ def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfi
         "mix_hash": plan.mix_version,
         "trained_rows": events,
         "config": dg.MetadataValue.json(manifest["config"]),
+        "template_lineage": dg.MetadataValue.json(lineage_hashes(manifest.get("template_lineage"))),
         "metrics": dg.MetadataValue.json({k: v for k, v in metrics.items() if not isinstance(v, list)}),
     }
     loss_curve = f"{plan.checkpoint_dir}/loss_curve.png"

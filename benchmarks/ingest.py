@@ -22,6 +22,7 @@ from tulu_pipeline.data.loaders import iter_source_rows
 from tulu_pipeline.data.registry import registry
 from tulu_pipeline.settings import data_dir
 from tulu_pipeline.storage import Store
+from tulu_pipeline.training.checkpointing import write_json_atomic
 
 SOURCES = ["gsm8k_train", "math_train", "hh_rlhf_harmless", "math_test", "gsm8k_test"]
 
@@ -80,11 +81,7 @@ def main() -> None:
         "ingest_source": {"seconds": round(ingest_s, 4), "rows_per_s": round(rows / ingest_s),
                           "slowdown_vs_baseline": round(ingest_s / base_s, 2)},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_json_atomic(Path(args.out), result)
     print(json.dumps(result, indent=2))
 
 

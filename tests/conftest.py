@@ -1,13 +1,93 @@
-"""Shared fixtures: a temporary TULU_HOME and the real data bundle."""
+"""Shared fixtures (a temporary TULU_HOME, the real data bundle) and the suite's rules.
+
+Rules enforced here for every test module, present and future:
+- Order: modules with `slow` tests first (under `make test`, `-n 2 --dist loadfile`, each module runs whole on
+  one worker, so its module fixtures are built once).
+- Bounds: every test has a pytest-timeout (the `timeout` ini default); `integration` and `slow` tests get the
+  longer bounds below unless they set their own `@pytest.mark.timeout`.
+- No silent skips: where skips are forbidden (`CI` set, or `TULU_REQUIRE_ALL=1` as `.ci/run` sets), a skipped test
+  or module is reported as a failure, except a test marked `cuda` on a machine without CUDA.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import pytest
 
 from tulu_pipeline.settings import data_dir
 from tulu_pipeline.storage import Store
+
+# Seconds. The ini default (pyproject `timeout`) bounds unmarked tests; these bound the marked ones. They are
+# backstops sized for a loaded 2-core machine, not expectations: a test that needs them is a bug to look at.
+MARKER_TIMEOUTS = {"integration": 1200, "slow": 2400}
+
+
+def skips_forbidden() -> bool:
+    """True where every test must run (CI): a skip is then a failure unless it is a CUDA-only skip."""
+    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    return ci or os.environ.get("TULU_REQUIRE_ALL", "").strip().lower() in ("1", "true", "yes")
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_available() -> bool:
+    import torch  # only for `cuda` tests, at run time: collection stays free of torch
+
+    return torch.cuda.is_available()
+
+
+def _module(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Modules with `slow` tests first (each stays whole, in its own order): the workers take the long ones early
+    # instead of one worker finishing a long module alone at the end.
+    slow_modules = {_module(item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: _module(item) not in slow_modules)
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            bounds = [seconds for marker, seconds in MARKER_TIMEOUTS.items() if item.get_closest_marker(marker)]
+            if bounds:
+                item.add_marker(pytest.mark.timeout(max(bounds)))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("cuda") is not None and not cuda_available():
+        pytest.skip("CUDA-only: no CUDA device on this machine")
+
+
+def _forbidden_skip_message(reason: str) -> str:
+    return (f"skipped where every test must run (CI / TULU_REQUIRE_ALL=1): {reason}\n"
+            "Only tests marked `cuda` may skip, on a machine without CUDA; install what is missing instead "
+            "(docs/testing.md).")
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if (report.skipped and not hasattr(report, "wasxfail") and skips_forbidden()
+            and not (item.get_closest_marker("cuda") is not None and not cuda_available())):
+        report.longrepr = _forbidden_skip_message(_skip_reason(report))
+        report.outcome = "failed"
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    report = yield
+    if report.skipped and skips_forbidden():
+        report.longrepr = _forbidden_skip_message(
+            f"{collector.nodeid} skipped at collection: {_skip_reason(report)} (mark hardware-only tests `cuda`)")
+        report.outcome = "failed"
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +97,23 @@ def bundle() -> Path:
     if not (root / "MANIFEST.json").exists():
         pytest.fail(f"data bundle not found at {root}: set TULU_DATA_DIR")
     return root
+
+
+@pytest.fixture(scope="session")
+def converted_base_model(tmp_path_factory: pytest.TempPathFactory):
+    """SmolLM2-135M converted from the embedded GGUF once per run and shared by every xdist worker (a lock lets
+    the first convert; the others reuse). Treat it as read-only: copy it to place it elsewhere."""
+    import fcntl
+
+    from tulu_pipeline.models.base_model import prepare_base_model
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' common base directory
+    (root / "converted").mkdir(exist_ok=True)
+    with open(root / "converted.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return prepare_base_model(root / "converted" / "smollm2")
 
 
 @pytest.fixture

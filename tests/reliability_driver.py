@@ -27,18 +27,33 @@ MIX = MixConfig.model_validate({"name": "crash_test", "seed": 7, "heldout_rows":
     "gsm8k_train": {"rows": 20}, "code_alpaca": {"rows": 20}, "self_instruct_seed": {"rows": 20}}})
 
 
+# Printed as `step NAME` when each step starts: the crash-safety test kills on these lines, not on a clock.
+STEPS = [f"ingest:{source_id}" for source_id in TRAIN + EVALS] + [
+    "normalize", "deduplicate", "decontaminate", "checks", "mix"]
+
+
+def step(name: str) -> None:
+    print(f"step {name}", flush=True)
+
+
 def run(home: str, run_id: str) -> None:
     store = Store(home)
     for source_id in TRAIN + EVALS:
+        step(f"ingest:{source_id}")
         ingest_source(get_source(source_id), store, run_id)
+    step("normalize")
     normalize_prompts(store, CONFIG, run_id)
+    step("deduplicate")
     deduplicate_prompts(store, CONFIG, run_id)
+    step("decontaminate")
     index = build_eval_index(store, CONFIG)
     result = decontaminate_prompts(store, CONFIG, run_id, index=index)
+    step("checks")
     violations = verify_no_eval_overlap(store, result.version, index[0], CONFIG)
     problems, duplicates = schema_violations(store, "decontaminated_prompts", result.version)
     record_check_results(store, result.version, {"no_eval_overlap": not violations, "schema_valid": not problems,
                                                  "unique_row_ids": duplicates == 0})
+    step("mix")
     build_sft_mix(store, MIX, run_id)
 
 

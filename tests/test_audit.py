@@ -35,6 +35,8 @@ from tulu_pipeline.provenance.trace import render_tree
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.plan import SFTPlan, record_trained_on, sft_checkpoint_id
 
+pytestmark = pytest.mark.integration  # a curated and trained TULU_HOME, CLI runs
+
 TRAIN = ["gsm8k_train", "code_alpaca", "self_instruct_seed"]
 BENCHMARKS = ["gsm8k", "mbpp", "humaneval"]
 RUNS = {"ingest": "run-ingest", "normalize": "run-normalize", "dedup": "run-dedup", "decontam": "run-decontam",

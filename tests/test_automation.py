@@ -23,6 +23,8 @@ from tulu_pipeline.data.registry import load_registry, registry
 from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.provenance.coverage import eval_coverage
 
+pytestmark = pytest.mark.integration  # sensors and schedules against Dagster instances
+
 CURATION_CHAIN = {"normalized_prompts", "deduplicated_prompts", "decontaminated_prompts", "decontamination_report"}
 
 
@@ -94,6 +96,7 @@ def test_changed_training_source_reruns_exactly_its_curation(bundle_copy):
         assert _selected(result) == {"raw/gsm8k_train"} | CURATION_CHAIN
         (request,) = result.run_requests
         assert request.tags["tulu/changed_sources"] == "gsm8k_train"
+        assert request.tags["tulu/decontamination"] == "incremental"
         assert not request.asset_check_keys  # a training pool changing leaves checkpoints' coverage alone
         observed = {e.asset_key.to_user_string() for e in result.asset_events}
         assert observed == {"source_file/gsm8k_train"}

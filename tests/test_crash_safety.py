@@ -13,9 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from reliability_driver import STEPS
 
 from tulu_pipeline.provenance.ledger import Ledger
 from tulu_pipeline.storage import TMP_MARKER, Store
+
+pytestmark = pytest.mark.integration  # subprocesses killed with SIGKILL
 
 DRIVER = Path(__file__).with_name("reliability_driver.py")
 DATASETS = ["raw/gsm8k_train", "raw/code_alpaca", "raw/self_instruct_seed", "normalized_prompts",
@@ -23,19 +26,26 @@ DATASETS = ["raw/gsm8k_train", "raw/code_alpaca", "raw/self_instruct_seed", "nor
 KILLS = 3
 
 
-def _run(home: Path, run_id: str, kill_after_s: float | None = None) -> int:
+def _run(home: Path, run_id: str, kill_at: str | None = None, delay_s: float = 0.0) -> int:
+    """Run the driver; with `kill_at`, SIGKILL it `delay_s` after it prints ``step <kill_at>``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(DRIVER), str(home), run_id], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    if kill_after_s is None:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err.decode()[-2000:]
+    proc = subprocess.Popen([sys.executable, str(DRIVER), str(home), run_id], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    if kill_at is None:
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err[-2000:]
         return 0
     try:
-        proc.wait(timeout=kill_after_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        for line in proc.stdout:  # blocks until the driver reaches the step (or exits)
+            if line.strip() == f"step {kill_at}":
+                time.sleep(delay_s)  # somewhere inside the step: mid-write, mid-ledger, mid-publish
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        proc.communicate()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     return proc.returncode
 
 
@@ -59,23 +69,24 @@ def _leftovers(home: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[dict, float]:
+def reference(tmp_path_factory) -> dict:
     home = tmp_path_factory.mktemp("reference") / "home"
-    start = time.monotonic()
     _run(home, "run-reference")
-    return _state(home), time.monotonic() - start
+    return _state(home)
 
 
 def test_killed_runs_then_a_rerun_match_an_uninterrupted_run(reference, tmp_path):
-    expected, duration = reference
+    expected = reference
     home = tmp_path / "home"
     rng = random.Random(20261126)
     killed = 0
     for attempt in range(KILLS):
-        # kill points spread over the whole run: ingestion, curation stages, publishing, the mix
-        code = _run(home, f"run-killed-{attempt}", kill_after_s=rng.uniform(0.15, 0.95) * duration)
+        # kill points spread over the run (seeded: decontamination, ingestion, normalization), each a moment
+        # into a step, found from the driver's output rather than a clock, so every kill lands mid-run
+        kill_at = rng.choice(STEPS[:-1])
+        code = _run(home, f"run-killed-{attempt}", kill_at=kill_at, delay_s=rng.uniform(0.0, 0.3))
         killed += code == -signal.SIGKILL
-    assert killed >= 2, "the kills should land before the run ends"
+    assert killed == KILLS, "every kill lands before the run ends"
     _run(home, "run-final")
     assert _leftovers(home) == []
     got = _state(home)
@@ -88,13 +99,13 @@ def test_killed_runs_then_a_rerun_match_an_uninterrupted_run(reference, tmp_path
 
 
 def test_two_runs_at_once_give_one_consistent_result(reference, tmp_path):
-    expected, _ = reference
+    expected = reference
     home = tmp_path / "home"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, str(DRIVER), str(home), f"run-{i}"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
     for proc in procs:
-        _, err = proc.communicate(timeout=900)
+        _, err = proc.communicate()
         assert proc.returncode == 0, err.decode()[-2000:]
     got = _state(home)
     assert got["datasets"] == expected["datasets"] and got["events"] == expected["events"]

@@ -9,14 +9,15 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-import tulu_pipeline.curation.pipeline as curation_pipeline
 from assets.curation import curation_assets
 from assets.sources import raw_source_assets
 from resources import DataBundle, LocalLauncher, TuluStorage
+from tulu_pipeline.curation.overlap_check import Overlap, OverlapChecker
 from tulu_pipeline.cli import main as tulu
-from tulu_pipeline.curation.decontaminate import Match
 from tulu_pipeline.provenance.ledger import Ledger
 from tulu_pipeline.storage import Store
+
+pytestmark = pytest.mark.integration  # the whole curation group materialized through Dagster
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def test_curation_outputs_and_checks(curated) -> None:
     assert deduplicated["dagster/row_count"].value == 19_955 and deduplicated["quarantined"].value == 20
     removed = clean["quarantined"].value
     assert clean["dagster/row_count"].value + removed == 19_955
-    assert 300 <= removed <= 500, removed  # dominated by MATH train problems shared with MATH test
+    # Dominated by MATH train problems sharing stock phrasing with MATH test (token coverage: 827, measured).
+    assert 700 <= removed <= 950, removed
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()
               if c.asset_key == dg.AssetKey("decontaminated_prompts")}
     assert checks == {"no_eval_overlap": True, "schema_valid": True, "unique_row_ids": True}
@@ -109,8 +111,7 @@ def test_one_curation_event_per_row_and_stage(curated) -> None:
 
 def test_failed_overlap_check_blocks_downstream(curated, monkeypatch, tmp_path: Path, bundle: Path) -> None:
     """If the independent pass finds an overlap, the blocking check fails and training never runs."""
-    monkeypatch.setattr(curation_pipeline, "reference_matches", lambda *a, **k: [
-        Match("gsm8k", "x", "gsm8k_test", "gsm8k_test-x", 1.0, 8, 8, "planted")])
+    monkeypatch.setattr(OverlapChecker, "overlaps", lambda self, turns: [Overlap(0, 1.0)])
     trained = []
 
     @dg.asset(deps=["decontaminated_prompts"])

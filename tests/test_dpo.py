@@ -67,6 +67,7 @@ def test_reference_logprobs_equal_the_model_loss():
         assert row["chosen_logps"] == pytest.approx(-float(mean_nll) * encoded["tokens"], rel=1e-4)
 
 
+@pytest.mark.integration  # the reference-logprobs job, then DPO training until held-out preference improves
 def test_dpo_improves_heldout_preference_and_never_reruns_the_reference(tmp_path, monkeypatch):
     model_dir, pairs = tiny_setup()
     train, heldout = split_pairs(pairs)

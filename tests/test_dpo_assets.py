@@ -7,6 +7,7 @@ The home holds a ``preference_pairs`` dataset (tests/test_dpo_support.py) and a 
 from __future__ import annotations
 
 import dagster as dg
+import pytest
 from test_dpo_support import SFT_ID, TINY_DPO, split_pairs, tiny_home, tiny_setup
 
 from tulu_pipeline.training.checkpointing import (
@@ -18,6 +19,8 @@ from tulu_pipeline.training.dpo_plan import (
     reference_logprobs_plan,
     sft_checkpoint_ref,
 )
+
+pytestmark = pytest.mark.integration  # whole Dagster materializations with training
 
 
 def test_plan_is_content_addressed(tmp_path):

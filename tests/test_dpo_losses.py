@@ -18,23 +18,37 @@ simpo, β = 2, γ = 1: average log-probs chosen (−2, −2), rejected (−3, �
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
-import torch
 
 from tulu_pipeline.training.dpo_config import DPO_PRESETS, dpo_config
 from tulu_pipeline.training.dpo_losses import preference_loss
 
-PC, PR = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -18.0])
-RC, RR = torch.tensor([-11.0, -20.0]), torch.tensor([-11.0, -19.0])
-NC, NR = torch.tensor([5.0, 10.0]), torch.tensor([4.0, 6.0])
+
+@pytest.fixture(scope="module")
+def torch():
+    import torch  # here, not at module level: collecting the suite stays free of torch
+
+    return torch
+
+
+@pytest.fixture(scope="module")
+def t(torch) -> SimpleNamespace:
+    """The two pairs of the module docstring: policy (PC, PR), reference (RC, RR) and token counts (NC, NR)."""
+    return SimpleNamespace(PC=torch.tensor([-10.0, -20.0]), PR=torch.tensor([-12.0, -18.0]),
+                           RC=torch.tensor([-11.0, -20.0]), RR=torch.tensor([-11.0, -19.0]),
+                           NC=torch.tensor([5.0, 10.0]), NR=torch.tensor([4.0, 6.0]))
 
 
 def close(tensor, values):
+    import torch
+
     return torch.allclose(tensor, torch.tensor(values, dtype=tensor.dtype), atol=1e-6)
 
 
-def test_dpo_sigmoid_by_hand():
-    out = preference_loss("dpo", PC, PR, NC, NR, RC, RR, beta=0.5)
+def test_dpo_sigmoid_by_hand(t):
+    out = preference_loss("dpo", t.PC, t.PR, t.NC, t.NR, t.RC, t.RR, beta=0.5)
     assert close(out.losses, [0.3132617, 0.9740770])
     assert out.loss.item() == pytest.approx(0.6436693, abs=1e-6)
     assert close(out.chosen_rewards, [0.5, 0.0]) and close(out.rejected_rewards, [-0.5, 0.5])
@@ -42,42 +56,42 @@ def test_dpo_sigmoid_by_hand():
     assert out.accuracy.item() == 0.5
 
 
-def test_dpo_norm_by_hand():
-    out = preference_loss("dpo_norm", PC, PR, NC, NR, RC, RR, beta=0.5)
+def test_dpo_norm_by_hand(t):
+    out = preference_loss("dpo_norm", t.PC, t.PR, t.NC, t.NR, t.RC, t.RR, beta=0.5)
     assert close(out.losses, [0.5869620, 0.7356817])
     assert out.loss.item() == pytest.approx(0.6613218, abs=1e-6)
     assert close(out.chosen_rewards, [0.1, 0.0]) and close(out.rejected_rewards, [-0.125, 0.0833333])
     assert out.accuracy.item() == 0.5
 
 
-def test_simpo_by_hand_needs_no_reference():
-    out = preference_loss("simpo", PC, PR, NC, torch.tensor([4.0, 6.0]), beta=2.0, gamma=1.0)
+def test_simpo_by_hand_needs_no_reference(t, torch):
+    out = preference_loss("simpo", t.PC, t.PR, t.NC, torch.tensor([4.0, 6.0]), beta=2.0, gamma=1.0)
     assert close(out.losses, [0.3132617, 0.3132617])
     assert close(out.chosen_rewards, [-4.0, -4.0]) and close(out.rejected_rewards, [-6.0, -6.0])
     assert close(out.margins, [2.0, 2.0])
     assert out.accuracy.item() == 1.0
 
 
-def test_policy_equal_to_reference_gives_log_2_and_no_accuracy():
-    out = preference_loss("dpo_norm", RC, RR, NC, NR, RC, RR, beta=5.0)
+def test_policy_equal_to_reference_gives_log_2_and_no_accuracy(t):
+    out = preference_loss("dpo_norm", t.RC, t.RR, t.NC, t.NR, t.RC, t.RR, beta=5.0)
     assert out.loss.item() == pytest.approx(0.6931472, abs=1e-6)
     assert out.accuracy.item() == 0.0  # ties are not wins
 
 
-def test_gradient_flows_to_the_policy_only():
-    policy = PC.clone().requires_grad_(True)
-    preference_loss("dpo_norm", policy, PR, NC, NR, RC, RR, beta=0.5).loss.backward()
+def test_gradient_flows_to_the_policy_only(t, torch):
+    policy = t.PC.clone().requires_grad_(True)
+    preference_loss("dpo_norm", policy, t.PR, t.NC, t.NR, t.RC, t.RR, beta=0.5).loss.backward()
     # d/dpc of mean(-logsigmoid(β(pc-rc)/n_c - ...)) = -β/n_c · σ(-z) / 2
     expected = [-0.5 / 5 * torch.sigmoid(torch.tensor(-0.225)).item() / 2,
                 -0.5 / 10 * torch.sigmoid(torch.tensor(1 / 12)).item() / 2]
     assert close(policy.grad, expected)
 
 
-def test_errors_name_the_problem():
+def test_errors_name_the_problem(t):
     with pytest.raises(ValueError, match="unknown loss_type"):
-        preference_loss("ipo", PC, PR, NC, NR, RC, RR)
+        preference_loss("ipo", t.PC, t.PR, t.NC, t.NR, t.RC, t.RR)
     with pytest.raises(ValueError, match="needs the reference"):
-        preference_loss("dpo", PC, PR, NC, NR)
+        preference_loss("dpo", t.PC, t.PR, t.NC, t.NR)
 
 
 def test_presets():

@@ -10,7 +10,8 @@ import dagster as dg
 import pytest
 from test_sft_support import save_tiny_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::dagster.BetaWarning", "ignore::dagster.PreviewWarning")
+# integration: whole Dagster materializations
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::dagster.BetaWarning", "ignore::dagster.PreviewWarning")]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,7 @@ def test_partitioned_eval_assets_and_comparison(home, monkeypatch):
     from assets.evaluation import (
         CONTAMINATION_CHECK,
         REGRESSION_CHECK,
+        TEMPLATE_CHECK,
         checkpoint_partitions_sensor,
         eval_assets,
         eval_comparison,
@@ -74,7 +76,13 @@ def test_partitioned_eval_assets_and_comparison(home, monkeypatch):
     materialization = run.asset_materializations_for_node("eval__gsm8k")[0]
     assert materialization.partition == "sft-tiny" and materialization.metadata["n_items"].value == 2
     checks = {c.check_name: c for c in run.get_asset_check_evaluations()}
-    assert set(checks) == {REGRESSION_CHECK, CONTAMINATION_CHECK}
+    assert set(checks) == {REGRESSION_CHECK, CONTAMINATION_CHECK, TEMPLATE_CHECK}
+    # the generation job recorded the template it prompted with (the copy's own ChatML); the copied checkpoint's
+    # manifest records none, so the lineage check warns and says so
+    assert summary["template_lineage"]["mask_rule"] == "model-template/no-labels"
+    template = checks[TEMPLATE_CHECK]
+    assert not template.passed and template.severity == dg.AssetCheckSeverity.WARN
+    assert template.description == "sft-tiny recorded no template lineage"
     assert checks[CONTAMINATION_CHECK].metadata["status"].value == "possibly_contaminated"  # no decontam recorded
     assert "parent base_model" in checks[REGRESSION_CHECK].description
 

@@ -86,6 +86,7 @@ def test_every_rendered_job_validates_strictly(tmp_path: Path) -> None:
     validate(tmp_path, documents)
 
 
+@pytest.mark.integration
 def test_strict_validation_catches_a_misspelt_pod_field(tmp_path: Path) -> None:
     job, _ = rendered(gpu_launcher())
     job["spec"]["template"]["spec"]["nodeSelectors"] = {"pool": "gpu"}
@@ -126,6 +127,7 @@ def test_single_gpu_job_spec() -> None:
     assert labels["tulu/job"] == job["metadata"]["name"] and labels["app.kubernetes.io/component"] == "train"
 
 
+@pytest.mark.integration
 def test_multi_gpu_uses_torchrun_with_one_worker_per_gpu() -> None:
     job, _ = rendered(gpu_launcher(gpus=8))
     assert container_of(job)["command"] == [
@@ -250,6 +252,7 @@ def test_local_launcher_command() -> None:
         local.command(SFT, nodes=2)
 
 
+@pytest.mark.integration
 def test_local_launcher_runs_a_pipes_entrypoint(tmp_path: Path) -> None:
     """A real child process reports a materialization with the extras it was given."""
     module = tmp_path / "echo_job.py"

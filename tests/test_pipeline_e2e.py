@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +15,18 @@ import pytest
 
 from definitions import defs
 
+pytestmark = pytest.mark.integration  # the Dagster CLI running the whole job
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
 @pytest.mark.slow
-def test_full_pipeline_job_materializes_everything(tmp_path: Path) -> None:
+def test_full_pipeline_job_materializes_everything(tmp_path: Path, converted_base_model) -> None:
     env = {**os.environ, "TULU_HOME": str(tmp_path / "home"), "DAGSTER_HOME": str(tmp_path / "home" / "dagster")}
+    # The session's conversion of the same GGUF, hard-linked in (nothing writes into it in place): the base_model
+    # asset takes its reuse path; the conversion itself is tested in test_base_model.py.
+    shutil.copytree(converted_base_model.path, tmp_path / "home" / "models" / "base_model", copy_function=os.link)
     subprocess.run([str(BIN / "tulu"), "instance"], cwd=REPO, env=env, check=True, capture_output=True)
     run = subprocess.run(
         [str(BIN / "dagster"), "job", "execute", "-m", "definitions", "-j", "full_pipeline",

@@ -25,7 +25,8 @@ from resources import DataBundle, TuluStorage
 from tulu_pipeline import cli
 from tulu_pipeline.data.registry import get_source
 
-pytestmark = pytest.mark.postgres
+# integration: a Postgres server and CLI processes
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES_TEMPLATE = REPO / "dagster.postgres.yaml"

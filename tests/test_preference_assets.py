@@ -23,6 +23,8 @@ from tulu_pipeline.preference.schema import PAIR_SCHEMA
 from tulu_pipeline.provenance.ledger import Ledger
 from tulu_pipeline.storage import Store
 
+pytestmark = pytest.mark.integration  # whole Dagster materializations
+
 
 def _requests(store: Store, rel: str) -> list[dict]:
     return [json.loads(line) for line in store.read_bytes(rel).decode().splitlines() if line.strip()]

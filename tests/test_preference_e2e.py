@@ -18,6 +18,8 @@ from resources import LocalLauncher, TuluStorage
 from resources.generation import GenerationResource, JudgeResource
 from tulu_pipeline.preference.rubric import ASPECTS
 
+pytestmark = pytest.mark.integration  # generation and judge processes
+
 
 @pytest.mark.slow  # three Python processes that import torch: over a minute on 2 shared cores
 def test_preference_assets_with_real_jobs(tiny_home):  # noqa: F811

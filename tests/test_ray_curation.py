@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
-
 from tulu_pipeline.curation import pipeline
 from tulu_pipeline.curation.config import CurationConfig, EvalSelection, RaySettings
 from tulu_pipeline.curation.dedup import Deduplicator, dedup_order
@@ -32,6 +30,8 @@ from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.provenance.ledger import Ledger, MemorySink
 from tulu_pipeline.storage import Store
 
+pytestmark = pytest.mark.integration  # a local Ray cluster
+
 TRAIN = ["code_alpaca", "hh_rlhf_harmless", "self_instruct_seed", "fine_grained_rlhf_qa"]
 BENCHMARKS = ["truthfulqa", "mbpp", "humaneval", "alpaca_eval"]
 STAGES = ("normalized_prompts", "deduplicated_prompts", "decontaminated_prompts")
@@ -41,6 +41,8 @@ EVENT_COLUMNS = "row_id, event, stage, asset_key, asset_version, seq, decision, 
 @pytest.fixture(scope="module")
 def ray_local():
     """One local Ray for the module: 2 CPUs, a small object store, no dashboard."""
+    import ray  # a hard dependency, imported where used so that collection stays cheap
+
     ray.init(num_cpus=2, object_store_memory=500 * 2**20, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -200,6 +202,7 @@ def test_a_worker_killed_mid_job_is_retried_without_duplicated_ledger_events(raw
 
 def test_assets_launch_the_ray_job_through_the_compute_launcher(raw_home: Path, curated) -> None:
     import dagster as dg
+    import ray
 
     from assets.curation import normalized_prompts
     from resources import LocalLauncher, TuluStorage
@@ -256,6 +259,7 @@ def test_kuberay_manifests_use_known_fields_and_the_pinned_ray(tmp_path) -> None
     import subprocess
     import sys
 
+    import ray
     import yaml
 
     docs = _kuberay_documents()

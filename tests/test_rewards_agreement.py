@@ -8,24 +8,19 @@ from __future__ import annotations
 
 import pytest
 
-from tulu_pipeline import settings
 from tulu_pipeline.rewards import agreement
 
 SAMPLE = 300
-DATA = settings.data_dir()
-
-pytestmark = pytest.mark.skipif(not (DATA / "eval" / "gsm8k" / "test.jsonl").exists(),
-                                reason="the shared data bundle is not staged")
 
 
-def _sample(name):
-    path = DATA / name
+def _sample(bundle, name):
+    path = bundle / name
     return agreement.read_jsonl(path, limit=SAMPLE, stride=agreement.sample_stride(path, SAMPLE))
 
 
 @pytest.mark.parametrize("name", agreement.GSM8K_FILES)
-def test_gsm8k_gold_verifies_and_perturbed_fails(name):
-    result = agreement.run_cases("gsm8k", agreement.gsm8k_cases(_sample(name)))
+def test_gsm8k_gold_verifies_and_perturbed_fails(bundle, name):
+    result = agreement.run_cases("gsm8k", agreement.gsm8k_cases(_sample(bundle, name)))
     kinds = result["kinds"]
     assert kinds["gold_vs_solution"]["count"] == SAMPLE
     assert kinds["gold_vs_solution"]["rate"] >= 0.99, result["exceptions"]
@@ -34,8 +29,8 @@ def test_gsm8k_gold_verifies_and_perturbed_fails(name):
 
 
 @pytest.mark.parametrize("name", ["eval/math500/test.jsonl", "eval/math/test.jsonl"])
-def test_math_gold_verifies_and_perturbed_fails(name):
-    rows = _sample(name)
+def test_math_gold_verifies_and_perturbed_fails(bundle, name):
+    rows = _sample(bundle, name)
     result = agreement.run_cases("math", agreement.math_cases(rows, agreement.MATH_FILES[name]))
     kinds = result["kinds"]
     assert kinds["gold_vs_own_answer"]["count"] == len(rows)
@@ -44,8 +39,8 @@ def test_math_gold_verifies_and_perturbed_fails(name):
     assert kinds["perturbed_boxed"]["rate"] >= 0.99, result["exceptions"]
 
 
-def test_ifeval_reproduces_official_verdicts():
-    report = agreement.ifeval_agreement(DATA, limit=SAMPLE)
+def test_ifeval_reproduces_official_verdicts(bundle):
+    report = agreement.ifeval_agreement(bundle, limit=SAMPLE)
     for mode in ("strict", "loose"):
         assert report[mode]["prompts"] == SAMPLE
         assert report[mode]["prompt_rate"] >= 0.98, report[mode]["exceptions"]

@@ -95,6 +95,7 @@ def _run_generation_asset(store: Store, instance: dg.DagsterInstance, url: str, 
                           raise_on_error=False)
 
 
+@pytest.mark.integration
 def test_a_planted_secret_never_reaches_logs_metadata_or_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("TULU_PLANTED_KEY", SECRET)  # the only way the key enters: the environment
     server = _KeyCheckingServer()

@@ -9,15 +9,13 @@ the tolerance leaves room for nondeterministic kernels elsewhere).
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from resume_helpers import kill_9_after_first_checkpoint, load_weights, max_abs_weight_diff
 from test_sft_support import bundled_rows, save_tiny_model, smollm2_tokenizer
 
 from tulu_pipeline.data.schema import ROW_SCHEMA
@@ -32,7 +30,6 @@ from tulu_pipeline.training.chat_template import (
 from tulu_pipeline.training.checkpointing import (
     CHECKPOINTS_DIR,
     MANIFEST_FILE,
-    PROGRESS_FILE,
     RUN_FILE,
     mark_complete,
     prepare_run_dir,
@@ -78,17 +75,6 @@ def trained(tiny_model, rows, tmp_path_factory):
     out = tmp_path_factory.mktemp("run_a") / "sft"
     result = run_sft(train, heldout, tiny_model, out, TINY, reporter=reporter, manifest_extra=MANIFEST_EXTRA)
     return result, reporter
-
-
-def load_weights(directory: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(directory / "model.safetensors"))
-
-
-def max_abs_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +208,7 @@ def test_two_independent_runs_give_identical_weights(trained, tiny_model, rows, 
     result, _ = trained
     again = run_sft(rows[0], rows[1], tiny_model, tmp_path / "again", TINY, manifest_extra=MANIFEST_EXTRA)
     assert not again.reused
-    assert max_abs_diff(load_weights(result.checkpoint_dir), load_weights(again.checkpoint_dir)) == 0.0
+    assert max_abs_weight_diff(result.checkpoint_dir, again.checkpoint_dir) == 0.0
     assert again.manifest["fingerprint"] == result.manifest["fingerprint"]
 
 
@@ -307,28 +293,12 @@ def _job_home(tmp: Path, tiny_model: Path, rows) -> tuple[Store, dict]:
     return store, params
 
 
+@pytest.mark.integration
 def test_resume_after_kill_9_matches_the_uninterrupted_run(trained, tiny_model, rows, tmp_path):
     result_a, _ = trained
     store, params = _job_home(tmp_path, tiny_model, rows)
-    params_file = tmp_path / "params.json"
-    params_file.write_text(json.dumps(params))
-    checkpoints = Path(store.path("models/sft-test")) / CHECKPOINTS_DIR
-    env = {**os.environ, STEP_DELAY_ENV: "0.5", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tulu_pipeline.training.sft_job", "--params", str(params_file)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(checkpoints.glob(f"checkpoint-*/{PROGRESS_FILE}")):
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (Path(store.path("models/sft-test")) / MANIFEST_FILE).exists()
+    kill_9_after_first_checkpoint("tulu_pipeline.training.sft_job", params, Path(store.path("models/sft-test")),
+                                  tmp_path / "killed", STEP_DELAY_ENV, 0.5)
 
     from tulu_pipeline.training.sft_job import run_job
 
@@ -339,7 +309,7 @@ def test_resume_after_kill_9_matches_the_uninterrupted_run(trained, tiny_model, 
     assert any("resuming from checkpoint-" in m for m in reporter.messages)
     assert result_b.metrics["steps"] == result_a.metrics["steps"]
     assert result_b.metrics["row_passes"] == result_a.metrics["row_passes"]
-    diff = max_abs_diff(load_weights(result_a.checkpoint_dir), load_weights(result_b.checkpoint_dir))
+    diff = max_abs_weight_diff(result_a.checkpoint_dir, result_b.checkpoint_dir)
     print(f"resumed from step {result_b.resumed_from_step}; max |w_A - w_B| = {diff:.3g}")
     assert diff <= RESUME_ATOL
     # the loss curve spans the whole run, before and after the kill
@@ -349,6 +319,7 @@ def test_resume_after_kill_9_matches_the_uninterrupted_run(trained, tiny_model, 
 # ---------------------------------------------------------------------------------------------
 # the entrypoint under Dagster
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_sft_job_under_pipes_subprocess_client(tiny_model, rows, tmp_path):
     store, params = _job_home(tmp_path, tiny_model, rows)
     params["config"] = {**params["config"], "max_steps": 2}
@@ -375,6 +346,7 @@ def test_sft_job_under_pipes_subprocess_client(tiny_model, rows, tmp_path):
     assert all({"loss", "learning_rate", "tokens_per_s"} <= line.keys() for line in streamed)
 
 
+@pytest.mark.integration
 def test_sft_job_under_torchrun_reports_and_publishes_once(tiny_model, rows, tmp_path):
     """Two ranks (CPU, gloo) as the Kubernetes launcher runs them with --nproc_per_node: one Pipes session,
     one materialization, one published checkpoint whose trained rows cover both ranks' shards."""
@@ -400,6 +372,7 @@ def test_sft_job_under_torchrun_reports_and_publishes_once(tiny_model, rows, tmp
     assert not list(Path(store.path("models")).glob(".sft-test.tmp-*"))
 
 
+@pytest.mark.integration
 def test_sft_job_with_an_object_store_home_trains_locally_and_uploads(tiny_model, rows, tmp_path, monkeypatch):
     import uuid
 

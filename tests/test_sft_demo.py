@@ -1,6 +1,6 @@
 """The default CPU demo, for real: SmolLM2-135M, the cpu_demo preset, a 250-row mix from the bundle.
 
-About 2 minutes on 2 idle cores (plus the 30 s base-model conversion); benchmarks/sft.py --demo records
+About 2 minutes on 2 idle cores (plus the 30 s base-model conversion, shared by the session); benchmarks/sft.py --demo records
 the timings. Asserts what the demo promises, never wall time: the training loss falls and the held-out loss
 on a slice of the same sources improves over the base model.
 """
@@ -16,11 +16,11 @@ MIX = [("gsm8k_train", 150, 19), ("code_alpaca", 60, 8), ("self_instruct_seed", 
 
 
 @pytest.mark.slow
-def test_cpu_demo_trains_smollm2(tmp_path):
-    from tulu_pipeline.models.base_model import generate_sample, prepare_base_model
+def test_cpu_demo_trains_smollm2(tmp_path, converted_base_model):
+    from tulu_pipeline.models.base_model import generate_sample
     from tulu_pipeline.training.sft import run_sft
 
-    base = prepare_base_model(tmp_path / "base_model").path
+    base = converted_base_model.path
     train, heldout = [], []
     for source, n_train, n_heldout in MIX:
         rows = bundled_rows(source, n_train + n_heldout)

@@ -85,6 +85,7 @@ def _leftovers(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob(f"*{TMP_MARKER}*"))
 
 
+@pytest.mark.integration
 def test_temporaries_of_a_killed_writer_are_swept_by_the_next_write(store: Store) -> None:
     import os
     import signal
@@ -116,6 +117,7 @@ def test_temporaries_of_a_killed_writer_are_swept_by_the_next_write(store: Store
     assert sorted(os.listdir(store.path("data/d"))) == ["LATEST", "v1"]
 
 
+@pytest.mark.integration
 def test_two_processes_writing_the_same_version_take_turns(store: Store) -> None:
     import subprocess
     import sys

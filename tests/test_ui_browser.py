@@ -24,6 +24,8 @@ from ui_helpers import (
     CHROMIUM_ARGS, DagsterDev, fit_graph, graph_edges, graph_node_boxes, require_browser,
 )
 
+pytestmark = pytest.mark.integration  # dagster dev and Chromium
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 LOCATION = "tulu_pipeline"

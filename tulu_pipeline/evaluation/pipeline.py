@@ -39,6 +39,7 @@ from tulu_pipeline.evaluation.runner import (
     responses_from_output,
     sampling_params,
 )
+from tulu_pipeline.generation.job import lineage_path
 from tulu_pipeline.storage import Store
 
 AUTO_IN_PROCESS_MAX_ITEMS = 32
@@ -73,6 +74,7 @@ def run_benchmark(store: Store, benchmark: str, checkpoint_id: str, config: Benc
         raise ValueError("execution 'launcher' needs run_job (the compute launcher)")
     backend = judge_backend = None
     responses = None
+    lineage = None  # the template lineage of the prompts the model saw, when a local tokenizer encoded them
     try:
         if mode == "launcher":
             base = posixpath.join(REPORTS, benchmark, checkpoint_id, "_generation", config.digest())
@@ -82,9 +84,13 @@ def run_benchmark(store: Store, benchmark: str, checkpoint_id: str, config: Benc
             run_job(requests_rel, output_rel, backend_spec, sampling_params(config))
             records = [json.loads(line) for line in store.read_bytes(output_rel).decode().splitlines() if line.strip()]
             responses = responses_from_output(samples, records)
+            if store.exists(lineage_path(output_rel)):
+                lineage = store.read_json(lineage_path(output_rel))
         else:
             log(f"{benchmark}: loading {checkpoint_id} in process for {len(samples)} items")
             backend = build(backend_spec, store)
+            encoder = getattr(backend, "encoder", None)
+            lineage = encoder.lineage() if encoder is not None else None
         judge = None
         if spec.kind in JUDGED_KINDS and judge_spec is not None:
             local = getattr(judge_spec, "kind", None) in ("transformers", "vllm")
@@ -103,6 +109,6 @@ def run_benchmark(store: Store, benchmark: str, checkpoint_id: str, config: Benc
             if loaded is not None:
                 loaded.close()
     verdict = contamination(store, benchmark, checkpoint_id)
-    extra = {"contamination": verdict, "execution": mode,
+    extra = {"contamination": verdict, "execution": mode, "template_lineage": lineage,
              "judge": None if judge_spec is None or spec.kind not in JUDGED_KINDS else getattr(judge_spec, "model", None)}
     return publish_result(store, result, run_id, asset_key=f"eval/{benchmark}", extra=extra)

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from tulu_pipeline.evaluation.runner import EVAL_CODE_VERSION, EvalResult
 from tulu_pipeline.provenance.ledger import Ledger, LedgerWriter
+from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.storage import Store
 
 EVAL_SCHEMA = pa.schema([
@@ -89,7 +90,8 @@ def publish_result(store: Store, result: EvalResult, run_id: str, asset_key: str
             ledger.record(record["item_id"], EVALUATED, decision="scored", reason=record["reason"],
                           related_ids=[checkpoint_id],
                           details={"benchmark": benchmark, "eval_id": record["eval_id"], "checkpoint": checkpoint_id,
-                                   "score": record["score"], "eval_version": version})
+                                   "score": record["score"], "eval_version": version,
+                                   "template_lineage": lineage_hashes(summary.get("template_lineage"))})
     return summary
 
 

@@ -13,6 +13,7 @@ from tulu_pipeline.mixing.sample import (
     MixSample, eligible_ids_by_source, mix_hash, record_mix_events, row_ids_hash, sample_mix,
 )
 from tulu_pipeline.provenance.ledger import LedgerWriter
+from tulu_pipeline.provenance.template_lineage import lineage_hashes, template_lineage
 from tulu_pipeline.storage import DatasetInfo, Store
 
 SOURCE_DATASET = "decontaminated_prompts"
@@ -35,6 +36,7 @@ class MixResult:
     tokens_per_source: dict[str, int] = field(default_factory=dict)
     token_lengths: list[int] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    template_lineage: dict[str, Any] | None = None  # what the token counts were tokenized with
 
     @property
     def heldout_ids(self) -> list[str]:
@@ -68,6 +70,7 @@ def build_sft_mix(store: Store, mix: MixConfig, run_id: str, tokenizer_dir: str 
     chosen = set(sample.train_ids) | set(sample.heldout)
 
     tokenizer = _load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+    lineage = template_lineage(tokenizer) if tokenizer is not None else None
     tokens: dict[str, int] = {}
     lengths: list[int] = []
     first_rows: list[dict[str, Any]] = []
@@ -88,11 +91,11 @@ def build_sft_mix(store: Store, mix: MixConfig, run_id: str, tokenizer_dir: str 
 
     with LedgerWriter(store, "sft", MIX_DATASET, version, run_id) as ledger:
         info = store.write_rows(MIX_DATASET, version, selected_rows(), ROW_SCHEMA, inputs=inputs)
-        record_mix_events(sample, ledger, mix.name, version)
+        record_mix_events(sample, ledger, mix.name, version, lineage_hashes(lineage))
     store.write_json(mix_info_path(version), {
         "mix": mix.canonical(), "mix_hash": version, "inputs": inputs, "counts": sample.counts,
         "heldout_row_ids": sample.heldout, "train_row_ids_hash": row_ids_hash(sample.train_ids),
-        "heldout_row_ids_hash": row_ids_hash(sample.heldout),
+        "heldout_row_ids_hash": row_ids_hash(sample.heldout), "template_lineage": lineage,
     })
     rows_per_source = {s: c["sampled"] for s, c in sample.counts.items()}
-    return MixResult(mix, version, info, sample, inputs, rows_per_source, tokens, lengths, first_rows)
+    return MixResult(mix, version, info, sample, inputs, rows_per_source, tokens, lengths, first_rows, lineage)

@@ -246,9 +246,11 @@ def row_ids_hash(ids: Iterable[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def record_mix_events(sample: MixSample, sink: DecisionSink, mix_name: str, mix_hash: str) -> int:
-    """One ``included_in_mix`` event per sampled row, decision ``train`` or ``heldout``; returns the count."""
-    details = {"mix": mix_name, "mix_hash": mix_hash}
+def record_mix_events(sample: MixSample, sink: DecisionSink, mix_name: str, mix_hash: str,
+                      lineage: dict[str, Any] | None = None) -> int:
+    """One ``included_in_mix`` event per sampled row, decision ``train`` or ``heldout``; returns the count.
+    ``lineage`` (template/tokenizer/mask hashes the mix was tokenized with) is copied into every event."""
+    details = {"mix": mix_name, "mix_hash": mix_hash, **({"template_lineage": lineage} if lineage else {})}
     count = 0
     for decision, by_source in (("train", sample.train), ("heldout", sample.heldout_by_source)):
         for ids in by_source.values():

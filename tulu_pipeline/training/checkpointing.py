@@ -66,7 +66,8 @@ def fingerprint(parts: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to a temporary sibling, fsync it, rename it into place."""
+    """Write JSON to a temporary sibling, fsync it, rename it into place (parent folders are created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")

@@ -48,6 +48,7 @@ from typing import Any
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.preference.schema import PAIRS_DATASET  # noqa: F401  (re-exported for the job and plan)
 from tulu_pipeline.training.batching import SFTCollator
+from tulu_pipeline.provenance.template_lineage import template_lineage
 from tulu_pipeline.training.chat_template import (
     IGNORE_INDEX,
     apply_tulu_chat_template,
@@ -255,6 +256,13 @@ def _load_scoring_model(model_dir: Path, config: DPOTrainingConfig) -> Any:
     return load_training_model(model_dir, config).to(_device())  # duck-typed: reads attn_implementation only
 
 
+def tulu_tokenizer(model_dir: str | Path) -> Any:
+    """The model directory's tokenizer with Tülu's chat template: what reference scoring and DPO encode with."""
+    from transformers import AutoTokenizer
+
+    return apply_tulu_chat_template(AutoTokenizer.from_pretrained(model_dir))
+
+
 def compute_reference_logprobs(
     pairs: Sequence[Mapping[str, Any]], reference_dir: str | Path, config: DPOTrainingConfig,
     reporter: Reporter | None = None,
@@ -262,13 +270,11 @@ def compute_reference_logprobs(
     """Rows of the ``reference_logprobs`` dataset (`reference_schema`) for ``pairs`` under the model in
     ``reference_dir``: summed log-probs and token counts of both responses; left-out pairs keep a row with
     their ``dropped_reason`` and null numbers."""
-    from transformers import AutoTokenizer
-
     from tulu_pipeline.training.sft import resolve_bf16
 
     reporter = reporter or NullReporter()
     reference_dir = Path(reference_dir)
-    tokenizer = apply_tulu_chat_template(AutoTokenizer.from_pretrained(reference_dir))
+    tokenizer = tulu_tokenizer(reference_dir)
     encoded = encode_pairs(pairs, tokenizer, config.max_length)
     model = _load_scoring_model(reference_dir, config)
     started = time.perf_counter()
@@ -504,7 +510,7 @@ def run_dpo(
     import torch
     import transformers
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainingArguments
 
     from tulu_pipeline.training.sft import (
         _device,
@@ -513,7 +519,7 @@ def run_dpo(
         resolve_bf16,
     )
 
-    tokenizer = apply_tulu_chat_template(AutoTokenizer.from_pretrained(model_dir))
+    tokenizer = tulu_tokenizer(model_dir)
     train = encode_pairs(pairs, tokenizer, config.max_length)
     held = encode_pairs(heldout, tokenizer, config.max_length)
     if not train.examples:
@@ -623,6 +629,7 @@ def run_dpo(
             "config": config.model_dump(mode="json"),
             "seed": config.seed,
             "chat_template": "tulu",
+            "template_lineage": template_lineage(tokenizer),
             "base_model": {"path": str(model_dir), "weights_sha256": base_sha},
             "base_model_sha256": base_sha,
             "reference_logprobs_source": reference_source,

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tulu_pipeline.provenance.template_lineage import lineage_hashes, template_lineage
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.dpo import (
     PAIRS_DATASET,
@@ -36,6 +37,7 @@ from tulu_pipeline.training.dpo import (
     compute_reference_logprobs,
     reference_schema,
     run_dpo,
+    tulu_tokenizer,
 )
 from tulu_pipeline.training.dpo_config import dpo_config
 from tulu_pipeline.training.remote import download_model, upload_checkpoint, work_dir
@@ -78,6 +80,9 @@ def run_reference_task(params: dict[str, Any], reporter: Reporter) -> dict[str, 
         model_dir = local_model_dir(store, params["reference_dir"], reporter)
         rows = compute_reference_logprobs([*train, *heldout], model_dir, config, reporter)
         store.write_rows(REFERENCE_DATASET, version, rows, reference_schema())
+        store.write_json(reference_lineage_path(store, version), template_lineage(tulu_tokenizer(model_dir)))
+    lineage_rel = reference_lineage_path(store, version)
+    lineage = store.read_json(lineage_rel) if store.exists(lineage_rel) else None
     rows = list(store.iter_rows(REFERENCE_DATASET, version))
     dropped = [row["pair_id"] for row in rows if row["dropped_reason"]]
     return {
@@ -88,7 +93,13 @@ def run_reference_task(params: dict[str, Any], reporter: Reporter) -> dict[str, 
         "dropped_pairs": len(dropped),
         "truncated_pairs": sum(1 for row in rows if row["truncated"]),
         "dropped_pair_ids": {"raw_value": dropped[:50], "type": "json"},
+        "template_lineage": {"raw_value": lineage_hashes(lineage), "type": "json"},
     }
+
+
+def reference_lineage_path(store: Store, version: str) -> str:
+    """Sidecar of ``reference_logprobs@version``: the template lineage its pairs were tokenized with."""
+    return f"{store.dataset_dir(REFERENCE_DATASET, version)}/template_lineage.json"
 
 
 def run_train_task(params: dict[str, Any], reporter: Reporter) -> tuple[DPOResult, str]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tulu_pipeline.provenance.ledger import LedgerWriter
+from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.checkpointing import MANIFEST_FILE
 from tulu_pipeline.training.dpo import (
@@ -154,7 +155,8 @@ def record_dpo_ledger(store: Store, plan: DPOPlan, manifest: dict[str, Any], run
             pair_id, row_id = pair["pair_id"], pair["prompt_row_id"]
             related = [plan.checkpoint_id, pair_id]
             details = {"checkpoint": plan.checkpoint_id, "pairs_version": plan.pairs_version, "origin": pair.get("origin"),
-                       "chosen_model": pair.get("chosen_model"), "rejected_model": pair.get("rejected_model")}
+                       "chosen_model": pair.get("chosen_model"), "rejected_model": pair.get("rejected_model"),
+                       "template_lineage": lineage_hashes(manifest.get("template_lineage"))}
             if pair.get("split") == "heldout":
                 event, decision, reason = "evaluated", "heldout_preference", None
             elif pair_id in trained:

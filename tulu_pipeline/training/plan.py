@@ -10,6 +10,7 @@ from typing import Any
 from tulu_pipeline.mixing.publish import MIX_DATASET, mix_info_path
 from tulu_pipeline.provenance.audit import registry_version
 from tulu_pipeline.provenance.ledger import LedgerWriter
+from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.storage import Store
 
 
@@ -85,7 +86,8 @@ def record_trained_on(store: Store, plan: SFTPlan, manifest: dict[str, Any], run
     with LedgerWriter(store, "sft", "sft_checkpoint", plan.version, run_id) as ledger:
         for row in store.iter_rows(MIX_DATASET, plan.mix_version):
             row_id = row["row_id"]
-            details = {"checkpoint": plan.checkpoint_id, "mix_hash": plan.mix_version}
+            details = {"checkpoint": plan.checkpoint_id, "mix_hash": plan.mix_version,
+                       "template_lineage": lineage_hashes(manifest.get("template_lineage"))}
             if row_id in heldout:
                 ledger.record(row_id, "evaluated", decision="heldout_loss", related_ids=[plan.checkpoint_id],
                               details=details)

@@ -55,6 +55,7 @@ from typing import Any
 
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.training.batching import INFO_KEYS, SFTCollator
+from tulu_pipeline.provenance.template_lineage import template_lineage
 from tulu_pipeline.training.chat_template import (
     IGNORE_INDEX,
     apply_tulu_chat_template,
@@ -609,6 +610,7 @@ def run_sft(
             "config": config.model_dump(mode="json"),
             "seed": config.seed,
             "chat_template": "tulu",
+            "template_lineage": template_lineage(tokenizer),
             "base_model": {"path": str(base_model_dir), "weights_sha256": base_sha},
             "base_model_sha256": base_sha,
             # the trainable rows given (after dropping rows with nothing to train on), and those trained on
