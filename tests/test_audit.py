@@ -295,6 +295,27 @@ def test_checkpoint_bill(state, capsys) -> None:
     assert "no checkpoint 'sft-nope'" in capsys.readouterr().err
 
 
+def test_bill_of_a_short_run_checks_only_the_sources_it_reached(state, tmp_path) -> None:
+    # A run stopped after a few steps (the e2e smoke run) learned from some sources only: the others have no
+    # trained row whose ingested file could be checked, and that is not a registry mismatch.
+    store, checkpoint = _copy(state, tmp_path), state["checkpoint"]
+    trained = store.read_bytes(f"models/{checkpoint}/trained_row_ids.txt").decode().split()
+    source = "gsm8k_train"
+    kept = [row_id for row_id in trained if row_id.startswith(f"{source}-")][:2]
+    assert kept
+    store.write_bytes(f"models/{checkpoint}/trained_row_ids.txt", "\n".join(kept).encode())
+    bill = checkpoint_bill(store, checkpoint)
+    sources = {s["source"]: s for s in bill["sources"]}
+    assert sources[source]["rows"] == 2 and sources[source]["ingested_file_sha256"] == [get_source(source).sha256]
+    assert all(s["rows"] == 0 and s["not_reached"] > 0 for name, s in sources.items() if name != source)
+    assert bill["checks"]["ingested_files_match_registry"] is True
+
+    # ... while a reached source with a row ingested from another file still fails the check
+    with LedgerWriter(store, "ingest", f"raw/{source}", "other-file", "run-other") as writer:
+        writer.record(kept[0], "ingested", decision="ingested", details={"source": source, "file_sha256": "0" * 64})
+    assert checkpoint_bill(store, checkpoint)["checks"]["ingested_files_match_registry"] is False
+
+
 def test_license_audit_of_datasets(state, capsys) -> None:
     store = state["store"]
     code, mix = _cli_json(capsys, "--home", store.root, "audit", "licenses", "sft_mix")

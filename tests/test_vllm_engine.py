@@ -72,11 +72,9 @@ def vllm_python() -> str:
 
 
 @pytest.fixture(scope="module")
-def embedded_model(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct as fp32 safetensors (converted from the bundled GGUF)."""
-    from tulu_pipeline.models.base_model import prepare_base_model
-
-    return prepare_base_model(tmp_path_factory.mktemp("vllm") / "base_model").path
+def embedded_model(converted_base_model) -> Path:
+    """SmolLM2-135M-Instruct as fp32 safetensors: the session's one conversion of the bundled GGUF (read-only)."""
+    return converted_base_model.path
 
 
 def run_engine(python: str, *args: str, env: dict[str, str] | None = None) -> None:

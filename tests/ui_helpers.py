@@ -138,7 +138,7 @@ class DagsterDev:
 
         wait_until(location_loaded, timeout, f"code location {location!r} to load", diagnostics=self.log_tail)
 
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self, timeout: float = 10) -> None:
         """SIGTERM the whole process group (webserver, daemon, code servers, runs), then SIGKILL."""
         if self.process is None:
             return

@@ -342,8 +342,9 @@ def checkpoint_bill(store: Store, checkpoint_id: str) -> dict[str, Any]:
         "ledger_heldout_rows": by_event.get("evaluated", 0),
         # record_trained_on logs exactly the rows the trainer reports having seen
         "ledger_matches_mix": by_event.get("trained_on", 0) == sum(s["rows"] for s in sources),
+        # a source the trainer reached no row of (a short run) has no trained rows to check
         "ingested_files_match_registry": all(
-            s["ingested_file_sha256"] == [s["registry_sha256"]] for s in sources if s["registry_sha256"]),
+            s["ingested_file_sha256"] == [s["registry_sha256"]] for s in sources if s["registry_sha256"] and s["rows"]),
     }
     return {
         "checkpoint_id": checkpoint_id,
