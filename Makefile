@@ -58,8 +58,9 @@ ui: instance
 	$(BIN)/dagster dev -w workspace.yaml -p $(PORT)
 
 # Two workers: most of the suite waits on subprocesses, servers and imports, so two fit two cores. Each test
-# module runs whole on one worker (loadfile), so a module's fixtures, servers and Ray are built once.
-PYTEST_WORKERS ?= -n 2 --dist loadfile
+# module runs whole on one worker (loadfile), so a module's fixtures, servers and Ray are built once; modules are
+# handed out in the order tests/conftest.py gives (longest first), not xdist's default of most tests first.
+PYTEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 # Everything, as CI runs it (.ci/run): every test bounded by pytest-timeout, the slowest 20 listed.
 test: setup

@@ -225,9 +225,10 @@ def test_openai_backend_and_api_judge_against_vllm_serve_restarted_mid_run(serve
     from tulu_pipeline.preference.judge import JudgeItem
     from tulu_pipeline.preference.judge_job import make_judge
 
-    # backoff 2 s doubling over 9 retries: at least ~8 minutes of retrying, longer than a restart takes
+    # backoff 2 s doubling over 9 retries: at least ~8 minutes of retrying, longer than a restart takes; four
+    # requests in flight (the backend's default), which the server batches
     backend = OpenAICompatBackend(server.url, SERVED_NAME, model_id="served", max_retries=9, backoff_s=2.0,
-                                  concurrency=1, timeout_s=300)
+                                  concurrency=4, timeout_s=300)
     greedy = SamplingParams(max_new_tokens=GREEDY_TOKENS, temperature=0)
     first = [cs[0].text for cs in backend.generate(PROMPTS, greedy)]
     # the server renders the model's chat template, the offline backend tokenizes with it: the same greedy text
