@@ -21,6 +21,14 @@ import pytest
 from tulu_pipeline.settings import data_dir
 from tulu_pipeline.storage import Store
 
+# Two xdist workers on two cores: one compute thread per worker and per process it starts (torch reads these at
+# import, and subprocesses inherit them). With torch's default of one thread per core, two trainers running side
+# by side oversubscribe the cores and OpenMP's spinning threads slow both several-fold (measured: the CPU demo
+# test 151 s beside light tests, 474 s beside the e2e job).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_threads, "1")
+
 # Seconds. The ini default (pyproject `timeout`) bounds unmarked tests; these bound the marked ones. They are
 # backstops sized for a loaded 2-core machine, not expectations: a test that needs them is a bug to look at.
 MARKER_TIMEOUTS = {"integration": 1200, "slow": 2400}
