@@ -47,8 +47,9 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-# Seconds per module on one of two busy xdist workers (`pytest -n 2 --dist loadfile --durations=0`, idle 2-core
-# machine): only the order matters, so round figures; a module not listed sorts by its `slow` marker.
+# Rough seconds per module on one of two busy xdist workers, rounded from the `--durations` lists of the runs in
+# benchmarks/results/test_suite.md (idle 2-core machine): only the order matters; a module not listed sorts by
+# its `slow` marker.
 MODULE_SECONDS = {
     "tests/test_pipeline_e2e.py": 600,
     "tests/test_vllm_engine.py": 550,
