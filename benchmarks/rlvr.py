@@ -102,8 +102,8 @@ def main() -> None:
     m = result.metrics
     before, after = m["heldout_before"], m["heldout_after"]
     out = {
-        "what": "RLVR (GRPO) cpu_demo: verifier accuracy of greedy answers on held-out constraint prompts, "
-                "before and after training",
+        "what": "RLVR (GRPO) cpu_demo: on held-out constraint prompts, before and after training, the training "
+                "reward of sampled answers (paired per prompt) and the verifier accuracy of greedy answers",
         "command": " ".join(["python", *sys.argv]),
         "note": args.note,
         "start_model": str(model_dir),
@@ -121,6 +121,17 @@ def main() -> None:
         "heldout_accuracy_change_ci95": m["heldout_accuracy_change_ci95"],
         "heldout_mean_reward_before": before["mean_score"],
         "heldout_mean_reward_after": after["mean_score"],
+        "heldout_samples_per_prompt": config.heldout_samples,
+        "heldout_sampled_reward_before": m.get("heldout_reward_before"),
+        "heldout_sampled_reward_before_ci95": before.get("sampled_reward_ci95"),
+        "heldout_sampled_reward_after": m.get("heldout_reward_after"),
+        "heldout_sampled_reward_after_ci95": after.get("sampled_reward_ci95"),
+        "heldout_sampled_reward_change": m.get("heldout_reward_change"),
+        "heldout_sampled_reward_change_ci95": m.get("heldout_reward_change_ci95"),
+        "heldout_sampled_accuracy_before": before.get("sampled_accuracy"),
+        "heldout_sampled_accuracy_after": after.get("sampled_accuracy"),
+        "heldout_sampled_unfinished_before": before.get("sampled_unfinished_rate"),
+        "heldout_sampled_unfinished_after": after.get("sampled_unfinished_rate"),
         "train_reward_first_steps": m["reward_first_steps"],
         "train_reward_last_steps": m["reward_last_steps"],
         "per_step": m["reward_per_step"],
@@ -137,7 +148,9 @@ def main() -> None:
     write_json_atomic(args.out, out)
     print(json.dumps({k: out[k] for k in ("heldout_accuracy_before", "heldout_accuracy_before_ci95",
                                           "heldout_accuracy_after", "heldout_accuracy_after_ci95",
-                                          "heldout_accuracy_change_ci95", "wall_s")}))
+                                          "heldout_accuracy_change_ci95", "heldout_sampled_reward_before",
+                                          "heldout_sampled_reward_after", "heldout_sampled_reward_change_ci95",
+                                          "wall_s")}))
 
 
 if __name__ == "__main__":

@@ -233,3 +233,56 @@ def test_heldout_accuracy_has_a_paired_interval(toy_model, tmp_path):
     assert low <= before["accuracy"] <= high
     low, high = metrics["heldout_accuracy_change_ci95"]
     assert low <= after["accuracy"] - before["accuracy"] <= high
+
+
+class _FixedRollouts:
+    """Returns scripted completions and records the sampling arguments it was called with."""
+
+    def __init__(self, sampled: list[list[tuple[list[int], bool]]]):
+        self.sampled, self.calls = sampled, []
+
+    def generate(self, model, prompts, n, max_new_tokens, seed, temperature=1.0, top_p=1.0, greedy=False,
+                 batch_size=8):
+        self.calls.append({"n": n, "seed": seed, "greedy": greedy, "temperature": temperature,
+                           "max_new_tokens": max_new_tokens})
+        if greedy:
+            return [[([1], True)] for _ in prompts]
+        return [group[:n] for group in self.sampled[: len(prompts)]]
+
+
+class _Decode:
+    def decode(self, ids, skip_special_tokens=True):
+        return "right" if ids == [1] else "wrong"
+
+
+def test_heldout_samples_score_the_training_reward_with_the_unfinished_penalty():
+    rows = [addition_row(1, 2, "heldout"), addition_row(3, 4, "heldout")]
+    sampled = [[([1], True), ([2], True), ([2], False)],  # right, wrong, unfinished
+               [([1], True), ([1], True), ([2], True)]]
+    rollouts = _FixedRollouts(sampled)
+    config = BASE.model_copy(update={"heldout_samples": 3, "temperature": 0.7, "unfinished_penalty": 10.0})
+    verifier = lambda row, text: (10.0, True) if text == "right" else (0.0, False)  # noqa: E731
+    result = grpo.heldout_accuracy(None, rollouts, rows, [[0], [0]], _Decode(), verifier, 5, config)
+    assert result["sampled_reward_per_row"] == [pytest.approx((10 + 0 - 10) / 3), pytest.approx(20 / 3)]
+    assert result["sampled_unfinished_rate"] == pytest.approx(1 / 6)
+    assert result["sampled_accuracy"] == pytest.approx(3 / 6)
+    greedy, drawn = rollouts.calls
+    assert (drawn["n"], drawn["greedy"], drawn["temperature"], drawn["max_new_tokens"]) == (3, False, 0.7, 5)
+    # The same seed for both checkpoints: before and after draw from one random stream (a paired comparison).
+    grpo.heldout_accuracy(None, rollouts, rows, [[0], [0]], _Decode(), verifier, 5, config)
+    assert rollouts.calls[3]["seed"] == drawn["seed"]
+    off = grpo.heldout_accuracy(None, _FixedRollouts(sampled), rows, [[0], [0]], _Decode(), verifier, 5,
+                                config.model_copy(update={"heldout_samples": 0}))
+    assert "sampled_reward" not in off
+
+
+def test_heldout_sampled_reward_change_has_a_paired_interval(toy_model, tmp_path):
+    metrics = _run(toy_model, tmp_path, "heldout-sampled", heldout=HELDOUT, heldout_samples=3)
+    before, after = metrics["heldout_before"], metrics["heldout_after"]
+    assert len(before["sampled_reward_per_row"]) == len(HELDOUT) and before["samples_per_row"] == 3
+    assert metrics["heldout_reward_before"] == pytest.approx(before["sampled_reward"])
+    diffs = [a - b for a, b in zip(after["sampled_reward_per_row"], before["sampled_reward_per_row"])]
+    assert metrics["heldout_reward_change"] == pytest.approx(sum(diffs) / len(diffs))
+    low, high = metrics["heldout_reward_change_ci95"]
+    assert low <= metrics["heldout_reward_change"] <= high
+    assert GRPO_PRESETS["cpu_demo"].heldout_samples > 0  # the default run reports it

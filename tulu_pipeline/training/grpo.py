@@ -510,13 +510,16 @@ def _load_model(model_dir: Path, device: Any) -> Any:
 
 
 def heldout_accuracy(model: Any, rollouts: Any, rows: Sequence[dict[str, Any]], encoded: Sequence[list[int]],
-                     tokenizer: Any, verifier: Verifier, max_new_tokens: int, batch_size: int,
-                     seed: int) -> dict[str, Any] | None:
-    """Greedy completions of the held-out prompts: verifier ok-rate overall and per task, and mean score."""
+                     tokenizer: Any, verifier: Verifier, max_new_tokens: int, config: GRPOTrainingConfig
+                     ) -> dict[str, Any] | None:
+    """The held-out prompts, answered greedily (verifier ok-rate overall and per task, mean score) and, with
+    ``config.heldout_samples`` > 0, sampled as in training: the training reward (unfinished penalty included) per
+    prompt, averaged over its samples. The sampling seed is fixed, so the start and the trained checkpoint draw
+    with the same random stream (a paired comparison)."""
     if not rows:
         return None
-    outs = rollouts.generate(model, list(encoded), n=1, max_new_tokens=max_new_tokens, seed=seed, greedy=True,
-                             batch_size=batch_size)
+    outs = rollouts.generate(model, list(encoded), n=1, max_new_tokens=max_new_tokens, seed=config.seed,
+                             greedy=True, batch_size=config.eval_batch_size)
     per_task: dict[str, list[bool]] = {}
     scores, oks = [], []
     for row, [out] in zip(rows, outs):
@@ -524,9 +527,35 @@ def heldout_accuracy(model: Any, rollouts: Any, rows: Sequence[dict[str, Any]], 
         per_task.setdefault(row_task(row), []).append(ok)
         scores.append(score)
         oks.append(ok)
-    return {"accuracy": sum(oks) / len(oks), "accuracy_ci95": _ci(oks), "mean_score": sum(scores) / len(scores),
-            "rows": len(oks), "ok_per_row": [int(ok) for ok in oks],
-            "per_task": {task: sum(v) / len(v) for task, v in sorted(per_task.items())}}
+    result: dict[str, Any] = {
+        "accuracy": sum(oks) / len(oks), "accuracy_ci95": _ci(oks), "mean_score": sum(scores) / len(scores),
+        "rows": len(oks), "ok_per_row": [int(ok) for ok in oks],
+        "per_task": {task: sum(v) / len(v) for task, v in sorted(per_task.items())}}
+    if config.heldout_samples:
+        result.update(_sampled_heldout(model, rollouts, rows, encoded, tokenizer, verifier, max_new_tokens, config))
+    return result
+
+
+def _sampled_heldout(model: Any, rollouts: Any, rows: Sequence[dict[str, Any]], encoded: Sequence[list[int]],
+                     tokenizer: Any, verifier: Verifier, max_new_tokens: int,
+                     config: GRPOTrainingConfig) -> dict[str, Any]:
+    k = config.heldout_samples
+    groups = rollouts.generate(model, list(encoded), n=k, max_new_tokens=max_new_tokens, seed=config.seed + 1,
+                               temperature=config.temperature, top_p=config.top_p,
+                               batch_size=max(k, config.eval_batch_size))
+    rewards, oks, unfinished = [], [], []
+    for row, outs in zip(rows, groups):
+        row_rewards = []
+        for out in outs:
+            ids, finished = list(out[0]), bool(out[1])
+            score, ok = verifier(row, tokenizer.decode(ids, skip_special_tokens=True))
+            row_rewards.append(apply_unfinished_penalty(score, finished, config))
+            oks.append(ok)
+            unfinished.append(not finished)
+        rewards.append(_mean(row_rewards))
+    return {"sampled_reward": _mean(rewards), "sampled_reward_ci95": _ci(rewards),
+            "sampled_reward_per_row": rewards, "sampled_accuracy": _mean([float(ok) for ok in oks]),
+            "sampled_unfinished_rate": _mean([float(u) for u in unfinished]), "samples_per_row": k}
 
 
 def _ci(values: Sequence[float], seed: int = 0) -> list[float]:
@@ -537,14 +566,21 @@ def _ci(values: Sequence[float], seed: int = 0) -> list[float]:
 
 
 def reward_curve_png(history: list[dict[str, Any]], before: float | None, after: float | None,
-                     title: str = "RLVR: mean verifiable reward per step") -> bytes:
-    """Mean reward per optimizer step (and verifier accuracy), with the held-out accuracy before and after."""
+                     title: str = "RLVR: mean verifiable reward per step",
+                     heldout_reward: tuple[float, float] | None = None) -> bytes:
+    """Mean reward per optimizer step (and verifier accuracy), with the held-out greedy accuracy and (when
+    measured) the held-out sampled reward before and after."""
     from tulu_pipeline.reporting import figure_png, pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     steps = [h["step"] for h in history]
     ax.plot(steps, [h["reward_mean"] for h in history], color="#4c72b0", marker="o", label="mean reward")
+    if heldout_reward is not None:
+        ax.scatter([steps[0] - 0.3 if steps else 0], [heldout_reward[0]], color="#c44e52", marker="D", zorder=3,
+                   label=f"held-out reward before {heldout_reward[0]:.2f}")
+        ax.scatter([steps[-1] + 0.3 if steps else 1], [heldout_reward[1]], color="#55a868", marker="D", zorder=3,
+                   label=f"held-out reward after {heldout_reward[1]:.2f}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("reward")
     ax2 = ax.twinx()
@@ -879,10 +915,14 @@ def run_grpo(
     else:
         rollouts_backend = TransformersRollouts(tokenizer)
     eval_tokens = config.heldout_max_completion_length or config.max_completion_length
-    before = heldout_accuracy(model, rollouts_backend, held_rows, held_prompts, tokenizer, verifier, eval_tokens,
-                              config.eval_batch_size, config.seed)
+    # Both checkpoints are scored by transformers: one engine (and, sampled, one random stream) for a paired change.
+    before = heldout_accuracy(model, TransformersRollouts(tokenizer), held_rows, held_prompts, tokenizer, verifier,
+                              eval_tokens, config)
     if before is not None:
-        reporter.log(f"held-out accuracy of the start checkpoint: {before['accuracy']:.3f} ({before['rows']} prompts)")
+        reporter.log(f"held-out greedy accuracy of the start checkpoint: {before['accuracy']:.3f} "
+                     f"({before['rows']} prompts)" + (f", sampled reward {before['sampled_reward']:.3f} "
+                                                     f"({config.heldout_samples} per prompt)"
+                                                     if "sampled_reward" in before else ""))
 
     progress: dict[str, Any] = {}
     if resume_from is not None:
@@ -953,7 +993,7 @@ def run_grpo(
         gc.collect()
         final_model = _load_model(staging, device)
         after = heldout_accuracy(final_model, TransformersRollouts(tokenizer), held_rows, held_prompts, tokenizer,
-                                 verifier, eval_tokens, config.eval_batch_size, config.seed)
+                                 verifier, eval_tokens, config)
         del final_model
         metrics = _final_metrics(history, before, after, config)
         metrics.update({
@@ -967,7 +1007,9 @@ def run_grpo(
         metrics["trained_rows_seen"] = len(seen_ids)
         (staging / TRAINED_ROWS_FILE).write_text("".join(f"{r}\n" for r in seen_ids), encoding="utf-8")
         (staging / REWARD_CURVE_FILE).write_bytes(reward_curve_png(
-            history, before["accuracy"] if before else None, after["accuracy"] if after else None))
+            history, before["accuracy"] if before else None, after["accuracy"] if after else None,
+            heldout_reward=((metrics["heldout_reward_before"], metrics["heldout_reward_after"])
+                            if "heldout_reward_before" in metrics else None)))
         (staging / TRAINING_METRICS_FILE).write_bytes(training_metrics_png(history))
         manifest = {
             **manifest_extra,
@@ -993,8 +1035,11 @@ def run_grpo(
         }
         write_json_atomic(staging / MANIFEST_FILE, manifest)  # last: a directory with it is complete
     reporter.log(f"published {output_dir}: mean reward {metrics['reward_first_steps']:.3f} (first steps) -> "
-                 f"{metrics['reward_last_steps']:.3f} (last steps), held-out accuracy "
-                 f"{_fmt(metrics['heldout_accuracy_before'])} -> {_fmt(metrics['heldout_accuracy_after'])}")
+                 f"{metrics['reward_last_steps']:.3f} (last steps), held-out greedy accuracy "
+                 f"{_fmt(metrics['heldout_accuracy_before'])} -> {_fmt(metrics['heldout_accuracy_after'])}"
+                 + (f", held-out sampled reward {metrics['heldout_reward_before']:.3f} -> "
+                    f"{metrics['heldout_reward_after']:.3f} (change 95% CI {metrics['heldout_reward_change_ci95']})"
+                    if "heldout_reward_before" in metrics else ""))
     return GRPOResult(output_dir, metrics, manifest)
 
 
@@ -1027,11 +1072,23 @@ def _final_metrics(history: list[dict[str, Any]], before: dict | None, after: di
         # paired: the same prompts greedily answered by the start and the trained checkpoint
         "heldout_accuracy_change_ci95": (_ci([a - b for a, b in zip(after["ok_per_row"], before["ok_per_row"])])
                                          if before and after else None),
+        **_sampled_change(before, after),
         "heldout_before": before,
         "heldout_after": after,
         "samples": [h["sample"] for h in history[-3:]],
         "correct_reward": config.correct_reward,
     }
+
+
+def _sampled_change(before: dict | None, after: dict | None) -> dict[str, Any]:
+    """The held-out sampled reward before and after, and the paired interval of its change (per prompt)."""
+    if not before or not after or "sampled_reward" not in before:
+        return {}
+    diffs = [a - b for a, b in zip(after["sampled_reward_per_row"], before["sampled_reward_per_row"])]
+    return {"heldout_reward_before": before["sampled_reward"], "heldout_reward_after": after["sampled_reward"],
+            "heldout_reward_change": _mean(diffs), "heldout_reward_change_ci95": _ci(diffs),
+            "heldout_sampled_accuracy_before": before["sampled_accuracy"],
+            "heldout_sampled_accuracy_after": after["sampled_accuracy"]}
 
 
 def _fmt(value: float | None) -> str:

@@ -106,13 +106,16 @@ def materialization_metadata(result: GRPOResult, location: str) -> dict[str, Any
                                           f"{base64.b64encode(panels).decode()})", "type": "md"},
         "reward_per_step": {"raw_value": m.get("reward_per_step", []), "type": "json"},
         "heldout_accuracy_change_ci95": {"raw_value": m.get("heldout_accuracy_change_ci95"), "type": "json"},
+        "heldout_reward_change_ci95": ({"raw_value": m["heldout_reward_change_ci95"], "type": "json"}
+                                       if m.get("heldout_reward_change_ci95") is not None else None),
         "config": {"raw_value": result.manifest.get("config", {}), "type": "json"},
         "fingerprint": result.manifest.get("fingerprint"),
         "start_model_sha256": result.manifest.get("start_model_sha256"),
         "reused_existing_checkpoint": result.reused,
     }
     for key in ("mean_reward", "reward_first_steps", "reward_last_steps", "heldout_accuracy_before",
-                "heldout_accuracy_after", "train_s", "wall_s"):
+                "heldout_accuracy_after", "heldout_reward_before", "heldout_reward_after", "heldout_reward_change",
+                "train_s", "wall_s"):
         value = m.get(key)
         metadata[key] = {"raw_value": float(value), "type": "float"} if value is not None else None
     for key in ("steps", "resumed_from_step", "prompt_rows", "heldout_rows", "trained_rows_seen"):
