@@ -31,7 +31,7 @@ class ExecutionConfig(dg.Config):
     """Where a stage runs; the outputs are the same either way, so it is left out of the config hash."""
 
     executor: str = Field(default="local", description="local: in this process; ray: a Ray Data job launched "
-                          "through the compute launcher (see README, Curating at scale)")
+                          "through the compute launcher (see docs/scale.md)")
     ray_address: str | None = Field(default=None, description="Ray cluster address (default $RAY_ADDRESS, else a "
                                     "local Ray started by the job)")
     shard_rows: int = Field(default=RaySettings().shard_rows, description="rows per Ray task")

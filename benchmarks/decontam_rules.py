@@ -3,7 +3,7 @@
 Every registry source with role ``train`` (raw rows, prompts only) against every eval benchmark, under
 the old default (distinct-8-gram share >= 0.5, short items anywhere) and the new one (token coverage
 > 0.5, short items by share), plus the other short-item policies. Writes
-``benchmarks/results/decontam_rules.json`` and prints the README's markdown tables.
+``benchmarks/results/decontam_rules.json`` and prints the markdown tables of docs/decontamination.md.
 
     .venv/bin/python benchmarks/decontam_rules.py
 """
