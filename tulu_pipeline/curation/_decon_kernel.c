@@ -335,7 +335,7 @@ static int tokenize_text(const Scanner *s, Tok *t, PyObject *text) {
 
 /* keys (mixed token hashes) of raw[0..n) into the scanner's key buffer */
 static uint64_t *mix_keys(Scanner *s, const uint32_t *raw, Py_ssize_t n) {
-    if (n > s->keys_cap) {
+    if (n > s->keys_cap || !s->keys) { /* (allocated even for no token: NULL means an error) */
         Py_ssize_t cap = s->keys_cap ? s->keys_cap : 4096;
         while (cap < n) cap *= 2;
         uint64_t *d = realloc(s->keys, (size_t)cap * sizeof(uint64_t));

@@ -50,6 +50,16 @@ of the training text from the first to the last matched token, in the original c
    n-gram once (re-tokenizing the row with `tokenize`), so hash collisions never produce a match;
    exact scores are then computed in numpy per (row, item).
 
+Steps 1-3 run in C where the extension `tulu_pipeline.curation._decon_kernel` is built (`pip install -e .`
+compiles it; see its source): one pass over the Python strings of a batch does the normalization (by
+segments: characters that NFKC leaves alone are case-folded by a per-code-point table, any other
+segment goes to `normalize`), the tokens, their hashes, the windows and the probes, and hands the
+hash-confirmed candidates to the same numpy scoring; verification and spans also use its character
+loops. Results are identical to the numpy path (tested), which remains the fallback where the
+extension is missing; with ``CI`` or ``TULU_REQUIRE_ALL`` set a missing kernel is an error instead.
+Short-item candidates that cannot make up enough of their row (one turn) are dropped before
+verification under the ``share`` policy, and all of them under ``ignore``.
+
 `reference_matches` is a deliberately plain implementation of the same rule (sets of n-gram tuples,
 no hashing, no numpy), used to re-verify outputs and as the benchmark baseline; the blocking check
 uses `overlap_check`, which does not share the tokenizer either. `PreviousDecisions` lets a
