@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tulu_pipeline.data.registry import registry  # noqa: E402
-from tulu_pipeline.provenance.ledger import EVENT_SCHEMA, EVENTS_DIR, Ledger, _safe  # noqa: E402
+from tulu_pipeline.provenance.ledger import EVENT_SCHEMA, EVENTS_DIR, Ledger, path_safe  # noqa: E402
 from tulu_pipeline.storage import Store  # noqa: E402
 
 WEIGHTS = {"gsm8k_train": 0.3, "math_train": 0.3, "code_alpaca": 0.15, "self_instruct_seed": 0.05,
@@ -84,7 +84,7 @@ class LedgerBuilder:
             "related_ids": pa.array(related if related is not None else [[]] * n, pa.list_(pa.string())),
             "details": column(details),
         }, schema=EVENT_SCHEMA)
-        target = self.store.path(EVENTS_DIR, _safe(asset_key), _safe(version), _safe(run_id))
+        target = self.store.path(EVENTS_DIR, path_safe(asset_key), path_safe(version), path_safe(run_id))
         os.makedirs(target, exist_ok=True)
         pq.write_table(table, os.path.join(target, "part-00000.parquet"))
         self.events += n

@@ -75,11 +75,11 @@ def dedup_text(row: dict[str, Any], key: str) -> str:
     return " ".join(" ".join(parts).lower().split())
 
 
-def _order_key(row: dict[str, Any], ranks: dict[str, int]) -> tuple[int, str, str]:
+def dedup_order_key(row: dict[str, Any], ranks: dict[str, int]) -> tuple[int, str, str]:
     return (ranks.get(row["source"], len(ranks)), row["source"], row["row_id"])
 
 
-def _ranks(source_priority: Sequence[str]) -> dict[str, int]:
+def source_ranks(source_priority: Sequence[str]) -> dict[str, int]:
     ranks: dict[str, int] = {}
     for source in source_priority:
         ranks.setdefault(source, len(ranks))
@@ -89,8 +89,8 @@ def _ranks(source_priority: Sequence[str]) -> dict[str, int]:
 def dedup_order(rows: Iterable[dict[str, Any]], source_priority: Sequence[str]) -> list[dict[str, Any]]:
     """``rows`` sorted into keep-first order: by rank in ``source_priority`` (unlisted sources last),
     then source name, then row id."""
-    ranks = _ranks(source_priority)
-    return sorted(rows, key=lambda row: _order_key(row, ranks))
+    ranks = source_ranks(source_priority)
+    return sorted(rows, key=lambda row: dedup_order_key(row, ranks))
 
 
 def shingles(text: str, size: int) -> set[bytes]:
@@ -115,7 +115,7 @@ class Deduplicator:
         self.sink = sink
         self.dropped: list[dict[str, Any]] = []
         self.stats: dict[str, Any] = {"rows_in": 0, "kept": 0, "exact_duplicates": 0, "near_duplicates": 0, "per_source": {}}
-        self._ranks = _ranks(config.source_priority)
+        self._ranks = source_ranks(config.source_priority)
         self._by_hash: dict[bytes, str] = {}  # text digest → id of the kept row with that text
         self._kept_index: dict[str, int] = {}  # kept row id → position among kept rows (tie-break)
         self._minhashes: dict[str, MinHash] = {}  # kept row id → its MinHash
@@ -191,7 +191,7 @@ class Deduplicator:
         self.sink.record(row["row_id"], "kept", decision="unique")
 
     def _check_order(self, row: dict[str, Any]) -> None:
-        key = _order_key(row, self._ranks)
+        key = dedup_order_key(row, self._ranks)
         if self._last_key is not None and key <= self._last_key:
             problem = "repeats row" if key == self._last_key else "comes after"
             raise ValueError(

@@ -69,7 +69,7 @@ def stage_version(stage: str, config: Any, inputs: dict[str, str]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _input_version(store: Store, name: str) -> str:
+def input_version(store: Store, name: str) -> str:
     version = store.latest_version(name)
     if version is None:
         raise MissingInputError(f"{name} has not been materialized under {store.url}; materialize it first")
@@ -98,7 +98,7 @@ def eval_specs(config: CurationConfig) -> list[SourceSpec]:
     return specs
 
 
-class _Sampler:
+class EventSampler:
     """Keeps the first few rows and every row's text length while rows stream past."""
 
     def __init__(self, size: int = 5):
@@ -121,20 +121,20 @@ def normalize_prompts(store: Store, config: CurationConfig, run_id: str) -> Stag
         from tulu_pipeline.curation.ray_executor import normalize_prompts_ray
         return normalize_prompts_ray(store, config, run_id)
     specs = train_specs(config)
-    inputs = {raw_dataset_name(s.id): _input_version(store, raw_dataset_name(s.id)) for s in specs}
+    inputs = {raw_dataset_name(s.id): input_version(store, raw_dataset_name(s.id)) for s in specs}
     version = stage_version("normalized_prompts", config.normalize.model_dump(), inputs)
-    sampler = _Sampler()
+    sampler = EventSampler()
     with LedgerWriter(store, "curation", "normalized_prompts", version, run_id) as ledger:
         normalizer = Normalizer(config.normalize, ledger)
         rows = chain.from_iterable(store.iter_rows(name, v) for name, v in inputs.items())
         info = store.write_rows("normalized_prompts", version, sampler(normalizer(rows)), ROW_SCHEMA, inputs=inputs)
         quarantine = store.write_jsonl(posixpath.join("quarantine", "normalized_prompts", f"{version}.jsonl"),
-                                       (_dropped_record(d) for d in normalizer.dropped))
+                                       (dropped_record(d) for d in normalizer.dropped))
     return StageResult("normalized_prompts", version, info, normalizer.stats, sampler.samples, sampler.lengths,
                        ledger.count, quarantine, len(normalizer.dropped), inputs)
 
 
-def _dropped_record(dropped: dict[str, Any]) -> dict[str, Any]:
+def dropped_record(dropped: dict[str, Any]) -> dict[str, Any]:
     row = dropped["row"]
     return {"row_id": row.get("row_id") if isinstance(row, dict) else None, "reason": dropped["reason"], "row": row}
 
@@ -144,12 +144,12 @@ def deduplicate_prompts(store: Store, config: CurationConfig, run_id: str) -> St
     if config.executor == "ray":
         from tulu_pipeline.curation.ray_executor import deduplicate_prompts_ray
         return deduplicate_prompts_ray(store, config, run_id)
-    inputs = {"normalized_prompts": _input_version(store, "normalized_prompts")}
+    inputs = {"normalized_prompts": input_version(store, "normalized_prompts")}
     version = stage_version("deduplicated_prompts", config.dedup.model_dump(), inputs)
     # The keep-first rule needs a global order (priority, source, row_id): the pool is sorted in memory.
     ordered = dedup_order(store.iter_rows("normalized_prompts", inputs["normalized_prompts"]),
                           config.dedup.source_priority)
-    sampler = _Sampler()
+    sampler = EventSampler()
     with LedgerWriter(store, "curation", "deduplicated_prompts", version, run_id) as ledger:
         dedup = Deduplicator(config.dedup, ledger)
         info = store.write_rows("deduplicated_prompts", version, sampler(dedup(ordered)), ROW_SCHEMA, inputs=inputs)
@@ -163,7 +163,7 @@ def build_eval_index(store: Store, config: CurationConfig,
                      only: set[str] | None = None) -> tuple[EvalIndex, dict[str, str]]:
     """The n-gram index of every selected eval item (of the raw eval datasets named in ``only``)."""
     specs = [s for s in eval_specs(config) if only is None or raw_dataset_name(s.id) in only]
-    inputs = {raw_dataset_name(s.id): _input_version(store, raw_dataset_name(s.id)) for s in specs}
+    inputs = {raw_dataset_name(s.id): input_version(store, raw_dataset_name(s.id)) for s in specs}
     items = chain.from_iterable(
         eval_items_from_rows(store.iter_rows(raw_dataset_name(s.id), inputs[raw_dataset_name(s.id)]), s.benchmark)
         for s in specs
@@ -172,7 +172,7 @@ def build_eval_index(store: Store, config: CurationConfig,
     return index, inputs
 
 
-def _quarantine_record(entry: dict[str, Any]) -> dict[str, Any]:
+def quarantine_record(entry: dict[str, Any]) -> dict[str, Any]:
     best = entry["matches"][0]
     return {
         **entry["row"],
@@ -225,17 +225,17 @@ def decontaminate_prompts(store: Store, config: CurationConfig, run_id: str,
         from tulu_pipeline.curation.ray_executor import decontaminate_prompts_ray
         return decontaminate_prompts_ray(store, config, run_id, index=index)
     eval_index, eval_inputs = index or build_eval_index(store, config)
-    inputs = {"deduplicated_prompts": _input_version(store, "deduplicated_prompts"), **eval_inputs}
+    inputs = {"deduplicated_prompts": input_version(store, "deduplicated_prompts"), **eval_inputs}
     version = stage_version("decontaminated_prompts",
                             {"decontam": config.decontam.model_dump(), "evals": config.evals.model_dump()}, inputs)
     previous = previous_decisions(store, config, eval_inputs, version) if incremental else None
-    sampler = _Sampler()
+    sampler = EventSampler()
     with LedgerWriter(store, "decontamination", "decontaminated_prompts", version, run_id) as ledger:
         step = Decontaminator(eval_index, config.decontam, ledger, previous=previous)
         rows = store.iter_rows("deduplicated_prompts", inputs["deduplicated_prompts"])
         info = store.write_rows("decontaminated_prompts", version, sampler(step(rows)), ROW_SCHEMA, inputs=inputs)
         quarantine = store.write_rows("decontamination_quarantine", version,
-                                      (_quarantine_record(e) for e in step.quarantine), QUARANTINE_SCHEMA)
+                                      (quarantine_record(e) for e in step.quarantine), QUARANTINE_SCHEMA)
     store.write_json(_run_record_path(version), {"decontam": config.decontam.model_dump(), "inputs": inputs})
     stats = {**step.stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks),
              "previous_version": previous.version if previous else None,

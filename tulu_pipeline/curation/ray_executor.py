@@ -63,8 +63,8 @@ from tulu_pipeline.curation.decontaminate import (
 from tulu_pipeline.curation.dedup import (
     DedupConfig,
     Deduplicator,
-    _order_key,
-    _ranks,
+    dedup_order_key,
+    source_ranks,
     lsh_bands,
 )
 from tulu_pipeline.curation.normalize import NormalizeConfig, Normalizer
@@ -332,14 +332,14 @@ def _replay_events(run: _Run, ledger: LedgerWriter, shards: list[Shard]) -> None
 # normalization
 # ---------------------------------------------------------------------------------------------
 def _normalize_shard(store: Store, shard: Shard, staging: str, *, config: dict[str, Any]) -> dict[str, Any]:
-    from tulu_pipeline.curation.pipeline import _dropped_record
+    from tulu_pipeline.curation.pipeline import dropped_record
 
     sink = MemorySink()
     normalizer = Normalizer(NormalizeConfig(**config), sink)
     _write_parquet(store, _shard_file(staging, shard.index, "rows.parquet"), normalizer(read_shard(store, shard)),
                    ROW_SCHEMA)
     _write_jsonl(store, _shard_file(staging, shard.index, "dropped.jsonl"),
-                 (_dropped_record(d) for d in normalizer.dropped))
+                 (dropped_record(d) for d in normalizer.dropped))
     _write_jsonl(store, _shard_file(staging, shard.index, "events.jsonl"), sink.events)
     return {"rows_in": normalizer.stats["rows_in"], "stats": normalizer.stats}
 
@@ -349,18 +349,18 @@ def normalize_prompts_ray(store: Store, config: CurationConfig, run_id: str, pro
     """`pipeline.normalize_prompts` on Ray: one task per shard of the raw training datasets."""
     from tulu_pipeline.curation.pipeline import (
         StageResult,
-        _input_version,
-        _Sampler,
+        input_version,
+        EventSampler,
         stage_version,
         train_specs,
     )
     from tulu_pipeline.data.ingest import raw_dataset_name
 
     specs = train_specs(config)
-    inputs = {raw_dataset_name(s.id): _input_version(store, raw_dataset_name(s.id)) for s in specs}
+    inputs = {raw_dataset_name(s.id): input_version(store, raw_dataset_name(s.id)) for s in specs}
     version = stage_version("normalized_prompts", config.normalize.model_dump(), inputs)
     run = _Run(store, config, "normalized_prompts", version, run_id, progress, shard_hook)
-    sampler = _Sampler()
+    sampler = EventSampler()
     try:
         with ray_session(config.ray):
             shards = plan_shards(store, inputs, config.ray.shard_rows)
@@ -458,15 +458,15 @@ def _signature_shard(store: Store, shard: Shard, staging: str, *, config: dict[s
     rows as a run sorted in `dedup_order` (the driver merges the runs)."""
     dedup_config = DedupConfig(**config)
     dedup = Deduplicator(dedup_config, _NoSink())
-    ranks = _ranks(dedup_config.source_priority)
+    ranks = source_ranks(dedup_config.source_priority)
     bands = lsh_bands(dedup_config) if dedup_config.near_duplicates else (0, 0)
-    rows = sorted(read_shard(store, shard), key=lambda row: _order_key(row, ranks))
+    rows = sorted(read_shard(store, shard), key=lambda row: dedup_order_key(row, ranks))
     signatures: list[dict[str, Any]] = []
     buckets: list[dict[str, Any]] = []
     for row in rows:
         digest, minhash = dedup.signature(row)
         values = None if minhash is None else minhash.hashvalues
-        signatures.append({"row_id": row["row_id"], "source": row["source"], "rank": _order_key(row, ranks)[0],
+        signatures.append({"row_id": row["row_id"], "source": row["source"], "rank": dedup_order_key(row, ranks)[0],
                            "ground_truth": row.get("ground_truth"), "digest": digest,
                            "hashvalues": b"" if values is None else values.astype("<u8").tobytes()})
         buckets.extend({"partition": _partition(key, partitions), "bucket": key, "row_id": row["row_id"]}
@@ -566,7 +566,7 @@ def _object(ref: Any) -> Any:
 def _merged_runs(store: Store, staging: str, shards: list[Shard], ranks: dict[str, int]) -> Iterator[dict[str, Any]]:
     """Every shard's sorted run merged into one stream in `dedup_order` (one batch per shard in memory)."""
     runs = [_read_parquet(store, _shard_file(staging, s.index, "sorted.parquet")) for s in shards]
-    return heapq.merge(*runs, key=lambda row: _order_key(row, ranks))
+    return heapq.merge(*runs, key=lambda row: dedup_order_key(row, ranks))
 
 
 def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, progress: Progress | None = None,
@@ -576,16 +576,16 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
 
     from tulu_pipeline.curation.pipeline import (
         StageResult,
-        _input_version,
-        _Sampler,
+        input_version,
+        EventSampler,
         stage_version,
     )
 
-    inputs = {"normalized_prompts": _input_version(store, "normalized_prompts")}
+    inputs = {"normalized_prompts": input_version(store, "normalized_prompts")}
     version = stage_version("deduplicated_prompts", config.dedup.model_dump(), inputs)
     run = _Run(store, config, "deduplicated_prompts", version, run_id, progress, shard_hook)
     dedup_config = config.dedup.model_dump()
-    sampler = _Sampler()
+    sampler = EventSampler()
     try:
         with ray_session(config.ray):
             shards = plan_shards(store, inputs, config.ray.shard_rows)
@@ -618,7 +618,7 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
         # The global keep-first order: the shards' sorted runs merged; the driver records every decision.
         with LedgerWriter(store, "curation", "deduplicated_prompts", version, run_id) as ledger:
             dedup = Deduplicator(config.dedup, ledger)
-            ordered = _merged_runs(store, run.staging, shards, _ranks(config.dedup.source_priority))
+            ordered = _merged_runs(store, run.staging, shards, source_ranks(config.dedup.source_priority))
             kept = (row for row in ordered if dedup.apply(row, decisions.get(row["row_id"])))
             info = store.write_rows("deduplicated_prompts", version, sampler(kept), ROW_SCHEMA, inputs=inputs)
             quarantine = store.write_jsonl(posixpath.join("quarantine", "deduplicated_prompts", f"{version}.jsonl"),
@@ -636,7 +636,7 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
 # ---------------------------------------------------------------------------------------------
 def _decontaminate_shard(store: Store, shard: Shard, staging: str, *, index_ref: list[Any],
                          config: dict[str, Any]) -> dict[str, Any]:
-    from tulu_pipeline.curation.pipeline import QUARANTINE_SCHEMA, _quarantine_record
+    from tulu_pipeline.curation.pipeline import QUARANTINE_SCHEMA, quarantine_record
 
     index: EvalIndex = _object(index_ref[0])
     sink = MemorySink()
@@ -644,7 +644,7 @@ def _decontaminate_shard(store: Store, shard: Shard, staging: str, *, index_ref:
     _write_parquet(store, _shard_file(staging, shard.index, "rows.parquet"), step(read_shard(store, shard)),
                    ROW_SCHEMA)
     _write_parquet(store, _shard_file(staging, shard.index, "quarantine.parquet"),
-                   (_quarantine_record(e) for e in step.quarantine), QUARANTINE_SCHEMA)
+                   (quarantine_record(e) for e in step.quarantine), QUARANTINE_SCHEMA)
     _write_jsonl(store, _shard_file(staging, shard.index, "events.jsonl"), sink.events)
     stats = step.stats
     return {"rows_in": stats.rows, "clean": stats.clean, "quarantined": stats.quarantined,
@@ -662,18 +662,18 @@ def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
     from tulu_pipeline.curation.pipeline import (
         QUARANTINE_SCHEMA,
         StageResult,
-        _input_version,
-        _Sampler,
+        input_version,
+        EventSampler,
         build_eval_index,
         stage_version,
     )
 
     eval_index, eval_inputs = index or build_eval_index(store, config)
-    inputs = {"deduplicated_prompts": _input_version(store, "deduplicated_prompts"), **eval_inputs}
+    inputs = {"deduplicated_prompts": input_version(store, "deduplicated_prompts"), **eval_inputs}
     version = stage_version("decontaminated_prompts",
                             {"decontam": config.decontam.model_dump(), "evals": config.evals.model_dump()}, inputs)
     run = _Run(store, config, "decontaminated_prompts", version, run_id, progress, shard_hook)
-    sampler = _Sampler()
+    sampler = EventSampler()
     try:
         with ray_session(config.ray):
             shards = plan_shards(store, {"deduplicated_prompts": inputs["deduplicated_prompts"]},

@@ -23,8 +23,8 @@ from tulu_pipeline.provenance.template_lineage import template_lineage
 from tulu_pipeline.training.chat_template import (
     ROLES,
     TULU_CHAT_TEMPLATE,
-    _prefix_ids,
-    _text_ids,
+    prefix_ids,
+    text_ids,
     apply_tulu_chat_template,
     render_segments,
 )
@@ -62,7 +62,7 @@ class ChatEncoder:
         if template == "tulu" or not own or own == TULU_CHAT_TEMPLATE:
             apply_tulu_chat_template(tokenizer)
             self.format = "tulu"
-            self._prefix = _prefix_ids(tokenizer)
+            self._prefix = prefix_ids(tokenizer)
         else:
             self.format = "model"
             self._prefix = []
@@ -97,7 +97,7 @@ class ChatEncoder:
             pieces.append(("<|assistant|>\n", False))
         ids = list(self._prefix)
         for text, trained in pieces:
-            ids.extend(_text_ids(self.tokenizer, text))
+            ids.extend(text_ids(self.tokenizer, text))
             if trained:  # an earlier assistant turn ends with its EOS, as in training
                 ids.append(self.tokenizer.eos_token_id)
         return ids
@@ -109,7 +109,7 @@ class ChatEncoder:
     def continuation_ids(self, continuation: str) -> list[int]:
         """Token ids of a continuation scored after a prompt (tokenized on its own, like an assistant turn)."""
         if self.format == "tulu":
-            return _text_ids(self.tokenizer, continuation)
+            return text_ids(self.tokenizer, continuation)
         return list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
 
     def stop_token_ids(self, extra: Any = None) -> set[int]:

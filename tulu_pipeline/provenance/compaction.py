@@ -202,9 +202,9 @@ def _columns_sql() -> str:
 
 
 def _empty_sql(with_related: bool) -> str:
-    from tulu_pipeline.provenance.ledger import _empty_events_sql
+    from tulu_pipeline.provenance.ledger import empty_events_sql
 
-    sql = _empty_events_sql()
+    sql = empty_events_sql()
     return f"SELECT *, CAST(NULL AS VARCHAR) AS related_id FROM ({sql})" if with_related else sql
 
 

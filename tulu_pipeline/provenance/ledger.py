@@ -66,7 +66,7 @@ class MemorySink:
                             "related_ids": list(related_ids), "details": details})
 
 
-def _safe(part: str) -> str:
+def path_safe(part: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in part)
 
 
@@ -85,8 +85,8 @@ class LedgerWriter:
         self.store, self.stage, self.asset_key = store, stage, asset_key
         self.asset_version, self.run_id = asset_version, run_id
         self.rows_per_part = rows_per_part
-        self._staging_parent = posixpath.join(STAGING_DIR, _safe(asset_key), _safe(asset_version))
-        self._staging = posixpath.join(self._staging_parent, f"{_safe(run_id)}-{uuid.uuid4().hex}")
+        self._staging_parent = posixpath.join(STAGING_DIR, path_safe(asset_key), path_safe(asset_version))
+        self._staging = posixpath.join(self._staging_parent, f"{path_safe(run_id)}-{uuid.uuid4().hex}")
         self._lock = None
         self._buffer: list[dict[str, Any]] = []
         self._parts = 0
@@ -95,7 +95,7 @@ class LedgerWriter:
 
     @property
     def target(self) -> str:
-        return posixpath.join(EVENTS_DIR, _safe(self.asset_key), _safe(self.asset_version), _safe(self.run_id))
+        return posixpath.join(EVENTS_DIR, path_safe(self.asset_key), path_safe(self.asset_version), path_safe(self.run_id))
 
     def record(self, row_id: str, event: str, decision: str | None = None, reason: str | None = None,
                related_ids: Sequence[str] = (), details: dict[str, Any] | None = None) -> None:
@@ -232,7 +232,7 @@ class Ledger:
         if layout is None:
             glob = self._glob()
             if glob is None:
-                return f"SELECT * FROM ({_empty_events_sql()})"
+                return f"SELECT * FROM ({empty_events_sql()})"
             return f"SELECT * FROM read_parquet({sql_str(glob)}, union_by_name=true){restriction()}"
 
         stale = f"{RUN_KEY_SQL} NOT IN (SELECT unnest({sql_list(list(layout.stale_keys))}::VARCHAR[]))" \
@@ -257,7 +257,7 @@ class Ledger:
             files = [uri(f) for f in layout.remainder]
             parts.append(f"SELECT * FROM read_parquet({sql_list(files)}, union_by_name=true){restriction()}")
         if not parts:
-            return f"SELECT * FROM ({_empty_events_sql()})"
+            return f"SELECT * FROM ({empty_events_sql()})"
         return " UNION ALL BY NAME ".join(f"({part})" for part in parts)
 
     def events_for(self, row_id: str) -> list[dict[str, Any]]:
@@ -290,7 +290,7 @@ class Ledger:
 EVENT_ORDER = "ts, asset_key, seq, run_id, row_id, event"
 
 
-def _empty_events_sql() -> str:
+def empty_events_sql() -> str:
     casts = {
         pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
         pa.list_(pa.string()): "VARCHAR[]",

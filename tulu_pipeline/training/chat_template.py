@@ -97,7 +97,7 @@ def render_segments(messages: Sequence[dict[str, str]], eos_token: str) -> list[
     return pieces
 
 
-def _prefix_ids(tokenizer: Any) -> list[int]:
+def prefix_ids(tokenizer: Any) -> list[int]:
     """Special tokens the tokenizer puts before any text (a BOS for Llama-style tokenizers; none for SmolLM2)."""
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -107,7 +107,7 @@ def _prefix_ids(tokenizer: Any) -> list[int]:
     return []
 
 
-def _text_ids(tokenizer: Any, text: str) -> list[int]:
+def text_ids(tokenizer: Any, text: str) -> list[int]:
     if not text:
         return []
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
@@ -125,10 +125,10 @@ def encode_conversation(
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token")
-    input_ids: list[int] = _prefix_ids(tokenizer)
+    input_ids: list[int] = prefix_ids(tokenizer)
     labels: list[int] = [IGNORE_INDEX] * len(input_ids)
     for text, trained in render_segments(messages, eos_token=""):
-        ids = _text_ids(tokenizer, text)
+        ids = text_ids(tokenizer, text)
         if trained:
             ids = ids + [tokenizer.eos_token_id]
             labels.extend(ids)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import tempfile
@@ -214,3 +215,36 @@ def trainer_arguments(config: Any, output_dir: Path, bf16: bool, device: Any) ->
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
+
+
+def training_device() -> Any:
+    """This process's device: under torchrun each rank takes the GPU of its LOCAL_RANK; CPU without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def library_versions(*packages: str) -> dict[str, str]:
+    """Python, torch and transformers versions, and those of ``packages`` (for a checkpoint's manifest)."""
+    import importlib
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", *packages):
+        versions[name] = importlib.import_module(name).__version__
+    return versions
+
+
+def save_final(trainer: Any, tokenizer: Any, target: Path, lora: bool) -> None:
+    """Save a transformers Trainer's model (LoRA merged, its adapter kept in ``adapter/``) and tokenizer, with
+    generation set up to stop at the tokenizer's EOS."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if lora:
+        model.save_pretrained(target / "adapter")  # the adapter alone, for reference
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)

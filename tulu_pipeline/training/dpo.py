@@ -55,6 +55,9 @@ from tulu_pipeline.training.chat_template import (
     encode_conversation,
 )
 from tulu_pipeline.training.checkpointing import (
+    library_versions,
+    save_final,
+    training_device,
     MANIFEST_FILE,
     PROGRESS_FILE,
     canonical_json,
@@ -251,9 +254,9 @@ def score_pairs(model: Any, encoded: EncodedPairs, pad_token_id: int, batch_size
 
 
 def _load_scoring_model(model_dir: Path, config: DPOTrainingConfig) -> Any:
-    from tulu_pipeline.training.sft import _device, load_training_model
+    from tulu_pipeline.training.sft import load_training_model
 
-    return load_training_model(model_dir, config).to(_device())  # duck-typed: reads attn_implementation only
+    return load_training_model(model_dir, config).to(training_device())  # duck-typed: reads attn_implementation only
 
 
 def tulu_tokenizer(model_dir: str | Path) -> Any:
@@ -512,12 +515,7 @@ def run_dpo(
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from tulu_pipeline.training.sft import (
-        _device,
-        _library_versions,
-        _save_final,
-        resolve_bf16,
-    )
+    from tulu_pipeline.training.sft import resolve_bf16
 
     tokenizer = tulu_tokenizer(model_dir)
     train = encode_pairs(pairs, tokenizer, config.max_length)
@@ -569,7 +567,7 @@ def run_dpo(
         reporter.log(f"resuming from {resume_from.name} (step {resumed_from_step})")
 
     transformers.set_seed(config.seed)
-    device = _device()
+    device = training_device()
     before = preference_metrics(held_reference, held_reference, config)
     reporter.log(f"held-out before (the reference): {json.dumps(before, sort_keys=True)}")
     model = _load_scoring_model(model_dir, config)
@@ -594,7 +592,7 @@ def run_dpo(
              for e in trainer.state.log_history if "loss" in e and "step" in e]
 
     with publishing(output_dir) as staging:
-        _save_final(trainer, tokenizer, staging, lora=False)
+        save_final(trainer, tokenizer, staging, lora=False)
         del trainer, model
         gc.collect()
         final_model = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32).to(device)
@@ -641,7 +639,7 @@ def run_dpo(
             "trained_pair_ids_sha256": row_ids_sha256(seen_ids),
             "heldout_pair_ids": list(held.pair_ids),
             "dropped_pairs": {**train.dropped, **held.dropped},
-            "versions": _library_versions(),
+            "versions": library_versions("trl", "peft"),
             "metrics": metrics,
         }
         write_json_atomic(staging / MANIFEST_FILE, manifest)  # last: a directory with it is complete

@@ -69,6 +69,8 @@ from tulu_pipeline.training.chat_template import (
     encode_conversation,
 )
 from tulu_pipeline.training.checkpointing import (
+    library_versions,
+    training_device,
     MANIFEST_FILE,
     PROGRESS_FILE,
     fingerprint,
@@ -494,12 +496,6 @@ def grpo_loss(logps: Any, old_logps: Any, advantages: Any, mask: Any, config: GR
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _load_model(model_dir: Path, device: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
@@ -633,15 +629,6 @@ def training_metrics_png(history: list[dict[str, Any]], title: str = "RLVR: per-
     fig.suptitle(title)
     fig.tight_layout()
     return figure_png(fig)
-
-
-def _library_versions() -> dict[str, str]:
-    import platform
-
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -904,7 +891,7 @@ def run_grpo(
     root, resume_from = prepare_run_dir(output_dir, run_fingerprint, identity, reporter.log)
 
     torch.manual_seed(config.seed)
-    device = _device()
+    device = training_device()
     model = _load_model(start_model_dir, device)
     ref_model = None
     if config.beta > 0:
@@ -1030,7 +1017,7 @@ def run_grpo(
             "prompt_rows_sha256": identity["prompt_rows_sha256"],
             "heldout_rows_sha256": identity["heldout_rows_sha256"],
             "too_long_row_ids": too_long,
-            "versions": _library_versions(),
+            "versions": library_versions(),
             "metrics": metrics,
         }
         write_json_atomic(staging / MANIFEST_FILE, manifest)  # last: a directory with it is complete

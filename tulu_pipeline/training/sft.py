@@ -45,7 +45,6 @@ import gc
 import json
 import math
 import os
-import platform
 import re
 import time
 from collections.abc import Sequence
@@ -62,6 +61,9 @@ from tulu_pipeline.training.chat_template import (
     encode_rows,
 )
 from tulu_pipeline.training.checkpointing import (
+    library_versions,
+    save_final,
+    training_device,
     CHECKPOINTS_DIR,
     MANIFEST_FILE,
     PROGRESS_FILE,
@@ -282,15 +284,6 @@ def _trainer_classes():
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _device():
-    """This process's device: under torchrun each rank takes the GPU of its LOCAL_RANK."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-
-
 def _dist():
     """torch.distributed when a multi-process run (torchrun) initialized it, else None."""
     import torch.distributed as dist
@@ -317,7 +310,7 @@ def _gather_progress(progress: TrainingProgress) -> None:
         return
     import torch
 
-    device = _device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = training_device() if dist.get_backend() == "nccl" else torch.device("cpu")
     counts = torch.tensor([*progress.times_seen, progress.real_tokens, progress.computed_tokens],
                           dtype=torch.long, device=device)
     dist.all_reduce(counts)
@@ -391,16 +384,6 @@ def heldout_loss(model: Any, examples: Sequence[dict[str, list[int]]], pad_token
     return total / count if count else None
 
 
-def _library_versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-    import trl
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__}
-
-
 def load_training_model(model_dir: str | Path, config: SFTTrainingConfig) -> Any:
     """The model to fine-tune: fp32 weights, the configured attention kernel, no KV cache."""
     import torch
@@ -412,18 +395,6 @@ def load_training_model(model_dir: str | Path, config: SFTTrainingConfig) -> Any
     # only without a KV cache.
     model.config.use_cache = False
     return model
-
-
-def _save_final(trainer: Any, tokenizer: Any, target: Path, lora: bool) -> None:
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if lora:
-        model.save_pretrained(target / "adapter")  # the adapter alone, for reference
-        model = model.merge_and_unload()
-    model.config.use_cache = True
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
 
 
 def _result_from_manifest(output_dir: Path, manifest: dict[str, Any], reused: bool) -> SFTResult:
@@ -507,7 +478,7 @@ def run_sft(
         reporter.log(f"resuming from {resume_from.name} (step {resumed_from_step})")
 
     transformers.set_seed(config.seed)
-    device = _device()
+    device = training_device()
     model = load_training_model(base_model_dir, config).to(device)
     use_bf16 = resolve_bf16(config)
     heldout_before = heldout_loss(model, held.examples, tokenizer.pad_token_id, config.eval_batch_size, use_bf16)
@@ -563,7 +534,7 @@ def run_sft(
              for e in trainer.state.log_history if "token_loss" in e]
 
     with publishing(output_dir) as staging:
-        _save_final(trainer, tokenizer, staging, lora=config.lora is not None)
+        save_final(trainer, tokenizer, staging, lora=config.lora is not None)
         del trainer, model
         gc.collect()
         if torch.cuda.is_available():
@@ -620,7 +591,7 @@ def run_sft(
             "train_rows_sha256": identity["train_rows_sha256"],
             "heldout_rows_sha256": identity["heldout_rows_sha256"],
             "dropped_row_ids": train.dropped_row_ids,
-            "versions": _library_versions(),
+            "versions": library_versions("trl", "peft"),
             "metrics": metrics,
         }
         write_json_atomic(staging / MANIFEST_FILE, manifest)  # last: a directory with it is complete
