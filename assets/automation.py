@@ -5,7 +5,6 @@ Curation reruns by itself when a source changes or on its weekly schedule; train
 unless ``TULU_AUTO_TRAIN=1`` (and even then the blocking checks of the curated data stop it).
 """
 
-import hashlib
 import os
 from contextlib import contextmanager
 from datetime import timedelta
@@ -19,6 +18,7 @@ from tulu_pipeline.data.registry import SourceSpec, registry
 from tulu_pipeline.data.versions import changed_sources, dump_versions, load_versions, look_at_sources
 from tulu_pipeline.provenance.coverage import eval_coverage
 from tulu_pipeline.settings import data_dir
+from tulu_pipeline.hashing import short_hash
 
 GPU_POOL = "gpu"
 GPU_TAGS = {"tulu/compute": "gpu"}
@@ -127,7 +127,7 @@ def build_source_change_sensor(job, specs_fn: Callable[[], Sequence[SourceSpec]]
 
 
 def cursor_digest(cursor: str) -> str:
-    return hashlib.sha256(cursor.encode()).hexdigest()[:16]
+    return short_hash(cursor)
 
 
 def _coverage_check(key: dg.AssetKey) -> dg.AssetChecksDefinition:

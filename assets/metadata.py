@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import posixpath
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +12,7 @@ import pyarrow as pa
 
 from tulu_pipeline.reporting import markdown_table
 from tulu_pipeline.storage import Store
+from tulu_pipeline.hashing import json_hash
 
 
 def table_schema(schema: pa.Schema) -> dg.TableSchema:
@@ -47,7 +46,7 @@ def latest_checkpoint_id(instance: dg.DagsterInstance, key: str | dg.AssetKey) -
 def config_hash(config: Any) -> str:
     """A short, stable hash of an asset's configuration (pydantic model or plain data)."""
     data = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_hash(data, default=str)
 
 
 # Who answers for each stage in the UI's asset catalog.

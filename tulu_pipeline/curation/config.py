@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -11,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tulu_pipeline.curation.decontaminate import DecontamConfig
 from tulu_pipeline.curation.dedup import DedupConfig
 from tulu_pipeline.curation.normalize import NormalizeConfig
+from tulu_pipeline.hashing import json_hash
 
 # Earlier sources win exact and near-duplicate ties: curated, verifiable sources first.
 DEFAULT_SOURCE_PRIORITY = ["gsm8k_train", "math_train", "code_alpaca", "self_instruct_seed",
@@ -57,4 +56,4 @@ class CurationConfig(BaseModel):
     def digest(self) -> str:
         """Hash of what decides the outputs; where they are computed (executor, Ray settings) is left out."""
         payload = self.model_dump(mode="json", exclude={"executor", "ray"})
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return json_hash(payload)

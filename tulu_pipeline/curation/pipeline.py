@@ -7,7 +7,6 @@ the versions of every input dataset, so the same inputs and config always publis
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 from collections import Counter, defaultdict
@@ -29,6 +28,7 @@ from tulu_pipeline.data.registry import SourceSpec, get_source, registry
 from tulu_pipeline.data.schema import ROW_SCHEMA, row_problems, row_text
 from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.storage import DatasetInfo, Store
+from tulu_pipeline.hashing import json_hash
 
 CURATION_CODE_VERSION = "1"
 
@@ -64,9 +64,8 @@ class StageResult:
 
 
 def stage_version(stage: str, config: Any, inputs: dict[str, str]) -> str:
-    payload = json.dumps({"stage": stage, "code": CURATION_CODE_VERSION, "config": config, "inputs": inputs},
-                         sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return json_hash({"stage": stage, "code": CURATION_CODE_VERSION, "config": config, "inputs": inputs},
+                     default=str)
 
 
 def input_version(store: Store, name: str) -> str:

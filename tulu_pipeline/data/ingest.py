@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from tulu_pipeline.data.registry import SourceSpec
 from tulu_pipeline.data.schema import ROW_SCHEMA, make_row_id, row_text, split_source_key
 from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.storage import DatasetInfo, Store
+from tulu_pipeline.hashing import json_hash
 
 # Bump when loading or mapping code changes what rows a file yields: it is part of every raw version.
 LOADER_VERSION = "1"
@@ -21,11 +21,8 @@ LOADER_VERSION = "1"
 
 def source_version(spec: SourceSpec) -> str:
     """Data version of a raw source: the file's content hash, the mapping and the loader version."""
-    payload = json.dumps(
-        {"loader": LOADER_VERSION, "sha256": spec.sha256, "mapping": spec.mapping.model_dump(), "records": spec.records},
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return json_hash(
+        {"loader": LOADER_VERSION, "sha256": spec.sha256, "mapping": spec.mapping.model_dump(), "records": spec.records})
 
 
 def raw_dataset_name(source_id: str) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from tulu_pipeline.hashing import json_hash
 
 Messages = list[dict[str, str]]
 
@@ -79,7 +80,7 @@ class BenchmarkConfig(BaseModel):
     sandbox_memory_mb: int = Field(default=512, ge=64)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        return json_hash(self.model_dump(mode="json"))
 
 
 Preset = Literal["cpu", "full"]

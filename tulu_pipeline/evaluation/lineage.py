@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from tulu_pipeline.storage import Store
+from tulu_pipeline.layout import MANIFEST_FILE
 
 BASE_MODEL_ID = "base_model"
-MANIFEST = "training_manifest.json"
 PARENT_KEYS = ("start_checkpoint", "parent_checkpoint", "init_checkpoint", "policy_checkpoint", "reference_checkpoint")
 STAGE_RANK = {"base": 0, "sft": 1, "dpo": 2, "rlvr": 3}
 
@@ -25,7 +25,7 @@ def stage_of(checkpoint_id: str) -> str:
 
 
 def read_manifest(store: Store, checkpoint_id: str) -> dict[str, Any] | None:
-    rel = f"models/{checkpoint_id}/{MANIFEST}"
+    rel = f"models/{checkpoint_id}/{MANIFEST_FILE}"
     return store.read_json(rel) if store.exists(rel) else None
 
 
@@ -45,7 +45,7 @@ def parent_of(store: Store, checkpoint_id: str) -> str | None:
 
 def list_checkpoints(store: Store) -> list[str]:
     """Every complete checkpoint (its manifest exists) plus the base model, in lineage order."""
-    found = [name for name in store.listdir("models") if store.exists("models", name, MANIFEST)]
+    found = [name for name in store.listdir("models") if store.exists("models", name, MANIFEST_FILE)]
     if store.exists("models", BASE_MODEL_ID) and BASE_MODEL_ID not in found:
         found.append(BASE_MODEL_ID)
     return lineage_order(store, found)

@@ -16,7 +16,6 @@ the eval item's registry row id (the id decontamination matched training rows ag
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 from typing import Any
@@ -27,6 +26,7 @@ from tulu_pipeline.evaluation.runner import EVAL_CODE_VERSION, EvalResult
 from tulu_pipeline.provenance.ledger import Ledger, LedgerWriter
 from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.storage import Store
+from tulu_pipeline.hashing import json_hash
 
 EVAL_SCHEMA = pa.schema([
     pa.field("item_id", pa.string(), nullable=False),
@@ -66,7 +66,7 @@ def result_version(result: EvalResult, identity: str) -> str:
     payload = {"code": EVAL_CODE_VERSION, "benchmark": result.benchmark, "checkpoint": result.checkpoint_id,
                "identity": identity, "config": result.summary["config_digest"],
                "items": result.summary["item_ids_sha256"]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return json_hash(payload)
 
 
 def publish_result(store: Store, result: EvalResult, run_id: str, asset_key: str | None = None,

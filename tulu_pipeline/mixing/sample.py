@@ -27,6 +27,7 @@ from typing import Any
 
 from tulu_pipeline.mixing.config import MixConfig
 from tulu_pipeline.provenance.ledger import DecisionSink
+from tulu_pipeline.hashing import json_hash, short_digest
 
 # Part of the mix hash: bump it when a change here would choose other rows from the same inputs.
 MIX_CODE_VERSION = "1"
@@ -232,8 +233,7 @@ def mix_hash(config: MixConfig, input_versions: Mapping[str, str]) -> str:
     """
     payload = {"code": MIX_CODE_VERSION, "config": config.canonical(),
                "inputs": {str(name): str(version) for name, version in input_versions.items()}}
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return json_hash(payload, compact=True)
 
 
 def row_ids_hash(ids: Iterable[str]) -> str:
@@ -243,7 +243,7 @@ def row_ids_hash(ids: Iterable[str]) -> str:
         piece = row_id.encode()
         digest.update(len(piece).to_bytes(8, "big"))
         digest.update(piece)
-    return digest.hexdigest()[:16]
+    return short_digest(digest)
 
 
 def record_mix_events(sample: MixSample, sink: DecisionSink, mix_name: str, mix_hash: str,

@@ -21,10 +21,10 @@ from tulu_pipeline.preference.schema import (
     COMPLETION_SCHEMA, COMPLETIONS_DATASET, PROMPTS_DATASET, completion_id, content_hash
 )
 from tulu_pipeline.storage import DatasetInfo, Store
+from tulu_pipeline.layout import MANIFEST_FILE
 
 REFERENCE_MODEL_ID = "dataset_reference"
 MODEL_ROLES = ("sft", "base", "extra", "reference")
-SFT_MANIFEST = "training_manifest.json"
 
 
 @dataclass(frozen=True)
@@ -43,17 +43,17 @@ def latest_sft_checkpoint(store: Store, checkpoint_id: str | None = None) -> str
     """The id of the on-policy SFT checkpoint: ``checkpoint_id`` if given (it must exist), else the
     ``models/sft-*`` whose manifest was written last. A checkpoint without its manifest is unfinished."""
     if checkpoint_id:
-        if not store.exists("models", checkpoint_id, SFT_MANIFEST):
-            raise FileNotFoundError(f"models/{checkpoint_id}/{SFT_MANIFEST} not found under {store.url}; "
+        if not store.exists("models", checkpoint_id, MANIFEST_FILE):
+            raise FileNotFoundError(f"models/{checkpoint_id}/{MANIFEST_FILE} not found under {store.url}; "
                                     "materialize sft_checkpoint first")
         return checkpoint_id
     finished = []
     for name in store.listdir("models"):
-        if name.startswith("sft-") and store.exists("models", name, SFT_MANIFEST):
-            info = store.fs.info(store.path("models", name, SFT_MANIFEST))
+        if name.startswith("sft-") and store.exists("models", name, MANIFEST_FILE):
+            info = store.fs.info(store.path("models", name, MANIFEST_FILE))
             finished.append((info.get("mtime") or info.get("created") or 0, name))
     if not finished:
-        raise FileNotFoundError(f"no finished SFT checkpoint (models/sft-*/{SFT_MANIFEST}) under {store.url}; "
+        raise FileNotFoundError(f"no finished SFT checkpoint (models/sft-*/{MANIFEST_FILE}) under {store.url}; "
                                 "materialize sft_checkpoint first or set include_sft: false")
     return max(finished)[1]
 

@@ -7,10 +7,10 @@ aspect per prompt, a scale with a description of every rating.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from typing import Any
+from tulu_pipeline.hashing import json_hash
 
 RUBRIC_VERSION = "ultrafeedback-v1"
 ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
@@ -102,10 +102,8 @@ Answer with exactly one line per aspect and nothing else, in this format:
 
 def rubric_hash() -> str:
     """sha256 (16 hex) of every rubric text and template: changes whenever the judge's instructions change."""
-    payload = json.dumps({"version": RUBRIC_VERSION, "rubrics": RUBRICS, "system": JUDGE_SYSTEM,
-                          "aspect": _ASPECT_TEMPLATE, "all": _ALL_ASPECTS_TEMPLATE},
-                         sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return json_hash({"version": RUBRIC_VERSION, "rubrics": RUBRICS, "system": JUDGE_SYSTEM,
+                      "aspect": _ASPECT_TEMPLATE, "all": _ALL_ASPECTS_TEMPLATE})
 
 
 def render_conversation(prompt: list[dict[str, str]]) -> str:

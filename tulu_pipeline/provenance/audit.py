@@ -25,8 +25,9 @@ from tulu_pipeline.provenance.ledger import Ledger
 from tulu_pipeline.provenance.trace import score_text
 from tulu_pipeline.reporting import markdown_table
 from tulu_pipeline.storage import Store
+from tulu_pipeline.hashing import json_hash, short_digest
+from tulu_pipeline.layout import MANIFEST_FILE
 
-MANIFEST_NAME = "training_manifest.json"
 
 DECONTAM_REPORTS = "reports/decontamination"
 
@@ -48,7 +49,7 @@ def registry_version() -> str:
         for piece in (path.name.lower().encode(), data):
             digest.update(len(piece).to_bytes(8, "big"))
             digest.update(piece)
-    return digest.hexdigest()[:16]
+    return short_digest(digest)
 
 
 def license_is_non_commercial(license: str | None) -> bool:
@@ -247,12 +248,11 @@ def eval_audit_markdown(audit: dict[str, Any]) -> str:
 # the data bill of a checkpoint
 # ---------------------------------------------------------------------------------------------
 def _canonical_hash(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return json_hash(obj, compact=True)
 
 
 def load_checkpoint_manifest(store: Store, checkpoint_id: str) -> dict[str, Any]:
-    path = posixpath.join("models", checkpoint_id, "training_manifest.json")
+    path = posixpath.join("models", checkpoint_id, MANIFEST_FILE)
     if not store.exists(path):
         raise FileNotFoundError(f"no checkpoint {checkpoint_id!r} under {store.url} (expected {path})")
     return store.read_json(path)
@@ -411,7 +411,7 @@ def _derived_bill(store: Store, checkpoint_id: str, manifest: dict[str, Any]) ->
                 "upstream": None, "stage": name} for source, c in sorted(per_source.items())]
 
     parent_id = next((manifest[k] for k in PARENT_KEYS if isinstance(manifest.get(k), str)), None)
-    parent = checkpoint_bill(store, parent_id) if parent_id and store.exists("models", parent_id, MANIFEST_NAME) else None
+    parent = checkpoint_bill(store, parent_id) if parent_id and store.exists("models", parent_id, MANIFEST_FILE) else None
     licenses: dict[str, dict[str, Any]] = {}
     for entry in [*sources, *(parent["sources"] if parent else [])]:
         for lic in ([entry["license"]] if isinstance(entry["license"], str) else entry["license"]):

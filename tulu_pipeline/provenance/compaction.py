@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.storage import TMP_MARKER, Store
+from tulu_pipeline.hashing import short_hash
 
 COMPACTED_DIR = "ledger/compacted"
 POINTER = posixpath.join(COMPACTED_DIR, "CURRENT")
@@ -137,7 +138,7 @@ def list_run_dirs(store: Store) -> dict[str, RunDir]:
             continue
         rel = EVENTS_DIR + "/" + directory[len(prefix):]
         parts.sort(key=lambda p: p[0])
-        fingerprint = hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+        fingerprint = short_hash(json.dumps(parts, default=str))
         runs[rel] = RunDir(rel, tuple(posixpath.join(rel, p[0]) for p in parts), fingerprint)
     return dict(sorted(runs.items()))
 

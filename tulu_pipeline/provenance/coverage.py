@@ -15,9 +15,9 @@ from typing import Any, Iterable, Iterator
 from tulu_pipeline.data.ingest import source_version
 from tulu_pipeline.data.registry import SourceSpec, registry
 from tulu_pipeline.storage import Store
+from tulu_pipeline.layout import MANIFEST_FILE
 
 DECONTAMINATED = "decontaminated_prompts"
-MANIFEST = "training_manifest.json"
 # Manifest keys that name the checkpoint a run started from or was measured against.
 PARENT_KEYS = ("start_checkpoint", "reference_checkpoint", "parent_checkpoint", "init_checkpoint")
 
@@ -74,10 +74,10 @@ def checkpoint_decontaminated_versions(store: Store, checkpoint_id: str) -> set[
     pending, visited = [checkpoint_id], set()
     while pending:
         current = pending.pop()
-        if current in visited or not store.exists("models", current, MANIFEST):
+        if current in visited or not store.exists("models", current, MANIFEST_FILE):
             continue
         visited.add(current)
-        manifest = store.read_json(f"models/{current}/{MANIFEST}")
+        manifest = store.read_json(f"models/{current}/{MANIFEST_FILE}")
         for ref in dataset_refs(manifest):
             found |= _decontaminated_versions(store, *ref, seen)
         pending += [manifest[k] for k in PARENT_KEYS if isinstance(manifest.get(k), str)]

@@ -26,6 +26,7 @@ from typing import Any
 
 from tulu_pipeline.training.chat_template import TULU_CHAT_TEMPLATE, render_segments
 from tulu_pipeline.training.checkpointing import canonical_json, sha256_text
+from tulu_pipeline.layout import MANIFEST_FILE
 
 # A fixed multi-turn conversation: system prompt, two exchanges, and a special-token string inside a message
 # (it must be tokenized as text by every code path).
@@ -132,7 +133,6 @@ def lineage_mismatches(child: dict[str, Any] | None, parent: dict[str, Any] | No
 # ---------------------------------------------------------------------------------------------
 # a stage against its parents, read from TULU_HOME
 # ---------------------------------------------------------------------------------------------
-MANIFEST = "training_manifest.json"
 # Manifest keys naming the checkpoint a run started from or scored against (as in provenance.coverage).
 PARENT_CHECKPOINT_KEYS = ("start_checkpoint", "reference_checkpoint", "parent_checkpoint", "init_checkpoint")
 
@@ -143,7 +143,7 @@ def _read(store: Any, rel: str) -> Any | None:
 
 def checkpoint_lineage(store: Any, checkpoint_id: str) -> dict[str, Any] | None:
     """The template lineage recorded in ``models/<checkpoint_id>``'s manifest (None: not recorded)."""
-    manifest = _read(store, f"models/{checkpoint_id}/{MANIFEST}") or {}
+    manifest = _read(store, f"models/{checkpoint_id}/{MANIFEST_FILE}") or {}
     return manifest.get("template_lineage")
 
 
@@ -153,9 +153,9 @@ def parent_lineages(store: Any, checkpoint_id: str) -> dict[str, dict[str, Any] 
     from tulu_pipeline.mixing.publish import mix_info_path
     from tulu_pipeline.training.dpo import REFERENCE_DATASET
 
-    manifest = _read(store, f"models/{checkpoint_id}/{MANIFEST}")
+    manifest = _read(store, f"models/{checkpoint_id}/{MANIFEST_FILE}")
     if manifest is None:
-        raise FileNotFoundError(f"no checkpoint {checkpoint_id!r} under {store.url} (expected models/{checkpoint_id}/{MANIFEST})")
+        raise FileNotFoundError(f"no checkpoint {checkpoint_id!r} under {store.url} (expected models/{checkpoint_id}/{MANIFEST_FILE})")
     parents: dict[str, dict[str, Any] | None] = {}
     if manifest.get("mix_hash"):
         parents[f"sft_mix@{manifest['mix_hash']}"] = (_read(store, mix_info_path(manifest["mix_hash"])) or {}).get(
@@ -166,7 +166,7 @@ def parent_lineages(store: Any, checkpoint_id: str) -> dict[str, dict[str, Any] 
             store, f"{store.dataset_dir(REFERENCE_DATASET, version)}/template_lineage.json")
     for key in PARENT_CHECKPOINT_KEYS:
         parent = manifest.get(key)
-        if isinstance(parent, str) and parent and store.exists(f"models/{parent}/{MANIFEST}"):
+        if isinstance(parent, str) and parent and store.exists(f"models/{parent}/{MANIFEST_FILE}"):
             parents.setdefault(parent, checkpoint_lineage(store, parent))
     return parents
 
@@ -191,7 +191,7 @@ def check_evaluation_lineage(summary: dict[str, Any], store: Any, checkpoint_id:
     The base model has no training lineage: it is evaluated with its own template, which passes."""
     lineage = summary.get("template_lineage")
     parent = checkpoint_lineage(store, checkpoint_id)
-    if parent is None and not store.exists(f"models/{checkpoint_id}/{MANIFEST}"):
+    if parent is None and not store.exists(f"models/{checkpoint_id}/{MANIFEST_FILE}"):
         return {"passed": True, "problems": [], "lineage": lineage_hashes(lineage), "parents": {},
                 "description": f"{checkpoint_id} is not a trained checkpoint: nothing to compare its template with"}
     name = f"eval/{summary.get('benchmark')}"

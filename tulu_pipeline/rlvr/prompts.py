@@ -42,6 +42,7 @@ from tulu_pipeline.curation.pipeline import require_checks_passed
 from tulu_pipeline.data.schema import ROW_SCHEMA, make_row_id
 from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.storage import DatasetInfo, Store
+from tulu_pipeline.hashing import short_digest
 
 # Bump when a change here changes which rows a config selects or what they contain.
 RLVR_CODE_VERSION = "1"
@@ -255,7 +256,7 @@ def build_rlvr_prompts(store: Store, config: RLVRPromptsConfig, run_id: str,
                                         "inputs": inputs}, sort_keys=True).encode())
     for out in rows_out:
         digest.update(json.dumps(out, sort_keys=True, ensure_ascii=False).encode())
-    version = digest.hexdigest()[:16]
+    version = short_digest(digest)
 
     derived = dict(parents)
     with LedgerWriter(store, "rlvr", RLVR_DATASET, version, run_id) as ledger:

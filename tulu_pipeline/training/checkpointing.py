@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.storage import swap_directory
+from tulu_pipeline.layout import MANIFEST_FILE
 
 CHECKPOINTS_DIR = "_checkpoints"
 RUN_FILE = "run.json"
 PROGRESS_FILE = "tulu_progress.json"
-MANIFEST_FILE = "training_manifest.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 

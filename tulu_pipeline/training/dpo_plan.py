@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +16,7 @@ from tulu_pipeline.training.dpo import (
     TRAINED_PAIRS_FILE,
 )
 from tulu_pipeline.training.dpo_config import dpo_config
+from tulu_pipeline.hashing import json_hash
 
 JOB_MODULE = "tulu_pipeline.training.dpo_job"
 
@@ -33,7 +32,7 @@ class SFTCheckpointRef:
 
 
 def _hash(prefix: str, payload: dict[str, Any]) -> str:
-    return prefix + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return prefix + json_hash(payload)
 
 
 def sft_checkpoint_ref(store: Store, checkpoint_id: str | None = None) -> SFTCheckpointRef:

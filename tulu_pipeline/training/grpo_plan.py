@@ -7,7 +7,6 @@ modification time (the manifest is written last, when the checkpoint is complete
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +15,9 @@ from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.rlvr.prompts import RLVR_DATASET, rlvr_info_path, row_task
 from tulu_pipeline.storage import Store
+from tulu_pipeline.hashing import json_hash
+from tulu_pipeline.layout import MANIFEST_FILE
 
-MANIFEST_FILE = "training_manifest.json"
 START_KINDS = ("dpo", "sft")  # in order of preference
 
 
@@ -91,7 +91,7 @@ def rlvr_checkpoint_id(code_version: str, config: dict[str, Any], dataset_versio
     """``rlvr-<hash>`` of the training code version, the full config, the prompt set and the start checkpoint."""
     payload = {"code": code_version, "config": config, "prompts": dataset_version,
                "start": [start.checkpoint_id, start.fingerprint]}
-    return "rlvr-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return "rlvr-" + json_hash(payload)
 
 
 def rlvr_checkpoint_plan(store: Store, preset: str, overrides: dict[str, Any], dataset_version: str | None = None,

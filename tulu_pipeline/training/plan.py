@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +10,7 @@ from tulu_pipeline.provenance.audit import registry_version
 from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.storage import Store
+from tulu_pipeline.hashing import json_hash
 
 
 @dataclass(frozen=True)
@@ -28,7 +27,7 @@ class SFTPlan:
 def sft_checkpoint_id(code_version: str, config: dict[str, Any], mix_version: str, base_sha256: str) -> str:
     """``sft-<hash>`` of the training code version, the full config, the mix and the base weights."""
     payload = {"code": code_version, "config": config, "mix": mix_version, "base": base_sha256}
-    return "sft-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return "sft-" + json_hash(payload)
 
 
 def sft_checkpoint_plan(store: Store, preset: str, overrides: dict[str, Any], base_model_dir: str) -> SFTPlan:
