@@ -31,6 +31,9 @@ COVERAGE_CHECK = "decontaminated_against_current_evals"
 # Transient failures (a pod evicted, an HTTP judge timing out, a flaky object store) are retried with
 # exponential backoff; bad data is raised as dg.Failure(allow_retries=False) by `final_on_bad_data`.
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=20, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+# What every GPU-stage asset declares: the launcher's GPU tag, the GPU concurrency pool and the retry policy for
+# transient failures (`@dg.asset(..., **GPU_STAGE)`).
+GPU_STAGE = {"tags": GPU_TAGS, "pool": GPU_POOL, "retry_policy": TRANSIENT_RETRY}
 
 
 def auto_train_enabled() -> bool:

@@ -4,7 +4,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.automation import GPU_POOL, TRANSIENT_RETRY
+from assets.automation import GPU_STAGE
 from assets.metadata import TRAINING_OWNERS, config_hash, image, latest_checkpoint_id
 from resources import ComputeLauncher, TuluStorage
 from tulu_pipeline.provenance.template_lineage import lineage_hashes
@@ -38,7 +38,7 @@ def _sft_checkpoint_id(context: dg.AssetExecutionContext, config: DPOStageConfig
 
 
 @dg.asset(group_name="preference", kinds={"parquet"}, owners=TRAINING_OWNERS, code_version=REFERENCE_CODE_VERSION,
-          deps=["preference_pairs", "sft_checkpoint"], tags={"tulu/compute": "gpu"}, pool=GPU_POOL, retry_policy=TRANSIENT_RETRY,
+          deps=["preference_pairs", "sft_checkpoint"], **GPU_STAGE,
           description="Summed log-probs and token counts of every pair's chosen and rejected response under the "
           "reference model (the SFT checkpoint), computed once per (pairs version, reference checkpoint, max_length) "
           "in its own process and reused by every DPO run.")
@@ -55,7 +55,7 @@ def reference_logprobs(context: dg.AssetExecutionContext, config: DPOStageConfig
 
 @dg.asset(group_name="preference", kinds={"pytorch", "safetensors"}, owners=TRAINING_OWNERS,
           code_version=DPO_CODE_VERSION, deps=[reference_logprobs, "preference_pairs", "sft_checkpoint"],
-          tags={"tulu/compute": "gpu"}, pool=GPU_POOL, retry_policy=TRANSIENT_RETRY,
+          **GPU_STAGE,
           description="Length-normalized DPO (Tülu 3's dpo_norm) of the SFT checkpoint on the train split of "
           "preference_pairs with the stored reference log-probs, run by the compute launcher; held-out preference "
           "and reward accuracy before and after.")

@@ -16,7 +16,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.automation import GPU_POOL, TRANSIENT_RETRY
+from assets.automation import GPU_STAGE
 from assets.metadata import TRAINED_CHECKPOINT_ASSETS, image, latest_checkpoint_id
 from assets.metadata import samples as samples_table
 from resources import ComputeLauncher, TuluStorage
@@ -91,8 +91,7 @@ def build_eval_asset(name: str) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=key, partitions_def=checkpoint_partitions, group_name="evaluation", kinds={"parquet"},
-        owners=EVAL_OWNERS, code_version=EVAL_CODE_VERSION, tags={"tulu/compute": "gpu"},
-        pool=GPU_POOL, retry_policy=TRANSIENT_RETRY,
+        owners=EVAL_OWNERS, code_version=EVAL_CODE_VERSION, **GPU_STAGE,
         deps=[*CHECKPOINT_ASSETS, *[dg.AssetKey(["raw", source]) for source in spec.sources]],
         metadata={"suite": spec.suite, "metric": spec.metric, "sources": list(spec.sources)},
         check_specs=[dg.AssetCheckSpec(REGRESSION_CHECK, asset=key,

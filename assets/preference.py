@@ -8,7 +8,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from assets.automation import GPU_POOL, TRANSIENT_RETRY
+from assets.automation import GPU_STAGE
 from assets.base_model import BASE_MODEL_ID
 from assets.curation import EVAL_KEYS
 from assets.metadata import TRAINING_OWNERS, config_hash, image, latest_checkpoint_id, samples, table_schema
@@ -177,7 +177,7 @@ def model_pool(context: dg.AssetExecutionContext, store, config: PolicyCompletio
 
 @dg.asset(group_name="preference", kinds={"pytorch", "parquet"}, owners=TRAINING_OWNERS,
           code_version=PREFERENCE_CODE_VERSION, deps=[preference_prompts, "sft_checkpoint", "base_model"],
-          tags={"tulu/compute": "gpu"}, pool=GPU_POOL, retry_policy=TRANSIENT_RETRY,
+          **GPU_STAGE,
           description="N completions per preference prompt from each model of the pool (the on-policy SFT "
           "checkpoint, the base model, configured vLLM/HTTP models) plus the reference reply; each model runs "
           "the generation job in its own process. Every completion records model id, sampling params and seed.")
@@ -240,7 +240,7 @@ class JudgedCompletionsConfig(dg.Config):
 
 
 @dg.asset(group_name="preference", kinds={"pytorch", "parquet"}, owners=TRAINING_OWNERS,
-          code_version=PREFERENCE_CODE_VERSION, deps=[policy_completions, "base_model"], tags={"tulu/compute": "gpu"}, pool=GPU_POOL, retry_policy=TRANSIENT_RETRY,
+          code_version=PREFERENCE_CODE_VERSION, deps=[policy_completions, "base_model"], **GPU_STAGE,
           description="1–5 ratings of every completion on helpfulness, honesty, instruction following and "
           "truthfulness (UltraFeedback-style, versioned rubric), by the judge job in its own process: a local "
           "model by constrained log-likelihood choice, or an OpenAI-compatible endpoint with strict parsing, "

@@ -4,7 +4,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.automation import GPU_POOL, TRANSIENT_RETRY
+from assets.automation import GPU_STAGE
 from assets.metadata import TRAINING_OWNERS, config_hash, image, latest_checkpoint_id, samples, table_schema
 from resources import ComputeLauncher, TuluStorage
 from tulu_pipeline.data.schema import ROW_SCHEMA
@@ -83,7 +83,7 @@ def _start_checkpoint_id(context: dg.AssetExecutionContext, config: RLVRCheckpoi
 
 
 @dg.asset(group_name="rlvr", kinds={"pytorch", "safetensors"}, owners=TRAINING_OWNERS, code_version=GRPO_CODE_VERSION,
-          deps=[rlvr_prompts, "sft_checkpoint", "dpo_checkpoint"], tags={"tulu/compute": "gpu"}, pool=GPU_POOL, retry_policy=TRANSIENT_RETRY,
+          deps=[rlvr_prompts, "sft_checkpoint", "dpo_checkpoint"], **GPU_STAGE,
           description="RL with verifiable rewards (GRPO; 10 when the verifier accepts the answer, else 0, minus a "
           "penalty for answers cut off without EOS) from the latest DPO checkpoint, else the latest SFT one; run by "
           "the compute launcher in its own process; resumes from its last saved step.")

@@ -4,7 +4,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.automation import GPU_POOL, TRANSIENT_RETRY
+from assets.automation import GPU_STAGE
 from assets.base_model import BASE_MODEL_ID
 from assets.metadata import TRAINING_OWNERS, config_hash, image, samples, table_schema
 from resources import ComputeLauncher, TuluStorage
@@ -62,7 +62,7 @@ class SFTCheckpointConfig(dg.Config):
 
 
 @dg.asset(group_name="sft", kinds={"pytorch", "safetensors"}, owners=TRAINING_OWNERS, code_version=SFT_CODE_VERSION,
-          deps=[sft_mix, "base_model"], tags={"tulu/compute": "gpu"}, pool=GPU_POOL, retry_policy=TRANSIENT_RETRY,
+          deps=[sft_mix, "base_model"], **GPU_STAGE,
           description="Supervised fine-tuning of the base model on sft_mix (Tülu chat template, assistant-only "
           "loss), run by the compute launcher in its own process; resumes from its last saved step.")
 def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfig, storage: TuluStorage,
