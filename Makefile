@@ -48,7 +48,7 @@ instance: setup
 run: instance
 	$(BIN)/dagster job execute -m definitions -j full_pipeline
 	# evaluation is partitioned by checkpoint: base, SFT, DPO and RLVR, then the comparison table
-	$(BIN)/python -c "from assets.evaluation import evaluate_all_checkpoints as run; r = run(); print(r); raise SystemExit(not all(r.values()))"
+	$(BIN)/tulu-evaluate
 	@echo
 	@echo "Pipeline materialized under $(TULU_HOME); comparison table: $(TULU_HOME)/reports/eval/comparison/comparison.md"
 	@echo "Open the Dagster UI:  make ui   (then http://localhost:$(PORT))"

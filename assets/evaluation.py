@@ -274,6 +274,26 @@ def evaluate_all_checkpoints(instance: dg.DagsterInstance | None = None, checkpo
     return outcome
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``tulu-evaluate``: evaluate every current checkpoint (or those named) through the eval partitions, then
+    redraw the comparison table; exits non-zero when any checkpoint's evaluation failed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="tulu-evaluate", description=main.__doc__.split(";")[0])
+    parser.add_argument("--checkpoint", action="append", dest="checkpoints", metavar="ID",
+                        help="a checkpoint id (repeatable); default: the base model and every stage's latest")
+    parser.add_argument("--sample-size", type=int, help="items per benchmark (overrides each benchmark's config)")
+    parser.add_argument("--max-new-tokens", type=int, help="answer length (overrides each benchmark's config)")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in (("sample_size", args.sample_size), ("max_new_tokens", args.max_new_tokens))
+                 if v is not None}
+    run_config = ({"ops": {a.node_def.name: {"config": overrides} for a in eval_assets}} if overrides else None)
+    outcome = evaluate_all_checkpoints(checkpoints=args.checkpoints, run_config=run_config)
+    for checkpoint_id, ok in outcome.items():
+        print(f"{checkpoint_id}: {'evaluated' if ok else 'FAILED'}")
+    raise SystemExit(0 if outcome and all(outcome.values()) else 1)
+
+
 evaluation_assets = [*eval_assets, eval_comparison]
 evaluation_checks = [no_possibly_contaminated_scores]
 evaluation_sensors = [checkpoint_partitions_sensor, new_benchmark_backfill_sensor]

@@ -97,13 +97,9 @@ def test_full_pipeline_job_materializes_everything(tmp_path: Path, converted_bas
 
     # Evaluation through the partitions: the base model and the final checkpoint, two items per benchmark, short
     # answers (what is scored does not change how the stages connect; tests/test_evaluation*.py score for real).
-    script = ("from assets.evaluation import eval_assets, evaluate_all_checkpoints; import sys; "
-              "config = {'ops': {a.node_def.name: {'config': {'sample_size': 2, 'max_new_tokens': 16}} "
-              "for a in eval_assets}}; "
-              f"result = evaluate_all_checkpoints(checkpoints=['base_model', {rlvr!r}], run_config=config); "
-              "print(result); sys.exit(not all(result.values()))")
-    evaluation = subprocess.run([str(BIN / "python"), "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=1200)
+    evaluation = subprocess.run([str(BIN / "tulu-evaluate"), "--checkpoint", "base_model", "--checkpoint", rlvr,
+                                 "--sample-size", "2", "--max-new-tokens", "16"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=1200)
     assert evaluation.returncode == 0, evaluation.stdout[-3000:] + evaluation.stderr[-3000:]
     comparison = (tmp_path / "home" / "reports" / "eval" / "comparison" / "comparison.md").read_text()
     assert "gsm8k" in comparison and rlvr in comparison
