@@ -64,10 +64,12 @@ PYTEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 # Everything, as CI runs it (.ci/run): every test bounded by pytest-timeout, the slowest 20 listed.
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_WORKERS) --durations=20
 
 # The loop while working (under 3 minutes on 2 cores): no `slow` or `integration` tests.
 test-fast: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_WORKERS) -m "not slow and not integration"
 
 clean:

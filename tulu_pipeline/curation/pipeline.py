@@ -10,106 +10,39 @@ from __future__ import annotations
 import json
 import posixpath
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
 from itertools import chain
 from typing import Any
 
-import pyarrow as pa
-
 from tulu_pipeline.curation.config import CurationConfig
 from tulu_pipeline.curation.decontaminate import (
-    Decontaminator, EvalIndex, PreviousDecisions, eval_items_from_rows, text_digest, training_turns,
+    Decontaminator, EvalIndex, PreviousDecisions, text_digest, training_turns,
 )
 from tulu_pipeline.curation.dedup import Deduplicator, dedup_order
 from tulu_pipeline.curation.normalize import Normalizer
 from tulu_pipeline.curation.overlap_check import OverlapChecker
 from tulu_pipeline.data.ingest import raw_dataset_name
-from tulu_pipeline.data.registry import SourceSpec, get_source, registry
-from tulu_pipeline.data.schema import ROW_SCHEMA, row_problems, row_text
+from tulu_pipeline.data.schema import ROW_SCHEMA, row_problems
 from tulu_pipeline.provenance.ledger import LedgerWriter
-from tulu_pipeline.storage import DatasetInfo, Store
-from tulu_pipeline.hashing import json_hash
-
-CURATION_CODE_VERSION = "1"
-
-# Quarantined rows keep their row fields plus the best match and every match (JSON).
-QUARANTINE_SCHEMA = pa.schema([
-    *ROW_SCHEMA,
-    pa.field("benchmark", pa.string()),
-    pa.field("matched_eval_id", pa.string()),
-    pa.field("score", pa.float64()),
-    pa.field("span", pa.string()),
-    pa.field("matches", pa.string()),
-])
-
-
-class MissingInputError(RuntimeError):
-    """A stage's input dataset has not been materialized yet."""
-
-
-@dataclass
-class StageResult:
-    """What one curation stage published, for metadata, checks and the CLI."""
-
-    name: str
-    version: str
-    dataset: DatasetInfo
-    stats: dict[str, Any]
-    samples: list[dict[str, Any]] = field(default_factory=list)
-    text_lengths: list[int] = field(default_factory=list)
-    ledger_events: int = 0
-    quarantine_path: str | None = None
-    quarantined: int = 0
-    inputs: dict[str, str] = field(default_factory=dict)
-
-
-def stage_version(stage: str, config: Any, inputs: dict[str, str]) -> str:
-    return json_hash({"stage": stage, "code": CURATION_CODE_VERSION, "config": config, "inputs": inputs},
-                     default=str)
-
-
-def input_version(store: Store, name: str) -> str:
-    version = store.latest_version(name)
-    if version is None:
-        raise MissingInputError(f"{name} has not been materialized under {store.url}; materialize it first")
-    return version
-
-
-def train_specs(config: CurationConfig) -> list[SourceSpec]:
-    if config.train_sources is None:
-        return [s for s in registry() if s.role == "train"]
-    specs = [get_source(source_id) for source_id in config.train_sources]
-    not_train = [s.id for s in specs if s.role != "train"]
-    if not_train:
-        raise ValueError(f"train_sources must be training pools; these are evaluation files: {not_train}")
-    return specs
-
-
-def eval_specs(config: CurationConfig) -> list[SourceSpec]:
-    """Every registered eval file of the selected suites (and benchmarks, when named)."""
-    specs = [s for s in registry() if s.role == "eval" and s.suite in config.evals.suites]
-    if config.evals.benchmarks is not None:
-        known = {s.benchmark for s in registry() if s.role == "eval"}
-        unknown = sorted(set(config.evals.benchmarks) - known)
-        if unknown:
-            raise ValueError(f"unknown benchmarks {unknown}; registered: {sorted(known)}")
-        specs = [s for s in specs if s.benchmark in config.evals.benchmarks]
-    return specs
-
-
-class EventSampler:
-    """Keeps the first few rows and every row's text length while rows stream past."""
-
-    def __init__(self, size: int = 5):
-        self.size, self.samples, self.lengths = size, [], []
-
-    def __call__(self, rows):
-        for row in rows:
-            if len(self.samples) < self.size:
-                self.samples.append(row)
-            self.lengths.append(len(row_text(row)))
-            yield row
-
+from tulu_pipeline.storage import Store
+from tulu_pipeline.curation.ray_executor import (
+    decontaminate_prompts_ray,
+    deduplicate_prompts_ray,
+    normalize_prompts_ray,
+)
+from tulu_pipeline.curation.stages import (  # noqa: F401  (re-exported: the stages' shared names)
+    CURATION_CODE_VERSION,
+    QUARANTINE_SCHEMA,
+    EventSampler,
+    MissingInputError,
+    StageResult,
+    build_eval_index,
+    dropped_record,
+    eval_specs,
+    input_version,
+    quarantine_record,
+    stage_version,
+    train_specs,
+)
 
 # ---------------------------------------------------------------------------------------------
 # stages
@@ -117,7 +50,6 @@ class EventSampler:
 def normalize_prompts(store: Store, config: CurationConfig, run_id: str) -> StageResult:
     """normalized_prompts: every training source, normalized; empty or over-long rows quarantined."""
     if config.executor == "ray":
-        from tulu_pipeline.curation.ray_executor import normalize_prompts_ray
         return normalize_prompts_ray(store, config, run_id)
     specs = train_specs(config)
     inputs = {raw_dataset_name(s.id): input_version(store, raw_dataset_name(s.id)) for s in specs}
@@ -133,15 +65,9 @@ def normalize_prompts(store: Store, config: CurationConfig, run_id: str) -> Stag
                        ledger.count, quarantine, len(normalizer.dropped), inputs)
 
 
-def dropped_record(dropped: dict[str, Any]) -> dict[str, Any]:
-    row = dropped["row"]
-    return {"row_id": row.get("row_id") if isinstance(row, dict) else None, "reason": dropped["reason"], "row": row}
-
-
 def deduplicate_prompts(store: Store, config: CurationConfig, run_id: str) -> StageResult:
     """deduplicated_prompts: exact and MinHash near duplicates removed, keep-first by source priority."""
     if config.executor == "ray":
-        from tulu_pipeline.curation.ray_executor import deduplicate_prompts_ray
         return deduplicate_prompts_ray(store, config, run_id)
     inputs = {"normalized_prompts": input_version(store, "normalized_prompts")}
     version = stage_version("deduplicated_prompts", config.dedup.model_dump(), inputs)
@@ -156,28 +82,6 @@ def deduplicate_prompts(store: Store, config: CurationConfig, run_id: str) -> St
                                        dedup.dropped)
     return StageResult("deduplicated_prompts", version, info, dedup.stats, sampler.samples, sampler.lengths,
                        ledger.count, quarantine, len(dedup.dropped), inputs)
-
-
-def build_eval_index(store: Store, config: CurationConfig,
-                     only: set[str] | None = None) -> tuple[EvalIndex, dict[str, str]]:
-    """The n-gram index of every selected eval item (of the raw eval datasets named in ``only``)."""
-    specs = [s for s in eval_specs(config) if only is None or raw_dataset_name(s.id) in only]
-    inputs = {raw_dataset_name(s.id): input_version(store, raw_dataset_name(s.id)) for s in specs}
-    items = chain.from_iterable(
-        eval_items_from_rows(store.iter_rows(raw_dataset_name(s.id), inputs[raw_dataset_name(s.id)]), s.benchmark)
-        for s in specs
-    )
-    index = EvalIndex.build(items, ngram=config.decontam.ngram, min_item_tokens=config.decontam.min_item_tokens)
-    return index, inputs
-
-
-def quarantine_record(entry: dict[str, Any]) -> dict[str, Any]:
-    best = entry["matches"][0]
-    return {
-        **entry["row"],
-        "benchmark": best.benchmark, "matched_eval_id": best.eval_id, "score": best.score, "span": best.span,
-        "matches": json.dumps([asdict(m) for m in entry["matches"]], ensure_ascii=False),
-    }
 
 
 def _run_record_path(version: str) -> str:
@@ -221,7 +125,6 @@ def decontaminate_prompts(store: Store, config: CurationConfig, run_id: str,
     changed benchmarks only) the rows it kept are scanned; the result equals a full rerun's.
     """
     if config.executor == "ray":
-        from tulu_pipeline.curation.ray_executor import decontaminate_prompts_ray
         return decontaminate_prompts_ray(store, config, run_id, index=index)
     eval_index, eval_inputs = index or build_eval_index(store, config)
     inputs = {"deduplicated_prompts": input_version(store, "deduplicated_prompts"), **eval_inputs}

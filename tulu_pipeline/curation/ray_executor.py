@@ -68,6 +68,17 @@ from tulu_pipeline.curation.dedup import (
     lsh_bands,
 )
 from tulu_pipeline.curation.normalize import NormalizeConfig, Normalizer
+from tulu_pipeline.curation.stages import (
+    QUARANTINE_SCHEMA,
+    EventSampler,
+    StageResult,
+    build_eval_index,
+    dropped_record,
+    input_version,
+    quarantine_record,
+    stage_version,
+    train_specs,
+)
 from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.provenance.ledger import LedgerWriter, MemorySink
 from tulu_pipeline.storage import Store
@@ -332,7 +343,6 @@ def _replay_events(run: _Run, ledger: LedgerWriter, shards: list[Shard]) -> None
 # normalization
 # ---------------------------------------------------------------------------------------------
 def _normalize_shard(store: Store, shard: Shard, staging: str, *, config: dict[str, Any]) -> dict[str, Any]:
-    from tulu_pipeline.curation.pipeline import dropped_record
 
     sink = MemorySink()
     normalizer = Normalizer(NormalizeConfig(**config), sink)
@@ -347,13 +357,6 @@ def _normalize_shard(store: Store, shard: Shard, staging: str, *, config: dict[s
 def normalize_prompts_ray(store: Store, config: CurationConfig, run_id: str, progress: Progress | None = None,
                           shard_hook: ShardHook | None = None):
     """`pipeline.normalize_prompts` on Ray: one task per shard of the raw training datasets."""
-    from tulu_pipeline.curation.pipeline import (
-        StageResult,
-        input_version,
-        EventSampler,
-        stage_version,
-        train_specs,
-    )
     from tulu_pipeline.data.ingest import raw_dataset_name
 
     specs = train_specs(config)
@@ -574,13 +577,6 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
     """`pipeline.deduplicate_prompts` on Ray: near duplicates found across every shard (module docstring)."""
     import ray
 
-    from tulu_pipeline.curation.pipeline import (
-        StageResult,
-        input_version,
-        EventSampler,
-        stage_version,
-    )
-
     inputs = {"normalized_prompts": input_version(store, "normalized_prompts")}
     version = stage_version("deduplicated_prompts", config.dedup.model_dump(), inputs)
     run = _Run(store, config, "deduplicated_prompts", version, run_id, progress, shard_hook)
@@ -636,7 +632,6 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
 # ---------------------------------------------------------------------------------------------
 def _decontaminate_shard(store: Store, shard: Shard, staging: str, *, index_ref: list[Any],
                          config: dict[str, Any]) -> dict[str, Any]:
-    from tulu_pipeline.curation.pipeline import QUARANTINE_SCHEMA, quarantine_record
 
     index: EvalIndex = _object(index_ref[0])
     sink = MemorySink()
@@ -658,15 +653,6 @@ def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
                               progress: Progress | None = None, shard_hook: ShardHook | None = None):
     """`pipeline.decontaminate_prompts` on Ray: the eval index shared through the object store."""
     import ray
-
-    from tulu_pipeline.curation.pipeline import (
-        QUARANTINE_SCHEMA,
-        StageResult,
-        input_version,
-        EventSampler,
-        build_eval_index,
-        stage_version,
-    )
 
     eval_index, eval_inputs = index or build_eval_index(store, config)
     inputs = {"deduplicated_prompts": input_version(store, "deduplicated_prompts"), **eval_inputs}

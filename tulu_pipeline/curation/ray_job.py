@@ -48,7 +48,7 @@ def save_stage_result(store: Store, run_id: str, result: Any) -> str:
 
 def load_stage_result(store: Store, run_id: str, stage: str):
     """The `StageResult` a job published for ``stage`` (with its ``ray_metrics``)."""
-    from tulu_pipeline.curation.pipeline import StageResult
+    from tulu_pipeline.curation.stages import StageResult
 
     payload = json.loads(store.read_bytes(result_path(run_id, stage)))
     metrics = payload.pop("ray_metrics", {})

@@ -28,183 +28,45 @@ files) into a new generation; the previous generation is kept for readers that a
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import posixpath
 import tempfile
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tulu_pipeline.provenance.ledger import Ledger
+from tulu_pipeline.provenance.ledger_layout import (  # noqa: F401  (re-exported: the layout readers use)
+    COMPACTED_DIR,
+    DEFAULT_BUCKETS,
+    EVENT_SCHEMA,
+    HASH_NAME,
+    POINTER,
+    ROW_GROUP_ROWS,
+    RUN_KEY_SQL,
+    RunDir,
+    bucket_of,
+    bucket_sql,
+    current_generation,
+    empty_events_sql,
+    ledger_layout,
+    list_run_dirs,
+    sql_list,
+    sql_str,
+)
 from tulu_pipeline.storage import TMP_MARKER, Store
-from tulu_pipeline.hashing import short_hash
-
-COMPACTED_DIR = "ledger/compacted"
-POINTER = posixpath.join(COMPACTED_DIR, "CURRENT")
-DEFAULT_BUCKETS = 64
-ROW_GROUP_ROWS = 8192
-HASH_NAME = "md5-prefix32"
-KEY_SEPARATOR = "\x1f"  # joins asset_key, asset_version and run_id into one run key
-
-
-def bucket_of(key: str, buckets: int) -> int:
-    """The bucket of a row id (or related id): first 32 bits of md5(utf-8), modulo ``buckets``."""
-    return int(hashlib.md5(key.encode("utf-8")).hexdigest()[:8], 16) % buckets
-
-
-def bucket_sql(column: str, buckets: int) -> str:
-    """`bucket_of` as a DuckDB expression over ``column``."""
-    return f"(('0x' || left(md5({column}), 8))::UBIGINT % {int(buckets)})"
-
-
-def sql_str(value: str) -> str:
-    """A SQL string literal."""
-    return "'" + value.replace("'", "''") + "'"
-
-
-def sql_list(values: list[str]) -> str:
-    return "[" + ", ".join(sql_str(v) for v in values) + "]"
-
-
-def run_key(asset_key: str, asset_version: str, run_id: str) -> str:
-    return KEY_SEPARATOR.join((asset_key, asset_version, run_id))
-
-
-RUN_KEY_SQL = f"concat_ws(chr({ord(KEY_SEPARATOR)}), asset_key, asset_version, run_id)"
-
-
-# ---------------------------------------------------------------------------------------------
-# what is published
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunDir:
-    """One published run directory of the ledger: its Parquet parts and their fingerprint."""
-
-    rel: str
-    files: tuple[str, ...]
-    fingerprint: str
-
-
-# What object stores say about a file that changes when it is rewritten (s3, gcs, azure, memory).
-_STAMP_KEYS = ("mtime", "LastModified", "last_modified", "ETag", "etag", "updated", "generation", "created")
-
-
-def _stamp(info: dict[str, Any]) -> list[str]:
-    return [f"{k}={info[k]}" for k in _STAMP_KEYS if info.get(k) is not None]
-
-
-def _local_parts(root: str) -> dict[str, list[tuple[str, Any, list[str]]]]:
-    """`os.scandir` walk of a local ledger (several times faster than fsspec's find with details)."""
-    groups: dict[str, list[tuple[str, Any, list[str]]]] = defaultdict(list)
-    stack = [root]
-    while stack:
-        directory = stack.pop()
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                elif entry.name.endswith(".parquet"):
-                    st = entry.stat(follow_symlinks=False)
-                    stamp = [f"mtime_ns={st.st_mtime_ns}", f"ino={st.st_ino}"]
-                    groups[directory].append((entry.name, st.st_size, stamp))
-    return groups
-
-
-def _remote_parts(store: Store, root: str) -> dict[str, list[tuple[str, Any, list[str]]]]:
-    groups: dict[str, list[tuple[str, Any, list[str]]]] = defaultdict(list)
-    for path, info in store.fs.find(root, detail=True).items():
-        if path.endswith(".parquet"):
-            groups[posixpath.dirname(path)].append((posixpath.basename(path), info.get("size"), _stamp(info)))
-    return groups
-
-
-def list_run_dirs(store: Store) -> dict[str, RunDir]:
-    """Every published run directory under ``ledger/events`` (relative path → `RunDir`)."""
-    from tulu_pipeline.provenance.ledger import EVENTS_DIR
-
-    root = store.path(EVENTS_DIR)
-    if not store.fs.exists(root):
-        return {}
-    prefix = root.rstrip("/") + "/"
-    groups = _local_parts(root) if store.is_local else _remote_parts(store, root)
-    runs = {}
-    for directory, parts in groups.items():
-        if not directory.startswith(prefix):
-            continue
-        rel = EVENTS_DIR + "/" + directory[len(prefix):]
-        parts.sort(key=lambda p: p[0])
-        fingerprint = short_hash(json.dumps(parts, default=str))
-        runs[rel] = RunDir(rel, tuple(posixpath.join(rel, p[0]) for p in parts), fingerprint)
-    return dict(sorted(runs.items()))
-
-
-@dataclass(frozen=True)
-class LedgerLayout:
-    """What a reader has to read: the current generation (if any), its stale runs, and the rest."""
-
-    generation: dict[str, Any] | None
-    generation_rel: str | None
-    stale_keys: tuple[str, ...]
-    remainder: tuple[str, ...]  # relative paths of per-run files not in the generation
-
-    def events_file(self, bucket: int) -> str:
-        return posixpath.join(self.generation_rel, "events", f"{bucket:03d}.parquet")
-
-    def related_file(self, bucket: int) -> str:
-        return posixpath.join(self.generation_rel, "related", f"{bucket:03d}.parquet")
-
-    @property
-    def buckets(self) -> int:
-        return int(self.generation["buckets"]) if self.generation else 0
-
-
-def current_generation(store: Store) -> tuple[str, dict[str, Any]] | None:
-    """(relative directory, manifest) of the generation ``CURRENT`` points at, or None."""
-    if not store.exists(POINTER):
-        return None
-    name = store.read_json(POINTER)["generation"]
-    rel = posixpath.join(COMPACTED_DIR, name)
-    return rel, store.read_json(posixpath.join(rel, "manifest.json"))
-
-
-def ledger_layout(store: Store) -> LedgerLayout | None:
-    """The read plan for a compacted ledger, or None when the ledger was never compacted."""
-    current = current_generation(store)
-    if current is None:
-        return None
-    rel, manifest = current
-    runs = list_run_dirs(store)
-    folded = manifest["folded"]
-    stale: list[str] = []
-    remainder: list[str] = []
-    for dir_rel, entry in folded.items():
-        run = runs.get(dir_rel)
-        if run is None or run.fingerprint != entry["fingerprint"]:
-            stale.extend(entry["run_keys"])
-    for dir_rel, run in runs.items():
-        entry = folded.get(dir_rel)
-        if entry is None or entry["fingerprint"] != run.fingerprint:
-            remainder.extend(run.files)
-    return LedgerLayout(manifest, rel, tuple(sorted(set(stale))), tuple(remainder))
-
 
 # ---------------------------------------------------------------------------------------------
 # compaction
 # ---------------------------------------------------------------------------------------------
 def _columns_sql() -> str:
-    from tulu_pipeline.provenance.ledger import EVENT_SCHEMA
-
     return ", ".join(f.name for f in EVENT_SCHEMA)
 
 
 def _empty_sql(with_related: bool) -> str:
-    from tulu_pipeline.provenance.ledger import empty_events_sql
-
     sql = empty_events_sql()
     return f"SELECT *, CAST(NULL AS VARCHAR) AS related_id FROM ({sql})" if with_related else sql
 
@@ -226,8 +88,6 @@ def compact(store: Store, buckets: int = DEFAULT_BUCKETS, row_group_rows: int = 
     published or changed since the current generation, nothing is written and ``changed`` is False.
     Memory is bounded by DuckDB's ``memory_limit`` (it spills to a local temporary directory).
     """
-    from tulu_pipeline.provenance.ledger import Ledger
-
     if buckets < 1:
         raise ValueError(f"buckets must be >= 1, got {buckets}")
     started = time.perf_counter()
@@ -269,8 +129,6 @@ def _write_generation(store: Store, reader, staging_rel: str, buckets: int, row_
                       prev_rel: str | None, prev_manifest: dict | None, stale_keys: list[str],
                       kept_folded: dict[str, Any], to_fold: dict[str, RunDir], name: str):
     """Stage a generation at ``staging_rel``; returns the event counts and the folded-run entries."""
-    from tulu_pipeline.provenance.ledger import EVENT_SCHEMA
-
     columns = _columns_sql()
     with tempfile.TemporaryDirectory(prefix="tulu-ledger-compact-") as tmp:
         spill = Path(tmp)

@@ -24,27 +24,20 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tulu_pipeline.provenance.ledger_layout import (  # noqa: F401  (EVENTS_DIR, STAGING_DIR re-exported)
+    EVENT_ORDER,
+    EVENT_SCHEMA,
+    EVENTS_DIR,
+    RUN_KEY_SQL,
+    STAGING_DIR,
+    bucket_of,
+    empty_events_sql,
+    ledger_layout,
+    sql_list,
+    sql_str,
+)
 from tulu_pipeline.storage import Store
 
-EVENT_SCHEMA = pa.schema(
-    [
-        pa.field("row_id", pa.string(), nullable=False),
-        pa.field("event", pa.string(), nullable=False),
-        pa.field("stage", pa.string(), nullable=False),
-        pa.field("asset_key", pa.string(), nullable=False),
-        pa.field("asset_version", pa.string(), nullable=False),
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("seq", pa.int64(), nullable=False),
-        pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("decision", pa.string()),
-        pa.field("reason", pa.string()),
-        pa.field("related_ids", pa.list_(pa.string())),
-        pa.field("details", pa.string()),
-    ]
-)
-
-EVENTS_DIR = "ledger/events"
-STAGING_DIR = "ledger/_staging"
 
 
 class DecisionSink(Protocol):
@@ -211,10 +204,6 @@ class Ledger:
             con.close()
 
     def _events_sql(self, ids: list[str] | None, related_to: str | None) -> str:
-        from tulu_pipeline.provenance.compaction import (
-            RUN_KEY_SQL, bucket_of, ledger_layout, sql_list, sql_str,
-        )
-
         def id_filter(column: str = "row_id") -> str:
             if len(ids) > self._INLINE_IDS:
                 return f"{column} IN (SELECT row_id FROM _tulu_row_ids)"
@@ -286,14 +275,3 @@ class Ledger:
         return result
 
 
-# Events in the order they happened; the later keys only break ties, so the order is total.
-EVENT_ORDER = "ts, asset_key, seq, run_id, row_id, event"
-
-
-def empty_events_sql() -> str:
-    casts = {
-        pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
-        pa.list_(pa.string()): "VARCHAR[]",
-    }
-    cols = ", ".join(f"CAST(NULL AS {casts[f.type]}) AS {f.name}" for f in EVENT_SCHEMA)
-    return f"SELECT {cols} WHERE false"
