@@ -20,7 +20,7 @@ from tulu_pipeline.curation.ray_job import MODULE as RAY_JOB, load_stage_result
 from tulu_pipeline.curation.report import heatmap_png, report_markdown
 from tulu_pipeline.data.registry import registry
 from tulu_pipeline.data.schema import ROW_SCHEMA
-from tulu_pipeline.reporting import histogram_png
+from tulu_pipeline.plots import histogram_png
 
 TRAIN_KEYS = [dg.AssetKey(["raw", s.id]) for s in registry() if s.role == "train"]
 EVAL_KEYS = [dg.AssetKey(["raw", s.id]) for s in registry() if s.role == "eval"]

@@ -10,7 +10,7 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
-from tulu_pipeline.reporting import markdown_table
+from tulu_pipeline.plots import markdown_table
 from tulu_pipeline.storage import Store
 from tulu_pipeline.hashing import json_hash
 

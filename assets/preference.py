@@ -59,7 +59,7 @@ from tulu_pipeline.preference.schema import (
     PROMPT_SCHEMA,
     PROMPTS_DATASET,
 )
-from tulu_pipeline.reporting import histogram_png, markdown_table
+from tulu_pipeline.plots import histogram_png, markdown_table
 
 GENERATION_JOB = "tulu_pipeline.generation.job"
 JUDGE_JOB = "tulu_pipeline.preference.judge_job"

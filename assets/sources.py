@@ -11,7 +11,7 @@ from resources import DataBundle, TuluStorage
 from tulu_pipeline.data.ingest import LOADER_VERSION, ingest_source
 from tulu_pipeline.data.registry import SourceSpec, fetch_source, registry
 from tulu_pipeline.data.schema import ROW_SCHEMA
-from tulu_pipeline.reporting import histogram_png
+from tulu_pipeline.plots import histogram_png
 
 
 class RawSourceConfig(dg.Config):

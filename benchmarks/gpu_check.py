@@ -45,8 +45,8 @@ def random_smollm2(tok: Path, target: Path) -> Path:
 
 
 def sft_run(base: Path, rows: list[dict], out: Path, packing: bool, steps: int, batch: int) -> dict:
-    from tulu_pipeline.training.config import sft_config
-    from tulu_pipeline.training.reporting import NullReporter
+    from tulu_pipeline.training.sft_config import sft_config
+    from tulu_pipeline.progress import NullReporter
     from tulu_pipeline.training.sft import run_sft
 
     config = sft_config("cpu_demo", max_steps=steps, per_device_batch_size=batch, packing=packing,

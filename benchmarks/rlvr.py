@@ -37,7 +37,7 @@ from tulu_pipeline.rlvr.prompts import RLVR_PRESETS, if_row
 from tulu_pipeline.training.checkpointing import write_json_atomic
 from tulu_pipeline.training.grpo import run_grpo
 from tulu_pipeline.training.grpo_config import grpo_config
-from tulu_pipeline.training.reporting import PrintReporter
+from tulu_pipeline.progress import PrintReporter
 
 
 def default_model_dir() -> Path:

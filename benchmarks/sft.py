@@ -42,7 +42,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from tulu_pipeline.data.loaders import iter_source_rows
 from tulu_pipeline.data.registry import get_source
 from tulu_pipeline.models.base_model import prepare_base_model
-from tulu_pipeline.training.config import sft_config
+from tulu_pipeline.training.sft_config import sft_config
 from tulu_pipeline.training.sft import resolve_bf16, run_sft
 
 MIX = [("gsm8k_train", 150, 19), ("code_alpaca", 60, 8), ("self_instruct_seed", 40, 5)]

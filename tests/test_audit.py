@@ -33,7 +33,7 @@ from tulu_pipeline.provenance.ledger import Ledger, LedgerWriter
 from tulu_pipeline.provenance.reproduce import rebuild_mix, reproduce_plan
 from tulu_pipeline.provenance.trace import render_tree
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.plan import SFTPlan, record_trained_on, sft_checkpoint_id
+from tulu_pipeline.training.sft_plan import SFTPlan, record_trained_on, sft_checkpoint_id
 
 pytestmark = pytest.mark.integration  # a curated and trained TULU_HOME, CLI runs
 

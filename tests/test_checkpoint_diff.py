@@ -14,7 +14,7 @@ from tulu_pipeline.evaluation.results import EVAL_SCHEMA, dataset_name, summary_
 from tulu_pipeline.mixing.publish import MIX_DATASET, mix_info_path
 from tulu_pipeline.provenance.diff import checkpoint_diff, diff_markdown
 from tulu_pipeline.provenance.ledger import LedgerWriter
-from tulu_pipeline.training.plan import SFTPlan, record_trained_on
+from tulu_pipeline.training.sft_plan import SFTPlan, record_trained_on
 
 ITEMS = ["gsm8k-i0", "gsm8k-i1", "gsm8k-i2", "gsm8k-i3"]
 

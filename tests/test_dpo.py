@@ -26,7 +26,7 @@ from tulu_pipeline.training.dpo import (
     run_dpo,
 )
 from tulu_pipeline.training.dpo_config import DPOTrainingConfig
-from tulu_pipeline.training.reporting import NullReporter
+from tulu_pipeline.progress import NullReporter
 
 CONFIG = DPOTrainingConfig(**TINY_DPO)
 

@@ -441,7 +441,7 @@ def _write_requests(store: Store, rel: str, count: int) -> list[str]:
 
 def test_run_generation_writes_every_request_and_ignores_chunking(tmp_path, model_dir, backend):
     from tulu_pipeline.generation.job import run_generation
-    from tulu_pipeline.training.reporting import NullReporter
+    from tulu_pipeline.progress import NullReporter
 
     store = Store(str(tmp_path / "home"))
     (Path(store.path("models"))).mkdir(parents=True)

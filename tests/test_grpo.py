@@ -41,7 +41,7 @@ from tulu_pipeline.training.grpo_config import (
     GRPOTrainingConfig,
     grpo_config,
 )
-from tulu_pipeline.training.reporting import NullReporter
+from tulu_pipeline.progress import NullReporter
 
 RESUME_ATOL = 1e-5
 PAIRS = [(a, b) for a in range(10) for b in range(10)]

@@ -25,7 +25,7 @@ from tulu_pipeline.training.grpo import (
     verifier_from_module,
 )
 from tulu_pipeline.training.grpo_config import GRPO_PRESETS, GRPOTrainingConfig, grpo_config
-from tulu_pipeline.training.reporting import NullReporter
+from tulu_pipeline.progress import NullReporter
 
 PAIRS = [(a, b) for a in range(10) for b in range(10)]
 random.Random(1).shuffle(PAIRS)

@@ -36,13 +36,13 @@ from tulu_pipeline.training.checkpointing import (
     prune_checkpoints,
     remove_stale_siblings,
 )
-from tulu_pipeline.training.config import (
+from tulu_pipeline.training.sft_config import (
     SFT_PRESETS,
     LoraSettings,
     SFTTrainingConfig,
     sft_config,
 )
-from tulu_pipeline.training.reporting import NullReporter
+from tulu_pipeline.progress import NullReporter
 from tulu_pipeline.training.sft import STEP_DELAY_ENV, TRAINED_ROWS_FILE, run_sft
 
 RESUME_ATOL = 1e-5
@@ -82,7 +82,7 @@ def trained(tiny_model, rows, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 def test_importing_the_training_modules_stays_cheap():
     """Dagster's process imports these for names and configs; torch/transformers/TRL load only to train."""
-    code = ("import sys, tulu_pipeline.training.sft_job, tulu_pipeline.training.config; "
+    code = ("import sys, tulu_pipeline.training.sft_job, tulu_pipeline.training.sft_config; "
             "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from test_sft_support import bundled_rows
 
-from tulu_pipeline.training.config import SFT_PRESETS
+from tulu_pipeline.training.sft_config import SFT_PRESETS
 
 MIX = [("gsm8k_train", 150, 19), ("code_alpaca", 60, 8), ("self_instruct_seed", 40, 5)]
 

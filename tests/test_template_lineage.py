@@ -139,8 +139,8 @@ TINY = dict(max_length=256, per_device_batch_size=4, gradient_accumulation_steps
 
 def _train_sft(store, base_dir, name, template=None, monkeypatch=None):
     from tulu_pipeline.training import sft as sft_module
-    from tulu_pipeline.training.config import SFTTrainingConfig
-    from tulu_pipeline.training.reporting import NullReporter
+    from tulu_pipeline.training.sft_config import SFTTrainingConfig
+    from tulu_pipeline.progress import NullReporter
 
     rows = bundled_rows("gsm8k_train", 8)
     if template is not None:  # the SFT stage alone renders with another template

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tulu_pipeline.reporting import figure_png, markdown_table, pyplot
+from tulu_pipeline.plots import figure_png, markdown_table, pyplot
 
 
 def report_markdown(report: dict[str, Any]) -> str:

@@ -64,7 +64,7 @@ def comparison_table(store: Store) -> dict[str, Any]:
 
 def comparison_markdown(table: dict[str, Any]) -> str:
     """Markdown: score (×100) and [low, high] per checkpoint; n items per benchmark."""
-    from tulu_pipeline.reporting import markdown_table
+    from tulu_pipeline.plots import markdown_table
 
     headers = ["benchmark", "suite", "metric", "n"] + [f"{c} ({table['stages'][c]})" for c in table["columns"]]
     lines = []
@@ -87,7 +87,7 @@ def comparison_png(table: dict[str, Any]) -> bytes:
     """Grouped bars per benchmark, one colour per checkpoint, bootstrap intervals as error bars."""
     import numpy as np
 
-    from tulu_pipeline.reporting import figure_png, pyplot
+    from tulu_pipeline.plots import figure_png, pyplot
 
     plt = pyplot()
     rows, columns = table["rows"], table["columns"]

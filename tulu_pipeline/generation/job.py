@@ -36,7 +36,7 @@ from tulu_pipeline.generation.chat import validate_messages
 from tulu_pipeline.generation.spec import BackendSpec, build_backend
 from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.reporting import (
+from tulu_pipeline.progress import (
     NullReporter,
     PipesReporter,
     PrintReporter,

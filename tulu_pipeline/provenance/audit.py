@@ -23,7 +23,7 @@ from typing import Any
 
 from tulu_pipeline.provenance.ledger import Ledger
 from tulu_pipeline.provenance.trace import score_text
-from tulu_pipeline.reporting import markdown_table
+from tulu_pipeline.plots import markdown_table
 from tulu_pipeline.storage import Store
 from tulu_pipeline.hashing import json_hash, short_digest
 from tulu_pipeline.layout import MANIFEST_FILE

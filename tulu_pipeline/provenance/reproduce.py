@@ -75,7 +75,7 @@ def _checkpoint_id(manifest: dict[str, Any]) -> str | None:
     needed = ("sft_code_version", "config", "mix_hash", "base_model_sha256")
     if any(manifest.get(k) is None for k in needed):
         return None
-    from tulu_pipeline.training.plan import sft_checkpoint_id
+    from tulu_pipeline.training.sft_plan import sft_checkpoint_id
 
     return sft_checkpoint_id(manifest["sft_code_version"], manifest["config"], manifest["mix_hash"],
                              manifest["base_model_sha256"])
@@ -85,7 +85,7 @@ def _overrides(preset: str | None, config: dict[str, Any] | None) -> dict[str, A
     if config is None:
         return None
     try:
-        from tulu_pipeline.training.config import SFT_PRESETS
+        from tulu_pipeline.training.sft_config import SFT_PRESETS
 
         base = SFT_PRESETS[preset].model_dump(mode="json")
     except (ImportError, KeyError):

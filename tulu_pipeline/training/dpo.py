@@ -74,7 +74,7 @@ from tulu_pipeline.training.checkpointing import (
 )
 from tulu_pipeline.training.dpo_config import DPOTrainingConfig
 from tulu_pipeline.training.dpo_losses import preference_loss
-from tulu_pipeline.training.reporting import NullReporter, Reporter
+from tulu_pipeline.progress import NullReporter, Reporter
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
 DPO_CODE_VERSION = "1"
@@ -440,7 +440,7 @@ def _trainer_classes():
 
 def dpo_curve_png(curve: list[dict[str, Any]], before: dict[str, Any], after: dict[str, Any]) -> bytes:
     """Training loss and reward accuracy per step, with the held-out preference accuracy before and after."""
-    from tulu_pipeline.reporting import figure_png, pyplot
+    from tulu_pipeline.plots import figure_png, pyplot
 
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=100)

@@ -41,7 +41,7 @@ from tulu_pipeline.training.dpo import (
 )
 from tulu_pipeline.training.dpo_config import dpo_config
 from tulu_pipeline.training.remote import download_model, upload_checkpoint, work_dir
-from tulu_pipeline.training.reporting import PipesReporter, PrintReporter, Reporter
+from tulu_pipeline.progress import PipesReporter, PrintReporter, Reporter
 
 WORK_DIR_ENV = "TULU_DPO_WORK_DIR"
 TASKS = ("reference_logprobs", "train")

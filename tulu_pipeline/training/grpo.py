@@ -85,7 +85,7 @@ from tulu_pipeline.training.checkpointing import (
     write_json_atomic,
 )
 from tulu_pipeline.training.grpo_config import GRPOTrainingConfig
-from tulu_pipeline.training.reporting import NullReporter, Reporter
+from tulu_pipeline.progress import NullReporter, Reporter
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
 GRPO_CODE_VERSION = "2"
@@ -566,7 +566,7 @@ def reward_curve_png(history: list[dict[str, Any]], before: float | None, after:
                      heldout_reward: tuple[float, float] | None = None) -> bytes:
     """Mean reward per optimizer step (and verifier accuracy), with the held-out greedy accuracy and (when
     measured) the held-out sampled reward before and after."""
-    from tulu_pipeline.reporting import figure_png, pyplot
+    from tulu_pipeline.plots import figure_png, pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
@@ -611,7 +611,7 @@ METRIC_PANELS = (
 def training_metrics_png(history: list[dict[str, Any]], title: str = "RLVR: per-step training metrics") -> bytes:
     """One panel per group of `METRIC_PANELS` over the optimizer steps (a metric a run did not record is left out,
     e.g. KL with beta = 0)."""
-    from tulu_pipeline.reporting import figure_png, pyplot
+    from tulu_pipeline.plots import figure_png, pyplot
 
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(11, 5.6), dpi=100)

@@ -44,7 +44,7 @@ from tulu_pipeline.training.grpo import (
 )
 from tulu_pipeline.training.grpo_config import grpo_config
 from tulu_pipeline.training.remote import download_model, upload_checkpoint, work_dir
-from tulu_pipeline.training.reporting import PipesReporter, PrintReporter, Reporter
+from tulu_pipeline.progress import PipesReporter, PrintReporter, Reporter
 
 WORK_DIR_ENV = "TULU_GRPO_WORK_DIR"
 REQUIRED = ("tulu_home", "start_model_dir", "checkpoint_dir")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.checkpointing import CHECKPOINTS_DIR, MANIFEST_FILE
-from tulu_pipeline.training.reporting import Reporter
+from tulu_pipeline.progress import Reporter
 
 
 def work_dir(env: str, stage: str, rel: str) -> Path:

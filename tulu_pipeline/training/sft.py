@@ -81,8 +81,8 @@ from tulu_pipeline.training.checkpointing import (
     trainer_arguments,
     write_json_atomic,
 )
-from tulu_pipeline.training.config import SFTTrainingConfig
-from tulu_pipeline.training.reporting import NullReporter, Reporter, loss_curve_png
+from tulu_pipeline.training.sft_config import SFTTrainingConfig
+from tulu_pipeline.progress import NullReporter, Reporter, loss_curve_png
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
 SFT_CODE_VERSION = "1"

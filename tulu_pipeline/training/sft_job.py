@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.config import sft_config
+from tulu_pipeline.training.sft_config import sft_config
 from tulu_pipeline.training.remote import download_model, upload_checkpoint, work_dir
-from tulu_pipeline.training.reporting import (
+from tulu_pipeline.progress import (
     NullReporter,
     PipesReporter,
     PrintReporter,

@@ -32,7 +32,7 @@ def sft_checkpoint_id(code_version: str, config: dict[str, Any], mix_version: st
 
 def sft_checkpoint_plan(store: Store, preset: str, overrides: dict[str, Any], base_model_dir: str) -> SFTPlan:
     """The checkpoint id hashes the training code version, full config, mix and base weights."""
-    from tulu_pipeline.training.config import sft_config
+    from tulu_pipeline.training.sft_config import sft_config
     from tulu_pipeline.training.sft import SFT_CODE_VERSION
 
     config = sft_config(preset, **overrides)

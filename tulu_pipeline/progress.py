@@ -1,4 +1,5 @@
-"""Where a training run reports its progress: Dagster (through dagster-pipes), stdout, or nowhere.
+"""Where a job (training, generation, judging) reports its progress: Dagster (through dagster-pipes), stdout,
+or nowhere.
 
 A reporter is anything with ``log_metrics(step, metrics)`` and ``log(message)``. `run_sft` calls
 ``log_metrics`` at every logging step (loss, learning rate, tokens/s, ...) and ``log`` for events
@@ -85,7 +86,7 @@ def loss_curve_png(
     title: str = "SFT training loss",
 ) -> bytes:
     """The training loss (per trained token) over optimizer steps, with the held-out loss before and after."""
-    from tulu_pipeline.reporting import figure_png, pyplot
+    from tulu_pipeline.plots import figure_png, pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
