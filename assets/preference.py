@@ -30,7 +30,7 @@ from tulu_pipeline.preference.completions import (
     write_generation_requests,
 )
 from tulu_pipeline.preference.judge import judge_identity
-from tulu_pipeline.preference.judging import (
+from tulu_pipeline.preference.judged_completions import (
     judge_output_path,
     judge_requests_path,
     judged_version,

@@ -17,7 +17,7 @@ from tulu_pipeline.evaluation.benchmarks import (
     load_samples,
     suite,
 )
-from tulu_pipeline.evaluation.judge import Judge
+from tulu_pipeline.evaluation.judge_scoring import Judge
 from tulu_pipeline.evaluation.runner import (
     build_result,
     evaluate,

@@ -30,7 +30,7 @@ from tulu_pipeline.evaluation.benchmarks import (
     load_samples,
 )
 from tulu_pipeline.evaluation.comparison import contamination
-from tulu_pipeline.evaluation.judge import Judge
+from tulu_pipeline.evaluation.judge_scoring import Judge
 from tulu_pipeline.evaluation.results import REPORTS, publish_result
 from tulu_pipeline.evaluation.runner import (
     evaluate,

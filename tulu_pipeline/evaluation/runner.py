@@ -22,7 +22,7 @@ from tulu_pipeline.evaluation.benchmarks import (
     EvalSample,
     get_benchmark,
 )
-from tulu_pipeline.evaluation.judge import Judge
+from tulu_pipeline.evaluation.judge_scoring import Judge
 from tulu_pipeline.evaluation.sandbox import SandboxLimits, run_python
 
 EVAL_CODE_VERSION = "1"
