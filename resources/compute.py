@@ -27,6 +27,7 @@ from resources.k8s_spec import (
     job_name,
     pod_spec,
 )
+from resources.pipes_messages import CompleteLineTempFileMessageReader
 from tulu_pipeline.settings import repo_root
 from tulu_pipeline.training.grpo_config import grpo_config
 from tulu_pipeline.vllm_runtime import engine_env, require_vllm_python
@@ -104,7 +105,8 @@ class LocalLauncher(ComputeLauncher):
         env = {**os.environ, **self.extra_env}
         if python != self.python:
             env = engine_env(env)
-        client = dg.PipesSubprocessClient(cwd=str(repo_root()), forward_termination=True)
+        client = dg.PipesSubprocessClient(cwd=str(repo_root()), forward_termination=True,
+                                          message_reader=CompleteLineTempFileMessageReader())
         return client.run(command=self.command(module, nproc_per_node, nodes, python), context=context,
                           extras=extras, env=env)
 
