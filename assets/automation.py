@@ -16,9 +16,9 @@ from assets.metadata import DATA_OWNERS, latest_checkpoint_id
 from resources import DataBundle, TuluStorage
 from tulu_pipeline.data.registry import SourceSpec, registry
 from tulu_pipeline.data.versions import changed_sources, dump_versions, load_versions, look_at_sources
+from tulu_pipeline.hashing import short_hash
 from tulu_pipeline.provenance.coverage import eval_coverage
 from tulu_pipeline.settings import data_dir
-from tulu_pipeline.hashing import short_hash
 
 GPU_POOL = "gpu"
 GPU_TAGS = {"tulu/compute": "gpu"}

@@ -13,11 +13,12 @@ from tulu_pipeline.curation.decontaminate import DecontamConfig
 from tulu_pipeline.curation.dedup import DedupConfig
 from tulu_pipeline.curation.normalize import NormalizeConfig
 from tulu_pipeline.curation.pipeline import (
-    CURATION_CODE_VERSION, StageResult, decontaminate_prompts, decontamination_report, deduplicate_prompts,
-    normalize_prompts, record_check_results, schema_violations, verify_no_eval_overlap, build_eval_index,
+    decontaminate_prompts, decontamination_report, deduplicate_prompts, normalize_prompts, record_check_results,
+    schema_violations, verify_no_eval_overlap,
 )
 from tulu_pipeline.curation.ray_job import MODULE as RAY_JOB, load_stage_result
 from tulu_pipeline.curation.report import heatmap_png, report_markdown
+from tulu_pipeline.curation.stages import CURATION_CODE_VERSION, StageResult, build_eval_index
 from tulu_pipeline.data.registry import registry
 from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.plots import histogram_png

@@ -10,9 +10,9 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
+from tulu_pipeline.hashing import json_hash
 from tulu_pipeline.plots import markdown_table
 from tulu_pipeline.storage import Store
-from tulu_pipeline.hashing import json_hash
 
 
 def table_schema(schema: pa.Schema) -> dg.TableSchema:

@@ -16,9 +16,10 @@ from resources import ComputeLauncher, TuluStorage
 from resources.generation import GenerationResource, JudgeResource
 from tulu_pipeline.curation.config import CurationConfig, EvalSelection
 from tulu_pipeline.curation.decontaminate import DecontamConfig
-from tulu_pipeline.curation.pipeline import build_eval_index
+from tulu_pipeline.curation.stages import build_eval_index
 from tulu_pipeline.generation.base import SamplingParams
 from tulu_pipeline.generation.spec import BackendSpec
+from tulu_pipeline.plots import histogram_png, markdown_table
 from tulu_pipeline.preference.completions import (
     PoolModel,
     completions_version,
@@ -59,7 +60,6 @@ from tulu_pipeline.preference.schema import (
     PROMPT_SCHEMA,
     PROMPTS_DATASET,
 )
-from tulu_pipeline.plots import histogram_png, markdown_table
 
 GENERATION_JOB = "tulu_pipeline.generation.job"
 JUDGE_JOB = "tulu_pipeline.preference.judge_job"

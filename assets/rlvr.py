@@ -8,8 +8,8 @@ from assets.automation import GPU_STAGE
 from assets.metadata import TRAINING_OWNERS, config_hash, image, latest_checkpoint_id, samples, table_schema
 from resources import ComputeLauncher, TuluStorage
 from tulu_pipeline.data.schema import ROW_SCHEMA
-from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.plots import markdown_table
+from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.rlvr.prompts import (
     RLVR_CODE_VERSION,
     RLVR_PRESETS,

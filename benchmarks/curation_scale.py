@@ -37,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tulu_pipeline.curation import pipeline
+from tulu_pipeline.curation.stages import build_eval_index
 from tulu_pipeline.curation.config import CurationConfig, RaySettings
 from tulu_pipeline.curation.ray_executor import (
     decontaminate_prompts_ray,
@@ -70,7 +71,7 @@ def run_local(home: Path, config: CurationConfig) -> dict:
         kwargs = {}
         if name == "decontaminated_prompts":  # built once, outside the timing, as on Ray
             started = time.perf_counter()
-            kwargs["index"] = pipeline.build_eval_index(store, config)
+            kwargs["index"] = build_eval_index(store, config)
             stages["eval_index_build_s"] = round(time.perf_counter() - started, 3)
         cpu, wall = time.process_time(), time.perf_counter()
         result = fn(store, config, "bench", **kwargs)
@@ -112,7 +113,7 @@ def run_ray(home: Path, config: CurationConfig, workers: int, object_store_mb: i
             index_bytes = None
             kwargs = {}
             if name == "decontaminated_prompts":
-                index = pipeline.build_eval_index(store, config)
+                index = build_eval_index(store, config)
                 index_bytes = len(pickle.dumps(index[0], protocol=5))
                 kwargs["index"] = index
             wall = time.perf_counter()

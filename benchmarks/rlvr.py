@@ -32,12 +32,12 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from tulu_pipeline.data.loaders import iter_source_rows
 from tulu_pipeline.data.registry import get_source
+from tulu_pipeline.progress import PrintReporter
 from tulu_pipeline.rewards.constraints import sample_constraints
 from tulu_pipeline.rlvr.prompts import RLVR_PRESETS, if_row
 from tulu_pipeline.training.checkpointing import write_json_atomic
 from tulu_pipeline.training.grpo import run_grpo
 from tulu_pipeline.training.grpo_config import grpo_config
-from tulu_pipeline.progress import PrintReporter
 
 
 def default_model_dir() -> Path:

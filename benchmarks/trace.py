@@ -48,7 +48,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tulu_pipeline.data.registry import registry  # noqa: E402
-from tulu_pipeline.provenance.ledger import EVENT_SCHEMA, EVENTS_DIR, Ledger, path_safe  # noqa: E402
+from tulu_pipeline.provenance.ledger import Ledger, path_safe  # noqa: E402
+from tulu_pipeline.provenance.ledger_layout import EVENT_SCHEMA, EVENTS_DIR  # noqa: E402
 from tulu_pipeline.storage import Store  # noqa: E402
 
 WEIGHTS = {"gsm8k_train": 0.3, "math_train": 0.3, "code_alpaca": 0.15, "self_instruct_seed": 0.05,

@@ -11,9 +11,10 @@ import sys
 
 from tulu_pipeline.curation.config import CurationConfig, EvalSelection
 from tulu_pipeline.curation.pipeline import (
-    build_eval_index, decontaminate_prompts, deduplicate_prompts, normalize_prompts, record_check_results,
+    decontaminate_prompts, deduplicate_prompts, normalize_prompts, record_check_results,
     schema_violations, verify_no_eval_overlap,
 )
+from tulu_pipeline.curation.stages import build_eval_index
 from tulu_pipeline.data.ingest import ingest_source
 from tulu_pipeline.data.registry import get_source
 from tulu_pipeline.mixing.config import MixConfig

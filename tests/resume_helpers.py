@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tulu_pipeline.training.checkpointing import CHECKPOINTS_DIR, MANIFEST_FILE, PROGRESS_FILE
+from tulu_pipeline.layout import MANIFEST_FILE
+from tulu_pipeline.training.checkpointing import CHECKPOINTS_DIR, PROGRESS_FILE
 
 
 def _tail(path: Path, chars: int = 3000) -> str:

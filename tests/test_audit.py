@@ -17,9 +17,10 @@ import pytest
 from tulu_pipeline.cli import main as tulu
 from tulu_pipeline.curation.config import CurationConfig, EvalSelection
 from tulu_pipeline.curation.pipeline import (
-    build_eval_index, decontaminate_prompts, decontamination_report, deduplicate_prompts, normalize_prompts,
+    decontaminate_prompts, decontamination_report, deduplicate_prompts, normalize_prompts,
     record_check_results, schema_violations, verify_no_eval_overlap,
 )
+from tulu_pipeline.curation.stages import build_eval_index
 from tulu_pipeline.data.ingest import ingest_source, source_version
 from tulu_pipeline.data.registry import get_source, registry
 from tulu_pipeline.mixing.config import MixConfig
@@ -28,8 +29,9 @@ from tulu_pipeline.mixing.sample import row_ids_hash
 from tulu_pipeline.provenance.audit import (
     bill_markdown, checkpoint_bill, eval_audit, license_audit, license_is_non_commercial, registry_version,
 )
-from tulu_pipeline.provenance.compaction import bucket_of, bucket_sql, compact, compaction_status, sql_str
+from tulu_pipeline.provenance.compaction import compact, compaction_status
 from tulu_pipeline.provenance.ledger import Ledger, LedgerWriter
+from tulu_pipeline.provenance.ledger_layout import bucket_of, bucket_sql, sql_str
 from tulu_pipeline.provenance.reproduce import rebuild_mix, reproduce_plan
 from tulu_pipeline.provenance.trace import render_tree
 from tulu_pipeline.storage import Store

@@ -13,9 +13,10 @@ import pytest
 from test_dpo_support import TINY_DPO, split_pairs, tiny_setup
 from test_sft_support import smollm2_tokenizer
 
+from tulu_pipeline.layout import MANIFEST_FILE
+from tulu_pipeline.progress import NullReporter
 from tulu_pipeline.training import dpo as dpo_module
 from tulu_pipeline.training.chat_template import IGNORE_INDEX, apply_tulu_chat_template
-from tulu_pipeline.training.checkpointing import MANIFEST_FILE
 from tulu_pipeline.training.dpo import (
     LOSS_CURVE_FILE,
     NO_RESPONSE_TOKENS,
@@ -26,7 +27,6 @@ from tulu_pipeline.training.dpo import (
     run_dpo,
 )
 from tulu_pipeline.training.dpo_config import DPOTrainingConfig
-from tulu_pipeline.progress import NullReporter
 
 CONFIG = DPOTrainingConfig(**TINY_DPO)
 

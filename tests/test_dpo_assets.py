@@ -10,9 +10,7 @@ import dagster as dg
 import pytest
 from test_dpo_support import SFT_ID, TINY_DPO, split_pairs, tiny_home, tiny_setup
 
-from tulu_pipeline.training.checkpointing import (
-    MANIFEST_FILE,
-)
+from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.training.dpo import REFERENCE_DATASET
 from tulu_pipeline.training.dpo_plan import (
     dpo_checkpoint_plan,

@@ -10,9 +10,9 @@ import pytest
 from resume_helpers import kill_9_after_first_checkpoint, max_abs_weight_diff
 from test_dpo_support import TINY_DPO, tiny_home
 
+from tulu_pipeline.progress import NullReporter
 from tulu_pipeline.training.dpo import STEP_DELAY_ENV
 from tulu_pipeline.training.dpo_plan import dpo_checkpoint_plan, reference_logprobs_plan
-from tulu_pipeline.progress import NullReporter
 
 pytestmark = pytest.mark.integration  # a trainer process killed with SIGKILL
 

@@ -96,7 +96,8 @@ SFT_ID = "sft-tiny"
 def tiny_home(tmp_path: Path) -> Any:
     """A TULU_HOME with ``preference_pairs@pairs-v1`` and a tiny "SFT checkpoint" ``models/sft-tiny``."""
     from tulu_pipeline.storage import Store
-    from tulu_pipeline.training.checkpointing import MANIFEST_FILE, write_json_atomic
+    from tulu_pipeline.layout import MANIFEST_FILE
+    from tulu_pipeline.training.checkpointing import write_json_atomic
     from tulu_pipeline.training.dpo import PAIRS_DATASET
 
     model_dir, pairs = tiny_setup()

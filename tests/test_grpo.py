@@ -21,10 +21,11 @@ from resume_helpers import kill_9_after_first_checkpoint, max_abs_weight_diff
 from test_grpo_support import addition_row, save_warm_addition_model
 
 from tulu_pipeline.data.schema import ROW_SCHEMA
+from tulu_pipeline.layout import MANIFEST_FILE
+from tulu_pipeline.progress import NullReporter
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.checkpointing import (
     CHECKPOINTS_DIR,
-    MANIFEST_FILE,
 )
 from tulu_pipeline.training.grpo import (
     REWARD_CURVE_FILE,
@@ -41,7 +42,6 @@ from tulu_pipeline.training.grpo_config import (
     GRPOTrainingConfig,
     grpo_config,
 )
-from tulu_pipeline.progress import NullReporter
 
 RESUME_ATOL = 1e-5
 PAIRS = [(a, b) for a in range(10) for b in range(10)]

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from test_grpo_support import addition_row, save_warm_addition_model
 
+from tulu_pipeline.progress import NullReporter
 from tulu_pipeline.training import grpo
 from tulu_pipeline.training.grpo import (
     TRAINING_METRICS_FILE,
@@ -25,7 +26,6 @@ from tulu_pipeline.training.grpo import (
     verifier_from_module,
 )
 from tulu_pipeline.training.grpo_config import GRPO_PRESETS, GRPOTrainingConfig, grpo_config
-from tulu_pipeline.progress import NullReporter
 
 PAIRS = [(a, b) for a in range(10) for b in range(10)]
 random.Random(1).shuffle(PAIRS)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tulu_pipeline.curation import pipeline
+from tulu_pipeline.curation import pipeline, stages
 from tulu_pipeline.curation.config import CurationConfig, EvalSelection, RaySettings
 from tulu_pipeline.curation.dedup import Deduplicator, dedup_order
 from tulu_pipeline.curation.ray_executor import (
@@ -69,7 +69,7 @@ def _copy(raw_home: Path, name: str) -> Store:
     return Store(str(home))
 
 
-def _run_all(store: Store, config: CurationConfig) -> dict[str, pipeline.StageResult]:
+def _run_all(store: Store, config: CurationConfig) -> dict[str, stages.StageResult]:
     return {
         "normalized_prompts": pipeline.normalize_prompts(store, config, "run-1"),
         "deduplicated_prompts": pipeline.deduplicate_prompts(store, config, "run-1"),

@@ -19,7 +19,9 @@ from resume_helpers import kill_9_after_first_checkpoint, load_weights, max_abs_
 from test_sft_support import bundled_rows, save_tiny_model, smollm2_tokenizer
 
 from tulu_pipeline.data.schema import ROW_SCHEMA
+from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.models.base_model import weights_sha256
+from tulu_pipeline.progress import NullReporter
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.batching import SFTCollator, pack_rows
 from tulu_pipeline.training.chat_template import (
@@ -29,7 +31,6 @@ from tulu_pipeline.training.chat_template import (
 )
 from tulu_pipeline.training.checkpointing import (
     CHECKPOINTS_DIR,
-    MANIFEST_FILE,
     RUN_FILE,
     mark_complete,
     prepare_run_dir,
@@ -42,7 +43,6 @@ from tulu_pipeline.training.sft_config import (
     SFTTrainingConfig,
     sft_config,
 )
-from tulu_pipeline.progress import NullReporter
 from tulu_pipeline.training.sft import STEP_DELAY_ENV, TRAINED_ROWS_FILE, run_sft
 
 RESUME_ATOL = 1e-5

@@ -20,20 +20,14 @@ from tulu_pipeline.curation.decontaminate import (
 from tulu_pipeline.curation.dedup import Deduplicator, dedup_order
 from tulu_pipeline.curation.normalize import Normalizer
 from tulu_pipeline.curation.overlap_check import OverlapChecker
-from tulu_pipeline.data.ingest import raw_dataset_name
-from tulu_pipeline.data.schema import ROW_SCHEMA, row_problems
-from tulu_pipeline.provenance.ledger import LedgerWriter
-from tulu_pipeline.storage import Store
 from tulu_pipeline.curation.ray_executor import (
     decontaminate_prompts_ray,
     deduplicate_prompts_ray,
     normalize_prompts_ray,
 )
-from tulu_pipeline.curation.stages import (  # noqa: F401  (re-exported: the stages' shared names)
-    CURATION_CODE_VERSION,
+from tulu_pipeline.curation.stages import (
     QUARANTINE_SCHEMA,
     EventSampler,
-    MissingInputError,
     StageResult,
     build_eval_index,
     dropped_record,
@@ -43,6 +37,10 @@ from tulu_pipeline.curation.stages import (  # noqa: F401  (re-exported: the sta
     stage_version,
     train_specs,
 )
+from tulu_pipeline.data.ingest import raw_dataset_name
+from tulu_pipeline.data.schema import ROW_SCHEMA, row_problems
+from tulu_pipeline.provenance.ledger import LedgerWriter
+from tulu_pipeline.storage import Store
 
 # ---------------------------------------------------------------------------------------------
 # stages

@@ -11,9 +11,9 @@ from typing import Literal
 from tulu_pipeline.data.loaders import BadRecord, iter_located_rows
 from tulu_pipeline.data.registry import SourceSpec
 from tulu_pipeline.data.schema import ROW_SCHEMA, make_row_id, row_text, split_source_key
+from tulu_pipeline.hashing import json_hash
 from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.storage import DatasetInfo, Store
-from tulu_pipeline.hashing import json_hash
 
 # Bump when loading or mapping code changes what rows a file yields: it is part of every raw version.
 LOADER_VERSION = "1"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tulu_pipeline.storage import Store
 from tulu_pipeline.layout import MANIFEST_FILE
+from tulu_pipeline.storage import Store
 
 BASE_MODEL_ID = "base_model"
 PARENT_KEYS = ("start_checkpoint", "parent_checkpoint", "init_checkpoint", "policy_checkpoint", "reference_checkpoint")

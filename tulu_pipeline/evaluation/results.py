@@ -23,10 +23,10 @@ from typing import Any
 import pyarrow as pa
 
 from tulu_pipeline.evaluation.runner import EVAL_CODE_VERSION, EvalResult
+from tulu_pipeline.hashing import json_hash
 from tulu_pipeline.provenance.ledger import Ledger, LedgerWriter
 from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.storage import Store
-from tulu_pipeline.hashing import json_hash
 
 EVAL_SCHEMA = pa.schema([
     pa.field("item_id", pa.string(), nullable=False),

@@ -25,9 +25,9 @@ from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from typing import Any
 
+from tulu_pipeline.hashing import json_hash, short_digest
 from tulu_pipeline.mixing.config import MixConfig
 from tulu_pipeline.provenance.ledger import DecisionSink
-from tulu_pipeline.hashing import json_hash, short_digest
 
 # Part of the mix hash: bump it when a change here would choose other rows from the same inputs.
 MIX_CODE_VERSION = "1"

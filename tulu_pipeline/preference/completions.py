@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tulu_pipeline.generation.base import SamplingParams
+from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.preference.prompts import PREFERENCE_CODE_VERSION
 from tulu_pipeline.preference.schema import (
     COMPLETION_SCHEMA, COMPLETIONS_DATASET, PROMPTS_DATASET, completion_id, content_hash
 )
 from tulu_pipeline.storage import DatasetInfo, Store
-from tulu_pipeline.layout import MANIFEST_FILE
 
 REFERENCE_MODEL_ID = "dataset_reference"
 MODEL_ROLES = ("sft", "base", "extra", "reference")

@@ -26,8 +26,8 @@ from typing import Any
 
 from tulu_pipeline.generation.base import SamplingParams
 from tulu_pipeline.preference.judge import ChatJudge, Judge, LoglikelihoodJudge, judge_identity, run_judging
-from tulu_pipeline.storage import Store
 from tulu_pipeline.progress import PipesReporter, PrintReporter, Reporter
+from tulu_pipeline.storage import Store
 
 REQUIRED = ("tulu_home", "requests", "output", "backend", "judge")
 

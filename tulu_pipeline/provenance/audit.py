@@ -21,12 +21,12 @@ import posixpath
 from collections import Counter, defaultdict
 from typing import Any
 
-from tulu_pipeline.provenance.ledger import Ledger
-from tulu_pipeline.provenance.trace import score_text
-from tulu_pipeline.plots import markdown_table
-from tulu_pipeline.storage import Store
 from tulu_pipeline.hashing import json_hash, short_digest
 from tulu_pipeline.layout import MANIFEST_FILE
+from tulu_pipeline.plots import markdown_table
+from tulu_pipeline.provenance.ledger import Ledger
+from tulu_pipeline.provenance.trace import score_text
+from tulu_pipeline.storage import Store
 
 
 DECONTAM_REPORTS = "reports/decontamination"

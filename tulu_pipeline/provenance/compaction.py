@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.provenance.ledger import Ledger
-from tulu_pipeline.provenance.ledger_layout import (  # noqa: F401  (re-exported: the layout readers use)
+from tulu_pipeline.provenance.ledger_layout import (
     COMPACTED_DIR,
     DEFAULT_BUCKETS,
     EVENT_SCHEMA,

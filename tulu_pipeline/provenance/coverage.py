@@ -14,8 +14,8 @@ from typing import Any, Iterable, Iterator
 
 from tulu_pipeline.data.ingest import source_version
 from tulu_pipeline.data.registry import SourceSpec, registry
-from tulu_pipeline.storage import Store
 from tulu_pipeline.layout import MANIFEST_FILE
+from tulu_pipeline.storage import Store
 
 DECONTAMINATED = "decontaminated_prompts"
 # Manifest keys that name the checkpoint a run started from or was measured against.

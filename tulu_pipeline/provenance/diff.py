@@ -20,11 +20,11 @@ import json
 from collections import defaultdict
 from typing import Any
 
+from tulu_pipeline.plots import markdown_table
 from tulu_pipeline.provenance.audit import checkpoint_bill, eval_audit, load_checkpoint_manifest
 from tulu_pipeline.provenance.coverage import dataset_refs
 from tulu_pipeline.provenance.ledger import Ledger
 from tulu_pipeline.provenance.template_lineage import lineage_hashes
-from tulu_pipeline.plots import markdown_table
 from tulu_pipeline.storage import Store
 
 # Ledger events that are decisions about a row before any training (what `decisions differ` compares).

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tulu_pipeline.provenance.ledger_layout import (  # noqa: F401  (EVENTS_DIR, STAGING_DIR re-exported)
+from tulu_pipeline.provenance.ledger_layout import (
     EVENT_ORDER,
     EVENT_SCHEMA,
     EVENTS_DIR,

@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.training.chat_template import TULU_CHAT_TEMPLATE, render_segments
 from tulu_pipeline.training.checkpointing import canonical_json, sha256_text
-from tulu_pipeline.layout import MANIFEST_FILE
 
 # A fixed multi-turn conversation: system prompt, two exchanges, and a special-token string inside a message
 # (it must be tokenized as text by every code path).

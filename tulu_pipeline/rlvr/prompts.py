@@ -40,9 +40,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tulu_pipeline.curation.pipeline import require_checks_passed
 from tulu_pipeline.data.schema import ROW_SCHEMA, make_row_id
+from tulu_pipeline.hashing import short_digest
 from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.storage import DatasetInfo, Store
-from tulu_pipeline.hashing import short_digest
 
 # Bump when a change here changes which rows a config selects or what they contain.
 RLVR_CODE_VERSION = "1"

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.storage import swap_directory
-from tulu_pipeline.layout import MANIFEST_FILE
 
 CHECKPOINTS_DIR = "_checkpoints"
 RUN_FILE = "run.json"

@@ -45,8 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.preference.schema import PAIRS_DATASET  # noqa: F401  (re-exported for the job and plan)
+from tulu_pipeline.progress import NullReporter, Reporter
 from tulu_pipeline.training.batching import SFTCollator
 from tulu_pipeline.provenance.template_lineage import template_lineage
 from tulu_pipeline.training.chat_template import (
@@ -58,7 +60,6 @@ from tulu_pipeline.training.checkpointing import (
     library_versions,
     save_final,
     training_device,
-    MANIFEST_FILE,
     PROGRESS_FILE,
     canonical_json,
     fingerprint,
@@ -74,7 +75,6 @@ from tulu_pipeline.training.checkpointing import (
 )
 from tulu_pipeline.training.dpo_config import DPOTrainingConfig
 from tulu_pipeline.training.dpo_losses import preference_loss
-from tulu_pipeline.progress import NullReporter, Reporter
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
 DPO_CODE_VERSION = "1"

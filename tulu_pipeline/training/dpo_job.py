@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tulu_pipeline.progress import PipesReporter, PrintReporter, Reporter
 from tulu_pipeline.provenance.template_lineage import lineage_hashes, template_lineage
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.dpo import (
@@ -41,7 +42,6 @@ from tulu_pipeline.training.dpo import (
 )
 from tulu_pipeline.training.dpo_config import dpo_config
 from tulu_pipeline.training.remote import download_model, upload_checkpoint, work_dir
-from tulu_pipeline.progress import PipesReporter, PrintReporter, Reporter
 
 WORK_DIR_ENV = "TULU_DPO_WORK_DIR"
 TASKS = ("reference_logprobs", "train")

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tulu_pipeline.hashing import json_hash
+from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.checkpointing import MANIFEST_FILE
 from tulu_pipeline.training.dpo import (
     DPO_CODE_VERSION,
     PAIRS_DATASET,
@@ -16,7 +17,6 @@ from tulu_pipeline.training.dpo import (
     TRAINED_PAIRS_FILE,
 )
 from tulu_pipeline.training.dpo_config import dpo_config
-from tulu_pipeline.hashing import json_hash
 
 JOB_MODULE = "tulu_pipeline.training.dpo_job"
 

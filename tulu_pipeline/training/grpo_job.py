@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tulu_pipeline.progress import PipesReporter, PrintReporter, Reporter
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.grpo import (
     DEFAULT_VERIFIER_MODULE,
@@ -44,7 +45,6 @@ from tulu_pipeline.training.grpo import (
 )
 from tulu_pipeline.training.grpo_config import grpo_config
 from tulu_pipeline.training.remote import download_model, upload_checkpoint, work_dir
-from tulu_pipeline.progress import PipesReporter, PrintReporter, Reporter
 
 WORK_DIR_ENV = "TULU_GRPO_WORK_DIR"
 REQUIRED = ("tulu_home", "start_model_dir", "checkpoint_dir")

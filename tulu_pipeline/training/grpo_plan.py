@@ -11,12 +11,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from tulu_pipeline.hashing import json_hash
+from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.rlvr.prompts import RLVR_DATASET, rlvr_info_path, row_task
 from tulu_pipeline.storage import Store
-from tulu_pipeline.hashing import json_hash
-from tulu_pipeline.layout import MANIFEST_FILE
 
 START_KINDS = ("dpo", "sft")  # in order of preference
 

@@ -10,9 +10,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tulu_pipeline.storage import Store
-from tulu_pipeline.training.checkpointing import CHECKPOINTS_DIR, MANIFEST_FILE
+from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.progress import Reporter
+from tulu_pipeline.storage import Store
+from tulu_pipeline.training.checkpointing import CHECKPOINTS_DIR
 
 
 def work_dir(env: str, stage: str, rel: str) -> Path:

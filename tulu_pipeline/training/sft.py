@@ -52,7 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.models.base_model import weights_sha256
+from tulu_pipeline.progress import NullReporter, Reporter, loss_curve_png
 from tulu_pipeline.training.batching import INFO_KEYS, SFTCollator
 from tulu_pipeline.provenance.template_lineage import template_lineage
 from tulu_pipeline.training.chat_template import (
@@ -65,7 +67,6 @@ from tulu_pipeline.training.checkpointing import (
     save_final,
     training_device,
     CHECKPOINTS_DIR,
-    MANIFEST_FILE,
     PROGRESS_FILE,
     RUN_FILE,
     fingerprint,
@@ -82,7 +83,6 @@ from tulu_pipeline.training.checkpointing import (
     write_json_atomic,
 )
 from tulu_pipeline.training.sft_config import SFTTrainingConfig
-from tulu_pipeline.progress import NullReporter, Reporter, loss_curve_png
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
 SFT_CODE_VERSION = "1"

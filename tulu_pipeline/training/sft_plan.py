@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tulu_pipeline.hashing import json_hash
 from tulu_pipeline.mixing.publish import MIX_DATASET, mix_info_path
 from tulu_pipeline.provenance.audit import registry_version
 from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.storage import Store
-from tulu_pipeline.hashing import json_hash
 
 
 @dataclass(frozen=True)
