@@ -60,6 +60,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tulu_pipeline.layout import MANIFEST_FILE
+from tulu_pipeline.progress import NullReporter, Reporter
 from tulu_pipeline.vllm_runtime import engine_env
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.rlvr.prompts import row_task
@@ -71,7 +73,6 @@ from tulu_pipeline.training.chat_template import (
 from tulu_pipeline.training.checkpointing import (
     library_versions,
     training_device,
-    MANIFEST_FILE,
     PROGRESS_FILE,
     fingerprint,
     mark_complete,
@@ -85,7 +86,6 @@ from tulu_pipeline.training.checkpointing import (
     write_json_atomic,
 )
 from tulu_pipeline.training.grpo_config import GRPOTrainingConfig
-from tulu_pipeline.progress import NullReporter, Reporter
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
 GRPO_CODE_VERSION = "2"
@@ -539,19 +539,13 @@ def _sampled_heldout(model: Any, rollouts: Any, rows: Sequence[dict[str, Any]], 
     groups = rollouts.generate(model, list(encoded), n=k, max_new_tokens=max_new_tokens, seed=config.seed + 1,
                                temperature=config.temperature, top_p=config.top_p,
                                batch_size=max(k, config.eval_batch_size))
-    rewards, oks, unfinished = [], [], []
-    for row, outs in zip(rows, groups):
-        row_rewards = []
-        for out in outs:
-            ids, finished = list(out[0]), bool(out[1])
-            score, ok = verifier(row, tokenizer.decode(ids, skip_special_tokens=True))
-            row_rewards.append(apply_unfinished_penalty(score, finished, config))
-            oks.append(ok)
-            unfinished.append(not finished)
-        rewards.append(_mean(row_rewards))
+    scored = [[scored_rollout(i, row, out, tokenizer, verifier, config) for out in outs]
+              for i, (row, outs) in enumerate(zip(rows, groups))]
+    rewards = [_mean([r.reward for r in group]) for group in scored]
+    every = [r for group in scored for r in group]
     return {"sampled_reward": _mean(rewards), "sampled_reward_ci95": _ci(rewards),
-            "sampled_reward_per_row": rewards, "sampled_accuracy": _mean([float(ok) for ok in oks]),
-            "sampled_unfinished_rate": _mean([float(u) for u in unfinished]), "samples_per_row": k}
+            "sampled_reward_per_row": rewards, "sampled_accuracy": _mean([float(r.ok) for r in every]),
+            "sampled_unfinished_rate": _mean([float(not r.finished) for r in every]), "samples_per_row": k}
 
 
 def _ci(values: Sequence[float], seed: int = 0) -> list[float]:
@@ -638,6 +632,20 @@ def _mean(values: Sequence[float]) -> float:
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
+def scored_rollout(index: int, row: dict[str, Any], out: tuple, tokenizer: Any, verifier: Verifier,
+                   config: GRPOTrainingConfig) -> Rollout:
+    """One completion as a rollout backend returns it (``(token ids, finished)``, or with the sampler's log-probs
+    as a third element), decoded and scored: the verifier's score and the training reward."""
+    ids, finished = list(out[0]), bool(out[1])
+    sampler = list(out[2]) if len(out) > 2 and out[2] is not None else None
+    if not ids:  # an empty completion cannot be scored per token; EOS is the shortest real one
+        ids, finished, sampler = [tokenizer.eos_token_id], True, None
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    score, ok = verifier(row, text)
+    return Rollout(index, ids, text, finished, score, ok, apply_unfinished_penalty(score, finished, config),
+                   sampler_logps=sampler)
+
+
 def _rollout_groups(model: Any, rollouts_backend: Any, tokenizer: Any, config: GRPOTrainingConfig, seed: int,
                     indices: list[int], train_rows: Sequence[dict[str, Any]], train_prompts: Sequence[list[int]],
                     verifier: Verifier) -> list[list[Rollout]]:
@@ -652,16 +660,7 @@ def _rollout_groups(model: Any, rollouts_backend: Any, tokenizer: Any, config: G
                                         batch_size=config.micro_batch_size)
     groups = []
     for index, outs in zip(indices, outputs):
-        members = []
-        for out in outs:
-            ids, finished = list(out[0]), bool(out[1])
-            sampler = list(out[2]) if len(out) > 2 and out[2] is not None else None
-            if not ids:  # an empty completion cannot be scored per token; EOS is the shortest real one
-                ids, finished, sampler = [tokenizer.eos_token_id], True, None
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            score, ok = verifier(train_rows[index], text)
-            reward = apply_unfinished_penalty(score, finished, config)
-            members.append(Rollout(index, ids, text, finished, score, ok, reward, sampler_logps=sampler))
+        members = [scored_rollout(index, train_rows[index], out, tokenizer, verifier, config) for out in outs]
         for member, adv in zip(members, group_advantages([m.reward for m in members],
                                                          config.advantage_normalization)):
             member.advantage = adv
