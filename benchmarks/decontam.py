@@ -463,7 +463,9 @@ def part_incremental(args) -> dict:
            "of_which_reading_previous_decisions": round(read_s, 3),
            "cost_ratio_incremental_over_full": round((inc_s + read_s) / full_s, 3),
            "scanned": dict(inc.stats.scanned), "equal_to_full_rerun": signature(inc) == signature(full),
-           "quarantined_by_added_benchmark": sum(n for (_, b), n in inc.stats.removed.items() if b == added)}
+           "quarantined_by_added_benchmark": sum(n for (_, b), n in inc.stats.removed.items() if b == added),
+           # the floor of any design that reads the pool's text: one scan against the added benchmark alone
+           "scan_against_added_benchmark_only_cpu_seconds": round(run(index_added, base)[0], 3)}
     grown = base + extra
     full2_s, full2 = run(index_all, grown)
     read2_s, prior2 = decisions(base, full)

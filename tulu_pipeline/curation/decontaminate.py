@@ -1199,7 +1199,12 @@ class DecontamStats:
 
 def text_digest(turns: Sequence[str]) -> bytes:
     """A digest of a row's matched text: an earlier decision is reused only for the same text."""
-    return hashlib.blake2b("\n".join(turns).encode("utf-8", "surrogatepass"), digest_size=12).digest()
+    return text_digest_of("\n".join(turns))
+
+
+def text_digest_of(text: str) -> bytes:
+    """`text_digest` of the already joined text (`training_text`)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).digest()
 
 
 @dataclass
@@ -1301,31 +1306,34 @@ class Decontaminator:
                                                                   "previous_version": previous.version})})
 
     def _process(self, batch: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        config, threshold = self.config, self.config.threshold
-        turns = [training_turns(row, config.include_response) for row in batch]
-        previous = self.previous
-        routes = (["all"] * len(batch) if previous is None else
-                  [previous.route(row["row_id"], text_digest(t)) for row, t in zip(batch, turns)])
-        results: list[list[Match]] = [[] for _ in batch]
-        for route, index in (("all", self.index), ("changed", previous and previous.changed_index)):
+        """A batch routed by the previous decisions: each row scanned against every benchmark, only the
+        changed ones, or not at all (its earlier clean decision carried over)."""
+        config, previous = self.config, self.previous
+        assert previous is not None
+        include = config.include_response
+        texts = _joined_texts(batch, include)
+        decisions = previous.decisions
+        routes = [previous.route(row["row_id"], text_digest_of(text)) if row["row_id"] in decisions else "all"
+                  for row, text in zip(batch, texts)]
+        results: list[list[Match]] = [[]] * len(batch)
+        for route, index in (("all", self.index), ("changed", previous.changed_index)):
             chosen = [k for k, r in enumerate(routes) if r == route]
             if chosen and index is not None:
-                found = index.match_texts(["\n".join(turns[k]) for k in chosen], threshold, config.rule,
-                                          config.short_items, [turns[k] for k in chosen])
+                found = index.match_texts([texts[k] for k in chosen], config.threshold, config.rule,
+                                          config.short_items, _LazyTurns([batch[k] for k in chosen], include))
                 for k, matches in zip(chosen, found):
                     results[k] = matches
+        # the event says what this version checked the row against (one details dict per route, shared)
+        details = {route: {"scanned": route, "previous_version": previous.version,
+                           "benchmarks_scanned": list(previous.changed_benchmarks) if route == "changed" else None}
+                   for route in ("all", "changed", "reused")}
         record, stats = self.sink.record, self.stats
+        stats.rows += len(batch)
+        stats.scanned.update(routes)
         for row, matches, route in zip(batch, results, routes):
-            stats.rows += 1
-            stats.scanned[route] += 1
             if not matches:
                 stats.clean += 1
-                if previous is None:
-                    record(row["row_id"], "kept", decision="clean")
-                else:  # the event says what this version checked the row against
-                    record(row["row_id"], "kept", decision="clean", details={
-                        "scanned": route, "previous_version": previous.version,
-                        "benchmarks_scanned": list(previous.changed_benchmarks) if route == "changed" else None})
+                record(row["row_id"], "kept", decision="clean", details=details[route])
                 yield row
                 continue
             self._quarantine_row(row, matches, route)
