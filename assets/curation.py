@@ -2,6 +2,7 @@
 blocking checks that gate every training stage."""
 
 import json
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -13,8 +14,7 @@ from tulu_pipeline.curation.decontaminate import DecontamConfig
 from tulu_pipeline.curation.dedup import DedupConfig
 from tulu_pipeline.curation.normalize import NormalizeConfig
 from tulu_pipeline.curation.pipeline import (
-    decontaminate_prompts, decontamination_report, deduplicate_prompts, normalize_prompts, record_check_results,
-    schema_violations, verify_no_eval_overlap,
+    decontamination_report, record_check_results, run_stage, schema_violations, verify_no_eval_overlap,
 )
 from tulu_pipeline.curation.ray_job import MODULE as RAY_JOB, load_stage_result
 from tulu_pipeline.curation.report import heatmap_png, report_markdown
@@ -52,9 +52,12 @@ def _runs_on_ray(config: ExecutionConfig) -> bool:
     return config.executor == "ray"
 
 
-def _on_ray(context: dg.AssetExecutionContext, launcher: ComputeLauncher, store, stage: str,
-            curation: CurationConfig, config: ExecutionConfig) -> tuple[StageResult, dict]:
-    """Run ``stage`` as a Ray job through the launcher; its result and the job's reported metrics."""
+def _run(context: dg.AssetExecutionContext, launcher: ComputeLauncher, store, stage: str,
+         curation: CurationConfig, config: ExecutionConfig, **local: Any) -> tuple[StageResult, dict]:
+    """Run ``stage`` in this process (`pipeline.run_stage`, with ``local`` options) or, with executor ray, as
+    a Ray job through the launcher; its result and the metrics the job reported (``ray_*``)."""
+    if not _runs_on_ray(config):
+        return run_stage(stage, store, curation, context.run.run_id, **local), {}
     curation = curation.model_copy(update={"executor": "ray", "ray": RaySettings(
         address=config.ray_address, shard_rows=config.shard_rows)})
     invocation = launcher.run(context, RAY_JOB, extras={"tulu_home": store.url, "stage": stage,
@@ -112,6 +115,11 @@ def _stage_metadata(store, result: StageResult, config: dg.Config) -> dict:
     }
 
 
+def _stage_result(store, result: StageResult, reported: dict, config: dg.Config, **kwargs: Any) -> dg.MaterializeResult:
+    return dg.MaterializeResult(metadata={**_stage_metadata(store, result, config), **reported},
+                                data_version=dg.DataVersion(result.version), **kwargs)
+
+
 @dg.asset(group_name="curation", kinds={"parquet"}, owners=DATA_OWNERS, code_version=CURATION_CODE_VERSION, deps=TRAIN_KEYS,
           description="Every training pool in the row schema, Unicode-NFC and whitespace normalized, template "
           "artifacts stripped; empty and over-long rows quarantined with a reason.")
@@ -120,12 +128,7 @@ def normalized_prompts(context: dg.AssetExecutionContext, config: NormalizeStage
     store = storage.store()
     curation = CurationConfig(train_sources=config.train_sources, normalize=NormalizeConfig(
         max_chars=config.max_chars, strip_template_artifacts=config.strip_template_artifacts))
-    if _runs_on_ray(config):
-        result, reported = _on_ray(context, launcher, store, "normalized_prompts", curation, config)
-        return dg.MaterializeResult(metadata={**_stage_metadata(store, result, config), **reported},
-                                    data_version=dg.DataVersion(result.version))
-    result = normalize_prompts(store, curation, context.run.run_id)
-    return dg.MaterializeResult(metadata=_stage_metadata(store, result, config), data_version=dg.DataVersion(result.version))
+    return _stage_result(store, *_run(context, launcher, store, "normalized_prompts", curation, config), config)
 
 
 @dg.asset(group_name="curation", kinds={"parquet"}, owners=DATA_OWNERS, code_version=CURATION_CODE_VERSION, deps=[normalized_prompts],
@@ -135,12 +138,7 @@ def deduplicated_prompts(context: dg.AssetExecutionContext, config: DedupStageCo
                          storage: TuluStorage, launcher: ComputeLauncher) -> dg.MaterializeResult:
     store = storage.store()
     curation = CurationConfig(dedup=DedupConfig(**_settings(config)))
-    if _runs_on_ray(config):
-        result, reported = _on_ray(context, launcher, store, "deduplicated_prompts", curation, config)
-        return dg.MaterializeResult(metadata={**_stage_metadata(store, result, config), **reported},
-                                    data_version=dg.DataVersion(result.version))
-    result = deduplicate_prompts(store, curation, context.run.run_id)
-    return dg.MaterializeResult(metadata=_stage_metadata(store, result, config), data_version=dg.DataVersion(result.version))
+    return _stage_result(store, *_run(context, launcher, store, "deduplicated_prompts", curation, config), config)
 
 
 @dg.multi_asset(
@@ -172,15 +170,9 @@ def decontamination(context: dg.AssetExecutionContext, config: DecontamStageConf
                                 short_items=config.short_items, include_response=config.include_response),
         evals=EvalSelection(suites=config.suites, benchmarks=config.benchmarks), flag_share=config.flag_share)
     index = build_eval_index(store, curation)
-    reported = {}
-    if _runs_on_ray(config):
-        result, reported = _on_ray(context, launcher, store, "decontaminated_prompts", curation, config)
-    else:
-        result = decontaminate_prompts(store, curation, context.run.run_id, index=index,
-                                       incremental=config.incremental)
-    yield dg.MaterializeResult(asset_key="decontaminated_prompts",
-                               metadata={**_stage_metadata(store, result, config), **reported},
-                               data_version=dg.DataVersion(result.version))
+    result, reported = _run(context, launcher, store, "decontaminated_prompts", curation, config, index=index,
+                            incremental=config.incremental)
+    yield _stage_result(store, result, reported, config, asset_key="decontaminated_prompts")
 
     violations = verify_no_eval_overlap(store, result.version, index[0], curation)
     problems, duplicates = schema_violations(store, "decontaminated_prompts", result.version)

@@ -45,10 +45,46 @@ from tulu_pipeline.storage import Store
 # ---------------------------------------------------------------------------------------------
 # stages
 # ---------------------------------------------------------------------------------------------
+def run_stage(stage: str, store: Store, config: CurationConfig, run_id: str, **options: Any) -> StageResult:
+    """Run curation ``stage`` where ``config.executor`` says: in this process, or on Ray (`ray_executor`).
+
+    The one place the executor is decided. ``options`` go to the stage: ``index`` for decontamination,
+    ``incremental`` for the local decontamination (Ray always scans in full), ``progress`` and
+    ``shard_hook`` on Ray.
+    """
+    if config.executor not in ("local", "ray"):
+        raise ValueError(f"executor must be 'local' or 'ray', got {config.executor!r}")
+    if stage not in _LOCAL_STAGES:
+        raise ValueError(f"unknown curation stage {stage!r}; expected one of {sorted(_LOCAL_STAGES)}")
+    if config.executor == "ray":
+        options.pop("incremental", None)
+        return _RAY_STAGES[stage](store, config, run_id, **options)
+    return _LOCAL_STAGES[stage](store, config, run_id, **options)
+
+
 def normalize_prompts(store: Store, config: CurationConfig, run_id: str) -> StageResult:
     """normalized_prompts: every training source, normalized; empty or over-long rows quarantined."""
-    if config.executor == "ray":
-        return normalize_prompts_ray(store, config, run_id)
+    return run_stage("normalized_prompts", store, config, run_id)
+
+
+def deduplicate_prompts(store: Store, config: CurationConfig, run_id: str) -> StageResult:
+    """deduplicated_prompts: exact and MinHash near duplicates removed, keep-first by source priority."""
+    return run_stage("deduplicated_prompts", store, config, run_id)
+
+
+def decontaminate_prompts(store: Store, config: CurationConfig, run_id: str,
+                          index: tuple[EvalIndex, dict[str, str]] | None = None,
+                          incremental: bool = True) -> StageResult:
+    """decontaminated_prompts: rows overlapping any eval item set aside in decontamination_quarantine.
+
+    With ``incremental`` (local executor), the latest earlier version made with the same decontam
+    config is reused: only new or edited rows, rows it quarantined, and (against the added or
+    changed benchmarks only) the rows it kept are scanned; the result equals a full rerun's.
+    """
+    return run_stage("decontaminated_prompts", store, config, run_id, index=index, incremental=incremental)
+
+
+def _normalize_local(store: Store, config: CurationConfig, run_id: str) -> StageResult:
     specs = train_specs(config)
     inputs = {raw_dataset_name(s.id): input_version(store, raw_dataset_name(s.id)) for s in specs}
     version = stage_version("normalized_prompts", config.normalize.model_dump(), inputs)
@@ -63,10 +99,7 @@ def normalize_prompts(store: Store, config: CurationConfig, run_id: str) -> Stag
                        ledger.count, quarantine, len(normalizer.dropped), inputs)
 
 
-def deduplicate_prompts(store: Store, config: CurationConfig, run_id: str) -> StageResult:
-    """deduplicated_prompts: exact and MinHash near duplicates removed, keep-first by source priority."""
-    if config.executor == "ray":
-        return deduplicate_prompts_ray(store, config, run_id)
+def _deduplicate_local(store: Store, config: CurationConfig, run_id: str) -> StageResult:
     inputs = {"normalized_prompts": input_version(store, "normalized_prompts")}
     version = stage_version("deduplicated_prompts", config.dedup.model_dump(), inputs)
     # The keep-first rule needs a global order (priority, source, row_id): the pool is sorted in memory.
@@ -113,17 +146,9 @@ def previous_decisions(store: Store, config: CurationConfig, eval_inputs: dict[s
     return PreviousDecisions(version, decisions, changed_index, benchmarks)
 
 
-def decontaminate_prompts(store: Store, config: CurationConfig, run_id: str,
-                          index: tuple[EvalIndex, dict[str, str]] | None = None,
-                          incremental: bool = True) -> StageResult:
-    """decontaminated_prompts: rows overlapping any eval item set aside in decontamination_quarantine.
-
-    With ``incremental`` (local executor), the latest earlier version made with the same decontam
-    config is reused: only new or edited rows, rows it quarantined, and (against the added or
-    changed benchmarks only) the rows it kept are scanned; the result equals a full rerun's.
-    """
-    if config.executor == "ray":
-        return decontaminate_prompts_ray(store, config, run_id, index=index)
+def _decontaminate_local(store: Store, config: CurationConfig, run_id: str,
+                         index: tuple[EvalIndex, dict[str, str]] | None = None,
+                         incremental: bool = True) -> StageResult:
     eval_index, eval_inputs = index or build_eval_index(store, config)
     inputs = {"deduplicated_prompts": input_version(store, "deduplicated_prompts"), **eval_inputs}
     version = stage_version("decontaminated_prompts",
@@ -142,6 +167,13 @@ def decontaminate_prompts(store: Store, config: CurationConfig, run_id: str,
              "changed_benchmarks": list(previous.changed_benchmarks) if previous else None}
     return StageResult("decontaminated_prompts", version, info, stats, sampler.samples, sampler.lengths,
                        ledger.count, quarantine.path, quarantine.rows, inputs)
+
+
+_LOCAL_STAGES = {"normalized_prompts": _normalize_local, "deduplicated_prompts": _deduplicate_local,
+                 "decontaminated_prompts": _decontaminate_local}
+_RAY_STAGES = {"normalized_prompts": normalize_prompts_ray, "deduplicated_prompts": deduplicate_prompts_ray,
+               "decontaminated_prompts": decontaminate_prompts_ray}
+STAGES = tuple(_LOCAL_STAGES)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def job_metrics(result: Any) -> dict[str, Any]:
 
 def run_stage(params: dict[str, Any], progress=None):
     """Run one stage on Ray and save its result; returns the `StageResult`."""
-    from tulu_pipeline.curation import ray_executor
+    from tulu_pipeline.curation import pipeline  # Ray and the stages load only in the job (assets import MODULE)
 
     missing = [key for key in ("tulu_home", "stage", "run_id") if not params.get(key)]
     if missing:
@@ -83,10 +83,7 @@ def run_stage(params: dict[str, Any], progress=None):
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     store = Store(str(params["tulu_home"]))
     config = CurationConfig(**{**(params.get("config") or {}), "executor": "ray"})
-    run = {"normalized_prompts": ray_executor.normalize_prompts_ray,
-           "deduplicated_prompts": ray_executor.deduplicate_prompts_ray,
-           "decontaminated_prompts": ray_executor.decontaminate_prompts_ray}[stage]
-    result = run(store, config, params["run_id"], progress=progress)
+    result = pipeline.run_stage(stage, store, config, params["run_id"], progress=progress)
     save_stage_result(store, params["run_id"], result)
     return result
 
