@@ -23,9 +23,9 @@ from tulu_pipeline.plots import histogram_png, markdown_table
 from tulu_pipeline.preference.completions import (
     PoolModel,
     completions_version,
+    generate_pool,
     latest_sft_checkpoint,
-    output_complete,
-    output_path,
+    model_pool,
     publish_completions,
     requests_path,
     write_generation_requests,
@@ -154,25 +154,18 @@ def _sft_checkpoint_id(context: dg.AssetExecutionContext, store, configured: str
     return latest_sft_checkpoint(store, latest_checkpoint_id(context.instance, "sft_checkpoint"))
 
 
-def model_pool(context: dg.AssetExecutionContext, store, config: PolicyCompletionsConfig,
-               generation: GenerationResource) -> list[PoolModel]:
-    pool = []
+def pool_models(context: dg.AssetExecutionContext, store, config: PolicyCompletionsConfig,
+                generation: GenerationResource) -> list[PoolModel]:
+    """The pool `model_pool` builds from this asset's config and the generation resource's backend specs."""
+    sft = None
     if config.include_sft:
         checkpoint = _sft_checkpoint_id(context, store, config.sft_checkpoint_id)
-        spec = generation.spec(f"models/{checkpoint}", checkpoint)
-        pool.append(PoolModel(checkpoint, "sft", spec.model_dump(mode="json")))
-    if config.include_base:
-        pool.append(PoolModel(BASE_MODEL_ID, "base",
-                              generation.spec(f"models/{BASE_MODEL_ID}", BASE_MODEL_ID).model_dump(mode="json")))
-    for entry in config.extra_models:
-        spec = BackendSpec.model_validate(entry)
-        pool.append(PoolModel(spec.resolved_model_id, "extra", spec.model_dump(mode="json")))
-    ids = [m.model_id for m in pool]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"model ids in the pool must be distinct, got {ids}")
-    if not pool and not config.include_reference:
-        raise ValueError("the model pool is empty: enable include_sft, include_base, include_reference or extra_models")
-    return pool
+        sft = (checkpoint, generation.spec(f"models/{checkpoint}", checkpoint).model_dump(mode="json"))
+    base = (BASE_MODEL_ID, generation.spec(f"models/{BASE_MODEL_ID}", BASE_MODEL_ID).model_dump(mode="json")
+            ) if config.include_base else None
+    extra = [(spec.resolved_model_id, spec.model_dump(mode="json"))
+             for spec in map(BackendSpec.model_validate, config.extra_models)]
+    return model_pool(sft, base, extra, config.include_reference)
 
 
 @dg.asset(group_name="preference", kinds={"pytorch", "parquet"}, owners=TRAINING_OWNERS,
@@ -187,24 +180,17 @@ def policy_completions(context: dg.AssetExecutionContext, config: PolicyCompleti
     prompts_version = _latest(store, PROMPTS_DATASET)
     params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
                             n=config.samples_per_model, seed=config.seed)
-    pool = model_pool(context, store, config, generation)
+    pool = pool_models(context, store, config, generation)
     version = completions_version(prompts_version, pool, params, config.include_reference)
     requests_rel = requests_path(version)
     count = write_generation_requests(store, prompts_version, requests_rel)
     prompt_ids = [r["row_id"] for r in store.iter_rows(PROMPTS_DATASET, prompts_version)]
-    outputs, runs = {}, {}
-    for model in pool:
-        rel = output_path(version, model)
-        if output_complete(store, rel, prompt_ids, params.n):
-            context.log.info(f"{model.model_id}: reusing the complete output of an earlier attempt ({rel})")
-            runs[model.model_id] = {"reused": rel}
-        else:
-            context.log.info(f"{model.model_id}: generating {params.n} x {count} completions")
-            runs[model.model_id] = _reported(launcher.run(
-                context, GENERATION_JOB, kind="generate", extras={"tulu_home": store.url, "requests": requests_rel,
-                                                                  "output": rel, "backend": model.backend,
-                                                                  "params": params.to_json()}))
-        outputs[model.model_id] = (model, rel)
+    outputs, runs = generate_pool(
+        store, version, pool, prompt_ids, params.n, log=context.log.info,
+        generate=lambda model, rel: _reported(launcher.run(
+            context, GENERATION_JOB, kind="generate", extras={"tulu_home": store.url, "requests": requests_rel,
+                                                              "output": rel, "backend": model.backend,
+                                                              "params": params.to_json()})))
     result = publish_completions(store, prompts_version, version, outputs, config.include_reference)
     return dg.MaterializeResult(
         metadata={

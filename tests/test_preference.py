@@ -344,3 +344,33 @@ def test_rank_by_auto_uses_expected_ratings_only_where_every_completion_has_one(
     assert resolve_rank_by("auto", with_expected) == "expected"
     assert resolve_rank_by("auto", with_expected + [dict(completion("c", 2.0), mean_expected=None)]) == "rating"
     assert resolve_rank_by("rating", with_expected) == "rating"
+
+
+def test_model_pool_orders_roles_and_rejects_duplicates_or_empty():
+    from tulu_pipeline.preference.completions import model_pool
+
+    pool = model_pool(("sft-1", {"kind": "transformers"}), ("base", {"kind": "transformers"}),
+                      [("remote", {"kind": "openai"})], include_reference=True)
+    assert [(m.model_id, m.role, m.backend["kind"]) for m in pool] == [
+        ("sft-1", "sft", "transformers"), ("base", "base", "transformers"), ("remote", "extra", "openai")]
+    with pytest.raises(ValueError, match="distinct"):
+        model_pool(("same", {}), ("same", {}), [], include_reference=True)
+    with pytest.raises(ValueError, match="empty"):
+        model_pool(None, None, [], include_reference=False)
+    assert model_pool(None, None, [], include_reference=True) == []
+
+
+def test_generate_pool_reuses_complete_outputs_and_generates_the_rest(store):
+    from tulu_pipeline.preference.completions import PoolModel, generate_pool, output_path
+
+    done, todo = PoolModel("done", "base", {}), PoolModel("todo", "sft", {})
+    rows = [{"request_id": p, "completions": [{"text": "x"}]} for p in ("p1", "p2")]
+    store.write_bytes(output_path("v1", done), "".join(json.dumps(r) + "\n" for r in rows).encode())
+    calls, logged = [], []
+    outputs, runs = generate_pool(store, "v1", [done, todo], ["p1", "p2"], 1,
+                                  generate=lambda model, rel: calls.append((model.model_id, rel)) or {"ok": 1},
+                                  log=logged.append)
+    assert calls == [("todo", output_path("v1", todo))]
+    assert runs == {"done": {"reused": output_path("v1", done)}, "todo": {"ok": 1}}
+    assert outputs == {"done": (done, output_path("v1", done)), "todo": (todo, output_path("v1", todo))}
+    assert len(logged) == 2

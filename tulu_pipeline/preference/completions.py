@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,43 @@ def latest_sft_checkpoint(store: Store, checkpoint_id: str | None = None) -> str
         raise FileNotFoundError(f"no finished SFT checkpoint (models/sft-*/{MANIFEST_FILE}) under {store.url}; "
                                 "materialize sft_checkpoint first or set include_sft: false")
     return max(finished)[1]
+
+
+def model_pool(sft: tuple[str, dict[str, Any]] | None, base: tuple[str, dict[str, Any]] | None,
+               extra: Sequence[tuple[str, dict[str, Any]]], include_reference: bool) -> list[PoolModel]:
+    """The generating pool, in order: the on-policy SFT checkpoint, the base model, then the extra backends,
+    each given as (model id, backend spec JSON); ids must be distinct and the pool (with the reference
+    replies) not empty."""
+    pool = [PoolModel(sft[0], "sft", sft[1])] if sft else []
+    pool += [PoolModel(base[0], "base", base[1])] if base else []
+    pool += [PoolModel(model_id, "extra", backend) for model_id, backend in extra]
+    ids = [m.model_id for m in pool]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"model ids in the pool must be distinct, got {ids}")
+    if not pool and not include_reference:
+        raise ValueError("the model pool is empty: enable include_sft, include_base, include_reference or extra_models")
+    return pool
+
+
+def generate_pool(store: Store, version: str, pool: Sequence[PoolModel], prompt_ids: Sequence[str], n: int,
+                  generate: Callable[[PoolModel, str], dict[str, Any]],
+                  log: Callable[[str], None] = lambda message: None,
+                  ) -> tuple[dict[str, tuple[PoolModel, str]], dict[str, dict[str, Any]]]:
+    """Each model's completions under ``work/``: an earlier attempt's complete output is reused, else
+    ``generate(model, output_path)`` runs the generation (one job per model) and returns what it reported.
+    Returns the outputs for `publish_completions` and, per model, the run's report (or what was reused)."""
+    outputs: dict[str, tuple[PoolModel, str]] = {}
+    runs: dict[str, dict[str, Any]] = {}
+    for model in pool:
+        rel = output_path(version, model)
+        if output_complete(store, rel, prompt_ids, n):
+            log(f"{model.model_id}: reusing the complete output of an earlier attempt ({rel})")
+            runs[model.model_id] = {"reused": rel}
+        else:
+            log(f"{model.model_id}: generating {n} x {len(prompt_ids)} completions")
+            runs[model.model_id] = generate(model, rel)
+        outputs[model.model_id] = (model, rel)
+    return outputs, runs
 
 
 def requests_path(version: str) -> str:
