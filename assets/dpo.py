@@ -5,9 +5,8 @@ from typing import Any
 import dagster as dg
 
 from assets.automation import GPU_STAGE
-from assets.metadata import TRAINING_OWNERS, config_hash, image, latest_checkpoint_id
+from assets.metadata import TRAINING_OWNERS, checkpoint_metadata, latest_checkpoint_id
 from resources import ComputeLauncher, TuluStorage
-from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.training.dpo import (
     DPO_CODE_VERSION,
     LOSS_CURVE_FILE,
@@ -64,27 +63,18 @@ def dpo_checkpoint(context: dg.AssetExecutionContext, config: DPOStageConfig, st
     store = storage.store()
     plan = dpo_checkpoint_plan(store, config.preset, config.overrides, _sft_checkpoint_id(context, config))
     reported = launcher.run(context, JOB_MODULE, extras=plan.extras).get_materialize_result().metadata or {}
-    manifest = store.read_json(f"{plan.checkpoint_dir}/training_manifest.json")
-    events = record_dpo_ledger(store, plan, manifest, context.run.run_id)
+    curve = f"{plan.checkpoint_dir}/{LOSS_CURVE_FILE}"
+    metadata, manifest = checkpoint_metadata(
+        store, plan.checkpoint_id, plan.checkpoint_dir, reported, plots={"loss_curve": (curve, curve)},
+        pairs_version=plan.pairs_version, reference_checkpoint=plan.reference.checkpoint_id,
+        reference_logprobs_version=plan.reference_version)
     metrics = manifest["metrics"]
-    metadata: dict[str, Any] = {
-        **reported,
-        "checkpoint_id": plan.checkpoint_id,
-        "config_hash": config_hash(manifest["config"]),
-        "path": dg.MetadataValue.path(store.uri(plan.checkpoint_dir)),
-        "pairs_version": plan.pairs_version,
-        "reference_checkpoint": plan.reference.checkpoint_id,
-        "reference_logprobs_version": plan.reference_version,
-        "ledger_events": dg.MetadataValue.json(events),
-        "config": dg.MetadataValue.json(manifest["config"]),
-        "template_lineage": dg.MetadataValue.json(lineage_hashes(manifest.get("template_lineage"))),
+    metadata.update({
+        "ledger_events": dg.MetadataValue.json(record_dpo_ledger(store, plan, manifest, context.run.run_id)),
         "heldout_before": dg.MetadataValue.json(metrics["heldout_before"]),
         "heldout_after": dg.MetadataValue.json(metrics["heldout_after"]),
         "manifest": dg.MetadataValue.json({k: v for k, v in manifest.items() if k != "metrics"}),
-    }
-    curve = f"{plan.checkpoint_dir}/{LOSS_CURVE_FILE}"
-    if store.exists(curve):
-        metadata["loss_curve"] = image(store, curve, store.read_bytes(curve))
+    })
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(plan.version))
 
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import base64
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dagster as dg
 import pyarrow as pa
 
 from tulu_pipeline.hashing import json_hash
+from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.plots import markdown_table
+from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.storage import Store
 
 
@@ -41,6 +43,31 @@ def latest_checkpoint_id(instance: dg.DagsterInstance, key: str | dg.AssetKey) -
         return None
     value = event.asset_materialization.metadata.get("checkpoint_id")
     return None if value is None else getattr(value, "value", value)
+
+
+def checkpoint_metadata(store: Store, checkpoint_id: str, checkpoint_dir: str, reported: Mapping[str, Any],
+                        plots: Mapping[str, tuple[str, str]] = {}, **extra: Any) -> tuple[dict[str, Any], dict]:
+    """What every checkpoint asset shows, and the training manifest it was read from.
+
+    The training job's reported values, then the checkpoint id, config (and its hash), path, template lineage
+    and scalar metrics from the manifest, then ``extra``, then each plot the job wrote (name -> (its file in
+    the checkpoint, where the image is kept))."""
+    manifest = store.read_json(posixpath.join(checkpoint_dir, MANIFEST_FILE))
+    metrics = manifest.get("metrics") or {}
+    metadata: dict[str, Any] = {
+        **reported,
+        "checkpoint_id": checkpoint_id,
+        "config_hash": config_hash(manifest["config"]),
+        "path": dg.MetadataValue.path(store.uri(checkpoint_dir)),
+        "config": dg.MetadataValue.json(manifest["config"]),
+        "template_lineage": dg.MetadataValue.json(lineage_hashes(manifest.get("template_lineage"))),
+        "metrics": dg.MetadataValue.json({k: v for k, v in metrics.items() if not isinstance(v, list)}),
+        **extra,
+    }
+    for name, (written, kept) in plots.items():
+        if store.exists(written):
+            metadata[name] = image(store, kept, store.read_bytes(written))
+    return metadata, manifest
 
 
 def config_hash(config: Any) -> str:

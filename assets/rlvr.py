@@ -5,11 +5,12 @@ from typing import Any
 import dagster as dg
 
 from assets.automation import GPU_STAGE
-from assets.metadata import TRAINING_OWNERS, config_hash, image, latest_checkpoint_id, samples, table_schema
+from assets.metadata import (
+    TRAINING_OWNERS, checkpoint_metadata, config_hash, latest_checkpoint_id, samples, table_schema,
+)
 from resources import ComputeLauncher, TuluStorage
 from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.plots import markdown_table
-from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.rlvr.prompts import (
     RLVR_CODE_VERSION,
     RLVR_PRESETS,
@@ -95,28 +96,13 @@ def rlvr_checkpoint(context: dg.AssetExecutionContext, config: RLVRCheckpointCon
     context.log.info(f"RLVR from {plan.start.kind} checkpoint {plan.start.checkpoint_id} on rlvr_prompts@"
                      f"{plan.dataset_version} -> {plan.checkpoint_id}")
     invocation = launcher.run(context, "tulu_pipeline.training.grpo_job", extras=plan.extras)
-    reported = invocation.get_materialize_result().metadata or {}
-    manifest = store.read_json(f"{plan.checkpoint_dir}/training_manifest.json")
+    metadata, manifest = checkpoint_metadata(
+        store, plan.checkpoint_id, plan.checkpoint_dir, invocation.get_materialize_result().metadata or {},
+        plots={name: (f"{plan.checkpoint_dir}/{name}.png", f"reports/rlvr/{plan.checkpoint_id}/{name}.png")
+               for name in ("reward_curve", "training_metrics")},
+        start_checkpoint=plan.start.checkpoint_id, start_kind=plan.start.kind, dataset_version=plan.dataset_version)
     events = record_rlvr_events(store, plan, manifest, context.run.run_id)
-    metrics = manifest["metrics"]
-    metadata: dict[str, Any] = {
-        **reported,
-        "checkpoint_id": plan.checkpoint_id,
-        "start_checkpoint": plan.start.checkpoint_id,
-        "start_kind": plan.start.kind,
-        "config_hash": config_hash(manifest["config"]),
-        "path": dg.MetadataValue.path(store.uri(plan.checkpoint_dir)),
-        "dataset_version": plan.dataset_version,
-        "trained_rows": events["trained_on"],
-        "evaluated_rows": events["evaluated"],
-        "config": dg.MetadataValue.json(manifest["config"]),
-        "template_lineage": dg.MetadataValue.json(lineage_hashes(manifest.get("template_lineage"))),
-        "metrics": dg.MetadataValue.json({k: v for k, v in metrics.items() if not isinstance(v, list)}),
-    }
-    for name in ("reward_curve", "training_metrics"):
-        png = f"{plan.checkpoint_dir}/{name}.png"
-        if store.exists(png):
-            metadata[name] = image(store, f"reports/rlvr/{plan.checkpoint_id}/{name}.png", store.read_bytes(png))
+    metadata.update({"trained_rows": events["trained_on"], "evaluated_rows": events["evaluated"]})
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(plan.version))
 
 

@@ -6,7 +6,7 @@ import dagster as dg
 
 from assets.automation import GPU_STAGE
 from assets.base_model import BASE_MODEL_ID
-from assets.metadata import TRAINING_OWNERS, config_hash, image, samples, table_schema
+from assets.metadata import TRAINING_OWNERS, checkpoint_metadata, config_hash, image, samples, table_schema
 from resources import ComputeLauncher, TuluStorage
 from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.mixing.config import load_mix_config
@@ -70,24 +70,11 @@ def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfi
     store = storage.store()
     plan = sft_checkpoint_plan(store, config.preset, config.overrides, base_model_dir=f"models/{BASE_MODEL_ID}")
     invocation = launcher.run(context, "tulu_pipeline.training.sft_job", extras=plan.extras)
-    reported = invocation.get_materialize_result().metadata or {}
-    manifest = store.read_json(f"{plan.checkpoint_dir}/training_manifest.json")
-    events = record_trained_on(store, plan, manifest, context.run.run_id)
-    metrics = manifest["metrics"]
-    metadata: dict[str, Any] = {
-        **reported,
-        "checkpoint_id": plan.checkpoint_id,
-        "config_hash": config_hash(manifest["config"]),
-        "path": dg.MetadataValue.path(store.uri(plan.checkpoint_dir)),
-        "mix_hash": plan.mix_version,
-        "trained_rows": events,
-        "config": dg.MetadataValue.json(manifest["config"]),
-        "template_lineage": dg.MetadataValue.json(lineage_hashes(manifest.get("template_lineage"))),
-        "metrics": dg.MetadataValue.json({k: v for k, v in metrics.items() if not isinstance(v, list)}),
-    }
-    loss_curve = f"{plan.checkpoint_dir}/loss_curve.png"
-    if store.exists(loss_curve):
-        metadata["loss_curve"] = image(store, loss_curve, store.read_bytes(loss_curve))
+    curve = f"{plan.checkpoint_dir}/loss_curve.png"
+    metadata, manifest = checkpoint_metadata(store, plan.checkpoint_id, plan.checkpoint_dir,
+                                             invocation.get_materialize_result().metadata or {},
+                                             plots={"loss_curve": (curve, curve)}, mix_hash=plan.mix_version)
+    metadata["trained_rows"] = record_trained_on(store, plan, manifest, context.run.run_id)
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(plan.version))
 
 
