@@ -18,15 +18,15 @@ to ``ray``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import posixpath
 import sys
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.curation.config import CurationConfig
+from tulu_pipeline.jobs import Job, JobOutcome, job_main, require
+from tulu_pipeline.progress import Reporter
 from tulu_pipeline.storage import DatasetInfo, Store
 
 STAGES = ("normalized_prompts", "deduplicated_prompts", "decontaminated_prompts")
@@ -75,9 +75,7 @@ def run_stage(params: dict[str, Any], progress=None):
     """Run one stage on Ray and save its result; returns the `StageResult`."""
     from tulu_pipeline.curation import pipeline  # Ray and the stages load only in the job (assets import MODULE)
 
-    missing = [key for key in ("tulu_home", "stage", "run_id") if not params.get(key)]
-    if missing:
-        raise ValueError(f"ray_job parameters lack {missing}")
+    require(params, ("tulu_home", "stage", "run_id"), "ray_job")
     stage = params["stage"]
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -88,29 +86,19 @@ def run_stage(params: dict[str, Any], progress=None):
     return result
 
 
+def _run(params: dict[str, Any], reporter: Reporter) -> JobOutcome:
+    result = run_stage(params, progress=lambda event: reporter.log(json.dumps(event, sort_keys=True)))
+    metrics = job_metrics(result)
+    return JobOutcome({"rows": result.dataset.rows, "version": result.version, **metrics},
+                      data_version=result.version, asset_key=result.name,
+                      summary={"stage": result.name, "version": result.version, "rows": result.dataset.rows, **metrics})
+
+
+JOB = Job(MODULE, _run, result_event="curation_result")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", type=Path, help="JSON file with the job parameters (runs without Dagster)")
-    args = parser.parse_args(argv)
-
-    if args.params is not None:
-        params = json.loads(args.params.read_text(encoding="utf-8"))
-        result = run_stage(params, progress=lambda event: print(json.dumps(event, sort_keys=True), flush=True))
-        print(json.dumps({"event": "curation_result", "stage": result.name, "version": result.version,
-                          "rows": result.dataset.rows, **job_metrics(result)}, sort_keys=True), flush=True)
-        return 0
-
-    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
-
-    if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
-        parser.error("not launched by Dagster (no pipes context): pass --params params.json")
-    with open_dagster_pipes() as context:
-        result = run_stage(dict(context.extras),
-                           progress=lambda event: context.log.info(json.dumps(event, sort_keys=True)))
-        context.report_asset_materialization(
-            asset_key=result.name, data_version=result.version,
-            metadata={"rows": result.dataset.rows, "version": result.version, **job_metrics(result)})
-    return 0
+    return job_main(JOB, argv, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

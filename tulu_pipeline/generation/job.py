@@ -20,28 +20,21 @@ request id depends only on its position in the file, the model, and the params.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.generation.base import GenerationBackend, SamplingParams
 from tulu_pipeline.generation.chat import validate_messages
 from tulu_pipeline.generation.spec import BackendSpec, build_backend
+from tulu_pipeline.jobs import Job, JobOutcome, floats, job_main, require, typed
 from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.storage import Store
-from tulu_pipeline.progress import (
-    NullReporter,
-    PipesReporter,
-    PrintReporter,
-    Reporter,
-)
+from tulu_pipeline.progress import NullReporter, Reporter
 
 PROGRESS_EVENT = "generation_progress"
 REQUIRED = ("tulu_home", "requests", "output", "backend")
@@ -169,9 +162,7 @@ def lineage_path(output_rel: str) -> str:
 
 def run_job(extras: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     """`run_generation` from job parameters (see the module docstring)."""
-    missing = [key for key in REQUIRED if not extras.get(key)]
-    if missing:
-        raise ValueError(f"generation job parameters lack {missing}")
+    require(extras, REQUIRED, "generation job")
     spec = BackendSpec.model_validate(_as_dict(extras["backend"], "backend"))
     params = SamplingParams.from_json(_as_dict(extras.get("params") or {}, "params"))
     store = Store(str(extras["tulu_home"]))
@@ -180,40 +171,27 @@ def run_job(extras: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
 
 def materialization_metadata(summary: dict[str, Any]) -> dict[str, Any]:
     """The summary as dagster-pipes metadata (typed where inference would guess wrong)."""
-    metadata: dict[str, Any] = {k: summary[k] for k in ("requests", "completions", "prompt_tokens",
-                                                         "completion_tokens", "tokens", "model_id", "backend",
-                                                         "output_sha256")}
-    for key in ("tokens_per_s", "generate_s", "wall_s"):
-        metadata[key] = {"raw_value": float(summary[key]), "type": "float"}
-    metadata["output"] = {"raw_value": summary["output"], "type": "path"}
-    metadata["finish_reasons"] = {"raw_value": summary["finish_reasons"], "type": "json"}
-    metadata["params"] = {"raw_value": summary["params"], "type": "json"}
-    metadata["template_lineage"] = {"raw_value": lineage_hashes(summary.get("template_lineage")), "type": "json"}
-    return metadata
+    return {
+        **{k: summary[k] for k in ("requests", "completions", "prompt_tokens", "completion_tokens", "tokens",
+                                   "model_id", "backend", "output_sha256")},
+        **floats(summary, ("tokens_per_s", "generate_s", "wall_s")),
+        "output": typed(summary["output"], "path"),
+        "finish_reasons": typed(summary["finish_reasons"], "json"),
+        "params": typed(summary["params"], "json"),
+        "template_lineage": typed(lineage_hashes(summary.get("template_lineage")), "json"),
+    }
+
+
+def _run(extras: dict[str, Any], reporter: Reporter) -> JobOutcome:
+    summary = run_job(extras, reporter)
+    return JobOutcome(materialization_metadata(summary), data_version=summary["output_sha256"][:16], summary=summary)
+
+
+JOB = Job("tulu_pipeline.generation.job", _run, result_event="generation_result")
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    parser = argparse.ArgumentParser(prog="python -m tulu_pipeline.generation.job", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", type=Path, help="JSON file with the job parameters (runs without Dagster)")
-    args = parser.parse_args(argv)
-
-    if args.params is not None:
-        extras = json.loads(args.params.read_text(encoding="utf-8"))
-        summary = run_job(extras, PrintReporter())
-        print(json.dumps({"event": "generation_result", **summary}, sort_keys=True, default=str), flush=True)
-        return 0
-
-    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
-
-    if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
-        parser.error("not launched by Dagster (no pipes context): pass --params params.json")
-    with open_dagster_pipes() as context:
-        summary = run_job(dict(context.extras), PipesReporter(context))
-        context.report_asset_materialization(metadata=materialization_metadata(summary),
-                                             data_version=summary["output_sha256"][:16])
-    return 0
+    return job_main(JOB, argv, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

@@ -16,17 +16,14 @@ It ends with ``report_asset_materialization`` carrying the judged and quarantine
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.generation.base import SamplingParams
+from tulu_pipeline.jobs import Job, JobOutcome, job_main, require
 from tulu_pipeline.preference.judge import ChatJudge, Judge, LoglikelihoodJudge, judge_identity, run_judging
-from tulu_pipeline.progress import PipesReporter, PrintReporter, Reporter
+from tulu_pipeline.progress import Reporter
 from tulu_pipeline.storage import Store
 
 REQUIRED = ("tulu_home", "requests", "output", "backend", "judge")
@@ -61,9 +58,7 @@ def make_judge(backend: Any, settings: dict[str, Any]) -> Judge:
 def run_job(params: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     """Build the judge, judge every request, write the output; returns the counts and the wall time."""
     started = time.perf_counter()
-    missing = [key for key in REQUIRED if not params.get(key)]
-    if missing:
-        raise ValueError(f"judge_job parameters lack {missing}")
+    require(params, REQUIRED, "judge_job")
     store = Store(str(params["tulu_home"]))
     backend = build_judge_backend(params["backend"], store)
     try:
@@ -78,26 +73,12 @@ def run_job(params: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
             close()
 
 
+JOB = Job("tulu_pipeline.preference.judge_job",
+          lambda params, reporter: JobOutcome(run_job(params, reporter)), result_event="judge_result")
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    parser = argparse.ArgumentParser(prog="python -m tulu_pipeline.preference.judge_job",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--params", type=Path, help="JSON file with the job parameters (runs without Dagster)")
-    args = parser.parse_args(argv)
-    if args.params is not None:
-        counts = run_job(json.loads(args.params.read_text(encoding="utf-8")), PrintReporter())
-        print(json.dumps({"event": "judge_result", **counts}, sort_keys=True), flush=True)
-        return 0
-
-    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
-
-    if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
-        parser.error("not launched by Dagster (no pipes context): pass --params params.json")
-    with open_dagster_pipes() as context:
-        counts = run_job(dict(context.extras), PipesReporter(context))
-        context.report_asset_materialization(metadata=counts)
-    return 0
+    return job_main(JOB, argv, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

@@ -20,15 +20,12 @@ downloaded there and the checkpoint uploaded with ``training_manifest.json`` las
 
 from __future__ import annotations
 
-import argparse
-import base64
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from tulu_pipeline.progress import PipesReporter, PrintReporter, Reporter
+from tulu_pipeline.jobs import Job, JobOutcome, floats, ints, job_main, png_markdown, require, typed
+from tulu_pipeline.progress import Reporter
 from tulu_pipeline.provenance.template_lineage import lineage_hashes, template_lineage
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.dpo import (
@@ -86,14 +83,14 @@ def run_reference_task(params: dict[str, Any], reporter: Reporter) -> dict[str, 
     rows = list(store.iter_rows(REFERENCE_DATASET, version))
     dropped = [row["pair_id"] for row in rows if row["dropped_reason"]]
     return {
-        "path": {"raw_value": store.uri(store.dataset_dir(REFERENCE_DATASET, version)), "type": "path"},
+        "path": typed(store.uri(store.dataset_dir(REFERENCE_DATASET, version)), "path"),
         "reference_version": version,
         "reused_existing": reused,
         "pairs": len(rows),
         "dropped_pairs": len(dropped),
         "truncated_pairs": sum(1 for row in rows if row["truncated"]),
-        "dropped_pair_ids": {"raw_value": dropped[:50], "type": "json"},
-        "template_lineage": {"raw_value": lineage_hashes(lineage), "type": "json"},
+        "dropped_pair_ids": typed(dropped[:50], "json"),
+        "template_lineage": typed(lineage_hashes(lineage), "json"),
     }
 
 
@@ -128,68 +125,45 @@ def run_train_task(params: dict[str, Any], reporter: Reporter) -> tuple[DPOResul
 
 
 def materialization_metadata(result: DPOResult, location: str) -> dict[str, Any]:
-    """Final metrics as dagster-pipes metadata (typed values as {raw_value, type})."""
+    """Final metrics as dagster-pipes metadata."""
     m = result.metrics
     png = result.loss_curve_path.read_bytes() if result.loss_curve_path.exists() else b""
-    metadata: dict[str, Any] = {
-        "checkpoint_path": {"raw_value": location, "type": "path"},
-        "loss_curve": {"raw_value": f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})",
-                       "type": "md"},
-        "heldout_before": {"raw_value": m.get("heldout_before", {}), "type": "json"},
-        "heldout_after": {"raw_value": m.get("heldout_after", {}), "type": "json"},
-        "config": {"raw_value": result.manifest.get("config", {}), "type": "json"},
+    heldout = {f"heldout_{key}_{side}": (m.get(f"heldout_{side}") or {}).get(key)
+               for side in ("before", "after") for key in ("preference_accuracy", "reward_accuracy", "mean_margin")}
+    return {
+        "checkpoint_path": typed(location, "path"),
+        "loss_curve": png_markdown(png, "loss curve"),
+        "heldout_before": typed(m.get("heldout_before", {}), "json"),
+        "heldout_after": typed(m.get("heldout_after", {}), "json"),
+        "config": typed(result.manifest.get("config", {}), "json"),
         "fingerprint": result.manifest.get("fingerprint"),
         "base_model_sha256": result.manifest.get("base_model_sha256"),
         "reused_existing_checkpoint": result.reused,
+        **floats(heldout, heldout),
+        **floats(m, ("initial_loss", "final_loss", "train_s", "wall_s")),
+        **ints(m, ("steps", "resumed_from_step", "train_pairs", "heldout_pairs", "dropped_pairs", "truncated_pairs")),
     }
-    for side in ("before", "after"):
-        for key in ("preference_accuracy", "reward_accuracy", "mean_margin"):
-            value = (m.get(f"heldout_{side}") or {}).get(key)
-            if value is not None:
-                metadata[f"heldout_{key}_{side}"] = {"raw_value": float(value), "type": "float"}
-    for key in ("initial_loss", "final_loss", "train_s", "wall_s"):
-        if m.get(key) is not None:
-            metadata[key] = {"raw_value": float(m[key]), "type": "float"}
-    for key in ("steps", "resumed_from_step", "train_pairs", "heldout_pairs", "dropped_pairs", "truncated_pairs"):
-        metadata[key] = int(m.get(key) or 0)
-    return metadata
 
 
 def run_task(params: dict[str, Any], reporter: Reporter) -> tuple[dict[str, Any], str | None]:
     """Run ``params["task"]``; returns its metadata and data version."""
     task = params.get("task") or "train"
-    missing = [k for k in ("tulu_home", "reference_dir", "reference_version") if not params.get(k)]
-    if task == "train" and not params.get("checkpoint_dir"):
-        missing.append("checkpoint_dir")
-    if task not in TASKS or missing:
-        raise ValueError(f"dpo_job: task {task!r} (expected one of {TASKS}); missing parameters {missing}")
+    if task not in TASKS:
+        raise ValueError(f"dpo_job: task {task!r}; expected one of {TASKS}")
+    require(params, ("tulu_home", "reference_dir", "reference_version",
+                     *(("checkpoint_dir",) if task == "train" else ())), f"dpo_job ({task})")
     if task == "reference_logprobs":
         return run_reference_task(params, reporter), params["reference_version"]
     result, location = run_train_task(params, reporter)
     return materialization_metadata(result, location), result.manifest["fingerprint"][:16]
 
 
+JOB = Job("tulu_pipeline.training.dpo_job", lambda params, reporter: JobOutcome(*run_task(params, reporter)),
+          result_event="dpo_result", metrics_event="dpo_metrics", hidden=("loss_curve", "config"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    parser = argparse.ArgumentParser(prog="python -m tulu_pipeline.training.dpo_job", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", type=Path, help="JSON file with the job parameters (runs without Dagster)")
-    args = parser.parse_args(argv)
-    if args.params is not None:
-        metadata, _version = run_task(json.loads(args.params.read_text(encoding="utf-8")), PrintReporter(event="dpo_metrics"))
-        plain = {k: (v["raw_value"] if isinstance(v, dict) and "raw_value" in v else v) for k, v in metadata.items()
-                 if k not in ("loss_curve", "config")}
-        print(json.dumps({"event": "dpo_result", **plain}, sort_keys=True, default=str), flush=True)
-        return 0
-
-    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
-
-    if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
-        parser.error("not launched by Dagster (no pipes context): pass --params params.json")
-    with open_dagster_pipes() as context:
-        metadata, version = run_task(dict(context.extras), PipesReporter(context, event="dpo_metrics"))
-        context.report_asset_materialization(metadata=metadata, data_version=version)
-    return 0
+    return job_main(JOB, argv, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

@@ -25,15 +25,11 @@ checkpoint with ``training_manifest.json`` last.
 
 from __future__ import annotations
 
-import argparse
-import base64
-import json
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from tulu_pipeline.progress import PipesReporter, PrintReporter, Reporter
+from tulu_pipeline.jobs import Job, JobOutcome, floats, ints, job_main, png_markdown, require, rows_split_by_id, typed
+from tulu_pipeline.progress import Reporter
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.grpo import (
     DEFAULT_VERIFIER_MODULE,
@@ -44,7 +40,7 @@ from tulu_pipeline.training.grpo import (
     verifier_from_module,
 )
 from tulu_pipeline.training.grpo_config import grpo_config
-from tulu_pipeline.training.remote import download_model, upload_checkpoint, work_dir
+from tulu_pipeline.training.remote import train_where_stored
 
 WORK_DIR_ENV = "TULU_GRPO_WORK_DIR"
 REQUIRED = ("tulu_home", "start_model_dir", "checkpoint_dir")
@@ -52,22 +48,13 @@ REQUIRED = ("tulu_home", "start_model_dir", "checkpoint_dir")
 
 def load_prompts(store: Store, params: dict[str, Any], reporter: Reporter) -> tuple[list[dict], list[dict]]:
     """The prompt set's rows split into training and held-out rows by ``heldout_row_ids``."""
-    name = params.get("prompts_dataset") or "rlvr_prompts"
-    heldout_ids = set(params.get("heldout_row_ids") or [])
-    train, heldout = [], []
-    for row in store.iter_rows(name, params.get("prompts_version")):
-        (heldout if row["row_id"] in heldout_ids else train).append(row)
-    missing = len(heldout_ids) - len(heldout)
-    if missing:
-        reporter.log(f"{missing} held-out row ids are not in {name}; measuring on the {len(heldout)} found")
-    return train, heldout
+    return rows_split_by_id(store, params.get("prompts_dataset") or "rlvr_prompts", params.get("prompts_version"),
+                            params.get("heldout_row_ids") or [], reporter)
 
 
 def run_job(params: dict[str, Any], reporter: Reporter) -> tuple[GRPOResult, str]:
     """Load the prompts, train, publish; returns the result and the checkpoint's location (path or URL)."""
-    missing = [key for key in REQUIRED if not params.get(key)]
-    if missing:
-        raise ValueError(f"grpo_job parameters lack {missing}")
+    require(params, REQUIRED, "grpo_job")
     store = Store(str(params["tulu_home"]))
     config = grpo_config(params.get("preset") or "cpu_demo", **(params.get("config") or {}))
     verifier = verifier_from_module(params.get("verifier_module") or DEFAULT_VERIFIER_MODULE, config.correct_reward)
@@ -78,81 +65,51 @@ def run_job(params: dict[str, Any], reporter: Reporter) -> tuple[GRPOResult, str
     manifest_extra.setdefault("prompts_version", params.get("prompts_version"))
     manifest_extra.setdefault("verifier_module", params.get("verifier_module") or DEFAULT_VERIFIER_MODULE)
 
-    if store.is_local:
-        result = run_grpo(train, heldout, store.path(start_rel), store.path(checkpoint_rel), config,
-                          reporter=reporter, manifest_extra=manifest_extra, verifier=verifier)
-        return result, store.uri(checkpoint_rel)
-
-    work = work_dir(WORK_DIR_ENV, "grpo", checkpoint_rel)
-    start_local = download_model(store, start_rel, work / "start_model", reporter)
-    result = run_grpo(train, heldout, start_local, work / "checkpoint", config, reporter=reporter,
-                      manifest_extra=manifest_extra, verifier=verifier)
-    upload_checkpoint(store, result.checkpoint_dir, checkpoint_rel, reporter)
+    result = train_where_stored(
+        store, start_rel, checkpoint_rel, WORK_DIR_ENV, "grpo", reporter, model_name="start_model",
+        run=lambda start, output: run_grpo(train, heldout, start, output, config, reporter=reporter,
+                                           manifest_extra=manifest_extra, verifier=verifier))
     return result, store.uri(checkpoint_rel)
 
 
 def materialization_metadata(result: GRPOResult, location: str) -> dict[str, Any]:
-    """Final metrics as dagster-pipes metadata (plain values are inferred; typed ones are {raw_value, type})."""
+    """Final metrics as dagster-pipes metadata."""
     m = result.metrics
     png = result.reward_curve_path.read_bytes() if result.reward_curve_path.exists() else b""
     panels = result.training_metrics_path.read_bytes() if result.training_metrics_path.exists() else b""
     metadata: dict[str, Any] = {
-        "checkpoint_path": {"raw_value": location, "type": "path"},
-        "reward_curve_path": {"raw_value": f"{location.rstrip('/')}/{REWARD_CURVE_FILE}", "type": "path"},
-        "reward_curve": {"raw_value": f"![reward curve](data:image/png;base64,{base64.b64encode(png).decode()})",
-                         "type": "md"},
-        "training_metrics_path": {"raw_value": f"{location.rstrip('/')}/{TRAINING_METRICS_FILE}", "type": "path"},
-        "training_metrics": {"raw_value": "![per-step training metrics](data:image/png;base64,"
-                                          f"{base64.b64encode(panels).decode()})", "type": "md"},
-        "reward_per_step": {"raw_value": m.get("reward_per_step", []), "type": "json"},
-        "heldout_accuracy_change_ci95": {"raw_value": m.get("heldout_accuracy_change_ci95"), "type": "json"},
-        "heldout_reward_change_ci95": ({"raw_value": m["heldout_reward_change_ci95"], "type": "json"}
-                                       if m.get("heldout_reward_change_ci95") is not None else None),
-        "config": {"raw_value": result.manifest.get("config", {}), "type": "json"},
-        "fingerprint": result.manifest.get("fingerprint"),
-        "start_model_sha256": result.manifest.get("start_model_sha256"),
+        "checkpoint_path": typed(location, "path"),
+        "reward_curve_path": typed(f"{location.rstrip('/')}/{REWARD_CURVE_FILE}", "path"),
+        "reward_curve": png_markdown(png, "reward curve"),
+        "training_metrics_path": typed(f"{location.rstrip('/')}/{TRAINING_METRICS_FILE}", "path"),
+        "training_metrics": png_markdown(panels, "per-step training metrics"),
+        "reward_per_step": typed(m.get("reward_per_step", []), "json"),
+        "heldout_accuracy_change_ci95": typed(m.get("heldout_accuracy_change_ci95"), "json"),
+        **({"heldout_reward_change_ci95": typed(m["heldout_reward_change_ci95"], "json")}
+           if m.get("heldout_reward_change_ci95") is not None else {}),
+        "config": typed(result.manifest.get("config", {}), "json"),
+        **{k: v for k, v in (("fingerprint", result.manifest.get("fingerprint")),
+                             ("start_model_sha256", result.manifest.get("start_model_sha256"))) if v is not None},
         "reused_existing_checkpoint": result.reused,
+        **floats(m, ("mean_reward", "reward_first_steps", "reward_last_steps", "heldout_accuracy_before",
+                     "heldout_accuracy_after", "heldout_reward_before", "heldout_reward_after",
+                     "heldout_reward_change", "train_s", "wall_s")),
+        **ints(m, ("steps", "resumed_from_step", "prompt_rows", "heldout_rows", "trained_rows_seen")),
     }
-    for key in ("mean_reward", "reward_first_steps", "reward_last_steps", "heldout_accuracy_before",
-                "heldout_accuracy_after", "heldout_reward_before", "heldout_reward_after", "heldout_reward_change",
-                "train_s", "wall_s"):
-        value = m.get(key)
-        metadata[key] = {"raw_value": float(value), "type": "float"} if value is not None else None
-    for key in ("steps", "resumed_from_step", "prompt_rows", "heldout_rows", "trained_rows_seen"):
-        metadata[key] = int(m.get(key) or 0)
-    return {k: v for k, v in metadata.items() if v is not None}
+    return metadata
 
 
-def _print_summary(metadata: dict[str, Any]) -> None:
-    plain = {k: (v["raw_value"] if isinstance(v, dict) and "raw_value" in v else v) for k, v in metadata.items()
-             if k not in ("reward_curve", "training_metrics", "reward_per_step", "config",
-                          "heldout_accuracy_change_ci95")}
-    print(json.dumps({"event": "grpo_result", **plain}, sort_keys=True, default=str), flush=True)
+def _run(params: dict[str, Any], reporter: Reporter) -> JobOutcome:
+    result, location = run_job(params, reporter)
+    return JobOutcome(materialization_metadata(result, location), data_version=result.manifest["fingerprint"][:16])
+
+
+JOB = Job("tulu_pipeline.training.grpo_job", _run, result_event="grpo_result", metrics_event="grpo_metrics",
+          hidden=("reward_curve", "training_metrics", "reward_per_step", "config", "heldout_accuracy_change_ci95"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    parser = argparse.ArgumentParser(prog="python -m tulu_pipeline.training.grpo_job",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--params", type=Path, help="JSON file with the job parameters (runs without Dagster)")
-    args = parser.parse_args(argv)
-
-    if args.params is not None:
-        params = json.loads(args.params.read_text(encoding="utf-8"))
-        result, location = run_job(params, PrintReporter(event="grpo_metrics"))
-        _print_summary(materialization_metadata(result, location))
-        return 0
-
-    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
-
-    if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
-        parser.error("not launched by Dagster (no pipes context): pass --params params.json")
-    with open_dagster_pipes() as context:
-        result, location = run_job(dict(context.extras), PipesReporter(context, event="grpo_metrics"))
-        context.report_asset_materialization(metadata=materialization_metadata(result, location),
-                                             data_version=result.manifest["fingerprint"][:16])
-    return 0
+    return job_main(JOB, argv, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

@@ -8,12 +8,16 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.progress import Reporter
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.checkpointing import CHECKPOINTS_DIR
+
+R = TypeVar("R")
 
 
 def work_dir(env: str, stage: str, rel: str) -> Path:
@@ -45,3 +49,16 @@ def upload_checkpoint(store: Store, local: Path, rel: str, reporter: Reporter | 
         store.fs.put_file(str(path), target)
     if reporter is not None:
         reporter.log(f"uploaded the checkpoint to {store.uri(rel)}")
+
+
+def train_where_stored(store: Store, model_rel: str, checkpoint_rel: str, work_env: str, stage: str,
+                       reporter: Reporter, run: Callable[[Path, Path], R], model_name: str = "model") -> R:
+    """``run(model_dir, checkpoint_dir)`` in place on a local store; on an object store in the work directory
+    (``$<work_env>``: the model downloaded as ``<model_name>``, the result uploaded to ``checkpoint_rel``).
+    ``run`` returns a result with a ``checkpoint_dir``."""
+    if store.is_local:
+        return run(Path(store.path(model_rel)), Path(store.path(checkpoint_rel)))
+    work = work_dir(work_env, stage, checkpoint_rel)
+    result = run(download_model(store, model_rel, work / model_name, reporter), work / "checkpoint")
+    upload_checkpoint(store, result.checkpoint_dir, checkpoint_rel, reporter)  # type: ignore[attr-defined]
+    return result

@@ -27,23 +27,14 @@ upload).
 
 from __future__ import annotations
 
-import argparse
-import base64
-import json
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.sft_config import sft_config
-from tulu_pipeline.training.remote import download_model, upload_checkpoint, work_dir
-from tulu_pipeline.progress import (
-    NullReporter,
-    PipesReporter,
-    PrintReporter,
-    Reporter,
-)
+from tulu_pipeline.training.remote import train_where_stored
+from tulu_pipeline.jobs import Job, JobOutcome, floats, ints, job_main, png_markdown, require, rows_split_by_id, typed
+from tulu_pipeline.progress import Reporter
 from tulu_pipeline.training.sft import LOSS_CURVE_FILE, SFTResult, run_sft
 
 WORK_DIR_ENV = "TULU_SFT_WORK_DIR"
@@ -52,22 +43,13 @@ REQUIRED = ("tulu_home", "base_model_dir", "checkpoint_dir")
 
 def load_rows(store: Store, params: dict[str, Any], reporter: Reporter) -> tuple[list[dict], list[dict]]:
     """The mix's rows split into training and held-out rows by ``heldout_row_ids``."""
-    name = params.get("mix_dataset") or "sft_mix"
-    heldout_ids = set(params.get("heldout_row_ids") or [])
-    train, heldout = [], []
-    for row in store.iter_rows(name, params.get("mix_version")):
-        (heldout if row["row_id"] in heldout_ids else train).append(row)
-    missing = len(heldout_ids) - len(heldout)
-    if missing:
-        reporter.log(f"{missing} held-out row ids are not in {name}; measuring on the {len(heldout)} found")
-    return train, heldout
+    return rows_split_by_id(store, params.get("mix_dataset") or "sft_mix", params.get("mix_version"),
+                            params.get("heldout_row_ids") or [], reporter)
 
 
 def run_job(params: dict[str, Any], reporter: Reporter) -> tuple[SFTResult, str]:
     """Load the mix, train, publish; returns the result and the checkpoint's location (path or URL)."""
-    missing = [key for key in REQUIRED if not params.get(key)]
-    if missing:
-        raise ValueError(f"sft_job parameters lack {missing}")
+    require(params, REQUIRED, "sft_job")
     store = Store(str(params["tulu_home"]))
     config = sft_config(params.get("preset") or "cpu_demo", **(params.get("config") or {}))
     train, heldout = load_rows(store, params, reporter)
@@ -77,86 +59,44 @@ def run_job(params: dict[str, Any], reporter: Reporter) -> tuple[SFTResult, str]
     manifest_extra.setdefault("mix_version", params.get("mix_version"))
     manifest_extra.setdefault("heldout_row_ids", sorted(params.get("heldout_row_ids") or []))
 
-    if store.is_local:
-        result = run_sft(train, heldout, store.path(base_rel), store.path(checkpoint_rel), config,
-                         reporter=reporter, manifest_extra=manifest_extra)
-        return result, store.uri(checkpoint_rel)
-
-    work = work_dir(WORK_DIR_ENV, "sft", checkpoint_rel)
-    base_local = download_model(store, base_rel, work / "base_model", reporter)
-    result = run_sft(train, heldout, base_local, work / "checkpoint", config, reporter=reporter,
-                     manifest_extra=manifest_extra)
-    upload_checkpoint(store, result.checkpoint_dir, checkpoint_rel, reporter)
+    result = train_where_stored(
+        store, base_rel, checkpoint_rel, WORK_DIR_ENV, "sft", reporter, model_name="base_model",
+        run=lambda base, output: run_sft(train, heldout, base, output, config, reporter=reporter,
+                                           manifest_extra=manifest_extra))
     return result, store.uri(checkpoint_rel)
 
 
 def materialization_metadata(result: SFTResult, location: str) -> dict[str, Any]:
-    """Final metrics as dagster-pipes metadata (plain values are inferred; typed ones are {raw_value, type})."""
+    """Final metrics as dagster-pipes metadata."""
     m = result.metrics
     png = result.loss_curve_path.read_bytes() if result.loss_curve_path.exists() else b""
-    curve_uri = f"{location.rstrip('/')}/{LOSS_CURVE_FILE}"
-    metadata: dict[str, Any] = {
-        "checkpoint_path": {"raw_value": location, "type": "path"},
-        "loss_curve_path": {"raw_value": curve_uri, "type": "path"},
-        "loss_curve": {"raw_value": f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})",
-                       "type": "md"},
-        "train_loss": {"raw_value": m.get("train_loss", []), "type": "json"},
-        "config": {"raw_value": result.manifest.get("config", {}), "type": "json"},
-        "fingerprint": result.manifest.get("fingerprint"),
-        "base_model_sha256": result.manifest.get("base_model_sha256"),
+    return {
+        "checkpoint_path": typed(location, "path"),
+        "loss_curve_path": typed(f"{location.rstrip('/')}/{LOSS_CURVE_FILE}", "path"),
+        "loss_curve": png_markdown(png, "loss curve"),
+        "train_loss": typed(m.get("train_loss", []), "json"),
+        "config": typed(result.manifest.get("config", {}), "json"),
+        **{k: v for k, v in (("fingerprint", result.manifest.get("fingerprint")),
+                             ("base_model_sha256", result.manifest.get("base_model_sha256"))) if v is not None},
         "reused_existing_checkpoint": result.reused,
+        **floats(m, ("initial_loss", "final_loss", "heldout_loss_before", "heldout_loss_after", "tokens_per_s",
+                     "packing_efficiency", "train_s", "wall_s")),
+        **ints(m, ("tokens", "steps", "resumed_from_step", "train_rows", "heldout_rows", "dropped_rows",
+                   "truncated_rows")),
     }
-    for key in ("initial_loss", "final_loss", "heldout_loss_before", "heldout_loss_after", "tokens_per_s",
-                "packing_efficiency", "train_s", "wall_s"):
-        value = m.get(key)
-        metadata[key] = {"raw_value": float(value), "type": "float"} if value is not None else None
-    for key in ("tokens", "steps", "resumed_from_step", "train_rows", "heldout_rows", "dropped_rows",
-                "truncated_rows"):
-        metadata[key] = int(m.get(key) or 0)
-    return {k: v for k, v in metadata.items() if v is not None}
 
 
-def _print_summary(metadata: dict[str, Any]) -> None:
-    plain = {k: (v["raw_value"] if isinstance(v, dict) and "raw_value" in v else v) for k, v in metadata.items()
-             if k not in ("loss_curve", "train_loss", "config")}
-    print(json.dumps({"event": "sft_result", **plain}, sort_keys=True, default=str), flush=True)
+def _run(params: dict[str, Any], reporter: Reporter) -> JobOutcome:
+    result, location = run_job(params, reporter)
+    return JobOutcome(materialization_metadata(result, location), data_version=result.manifest["fingerprint"][:16])
 
 
-def pipes_extras() -> dict[str, Any]:
-    """The step's extras, read from the Pipes context without opening a session (no messages are sent)."""
-    from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader
-
-    with PipesDefaultContextLoader().load_context(PipesEnvVarParamsLoader().load_context_params()) as data:
-        return dict(data.get("extras") or {})
+JOB = Job("tulu_pipeline.training.sft_job", _run, result_event="sft_result",
+          hidden=("loss_curve", "train_loss", "config"), worker=run_job)
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    parser = argparse.ArgumentParser(prog="python -m tulu_pipeline.training.sft_job", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", type=Path, help="JSON file with the job parameters (runs without Dagster)")
-    args = parser.parse_args(argv)
-
-    if args.params is not None:
-        params = json.loads(args.params.read_text(encoding="utf-8"))
-        reporter = PrintReporter()
-        result, location = run_job(params, reporter)
-        _print_summary(materialization_metadata(result, location))
-        return 0
-
-    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
-
-    if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
-        parser.error("not launched by Dagster (no pipes context): pass --params params.json")
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun workers: one Pipes session (rank 0's) per step
-        run_job(pipes_extras(), NullReporter())
-        return 0
-    with open_dagster_pipes() as context:
-        reporter = PipesReporter(context)
-        result, location = run_job(dict(context.extras), reporter)
-        metadata = materialization_metadata(result, location)
-        context.report_asset_materialization(metadata=metadata, data_version=result.manifest["fingerprint"][:16])
-    return 0
+    return job_main(JOB, argv, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":
