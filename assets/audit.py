@@ -4,7 +4,7 @@ import dagster as dg
 
 from assets.metadata import TRAINED_CHECKPOINT_ASSETS, TRAINING_OWNERS, latest_checkpoint_id
 from resources import TuluStorage
-from tulu_pipeline.provenance.audit import bill_markdown, checkpoint_bill
+from tulu_pipeline.audit.reports import bill_markdown, checkpoint_bill
 
 
 @dg.asset(group_name="audit", kinds={"json"}, owners=TRAINING_OWNERS, code_version="1", deps=TRAINED_CHECKPOINT_ASSETS,

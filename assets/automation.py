@@ -17,7 +17,7 @@ from resources import DataBundle, TuluStorage
 from tulu_pipeline.data.registry import SourceSpec, registry
 from tulu_pipeline.data.versions import changed_sources, dump_versions, load_versions, look_at_sources
 from tulu_pipeline.hashing import short_hash
-from tulu_pipeline.provenance.coverage import eval_coverage
+from tulu_pipeline.data.coverage import eval_coverage
 from tulu_pipeline.settings import data_dir
 
 GPU_POOL = "gpu"

@@ -32,7 +32,7 @@ from tulu_pipeline.evaluation.lineage import BASE_MODEL_ID, lineage_order, list_
 from tulu_pipeline.evaluation.pipeline import run_benchmark
 from tulu_pipeline.evaluation.results import dataset_name
 from tulu_pipeline.evaluation.runner import EVAL_CODE_VERSION
-from tulu_pipeline.provenance.template_lineage import check_evaluation_lineage
+from tulu_pipeline.audit.template_checks import check_evaluation_lineage
 
 EVAL_OWNERS = ["team:evaluation"]
 CHECKPOINT_PARTITIONS = "checkpoints"

@@ -7,9 +7,9 @@ import dagster as dg
 
 from assets.metadata import TRAINED_CHECKPOINT_ASSETS, latest_checkpoint_id
 from resources import TuluStorage
-from tulu_pipeline.provenance.diff import checkpoint_diff as tulu_diff
-from tulu_pipeline.provenance.diff import diff_markdown
-from tulu_pipeline.provenance.template_lineage import check_checkpoint_lineage
+from tulu_pipeline.audit.diff import checkpoint_diff as tulu_diff
+from tulu_pipeline.audit.diff import diff_markdown
+from tulu_pipeline.audit.template_checks import check_checkpoint_lineage
 
 TEMPLATE_CHECK = "template_lineage_matches_parent"
 

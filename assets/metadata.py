@@ -13,7 +13,7 @@ import pyarrow as pa
 from tulu_pipeline.hashing import json_hash
 from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.plots import markdown_table
-from tulu_pipeline.provenance.template_lineage import lineage_hashes
+from tulu_pipeline.templates.lineage import lineage_hashes
 from tulu_pipeline.storage import Store
 
 

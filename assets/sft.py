@@ -13,7 +13,7 @@ from tulu_pipeline.mixing.config import load_mix_config
 from tulu_pipeline.mixing.publish import build_sft_mix
 from tulu_pipeline.mixing.sample import MIX_CODE_VERSION
 from tulu_pipeline.plots import histogram_png, markdown_table
-from tulu_pipeline.provenance.template_lineage import lineage_hashes
+from tulu_pipeline.templates.lineage import lineage_hashes
 from tulu_pipeline.training.sft_plan import record_trained_on, sft_checkpoint_plan
 from tulu_pipeline.training.sft import SFT_CODE_VERSION
 

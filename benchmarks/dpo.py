@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from tulu_pipeline.data.loaders import iter_source_rows
 from tulu_pipeline.data.registry import get_source
 from tulu_pipeline.progress import PrintReporter
-from tulu_pipeline.training.chat_template import apply_tulu_chat_template
+from tulu_pipeline.templates.chat_template import apply_tulu_chat_template
 from tulu_pipeline.training.dpo import compute_reference_logprobs, run_dpo
 from tulu_pipeline.training.dpo_config import dpo_config
 

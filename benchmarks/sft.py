@@ -70,7 +70,7 @@ def measure_modes(base: Path, train: list[dict], batches: int) -> dict[str, dict
     from trl.trainer.utils import add_fused_lm_head
 
     from tulu_pipeline.training.batching import INFO_KEYS, SFTCollator
-    from tulu_pipeline.training.chat_template import (
+    from tulu_pipeline.templates.chat_template import (
         apply_tulu_chat_template,
         encode_rows,
     )

@@ -26,13 +26,13 @@ from tulu_pipeline.data.registry import get_source, registry
 from tulu_pipeline.mixing.config import MixConfig
 from tulu_pipeline.mixing.publish import build_sft_mix
 from tulu_pipeline.mixing.sample import row_ids_hash
-from tulu_pipeline.provenance.audit import (
+from tulu_pipeline.audit.reports import (
     bill_markdown, checkpoint_bill, eval_audit, license_audit, license_is_non_commercial, registry_version,
 )
 from tulu_pipeline.provenance.compaction import compact, compaction_status
 from tulu_pipeline.provenance.ledger import Ledger, LedgerWriter
 from tulu_pipeline.provenance.ledger_layout import bucket_of, bucket_sql, sql_str
-from tulu_pipeline.provenance.reproduce import rebuild_mix, reproduce_plan
+from tulu_pipeline.audit.reproduce import rebuild_mix, reproduce_plan
 from tulu_pipeline.provenance.trace import render_tree
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.sft_plan import SFTPlan, record_trained_on, sft_checkpoint_id

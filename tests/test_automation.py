@@ -21,7 +21,7 @@ from resources import TuluStorage
 from tulu_pipeline.data.ingest import raw_dataset_name, source_version
 from tulu_pipeline.data.registry import load_registry, registry
 from tulu_pipeline.data.schema import ROW_SCHEMA
-from tulu_pipeline.provenance.coverage import eval_coverage
+from tulu_pipeline.data.coverage import eval_coverage
 
 pytestmark = pytest.mark.integration  # sensors and schedules against Dagster instances
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_sft_support import bundled_rows, smollm2_tokenizer
 
-from tulu_pipeline.training.chat_template import (
+from tulu_pipeline.templates.chat_template import (
     IGNORE_INDEX,
     TULU_CHAT_TEMPLATE,
     apply_tulu_chat_template,

@@ -12,7 +12,7 @@ from test_sft_support import bundled_rows
 from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.evaluation.results import EVAL_SCHEMA, dataset_name, summary_path
 from tulu_pipeline.mixing.publish import MIX_DATASET, mix_info_path
-from tulu_pipeline.provenance.diff import checkpoint_diff, diff_markdown
+from tulu_pipeline.audit.diff import checkpoint_diff, diff_markdown
 from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.training.sft_plan import SFTPlan, record_trained_on
 

@@ -16,7 +16,7 @@ from test_sft_support import smollm2_tokenizer
 from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.progress import NullReporter
 from tulu_pipeline.training import dpo as dpo_module
-from tulu_pipeline.training.chat_template import IGNORE_INDEX, apply_tulu_chat_template
+from tulu_pipeline.templates.chat_template import IGNORE_INDEX, apply_tulu_chat_template
 from tulu_pipeline.training.dpo import (
     LOSS_CURVE_FILE,
     NO_RESPONSE_TOKENS,

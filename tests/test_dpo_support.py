@@ -32,7 +32,7 @@ def model_samples(model_dir: Path, prompts: list[list[dict[str, str]]], max_new_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tulu_pipeline.training.chat_template import apply_tulu_chat_template
+    from tulu_pipeline.templates.chat_template import apply_tulu_chat_template
 
     tokenizer = apply_tulu_chat_template(AutoTokenizer.from_pretrained(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -411,7 +411,7 @@ def test_regression_against_the_parent(tmp_path):
 
 def test_contamination_follows_every_training_run_upstream(tmp_path):
     from tulu_pipeline.evaluation.comparison import contamination
-    from tulu_pipeline.provenance.audit import registry_version
+    from tulu_pipeline.data.registry import registry_version
 
     store = Store(str(tmp_path))
     assert contamination(store, "gsm8k", "base_model")["status"] == "not_applicable"

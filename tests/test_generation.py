@@ -167,7 +167,7 @@ def test_sampling_params_validation_and_json():
 
 
 def test_tulu_template_when_model_dir_has_none(tmp_path):
-    from tulu_pipeline.training.chat_template import encode_conversation
+    from tulu_pipeline.templates.chat_template import encode_conversation
 
     encoder = ChatEncoder.from_pretrained(_save_model(tmp_path / "plain", chat_template=False))
     assert encoder.format == "tulu"

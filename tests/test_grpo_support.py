@@ -46,7 +46,7 @@ def save_warm_addition_model(target: Path, pairs: list[tuple[int, int]], correct
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tulu_pipeline.training.chat_template import (
+    from tulu_pipeline.templates.chat_template import (
         apply_tulu_chat_template,
         encode_conversation,
     )

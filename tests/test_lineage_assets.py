@@ -10,8 +10,8 @@ from test_sft_support import bundled_rows, smollm2_tokenizer
 from assets.lineage import TEMPLATE_CHECK, build_template_checks, checkpoint_diff
 from resources import TuluStorage
 from tulu_pipeline.mixing.publish import mix_info_path
-from tulu_pipeline.provenance.template_lineage import template_lineage
-from tulu_pipeline.training.chat_template import TULU_CHAT_TEMPLATE, apply_tulu_chat_template
+from tulu_pipeline.templates.lineage import template_lineage
+from tulu_pipeline.templates.chat_template import TULU_CHAT_TEMPLATE, apply_tulu_chat_template
 
 DRIFTED = TULU_CHAT_TEMPLATE.replace("'<|user|>\\n'", "'<|user|>\\n\\n'")
 

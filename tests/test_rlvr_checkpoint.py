@@ -55,7 +55,7 @@ def test_materialize_rlvr_checkpoint_from_the_sft_checkpoint(tmp_path):
     assert manifest["start_checkpoint"] == "sft-tiny" and manifest["start_checkpoint_info"]["kind"] == "sft"
     assert manifest["prompts_dataset"] == "rlvr_prompts" and manifest["prompts_version"] == plan.dataset_version
     # lineage: the checkpoint's data descends from the decontaminated pool it was drawn from
-    from tulu_pipeline.provenance.coverage import checkpoint_decontaminated_versions
+    from tulu_pipeline.data.coverage import checkpoint_decontaminated_versions
 
     assert checkpoint_decontaminated_versions(store, plan.checkpoint_id) == {"dv1"}
     assert manifest["metrics"]["heldout_before"]["rows"] == 3

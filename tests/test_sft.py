@@ -24,7 +24,7 @@ from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.progress import NullReporter
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.batching import SFTCollator, pack_rows
-from tulu_pipeline.training.chat_template import (
+from tulu_pipeline.templates.chat_template import (
     TULU_CHAT_TEMPLATE,
     apply_tulu_chat_template,
     encode_rows,

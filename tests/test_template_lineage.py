@@ -8,17 +8,9 @@ from test_sft_support import bundled_rows, save_tiny_model, smollm2_tokenizer
 
 from tulu_pipeline.generation.chat import ChatEncoder
 from tulu_pipeline.mixing.publish import mix_info_path
-from tulu_pipeline.provenance.template_lineage import (
-    GOLDEN_CONVERSATION,
-    MODEL_TEMPLATE_RULE,
-    TULU_MASK_RULE,
-    check_checkpoint_lineage,
-    check_evaluation_lineage,
-    first_differing_line,
-    lineage_mismatches,
-    template_lineage,
-)
-from tulu_pipeline.training.chat_template import IGNORE_INDEX, TULU_CHAT_TEMPLATE, apply_tulu_chat_template, encode_conversation
+from tulu_pipeline.templates.lineage import GOLDEN_CONVERSATION, MODEL_TEMPLATE_RULE, TULU_MASK_RULE, first_differing_line, lineage_mismatches, template_lineage
+from tulu_pipeline.audit.template_checks import check_checkpoint_lineage, check_evaluation_lineage
+from tulu_pipeline.templates.chat_template import IGNORE_INDEX, TULU_CHAT_TEMPLATE, apply_tulu_chat_template, encode_conversation
 
 FINAL = GOLDEN_CONVERSATION[-1]["content"]
 

@@ -45,7 +45,7 @@ def _emit(args: argparse.Namespace, data: dict, markdown) -> None:
 
 
 def cmd_audit_eval(args: argparse.Namespace) -> int:
-    from tulu_pipeline.provenance.audit import eval_audit, eval_audit_markdown
+    from tulu_pipeline.audit.reports import eval_audit, eval_audit_markdown
 
     audit = eval_audit(_store(args), args.benchmark, args.item_id)
     _emit(args, audit, eval_audit_markdown)
@@ -57,14 +57,14 @@ def cmd_audit_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
-    from tulu_pipeline.provenance.audit import bill_markdown, checkpoint_bill
+    from tulu_pipeline.audit.reports import bill_markdown, checkpoint_bill
 
     _emit(args, checkpoint_bill(_store(args), args.checkpoint_id), bill_markdown)
     return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from tulu_pipeline.provenance.diff import checkpoint_diff, diff_markdown
+    from tulu_pipeline.audit.diff import checkpoint_diff, diff_markdown
 
     diff = checkpoint_diff(_store(args), args.checkpoint_a, args.checkpoint_b)
     if args.json:
@@ -75,14 +75,14 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_licenses(args: argparse.Namespace) -> int:
-    from tulu_pipeline.provenance.audit import license_audit, licenses_markdown
+    from tulu_pipeline.audit.reports import license_audit, licenses_markdown
 
     _emit(args, license_audit(_store(args), args.dataset, args.version), licenses_markdown)
     return 0
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from tulu_pipeline.provenance.reproduce import reproduce_plan, write_reproduction
+    from tulu_pipeline.audit.reproduce import reproduce_plan, write_reproduction
 
     store = _store(args)
     plan = reproduce_plan(store, args.checkpoint_id)

@@ -25,3 +25,13 @@ def json_hash(value: Any, *, compact: bool = False, default: Any = None) -> str:
 def short_digest(digest: Any) -> str:
     """The short id of a running ``hashlib`` sha256 (for content fed in pieces)."""
     return digest.hexdigest()[:SHORT_HASH_CHARS]
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no spaces: the form that is hashed."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_text(text: str) -> str:
+    """Hex sha256 of ``text`` (UTF-8)."""
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -84,6 +84,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from tulu_pipeline.data.loaders import iter_source_rows
+from tulu_pipeline.data.registry import registry
 from tulu_pipeline.provenance.ledger import DecisionSink
 
 try:
@@ -328,9 +330,6 @@ def eval_items_from_rows(rows: Iterable[dict[str, Any]], benchmark: str) -> Iter
 
 def registry_eval_items(root: Path | None = None) -> list[EvalItem]:
     """Eval items of every registry source with role ``eval`` (the decontamination targets)."""
-    from tulu_pipeline.data.loaders import iter_source_rows
-    from tulu_pipeline.data.registry import registry
-
     items: list[EvalItem] = []
     for spec in registry():
         if spec.role == "eval":

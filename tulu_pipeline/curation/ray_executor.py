@@ -79,6 +79,7 @@ from tulu_pipeline.curation.stages import (
     stage_version,
     train_specs,
 )
+from tulu_pipeline.data.ingest import raw_dataset_name
 from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.provenance.ledger import LedgerWriter, MemorySink
 from tulu_pipeline.storage import Store
@@ -357,8 +358,6 @@ def _normalize_shard(store: Store, shard: Shard, staging: str, *, config: dict[s
 def normalize_prompts_ray(store: Store, config: CurationConfig, run_id: str, progress: Progress | None = None,
                           shard_hook: ShardHook | None = None):
     """`pipeline.normalize_prompts` on Ray: one task per shard of the raw training datasets."""
-    from tulu_pipeline.data.ingest import raw_dataset_name
-
     specs = train_specs(config)
     inputs = {raw_dataset_name(s.id): input_version(store, raw_dataset_name(s.id)) for s in specs}
     version = stage_version("normalized_prompts", config.normalize.model_dump(), inputs)

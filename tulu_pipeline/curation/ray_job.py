@@ -25,6 +25,7 @@ from dataclasses import asdict
 from typing import Any
 
 from tulu_pipeline.curation.config import CurationConfig
+from tulu_pipeline.curation.stages import StageResult
 from tulu_pipeline.jobs import Job, JobOutcome, job_main, require
 from tulu_pipeline.progress import Reporter
 from tulu_pipeline.storage import DatasetInfo, Store
@@ -48,8 +49,6 @@ def save_stage_result(store: Store, run_id: str, result: Any) -> str:
 
 def load_stage_result(store: Store, run_id: str, stage: str):
     """The `StageResult` a job published for ``stage`` (with its ``ray_metrics``)."""
-    from tulu_pipeline.curation.stages import StageResult
-
     payload = json.loads(store.read_bytes(result_path(run_id, stage)))
     metrics = payload.pop("ray_metrics", {})
     payload["dataset"] = DatasetInfo(**{**payload["dataset"], "parts": tuple(payload["dataset"]["parts"])})

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from tulu_pipeline.hashing import short_digest
 from tulu_pipeline.settings import PACKAGE_DIR, data_dir as default_data_dir
 
 REGISTRY_FILE = PACKAGE_DIR / "data" / "sources.yaml"
@@ -228,3 +229,18 @@ def fetch_source(spec: SourceSpec, root: Path | None = None, url: str | None = N
         finally:
             Path(tmp.name).unlink(missing_ok=True)
     return target
+
+
+def registry_version() -> str:
+    """16 hex chars of sha256 over ``sources.yaml`` and the active manifest (names and bytes).
+
+    Any change to a source's mapping, path, license or file hash changes it.
+    """
+    digest = hashlib.sha256()
+    for path in (REGISTRY_FILE, active_manifest_file()):
+        data = path.read_bytes()
+        # lower-cased: the bundle's MANIFEST.json and its packaged copy manifest.json hash alike
+        for piece in (path.name.lower().encode(), data):
+            digest.update(len(piece).to_bytes(8, "big"))
+            digest.update(piece)
+    return short_digest(digest)

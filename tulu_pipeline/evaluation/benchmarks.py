@@ -22,6 +22,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from tulu_pipeline.data.loaders import iter_source_rows
+from tulu_pipeline.data.registry import get_source, registry
+from tulu_pipeline.evaluation.scoring import split_answers
 from tulu_pipeline.hashing import json_hash
 
 Messages = list[dict[str, str]]
@@ -113,8 +117,6 @@ def benchmark_config(name: str, preset: Preset = "cpu", **overrides: Any) -> Ben
 @lru_cache(maxsize=1)
 def benchmarks() -> dict[str, Benchmark]:
     """Every evaluated benchmark, dev suite first, from the source registry (plus ``safety``)."""
-    from tulu_pipeline.data.registry import registry
-
     grouped: dict[str, list[Any]] = {}
     for spec in registry():
         if spec.role == "eval" and spec.benchmark in KIND_OF:
@@ -162,16 +164,11 @@ def rank_key(seed: int, row_id: str) -> str:
 
 
 def _rows(source_id: str, root: Path | None) -> list[dict[str, Any]]:
-    from tulu_pipeline.data.loaders import iter_source_rows
-    from tulu_pipeline.data.registry import get_source
-
     return list(iter_source_rows(get_source(source_id), root))
 
 
 def _source_rows(benchmark: str, source_id: str, root: Path | None) -> tuple[str, list[dict[str, Any]]]:
     """A benchmark source's rows; MATH-500 falls back to `MATH500_FALLBACK` when its file is absent."""
-    from tulu_pipeline.data.registry import get_source
-
     if benchmark == "math500" and not get_source(source_id).local_path(root).exists():
         fallback, items, seed = MATH500_FALLBACK
         rows = sorted(_rows(fallback, root), key=lambda r: rank_key(seed, r["row_id"]))[:items]
@@ -235,8 +232,6 @@ def _reference(benchmark: Benchmark, row: dict[str, Any]) -> dict[str, Any]:
     if benchmark.kind == "winrate":
         return {"reference_output": _assistant(row), "reference_generator": extra.get("generator")}
     if benchmark.kind == "mc1":
-        from tulu_pipeline.evaluation.scoring import split_answers
-
         best = _assistant(row)
         wrong = split_answers(extra.get("Incorrect Answers"))
         if extra.get("Best Incorrect Answer") and extra["Best Incorrect Answer"] not in wrong:

@@ -15,15 +15,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from tulu_pipeline.data.coverage import eval_coverage
+from tulu_pipeline.data.registry import registry_version
 from tulu_pipeline.evaluation.benchmarks import benchmarks, get_benchmark
-from tulu_pipeline.evaluation.lineage import (
-    BASE_MODEL_ID,
-    ancestors,
-    lineage_order,
-    parent_of,
-    stage_of,
-)
+from tulu_pipeline.evaluation.lineage import BASE_MODEL_ID, ancestors, lineage_order, parent_of, read_manifest, stage_of
 from tulu_pipeline.evaluation.results import REPORTS, read_summary
+from tulu_pipeline.plots import figure_png, markdown_table, pyplot
 from tulu_pipeline.storage import Store
 
 
@@ -64,8 +61,6 @@ def comparison_table(store: Store) -> dict[str, Any]:
 
 def comparison_markdown(table: dict[str, Any]) -> str:
     """Markdown: score (×100) and [low, high] per checkpoint; n items per benchmark."""
-    from tulu_pipeline.plots import markdown_table
-
     headers = ["benchmark", "suite", "metric", "n"] + [f"{c} ({table['stages'][c]})" for c in table["columns"]]
     lines = []
     for row in table["rows"]:
@@ -86,8 +81,6 @@ def comparison_markdown(table: dict[str, Any]) -> str:
 def comparison_png(table: dict[str, Any]) -> bytes:
     """Grouped bars per benchmark, one colour per checkpoint, bootstrap intervals as error bars."""
     import numpy as np
-
-    from tulu_pipeline.plots import figure_png, pyplot
 
     plt = pyplot()
     rows, columns = table["rows"], table["columns"]
@@ -179,10 +172,6 @@ def contamination(store: Store, benchmark: str, checkpoint_id: str) -> dict[str,
 
 def _coverage_of(store: Store, checkpoint_id: str, sources: tuple[str, ...]) -> dict[str, Any]:
     """Which of ``sources`` the checkpoint's own training data was checked against."""
-    from tulu_pipeline.evaluation.lineage import read_manifest
-    from tulu_pipeline.provenance.audit import registry_version
-    from tulu_pipeline.provenance.coverage import eval_coverage
-
     manifest = read_manifest(store, checkpoint_id)
     if manifest is None:
         return {"checkpoint_id": checkpoint_id, "missing": list(sources), "why": "no training manifest"}

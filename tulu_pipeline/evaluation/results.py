@@ -25,7 +25,7 @@ import pyarrow as pa
 from tulu_pipeline.evaluation.runner import EVAL_CODE_VERSION, EvalResult
 from tulu_pipeline.hashing import json_hash
 from tulu_pipeline.provenance.ledger import Ledger, LedgerWriter
-from tulu_pipeline.provenance.template_lineage import lineage_hashes
+from tulu_pipeline.templates.lineage import lineage_hashes
 from tulu_pipeline.storage import Store
 
 EVAL_SCHEMA = pa.schema([

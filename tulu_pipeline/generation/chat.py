@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.generation.base import Messages
-from tulu_pipeline.provenance.template_lineage import template_lineage
-from tulu_pipeline.training.chat_template import (
+from tulu_pipeline.templates.lineage import template_lineage
+from tulu_pipeline.templates.chat_template import (
     ROLES,
     TULU_CHAT_TEMPLATE,
     prefix_ids,

@@ -32,7 +32,7 @@ from tulu_pipeline.generation.base import GenerationBackend, SamplingParams
 from tulu_pipeline.generation.chat import validate_messages
 from tulu_pipeline.generation.spec import BackendSpec, build_backend
 from tulu_pipeline.jobs import Job, JobOutcome, floats, job_main, require, typed
-from tulu_pipeline.provenance.template_lineage import lineage_hashes
+from tulu_pipeline.templates.lineage import lineage_hashes
 from tulu_pipeline.storage import Store
 from tulu_pipeline.progress import NullReporter, Reporter
 

@@ -13,7 +13,7 @@ from tulu_pipeline.mixing.sample import (
     MixSample, eligible_ids_by_source, mix_hash, record_mix_events, row_ids_hash, sample_mix,
 )
 from tulu_pipeline.provenance.ledger import LedgerWriter
-from tulu_pipeline.provenance.template_lineage import lineage_hashes, template_lineage
+from tulu_pipeline.templates.lineage import lineage_hashes, template_lineage
 from tulu_pipeline.storage import DatasetInfo, Store
 
 SOURCE_DATASET = "decontaminated_prompts"
@@ -48,7 +48,7 @@ def _load_tokenizer(tokenizer_dir: str):
 
     from transformers import AutoTokenizer
 
-    from tulu_pipeline.training.chat_template import apply_tulu_chat_template
+    from tulu_pipeline.templates.chat_template import apply_tulu_chat_template
 
     if not Path(tokenizer_dir, "tokenizer_config.json").exists():
         raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer there; materialize base_model first")
@@ -76,7 +76,7 @@ def build_sft_mix(store: Store, mix: MixConfig, run_id: str, tokenizer_dir: str 
     first_rows: list[dict[str, Any]] = []
 
     def selected_rows():
-        from tulu_pipeline.training.chat_template import encode_conversation
+        from tulu_pipeline.templates.chat_template import encode_conversation
 
         for row in store.iter_rows(SOURCE_DATASET, source_version):
             if row["row_id"] not in chosen:

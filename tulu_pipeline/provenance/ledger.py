@@ -36,6 +36,7 @@ from tulu_pipeline.provenance.ledger_layout import (
     sql_list,
     sql_str,
 )
+from tulu_pipeline.provenance.trace import summarize
 from tulu_pipeline.storage import Store
 
 
@@ -259,8 +260,6 @@ class Ledger:
 
     def trace(self, row_id: str) -> dict[str, Any]:
         """What the ledger knows about one row: its origin, every decision in order, and a per-stage summary."""
-        from tulu_pipeline.provenance.trace import summarize
-
         events = self.events_for(row_id)
         own = [e for e in events if e["row_id"] == row_id]
         origin = next((e["details"] for e in own if e["event"] == "ingested"), None)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tulu_pipeline.training.chat_template import IGNORE_INDEX
+from tulu_pipeline.templates.chat_template import IGNORE_INDEX
 
 if TYPE_CHECKING:
     import torch

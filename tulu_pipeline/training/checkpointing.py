@@ -31,20 +31,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tulu_pipeline.hashing import canonical_json, sha256_text
 from tulu_pipeline.storage import swap_directory
 
 CHECKPOINTS_DIR = "_checkpoints"
 RUN_FILE = "run.json"
 PROGRESS_FILE = "tulu_progress.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def row_ids_sha256(row_ids: Iterable[str]) -> str:

@@ -50,8 +50,8 @@ from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.preference.schema import PAIRS_DATASET  # noqa: F401  (re-exported for the job and plan)
 from tulu_pipeline.progress import NullReporter, Reporter
 from tulu_pipeline.training.batching import SFTCollator
-from tulu_pipeline.provenance.template_lineage import template_lineage
-from tulu_pipeline.training.chat_template import (
+from tulu_pipeline.templates.lineage import template_lineage
+from tulu_pipeline.templates.chat_template import (
     IGNORE_INDEX,
     apply_tulu_chat_template,
     encode_conversation,

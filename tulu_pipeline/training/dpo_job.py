@@ -26,7 +26,7 @@ from typing import Any
 
 from tulu_pipeline.jobs import Job, JobOutcome, floats, ints, job_main, png_markdown, require, typed
 from tulu_pipeline.progress import Reporter
-from tulu_pipeline.provenance.template_lineage import lineage_hashes, template_lineage
+from tulu_pipeline.templates.lineage import lineage_hashes, template_lineage
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.dpo import (
     PAIRS_DATASET,

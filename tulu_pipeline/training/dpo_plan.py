@@ -8,7 +8,7 @@ from typing import Any
 from tulu_pipeline.hashing import json_hash
 from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.provenance.ledger import LedgerWriter
-from tulu_pipeline.provenance.template_lineage import lineage_hashes
+from tulu_pipeline.templates.lineage import lineage_hashes
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.dpo import (
     DPO_CODE_VERSION,

@@ -65,8 +65,8 @@ from tulu_pipeline.progress import NullReporter, Reporter
 from tulu_pipeline.vllm_runtime import engine_env
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.rlvr.prompts import row_task
-from tulu_pipeline.provenance.template_lineage import template_lineage
-from tulu_pipeline.training.chat_template import (
+from tulu_pipeline.templates.lineage import template_lineage
+from tulu_pipeline.templates.chat_template import (
     apply_tulu_chat_template,
     encode_conversation,
 )

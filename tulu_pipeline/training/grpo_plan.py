@@ -11,12 +11,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from tulu_pipeline.data.registry import registry_version
 from tulu_pipeline.hashing import json_hash
 from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.provenance.ledger import LedgerWriter
-from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.rlvr.prompts import RLVR_DATASET, rlvr_info_path, row_task
 from tulu_pipeline.storage import Store
+from tulu_pipeline.templates.lineage import lineage_hashes
+from tulu_pipeline.training.grpo_config import grpo_config
 
 START_KINDS = ("dpo", "sft")  # in order of preference
 
@@ -98,10 +100,7 @@ def rlvr_checkpoint_plan(store: Store, preset: str, overrides: dict[str, Any], d
                          verifier_module: str | None = None, start_checkpoint_id: str | None = None) -> GRPOPlan:
     """Plan a run on ``rlvr_prompts@dataset_version`` (default: the latest) from ``start_checkpoint_id`` (default:
     `find_start_checkpoint`, the newest DPO checkpoint on disk, else the newest SFT one)."""
-    from tulu_pipeline.provenance.audit import registry_version
     from tulu_pipeline.training.grpo import GRPO_CODE_VERSION
-    from tulu_pipeline.training.grpo_config import grpo_config
-
     config = grpo_config(preset, **overrides)
     dataset_version = dataset_version or store.latest_version(RLVR_DATASET)
     if dataset_version is None:
@@ -121,7 +120,7 @@ def rlvr_checkpoint_plan(store: Store, preset: str, overrides: dict[str, Any], d
         "config": config.model_dump(mode="json"),
         "manifest_extra": {
             # <x>_dataset/<x>_version, *inputs and start_checkpoint (a string) are what
-            # tulu_pipeline.provenance.coverage walks from a checkpoint back to its decontaminated data.
+            # tulu_pipeline.data.coverage walks from a checkpoint back to its decontaminated data.
             "checkpoint_id": checkpoint_id, "prompts_dataset": RLVR_DATASET, "prompts_version": dataset_version,
             "prompt_counts": info["counts"], "prompt_inputs": info["inputs"],
             "start_checkpoint": start.checkpoint_id,

@@ -56,8 +56,8 @@ from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.progress import NullReporter, Reporter, loss_curve_png
 from tulu_pipeline.training.batching import INFO_KEYS, SFTCollator
-from tulu_pipeline.provenance.template_lineage import template_lineage
-from tulu_pipeline.training.chat_template import (
+from tulu_pipeline.templates.lineage import template_lineage
+from tulu_pipeline.templates.chat_template import (
     IGNORE_INDEX,
     apply_tulu_chat_template,
     encode_rows,

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tulu_pipeline.data.registry import registry_version
 from tulu_pipeline.hashing import json_hash
 from tulu_pipeline.mixing.publish import MIX_DATASET, mix_info_path
-from tulu_pipeline.provenance.audit import registry_version
 from tulu_pipeline.provenance.ledger import LedgerWriter
-from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.storage import Store
+from tulu_pipeline.templates.lineage import lineage_hashes
+from tulu_pipeline.training.sft_config import sft_config
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,6 @@ def sft_checkpoint_id(code_version: str, config: dict[str, Any], mix_version: st
 
 def sft_checkpoint_plan(store: Store, preset: str, overrides: dict[str, Any], base_model_dir: str) -> SFTPlan:
     """The checkpoint id hashes the training code version, full config, mix and base weights."""
-    from tulu_pipeline.training.sft_config import sft_config
     from tulu_pipeline.training.sft import SFT_CODE_VERSION
 
     config = sft_config(preset, **overrides)

@@ -15,14 +15,18 @@ asset can attach it as metadata.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 from collections import Counter, defaultdict
 from typing import Any
 
-from tulu_pipeline.hashing import json_hash, short_digest
+from tulu_pipeline.curation.pipeline import checks_path
+from tulu_pipeline.data.coverage import checkpoint_decontaminated_versions, dataset_refs
+from tulu_pipeline.data.registry import registry, registry_version
+from tulu_pipeline.hashing import json_hash
 from tulu_pipeline.layout import MANIFEST_FILE
+from tulu_pipeline.mixing.publish import MIX_DATASET, mix_info_path
+from tulu_pipeline.mixing.sample import row_ids_hash
 from tulu_pipeline.plots import markdown_table
 from tulu_pipeline.provenance.ledger import Ledger
 from tulu_pipeline.provenance.trace import score_text
@@ -35,23 +39,6 @@ DECONTAM_REPORTS = "reports/decontamination"
 # ---------------------------------------------------------------------------------------------
 # registry and licenses
 # ---------------------------------------------------------------------------------------------
-def registry_version() -> str:
-    """16 hex chars of sha256 over ``sources.yaml`` and the active manifest (names and bytes).
-
-    Any change to a source's mapping, path, license or file hash changes it.
-    """
-    from tulu_pipeline.data.registry import REGISTRY_FILE, active_manifest_file
-
-    digest = hashlib.sha256()
-    for path in (REGISTRY_FILE, active_manifest_file()):
-        data = path.read_bytes()
-        # lower-cased: the bundle's MANIFEST.json and its packaged copy manifest.json hash alike
-        for piece in (path.name.lower().encode(), data):
-            digest.update(len(piece).to_bytes(8, "big"))
-            digest.update(piece)
-    return short_digest(digest)
-
-
 def license_is_non_commercial(license: str | None) -> bool:
     """Whether a license string forbids commercial use (CC BY-NC and friends), as `SourceSpec.is_non_commercial`."""
     if not license:
@@ -60,8 +47,6 @@ def license_is_non_commercial(license: str | None) -> bool:
 
 
 def _registry_specs() -> dict[str, Any]:
-    from tulu_pipeline.data.registry import registry
-
     return {spec.id: spec for spec in registry()}
 
 
@@ -115,8 +100,6 @@ def licenses_markdown(audit: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 def decontamination_status(store: Store, version: str) -> dict[str, Any]:
     """Blocking-check verdicts and the benchmarks ``decontaminated_prompts@version`` was checked against."""
-    from tulu_pipeline.curation.pipeline import checks_path
-
     base = posixpath.join(DECONTAM_REPORTS, version)
     checks = store.read_json(checks_path(version))["checks"] if store.exists(checks_path(version)) else None
     report = store.read_json(f"{base}/report.json") if store.exists(f"{base}/report.json") else None
@@ -199,8 +182,6 @@ def eval_audit(store: Store, benchmark: str, item_id: str | None = None) -> dict
     for row_hits in hits.values():
         items.update({h["eval_id"] for h in row_hits})
     exposed = sorted({c["checkpoint"] for r in rows for c in r["checkpoints"] if c["event"] == "trained_on"})
-    from tulu_pipeline.data.registry import registry
-
     known = {spec.benchmark for spec in registry() if spec.role == "eval"}
     return {
         "benchmark": benchmark, "item": item_id, "registered_benchmark": benchmark in known,
@@ -261,9 +242,6 @@ def load_checkpoint_manifest(store: Store, checkpoint_id: str) -> dict[str, Any]
 def checkpoint_bill(store: Store, checkpoint_id: str) -> dict[str, Any]:
     """The data bill of ``models/<checkpoint_id>``: sources and row counts, licenses, decontamination
     status and registry version, mix and config hashes, code versions, and consistency checks."""
-    from tulu_pipeline.mixing.publish import MIX_DATASET, mix_info_path
-    from tulu_pipeline.mixing.sample import row_ids_hash
-
     manifest = load_checkpoint_manifest(store, checkpoint_id)
     mix_hash = manifest.get("mix_hash") or manifest.get("mix_version")
     if not mix_hash:
@@ -380,8 +358,6 @@ PARENT_KEYS = ("start_checkpoint", "reference_checkpoint")
 def _derived_bill(store: Store, checkpoint_id: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """The bill of a checkpoint trained on pairs (DPO) or prompts (RLVR) from another checkpoint: its own rows,
     counted from the ledger, plus everything its start checkpoint learned from (licenses are inherited)."""
-    from tulu_pipeline.provenance.coverage import checkpoint_decontaminated_versions, dataset_refs
-
     refs = [(n, v) for n, v in dataset_refs(manifest) if n in DERIVED_DATASETS]
     if not refs:
         raise ValueError(f"checkpoint {checkpoint_id!r}: training_manifest.json names no training data "

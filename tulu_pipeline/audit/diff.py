@@ -20,12 +20,14 @@ import json
 from collections import defaultdict
 from typing import Any
 
+from tulu_pipeline.audit.reports import checkpoint_bill, eval_audit, load_checkpoint_manifest
+from tulu_pipeline.data.coverage import dataset_refs
+from tulu_pipeline.evaluation.results import dataset_name, read_summary
+from tulu_pipeline.evaluation.scoring import bootstrap_ci
 from tulu_pipeline.plots import markdown_table
-from tulu_pipeline.provenance.audit import checkpoint_bill, eval_audit, load_checkpoint_manifest
-from tulu_pipeline.provenance.coverage import dataset_refs
 from tulu_pipeline.provenance.ledger import Ledger
-from tulu_pipeline.provenance.template_lineage import lineage_hashes
 from tulu_pipeline.storage import Store
+from tulu_pipeline.templates.lineage import lineage_hashes
 
 # Ledger events that are decisions about a row before any training (what `decisions differ` compares).
 DECISION_EVENTS = ("normalized", "quarantined", "dropped_duplicate", "kept", "included_in_mix", "paired",
@@ -110,8 +112,6 @@ def _training_identity(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _item_scores(store: Store, benchmark: str, checkpoint_id: str, summary: dict[str, Any]) -> dict[str, float]:
-    from tulu_pipeline.evaluation.results import dataset_name
-
     return {r["item_id"]: float(r["score"]) for r in store.iter_rows(dataset_name(benchmark, checkpoint_id),
                                                                       summary.get("version"))}
 
@@ -131,9 +131,6 @@ def _overlaps(store: Store, benchmark: str, trained_a: set[str], trained_b: set[
 
 def _evaluations(store: Store, a: str, b: str, trained_a: set[str], trained_b: set[str],
                  resamples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
-    from tulu_pipeline.evaluation.results import read_summary
-    from tulu_pipeline.evaluation.scoring import bootstrap_ci
-
     out = []
     for benchmark in sorted(store.listdir("reports/eval")):
         sa, sb = read_summary(store, benchmark, a), read_summary(store, benchmark, b)

@@ -17,12 +17,16 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
+from tulu_pipeline.audit.reports import decontamination_status, load_checkpoint_manifest
+from tulu_pipeline.data.ingest import source_version
+from tulu_pipeline.data.registry import get_source, registry_version
 from tulu_pipeline.mixing.config import MixConfig
 from tulu_pipeline.mixing.publish import SOURCE_DATASET
 from tulu_pipeline.mixing.sample import MixSample, eligible_ids_by_source, mix_hash, row_ids_hash, sample_mix
-from tulu_pipeline.provenance.audit import decontamination_status, load_checkpoint_manifest, registry_version
 from tulu_pipeline.provenance.ledger import Ledger
 from tulu_pipeline.storage import TMP_MARKER, Store
+from tulu_pipeline.training.sft_config import SFT_PRESETS
+from tulu_pipeline.training.sft_plan import sft_checkpoint_id
 
 REPRODUCE_DIR = "reports/reproduce"
 
@@ -75,8 +79,6 @@ def _checkpoint_id(manifest: dict[str, Any]) -> str | None:
     needed = ("sft_code_version", "config", "mix_hash", "base_model_sha256")
     if any(manifest.get(k) is None for k in needed):
         return None
-    from tulu_pipeline.training.sft_plan import sft_checkpoint_id
-
     return sft_checkpoint_id(manifest["sft_code_version"], manifest["config"], manifest["mix_hash"],
                              manifest["base_model_sha256"])
 
@@ -85,8 +87,6 @@ def _overrides(preset: str | None, config: dict[str, Any] | None) -> dict[str, A
     if config is None:
         return None
     try:
-        from tulu_pipeline.training.sft_config import SFT_PRESETS
-
         base = SFT_PRESETS[preset].model_dump(mode="json")
     except (ImportError, KeyError):
         return dict(config)
@@ -95,9 +95,6 @@ def _overrides(preset: str | None, config: dict[str, Any] | None) -> dict[str, A
 
 def _lineage(store: Store, row_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
     """Data asset versions the mix's rows went through, from the ledger (sources and curation stages)."""
-    from tulu_pipeline.data.ingest import source_version
-    from tulu_pipeline.data.registry import get_source
-
     rows = Ledger(store).query(
         "SELECT asset_key, asset_version, list(DISTINCT run_id ORDER BY run_id) AS run_ids, "
         "count(DISTINCT row_id) AS rows FROM events "

@@ -1,0 +1,1 @@
+"""Audits that read across every stage: data bills, exposure, licenses, reproduction, checkpoint diffs, template checks."""
