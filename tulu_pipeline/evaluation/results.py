@@ -100,6 +100,16 @@ def read_summary(store: Store, benchmark: str, checkpoint_id: str) -> dict[str, 
     return store.read_json(rel) if store.exists(rel) else None
 
 
+def item_scores(store: Store, benchmark: str, checkpoint_id: str,
+                summary: dict[str, Any] | None = None) -> dict[str, float]:
+    """``{item_id: score}`` of the evaluation ``summary`` names (default: the latest), from its item dataset."""
+    summary = summary if summary is not None else read_summary(store, benchmark, checkpoint_id)
+    if summary is None:
+        return {}
+    return {r["item_id"]: float(r["score"])
+            for r in store.iter_rows(dataset_name(benchmark, checkpoint_id), summary.get("version"))}
+
+
 def checkpoints_that_saw(store: Store, item_id: str) -> list[str]:
     """The checkpoints evaluated on an eval item (from its ``evaluated`` ledger events)."""
     rows = Ledger(store).query(
