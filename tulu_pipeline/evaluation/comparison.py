@@ -2,8 +2,10 @@
 
 - `comparison_table(store)`: rows = benchmarks (dev suite, then unseen), columns = every evaluated
   checkpoint in lineage order; each cell is the score with its seeded 95% bootstrap interval, so the
-  noise of an 8-item CPU sample is visible.
-- `comparison_markdown` / `comparison_png`: the same table for the UI and as a chart with error bars.
+  noise of an 8-item CPU sample is visible. Each row's ``deltas`` hold every stage's paired effect
+  (child − parent on the shared items: `tulu_pipeline.evaluation.paired`).
+- `comparison_markdown` / `comparison_png`: the same table for the UI (with the stage effects,
+  `stage_effects_markdown`) and as a chart with error bars.
 - `regression(store, benchmark, checkpoint_id, max_drop)`: a checkpoint against its parent.
 - `contamination(store, benchmark, checkpoint_id)`: whether every training run upstream of the
   checkpoint was decontaminated against the benchmark's eval sources.
@@ -19,9 +21,12 @@ from tulu_pipeline.data.coverage import eval_coverage
 from tulu_pipeline.data.registry import registry_version
 from tulu_pipeline.evaluation.benchmarks import benchmarks, get_benchmark
 from tulu_pipeline.evaluation.lineage import BASE_MODEL_ID, ancestors, lineage_order, parent_of, read_manifest, stage_of
-from tulu_pipeline.evaluation.results import REPORTS, read_summary
+from tulu_pipeline.evaluation.paired import excludes_zero, paired_delta
+from tulu_pipeline.evaluation.results import REPORTS, item_scores, read_summary
 from tulu_pipeline.plots import figure_png, markdown_table, pyplot
 from tulu_pipeline.storage import Store
+
+COMPARISON_REPORT = f"{REPORTS}/comparison"  # comparison.{json,md,png} and the run summary
 
 
 def evaluated(store: Store) -> dict[str, dict[str, dict[str, Any]]]:
@@ -39,10 +44,25 @@ def _pct(value: float) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
-def comparison_table(store: Store) -> dict[str, Any]:
-    """The table as data: ``columns`` (checkpoint ids in lineage order) and one row per benchmark."""
+def stage_pairs(store: Store, columns: list[str]) -> list[dict[str, str]]:
+    """``{"child", "parent", "stage"}`` for every evaluated checkpoint whose parent was evaluated too; the
+    label (``sft − base``) names the child when two children share it."""
+    pairs = [{"child": c, "parent": p, "stage": f"{stage_of(c)} − {stage_of(p)}"}
+             for c in columns if (p := parent_of(store, c)) in columns]
+    labels = [pair["stage"] for pair in pairs]
+    for pair in pairs:
+        if labels.count(pair["stage"]) > 1:
+            pair["stage"] += f" ({pair['child']})"
+    return pairs
+
+
+def comparison_table(store: Store, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The table as data: ``columns`` (checkpoint ids in lineage order), ``pairs`` (`stage_pairs`) and one
+    row per benchmark; a row's ``deltas`` map each child checkpoint to its `paired_delta` against its
+    parent (with ``parent`` and ``stage``), seeded by ``seed`` with ``resamples`` bootstrap draws."""
     found = evaluated(store)
     columns = lineage_order(store, sorted({c for per in found.values() for c in per}))
+    pairs = stage_pairs(store, columns)
     known = list(benchmarks())
     rows = []
     for name in sorted(found, key=lambda b: (known.index(b) if b in known else len(known), b)):
@@ -54,9 +74,16 @@ def comparison_table(store: Store) -> dict[str, Any]:
                 cells[checkpoint_id] = {"score": s["score"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
                                         "n": s["n"], "version": s.get("version"),
                                         "contamination": (s.get("contamination") or {}).get("status")}
+        deltas = {}
+        for pair in pairs:
+            child, parent = pair["child"], pair["parent"]
+            if child in cells and parent in cells:
+                scores = {c: item_scores(store, name, c, found[name][c]) for c in (child, parent)}
+                deltas[child] = {"parent": parent, "stage": pair["stage"],
+                                 **paired_delta(scores[child], scores[parent], resamples, seed)}
         rows.append({"benchmark": name, "suite": spec.suite if spec else "?", "metric": spec.metric if spec else "",
-                     "cells": cells})
-    return {"columns": columns, "stages": {c: stage_of(c) for c in columns}, "rows": rows}
+                     "cells": cells, "deltas": deltas})
+    return {"columns": columns, "stages": {c: stage_of(c) for c in columns}, "pairs": pairs, "rows": rows}
 
 
 def comparison_markdown(table: dict[str, Any]) -> str:
@@ -75,7 +102,42 @@ def comparison_markdown(table: dict[str, Any]) -> str:
     return markdown_table(lines, headers, max_chars=60) + (
         "\n\nScores ×100 with seeded 95% bootstrap intervals over items; overlapping intervals are not a "
         "difference. ⚠ = possibly contaminated: a training run upstream of the checkpoint was not "
-        "decontaminated against the benchmark.")
+        "decontaminated against the benchmark.") + (
+        "\n\n" + stage_effects_markdown(table) if any(row.get("deltas") for row in table["rows"]) else "")
+
+
+STAGE_EFFECTS_LEGEND = (
+    "Δ = child − parent: the mean per-item difference ×100 on the items both checkpoints were scored on, with "
+    "a seeded paired bootstrap 95% interval (items resampled, the same ones for both). p = exact two-sided "
+    "sign test over the items whose score changed (ties dropped). n = paired items (changed items). MDD = the "
+    "smallest true difference this n detects with 80% power at α = 0.05, (1.96 + 0.84) · sd(diff) / √n, with "
+    "sd 0.5 (a 0/1 score at 50%) when the differences do not vary: a |Δ| below the MDD is not evidence of "
+    "no effect, only of too few items. ▲/▼ = the interval excludes zero. † = the two checkpoints were scored "
+    "on different items; paired on the shared ones.")
+
+
+def _signed(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:+.1f}"
+
+
+def _p(value: float) -> str:
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def stage_effects_markdown(table: dict[str, Any]) -> str:
+    """The stage effects (benchmark × stage): Δ ×100 [low, high], sign test p, n (changed), MDD ×100."""
+    headers = ["benchmark", "stage", "Δ ×100 [95% CI]", "p", "n (changed)", "MDD ×100", "effect"]
+    lines = []
+    for row in table["rows"]:
+        for child, d in row.get("deltas", {}).items():
+            marked = excludes_zero(d)
+            lines.append({
+                "benchmark": row["benchmark"], "stage": d["stage"],
+                "Δ ×100 [95% CI]": f"{_signed(d['delta'])} [{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]",
+                "p": _p(d["p_value"]), "n (changed)": f"{d['n']} ({d['changed']}){'' if d['same_items'] else ' †'}",
+                "MDD ×100": "–" if d["mdd"] is None else f"{100 * d['mdd']:.1f}",
+                "effect": ("▲" if d["delta"] > 0 else "▼") if marked else ""})
+    return "### Stage effects\n\n" + markdown_table(lines, headers, max_chars=60) + "\n\n" + STAGE_EFFECTS_LEGEND
 
 
 def comparison_png(table: dict[str, Any]) -> bytes:
