@@ -23,6 +23,7 @@ from resources import ComputeLauncher, TuluStorage
 from resources.generation import GenerationResource, JudgeResource
 from tulu_pipeline.evaluation.benchmarks import benchmark_config, benchmarks
 from tulu_pipeline.evaluation.comparison import (
+    COMPARISON_REPORT,
     comparison_markdown,
     comparison_png,
     comparison_table,
@@ -31,6 +32,7 @@ from tulu_pipeline.evaluation.comparison import (
 from tulu_pipeline.evaluation.lineage import BASE_MODEL_ID, lineage_order, list_checkpoints
 from tulu_pipeline.evaluation.pipeline import run_benchmark
 from tulu_pipeline.evaluation.results import dataset_name
+from tulu_pipeline.evaluation.run_summary import write_run_summary
 from tulu_pipeline.evaluation.runner import EVAL_CODE_VERSION
 from tulu_pipeline.audit.template_checks import check_evaluation_lineage
 
@@ -40,7 +42,6 @@ checkpoint_partitions = dg.DynamicPartitionsDefinition(name=CHECKPOINT_PARTITION
 REGRESSION_CHECK = "no_regression_vs_parent"
 CONTAMINATION_CHECK = "decontaminated_upstream"
 TEMPLATE_CHECK = "template_matches_checkpoint"
-COMPARISON_REPORT = "reports/eval/comparison"
 # the assets that write models/<checkpoint_id>/ (lineage in the UI; the partition names the checkpoint)
 CHECKPOINT_ASSETS = ["base_model", *TRAINED_CHECKPOINT_ASSETS]
 
@@ -165,17 +166,20 @@ eval_assets = [build_eval_asset(name) for name in benchmarks()]
 @dg.asset(group_name="evaluation", kinds={"json"}, owners=EVAL_OWNERS, code_version=EVAL_CODE_VERSION,
           deps=[a.key for a in eval_assets],
           description="Every evaluated checkpoint side by side (rows: benchmarks, dev then unseen; columns: "
-                      "base, SFT, DPO, RLVR in lineage order), with bootstrap intervals and contamination marks.")
+                      "base, SFT, DPO, RLVR in lineage order), with bootstrap intervals and contamination marks; "
+                      "each stage's paired effect on its parent; the run summary (reports/eval/comparison/summary.md).")
 def eval_comparison(context: dg.AssetExecutionContext, storage: TuluStorage) -> dg.MaterializeResult:
     store = storage.store()
     table = comparison_table(store)
     markdown = comparison_markdown(table)
     store.write_json(f"{COMPARISON_REPORT}/comparison.json", table)
     store.write_bytes(f"{COMPARISON_REPORT}/comparison.md", (markdown + "\n").encode())
+    summary = write_run_summary(store, table)
     flagged = [f"{row['benchmark']}@{c}" for row in table["rows"] for c, cell in row["cells"].items()
                if cell.get("contamination") == "possibly_contaminated"]
     return dg.MaterializeResult(metadata={
         "table": dg.MetadataValue.md(markdown),
+        "summary": dg.MetadataValue.md(summary),
         "chart": image(store, f"{COMPARISON_REPORT}/comparison.png", comparison_png(table)),
         "checkpoints": dg.MetadataValue.json(table["columns"]),
         "benchmarks": len(table["rows"]),
@@ -276,7 +280,7 @@ def evaluate_all_checkpoints(instance: dg.DagsterInstance | None = None, checkpo
 
 def main(argv: list[str] | None = None) -> None:
     """``tulu-evaluate``: evaluate every current checkpoint (or those named) through the eval partitions, then
-    redraw the comparison table; exits non-zero when any checkpoint's evaluation failed."""
+    redraw the comparison table and print the run summary; exits non-zero when any checkpoint's evaluation failed."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="tulu-evaluate", description=main.__doc__.split(";")[0])
@@ -291,6 +295,11 @@ def main(argv: list[str] | None = None) -> None:
     outcome = evaluate_all_checkpoints(checkpoints=args.checkpoints, run_config=run_config)
     for checkpoint_id, ok in outcome.items():
         print(f"{checkpoint_id}: {'evaluated' if ok else 'FAILED'}")
+    # rebuilt rather than read back: the same function on the same results as eval_comparison's, and
+    # present even where the report job did not run (a fake evaluate_all_checkpoints in tests)
+    store = TuluStorage().store()
+    print()
+    print(write_run_summary(store, comparison_table(store)))
     raise SystemExit(0 if outcome and all(outcome.values()) else 1)
 
 
