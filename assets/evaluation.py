@@ -23,6 +23,7 @@ from resources import ComputeLauncher, TuluStorage
 from resources.generation import GenerationResource, JudgeResource
 from tulu_pipeline.evaluation.benchmarks import benchmark_config, benchmarks
 from tulu_pipeline.evaluation.comparison import (
+    COMPARISON_CODE_VERSION,
     COMPARISON_REPORT,
     comparison_markdown,
     comparison_png,
@@ -163,7 +164,7 @@ def build_eval_asset(name: str) -> dg.AssetsDefinition:
 eval_assets = [build_eval_asset(name) for name in benchmarks()]
 
 
-@dg.asset(group_name="evaluation", kinds={"json"}, owners=EVAL_OWNERS, code_version=EVAL_CODE_VERSION,
+@dg.asset(group_name="evaluation", kinds={"json"}, owners=EVAL_OWNERS, code_version=COMPARISON_CODE_VERSION,
           deps=[a.key for a in eval_assets],
           description="Every evaluated checkpoint side by side (rows: benchmarks, dev then unseen; columns: "
                       "base, SFT, DPO, RLVR in lineage order), with bootstrap intervals and contamination marks; "

@@ -219,3 +219,17 @@ def test_tulu_evaluate_prints_the_summary_after_the_checkpoints(home, monkeypatc
     assert out.startswith("base_model: evaluated\nsft-1: evaluated\ndpo-2: evaluated\n\n## Run summary\n")
     assert "| gsm8k | sft − base | +62.5 [" in out and f"tulu trace {TRAINED_ROW} --tree" in out
     assert out.rstrip("\n").endswith((home / "reports/eval/comparison/summary.md").read_text().rstrip("\n"))
+
+
+@pytest.mark.filterwarnings("ignore::dagster.BetaWarning", "ignore::dagster.PreviewWarning")
+def test_eval_comparison_carries_the_summary(home):
+    import dagster as dg
+
+    from assets.evaluation import eval_comparison
+    from resources import TuluStorage
+
+    result = dg.materialize([eval_comparison], resources={"storage": TuluStorage(root=str(home))})
+    metadata = result.asset_materializations_for_node("eval_comparison")[0].metadata
+    assert "### Stage effects" in metadata["table"].value
+    summary = (home / "reports/eval/comparison/summary.md").read_text()
+    assert metadata["summary"].value == summary.rstrip("\n") and "## Run summary" in summary

@@ -27,6 +27,9 @@ from tulu_pipeline.plots import figure_png, markdown_table, pyplot
 from tulu_pipeline.storage import Store
 
 COMPARISON_REPORT = f"{REPORTS}/comparison"  # comparison.{json,md,png} and the run summary
+# eval_comparison's code version, apart from the evaluations' (EVAL_CODE_VERSION): a new table or summary
+# marks the comparison stale without re-versioning every evaluation. 2: stage effects and the run summary.
+COMPARISON_CODE_VERSION = "2"
 
 
 def evaluated(store: Store) -> dict[str, dict[str, dict[str, Any]]]:
