@@ -47,12 +47,9 @@ instance: setup
 # The whole pipeline that exists so far, on the embedded default model, recorded in the local instance.
 run: instance
 	$(BIN)/dagster job execute -m definitions -j full_pipeline
-	# evaluation is partitioned by checkpoint: base, SFT, DPO and RLVR, then the comparison table
+	# evaluation is partitioned by checkpoint: base, SFT, DPO and RLVR. It ends with the run summary: stage
+	# effects, checkpoint ids, where the reports are, and the next commands (the UI port: PORT, 3000 unless set).
 	$(BIN)/tulu-evaluate
-	@echo
-	@echo "Pipeline materialized under $(TULU_HOME); comparison table: $(TULU_HOME)/reports/eval/comparison/comparison.md"
-	@echo "Open the Dagster UI:  make ui   (then http://localhost:$(PORT))"
-	@echo "Trace a row:          $(BIN)/tulu trace $$($(BIN)/tulu rows raw/gsm8k_train --limit 1 | $(BIN)/python -c 'import json,sys; print(json.loads(sys.stdin.readline())["row_id"])')"
 
 ui: instance
 	$(BIN)/dagster dev -w workspace.yaml -p $(PORT)
