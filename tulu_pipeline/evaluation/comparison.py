@@ -90,7 +90,8 @@ def comparison_table(store: Store, resamples: int = 1000, seed: int = 0) -> dict
 
 
 def comparison_markdown(table: dict[str, Any]) -> str:
-    """Markdown: score (×100) and [low, high] per checkpoint; n items per benchmark."""
+    """Markdown: score (×100) and [low, high] per checkpoint, n items per benchmark; then, where a checkpoint
+    and its parent were both evaluated, the stage effects (`stage_effects_markdown`)."""
     headers = ["benchmark", "suite", "metric", "n"] + [f"{c} ({table['stages'][c]})" for c in table["columns"]]
     lines = []
     for row in table["rows"]:
