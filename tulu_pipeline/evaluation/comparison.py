@@ -104,8 +104,8 @@ def comparison_markdown(table: dict[str, Any]) -> str:
                              if cell else "")
         lines.append(entry)
     return markdown_table(lines, headers, max_chars=60) + (
-        "\n\nScores ×100 with seeded 95% bootstrap intervals over items; overlapping intervals are not a "
-        "difference. ⚠ = possibly contaminated: a training run upstream of the checkpoint was not "
+        "\n\nScores ×100 with seeded 95% bootstrap intervals over items; overlapping intervals do not rule out "
+        "a difference (the stage effects compare checkpoints item by item). ⚠ = possibly contaminated: a training run upstream of the checkpoint was not "
         "decontaminated against the benchmark.") + (
         "\n\n" + stage_effects_markdown(table) if any(row.get("deltas") for row in table["rows"]) else "")
 
