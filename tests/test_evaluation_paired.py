@@ -233,3 +233,15 @@ def test_eval_comparison_carries_the_summary(home):
     assert "### Stage effects" in metadata["table"].value
     summary = (home / "reports/eval/comparison/summary.md").read_text()
     assert metadata["summary"].value == summary.rstrip("\n") and "## Run summary" in summary
+
+
+def test_an_effect_needs_the_sign_test_too():
+    from tulu_pipeline.evaluation.paired import significant
+
+    parent = {f"i{k}": 0.0 for k in range(16)}
+    child = {**parent, **{f"i{k}": 1.0 for k in range(4)}}  # 4 up, none down: the bootstrap excludes zero
+    d = paired_delta(child, parent)
+    assert excludes_zero(d) and d["p_value"] == pytest.approx(0.125)
+    assert not significant(d)
+    child = {**parent, **{f"i{k}": 1.0 for k in range(8)}}
+    assert significant(paired_delta(child, parent))

@@ -22,7 +22,7 @@ from typing import Any
 
 from tulu_pipeline.audit.reports import checkpoint_bill, eval_audit, load_checkpoint_manifest
 from tulu_pipeline.data.coverage import dataset_refs
-from tulu_pipeline.evaluation.results import dataset_name, read_summary
+from tulu_pipeline.evaluation.results import item_scores, read_summary
 from tulu_pipeline.evaluation.scoring import bootstrap_ci
 from tulu_pipeline.plots import markdown_table
 from tulu_pipeline.provenance.ledger import Ledger
@@ -111,11 +111,6 @@ def _training_identity(manifest: dict[str, Any]) -> dict[str, Any]:
             "template_lineage": lineage_hashes(manifest.get("template_lineage")), "preset": manifest.get("preset")}
 
 
-def _item_scores(store: Store, benchmark: str, checkpoint_id: str, summary: dict[str, Any]) -> dict[str, float]:
-    return {r["item_id"]: float(r["score"]) for r in store.iter_rows(dataset_name(benchmark, checkpoint_id),
-                                                                      summary.get("version"))}
-
-
 def _overlaps(store: Store, benchmark: str, trained_a: set[str], trained_b: set[str]) -> dict[str, list[dict[str, Any]]]:
     """Eval item id (registry row id and benchmark id) -> training rows that overlapped it, best first."""
     by_item: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -136,7 +131,7 @@ def _evaluations(store: Store, a: str, b: str, trained_a: set[str], trained_b: s
         sa, sb = read_summary(store, benchmark, a), read_summary(store, benchmark, b)
         if sa is None or sb is None:
             continue
-        scores_a, scores_b = _item_scores(store, benchmark, a, sa), _item_scores(store, benchmark, b, sb)
+        scores_a, scores_b = item_scores(store, benchmark, a, sa), item_scores(store, benchmark, b, sb)
         common = sorted(set(scores_a) & set(scores_b))
         deltas = [scores_b[i] - scores_a[i] for i in common]
         low, high = bootstrap_ci(deltas, resamples, seed)

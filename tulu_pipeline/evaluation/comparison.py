@@ -21,7 +21,7 @@ from tulu_pipeline.data.coverage import eval_coverage
 from tulu_pipeline.data.registry import registry_version
 from tulu_pipeline.evaluation.benchmarks import benchmarks, get_benchmark
 from tulu_pipeline.evaluation.lineage import BASE_MODEL_ID, ancestors, lineage_order, parent_of, read_manifest, stage_of
-from tulu_pipeline.evaluation.paired import excludes_zero, paired_delta
+from tulu_pipeline.evaluation.paired import paired_delta, significant
 from tulu_pipeline.evaluation.results import REPORTS, item_scores, read_summary
 from tulu_pipeline.plots import figure_png, markdown_table, pyplot
 from tulu_pipeline.storage import Store
@@ -116,7 +116,8 @@ STAGE_EFFECTS_LEGEND = (
     "sign test over the items whose score changed (ties dropped). n = paired items (changed items). MDD = the "
     "smallest true difference this n detects with 80% power at α = 0.05, (1.96 + 0.84) · sd(diff) / √n, with "
     "sd 0.5 (a 0/1 score at 50%) when the differences do not vary: a |Δ| below the MDD is not evidence of "
-    "no effect, only of too few items. ▲/▼ = the interval excludes zero. † = the two checkpoints were scored "
+    "no effect, only of too few items. ▲/▼ = the interval excludes zero and p < 0.05 (with few changed items the "
+    "bootstrap interval alone is too narrow). † = the two checkpoints were scored "
     "on different items; paired on the shared ones.")
 
 
@@ -134,7 +135,7 @@ def stage_effects_markdown(table: dict[str, Any]) -> str:
     lines = []
     for row in table["rows"]:
         for child, d in row.get("deltas", {}).items():
-            marked = excludes_zero(d)
+            marked = significant(d)
             lines.append({
                 "benchmark": row["benchmark"], "stage": d["stage"],
                 "Δ ×100 [95% CI]": f"{_signed(d['delta'])} [{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]",

@@ -84,3 +84,10 @@ def excludes_zero(delta: Mapping[str, Any]) -> bool:
     """Whether the interval of a `paired_delta` lies wholly above or below zero."""
     low, high = delta.get("ci_low"), delta.get("ci_high")
     return low is not None and high is not None and (low > 0 or high < 0)
+
+
+def significant(delta: Mapping[str, Any], alpha: float = 0.05) -> bool:
+    """Marked as an effect: the interval excludes zero *and* the sign test's p is below ``alpha`` (with few
+    changed items the percentile bootstrap alone is too narrow)."""
+    p = delta.get("p_value")
+    return excludes_zero(delta) and p is not None and p < alpha
