@@ -88,7 +88,7 @@ from tulu_pipeline.training.checkpointing import (
 from tulu_pipeline.training.grpo_config import GRPOTrainingConfig
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
-GRPO_CODE_VERSION = "2"
+GRPO_CODE_VERSION = "3"
 MANIFEST_FORMAT_VERSION = 1
 REWARD_CURVE_FILE = "reward_curve.png"
 TRAINING_METRICS_FILE = "training_metrics.png"
@@ -731,7 +731,7 @@ def _train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: An
     for iteration in range(config.num_iterations if num_tokens else 0):
         optimizer.zero_grad(set_to_none=True)
         for k, chunk in enumerate(chunks):
-            logps, mask, entropy = forward(model, chunk, with_entropy=iteration == 0)
+            logps, mask, *entropy = forward(model, chunk, with_entropy=iteration == 0)
             old_logps = old[k] if old else logps.detach()
             loss_mask = mask * torch.tensor([[float(r.in_loss)] for r in chunk], device=device)
             if iteration == 0:
@@ -745,7 +745,7 @@ def _train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: An
                                          f"{type(rollouts_backend).__name__} backend returned none")
                     is_weights[k] = importance_weights(old_logps, sampler, mask, config.importance_sampling_cap)
                     totals["is_weight"] += float((is_weights[k] * loss_mask).sum())
-                totals["entropy"] += float((entropy * loss_mask).sum())
+                totals["entropy"] += float((entropy[0] * loss_mask).sum())
             advantages = torch.tensor([r.advantage for r in chunk], dtype=torch.float32, device=device)
             terms = grpo_loss(logps, old_logps, advantages, loss_mask, config, num_sequences=len(rollouts),
                               num_tokens=num_tokens, ref_logps=ref[k] if ref else None,
@@ -806,6 +806,25 @@ def _train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: An
     if config.importance_sampling_correction:
         metrics["is_weight_mean"] = round(totals["is_weight"] / first_tokens, 6)
     return metrics, [group[0].prompt_index for group in kept]
+
+
+def lr_schedule(config: GRPOTrainingConfig) -> Callable[[int], float]:
+    """The learning-rate factor of each optimizer update (a `LambdaLR` lambda of the updates done so far).
+
+    The scheduler steps once per update and a step makes ``num_iterations`` of them, so the horizon is
+    ``max_steps * num_iterations`` updates; ``warmup_steps`` counts steps like ``max_steps``. Linear: the last
+    update runs at 1/updates of the peak and the rate is 0 only after it (transformers' linear schedule).
+    """
+    updates = config.max_steps * config.num_iterations
+    warmup = config.warmup_steps * config.num_iterations
+
+    def factor(done: int) -> float:
+        warm = min(1.0, (done + 1) / warmup) if warmup else 1.0
+        if config.lr_scheduler == "linear":
+            return warm * max(0.0, 1.0 - done / updates)
+        return warm
+
+    return factor
 
 
 def _sampler_logps(chunk: Sequence[Rollout], mask: Any) -> Any | None:
@@ -917,13 +936,7 @@ def run_grpo(
         model = _load_model(resume_from, device)  # the policy as it was at that step (any sharding)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
-    def schedule(done: int) -> float:
-        warm = min(1.0, (done + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-        if config.lr_scheduler == "linear":
-            return warm * max(0.0, 1.0 - done / config.max_steps)
-        return warm
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
     history: list[dict[str, Any]] = []
     used: set[int] = set()
     resumed_from_step, prior_seconds = 0, 0.0

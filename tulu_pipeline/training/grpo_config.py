@@ -23,11 +23,13 @@ class GRPOTrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     learning_rate: float = Field(1e-6, gt=0)
-    lr_scheduler: Literal["constant", "linear"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["constant", "linear"] = Field(
+        "constant", description="over every optimizer update of the run: max_steps x num_iterations updates")
+    warmup_steps: int = Field(0, ge=0, description="steps (like max_steps) of linear warmup")
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; None disables it")
-    max_steps: int = Field(4, ge=1, description="optimizer steps (each on prompts_per_step x num_generations rollouts)")
+    max_steps: int = Field(4, ge=1, description="steps, each one batch of prompts_per_step x num_generations rollouts "
+                           "and num_iterations optimizer updates on it")
     prompts_per_step: int = Field(2, ge=1, description="prompts sampled per step (cycling through seeded epochs)")
     num_generations: int = Field(4, ge=2, description="group size G: completions per prompt, the GRPO baseline group")
     num_iterations: int = Field(
