@@ -920,9 +920,14 @@ def run_grpo(
     else:
         rollouts_backend = TransformersRollouts(tokenizer)
     eval_tokens = config.heldout_max_completion_length or config.max_completion_length
-    # Both checkpoints are scored by transformers: one engine (and, sampled, one random stream) for a paired change.
-    before = heldout_accuracy(model, TransformersRollouts(tokenizer), held_rows, held_prompts, tokenizer, verifier,
-                              eval_tokens, config)
+
+    def measure_heldout(policy: Any) -> dict[str, Any] | None:
+        # Both checkpoints, loaded by _load_model (fp32), are scored by transformers whatever sampled the training
+        # rollouts (vLLM runs bf16 on a GPU): one engine, dtype and decoding (and, sampled, one random stream).
+        return heldout_accuracy(policy, TransformersRollouts(tokenizer), held_rows, held_prompts, tokenizer,
+                                verifier, eval_tokens, config)
+
+    before = measure_heldout(model)
     if before is not None:
         reporter.log(f"held-out greedy accuracy of the start checkpoint: {before['accuracy']:.3f} "
                      f"({before['rows']} prompts)" + (f", sampled reward {before['sampled_reward']:.3f} "
@@ -991,8 +996,7 @@ def run_grpo(
         del model, ref_model
         gc.collect()
         final_model = _load_model(staging, device)
-        after = heldout_accuracy(final_model, TransformersRollouts(tokenizer), held_rows, held_prompts, tokenizer,
-                                 verifier, eval_tokens, config)
+        after = measure_heldout(final_model)
         del final_model
         metrics = _final_metrics(history, before, after, config)
         metrics.update({
