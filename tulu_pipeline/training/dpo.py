@@ -380,6 +380,9 @@ def _trainer_classes():
             self.reporter = reporter
             self.interval: dict[str, list[float]] = {key: [] for key in METRIC_KEYS}
             super().__init__(*args, **kwargs)
+            # transformers < 5.19 ignores loss_is_scaled_for_ga and takes a loss as already scaled when the model
+            # accepts loss kwargs (Llama does); compute_loss never passes them, so say so (TRL's _BaseTrainer).
+            self.model_accepts_loss_kwargs = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             index = inputs.pop("example_index", None)

@@ -1,0 +1,102 @@
+"""The DPO trainer's arithmetic on a tiny random Llama: the step's loss and gradient under gradient accumulation,
+sequence log-probs computed in bounded chunks, and reference log-probs keyed by the dtype they were scored in.
+
+Each test fails when its fix is undone: accumulation scaled twice (transformers < 5.19 without TRL's setting),
+full ``[2B, L, V]`` logits, a reference cache shared between fp32 and bf16.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+from test_dpo_support import TINY_DPO, tiny_setup
+
+from tulu_pipeline.training import dpo as dpo_module
+from tulu_pipeline.training.dpo import (
+    DPOCollator,
+    attach_reference,
+    compute_reference_logprobs,
+    encode_pairs,
+    sequence_logps,
+    tulu_tokenizer,
+)
+from tulu_pipeline.training.dpo_config import DPOTrainingConfig
+from tulu_pipeline.training.dpo_losses import preference_loss
+
+
+def _tiny_model():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_setup()[0], dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _encoded(n: int, config: DPOTrainingConfig):
+    """``n`` training pairs encoded, with the tiny model's reference log-probs attached (once per test session)."""
+    model_dir, pairs = tiny_setup()
+    pairs = [p for p in pairs if p["split"] == "train"][:n]
+    encoded = encode_pairs(pairs, tulu_tokenizer(model_dir), config.max_length)
+    rows = compute_reference_logprobs(pairs, model_dir, config)
+    attach_reference(encoded, {row["pair_id"]: row for row in rows})
+    return encoded
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient accumulation
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("transformers_api", ["current", "before_5_19"])
+def test_accumulated_step_equals_the_mean_over_its_pairs(tmp_path, transformers_api):
+    """Two micro-batches of two pairs: the logged loss and the gradient before the optimizer step are those of the
+    mean loss over the four pairs. ``before_5_19`` emulates a Trainer that does not know ``loss_is_scaled_for_ga``
+    and decides from ``model_accepts_loss_kwargs`` alone, which scaled the loss (and gradient) by the accumulation
+    steps."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback, TrainingArguments
+
+    from tulu_pipeline.progress import NullReporter
+    from tulu_pipeline.training.checkpointing import trainer_arguments
+
+    config = DPOTrainingConfig(**{**TINY_DPO, "per_device_batch_size": 2, "gradient_accumulation_steps": 2,
+                                  "max_steps": 1, "max_grad_norm": None, "warmup_ratio": 0.0})
+    encoded = _encoded(4, config)
+    tokenizer = tulu_tokenizer(tiny_setup()[0])
+
+    # by hand: each pair on its own, the mean of the four losses
+    reference = _tiny_model()
+    losses = []
+    for example in encoded.examples:
+        batch = DPOCollator(tokenizer.pad_token_id)([example])
+        sums, counts = sequence_logps(reference, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        result = preference_loss(config.loss_type, sums[:1], sums[1:], counts[:1].float(), counts[1:].float(),
+                                 batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float(),
+                                 beta=config.beta, gamma=config.gamma)
+        losses.append(result.loss)
+    expected_loss = torch.stack(losses).mean()
+    expected_loss.backward()
+    expected_grads = {name: p.grad.clone() for name, p in reference.named_parameters() if p.grad is not None}
+
+    grads: dict[str, torch.Tensor] = {}
+
+    class GradientProbe(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.update({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+
+    trainer_cls, _ = dpo_module._trainer_classes()
+    if transformers_api == "before_5_19":
+        trainer_cls = type("OldTransformersTrainer", (trainer_cls,), {"loss_is_scaled_for_ga": None})
+    args = TrainingArguments(**trainer_arguments(config, tmp_path, False, torch.device("cpu")))
+    trainer = trainer_cls(
+        model=_tiny_model(), args=args, data_collator=DPOCollator(tokenizer.pad_token_id),
+        train_dataset=Dataset.from_list([{**ex, "example_index": i} for i, ex in enumerate(encoded.examples)]),
+        processing_class=tokenizer, callbacks=[GradientProbe()],
+        dpo=config, times_seen=[0] * len(encoded.examples), reporter=NullReporter(),
+    )
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == [pytest.approx(float(expected_loss.detach()), rel=1e-4)]
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-7, msg=name)
