@@ -100,3 +100,56 @@ def test_accumulated_step_equals_the_mean_over_its_pairs(tmp_path, transformers_
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# sequence log-probs in chunks
+# ---------------------------------------------------------------------------------------------
+def _full_logits_logps(model, input_ids, attention_mask, labels):
+    """The unchunked computation: every position's fp32 logits at once, ``[2B, L, V]``."""
+    import torch
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != -100
+    picked = torch.gather(logits, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return ((picked - torch.logsumexp(logits, dim=-1)) * mask).sum(-1), mask.sum(-1)
+
+
+def test_chunked_sequence_logps_equal_the_full_logits_and_bound_them():
+    import torch
+
+    config = DPOTrainingConfig(**TINY_DPO)
+    encoded = _encoded(4, config)
+    batch = DPOCollator(tulu_tokenizer(tiny_setup()[0]).pad_token_id)(encoded.examples)
+    inputs = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    vocab = int(_tiny_model().config.vocab_size)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    chunk = 7
+    assert labelled > 3 * chunk, "the pairs must span several chunks"
+
+    full_model, chunked_model = _tiny_model(), _tiny_model()
+    head_outputs: list[tuple[int, ...]] = []
+    chunked_model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: head_outputs.append(tuple(output.shape)))
+    full_sums, full_counts = _full_logits_logps(full_model, *inputs)
+    sums, counts = sequence_logps(chunked_model, *inputs, chunk_tokens=chunk)
+    assert torch.equal(counts, full_counts)
+    torch.testing.assert_close(sums, full_sums, rtol=1e-5, atol=1e-5)
+
+    # gradients through the chunks (recomputed in backward) equal the full computation's
+    full_sums.sum().backward()
+    sums.sum().backward()
+    full_grads = dict(full_model.named_parameters())
+    for name, param in chunked_model.named_parameters():
+        # relative to the tensor's norm: the tied embedding sums many tokens' terms in another order
+        expected = full_grads[name].grad
+        assert float((param.grad - expected).norm() / expected.norm()) < 1e-5, name
+
+    # the LM head never produced more than a chunk of positions' logits, forward or backward (recomputation)
+    assert head_outputs and max(torch.Size(shape).numel() for shape in head_outputs) <= max(chunk, len(counts)) * vocab
+    assert sum(shape[0] for shape in head_outputs if len(shape) == 2) == 2 * labelled  # forward + recompute
+
+    with torch.no_grad():  # scoring (reference, held-out): the same numbers without autograd
+        scored, _ = sequence_logps(chunked_model, *inputs, chunk_tokens=chunk)
+    torch.testing.assert_close(scored, full_sums.detach(), rtol=1e-5, atol=1e-5)

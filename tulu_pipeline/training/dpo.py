@@ -31,6 +31,8 @@ than reading them from our ``reference_logprobs`` asset. The Trainer still gives
 optimizer/scheduler, gradient accumulation, bf16 autocast and resumable checkpoints with RNG and data
 position. Each micro-batch concatenates its chosen and rejected sequences in one padded forward pass
 (open-instruct's ``concatenated_forward``); the loss is the mean over pairs, averaged over accumulation steps.
+Only the response tokens go through the LM head, in chunks of ``LOGPROB_CHUNK_TOKENS`` (`sequence_logps`): the
+fp32 logits of a micro-batch never exist whole (``[2B, L, V]`` was 8.4 GB resident for the 135M CPU demo).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ from tulu_pipeline.training.dpo_config import DPOTrainingConfig
 from tulu_pipeline.training.dpo_losses import preference_loss
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
-DPO_CODE_VERSION = "1"
+DPO_CODE_VERSION = "2"
 # Bump when the reference log-probs of the same pairs, checkpoint and max_length would change.
 REFERENCE_CODE_VERSION = "1"
 MANIFEST_FORMAT_VERSION = 1
@@ -88,6 +90,8 @@ TRAINED_PAIRS_FILE = "trained_pair_ids.txt"
 STEP_DELAY_ENV = "TULU_DPO_STEP_DELAY_S"
 KEEP_CHECKPOINTS = 2
 NO_RESPONSE_TOKENS = "no response token within max_length"
+# Labelled tokens per LM-head call in `sequence_logps`: 1024 x a 128k vocabulary is 0.5 GB of fp32 logits.
+LOGPROB_CHUNK_TOKENS = 1024
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
@@ -197,17 +201,68 @@ class DPOCollator:
         return batch
 
 
-def sequence_logps(model: Any, input_ids: Any, attention_mask: Any, labels: Any) -> tuple[Any, Any]:
-    """Per sequence: the summed log-prob of the labelled tokens (fp32) and their count."""
+def sequence_logps(model: Any, input_ids: Any, attention_mask: Any, labels: Any,
+                   chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> tuple[Any, Any]:
+    """Per sequence: the summed log-prob of the labelled tokens (fp32) and their count.
+
+    Only labelled positions go through the LM head, ``chunk_tokens`` at a time, so at most ``[chunk_tokens, V]``
+    fp32 logits exist at once instead of ``[2B, L, V]``; with gradients each chunk is recomputed in backward.
+    """
     import torch
 
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    # log_softmax gathered at the targets without materializing a second vocab-sized tensor
-    picked = torch.gather(logits, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    token_logps = (picked - torch.logsumexp(logits, dim=-1)) * mask
-    return token_logps.sum(-1), mask.sum(-1)
+    head = _output_head(model)
+    if head is None:  # logits are more than head(hidden): the full forward pass
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+        picked = torch.gather(logits, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return ((picked - torch.logsumexp(logits, dim=-1)) * mask).sum(-1), mask.sum(-1)
+
+    captured: list[Any] = []
+
+    def keep_last_position(module: Any, args: tuple) -> tuple:
+        # The head's input is every position's hidden state: keep it, and let the model's own head call compute
+        # the last position only (its logits are not used).
+        captured.append(args[0])
+        return (args[0][:, -1:], *args[1:])
+
+    hook = head.register_forward_pre_hook(keep_last_position)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        hook.remove()
+    rows, cols = mask.nonzero(as_tuple=True)
+    hidden = captured[0][:, :-1][rows, cols]  # [labelled tokens, H]
+    picked = targets[rows, cols]
+    parts = []
+    for start in range(0, hidden.size(0), chunk_tokens):
+        args = (head, hidden[start : start + chunk_tokens], picked[start : start + chunk_tokens])
+        if torch.is_grad_enabled():
+            parts.append(torch.utils.checkpoint.checkpoint(_token_logps, *args, use_reentrant=False))
+        else:
+            parts.append(_token_logps(*args))
+    token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(targets.size(0), dtype=torch.float32, device=targets.device).index_add(0, rows, token_logps)
+    return sums, mask.sum(-1)
+
+
+def _token_logps(head: Any, hidden: Any, targets: Any) -> Any:
+    """log_softmax(head(hidden)) at ``targets``, in fp32, without a second vocab-sized tensor."""
+    import torch
+
+    logits = head(hidden).float()
+    return torch.gather(logits, 1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _output_head(model: Any) -> Any | None:
+    """The LM head of a causal LM whose logits are ``head(hidden)``; None for others (final-logit soft-capping)."""
+    inner = getattr(model, "module", model)  # DDP / FSDP wrappers hold the model in .module
+    if getattr(getattr(inner, "config", None), "final_logit_softcapping", None):
+        return None
+    try:
+        return inner.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 @dataclass
