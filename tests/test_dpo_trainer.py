@@ -153,3 +153,53 @@ def test_chunked_sequence_logps_equal_the_full_logits_and_bound_them():
     with torch.no_grad():  # scoring (reference, held-out): the same numbers without autograd
         scored, _ = sequence_logps(chunked_model, *inputs, chunk_tokens=chunk)
     torch.testing.assert_close(scored, full_sums.detach(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference log-probs and the dtype they were scored in
+# ---------------------------------------------------------------------------------------------
+def test_the_reference_version_depends_on_the_scoring_precision():
+    from tulu_pipeline.training.dpo_plan import SFTCheckpointRef, reference_logprobs_version
+
+    ref = SFTCheckpointRef("sft-x", "models/sft-x", "f" * 64, None)
+    versions = {precision: reference_logprobs_version("pairs-v1", ref, 512, precision)
+                for precision in ("auto", True, False)}
+    assert len(set(versions.values())) == 3
+    assert versions[False] == reference_logprobs_version("pairs-v1", ref, 512, False)
+
+
+class _Recomputed(Exception):
+    pass
+
+
+def test_reference_logprobs_scored_in_another_dtype_are_recomputed(tmp_path, monkeypatch):
+    """fp32 numbers (a CPU run) are not reused to train in bf16 (a GPU run), nor the other way round: each row says
+    the dtype it was scored in and `run_dpo` recomputes them in its own when they differ."""
+    from tulu_pipeline.training.dpo import run_dpo, scoring_dtype
+
+    model_dir, pairs = tiny_setup()
+    train = [p for p in pairs if p["split"] == "train"][:4]
+    heldout = [p for p in pairs if p["split"] == "heldout"][:2]
+    fp32 = DPOTrainingConfig(**{**TINY_DPO, "max_steps": 1})
+    rows = compute_reference_logprobs([*train, *heldout], model_dir, fp32)
+    assert scoring_dtype(fp32) == "float32" and {row["dtype"] for row in rows} == {"float32"}
+
+    recomputed: list[str] = []
+
+    def record(pairs, model_dir, config, reporter=None):
+        recomputed.append(scoring_dtype(config))
+        raise _Recomputed
+
+    monkeypatch.setattr(dpo_module, "compute_reference_logprobs", record)
+    bf16 = fp32.model_copy(update={"bf16": True})
+    with pytest.raises(_Recomputed):
+        run_dpo(train, heldout, model_dir, tmp_path / "bf16", bf16, reference_logprobs=rows)
+    with pytest.raises(_Recomputed):  # rows that do not say their dtype are not trusted either
+        run_dpo(train, heldout, model_dir, tmp_path / "unknown", fp32,
+                reference_logprobs=[{k: v for k, v in row.items() if k != "dtype"} for row in rows])
+    assert recomputed == ["bfloat16", "float32"]
+
+    result = run_dpo(train, heldout, model_dir, tmp_path / "fp32", fp32, reference_logprobs=rows)  # same dtype
+    assert recomputed == ["bfloat16", "float32"]
+    assert result.manifest["reference_logprobs_source"] == "precomputed"
+    assert result.manifest["reference_logprobs_dtype"] == "float32"

@@ -11,8 +11,9 @@ What it does, in order:
 2. Reference log-probs (`compute_reference_logprobs`): the summed log-prob of every response and its token
    count under the reference model (the SFT checkpoint), one forward pass per pair, stored by the caller as
    the ``reference_logprobs`` dataset and handed to `run_dpo`, which then never runs the reference model
-   (open-instruct's ``dpo_tune_cache`` caches them the same way). Without them `run_dpo` computes them
-   first from the starting weights, which *are* the reference.
+   (open-instruct's ``dpo_tune_cache`` caches them the same way). Each row records the dtype it was scored in;
+   without them, or scored in another dtype than the run trains in, `run_dpo` computes them first from the
+   starting weights, which *are* the reference.
 3. Fingerprints the run (code version, config, starting weights' sha256, pair contents, the reference
    numbers, the caller's ``pairs_version``); reuses a finished checkpoint with that fingerprint, resumes a
    partial one from ``_checkpoints`` (see `tulu_pipeline.training.checkpointing`), trains, and publishes
@@ -32,7 +33,8 @@ optimizer/scheduler, gradient accumulation, bf16 autocast and resumable checkpoi
 position. Each micro-batch concatenates its chosen and rejected sequences in one padded forward pass
 (open-instruct's ``concatenated_forward``); the loss is the mean over pairs, averaged over accumulation steps.
 Only the response tokens go through the LM head, in chunks of ``LOGPROB_CHUNK_TOKENS`` (`sequence_logps`): the
-fp32 logits of a micro-batch never exist whole (``[2B, L, V]`` was 8.4 GB resident for the 135M CPU demo).
+fp32 logits of a micro-batch never exist whole (with ``[2B, L, V]`` logits the 135M CPU demo's DPO job peaked
+at 8.4 GB resident, issue #20).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ from tulu_pipeline.training.dpo_losses import preference_loss
 # Bump when a change to this module changes what a run with the same inputs and config produces.
 DPO_CODE_VERSION = "2"
 # Bump when the reference log-probs of the same pairs, checkpoint and max_length would change.
-REFERENCE_CODE_VERSION = "1"
+REFERENCE_CODE_VERSION = "2"
 MANIFEST_FORMAT_VERSION = 1
 REFERENCE_DATASET = "reference_logprobs"
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -108,6 +110,7 @@ def reference_schema():
         pa.field("rejected_tokens", pa.int64()),
         pa.field("truncated", pa.bool_()),
         pa.field("dropped_reason", pa.string()),
+        pa.field("dtype", pa.string()),  # what the reference ran in (`scoring_dtype`): bfloat16 or float32
     ])
 
 
@@ -308,6 +311,13 @@ def score_pairs(model: Any, encoded: EncodedPairs, pad_token_id: int, batch_size
     return scores
 
 
+def scoring_dtype(config: DPOTrainingConfig) -> str:
+    """The dtype this machine scores and trains ``config`` in: ``bfloat16`` (autocast) or ``float32``."""
+    from tulu_pipeline.training.sft import resolve_bf16
+
+    return "bfloat16" if resolve_bf16(config) else "float32"
+
+
 def _load_scoring_model(model_dir: Path, config: DPOTrainingConfig) -> Any:
     from tulu_pipeline.training.sft import load_training_model
 
@@ -326,17 +336,16 @@ def compute_reference_logprobs(
     reporter: Reporter | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of the ``reference_logprobs`` dataset (`reference_schema`) for ``pairs`` under the model in
-    ``reference_dir``: summed log-probs and token counts of both responses; left-out pairs keep a row with
-    their ``dropped_reason`` and null numbers."""
-    from tulu_pipeline.training.sft import resolve_bf16
-
+    ``reference_dir``: summed log-probs and token counts of both responses and the ``dtype`` they were scored in;
+    left-out pairs keep a row with their ``dropped_reason`` and null numbers."""
     reporter = reporter or NullReporter()
     reference_dir = Path(reference_dir)
     tokenizer = tulu_tokenizer(reference_dir)
     encoded = encode_pairs(pairs, tokenizer, config.max_length)
     model = _load_scoring_model(reference_dir, config)
     started = time.perf_counter()
-    scores = score_pairs(model, encoded, tokenizer.pad_token_id, config.eval_batch_size, resolve_bf16(config))
+    dtype = scoring_dtype(config)
+    scores = score_pairs(model, encoded, tokenizer.pad_token_id, config.eval_batch_size, dtype == "bfloat16")
     reporter.log(f"reference log-probs of {len(encoded.pair_ids)} pairs in {time.perf_counter() - started:.1f}s "
                  f"({len(encoded.dropped)} left out: {NO_RESPONSE_TOKENS})")
     del model
@@ -348,7 +357,7 @@ def compute_reference_logprobs(
         pair_id = str(pair["pair_id"])
         row = {"pair_id": pair_id, "split": pair.get("split"), "truncated": pair_id in truncated,
                "dropped_reason": encoded.dropped.get(pair_id), "chosen_logps": None, "rejected_logps": None,
-               "chosen_tokens": None, "rejected_tokens": None}
+               "chosen_tokens": None, "rejected_tokens": None, "dtype": dtype}
         if pair_id in by_id:
             i = by_id[pair_id]
             row.update(chosen_logps=scores.chosen_logps[i], rejected_logps=scores.rejected_logps[i],
@@ -554,8 +563,9 @@ def run_dpo(
     """Train the model in ``model_dir`` (the SFT checkpoint, also the reference) on preference ``pairs``.
 
     ``heldout`` pairs are never trained on; `preference_metrics` are measured on them before and after.
-    ``reference_logprobs`` (rows of `reference_schema` covering both lists) are used as given; None computes
-    them first with the starting weights. ``manifest_extra`` (e.g. ``pairs_version``, ``reference_checkpoint``)
+    ``reference_logprobs`` (rows of `reference_schema` covering both lists) are used as given when they were scored
+    in the dtype this run trains in (`scoring_dtype`); otherwise, or with None, they are computed first with the
+    starting weights. ``manifest_extra`` (e.g. ``pairs_version``, ``reference_checkpoint``)
     is copied into ``training_manifest.json``; its ``pairs_version`` is part of the run fingerprint.
     """
     wall_start = time.perf_counter()
@@ -587,11 +597,21 @@ def run_dpo(
     use_bf16 = resolve_bf16(config)
 
     reference_source = "precomputed"
+    dtype = "bfloat16" if use_bf16 else "float32"
+    if reference_logprobs is not None:
+        reference_logprobs = list(reference_logprobs)
+        scored_in = sorted({str(row.get("dtype")) for row in reference_logprobs})
+        if scored_in != [dtype]:
+            # bf16 and fp32 log-probs of one model differ by far more than a DPO step moves them: the implicit
+            # rewards would start away from 0 and train on the numerics, not the preferences
+            reporter.log(f"the reference log-probs given were scored in {', '.join(scored_in)}, this run trains in "
+                         f"{dtype}: recomputing them")
+            reference_logprobs, reference_source = None, "recomputed_for_dtype"
     if reference_logprobs is None:
         # SimPO trains without them, but the held-out "before" metrics are the starting weights' scores anyway
         reporter.log("no reference log-probs given: computing them with the starting weights (the reference)")
         reference_logprobs = compute_reference_logprobs([*pairs, *heldout], model_dir, config, reporter)
-        reference_source = "computed_by_run"
+        reference_source = "computed_by_run" if reference_source == "precomputed" else reference_source
     reference = {str(row["pair_id"]): row for row in reference_logprobs}
     attach_reference(train, reference)  # sets each training example's ref_* fields
     held_reference = attach_reference(held, reference)
@@ -689,6 +709,7 @@ def run_dpo(
             "base_model": {"path": str(model_dir), "weights_sha256": base_sha},
             "base_model_sha256": base_sha,
             "reference_logprobs_source": reference_source,
+            "reference_logprobs_dtype": dtype,
             "reference_logprobs_sha256": identity["reference_logprobs_sha256"],
             "train_pairs_sha256": identity["train_pairs_sha256"],
             "heldout_pairs_sha256": identity["heldout_pairs_sha256"],
