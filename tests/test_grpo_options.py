@@ -7,6 +7,7 @@ formulas themselves are checked against TRL in tests/test_grpo_trl_parity.py.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from test_grpo_support import addition_row, save_warm_addition_model
 
+from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.progress import NullReporter
 from tulu_pipeline.training import grpo
 from tulu_pipeline.training.grpo import (
@@ -335,6 +337,9 @@ def test_several_updates_per_batch_run_the_clipped_ratio_path(toy_model, tmp_pat
             assert math.isfinite(step[key]), (key, step)
     # the second update of a batch sees a policy that moved: its ratio leaves 1 and the clip bites somewhere
     assert any(s["clip_low_fraction"] + s["clip_high_fraction"] > 0 for s in steps)
+    manifest = json.loads((tmp_path / "mu2" / MANIFEST_FILE).read_text())
+    assert manifest["batch"] == {"world_size": 1, "global_batch_size": 24, "per_device_batch_size": 24,
+                                 "gradient_accumulation_steps": 1, "unit": "rollouts"}
 
 
 def test_heldout_before_and_after_are_measured_the_same_way(toy_model, tmp_path, monkeypatch):

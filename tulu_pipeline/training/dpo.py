@@ -53,6 +53,7 @@ from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.preference.schema import PAIRS_DATASET  # noqa: F401  (re-exported for the job and plan)
 from tulu_pipeline.progress import NullReporter, Reporter
+from tulu_pipeline.training.batch_layout import launch_world_size
 from tulu_pipeline.training.batching import SFTCollator
 from tulu_pipeline.provenance.template_lineage import template_lineage
 from tulu_pipeline.training.chat_template import (
@@ -576,6 +577,9 @@ def run_dpo(
     clashes = sorted(set(manifest_extra) & {"fingerprint", "metrics", "config"})
     if clashes:
         raise ValueError(f"manifest_extra may not set {clashes}")
+    # The config states the global batch; this process trains its share (an indivisible batch stops here).
+    layout = config.batch_layout(launch_world_size(), manifest_extra.get("preset"))
+    process_config = config.for_world_size(layout.world_size, manifest_extra.get("preset"))
 
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     import torch
@@ -649,7 +653,7 @@ def run_dpo(
     before = preference_metrics(held_reference, held_reference, config)
     reporter.log(f"held-out before (the reference): {json.dumps(before, sort_keys=True)}")
     model = _load_scoring_model(model_dir, config)
-    args = TrainingArguments(**trainer_arguments(config, root, use_bf16, device))
+    args = TrainingArguments(**trainer_arguments(process_config, root, use_bf16, device))
     trainer_cls, callback_cls = _trainer_classes()
     trainer = trainer_cls(
         model=model, args=args, data_collator=DPOCollator(tokenizer.pad_token_id),
@@ -658,7 +662,8 @@ def run_dpo(
         dpo=config, times_seen=times_seen, reporter=reporter,
     )
     reporter.log(f"DPO ({config.loss_type}, beta {config.beta}) on {len(train.examples)} pairs for "
-                 f"{config.num_epochs} epochs, effective batch {config.effective_batch_size} pairs, bf16={use_bf16}, "
+                 f"{config.num_epochs} epochs, global batch {layout.global_batch_size} pairs = {layout.world_size} processes "
+                 f"x {layout.per_device_batch_size} x {layout.gradient_accumulation_steps} accumulation, bf16={use_bf16}, "
                  f"device {device}")
     train_started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
@@ -718,6 +723,7 @@ def run_dpo(
             "trained_pair_ids_sha256": row_ids_sha256(seen_ids),
             "heldout_pair_ids": list(held.pair_ids),
             "dropped_pairs": {**train.dropped, **held.dropped},
+            "batch": layout.manifest(),
             "versions": library_versions("trl", "peft"),
             "metrics": metrics,
         }

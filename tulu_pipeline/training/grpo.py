@@ -66,6 +66,7 @@ from tulu_pipeline.vllm_runtime import engine_env
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.rlvr.prompts import row_task
 from tulu_pipeline.provenance.template_lineage import template_lineage
+from tulu_pipeline.training.batch_layout import launch_world_size
 from tulu_pipeline.training.chat_template import (
     apply_tulu_chat_template,
     encode_conversation,
@@ -867,6 +868,10 @@ def run_grpo(
     if clashes:
         raise ValueError(f"manifest_extra may not set {clashes}")
     verifier = verifier or verifier_from_module(correct_value=config.correct_reward)
+    layout = config.batch_layout(launch_world_size(), manifest_extra.get("preset"))  # before anything loads
+    if layout.world_size > 1:
+        raise NotImplementedError(f"GRPO trains in one process; this launch has {layout.world_size} (WORLD_SIZE): "
+                                  "run the RLVR job without torchrun")
 
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     import torch
@@ -1033,6 +1038,7 @@ def run_grpo(
             "prompt_rows_sha256": identity["prompt_rows_sha256"],
             "heldout_rows_sha256": identity["heldout_rows_sha256"],
             "too_long_row_ids": too_long,
+            "batch": layout.manifest(),
             "versions": library_versions(),
             "metrics": metrics,
         }

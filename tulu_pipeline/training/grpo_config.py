@@ -12,9 +12,12 @@ whatever the verifier says (open-instruct's ``non_stop_penalty`` with ``penalty_
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+
+from tulu_pipeline.training.batch_layout import BatchLayout, require_divisible
 
 
 class GRPOTrainingConfig(BaseModel):
@@ -98,6 +101,21 @@ class GRPOTrainingConfig(BaseModel):
     @property
     def rollouts_per_step(self) -> int:
         return self.prompts_per_step * self.num_generations
+
+    @property
+    def global_batch_size(self) -> int:
+        """Rollouts per step of the whole run (prompts_per_step x num_generations), whatever the world size."""
+        return self.rollouts_per_step
+
+    def batch_layout(self, world_size: int, preset: str | None = None) -> BatchLayout:
+        """The step's rollouts over ``world_size`` processes: whole groups (a prompt's samples share the baseline)
+        per process, ``micro_batch_size`` rollouts per forward/backward pass."""
+        prompts = require_divisible(
+            self.prompts_per_step, world_size, preset=preset,
+            what=f"{self.prompts_per_step} prompts x {self.num_generations} samples (groups stay whole)")
+        rollouts = prompts * self.num_generations
+        micro = min(self.micro_batch_size, rollouts)
+        return BatchLayout(world_size, self.rollouts_per_step, micro, math.ceil(rollouts / micro), "rollouts")
 
     @property
     def clip_high(self) -> float:
