@@ -7,6 +7,8 @@ formulas themselves are checked against TRL in tests/test_grpo_trl_parity.py.
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import pytest
 from test_grpo_support import addition_row, save_warm_addition_model
 
+from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.progress import NullReporter
 from tulu_pipeline.training import grpo
 from tulu_pipeline.training.grpo import (
@@ -286,3 +289,84 @@ def test_heldout_sampled_reward_change_has_a_paired_interval(toy_model, tmp_path
     low, high = metrics["heldout_reward_change_ci95"]
     assert low <= metrics["heldout_reward_change"] <= high
     assert GRPO_PRESETS["cpu_demo"].heldout_samples > 0  # the default run reports it
+
+
+# ---------------------------------------------------------------------------------------------
+# several updates per batch of rollouts (num_iterations > 1) and the learning-rate schedule
+# ---------------------------------------------------------------------------------------------
+def _lr_factors(config: GRPOTrainingConfig) -> list[float]:
+    """The lr factor each optimizer update of a run uses, as the run's scheduler applies it."""
+    import torch
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, grpo.lr_schedule(config))
+    factors = []
+    for _ in range(config.max_steps * config.num_iterations):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return factors
+
+
+def test_the_lr_schedule_spans_every_optimizer_update():
+    """The scheduler steps once per update, so its horizon is max_steps x num_iterations updates: the tulu3_8b
+    preset (4 updates per batch) had reached lr 0 after a quarter of its steps."""
+    paper = GRPO_PRESETS["tulu3_8b"]
+    assert paper.num_iterations == 4 and paper.lr_scheduler == "linear"
+    factors = _lr_factors(paper)
+    updates = paper.max_steps * paper.num_iterations
+    assert len(factors) == updates and all(f > 0 for f in factors)  # never 0 while training
+    assert factors[updates // 4] == pytest.approx(0.75)
+    assert factors[-1] == pytest.approx(1 / updates)  # the last update, as transformers' linear schedule
+    assert factors == sorted(factors, reverse=True)
+    # warmup_steps counts steps like max_steps: 2 steps of 3 updates warm up over 6 updates
+    warm = _lr_factors(GRPOTrainingConfig(max_steps=4, num_iterations=3, warmup_steps=2, lr_scheduler="constant"))
+    assert warm[:7] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 1.0])
+    assert _lr_factors(GRPOTrainingConfig(max_steps=5, lr_scheduler="linear")) == pytest.approx(
+        [1.0, 0.8, 0.6, 0.4, 0.2])  # one update per step: as before
+
+
+def test_several_updates_per_batch_run_the_clipped_ratio_path(toy_model, tmp_path):
+    config = dict(max_steps=3, num_iterations=2, lr_scheduler="linear", beta=0.05, learning_rate=2e-2)
+    metrics = _run(toy_model, tmp_path, "mu2", **config)
+    steps = metrics["streamed"]
+    # the lr after each step's two updates: 1 - 2s/6 of the peak, 0 only once the last update is done
+    assert [s["learning_rate"] for s in steps] == pytest.approx([2e-2 * f for f in (4 / 6, 2 / 6, 0.0)])
+    for step in steps:
+        for key in ("loss", "kl", "clip_low_fraction", "clip_high_fraction", "entropy", "grad_norm"):
+            assert math.isfinite(step[key]), (key, step)
+    # the second update of a batch sees a policy that moved: its ratio leaves 1 and the clip bites somewhere
+    assert any(s["clip_low_fraction"] + s["clip_high_fraction"] > 0 for s in steps)
+    manifest = json.loads((tmp_path / "mu2" / MANIFEST_FILE).read_text())
+    assert manifest["batch"] == {"world_size": 1, "global_batch_size": 24, "per_device_batch_size": 24,
+                                 "gradient_accumulation_steps": 1, "unit": "rollouts"}
+
+
+def test_heldout_before_and_after_are_measured_the_same_way(toy_model, tmp_path, monkeypatch):
+    """Training rollouts may come from vLLM (bf16 on a GPU); the held-out accuracy of the start and of the trained
+    checkpoint is measured by one engine (transformers), in fp32, greedily: a paired comparison."""
+    import torch
+
+    class FakeVLLM(grpo.TransformersRollouts):  # the training sampler: records the calls it gets
+        calls: list[bool] = []
+
+        def __init__(self, model_dir, tokenizer, config):
+            super().__init__(tokenizer)
+
+        def generate(self, model, *args, greedy=False, **kwargs):
+            FakeVLLM.calls.append(greedy)
+            return super().generate(model, *args, greedy=greedy, **kwargs)
+
+    measured = []
+    original = grpo.heldout_accuracy
+
+    def spy(model, rollouts, *args, **kwargs):
+        measured.append((type(rollouts), next(model.parameters()).dtype))
+        return original(model, rollouts, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "VLLMRollouts", FakeVLLM)
+    monkeypatch.setattr(grpo, "heldout_accuracy", spy)
+    metrics = _run(toy_model, tmp_path, "vllm-heldout", heldout=HELDOUT, use_vllm=True, heldout_samples=2)
+    assert FakeVLLM.calls and not any(FakeVLLM.calls)  # vLLM sampled the training rollouts only
+    assert measured == [(grpo.TransformersRollouts, torch.float32)] * 2
+    assert metrics["heldout_before"]["rows"] == metrics["heldout_after"]["rows"] == len(HELDOUT)

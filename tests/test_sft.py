@@ -196,6 +196,12 @@ def test_checkpoint_loads_and_explains_itself(trained, tiny_model, rows):
     assert manifest["trained_row_ids_file"] == TRAINED_ROWS_FILE
 
 
+def test_the_manifest_records_the_batch_layout(trained):
+    result, _ = trained
+    assert result.manifest["batch"] == {"world_size": 1, "global_batch_size": 8, "per_device_batch_size": 4,
+                                        "gradient_accumulation_steps": 2, "unit": "sequences"}
+
+
 def test_rerun_with_the_same_inputs_reuses_the_checkpoint(trained, tiny_model, rows):
     result, _ = trained
     again = run_sft(rows[0], rows[1], tiny_model, result.checkpoint_dir, TINY, manifest_extra=MANIFEST_EXTRA)
@@ -367,8 +373,11 @@ def test_sft_job_under_torchrun_reports_and_publishes_once(tiny_model, rows, tmp
     assert materialization.metadata["steps"].value == 2
     manifest = json.loads((Path(store.path("models/sft-test")) / MANIFEST_FILE).read_text())
     trained = (Path(store.path("models/sft-test")) / TRAINED_ROWS_FILE).read_text().split()
-    # 2 steps x 2 micro-batches x 4 rows x 2 ranks: each rank saw its own shard, rank 0 counted both
-    assert len(trained) == manifest["metrics"]["trained_rows_seen"] == 32
+    # The global batch of 8 rows (4 x 2 accumulation on one process) is split: each rank trains 4 rows per step in
+    # one micro-batch. 2 steps x 8 rows: each rank saw its own shard, rank 0 counted both.
+    assert manifest["batch"] == {"world_size": 2, "global_batch_size": 8, "per_device_batch_size": 4,
+                                 "gradient_accumulation_steps": 1, "unit": "sequences"}
+    assert len(trained) == manifest["metrics"]["trained_rows_seen"] == 16
     assert not list(Path(store.path("models")).glob(".sft-test.tmp-*"))
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from tulu_pipeline.data.coverage import PARENT_KEYS
 from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.mixing.publish import mix_info_path
 from tulu_pipeline.templates.lineage import lineage_hashes, lineage_mismatches
 from tulu_pipeline.training.dpo import REFERENCE_DATASET
-
-PARENT_CHECKPOINT_KEYS = ("start_checkpoint", "reference_checkpoint", "parent_checkpoint", "init_checkpoint")
 
 
 def _read(store: Any, rel: str) -> Any | None:
@@ -37,7 +36,7 @@ def parent_lineages(store: Any, checkpoint_id: str) -> dict[str, dict[str, Any] 
         version = manifest["reference_logprobs_version"]
         parents[f"reference_logprobs@{version}"] = _read(
             store, f"{store.dataset_dir(REFERENCE_DATASET, version)}/template_lineage.json")
-    for key in PARENT_CHECKPOINT_KEYS:
+    for key in PARENT_KEYS:
         parent = manifest.get(key)
         if isinstance(parent, str) and parent and store.exists(f"models/{parent}/{MANIFEST_FILE}"):
             parents.setdefault(parent, checkpoint_lineage(store, parent))

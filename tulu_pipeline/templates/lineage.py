@@ -127,9 +127,3 @@ def lineage_mismatches(child: dict[str, Any] | None, parent: dict[str, Any] | No
                 text += f"; first differing line of the rendered template: line {line}: {child_name} {ours!r} vs {parent_name} {theirs!r}"
         problems.append(text)
     return problems
-
-
-# ---------------------------------------------------------------------------------------------
-# a stage against its parents, read from TULU_HOME
-# ---------------------------------------------------------------------------------------------
-# Manifest keys naming the checkpoint a run started from or scored against (as in provenance.coverage).

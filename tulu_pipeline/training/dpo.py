@@ -11,8 +11,9 @@ What it does, in order:
 2. Reference log-probs (`compute_reference_logprobs`): the summed log-prob of every response and its token
    count under the reference model (the SFT checkpoint), one forward pass per pair, stored by the caller as
    the ``reference_logprobs`` dataset and handed to `run_dpo`, which then never runs the reference model
-   (open-instruct's ``dpo_tune_cache`` caches them the same way). Without them `run_dpo` computes them
-   first from the starting weights, which *are* the reference.
+   (open-instruct's ``dpo_tune_cache`` caches them the same way). Each row records the dtype it was scored in;
+   without them, or scored in another dtype than the run trains in, `run_dpo` computes them first from the
+   starting weights, which *are* the reference.
 3. Fingerprints the run (code version, config, starting weights' sha256, pair contents, the reference
    numbers, the caller's ``pairs_version``); reuses a finished checkpoint with that fingerprint, resumes a
    partial one from ``_checkpoints`` (see `tulu_pipeline.training.checkpointing`), trains, and publishes
@@ -31,6 +32,9 @@ than reading them from our ``reference_logprobs`` asset. The Trainer still gives
 optimizer/scheduler, gradient accumulation, bf16 autocast and resumable checkpoints with RNG and data
 position. Each micro-batch concatenates its chosen and rejected sequences in one padded forward pass
 (open-instruct's ``concatenated_forward``); the loss is the mean over pairs, averaged over accumulation steps.
+Only the response tokens go through the LM head, in chunks of ``LOGPROB_CHUNK_TOKENS`` (`sequence_logps`): the
+fp32 logits of a micro-batch never exist whole (with ``[2B, L, V]`` logits the 135M CPU demo's DPO job peaked
+at 8.4 GB resident, issue #20).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.preference.schema import PAIRS_DATASET  # noqa: F401  (re-exported for the job and plan)
 from tulu_pipeline.progress import NullReporter, Reporter
+from tulu_pipeline.training.batch_layout import launch_world_size
 from tulu_pipeline.training.batching import SFTCollator
 from tulu_pipeline.templates.lineage import template_lineage
 from tulu_pipeline.templates.chat_template import (
@@ -77,9 +82,9 @@ from tulu_pipeline.training.dpo_config import DPOTrainingConfig
 from tulu_pipeline.training.dpo_losses import preference_loss
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
-DPO_CODE_VERSION = "1"
+DPO_CODE_VERSION = "2"
 # Bump when the reference log-probs of the same pairs, checkpoint and max_length would change.
-REFERENCE_CODE_VERSION = "1"
+REFERENCE_CODE_VERSION = "2"
 MANIFEST_FORMAT_VERSION = 1
 REFERENCE_DATASET = "reference_logprobs"
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -88,6 +93,8 @@ TRAINED_PAIRS_FILE = "trained_pair_ids.txt"
 STEP_DELAY_ENV = "TULU_DPO_STEP_DELAY_S"
 KEEP_CHECKPOINTS = 2
 NO_RESPONSE_TOKENS = "no response token within max_length"
+# Labelled tokens per LM-head call in `sequence_logps`: 1024 x a 128k vocabulary is 0.5 GB of fp32 logits.
+LOGPROB_CHUNK_TOKENS = 1024
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
@@ -104,6 +111,7 @@ def reference_schema():
         pa.field("rejected_tokens", pa.int64()),
         pa.field("truncated", pa.bool_()),
         pa.field("dropped_reason", pa.string()),
+        pa.field("dtype", pa.string()),  # what the reference ran in (`scoring_dtype`): bfloat16 or float32
     ])
 
 
@@ -197,17 +205,68 @@ class DPOCollator:
         return batch
 
 
-def sequence_logps(model: Any, input_ids: Any, attention_mask: Any, labels: Any) -> tuple[Any, Any]:
-    """Per sequence: the summed log-prob of the labelled tokens (fp32) and their count."""
+def sequence_logps(model: Any, input_ids: Any, attention_mask: Any, labels: Any,
+                   chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> tuple[Any, Any]:
+    """Per sequence: the summed log-prob of the labelled tokens (fp32) and their count.
+
+    Only labelled positions go through the LM head, ``chunk_tokens`` at a time, so at most ``[chunk_tokens, V]``
+    fp32 logits exist at once instead of ``[2B, L, V]``; with gradients each chunk is recomputed in backward.
+    """
     import torch
 
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    # log_softmax gathered at the targets without materializing a second vocab-sized tensor
-    picked = torch.gather(logits, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    token_logps = (picked - torch.logsumexp(logits, dim=-1)) * mask
-    return token_logps.sum(-1), mask.sum(-1)
+    head = _output_head(model)
+    if head is None:  # logits are more than head(hidden): the full forward pass
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+        picked = torch.gather(logits, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return ((picked - torch.logsumexp(logits, dim=-1)) * mask).sum(-1), mask.sum(-1)
+
+    captured: list[Any] = []
+
+    def keep_last_position(module: Any, args: tuple) -> tuple:
+        # The head's input is every position's hidden state: keep it, and let the model's own head call compute
+        # the last position only (its logits are not used).
+        captured.append(args[0])
+        return (args[0][:, -1:], *args[1:])
+
+    hook = head.register_forward_pre_hook(keep_last_position)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        hook.remove()
+    rows, cols = mask.nonzero(as_tuple=True)
+    hidden = captured[0][:, :-1][rows, cols]  # [labelled tokens, H]
+    picked = targets[rows, cols]
+    parts = []
+    for start in range(0, hidden.size(0), chunk_tokens):
+        args = (head, hidden[start : start + chunk_tokens], picked[start : start + chunk_tokens])
+        if torch.is_grad_enabled():
+            parts.append(torch.utils.checkpoint.checkpoint(_token_logps, *args, use_reentrant=False))
+        else:
+            parts.append(_token_logps(*args))
+    token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    sums = torch.zeros(targets.size(0), dtype=torch.float32, device=targets.device).index_add(0, rows, token_logps)
+    return sums, mask.sum(-1)
+
+
+def _token_logps(head: Any, hidden: Any, targets: Any) -> Any:
+    """log_softmax(head(hidden)) at ``targets``, in fp32, without a second vocab-sized tensor."""
+    import torch
+
+    logits = head(hidden).float()
+    return torch.gather(logits, 1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _output_head(model: Any) -> Any | None:
+    """The LM head of a causal LM whose logits are ``head(hidden)``; None for others (final-logit soft-capping)."""
+    inner = getattr(model, "module", model)  # DDP / FSDP wrappers hold the model in .module
+    if getattr(getattr(inner, "config", None), "final_logit_softcapping", None):
+        return None
+    try:
+        return inner.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 @dataclass
@@ -253,6 +312,13 @@ def score_pairs(model: Any, encoded: EncodedPairs, pad_token_id: int, batch_size
     return scores
 
 
+def scoring_dtype(config: DPOTrainingConfig) -> str:
+    """The dtype this machine scores and trains ``config`` in: ``bfloat16`` (autocast) or ``float32``."""
+    from tulu_pipeline.training.sft import resolve_bf16
+
+    return "bfloat16" if resolve_bf16(config) else "float32"
+
+
 def _load_scoring_model(model_dir: Path, config: DPOTrainingConfig) -> Any:
     from tulu_pipeline.training.sft import load_training_model
 
@@ -271,17 +337,16 @@ def compute_reference_logprobs(
     reporter: Reporter | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of the ``reference_logprobs`` dataset (`reference_schema`) for ``pairs`` under the model in
-    ``reference_dir``: summed log-probs and token counts of both responses; left-out pairs keep a row with
-    their ``dropped_reason`` and null numbers."""
-    from tulu_pipeline.training.sft import resolve_bf16
-
+    ``reference_dir``: summed log-probs and token counts of both responses and the ``dtype`` they were scored in;
+    left-out pairs keep a row with their ``dropped_reason`` and null numbers."""
     reporter = reporter or NullReporter()
     reference_dir = Path(reference_dir)
     tokenizer = tulu_tokenizer(reference_dir)
     encoded = encode_pairs(pairs, tokenizer, config.max_length)
     model = _load_scoring_model(reference_dir, config)
     started = time.perf_counter()
-    scores = score_pairs(model, encoded, tokenizer.pad_token_id, config.eval_batch_size, resolve_bf16(config))
+    dtype = scoring_dtype(config)
+    scores = score_pairs(model, encoded, tokenizer.pad_token_id, config.eval_batch_size, dtype == "bfloat16")
     reporter.log(f"reference log-probs of {len(encoded.pair_ids)} pairs in {time.perf_counter() - started:.1f}s "
                  f"({len(encoded.dropped)} left out: {NO_RESPONSE_TOKENS})")
     del model
@@ -293,7 +358,7 @@ def compute_reference_logprobs(
         pair_id = str(pair["pair_id"])
         row = {"pair_id": pair_id, "split": pair.get("split"), "truncated": pair_id in truncated,
                "dropped_reason": encoded.dropped.get(pair_id), "chosen_logps": None, "rejected_logps": None,
-               "chosen_tokens": None, "rejected_tokens": None}
+               "chosen_tokens": None, "rejected_tokens": None, "dtype": dtype}
         if pair_id in by_id:
             i = by_id[pair_id]
             row.update(chosen_logps=scores.chosen_logps[i], rejected_logps=scores.rejected_logps[i],
@@ -380,6 +445,9 @@ def _trainer_classes():
             self.reporter = reporter
             self.interval: dict[str, list[float]] = {key: [] for key in METRIC_KEYS}
             super().__init__(*args, **kwargs)
+            # transformers < 5.19 ignores loss_is_scaled_for_ga and takes a loss as already scaled when the model
+            # accepts loss kwargs (Llama does); compute_loss never passes them, so say so (TRL's _BaseTrainer).
+            self.model_accepts_loss_kwargs = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             index = inputs.pop("example_index", None)
@@ -496,8 +564,9 @@ def run_dpo(
     """Train the model in ``model_dir`` (the SFT checkpoint, also the reference) on preference ``pairs``.
 
     ``heldout`` pairs are never trained on; `preference_metrics` are measured on them before and after.
-    ``reference_logprobs`` (rows of `reference_schema` covering both lists) are used as given; None computes
-    them first with the starting weights. ``manifest_extra`` (e.g. ``pairs_version``, ``reference_checkpoint``)
+    ``reference_logprobs`` (rows of `reference_schema` covering both lists) are used as given when they were scored
+    in the dtype this run trains in (`scoring_dtype`); otherwise, or with None, they are computed first with the
+    starting weights. ``manifest_extra`` (e.g. ``pairs_version``, ``reference_checkpoint``)
     is copied into ``training_manifest.json``; its ``pairs_version`` is part of the run fingerprint.
     """
     wall_start = time.perf_counter()
@@ -508,6 +577,9 @@ def run_dpo(
     clashes = sorted(set(manifest_extra) & {"fingerprint", "metrics", "config"})
     if clashes:
         raise ValueError(f"manifest_extra may not set {clashes}")
+    # The config states the global batch; this process trains its share (an indivisible batch stops here).
+    layout = config.batch_layout(launch_world_size(), manifest_extra.get("preset"))
+    process_config = config.for_world_size(layout.world_size, manifest_extra.get("preset"))
 
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     import torch
@@ -529,11 +601,21 @@ def run_dpo(
     use_bf16 = resolve_bf16(config)
 
     reference_source = "precomputed"
+    dtype = "bfloat16" if use_bf16 else "float32"
+    if reference_logprobs is not None:
+        reference_logprobs = list(reference_logprobs)
+        scored_in = sorted({str(row.get("dtype")) for row in reference_logprobs})
+        if scored_in != [dtype]:
+            # bf16 and fp32 log-probs of one model differ by far more than a DPO step moves them: the implicit
+            # rewards would start away from 0 and train on the numerics, not the preferences
+            reporter.log(f"the reference log-probs given were scored in {', '.join(scored_in)}, this run trains in "
+                         f"{dtype}: recomputing them")
+            reference_logprobs, reference_source = None, "recomputed_for_dtype"
     if reference_logprobs is None:
         # SimPO trains without them, but the held-out "before" metrics are the starting weights' scores anyway
         reporter.log("no reference log-probs given: computing them with the starting weights (the reference)")
         reference_logprobs = compute_reference_logprobs([*pairs, *heldout], model_dir, config, reporter)
-        reference_source = "computed_by_run"
+        reference_source = "computed_by_run" if reference_source == "precomputed" else reference_source
     reference = {str(row["pair_id"]): row for row in reference_logprobs}
     attach_reference(train, reference)  # sets each training example's ref_* fields
     held_reference = attach_reference(held, reference)
@@ -571,7 +653,7 @@ def run_dpo(
     before = preference_metrics(held_reference, held_reference, config)
     reporter.log(f"held-out before (the reference): {json.dumps(before, sort_keys=True)}")
     model = _load_scoring_model(model_dir, config)
-    args = TrainingArguments(**trainer_arguments(config, root, use_bf16, device))
+    args = TrainingArguments(**trainer_arguments(process_config, root, use_bf16, device))
     trainer_cls, callback_cls = _trainer_classes()
     trainer = trainer_cls(
         model=model, args=args, data_collator=DPOCollator(tokenizer.pad_token_id),
@@ -580,7 +662,8 @@ def run_dpo(
         dpo=config, times_seen=times_seen, reporter=reporter,
     )
     reporter.log(f"DPO ({config.loss_type}, beta {config.beta}) on {len(train.examples)} pairs for "
-                 f"{config.num_epochs} epochs, effective batch {config.effective_batch_size} pairs, bf16={use_bf16}, "
+                 f"{config.num_epochs} epochs, global batch {layout.global_batch_size} pairs = {layout.world_size} processes "
+                 f"x {layout.per_device_batch_size} x {layout.gradient_accumulation_steps} accumulation, bf16={use_bf16}, "
                  f"device {device}")
     train_started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
@@ -631,6 +714,7 @@ def run_dpo(
             "base_model": {"path": str(model_dir), "weights_sha256": base_sha},
             "base_model_sha256": base_sha,
             "reference_logprobs_source": reference_source,
+            "reference_logprobs_dtype": dtype,
             "reference_logprobs_sha256": identity["reference_logprobs_sha256"],
             "train_pairs_sha256": identity["train_pairs_sha256"],
             "heldout_pairs_sha256": identity["heldout_pairs_sha256"],
@@ -639,6 +723,7 @@ def run_dpo(
             "trained_pair_ids_sha256": row_ids_sha256(seen_ids),
             "heldout_pair_ids": list(held.pair_ids),
             "dropped_pairs": {**train.dropped, **held.dropped},
+            "batch": layout.manifest(),
             "versions": library_versions("trl", "peft"),
             "metrics": metrics,
         }

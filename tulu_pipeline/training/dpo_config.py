@@ -7,8 +7,9 @@ hyperparameters"; open-instruct's ``scripts/train/tulu3/dpo_8b.sh``): ``dpo_norm
 cores; its learning rate is far above the 8B recipe's because a few dozen steps must move a 135M model
 (see the preset's comment for what was measured).
 
-Effective batch = ``per_device_batch_size * gradient_accumulation_steps * world_size`` *pairs* per optimizer
-step (each pair is two sequences, chosen and rejected, in one forward pass).
+Global batch = ``per_device_batch_size * gradient_accumulation_steps`` *pairs* per optimizer step, whatever the
+world size (each pair is two sequences, chosen and rejected, in one forward pass): a config describes the run as
+one process would train it, and at launch `run_dpo` splits it over the processes (`DPOTrainingConfig.for_world_size`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from tulu_pipeline.training.batch_layout import BatchLayout, split_global_batch
 
 from tulu_pipeline.training.dpo_losses import LOSS_TYPES, LossType
 
@@ -50,8 +53,24 @@ class DPOTrainingConfig(BaseModel):
 
     @property
     def effective_batch_size(self) -> int:
-        """Pairs per optimizer step in one process."""
+        """Pairs per optimizer step of this config's process (of the run, before `for_world_size`)."""
         return self.per_device_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def global_batch_size(self) -> int:
+        """Pairs per optimizer step of the whole run."""
+        return self.effective_batch_size
+
+    def batch_layout(self, world_size: int, preset: str | None = None) -> BatchLayout:
+        """The global batch split over ``world_size`` processes (`split_global_batch`; an error names ``preset``)."""
+        return split_global_batch(self.global_batch_size, self.per_device_batch_size, world_size, preset=preset,
+                                  unit="pairs")
+
+    def for_world_size(self, world_size: int, preset: str | None = None) -> DPOTrainingConfig:
+        """The config each of ``world_size`` data-parallel processes trains with: the same global batch."""
+        layout = self.batch_layout(world_size, preset)
+        return self.model_copy(update={"per_device_batch_size": layout.per_device_batch_size,
+                                       "gradient_accumulation_steps": layout.gradient_accumulation_steps})
 
     @property
     def gamma(self) -> float:
@@ -66,8 +85,8 @@ DPO_PRESETS: dict[str, DPOTrainingConfig] = {
     # reference answer vs the model's own T=0.7 sample, 8 steps, max_length 256): held-out length-normalized
     # preference accuracy 0.667 -> 0.833, reward accuracy 1.0, mean margin 1.22; training 163 s.
     "cpu_demo": DPOTrainingConfig(),
-    # Tülu 3 8B DPO (open-instruct dpo_8b.sh): 128 pairs per step as 1 per device x 16 accumulation steps x
-    # 8 GPUs; here expressed for one process (use more accumulation or for_world_size-style division).
+    # Tülu 3 8B DPO (open-instruct dpo_8b.sh): a global batch of 128 pairs per step, 1 per device (128
+    # accumulation steps on one process, 16 on open-instruct's 8 GPUs).
     "tulu3_8b": DPOTrainingConfig(
         loss_type="dpo_norm",
         beta=5.0,

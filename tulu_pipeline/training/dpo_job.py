@@ -4,7 +4,8 @@ Two tasks (extras ``task``), each a dagster-pipes materialization of its asset:
 
 - ``reference_logprobs``: scores every pair of ``pairs_dataset@pairs_version`` with the reference model
   (``reference_dir``, the SFT checkpoint) and publishes ``data/reference_logprobs/<reference_version>/``
-  (`reference_schema`). An existing dataset of that version is reused, never recomputed.
+  (`reference_schema`, each row with the dtype it was scored in). An existing dataset of that version is reused,
+  never recomputed; a training run in another dtype recomputes the numbers it needs itself (`run_dpo`).
 - ``train``: `run_dpo` from ``reference_dir`` on the pairs with ``split == "train"``, held-out metrics on
   ``split == "heldout"``, reference log-probs read from ``reference_logprobs@reference_version`` (required),
   checkpoint published at ``checkpoint_dir``.
@@ -89,6 +90,7 @@ def run_reference_task(params: dict[str, Any], reporter: Reporter) -> dict[str, 
         "pairs": len(rows),
         "dropped_pairs": len(dropped),
         "truncated_pairs": sum(1 for row in rows if row["truncated"]),
+        "dtype": ", ".join(sorted({str(row.get("dtype")) for row in rows})),  # what training must match to reuse them
         "dropped_pair_ids": typed(dropped[:50], "json"),
         "template_lineage": typed(lineage_hashes(lineage), "json"),
     }

@@ -64,10 +64,15 @@ def pairs_version_or_fail(store: Store, pairs_dataset: str = PAIRS_DATASET) -> s
     return version
 
 
-def reference_logprobs_version(pairs_version: str, reference: SFTCheckpointRef, max_length: int) -> str:
-    """Content address of the reference log-probs: pairs, reference checkpoint (id + fingerprint), max_length."""
+def reference_logprobs_version(pairs_version: str, reference: SFTCheckpointRef, max_length: int,
+                               precision: str | bool) -> str:
+    """Content address of the reference log-probs: pairs, reference checkpoint (id + fingerprint), max_length and
+    the configured precision (``bf16``: True, False or "auto"). "auto" resolves where the job runs, so each row
+    also records the dtype it was scored in and `run_dpo` recomputes rows scored in another dtype than it trains in.
+    """
     return _hash("", {"code": REFERENCE_CODE_VERSION, "pairs": pairs_version, "reference": reference.checkpoint_id,
-                      "reference_fingerprint": reference.fingerprint, "max_length": max_length})[:16]
+                      "reference_fingerprint": reference.fingerprint, "max_length": max_length,
+                      "precision": precision})[:16]
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,7 @@ def reference_logprobs_plan(store: Store, preset: str, overrides: dict[str, Any]
     config = dpo_config(preset, **overrides)
     pairs_version = pairs_version_or_fail(store)
     reference = sft_checkpoint_ref(store, sft_checkpoint_id)
-    version = reference_logprobs_version(pairs_version, reference, config.max_length)
+    version = reference_logprobs_version(pairs_version, reference, config.max_length, config.bf16)
     extras = {"task": "reference_logprobs", "tulu_home": store.url, "pairs_dataset": PAIRS_DATASET,
               "pairs_version": pairs_version, "reference_dir": reference.checkpoint_dir, "reference_version": version,
               "preset": preset, "config": config.model_dump(mode="json")}

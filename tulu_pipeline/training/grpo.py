@@ -66,6 +66,7 @@ from tulu_pipeline.vllm_runtime import engine_env
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.rlvr.prompts import row_task
 from tulu_pipeline.templates.lineage import template_lineage
+from tulu_pipeline.training.batch_layout import launch_world_size
 from tulu_pipeline.templates.chat_template import (
     apply_tulu_chat_template,
     encode_conversation,
@@ -88,7 +89,7 @@ from tulu_pipeline.training.checkpointing import (
 from tulu_pipeline.training.grpo_config import GRPOTrainingConfig
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
-GRPO_CODE_VERSION = "2"
+GRPO_CODE_VERSION = "3"
 MANIFEST_FORMAT_VERSION = 1
 REWARD_CURVE_FILE = "reward_curve.png"
 TRAINING_METRICS_FILE = "training_metrics.png"
@@ -731,7 +732,7 @@ def _train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: An
     for iteration in range(config.num_iterations if num_tokens else 0):
         optimizer.zero_grad(set_to_none=True)
         for k, chunk in enumerate(chunks):
-            logps, mask, entropy = forward(model, chunk, with_entropy=iteration == 0)
+            logps, mask, *entropy = forward(model, chunk, with_entropy=iteration == 0)
             old_logps = old[k] if old else logps.detach()
             loss_mask = mask * torch.tensor([[float(r.in_loss)] for r in chunk], device=device)
             if iteration == 0:
@@ -745,7 +746,7 @@ def _train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: An
                                          f"{type(rollouts_backend).__name__} backend returned none")
                     is_weights[k] = importance_weights(old_logps, sampler, mask, config.importance_sampling_cap)
                     totals["is_weight"] += float((is_weights[k] * loss_mask).sum())
-                totals["entropy"] += float((entropy * loss_mask).sum())
+                totals["entropy"] += float((entropy[0] * loss_mask).sum())
             advantages = torch.tensor([r.advantage for r in chunk], dtype=torch.float32, device=device)
             terms = grpo_loss(logps, old_logps, advantages, loss_mask, config, num_sequences=len(rollouts),
                               num_tokens=num_tokens, ref_logps=ref[k] if ref else None,
@@ -808,6 +809,25 @@ def _train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: An
     return metrics, [group[0].prompt_index for group in kept]
 
 
+def lr_schedule(config: GRPOTrainingConfig) -> Callable[[int], float]:
+    """The learning-rate factor of each optimizer update (a `LambdaLR` lambda of the updates done so far).
+
+    The scheduler steps once per update and a step makes ``num_iterations`` of them, so the horizon is
+    ``max_steps * num_iterations`` updates; ``warmup_steps`` counts steps like ``max_steps``. Linear: the last
+    update runs at 1/updates of the peak and the rate is 0 only after it (transformers' linear schedule).
+    """
+    updates = config.max_steps * config.num_iterations
+    warmup = config.warmup_steps * config.num_iterations
+
+    def factor(done: int) -> float:
+        warm = min(1.0, (done + 1) / warmup) if warmup else 1.0
+        if config.lr_scheduler == "linear":
+            return warm * max(0.0, 1.0 - done / updates)
+        return warm
+
+    return factor
+
+
 def _sampler_logps(chunk: Sequence[Rollout], mask: Any) -> Any | None:
     """The sampler's per-token log-probs of a micro-batch as a ``[B, Lc]`` tensor, or None when any is missing."""
     import torch
@@ -848,6 +868,10 @@ def run_grpo(
     if clashes:
         raise ValueError(f"manifest_extra may not set {clashes}")
     verifier = verifier or verifier_from_module(correct_value=config.correct_reward)
+    layout = config.batch_layout(launch_world_size(), manifest_extra.get("preset"))  # before anything loads
+    if layout.world_size > 1:
+        raise NotImplementedError(f"GRPO trains in one process; this launch has {layout.world_size} (WORLD_SIZE): "
+                                  "run the RLVR job without torchrun")
 
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     import torch
@@ -901,9 +925,14 @@ def run_grpo(
     else:
         rollouts_backend = TransformersRollouts(tokenizer)
     eval_tokens = config.heldout_max_completion_length or config.max_completion_length
-    # Both checkpoints are scored by transformers: one engine (and, sampled, one random stream) for a paired change.
-    before = heldout_accuracy(model, TransformersRollouts(tokenizer), held_rows, held_prompts, tokenizer, verifier,
-                              eval_tokens, config)
+
+    def measure_heldout(policy: Any) -> dict[str, Any] | None:
+        # Both checkpoints, loaded by _load_model (fp32), are scored by transformers whatever sampled the training
+        # rollouts (vLLM runs bf16 on a GPU): one engine, dtype and decoding (and, sampled, one random stream).
+        return heldout_accuracy(policy, TransformersRollouts(tokenizer), held_rows, held_prompts, tokenizer,
+                                verifier, eval_tokens, config)
+
+    before = measure_heldout(model)
     if before is not None:
         reporter.log(f"held-out greedy accuracy of the start checkpoint: {before['accuracy']:.3f} "
                      f"({before['rows']} prompts)" + (f", sampled reward {before['sampled_reward']:.3f} "
@@ -917,13 +946,7 @@ def run_grpo(
         model = _load_model(resume_from, device)  # the policy as it was at that step (any sharding)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
-    def schedule(done: int) -> float:
-        warm = min(1.0, (done + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-        if config.lr_scheduler == "linear":
-            return warm * max(0.0, 1.0 - done / config.max_steps)
-        return warm
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
     history: list[dict[str, Any]] = []
     used: set[int] = set()
     resumed_from_step, prior_seconds = 0, 0.0
@@ -978,8 +1001,7 @@ def run_grpo(
         del model, ref_model
         gc.collect()
         final_model = _load_model(staging, device)
-        after = heldout_accuracy(final_model, TransformersRollouts(tokenizer), held_rows, held_prompts, tokenizer,
-                                 verifier, eval_tokens, config)
+        after = measure_heldout(final_model)
         del final_model
         metrics = _final_metrics(history, before, after, config)
         metrics.update({
@@ -1016,6 +1038,7 @@ def run_grpo(
             "prompt_rows_sha256": identity["prompt_rows_sha256"],
             "heldout_rows_sha256": identity["heldout_rows_sha256"],
             "too_long_row_ids": too_long,
+            "batch": layout.manifest(),
             "versions": library_versions(),
             "metrics": metrics,
         }

@@ -12,9 +12,12 @@ whatever the verifier says (open-instruct's ``non_stop_penalty`` with ``penalty_
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+
+from tulu_pipeline.training.batch_layout import BatchLayout, require_divisible
 
 
 class GRPOTrainingConfig(BaseModel):
@@ -23,11 +26,13 @@ class GRPOTrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     learning_rate: float = Field(1e-6, gt=0)
-    lr_scheduler: Literal["constant", "linear"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["constant", "linear"] = Field(
+        "constant", description="over every optimizer update of the run: max_steps x num_iterations updates")
+    warmup_steps: int = Field(0, ge=0, description="steps (like max_steps) of linear warmup")
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; None disables it")
-    max_steps: int = Field(4, ge=1, description="optimizer steps (each on prompts_per_step x num_generations rollouts)")
+    max_steps: int = Field(4, ge=1, description="steps, each one batch of prompts_per_step x num_generations rollouts "
+                           "and num_iterations optimizer updates on it")
     prompts_per_step: int = Field(2, ge=1, description="prompts sampled per step (cycling through seeded epochs)")
     num_generations: int = Field(4, ge=2, description="group size G: completions per prompt, the GRPO baseline group")
     num_iterations: int = Field(
@@ -96,6 +101,21 @@ class GRPOTrainingConfig(BaseModel):
     @property
     def rollouts_per_step(self) -> int:
         return self.prompts_per_step * self.num_generations
+
+    @property
+    def global_batch_size(self) -> int:
+        """Rollouts per step of the whole run (prompts_per_step x num_generations), whatever the world size."""
+        return self.rollouts_per_step
+
+    def batch_layout(self, world_size: int, preset: str | None = None) -> BatchLayout:
+        """The step's rollouts over ``world_size`` processes: whole groups (a prompt's samples share the baseline)
+        per process, ``micro_batch_size`` rollouts per forward/backward pass."""
+        prompts = require_divisible(
+            self.prompts_per_step, world_size, preset=preset,
+            what=f"{self.prompts_per_step} prompts x {self.num_generations} samples (groups stay whole)")
+        rollouts = prompts * self.num_generations
+        micro = min(self.micro_batch_size, rollouts)
+        return BatchLayout(world_size, self.rollouts_per_step, micro, math.ceil(rollouts / micro), "rollouts")
 
     @property
     def clip_high(self) -> float:

@@ -55,6 +55,7 @@ from typing import Any
 from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.progress import NullReporter, Reporter, loss_curve_png
+from tulu_pipeline.training.batch_layout import launch_world_size
 from tulu_pipeline.training.batching import INFO_KEYS, SFTCollator
 from tulu_pipeline.templates.lineage import template_lineage
 from tulu_pipeline.templates.chat_template import (
@@ -427,6 +428,9 @@ def run_sft(
     base_model_dir = Path(base_model_dir).resolve()
     output_dir = Path(output_dir).resolve()
     manifest_extra = dict(manifest_extra or {})
+    # The config states the global batch; this process trains its share (an indivisible batch stops here).
+    layout = config.batch_layout(launch_world_size(), manifest_extra.get("preset"))
+    process_config = config.for_world_size(layout.world_size, manifest_extra.get("preset"))
 
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     import torch
@@ -494,7 +498,7 @@ def run_sft(
         max_row_tokens=None if attn.startswith("flash") else config.max_length,
     )
     args = SFTConfig(
-        **trainer_arguments(config, root, use_bf16, device),
+        **trainer_arguments(process_config, root, use_bf16, device),
         max_length=None,
         packing=False,
         padding_free=False,
@@ -522,7 +526,8 @@ def run_sft(
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     reporter.log(f"training {len(train.examples)} rows ({train.num_tokens} tokens, {train.num_trained_tokens} "
-                 f"trained) for {config.num_epochs} epochs, effective batch {config.effective_batch_size}, "
+                 f"trained) for {config.num_epochs} epochs, global batch {layout.global_batch_size} = {layout.world_size} "
+                 f"processes x {layout.per_device_batch_size} x {layout.gradient_accumulation_steps} accumulation, "
                  f"{trainable} trainable parameters, attention {attn}, bf16={use_bf16}, device {device}")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     _gather_progress(progress)
@@ -591,6 +596,7 @@ def run_sft(
             "train_rows_sha256": identity["train_rows_sha256"],
             "heldout_rows_sha256": identity["heldout_rows_sha256"],
             "dropped_row_ids": train.dropped_row_ids,
+            "batch": layout.manifest(),
             "versions": library_versions("trl", "peft"),
             "metrics": metrics,
         }

@@ -5,8 +5,9 @@ published Tülu 3 8B SFT recipe (lr 5e-6, 2 epochs, effective batch 128, max len
 with 3% warmup, sum loss reduction, seed 123). The whole config is saved with every checkpoint
 (``training_manifest.json``), so a checkpoint says how it was made.
 
-Effective batch = ``per_device_batch_size * gradient_accumulation_steps * world_size`` sequences per
-optimizer step; the presets assume one process (use `SFTTrainingConfig.for_world_size` on N GPUs).
+Global batch = ``per_device_batch_size * gradient_accumulation_steps`` sequences per optimizer step, whatever
+the world size: a config describes the run as one process would train it, and at launch `run_sft` splits it over
+the torchrun processes (`SFTTrainingConfig.for_world_size`, `tulu_pipeline.training.batch_layout`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from tulu_pipeline.training.batch_layout import BatchLayout, split_global_batch
 
 
 class LoraSettings(BaseModel):
@@ -71,17 +74,24 @@ class SFTTrainingConfig(BaseModel):
 
     @property
     def effective_batch_size(self) -> int:
-        """Sequences per optimizer step in one process."""
+        """Sequences per optimizer step of this config's process (of the run, before `for_world_size`)."""
         return self.per_device_batch_size * self.gradient_accumulation_steps
 
-    def for_world_size(self, world_size: int) -> SFTTrainingConfig:
-        """The same effective batch on ``world_size`` data-parallel processes (gradient accumulation divided)."""
-        steps, rest = divmod(self.gradient_accumulation_steps, world_size)
-        if world_size < 1 or rest or steps < 1:
-            raise ValueError(
-                f"gradient_accumulation_steps={self.gradient_accumulation_steps} is not divisible by world size {world_size}"
-            )
-        return self.model_copy(update={"gradient_accumulation_steps": steps})
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step of the whole run."""
+        return self.effective_batch_size
+
+    def batch_layout(self, world_size: int, preset: str | None = None) -> BatchLayout:
+        """The global batch split over ``world_size`` processes (`split_global_batch`; an error names ``preset``)."""
+        return split_global_batch(self.global_batch_size, self.per_device_batch_size, world_size, preset=preset,
+                                  unit="sequences")
+
+    def for_world_size(self, world_size: int, preset: str | None = None) -> SFTTrainingConfig:
+        """The config each of ``world_size`` data-parallel processes trains with: the same global batch."""
+        layout = self.batch_layout(world_size, preset)
+        return self.model_copy(update={"per_device_batch_size": layout.per_device_batch_size,
+                                       "gradient_accumulation_steps": layout.gradient_accumulation_steps})
 
 
 SFT_PRESETS: dict[str, SFTTrainingConfig] = {
@@ -90,9 +100,9 @@ SFT_PRESETS: dict[str, SFTTrainingConfig] = {
     # run_sft 125 s end to end; training loss 1.32 -> 0.98 (first/last 3 steps), held-out 1.51 -> 1.06.
     # Without native bf16 (fp32) expect roughly half the throughput.
     "cpu_demo": SFTTrainingConfig(),
-    # Tülu 3 8B SFT (Lambert et al. 2024, Table "SFT hyperparameters"; open-instruct's tulu3_8b_sft recipe):
-    # 128 sequences per step as 8 per device x 16 accumulation steps in one process; no gradient clipping
-    # (open-instruct's default clip_grad_norm=-1).
+    # Tülu 3 8B SFT (Lambert et al. 2024, Table "SFT hyperparameters"; open-instruct's tulu3_8b_sft recipe): a
+    # global batch of 128 sequences per step, at most 8 per device (8 x 16 accumulation steps on one process,
+    # 8 x 2 on 8 GPUs); no gradient clipping (open-instruct's default clip_grad_norm=-1).
     "tulu3_8b": SFTTrainingConfig(
         learning_rate=5e-6,
         num_epochs=2,
