@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar, Self
 
 WORLD_SIZE_ENV = "WORLD_SIZE"  # set by torchrun for every rank
 
@@ -62,3 +62,33 @@ def split_global_batch(global_batch: int, max_per_device: int, world_size: int, 
     share = require_divisible(global_batch, world_size, preset=preset, what=f"{global_batch} {unit}")
     micro = max(n for n in range(1, min(share, max_per_device) + 1) if share % n == 0)
     return BatchLayout(world_size, global_batch, micro, share // micro, unit)
+
+
+class DataParallelBatch:
+    """Global batch semantics for a pydantic config with ``per_device_batch_size`` and
+    ``gradient_accumulation_steps`` (SFT and DPO): their product is the batch of the whole run."""
+
+    BATCH_UNIT: ClassVar[str] = "sequences"
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Examples per optimizer step of this config's process (of the run, before `for_world_size`)."""
+        return self.per_device_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def global_batch_size(self) -> int:
+        """Examples per optimizer step of the whole run."""
+        return self.effective_batch_size
+
+    def batch_layout(self, world_size: int, preset: str | None = None) -> BatchLayout:
+        """The global batch split over ``world_size`` processes (`split_global_batch`; an error names ``preset``)."""
+        return split_global_batch(self.global_batch_size, self.per_device_batch_size, world_size, preset=preset,
+                                  unit=self.BATCH_UNIT)
+
+    def for_world_size(self, world_size: int, preset: str | None = None) -> Self:
+        """The config each of ``world_size`` data-parallel processes trains with: the same global batch."""
+        layout = self.batch_layout(world_size, preset)
+        return self.model_copy(update={"per_device_batch_size": layout.per_device_batch_size,  # type: ignore[attr-defined]
+                                       "gradient_accumulation_steps": layout.gradient_accumulation_steps})

@@ -14,19 +14,20 @@ one process would train it, and at launch `run_dpo` splits it over the processes
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tulu_pipeline.training.batch_layout import BatchLayout, split_global_batch
+from tulu_pipeline.training.batch_layout import DataParallelBatch
 
 from tulu_pipeline.training.dpo_losses import LOSS_TYPES, LossType
 
 
-class DPOTrainingConfig(BaseModel):
+class DPOTrainingConfig(DataParallelBatch, BaseModel):
     """Hyperparameters of one DPO run. Defaults: the CPU demo (SmolLM2-135M SFT checkpoint, 2 cores)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    BATCH_UNIT: ClassVar[str] = "pairs"
 
     loss_type: LossType = Field("dpo_norm", description=f"one of {LOSS_TYPES}")
     beta: float = Field(5.0, gt=0)
@@ -51,26 +52,6 @@ class DPOTrainingConfig(BaseModel):
     eval_batch_size: int = Field(8, ge=1, description="pairs per forward pass when scoring (reference, held-out)")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
 
-    @property
-    def effective_batch_size(self) -> int:
-        """Pairs per optimizer step of this config's process (of the run, before `for_world_size`)."""
-        return self.per_device_batch_size * self.gradient_accumulation_steps
-
-    @property
-    def global_batch_size(self) -> int:
-        """Pairs per optimizer step of the whole run."""
-        return self.effective_batch_size
-
-    def batch_layout(self, world_size: int, preset: str | None = None) -> BatchLayout:
-        """The global batch split over ``world_size`` processes (`split_global_batch`; an error names ``preset``)."""
-        return split_global_batch(self.global_batch_size, self.per_device_batch_size, world_size, preset=preset,
-                                  unit="pairs")
-
-    def for_world_size(self, world_size: int, preset: str | None = None) -> DPOTrainingConfig:
-        """The config each of ``world_size`` data-parallel processes trains with: the same global batch."""
-        layout = self.batch_layout(world_size, preset)
-        return self.model_copy(update={"per_device_batch_size": layout.per_device_batch_size,
-                                       "gradient_accumulation_steps": layout.gradient_accumulation_steps})
 
     @property
     def gamma(self) -> float:

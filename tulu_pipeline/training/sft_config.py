@@ -12,11 +12,11 @@ the torchrun processes (`SFTTrainingConfig.for_world_size`, `tulu_pipeline.train
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tulu_pipeline.training.batch_layout import BatchLayout, split_global_batch
+from tulu_pipeline.training.batch_layout import DataParallelBatch
 
 
 class LoraSettings(BaseModel):
@@ -30,10 +30,11 @@ class LoraSettings(BaseModel):
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class SFTTrainingConfig(BaseModel):
+class SFTTrainingConfig(DataParallelBatch, BaseModel):
     """Hyperparameters of one SFT run. Defaults: the CPU demo on SmolLM2-135M (~250 short rows, 2 cores)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    BATCH_UNIT: ClassVar[str] = "sequences"
 
     learning_rate: float = Field(1e-4, gt=0)
     num_epochs: float = Field(1.0, gt=0)
@@ -72,26 +73,6 @@ class SFTTrainingConfig(BaseModel):
         "auto", description="auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa"
     )
 
-    @property
-    def effective_batch_size(self) -> int:
-        """Sequences per optimizer step of this config's process (of the run, before `for_world_size`)."""
-        return self.per_device_batch_size * self.gradient_accumulation_steps
-
-    @property
-    def global_batch_size(self) -> int:
-        """Sequences per optimizer step of the whole run."""
-        return self.effective_batch_size
-
-    def batch_layout(self, world_size: int, preset: str | None = None) -> BatchLayout:
-        """The global batch split over ``world_size`` processes (`split_global_batch`; an error names ``preset``)."""
-        return split_global_batch(self.global_batch_size, self.per_device_batch_size, world_size, preset=preset,
-                                  unit="sequences")
-
-    def for_world_size(self, world_size: int, preset: str | None = None) -> SFTTrainingConfig:
-        """The config each of ``world_size`` data-parallel processes trains with: the same global batch."""
-        layout = self.batch_layout(world_size, preset)
-        return self.model_copy(update={"per_device_batch_size": layout.per_device_batch_size,
-                                       "gradient_accumulation_steps": layout.gradient_accumulation_steps})
 
 
 SFT_PRESETS: dict[str, SFTTrainingConfig] = {
