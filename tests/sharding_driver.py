@@ -32,6 +32,7 @@ from tulu_pipeline.training.grpo import grpo_loss, group_advantages
 from tulu_pipeline.training.grpo_config import GRPOTrainingConfig
 from tulu_pipeline.training.sharding import (
     DataParallel,
+    apply_sharding,
     clip_grad_norm,
     close_data_parallel,
     export_consolidated,
@@ -42,8 +43,8 @@ from tulu_pipeline.training.sharding import (
     optimizer_local_numel,
     remove_partial_checkpoints,
     save_sharded_checkpoint,
-    shard_model,
 )
+from tulu_pipeline.training.sharding_config import ShardingConfig
 
 SFT_BATCH = 8  # sequences per global batch
 DPO_BATCH = 4  # pairs
@@ -158,13 +159,10 @@ def load_model(model_dir: Path, args: argparse.Namespace, dp: DataParallel, trai
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train(trainable)
     model.requires_grad_(trainable)
-    if args.strategy == "fsdp":
-        return shard_model(model, dp, mixed_precision=args.mixed_precision,
-                           activation_checkpointing=args.activation_checkpointing and trainable,
-                           cpu_offload=args.cpu_offload)
-    if args.activation_checkpointing and trainable:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(dp.device)
+    config = ShardingConfig(strategy=args.strategy, mixed_precision=args.mixed_precision,
+                            activation_checkpointing=args.activation_checkpointing and trainable,
+                            cpu_offload=args.cpu_offload)
+    return apply_sharding(model, config, dp)
 
 
 def gathered(value: Any, dp: DataParallel) -> list[Any]:
@@ -215,7 +213,8 @@ def run_method(method: str, args: argparse.Namespace, dp: DataParallel, kill_ste
                   "mixed_precision": args.mixed_precision, "activation_checkpointing": args.activation_checkpointing,
                   "cpu_offload": args.cpu_offload, "losses": losses, "grad_norms": norms,
                   "resumed_from": start if resume is not None else None, "removed_partials": removed,
-                  "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+                  "gradient_checkpointing": bool(getattr(model, "is_activation_checkpointing", None)
+                                                or getattr(model, "is_gradient_checkpointing", False)),
                   "master_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
                   "optimizer_dtypes": sorted({str(v.dtype) for state in optimizer.state.values()
                                               for v in state.values() if hasattr(v, "dim") and v.dim() > 0}),
