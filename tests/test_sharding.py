@@ -85,9 +85,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rc = _run([sys.executable, *_driver(model_dir, outs["ref"], "--strategy", "none")], root / "ref.log")
     assert rc == 0, (root / "ref.log").read_text()[-4000:]
     _torchrun(model_dir, outs["fsdp"])
-    for method in METHODS:
-        _torchrun(model_dir, outs["killed"], "--kill", f"{method}:4", expect_kill=True)
-    _torchrun(model_dir, outs["killed"])
+    # Each relaunch runs only what is left: the method killed last time (it resumes), then the next (killed).
+    for methods, kill in (("sft", "sft:4"), ("sft,dpo", "dpo:4"), ("dpo,grpo", "grpo:4")):
+        _torchrun(model_dir, outs["killed"], "--methods", methods, "--kill", kill, expect_kill=True)
+    _torchrun(model_dir, outs["killed"], "--methods", "grpo")
     _torchrun(model_dir, outs["ac_offload"], "--methods", "sft", "--activation-checkpointing", "--cpu-offload")
     _torchrun(model_dir, outs["bf16"], "--methods", "sft", "--mixed-precision", "bf16")
     return outs
