@@ -106,7 +106,8 @@ def sft_step(model: Any, ref: Any, dp: DataParallel, gen: torch.Generator, vocab
     ids, attention = padded(mine, pad)
     labels = ids.masked_fill(attention == 0, -100)
     logits = model(input_ids=ids.to(dp.device), attention_mask=attention.to(dp.device), use_cache=False).logits
-    summed = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(dp.device),
+    summed = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1),
+                                               labels[:, 1:].flatten().to(dp.device),
                                                ignore_index=-100, reduction="sum")
     (summed / global_tokens * dp.world_size).backward()
     return global_sum(summed) / global_tokens

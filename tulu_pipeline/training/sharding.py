@@ -347,7 +347,8 @@ def full_state_dict(model: Any) -> dict[str, Any]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_consolidated(model: Any, tokenizer: Any | None, out: str | os.PathLike[str], dp: DataParallel) -> Path | None:
+def export_consolidated(model: Any, tokenizer: Any | None, out: str | os.PathLike[str],
+                        dp: DataParallel) -> Path | None:
     """Publish the model as one ordinary checkpoint directory (safetensors, config, tokenizer) at ``out``.
 
     Every rank calls it (the gather is collective); rank 0 rebuilds the unsharded class on the meta device, assigns
