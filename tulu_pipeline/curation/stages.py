@@ -4,6 +4,7 @@ versions, inputs, the stage result, the quarantine schema and records, the eval 
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 from typing import Any
@@ -115,6 +116,12 @@ def build_eval_index(store: Store, config: CurationConfig,
     )
     index = EvalIndex.build(items, ngram=config.decontam.ngram, min_item_tokens=config.decontam.min_item_tokens)
     return index, inputs
+
+
+def quarantine_dir(stage: str, version: str) -> str:
+    """Where ``stage`` (normalization, dedup) publishes its dropped rows: JSON-lines parts, read with
+    `Store.iter_jsonl_parts` (one part locally, one per shard on Ray)."""
+    return posixpath.join("quarantine", stage, version)
 
 
 def quarantine_record(entry: dict[str, Any]) -> dict[str, Any]:
