@@ -429,3 +429,59 @@ def test_a_failing_shard_publishes_nothing(raw_home: Path, ray_local) -> None:
     assert store.latest_version("normalized_prompts") is None
     assert not _events(store, "normalized_prompts")
     assert not store.fs.find(store.path(RAY_DIR))  # the other shards' files are gone too
+
+
+def test_components_on_the_workers_match_a_union_find(tmp_path) -> None:
+    """The star rounds and labelling tasks, run in-process over 3 partitions: a long path with ids in
+    random order (the most rounds), a 1,000-node star, random sparse graphs and isolated pairs."""
+    import random
+
+    from tulu_pipeline.curation import ray_executor as rx
+
+    rng = random.Random(5)
+    ids = [f"r{i:05d}" for i in range(3_000)]
+    rng.shuffle(ids)
+    edges = list(zip(ids[:300], ids[1:300]))                       # a path of 300 nodes
+    edges += [(ids[300], ids[k]) for k in range(301, 1_300)]        # a star of 1,000
+    pool = ids[1_300:2_800]
+    edges += [(rng.choice(pool), rng.choice(pool)) for _ in range(1_200)]  # random sparse graph
+    edges += list(zip(ids[2_800::2], ids[2_801::2]))                # pairs
+    edges = sorted({tuple(sorted(e)) for e in edges if e[0] != e[1]})
+    homes = {node: rng.randrange(4) for edge in edges for node in edge}
+
+    store, staging, partitions = Store(str(tmp_path / "home")), "_ray/cc", 3
+    reducers = [rx.Shard(p, "", "", "", 0, 0) for p in range(partitions)]
+    rx._write_edges(store, rx._shard_file(staging, 0, "cc-000.parquet"), edges, partitions)
+    for p in (1, 2):
+        rx._write_edges(store, rx._shard_file(staging, p, "cc-000.parquet"), [], partitions)
+    for p in range(partitions):
+        nodes = [{"partition": rx._partition(n, partitions), "row_id": n, "shard": s}
+                 for n, s in homes.items() if p == 0]
+        rx._write_partitioned(store, rx._shard_file(staging, p, "nodes.parquet"), nodes, rx.NODE_SCHEMA)
+    round_, large = 0, True
+    while not all([rx._star_round(store, r, staging, round_=round_, partitions=partitions, large=large)["stars"]
+                   for r in reducers]):
+        round_, large = round_ + 1, not large
+        assert round_ < 60
+    for r in reducers:
+        rx._label_nodes(store, r, staging, round_=round_, partitions=partitions)
+    labels = {}
+    for shard in range(4):
+        table = rx._read_partition(store, [rx._shard_file(staging, p, "labels.parquet") for p in range(partitions)],
+                                   shard)
+        for row in table.to_pylist():
+            assert homes[row["row_id"]] == shard
+            labels[row["row_id"]] = row["cluster"]
+
+    parent = {n: n for n in homes}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    assert labels == {n: find(n) for n in homes}  # each cluster named by its least row id
+    assert len(set(labels.values())) > 100 and round_ > 2

@@ -28,8 +28,12 @@ local path's rows and events.
    is returned; the driver cuts the keep order into publish ranges at quantiles of the samples;
 2. the shuffle: each task writes its band records partitioned by bucket hash (one Parquet row
    group per partition); one reducer task per partition reads its row groups from every shard,
-   and every bucket with two or more rows yields edges; the driver unions them into candidate
-   clusters (rows that share no bucket with anyone are unique and never leave their shard);
+   and every bucket with two or more rows yields edges of the candidate-pair graph (rows that
+   share no bucket with anyone are unique and never leave their shard). Its connected components
+   are computed on the workers, by rounds of large-star / small-star (`_star_round`, each a
+   shuffle of the edges by node hash) until every component is a star around its least row id,
+   which names the cluster; the labels go back partitioned by each row's home shard, so the
+   driver never holds one entry per candidate row;
 3. per shard, the sorted rows are cut into the publish ranges (and counted per range), and the
    members of each cluster, with their signatures, are partitioned by cluster and resolved by a
    `Deduplicator` fed in `dedup_order`: two rows can only interact when they share a band, so
@@ -433,9 +437,16 @@ SIGNATURE_SCHEMA = pa.schema([
     pa.field("ground_truth", pa.string()), pa.field("digest", pa.binary()), pa.field("hashvalues", pa.binary()),
 ])
 BUCKET_SCHEMA = pa.schema([pa.field("partition", pa.int32()), pa.field("bucket", pa.binary()),
-                           pa.field("row_id", pa.string())])
+                           pa.field("row_id", pa.string()), pa.field("shard", pa.int32())])
 MEMBER_SCHEMA = SIGNATURE_SCHEMA.append(pa.field("cluster", pa.string())).append(pa.field("partition", pa.int32()))
-EDGE_SCHEMA = pa.schema([pa.field("a", pa.string()), pa.field("b", pa.string())])
+# Candidate-pair graph, each undirected edge stored twice, partitioned by hash of its first end ``a``.
+EDGE_SCHEMA = pa.schema([pa.field("partition", pa.int32()), pa.field("a", pa.string()), pa.field("b", pa.string())])
+NODE_SCHEMA = pa.schema([pa.field("partition", pa.int32()), pa.field("row_id", pa.string()),
+                         pa.field("shard", pa.int32())])
+# A candidate row's cluster (the least row id of its component), partitioned by the row's shard.
+LABEL_SCHEMA = pa.schema([pa.field("partition", pa.int32()), pa.field("row_id", pa.string()),
+                          pa.field("cluster", pa.string())])
+MAX_STAR_ROUNDS = 200  # large-star/small-star converges in O(log^2 n) rounds; this only stops a bug
 DECISION_SCHEMA = pa.schema([pa.field("row_id", pa.string()), pa.field("duplicate_of", pa.string()),
                              pa.field("kind", pa.string()), pa.field("jaccard", pa.float64()),
                              pa.field("partition", pa.int32())])
@@ -505,7 +516,8 @@ def _signature_shard(store: Store, shard: Shard, staging: str, *, config: dict[s
         signatures.append({"row_id": row["row_id"], "source": row["source"], "rank": dedup_order_key(row, ranks)[0],
                            "ground_truth": row.get("ground_truth"), "digest": digest,
                            "hashvalues": b"" if values is None else values.astype("<u8").tobytes()})
-        buckets.extend({"partition": _partition(key, partitions), "bucket": key, "row_id": row["row_id"]}
+        buckets.extend({"partition": _partition(key, partitions), "bucket": key, "row_id": row["row_id"],
+                        "shard": shard.index}
                        for key in _buckets(digest, values, bands))
     _write_parquet(store, _shard_file(staging, shard.index, "sorted.parquet"), rows, ROW_SCHEMA)
     _write_parquet(store, _shard_file(staging, shard.index, "signatures.parquet"), signatures, SIGNATURE_SCHEMA)
@@ -515,40 +527,90 @@ def _signature_shard(store: Store, shard: Shard, staging: str, *, config: dict[s
             "key_sample": [dedup_order_key(row, ranks) for row in rows[::step]]}
 
 
-def _bucket_edges(store: Store, shard: Shard, staging: str, *, shard_count: int) -> dict[str, Any]:
-    """Reducer of partition ``shard.index``: every bucket with two or more rows ties them to its first."""
+def _write_edges(store: Store, rel: str, edges: Iterable[tuple[str, str]], partitions: int) -> int:
+    """Undirected ``edges`` (each once) stored both ways, partitioned by their first end."""
+    rows = [{"partition": _partition(x, partitions), "a": x, "b": y}
+            for a, b in edges for x, y in ((a, b), (b, a))]
+    _write_partitioned(store, rel, rows, EDGE_SCHEMA)
+    return len(rows) // 2
+
+
+def _bucket_edges(store: Store, shard: Shard, staging: str, *, shard_count: int, partitions: int) -> dict[str, Any]:
+    """Reducer of partition ``shard.index``: every bucket with two or more rows ties them to its first (the
+    candidate-pair graph, round 0 of the components), and each such row's home shard is recorded."""
     partition = shard.index
     table = _read_partition(store, [_shard_file(staging, i, "buckets.parquet") for i in range(shard_count)], partition)
-    edges: list[dict[str, str]] = []
+    edges: set[tuple[str, str]] = set()
+    homes: dict[str, int] = {}
     records = 0
     if table is not None:
         records = table.num_rows
-        grouped = table.group_by("bucket").aggregate([("row_id", "list")])
-        for ids in grouped.column("row_id_list").to_pylist():
+        grouped = table.group_by("bucket").aggregate([("row_id", "list"), ("shard", "list")])
+        for ids, shards in zip(grouped.column("row_id_list").to_pylist(), grouped.column("shard_list").to_pylist()):
+            if len(set(ids)) < 2:
+                continue
+            homes.update(zip(ids, shards))
             ids = sorted(set(ids))
-            edges.extend({"a": ids[0], "b": other} for other in ids[1:])
-    _write_parquet(store, _shard_file(staging, partition, "edges.parquet"), edges, EDGE_SCHEMA)
-    return {"rows_in": records, "edges": len(edges)}
+            edges.update((ids[0], other) for other in ids[1:])
+    count = _write_edges(store, _shard_file(staging, partition, "cc-000.parquet"), sorted(edges), partitions)
+    nodes = [{"partition": _partition(r, partitions), "row_id": r, "shard": s} for r, s in sorted(homes.items())]
+    _write_partitioned(store, _shard_file(staging, partition, "nodes.parquet"), nodes, NODE_SCHEMA)
+    return {"rows_in": records, "edges": count}
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
+def _neighbours(store: Store, staging: str, round_: int, partition: int, partitions: int) -> dict[str, set[str]]:
+    """Each node of ``partition`` and its neighbours in the graph of ``round_``."""
+    table = _read_partition(store, [_shard_file(staging, p, f"cc-{round_:03d}.parquet") for p in range(partitions)],
+                            partition)
+    graph: dict[str, set[str]] = {}
+    if table is not None:
+        for a, b in zip(table.column("a").to_pylist(), table.column("b").to_pylist()):
+            graph.setdefault(a, set()).add(b)
+    return graph
 
-    def find(self, x: str) -> str:
-        root = x
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while x != root:  # path compression
-            self.parent[x], x = root, self.parent[x]
-        return root
 
-    def union(self, a: str, b: str) -> None:
-        self.parent.setdefault(a, a)
-        self.parent.setdefault(b, b)
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+def _star_round(store: Store, shard: Shard, staging: str, *, round_: int, partitions: int,
+                large: bool) -> dict[str, Any]:
+    """One round of the large-star / small-star connected components (Kiveris et al., 2014) over the nodes
+    of partition ``shard.index``: reads the graph of ``round_`` and writes that of ``round_ + 1``.
+
+    Large star links every larger neighbour of ``u`` to the least of ``u`` and its neighbours; small star
+    links ``u`` and its smaller neighbours to the least of them. Components never change; alternated,
+    the rounds end with every component a star around its least row id. ``stars`` says whether the
+    graph read was already that (every node a centre with larger neighbours only, or a leaf with one
+    smaller neighbour), i.e. whether the components are done.
+    """
+    graph = _neighbours(store, staging, round_, shard.index, partitions)
+    edges: set[tuple[str, str]] = set()
+    stars = True
+    for u, around in graph.items():
+        least = min(around)
+        stars = stars and (least > u or len(around) == 1)
+        if large:
+            m = min(least, u)
+            edges.update((v, m) for v in around if v > u)
+        else:
+            smaller = [v for v in around if v < u]
+            m = min(smaller, default=u)
+            edges.update((v, m) for v in [*smaller, u] if v != m)
+    count = _write_edges(store, _shard_file(staging, shard.index, f"cc-{round_ + 1:03d}.parquet"),
+                         sorted(edges), partitions)
+    return {"rows_in": len(graph), "edges": count, "stars": stars}
+
+
+def _label_nodes(store: Store, shard: Shard, staging: str, *, round_: int, partitions: int) -> dict[str, Any]:
+    """Reducer of partition ``shard.index`` once the graph of ``round_`` is stars: each candidate row's
+    cluster is its star's centre; labels are written partitioned by the row's home shard."""
+    graph = _neighbours(store, staging, round_, shard.index, partitions)
+    table = _read_partition(store, [_shard_file(staging, p, "nodes.parquet") for p in range(partitions)],
+                            shard.index)
+    labels = []
+    if table is not None:
+        homes = dict(zip(table.column("row_id").to_pylist(), table.column("shard").to_pylist()))
+        labels = [{"partition": homes[u], "row_id": u, "cluster": min(min(around), u)}
+                  for u, around in sorted(graph.items())]
+    _write_partitioned(store, _shard_file(staging, shard.index, "labels.parquet"), labels, LABEL_SCHEMA)
+    return {"rows_in": len(labels), "clusters": sum(1 for label in labels if label["cluster"] == label["row_id"])}
 
 
 def _range_of(key: Any, boundaries: list[tuple[int, str, str]]) -> int:
@@ -556,11 +618,14 @@ def _range_of(key: Any, boundaries: list[tuple[int, str, str]]) -> int:
     return bisect.bisect_right(boundaries, tuple(key))
 
 
-def _split_shard(store: Store, shard: Shard, staging: str, *, clusters_ref: list[Any], partitions: int,
+def _split_shard(store: Store, shard: Shard, staging: str, *, partitions: int,
                  boundaries: list[tuple[int, str, str]], priority: list[str]) -> dict[str, Any]:
     """The shard's sorted run cut into publish ranges (one row group each) and its rows counted per range;
     the signatures of its rows that have a candidate cluster, partitioned by cluster."""
-    clusters = _object(clusters_ref[0]) if clusters_ref else {}
+    found = _read_partition(store, [_shard_file(staging, p, "labels.parquet") for p in range(partitions)],
+                            shard.index)
+    clusters = {} if found is None else dict(zip(found.column("row_id").to_pylist(),
+                                                 found.column("cluster").to_pylist()))
     ranks = source_ranks(priority)
     rows = list(_read_parquet(store, _shard_file(staging, shard.index, "sorted.parquet")))
     counts = [0] * (len(boundaries) + 1)
@@ -652,8 +717,6 @@ def _range_boundaries(samples: Iterable[list[Any]], ranges: int) -> list[tuple[i
 def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, progress: Progress | None = None,
                             shard_hook: ShardHook | None = None):
     """`pipeline.deduplicate_prompts` on Ray: near duplicates found across every shard (module docstring)."""
-    import ray
-
     inputs = {"normalized_prompts": input_version(store, "normalized_prompts")}
     version = stage_version("deduplicated_prompts", config.dedup.model_dump(), inputs)
     run = _Run(store, config, "deduplicated_prompts", version, run_id, progress, shard_hook)
@@ -670,23 +733,25 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
                 boundaries = _range_boundaries(chain.from_iterable(r["key_sample"] for r in signed), partitions)
                 ranges = [Shard(p, "", "", "", 0, 0) for p in range(len(boundaries) + 1)]
                 # The shuffle: each reducer groups the band records of its partition from every shard.
-                run.map_shards("buckets", reducers, _bucket_edges, shard_count=len(shards))
-                union = _UnionFind()
-                for p in range(partitions):
-                    for edge in _read_parquet(store, _shard_file(run.staging, p, "edges.parquet")):
-                        union.union(edge["a"], edge["b"])
-                clusters = {row_id: union.find(row_id) for row_id in list(union.parent)}
-                del union
+                run.map_shards("buckets", reducers, _bucket_edges, shard_count=len(shards), partitions=partitions)
+                # Connected components on the workers: star rounds until every component is a star.
+                round_, large = 0, True
+                while True:
+                    done = run.map_shards("components", reducers, _star_round, round_=round_,
+                                          partitions=partitions, large=large)
+                    if all(r["stars"] for r in done):
+                        break
+                    round_, large = round_ + 1, not large
+                    if round_ > MAX_STAR_ROUNDS:
+                        raise RuntimeError(f"connected components did not converge in {MAX_STAR_ROUNDS} rounds")
+                labelled = run.map_shards("labels", reducers, _label_nodes, round_=round_, partitions=partitions)
                 run.report(step="clusters", bucket_records=sum(r["bucket_records"] for r in signed),
-                           candidate_rows=len(clusters), clusters=len(set(clusters.values())))
-                clusters_ref = [ray.put(clusters)] if clusters else []
-                del clusters
-                split = run.map_shards("split", shards, _split_shard, clusters_ref=clusters_ref,
-                                       partitions=partitions, boundaries=boundaries,
+                           candidate_rows=sum(r["rows_in"] for r in labelled),
+                           clusters=sum(r["clusters"] for r in labelled), component_rounds=round_ + 1)
+                split = run.map_shards("split", shards, _split_shard, partitions=partitions, boundaries=boundaries,
                                        priority=list(config.dedup.source_priority))
                 run.map_shards("resolve", reducers, _resolve_clusters, shard_count=len(shards), config=dedup_config,
                                boundaries=boundaries)
-                del clusters_ref
                 range_rows = [sum(r["range_counts"][p] for r in split) for p in range(len(ranges))]
                 results = run.map_shards("publish", ranges, _publish_range, shard_count=len(shards),
                                          reducers=partitions, config=dedup_config, events=ledger.part_spec(0),
