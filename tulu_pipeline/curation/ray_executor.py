@@ -252,6 +252,11 @@ def _write_jsonl(store: Store, rel: str, records: Iterable[dict[str, Any]]) -> N
             handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True, default=str).encode() + b"\n")
 
 
+def _sizes(store: Store, *rels: str) -> int:
+    """Bytes of the intermediate files a task wrote for a later step (the shuffle volume)."""
+    return sum(store.fs.size(store.path(rel)) for rel in rels)
+
+
 def _worker_usage(started_cpu: float, started_wall: float) -> dict[str, Any]:
     """CPU and wall seconds of this task, and the worker process's peak resident memory."""
     return {"cpu_s": time.process_time() - started_cpu, "wall_s": time.perf_counter() - started_wall,
@@ -297,7 +302,8 @@ class _Run:
             result = json.loads(result["result"])
             results.append(result)
             rows += result["rows_in"]
-            self.usage.append({"step": step, "shard": result["shard"], "rows": result["rows_in"], **result["usage"]})
+            self.usage.append({"step": step, "shard": result["shard"], "rows": result["rows_in"],
+                               "shuffle_bytes": result.get("shuffle_bytes", 0), **result["usage"]})
             self.report(step=step, shards_done=len(results), shards=len(shards), rows_done=rows)
         return sorted(results, key=lambda r: r["shard"])
 
@@ -524,6 +530,7 @@ def _signature_shard(store: Store, shard: Shard, staging: str, *, config: dict[s
     _write_partitioned(store, _shard_file(staging, shard.index, "buckets.parquet"), buckets, BUCKET_SCHEMA)
     step = max(1, len(rows) // KEY_SAMPLES)
     return {"rows_in": len(rows), "bucket_records": len(buckets),
+            "shuffle_bytes": _sizes(store, _shard_file(staging, shard.index, "buckets.parquet")),
             "key_sample": [dedup_order_key(row, ranks) for row in rows[::step]]}
 
 
@@ -555,7 +562,9 @@ def _bucket_edges(store: Store, shard: Shard, staging: str, *, shard_count: int,
     count = _write_edges(store, _shard_file(staging, partition, "cc-000.parquet"), sorted(edges), partitions)
     nodes = [{"partition": _partition(r, partitions), "row_id": r, "shard": s} for r, s in sorted(homes.items())]
     _write_partitioned(store, _shard_file(staging, partition, "nodes.parquet"), nodes, NODE_SCHEMA)
-    return {"rows_in": records, "edges": count}
+    return {"rows_in": records, "edges": count,
+            "shuffle_bytes": _sizes(store, _shard_file(staging, partition, "cc-000.parquet"),
+                                    _shard_file(staging, partition, "nodes.parquet"))}
 
 
 def _neighbours(store: Store, staging: str, round_: int, partition: int, partitions: int) -> dict[str, set[str]]:
@@ -595,7 +604,8 @@ def _star_round(store: Store, shard: Shard, staging: str, *, round_: int, partit
             edges.update((v, m) for v in [*smaller, u] if v != m)
     count = _write_edges(store, _shard_file(staging, shard.index, f"cc-{round_ + 1:03d}.parquet"),
                          sorted(edges), partitions)
-    return {"rows_in": len(graph), "edges": count, "stars": stars}
+    return {"rows_in": len(graph), "edges": count, "stars": stars,
+            "shuffle_bytes": _sizes(store, _shard_file(staging, shard.index, f"cc-{round_ + 1:03d}.parquet"))}
 
 
 def _label_nodes(store: Store, shard: Shard, staging: str, *, round_: int, partitions: int) -> dict[str, Any]:
@@ -610,7 +620,8 @@ def _label_nodes(store: Store, shard: Shard, staging: str, *, round_: int, parti
         labels = [{"partition": homes[u], "row_id": u, "cluster": min(min(around), u)}
                   for u, around in sorted(graph.items())]
     _write_partitioned(store, _shard_file(staging, shard.index, "labels.parquet"), labels, LABEL_SCHEMA)
-    return {"rows_in": len(labels), "clusters": sum(1 for label in labels if label["cluster"] == label["row_id"])}
+    return {"rows_in": len(labels), "clusters": sum(1 for label in labels if label["cluster"] == label["row_id"]),
+            "shuffle_bytes": _sizes(store, _shard_file(staging, shard.index, "labels.parquet"))}
 
 
 def _range_of(key: Any, boundaries: list[tuple[int, str, str]]) -> int:
@@ -637,7 +648,9 @@ def _split_shard(store: Store, shard: Shard, staging: str, *, partitions: int,
                for row in _read_parquet(store, _shard_file(staging, shard.index, "signatures.parquet"))
                if row["row_id"] in clusters]
     _write_partitioned(store, _shard_file(staging, shard.index, "members.parquet"), members, MEMBER_SCHEMA)
-    return {"rows_in": len(rows), "range_counts": counts}
+    return {"rows_in": len(rows), "range_counts": counts,
+            "shuffle_bytes": _sizes(store, _shard_file(staging, shard.index, "ranges.parquet"),
+                                    _shard_file(staging, shard.index, "members.parquet"))}
 
 
 def _resolve_clusters(store: Store, shard: Shard, staging: str, *, shard_count: int, config: dict[str, Any],
@@ -664,7 +677,8 @@ def _resolve_clusters(store: Store, shard: Shard, staging: str, *, shard_count: 
     dropped = [{**{k: d[k] for k in ("row_id", "duplicate_of", "kind", "jaccard")},
                 "partition": _range_of(keys[d["row_id"]], boundaries)} for d in dedup.dropped]
     _write_partitioned(store, _shard_file(staging, partition, "decisions.parquet"), dropped, DECISION_SCHEMA)
-    return {"rows_in": len(rows), "clusters": len({r["cluster"] for r in rows}), "dropped": len(dropped)}
+    return {"rows_in": len(rows), "clusters": len({r["cluster"] for r in rows}), "dropped": len(dropped),
+            "shuffle_bytes": _sizes(store, _shard_file(staging, partition, "decisions.parquet"))}
 
 
 _OBJECTS: dict[str, Any] = {}
