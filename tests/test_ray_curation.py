@@ -485,3 +485,16 @@ def test_components_on_the_workers_match_a_union_find(tmp_path) -> None:
         parent[max(ra, rb)] = min(ra, rb)
     assert labels == {n: find(n) for n in homes}  # each cluster named by its least row id
     assert len(set(labels.values())) > 100 and round_ > 2
+
+
+def test_an_empty_pool_publishes_an_empty_dataset_quarantine_and_ledger(tmp_path, ray_local) -> None:
+    results = {}
+    for executor in ("local", "ray"):
+        store = Store(str(tmp_path / executor))
+        store.write_dataset("normalized_prompts", "empty", iter([]), ROW_SCHEMA)
+        result = pipeline.deduplicate_prompts(store, CurationConfig(executor=executor), "run-1")
+        assert list(store.iter_rows("deduplicated_prompts")) == []
+        assert list(store.iter_jsonl_parts(stages.quarantine_dir("deduplicated_prompts", result.version))) == []
+        results[executor] = (result.version, result.dataset.rows, result.ledger_events, result.stats)
+    assert results["ray"] == results["local"]
+    assert results["local"][1:3] == (0, 0)
