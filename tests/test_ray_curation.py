@@ -237,6 +237,7 @@ def test_planted_clusters_across_many_shards_get_the_same_answers_on_both_execut
         assert b.stats == a.stats and b.samples == a.samples and b.text_lengths == a.text_lengths, stage
         assert list(on_ray.iter_rows(stage, b.version)) == list(store.iter_rows(stage, a.version)), stage
         assert len(b.dataset.parts) > 1  # published in parts, one per shard (or range)
+        assert sum(b.text_lengths.values()) == b.dataset.rows  # merged per-length counts, one per output row
     for stage in ("normalized_prompts", "deduplicated_prompts"):
         rel = stages.quarantine_dir(stage, local_results[stage].version)
         assert list(on_ray.iter_jsonl_parts(rel)) == list(store.iter_jsonl_parts(rel)), stage

@@ -56,6 +56,7 @@ import os
 import posixpath
 import resource
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from itertools import chain
@@ -366,15 +367,18 @@ def _write_events(store: Store, rel: str, spec: EventPart, first_seq: int, event
     return replace(spec, first_seq=first_seq).write(store, rel, events)
 
 
-def _summaries(results: list[dict[str, Any]], size: int = 5) -> tuple[list[dict[str, Any]], list[int]]:
-    """The first ``size`` output rows and every row's text length over the parts, in part order
+def _summaries(results: list[dict[str, Any]], size: int = 5) -> tuple[list[dict[str, Any]], dict[int, int]]:
+    """The first ``size`` output rows over the parts in part order, and the rows per text length summed
     (what `EventSampler` gives the local path)."""
     samples = list(chain.from_iterable(r["samples"] for r in results))[:size]
-    return samples, list(chain.from_iterable(r["lengths"] for r in results))
+    lengths: Counter[int] = Counter()
+    for result in results:
+        lengths.update({int(length): n for length, n in result["lengths"]})
+    return samples, dict(lengths)
 
 
 def _summary(sampler: EventSampler) -> dict[str, Any]:
-    return {"samples": sampler.samples, "lengths": sampler.lengths}
+    return {"samples": sampler.samples, "lengths": sorted(sampler.lengths.items())}
 
 
 # ---------------------------------------------------------------------------------------------

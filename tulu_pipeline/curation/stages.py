@@ -45,7 +45,8 @@ class StageResult:
     dataset: DatasetInfo
     stats: dict[str, Any]
     samples: list[dict[str, Any]] = field(default_factory=list)
-    text_lengths: list[int] = field(default_factory=list)
+    # text length → rows of that length: the histogram's input, O(distinct lengths) whatever the rows
+    text_lengths: dict[int, int] = field(default_factory=dict)
     ledger_events: int = 0
     quarantine_path: str | None = None
     quarantined: int = 0
@@ -87,16 +88,18 @@ def eval_specs(config: CurationConfig) -> list[SourceSpec]:
 
 
 class EventSampler:
-    """Keeps the first few rows and every row's text length while rows stream past."""
+    """Keeps the first few rows and counts rows per text length while rows stream past."""
 
     def __init__(self, size: int = 5):
-        self.size, self.samples, self.lengths = size, [], []
+        self.size, self.samples = size, []
+        self.lengths: dict[int, int] = {}  # a plain dict: StageResult goes through dataclasses.asdict
 
     def __call__(self, rows):
         for row in rows:
             if len(self.samples) < self.size:
                 self.samples.append(row)
-            self.lengths.append(len(row_text(row)))
+            length = len(row_text(row))
+            self.lengths[length] = self.lengths.get(length, 0) + 1
             yield row
 
 
