@@ -420,7 +420,7 @@ def normalize_prompts_ray(store: Store, config: CurationConfig, run_id: str, pro
                                         [(_shard_file(run.staging, r["shard"], "rows.parquet"), r["rows_out"])
                                          for r in results], ROW_SCHEMA, inputs=inputs)
             quarantine = store.commit_jsonl_parts(
-                posixpath.join("quarantine", "normalized_prompts", version),
+                quarantine_dir("normalized_prompts", version),
                 [(_shard_file(run.staging, r["shard"], "dropped.jsonl"), r["dropped"]) for r in results])
     finally:
         run.cleanup()
