@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,33 @@ def test_trace_shows_origin_and_related_rows(store: Store, bundle: Path) -> None
     assert trace["origin"]["file_sha256"] == get_source("vicuna_bench").sha256
     assert [e["event"] for e in trace["events"]] == ["ingested"]
     assert trace["referenced_by"][0]["row_id"] == "other-row"
+
+
+def test_events_written_in_parts_read_back_as_recorded_ones(store: Store) -> None:
+    from tulu_pipeline.provenance.ledger import MemorySink
+
+    sink = MemorySink()
+    for i in range(5):
+        sink.record(f"r{i}", "dropped_duplicate", decision="near", reason="near r0", related_ids=["r0"],
+                    details={"jaccard": 0.9})
+    with LedgerWriter(store, "curation", "dedup", "v1", "run-a") as writer:
+        for e in sink.events:
+            writer.record(**e)
+    columns = "row_id, event, stage, asset_key, asset_version, seq, ts, decision, reason, related_ids, details"
+    recorded = Ledger(store).query(f"SELECT {columns} FROM events ORDER BY seq")
+
+    with LedgerWriter(store, "curation", "dedup", "v1", "run-a") as writer:
+        spec = writer.part_spec(0)
+        # Shard tasks, out of order: each numbers its events from the prefix sum of the ones before.
+        second = replace(spec, first_seq=2).write(store, "_ray/events-1.parquet", sink.events[2:])
+        first = replace(spec, first_seq=0).write(store, "_ray/events-0.parquet", sink.events[:2])
+        writer.adopt_parts([("_ray/events-0.parquet", first), ("_ray/empty.parquet", 0),
+                            ("_ray/events-1.parquet", second)])
+        assert writer.count == 5
+    in_parts = Ledger(store).query(f"SELECT {columns} FROM events ORDER BY seq")
+    assert [{**e, "ts": None} for e in in_parts] == [{**e, "ts": None} for e in recorded]
+    assert len({e["ts"] for e in in_parts}) == 1  # one timestamp per run, as record() gives
+    with pytest.raises(RuntimeError, match="after record"):
+        with LedgerWriter(store, "curation", "dedup", "v2", "run-b") as writer:
+            writer.record("r9", "kept")
+            writer.adopt_parts([("_ray/none.parquet", 0)])

@@ -17,7 +17,7 @@ import pytest
 
 from tulu_pipeline.curation import pipeline, stages
 from tulu_pipeline.curation.config import CurationConfig, EvalSelection, RaySettings
-from tulu_pipeline.curation.dedup import Deduplicator, dedup_order
+from tulu_pipeline.curation.dedup import LSH_WEIGHTS, Deduplicator, dedup_order
 from tulu_pipeline.curation.ray_executor import (
     RAY_DIR,
     deduplicate_prompts_ray,
@@ -102,9 +102,10 @@ def test_ray_and_local_publish_the_same_rows_decisions_and_ledger(curated) -> No
     assert dedup["exact_duplicates"] >= 1 and dedup["near_duplicates"] >= 10
     assert local_results["decontaminated_prompts"].quarantined >= 5
 
-    for rel in ("quarantine/normalized_prompts", "quarantine/deduplicated_prompts"):
-        version = local_results[rel.split("/")[1]].version
-        assert on_ray.read_bytes(f"{rel}/{version}.jsonl") == local.read_bytes(f"{rel}/{version}.jsonl")
+    for stage in ("normalized_prompts", "deduplicated_prompts"):
+        rel = stages.quarantine_dir(stage, local_results[stage].version)
+        assert list(on_ray.iter_jsonl_parts(rel)) == list(local.iter_jsonl_parts(rel)), stage
+        assert on_ray.read_json(f"{rel}/_parts.json")["records"] == local_results[stage].quarantined
     assert list(on_ray.iter_rows("decontamination_quarantine")) == list(local.iter_rows("decontamination_quarantine"))
 
     events = _events(local)
@@ -154,6 +155,117 @@ def test_duplicates_split_across_shards_are_caught_with_the_local_keep_rule(tmp_
     ledger = [{k: e[k] for k in ("row_id", "event", "decision", "reason", "related_ids")}
               for e in _events(store, "deduplicated_prompts")]
     assert ledger == [{k: e[k] for k in ("row_id", "event", "decision", "reason", "related_ids")} for e in sink.events]
+
+
+def _planted_pool(eval_texts: list[str]) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
+    """Two training pools (code_alpaca ranks before hh_rlhf_harmless) with near-duplicate clusters that
+    span many shards once shuffled: chains A~B~C whose ends are not similar (by the MinHash estimate
+    the keep rule uses), a cluster of 1,000 one-word variants, exact and near duplicates across the
+    sources, rows quoting eval items, and unique rows. Returns the pools and the planted row ids
+    (``chains``: A, B, C, A, B, C, …; ``cluster``; ``cross``: hh_rlhf_harmless row, code_alpaca row, …)."""
+    import random
+
+    from datasketch import MinHashLSH
+
+    rng = random.Random(2025)
+    config = CurationConfig().dedup
+    signature = Deduplicator(config, MemorySink()).signature
+
+    def words(n: int = 200) -> list[str]:
+        return [f"t{rng.randrange(10**7)}" for _ in range(n)]
+
+    def minhash(ws: list[str]):
+        return signature({"messages": [{"role": "user", "content": " ".join(ws)}]})[1]
+
+    texts: list[tuple[str, str, tuple[str, int] | None]] = []  # (source, text, (planted group, position))
+    chains = 0
+    while chains < 12:
+        a = words()
+        b = [f"b{chains}x{i}" if i in (20, 60, 100) else w for i, w in enumerate(a)]
+        c = [f"c{chains}x{i}" if i in (120, 150, 180) else w for i, w in enumerate(b)]
+        ma, mb, mc = minhash(a), minhash(b), minhash(c)
+        lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm, weights=LSH_WEIGHTS)
+        lsh.insert("b", mb)
+        linked = set(lsh.query(ma)) == set(lsh.query(mc)) == {"b"}  # LSH candidates (it misses some at 0.85)
+        if linked and min(ma.jaccard(mb), mb.jaccard(mc)) >= 0.85 > 0.75 > ma.jaccard(mc):  # A~B~C, not A~C
+            texts += [("code_alpaca", " ".join(ws), ("chains", 3 * chains + k)) for k, ws in enumerate((a, b, c))]
+            chains += 1
+    base = words()
+    for i in range(1_000):
+        variant = [f"v{i}" if k == (7 * i) % 200 else w for k, w in enumerate(base)]
+        texts.append(("hh_rlhf_harmless" if i % 3 else "code_alpaca", " ".join(variant), ("cluster", i)))
+    for i in range(40):
+        ws = words()
+        near = [f"n{i}" if k == 100 else w for k, w in enumerate(ws)]  # odd i: exact, even i: near
+        texts += [("hh_rlhf_harmless", " ".join(ws), ("cross", 2 * i)),
+                  ("code_alpaca", " ".join(ws if i % 2 else near), ("cross", 2 * i + 1))]
+        texts += [("hh_rlhf_harmless", " ".join(ws), None)] * (i % 3 == 0)  # and a duplicate within the source
+    texts += [("hh_rlhf_harmless", f"Please answer: {t}", None) for t in eval_texts]
+    texts += [(("code_alpaca", "hh_rlhf_harmless")[i % 2], " ".join(words(rng.randrange(8, 120))), None)
+              for i in range(900)]
+    rng.shuffle(texts)
+    pools: dict[str, list[dict]] = {"code_alpaca": [], "hh_rlhf_harmless": []}
+    planted: dict[str, dict[int, str]] = {"chains": {}, "cluster": {}, "cross": {}}
+    for source, text, tag in texts:
+        pools[source].append(_row(len(pools[source]), text, source))
+        if tag is not None:
+            planted[tag[0]][tag[1]] = pools[source][-1]["row_id"]
+    rng.shuffle(pools["hh_rlhf_harmless"])  # row ids out of file order as well
+    return pools, {group: [ids[k] for k in sorted(ids)] for group, ids in planted.items()}
+
+
+def test_planted_clusters_across_many_shards_get_the_same_answers_on_both_executors(raw_home: Path,
+                                                                                    ray_local) -> None:
+    store = _copy(raw_home, "planted-local")
+    items = [r["messages"][0]["content"] for r in store.iter_rows("raw/truthfulqa")]
+    pools, planted = _planted_pool([t for t in items if len(t.split()) >= 12][:4])
+    for source, rows in pools.items():
+        store.write_dataset(f"raw/{source}", "planted", (rows[i:i + 500] for i in range(0, len(rows), 500)),
+                            ROW_SCHEMA)
+    on_ray = _copy(Path(store.url), "planted-ray")
+
+    def config(executor: str) -> CurationConfig:
+        # 128-row shards: about 17 per stage, and every planted cluster crosses many of them.
+        return CurationConfig(train_sources=list(pools), evals=EvalSelection(benchmarks=["truthfulqa"]),
+                              executor=executor, ray=RaySettings(shard_rows=128, shuffle_partitions=7))
+
+    local_results, ray_results = _run_all(store, config("local")), _run_all(on_ray, config("ray"))
+    for stage in STAGES:
+        a, b = local_results[stage], ray_results[stage]
+        assert (b.version, b.dataset.rows, b.quarantined, b.ledger_events) == \
+               (a.version, a.dataset.rows, a.quarantined, a.ledger_events), stage
+        assert b.stats == a.stats and b.samples == a.samples and b.text_lengths == a.text_lengths, stage
+        assert list(on_ray.iter_rows(stage, b.version)) == list(store.iter_rows(stage, a.version)), stage
+        assert len(b.dataset.parts) > 1  # published in parts, one per shard (or range)
+        assert sum(b.text_lengths.values()) == b.dataset.rows  # merged per-length counts, one per output row
+    for stage in ("normalized_prompts", "deduplicated_prompts"):
+        rel = stages.quarantine_dir(stage, local_results[stage].version)
+        assert list(on_ray.iter_jsonl_parts(rel)) == list(store.iter_jsonl_parts(rel)), stage
+    assert list(on_ray.iter_rows("decontamination_quarantine")) == list(store.iter_rows("decontamination_quarantine"))
+    assert _events(on_ray) == _events(store)
+
+    # What was planted was exercised: clusters crossing shards, decided by the keep rule.
+    normalized = {"normalized_prompts": ray_results["normalized_prompts"].version}
+    assert len(plan_shards(on_ray, normalized, 128)) >= 15
+    kept = {r["row_id"] for r in store.iter_rows("deduplicated_prompts")}
+    dropped = {d["row_id"]: d for d in store.iter_jsonl_parts(
+        stages.quarantine_dir("deduplicated_prompts", local_results["deduplicated_prompts"].version))}
+    chains = planted["chains"]
+    for i in range(0, len(chains), 3):
+        a, b, c = chains[i:i + 3]
+        if b in kept:  # B came first: both ends are its duplicates
+            assert dropped[a]["duplicate_of"] == dropped[c]["duplicate_of"] == b, (a, b, c)
+        else:  # an end came first: B is dropped, and the other end, not similar to the first, is kept
+            assert a in kept and c in kept and dropped[b]["duplicate_of"] in (a, c), (a, b, c)
+    cluster = planted["cluster"]
+    survivors = [r for r in cluster if r in kept]
+    assert len(survivors) == 1 and survivors[0].startswith("code_alpaca")
+    assert all(dropped[r]["duplicate_of"] == survivors[0] for r in cluster if r not in kept)
+    cross = planted["cross"]
+    for i in range(0, len(cross), 2):
+        hh, code = cross[i:i + 2]
+        assert code in kept and dropped[hh]["duplicate_of"] == code, (hh, code)
+    assert ray_results["decontaminated_prompts"].quarantined == local_results["decontaminated_prompts"].quarantined >= 4
 
 
 def test_distinct_answers_keep_near_identical_prompts_across_shards(tmp_path, ray_local) -> None:
@@ -318,3 +430,72 @@ def test_a_failing_shard_publishes_nothing(raw_home: Path, ray_local) -> None:
     assert store.latest_version("normalized_prompts") is None
     assert not _events(store, "normalized_prompts")
     assert not store.fs.find(store.path(RAY_DIR))  # the other shards' files are gone too
+
+
+def test_components_on_the_workers_match_a_union_find(tmp_path) -> None:
+    """The star rounds and labelling tasks, run in-process over 3 partitions: a long path with ids in
+    random order (the most rounds), a 1,000-node star, random sparse graphs and isolated pairs."""
+    import random
+
+    from tulu_pipeline.curation import ray_executor as rx
+
+    rng = random.Random(5)
+    ids = [f"r{i:05d}" for i in range(3_000)]
+    rng.shuffle(ids)
+    edges = list(zip(ids[:300], ids[1:300]))                       # a path of 300 nodes
+    edges += [(ids[300], ids[k]) for k in range(301, 1_300)]        # a star of 1,000
+    pool = ids[1_300:2_800]
+    edges += [(rng.choice(pool), rng.choice(pool)) for _ in range(1_200)]  # random sparse graph
+    edges += list(zip(ids[2_800::2], ids[2_801::2]))                # pairs
+    edges = sorted({tuple(sorted(e)) for e in edges if e[0] != e[1]})
+    homes = {node: rng.randrange(4) for edge in edges for node in edge}
+
+    store, staging, partitions = Store(str(tmp_path / "home")), "_ray/cc", 3
+    reducers = [rx.Shard(p, "", "", "", 0, 0) for p in range(partitions)]
+    rx._write_edges(store, rx._shard_file(staging, 0, "cc-000.parquet"), edges, partitions)
+    for p in (1, 2):
+        rx._write_edges(store, rx._shard_file(staging, p, "cc-000.parquet"), [], partitions)
+    for p in range(partitions):
+        nodes = [{"partition": rx._partition(n, partitions), "row_id": n, "shard": s}
+                 for n, s in homes.items() if p == 0]
+        rx._write_partitioned(store, rx._shard_file(staging, p, "nodes.parquet"), nodes, rx.NODE_SCHEMA)
+    round_, large = 0, True
+    while not all([rx._star_round(store, r, staging, round_=round_, partitions=partitions, large=large)["stars"]
+                   for r in reducers]):
+        round_, large = round_ + 1, not large
+        assert round_ < 60
+    for r in reducers:
+        rx._label_nodes(store, r, staging, round_=round_, partitions=partitions)
+    labels = {}
+    for shard in range(4):
+        table = rx._read_partition(store, [rx._shard_file(staging, p, "labels.parquet") for p in range(partitions)],
+                                   shard)
+        for row in table.to_pylist():
+            assert homes[row["row_id"]] == shard
+            labels[row["row_id"]] = row["cluster"]
+
+    parent = {n: n for n in homes}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    assert labels == {n: find(n) for n in homes}  # each cluster named by its least row id
+    assert len(set(labels.values())) > 100 and round_ > 2
+
+
+def test_an_empty_pool_publishes_an_empty_dataset_quarantine_and_ledger(tmp_path, ray_local) -> None:
+    results = {}
+    for executor in ("local", "ray"):
+        store = Store(str(tmp_path / executor))
+        store.write_dataset("normalized_prompts", "empty", iter([]), ROW_SCHEMA)
+        result = pipeline.deduplicate_prompts(store, CurationConfig(executor=executor), "run-1")
+        assert list(store.iter_rows("deduplicated_prompts")) == []
+        assert list(store.iter_jsonl_parts(stages.quarantine_dir("deduplicated_prompts", result.version))) == []
+        results[executor] = (result.version, result.dataset.rows, result.ledger_events, result.stats)
+    assert results["ray"] == results["local"]
+    assert results["local"][1:3] == (0, 0)

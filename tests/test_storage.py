@@ -211,3 +211,49 @@ def test_unwritable_home_is_a_clear_error(tmp_path: Path) -> None:
             store.write_json("a.json", {})
     finally:
         home.chmod(0o700)
+
+
+def _staged(store: Store, rel: str, xs: list[int]) -> tuple[str, int]:
+    import pyarrow.parquet as pq
+
+    with store.atomic_open(rel) as handle:
+        pq.write_table(pa.Table.from_pylist([{"x": x} for x in xs], schema=SCHEMA), handle)
+    return rel, len(xs)
+
+
+def test_committed_parts_read_back_in_order_and_only_the_listed_ones(store: Store) -> None:
+    # A retried task rewrote shard 1 under the same name; a leftover shard-9 file is no winner.
+    parts = [_staged(store, "_ray/s/shard-0", [0, 1]), _staged(store, "_ray/s/shard-1", [9]),
+             _staged(store, "_ray/s/shard-2", []), _staged(store, "_ray/s/shard-3", [4])]
+    parts[1] = _staged(store, "_ray/s/shard-1", [2, 3])
+    _staged(store, "_ray/s/shard-9", [99])
+    info = store.commit_dataset("demo", "v1", parts, SCHEMA, inputs={"up": "v0"})
+    assert info.rows == 5 and info.parts == ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet")
+    assert [r["x"] for b in store.iter_dataset("demo") for r in b] == [0, 1, 2, 3, 4]
+    assert store.read_json("data/demo/v1/_dataset.json")["inputs"] == {"up": "v0"}
+    # What was not committed (the empty part, the loser) stays where it was, for the caller's cleanup.
+    assert store.latest_version("demo") == "v1" and store.listdir("_ray/s") == ["shard-2", "shard-9"]
+    # All parts empty: one is kept for the schema.
+    empty = store.commit_dataset("none", "v1", [_staged(store, "_ray/e/0", []), _staged(store, "_ray/e/1", [])],
+                                 SCHEMA)
+    assert empty.rows == 0 and empty.parts == ("part-00000.parquet",) and list(store.iter_dataset("none")) == []
+
+
+def test_a_commit_that_fails_keeps_the_previous_version(store: Store) -> None:
+    store.write_dataset("demo", "v1", [[{"x": 1}]], SCHEMA)
+    with pytest.raises(FileNotFoundError):
+        store.commit_dataset("demo", "v1", [_staged(store, "_ray/a", [5]), ("_ray/missing", 1)], SCHEMA)
+    assert [r["x"] for b in store.iter_dataset("demo") for r in b] == [1]
+    assert store.listdir("data", "demo") == ["LATEST", "v1"]
+
+
+def test_jsonl_parts_one_part_or_many_read_the_same(store: Store) -> None:
+    records = [{"row_id": f"r{i}", "reason": "empty", "n": i} for i in range(5)]
+    store.write_jsonl_parts("quarantine/a/v1", records)
+    staged = []
+    for k, chunk in enumerate((records[:2], [], records[2:])):
+        store.write_jsonl(f"_ray/q/{k}.jsonl", chunk)
+        staged.append((f"_ray/q/{k}.jsonl", len(chunk)))
+    store.commit_jsonl_parts("quarantine/b/v1", staged)
+    assert list(store.iter_jsonl_parts("quarantine/a/v1")) == list(store.iter_jsonl_parts("quarantine/b/v1")) == records
+    assert store.read_json("quarantine/b/v1/_parts.json")["records"] == 5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -26,17 +26,22 @@ def figure_png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def histogram_png(values: Sequence[float], title: str, xlabel: str, bins: int = 40) -> bytes:
-    """A histogram as PNG bytes (log-spaced bins when values span more than two decades)."""
+def histogram_png(values: Sequence[float] | Mapping[float, int], title: str, xlabel: str, bins: int = 40) -> bytes:
+    """A histogram as PNG bytes (log-spaced bins when values span more than two decades).
+
+    ``values`` are the values, or a mapping of value → how many times it occurs (the same plot)."""
     import numpy as np
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    data = np.asarray([v for v in values if v is not None], dtype=float)
+    counted = values.items() if isinstance(values, Mapping) else ((v, 1) for v in values)
+    pairs = [(v, n) for v, n in counted if v is not None]
+    data = np.asarray([v for v, _ in pairs], dtype=float)
+    weights = np.asarray([n for _, n in pairs], dtype=float)
     if data.size:
         low, high = max(data.min(), 1.0), max(data.max(), 1.0)
         edges = np.geomspace(low, high + 1, bins) if high / low > 100 else bins
-        ax.hist(data, bins=edges, color="#4c72b0")
+        ax.hist(data, bins=edges, weights=weights, color="#4c72b0")
         if high / low > 100:
             ax.set_xscale("log")
     ax.set_title(title)

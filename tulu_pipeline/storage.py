@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 TMP_MARKER = ".tmp-"
 LOCK_DIR = ".locks"
 LOCK_TIMEOUT_ENV = "TULU_LOCK_TIMEOUT_S"
+PARTS_MANIFEST = "_parts.json"  # the committed parts of a JSON-lines parts directory
 # errno values that mean "this location cannot take the write", as opposed to a bug or a lost connection.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
 _held = threading.local()  # lock paths this thread holds, so a nested write to the same target does not deadlock
@@ -64,6 +65,11 @@ def swap_directory(new: "os.PathLike[str] | str", target: "os.PathLike[str] | st
             raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def json_line(record: Any) -> bytes:
+    """One JSON-lines record as every writer of record files encodes it (sorted keys, UTF-8)."""
+    return json.dumps(record, ensure_ascii=False, sort_keys=True, default=str).encode() + b"\n"
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -264,20 +270,72 @@ class Store:
         from any dataset back to its sources.
         """
         final_rel = self.dataset_dir(name, version)
-        with self.lock(final_rel):
-            self._sweep_tmp_siblings(self.path(final_rel))
-            try:
-                info = self._write_dataset_locked(name, version, final_rel, batches, schema, rows_per_part, inputs)
-            except OSError as exc:
-                if exc.errno in WRITE_ERRNOS and not isinstance(exc, StorageWriteError):
-                    raise _write_error(self.url, final_rel, exc) from exc
-                raise
+        info = self._publish_directory(final_rel, lambda tmp_rel: self._write_dataset_parts(
+            name, version, final_rel, tmp_rel, batches, schema, rows_per_part, inputs))
         self.write_bytes(posixpath.join("data", name, "LATEST"), version.encode())
         return info
 
-    def _write_dataset_locked(self, name, version, final_rel, batches, schema, rows_per_part, inputs) -> DatasetInfo:
-        tmp_rel = f"{final_rel}{TMP_MARKER}{uuid.uuid4().hex}"
-        self.fs.makedirs(self.path(tmp_rel), exist_ok=True)
+    def commit_dataset(self, name: str, version: str, parts: Sequence[tuple[str, int]], schema: pa.Schema, *,
+                       inputs: dict[str, str] | None = None) -> DatasetInfo:
+        """Publish ``data/<name>/<version>/`` from Parquet files already written elsewhere in the store.
+
+        ``parts`` are (relative path, rows) in dataset order, e.g. one per shard task of a Ray stage;
+        each is moved (renamed) into a temporary directory as ``part-<i>.parquet`` beside a
+        ``_dataset.json`` listing exactly these parts, and that directory replaces the version in one
+        rename, so the work here is one rename per part whatever the row count. Empty parts are
+        left out (an all-empty dataset keeps one, for its schema); reading the result yields the
+        parts' rows in the order given.
+        """
+        final_rel = self.dataset_dir(name, version)
+        kept = [(rel, rows) for rel, rows in parts if rows] or list(parts[:1])
+
+        def fill(tmp_rel: str) -> DatasetInfo:
+            names = [f"part-{i:05d}.parquet" for i in range(len(kept))]
+            for (rel, _), part_name in zip(kept, names):
+                self.fs.mv(self.path(rel), self.path(tmp_rel, part_name))
+            if not kept:
+                names = ["part-00000.parquet"]
+                with self.fs.open(self.path(tmp_rel, names[0]), "wb") as empty:
+                    pq.write_table(schema.empty_table(), empty)
+            rows = sum(r for _, r in kept)
+            self._write_dataset_meta(tmp_rel, name, version, rows, names, inputs)
+            return DatasetInfo(name, version, self.uri(final_rel), rows, tuple(names))
+
+        info = self._publish_directory(final_rel, fill)
+        self.write_bytes(posixpath.join("data", name, "LATEST"), version.encode())
+        return info
+
+    def _publish_directory(self, final_rel: str, fill: Callable[[str], Any]) -> Any:
+        """Fill a temporary sibling of ``final_rel`` (``fill(tmp_rel)``), then rename it into place under
+        the target's lock; the old directory stays readable until then, and a failure removes the sibling."""
+        with self.lock(final_rel):
+            self._sweep_tmp_siblings(self.path(final_rel))
+            tmp_rel = f"{final_rel}{TMP_MARKER}{uuid.uuid4().hex}"
+            try:
+                self.fs.makedirs(self.path(tmp_rel), exist_ok=True)
+                result = fill(tmp_rel)
+                if self.is_local:  # the old version stays readable until the new one is in place
+                    swap_directory(self.path(tmp_rel), self.path(final_rel))
+                else:
+                    if self.fs.exists(self.path(final_rel)):
+                        self.fs.rm(self.path(final_rel), recursive=True)
+                    self.fs.mv(self.path(tmp_rel), self.path(final_rel), recursive=True)
+                return result
+            except BaseException as exc:
+                if self.fs.exists(self.path(tmp_rel)):
+                    self.fs.rm(self.path(tmp_rel), recursive=True)
+                if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS and not isinstance(exc, StorageWriteError):
+                    raise _write_error(self.url, final_rel, exc) from exc
+                raise
+
+    def _write_dataset_meta(self, tmp_rel: str, name: str, version: str, rows: int, parts: list[str],
+                            inputs: dict[str, str] | None) -> None:
+        with self.fs.open(self.path(tmp_rel, "_dataset.json"), "wb") as meta:
+            meta.write(json.dumps({"name": name, "version": version, "rows": rows, "parts": parts,
+                                   "inputs": dict(inputs or {})}, sort_keys=True).encode())
+
+    def _write_dataset_parts(self, name, version, final_rel, tmp_rel, batches, schema, rows_per_part,
+                             inputs) -> DatasetInfo:
         parts: list[str] = []
         rows = 0
         writer: pq.ParquetWriter | None = None
@@ -311,20 +369,9 @@ class Store:
                 with self.fs.open(self.path(tmp_rel, part_name), "wb") as empty:
                     pq.write_table(schema.empty_table(), empty)
             close_part()
-            with self.fs.open(self.path(tmp_rel, "_dataset.json"), "wb") as meta:
-                meta.write(json.dumps({"name": name, "version": version, "rows": rows, "parts": parts,
-                                       "inputs": dict(inputs or {})}, sort_keys=True).encode())
-            if self.is_local:  # the old version stays readable until the new one is in place
-                swap_directory(self.path(tmp_rel), self.path(final_rel))
-            else:
-                if self.fs.exists(self.path(final_rel)):
-                    self.fs.rm(self.path(final_rel), recursive=True)
-                self.fs.mv(self.path(tmp_rel), self.path(final_rel), recursive=True)
-        except BaseException:
+            self._write_dataset_meta(tmp_rel, name, version, rows, parts, inputs)
+        finally:
             close_part()
-            if self.fs.exists(self.path(tmp_rel)):
-                self.fs.rm(self.path(tmp_rel), recursive=True)
-            raise
         return DatasetInfo(name, version, self.uri(final_rel), rows, tuple(parts))
 
     def write_rows(self, name: str, version: str, rows: Iterable[dict[str, Any]], schema: pa.Schema,
@@ -336,8 +383,48 @@ class Store:
         """Write JSON lines atomically (quarantines and other append-free record files)."""
         with self.atomic_open(rel, "wb") as handle:
             for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True, default=str).encode() + b"\n")
+                handle.write(json_line(record))
         return self.uri(rel)
+
+    def write_jsonl_parts(self, rel: str, records: Iterable[dict[str, Any]]) -> str:
+        """Publish the directory ``rel`` of JSON-lines parts (here one, ``part-00000.jsonl``) with a
+        ``_parts.json`` manifest; read it with `iter_jsonl_parts`. The layout `commit_jsonl_parts` publishes."""
+
+        def fill(tmp_rel: str) -> int:
+            count = 0
+            with self.fs.open(self.path(tmp_rel, "part-00000.jsonl"), "wb") as handle:
+                for record in records:
+                    handle.write(json_line(record))
+                    count += 1
+            self._write_parts_manifest(tmp_rel, ["part-00000.jsonl"], count)
+            return count
+
+        self._publish_directory(rel, fill)
+        return self.uri(rel)
+
+    def commit_jsonl_parts(self, rel: str, parts: Sequence[tuple[str, int]]) -> str:
+        """Publish the directory ``rel`` from JSON-lines files written elsewhere in the store: (relative
+        path, records) in order, each renamed to ``part-<i>.jsonl``; one directory rename commits them all."""
+
+        def fill(tmp_rel: str) -> None:
+            names = [f"part-{i:05d}.jsonl" for i in range(len(parts))]
+            for (part_rel, _), name in zip(parts, names):
+                self.fs.mv(self.path(part_rel), self.path(tmp_rel, name))
+            self._write_parts_manifest(tmp_rel, names, sum(n for _, n in parts))
+
+        self._publish_directory(rel, fill)
+        return self.uri(rel)
+
+    def _write_parts_manifest(self, tmp_rel: str, names: list[str], records: int) -> None:
+        with self.fs.open(self.path(tmp_rel, PARTS_MANIFEST), "wb") as meta:
+            meta.write(json.dumps({"parts": names, "records": records}, sort_keys=True).encode())
+
+    def iter_jsonl_parts(self, rel: str) -> Iterator[dict[str, Any]]:
+        """The records of a JSON-lines parts directory (`write_jsonl_parts`), parts in manifest order."""
+        for name in self.read_json(posixpath.join(rel, PARTS_MANIFEST))["parts"]:
+            with self.fs.open(self.path(rel, name), "rb") as handle:
+                for line in handle:
+                    yield json.loads(line)
 
     def iter_rows(self, name: str, version: str | None = None) -> Iterator[dict[str, Any]]:
         """A dataset's rows one at a time (read a row group at a time)."""

@@ -33,6 +33,7 @@ from tulu_pipeline.curation.stages import (
     dropped_record,
     eval_specs,
     input_version,
+    quarantine_dir,
     quarantine_record,
     stage_version,
     train_specs,
@@ -93,8 +94,8 @@ def _normalize_local(store: Store, config: CurationConfig, run_id: str) -> Stage
         normalizer = Normalizer(config.normalize, ledger)
         rows = chain.from_iterable(store.iter_rows(name, v) for name, v in inputs.items())
         info = store.write_rows("normalized_prompts", version, sampler(normalizer(rows)), ROW_SCHEMA, inputs=inputs)
-        quarantine = store.write_jsonl(posixpath.join("quarantine", "normalized_prompts", f"{version}.jsonl"),
-                                       (dropped_record(d) for d in normalizer.dropped))
+        quarantine = store.write_jsonl_parts(quarantine_dir("normalized_prompts", version),
+                                             (dropped_record(d) for d in normalizer.dropped))
     return StageResult("normalized_prompts", version, info, normalizer.stats, sampler.samples, sampler.lengths,
                        ledger.count, quarantine, len(normalizer.dropped), inputs)
 
@@ -109,8 +110,7 @@ def _deduplicate_local(store: Store, config: CurationConfig, run_id: str) -> Sta
     with LedgerWriter(store, "curation", "deduplicated_prompts", version, run_id) as ledger:
         dedup = Deduplicator(config.dedup, ledger)
         info = store.write_rows("deduplicated_prompts", version, sampler(dedup(ordered)), ROW_SCHEMA, inputs=inputs)
-        quarantine = store.write_jsonl(posixpath.join("quarantine", "deduplicated_prompts", f"{version}.jsonl"),
-                                       dedup.dropped)
+        quarantine = store.write_jsonl_parts(quarantine_dir("deduplicated_prompts", version), dedup.dropped)
     return StageResult("deduplicated_prompts", version, info, dedup.stats, sampler.samples, sampler.lengths,
                        ledger.count, quarantine, len(dedup.dropped), inputs)
 

@@ -5,29 +5,41 @@ when ``CurationConfig.executor == "ray"``; they publish the same datasets, quara
 events (same row ids, decisions, order and ``seq``) as the in-process path.
 
 **Shards.** An input dataset is cut into shards of ``ray.shard_rows`` rows (`plan_shards`, from
-the Parquet footers only), in the order the local path reads it. A task processes
-one shard with the library step (`Normalizer`, `Decontaminator`, `Deduplicator.signature`) and
-publishes its outputs under ``_ray/<stage>/<version>/<run_id>/`` in TULU_HOME, each file written
-atomically under a name fixed by the shard index. A task whose worker dies is re-run by Ray
-(``max_retries``) and overwrites the same files, so nothing is counted twice; the driver then
-replays the shards in order into one `LedgerWriter` and one dataset, which is why the events
-come out identical to the local path's.
+the Parquet footers only), in the order the local path reads it. A task processes one shard with
+the library step (`Normalizer`, `Decontaminator`, `Deduplicator.signature`) and writes its outputs
+under ``_ray/<stage>/<version>/<run_id>/`` in TULU_HOME, each file written atomically under a name
+fixed by the shard index, so a task re-run by Ray (``max_retries``) replaces its files.
+
+**Parallel publish.** Each publishing task writes its part of the output dataset, of the quarantine
+and of the ledger. Every step records exactly one event per row it reads, so the ``seq`` of a
+part's first event is the prefix sum of the rows before it, known before the tasks run (dedup:
+after the ranges are counted); its events carry the driver's `LedgerWriter` run and timestamp
+(`EventPart`). The driver's work is O(parts): it renames the parts listed in the task results into
+the dataset (`Store.commit_dataset`, one directory rename with ``_dataset.json``), the quarantine
+(`Store.commit_jsonl_parts`) and the ledger run (`LedgerWriter.adopt_parts`, published by its
+commit), and merges the shards' stats, samples and text lengths. Read in order, the parts are the
+local path's rows and events.
 
 **Global near-duplicate removal** (`deduplicate_prompts_ray`) keeps the local keep rule exactly:
 
 1. per shard, every row's sha256 and MinHash (`Deduplicator.signature`) are written beside the
-   shard, and one record per LSH band (``bucket`` = hash of band index and band values; the
-   digest without near dedup) is emitted;
+   shard with the shard sorted in `dedup_order`, one record per LSH band (``bucket`` = hash of band
+   index and band values; the digest without near dedup) is emitted, and a sample of its order keys
+   is returned; the driver cuts the keep order into publish ranges at quantiles of the samples;
 2. the shuffle: each task writes its band records partitioned by bucket hash (one Parquet row
    group per partition); one reducer task per partition reads its row groups from every shard,
-   and every bucket with two or more rows yields edges; the driver unions them into candidate
-   clusters (rows that share no bucket with anyone are unique and never leave their shard);
-3. the members of each cluster, with their signatures, are partitioned by cluster and resolved
-   by a `Deduplicator` fed in `dedup_order`: two rows can only interact when they share a band,
-   so running the rule over the clusters gives the decisions the single pass gives;
-4. each signature task also wrote its shard sorted in `dedup_order`; the driver merges these
-   runs (one batch per shard in memory), records every decision with `Deduplicator.apply` and
-   writes the kept rows.
+   and every bucket with two or more rows yields edges of the candidate-pair graph (rows that
+   share no bucket with anyone are unique and never leave their shard). Its connected components
+   are computed on the workers, by rounds of large-star / small-star (`_star_round`, each a
+   shuffle of the edges by node hash) until every component is a star around its least row id,
+   which names the cluster; the labels go back partitioned by each row's home shard, so the
+   driver never holds one entry per candidate row;
+3. per shard, the sorted rows are cut into the publish ranges (and counted per range), and the
+   members of each cluster, with their signatures, are partitioned by cluster and resolved by a
+   `Deduplicator` fed in `dedup_order`: two rows can only interact when they share a band, so
+   running the rule over the clusters gives the decisions the single pass gives;
+4. one task per range merges its rows from every shard in `dedup_order`, records every decision
+   with `Deduplicator.apply` and writes its part of the kept rows, quarantine and ledger.
 
 **Decontamination** builds the eval n-gram index once on the driver and puts it in the object
 store; each worker process reads it once (numpy buffers are shared, not copied) and streams its
@@ -36,16 +48,17 @@ shard through `Decontaminator` in batches, so a worker holds one shard at most.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
-import heapq
 import json
 import os
 import posixpath
 import resource
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import chain
 from typing import Any
 
@@ -75,13 +88,14 @@ from tulu_pipeline.curation.stages import (
     build_eval_index,
     dropped_record,
     input_version,
+    quarantine_dir,
     quarantine_record,
     stage_version,
     train_specs,
 )
 from tulu_pipeline.data.ingest import raw_dataset_name
 from tulu_pipeline.data.schema import ROW_SCHEMA
-from tulu_pipeline.provenance.ledger import LedgerWriter, MemorySink
+from tulu_pipeline.provenance.ledger import EventPart, LedgerWriter, MemorySink
 from tulu_pipeline.storage import Store
 
 RAY_DIR = "_ray"  # per-run shard outputs under TULU_HOME, removed once the stage is published
@@ -239,10 +253,9 @@ def _write_jsonl(store: Store, rel: str, records: Iterable[dict[str, Any]]) -> N
             handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True, default=str).encode() + b"\n")
 
 
-def _read_jsonl(store: Store, rel: str) -> Iterator[dict[str, Any]]:
-    with store.fs.open(store.path(rel), "rb") as handle:
-        for line in handle:
-            yield json.loads(line)
+def _sizes(store: Store, *rels: str) -> int:
+    """Bytes of the intermediate files a task wrote for a later step (the shuffle volume)."""
+    return sum(store.fs.size(store.path(rel)) for rel in rels)
 
 
 def _worker_usage(started_cpu: float, started_wall: float) -> dict[str, Any]:
@@ -290,7 +303,8 @@ class _Run:
             result = json.loads(result["result"])
             results.append(result)
             rows += result["rows_in"]
-            self.usage.append({"step": step, "shard": result["shard"], "rows": result["rows_in"], **result["usage"]})
+            self.usage.append({"step": step, "shard": result["shard"], "rows": result["rows_in"],
+                               "shuffle_bytes": result.get("shuffle_bytes", 0), **result["usage"]})
             self.report(step=step, shards_done=len(results), shards=len(shards), rows_done=rows)
         return sorted(results, key=lambda r: r["shard"])
 
@@ -334,57 +348,88 @@ def _sorted_dicts(value: Any) -> Any:
     return {k: _sorted_dicts(v) for k, v in sorted(value.items())} if isinstance(value, dict) else value
 
 
-def _replay_events(run: _Run, ledger: LedgerWriter, shards: list[Shard]) -> None:
-    for shard in shards:
-        for event in _read_jsonl(run.store, _shard_file(run.staging, shard.index, "events.jsonl")):
-            ledger.record(**event)
+def _seq_offsets(counts: Iterable[int]) -> list[int]:
+    """The ``seq`` of each part's first event: the prefix sum of the parts' event counts."""
+    offsets, total = [], 0
+    for count in counts:
+        offsets.append(total)
+        total += count
+    return offsets
+
+
+def _write_events(store: Store, rel: str, spec: EventPart, first_seq: int, events: list[dict[str, Any]],
+                  rows: int, what: str) -> int:
+    # seq comes from a prefix sum over rows planned before the tasks ran: it holds because every
+    # step records exactly one event per row it reads.
+    if len(events) != rows:
+        raise RuntimeError(f"{what}: {len(events)} ledger events for {rows} rows; the step must record exactly "
+                           "one event per row for the shards' seq ranges to line up")
+    return replace(spec, first_seq=first_seq).write(store, rel, events)
+
+
+def _summaries(results: list[dict[str, Any]], size: int = 5) -> tuple[list[dict[str, Any]], dict[int, int]]:
+    """The first ``size`` output rows over the parts in part order, and the rows per text length summed
+    (what `EventSampler` gives the local path)."""
+    samples = list(chain.from_iterable(r["samples"] for r in results))[:size]
+    lengths: Counter[int] = Counter()
+    for result in results:
+        lengths.update({int(length): n for length, n in result["lengths"]})
+    return samples, dict(lengths)
+
+
+def _summary(sampler: EventSampler) -> dict[str, Any]:
+    return {"samples": sampler.samples, "lengths": sorted(sampler.lengths.items())}
 
 
 # ---------------------------------------------------------------------------------------------
 # normalization
 # ---------------------------------------------------------------------------------------------
-def _normalize_shard(store: Store, shard: Shard, staging: str, *, config: dict[str, Any]) -> dict[str, Any]:
-
+def _normalize_shard(store: Store, shard: Shard, staging: str, *, config: dict[str, Any], events: EventPart,
+                     offsets: list[int]) -> dict[str, Any]:
     sink = MemorySink()
     normalizer = Normalizer(NormalizeConfig(**config), sink)
-    _write_parquet(store, _shard_file(staging, shard.index, "rows.parquet"), normalizer(read_shard(store, shard)),
-                   ROW_SCHEMA)
+    sampler = EventSampler()
+    rows_out = _write_parquet(store, _shard_file(staging, shard.index, "rows.parquet"),
+                              sampler(normalizer(read_shard(store, shard))), ROW_SCHEMA)
     _write_jsonl(store, _shard_file(staging, shard.index, "dropped.jsonl"),
                  (dropped_record(d) for d in normalizer.dropped))
-    _write_jsonl(store, _shard_file(staging, shard.index, "events.jsonl"), sink.events)
-    return {"rows_in": normalizer.stats["rows_in"], "stats": normalizer.stats}
+    count = _write_events(store, _shard_file(staging, shard.index, "events.parquet"), events, offsets[shard.index],
+                          sink.events, shard.rows, f"normalize shard {shard.index}")
+    return {"rows_in": normalizer.stats["rows_in"], "rows_out": rows_out, "dropped": len(normalizer.dropped),
+            "events": count, "stats": normalizer.stats, **_summary(sampler)}
 
 
 def normalize_prompts_ray(store: Store, config: CurationConfig, run_id: str, progress: Progress | None = None,
                           shard_hook: ShardHook | None = None):
-    """`pipeline.normalize_prompts` on Ray: one task per shard of the raw training datasets."""
+    """`pipeline.normalize_prompts` on Ray: one task per shard of the raw training datasets, each writing its
+    part of the dataset, quarantine and ledger; the driver commits the parts."""
     specs = train_specs(config)
     inputs = {raw_dataset_name(s.id): input_version(store, raw_dataset_name(s.id)) for s in specs}
     version = stage_version("normalized_prompts", config.normalize.model_dump(), inputs)
     run = _Run(store, config, "normalized_prompts", version, run_id, progress, shard_hook)
-    sampler = EventSampler()
     try:
-        with ray_session(config.ray):
-            shards = plan_shards(store, inputs, config.ray.shard_rows)
-            results = run.map_shards("normalize", shards, _normalize_shard, config=config.normalize.model_dump())
-        stats: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "changed": 0, "dropped_by_reason": {}, "changes": {}}
-        for result in results:
-            _add_counts(stats, result["stats"])
-        stats = _sorted_dicts(stats)
-        run.report(step="publish")
         with LedgerWriter(store, "curation", "normalized_prompts", version, run_id) as ledger:
-            _replay_events(run, ledger, shards)
-            rows = chain.from_iterable(_read_parquet(store, _shard_file(run.staging, s.index, "rows.parquet"))
-                                       for s in shards)
-            info = store.write_rows("normalized_prompts", version, sampler(rows), ROW_SCHEMA, inputs=inputs)
-            dropped = list(chain.from_iterable(
-                _read_jsonl(store, _shard_file(run.staging, s.index, "dropped.jsonl")) for s in shards))
-            quarantine = store.write_jsonl(posixpath.join("quarantine", "normalized_prompts", f"{version}.jsonl"),
-                                           dropped)
+            with ray_session(config.ray):
+                shards = plan_shards(store, inputs, config.ray.shard_rows)
+                results = run.map_shards("normalize", shards, _normalize_shard, config=config.normalize.model_dump(),
+                                         events=ledger.part_spec(0), offsets=_seq_offsets(s.rows for s in shards))
+            run.report(step="publish")
+            ledger.adopt_parts([(_shard_file(run.staging, r["shard"], "events.parquet"), r["events"])
+                                for r in results])
+            info = store.commit_dataset("normalized_prompts", version,
+                                        [(_shard_file(run.staging, r["shard"], "rows.parquet"), r["rows_out"])
+                                         for r in results], ROW_SCHEMA, inputs=inputs)
+            quarantine = store.commit_jsonl_parts(
+                quarantine_dir("normalized_prompts", version),
+                [(_shard_file(run.staging, r["shard"], "dropped.jsonl"), r["dropped"]) for r in results])
     finally:
         run.cleanup()
-    result = StageResult("normalized_prompts", version, info, stats, sampler.samples, sampler.lengths,
-                         ledger.count, quarantine, len(dropped), inputs)
+    stats: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "changed": 0, "dropped_by_reason": {}, "changes": {}}
+    for result in results:
+        _add_counts(stats, result["stats"])
+    samples, lengths = _summaries(results)
+    result = StageResult("normalized_prompts", version, info, _sorted_dicts(stats), samples, lengths,
+                         ledger.count, quarantine, sum(r["dropped"] for r in results), inputs)
     _attach_metrics(result, run)
     return result
 
@@ -402,11 +447,21 @@ SIGNATURE_SCHEMA = pa.schema([
     pa.field("ground_truth", pa.string()), pa.field("digest", pa.binary()), pa.field("hashvalues", pa.binary()),
 ])
 BUCKET_SCHEMA = pa.schema([pa.field("partition", pa.int32()), pa.field("bucket", pa.binary()),
-                           pa.field("row_id", pa.string())])
+                           pa.field("row_id", pa.string()), pa.field("shard", pa.int32())])
 MEMBER_SCHEMA = SIGNATURE_SCHEMA.append(pa.field("cluster", pa.string())).append(pa.field("partition", pa.int32()))
-EDGE_SCHEMA = pa.schema([pa.field("a", pa.string()), pa.field("b", pa.string())])
+# Candidate-pair graph, each undirected edge stored twice, partitioned by hash of its first end ``a``.
+EDGE_SCHEMA = pa.schema([pa.field("partition", pa.int32()), pa.field("a", pa.string()), pa.field("b", pa.string())])
+NODE_SCHEMA = pa.schema([pa.field("partition", pa.int32()), pa.field("row_id", pa.string()),
+                         pa.field("shard", pa.int32())])
+# A candidate row's cluster (the least row id of its component), partitioned by the row's shard.
+LABEL_SCHEMA = pa.schema([pa.field("partition", pa.int32()), pa.field("row_id", pa.string()),
+                          pa.field("cluster", pa.string())])
+MAX_STAR_ROUNDS = 200  # large-star/small-star converges in O(log^2 n) rounds; this only stops a bug
 DECISION_SCHEMA = pa.schema([pa.field("row_id", pa.string()), pa.field("duplicate_of", pa.string()),
-                             pa.field("kind", pa.string()), pa.field("jaccard", pa.float64())])
+                             pa.field("kind", pa.string()), pa.field("jaccard", pa.float64()),
+                             pa.field("partition", pa.int32())])
+RANGED_SCHEMA = ROW_SCHEMA.append(pa.field("partition", pa.int32()))
+KEY_SAMPLES = 64  # keys per shard from which the publish ranges are cut
 
 
 def _buckets(digest: bytes, hashvalues: np.ndarray | None, bands: tuple[int, int]) -> list[bytes]:
@@ -471,63 +526,139 @@ def _signature_shard(store: Store, shard: Shard, staging: str, *, config: dict[s
         signatures.append({"row_id": row["row_id"], "source": row["source"], "rank": dedup_order_key(row, ranks)[0],
                            "ground_truth": row.get("ground_truth"), "digest": digest,
                            "hashvalues": b"" if values is None else values.astype("<u8").tobytes()})
-        buckets.extend({"partition": _partition(key, partitions), "bucket": key, "row_id": row["row_id"]}
+        buckets.extend({"partition": _partition(key, partitions), "bucket": key, "row_id": row["row_id"],
+                        "shard": shard.index}
                        for key in _buckets(digest, values, bands))
     _write_parquet(store, _shard_file(staging, shard.index, "sorted.parquet"), rows, ROW_SCHEMA)
     _write_parquet(store, _shard_file(staging, shard.index, "signatures.parquet"), signatures, SIGNATURE_SCHEMA)
     _write_partitioned(store, _shard_file(staging, shard.index, "buckets.parquet"), buckets, BUCKET_SCHEMA)
-    return {"rows_in": len(rows), "bucket_records": len(buckets)}
+    step = max(1, len(rows) // KEY_SAMPLES)
+    return {"rows_in": len(rows), "bucket_records": len(buckets),
+            "shuffle_bytes": _sizes(store, _shard_file(staging, shard.index, "buckets.parquet")),
+            "key_sample": [dedup_order_key(row, ranks) for row in rows[::step]]}
 
 
-def _bucket_edges(store: Store, shard: Shard, staging: str, *, shard_count: int) -> dict[str, Any]:
-    """Reducer of partition ``shard.index``: every bucket with two or more rows ties them to its first."""
+def _write_edges(store: Store, rel: str, edges: Iterable[tuple[str, str]], partitions: int) -> int:
+    """Undirected ``edges`` (each once) stored both ways, partitioned by their first end."""
+    rows = [{"partition": _partition(x, partitions), "a": x, "b": y}
+            for a, b in edges for x, y in ((a, b), (b, a))]
+    _write_partitioned(store, rel, rows, EDGE_SCHEMA)
+    return len(rows) // 2
+
+
+def _bucket_edges(store: Store, shard: Shard, staging: str, *, shard_count: int, partitions: int) -> dict[str, Any]:
+    """Reducer of partition ``shard.index``: every bucket with two or more rows ties them to its first (the
+    candidate-pair graph, round 0 of the components), and each such row's home shard is recorded."""
     partition = shard.index
     table = _read_partition(store, [_shard_file(staging, i, "buckets.parquet") for i in range(shard_count)], partition)
-    edges: list[dict[str, str]] = []
+    edges: set[tuple[str, str]] = set()
+    homes: dict[str, int] = {}
     records = 0
     if table is not None:
         records = table.num_rows
-        grouped = table.group_by("bucket").aggregate([("row_id", "list")])
-        for ids in grouped.column("row_id_list").to_pylist():
+        grouped = table.group_by("bucket").aggregate([("row_id", "list"), ("shard", "list")])
+        for ids, shards in zip(grouped.column("row_id_list").to_pylist(), grouped.column("shard_list").to_pylist()):
+            if len(set(ids)) < 2:
+                continue
+            homes.update(zip(ids, shards))
             ids = sorted(set(ids))
-            edges.extend({"a": ids[0], "b": other} for other in ids[1:])
-    _write_parquet(store, _shard_file(staging, partition, "edges.parquet"), edges, EDGE_SCHEMA)
-    return {"rows_in": records, "edges": len(edges)}
+            edges.update((ids[0], other) for other in ids[1:])
+    count = _write_edges(store, _shard_file(staging, partition, "cc-000.parquet"), sorted(edges), partitions)
+    nodes = [{"partition": _partition(r, partitions), "row_id": r, "shard": s} for r, s in sorted(homes.items())]
+    _write_partitioned(store, _shard_file(staging, partition, "nodes.parquet"), nodes, NODE_SCHEMA)
+    return {"rows_in": records, "edges": count,
+            "shuffle_bytes": _sizes(store, _shard_file(staging, partition, "cc-000.parquet"),
+                                    _shard_file(staging, partition, "nodes.parquet"))}
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, x: str) -> str:
-        root = x
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while x != root:  # path compression
-            self.parent[x], x = root, self.parent[x]
-        return root
-
-    def union(self, a: str, b: str) -> None:
-        self.parent.setdefault(a, a)
-        self.parent.setdefault(b, b)
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+def _neighbours(store: Store, staging: str, round_: int, partition: int, partitions: int) -> dict[str, set[str]]:
+    """Each node of ``partition`` and its neighbours in the graph of ``round_``."""
+    table = _read_partition(store, [_shard_file(staging, p, f"cc-{round_:03d}.parquet") for p in range(partitions)],
+                            partition)
+    graph: dict[str, set[str]] = {}
+    if table is not None:
+        for a, b in zip(table.column("a").to_pylist(), table.column("b").to_pylist()):
+            graph.setdefault(a, set()).add(b)
+    return graph
 
 
-def _cluster_members_shard(store: Store, shard: Shard, staging: str, *, clusters_ref: list[Any],
-                           partitions: int) -> dict[str, Any]:
-    """The signatures of this shard's rows that have a candidate cluster, partitioned by cluster."""
-    clusters = _object(clusters_ref[0])
+def _star_round(store: Store, shard: Shard, staging: str, *, round_: int, partitions: int,
+                large: bool) -> dict[str, Any]:
+    """One round of the large-star / small-star connected components (Kiveris et al., 2014) over the nodes
+    of partition ``shard.index``: reads the graph of ``round_`` and writes that of ``round_ + 1``.
+
+    Large star links every larger neighbour of ``u`` to the least of ``u`` and its neighbours; small star
+    links ``u`` and its smaller neighbours to the least of them. Components never change; alternated,
+    the rounds end with every component a star around its least row id. ``stars`` says whether the
+    graph read was already that (every node a centre with larger neighbours only, or a leaf with one
+    smaller neighbour), i.e. whether the components are done.
+    """
+    graph = _neighbours(store, staging, round_, shard.index, partitions)
+    edges: set[tuple[str, str]] = set()
+    stars = True
+    for u, around in graph.items():
+        least = min(around)
+        stars = stars and (least > u or len(around) == 1)
+        if large:
+            m = min(least, u)
+            edges.update((v, m) for v in around if v > u)
+        else:
+            smaller = [v for v in around if v < u]
+            m = min(smaller, default=u)
+            edges.update((v, m) for v in [*smaller, u] if v != m)
+    count = _write_edges(store, _shard_file(staging, shard.index, f"cc-{round_ + 1:03d}.parquet"),
+                         sorted(edges), partitions)
+    return {"rows_in": len(graph), "edges": count, "stars": stars,
+            "shuffle_bytes": _sizes(store, _shard_file(staging, shard.index, f"cc-{round_ + 1:03d}.parquet"))}
+
+
+def _label_nodes(store: Store, shard: Shard, staging: str, *, round_: int, partitions: int) -> dict[str, Any]:
+    """Reducer of partition ``shard.index`` once the graph of ``round_`` is stars: each candidate row's
+    cluster is its star's centre; labels are written partitioned by the row's home shard."""
+    graph = _neighbours(store, staging, round_, shard.index, partitions)
+    table = _read_partition(store, [_shard_file(staging, p, "nodes.parquet") for p in range(partitions)],
+                            shard.index)
+    labels = []
+    if table is not None:
+        homes = dict(zip(table.column("row_id").to_pylist(), table.column("shard").to_pylist()))
+        labels = [{"partition": homes[u], "row_id": u, "cluster": min(min(around), u)}
+                  for u, around in sorted(graph.items())]
+    _write_partitioned(store, _shard_file(staging, shard.index, "labels.parquet"), labels, LABEL_SCHEMA)
+    return {"rows_in": len(labels), "clusters": sum(1 for label in labels if label["cluster"] == label["row_id"]),
+            "shuffle_bytes": _sizes(store, _shard_file(staging, shard.index, "labels.parquet"))}
+
+
+def _range_of(key: Any, boundaries: list[tuple[int, str, str]]) -> int:
+    """The publish range of a `dedup_order_key`: ranges are cut at ``boundaries`` (each starts one)."""
+    return bisect.bisect_right(boundaries, tuple(key))
+
+
+def _split_shard(store: Store, shard: Shard, staging: str, *, partitions: int,
+                 boundaries: list[tuple[int, str, str]], priority: list[str]) -> dict[str, Any]:
+    """The shard's sorted run cut into publish ranges (one row group each) and its rows counted per range;
+    the signatures of its rows that have a candidate cluster, partitioned by cluster."""
+    found = _read_partition(store, [_shard_file(staging, p, "labels.parquet") for p in range(partitions)],
+                            shard.index)
+    clusters = {} if found is None else dict(zip(found.column("row_id").to_pylist(),
+                                                 found.column("cluster").to_pylist()))
+    ranks = source_ranks(priority)
+    rows = list(_read_parquet(store, _shard_file(staging, shard.index, "sorted.parquet")))
+    counts = [0] * (len(boundaries) + 1)
+    for row in rows:
+        row["partition"] = _range_of(dedup_order_key(row, ranks), boundaries)
+        counts[row["partition"]] += 1
+    _write_partitioned(store, _shard_file(staging, shard.index, "ranges.parquet"), rows, RANGED_SCHEMA)
     members = [{**row, "cluster": clusters[row["row_id"]], "partition": _partition(clusters[row["row_id"]], partitions)}
                for row in _read_parquet(store, _shard_file(staging, shard.index, "signatures.parquet"))
                if row["row_id"] in clusters]
     _write_partitioned(store, _shard_file(staging, shard.index, "members.parquet"), members, MEMBER_SCHEMA)
-    return {"rows_in": len(members)}
+    return {"rows_in": len(rows), "range_counts": counts,
+            "shuffle_bytes": _sizes(store, _shard_file(staging, shard.index, "ranges.parquet"),
+                                    _shard_file(staging, shard.index, "members.parquet"))}
 
 
-def _resolve_clusters(store: Store, shard: Shard, staging: str, *, shard_count: int,
-                      config: dict[str, Any]) -> dict[str, Any]:
+def _resolve_clusters(store: Store, shard: Shard, staging: str, *, shard_count: int, config: dict[str, Any],
+                      boundaries: list[tuple[int, str, str]]) -> dict[str, Any]:
     """Reducer of partition ``shard.index``: the keep rule over its clusters' rows, in `dedup_order`.
 
     One `Deduplicator` serves every cluster of the partition: rows of different clusters share no
@@ -546,9 +677,12 @@ def _resolve_clusters(store: Store, shard: Shard, staging: str, *, shard_count: 
             minhash.hashvalues = np.frombuffer(row["hashvalues"], dtype="<u8").astype(np.uint64)
         dedup.decide({"row_id": row["row_id"], "source": row["source"], "ground_truth": row["ground_truth"]},
                      row["digest"], minhash)
-    dropped = [{k: d[k] for k in ("row_id", "duplicate_of", "kind", "jaccard")} for d in dedup.dropped]
-    _write_parquet(store, _shard_file(staging, partition, "decisions.parquet"), dropped, DECISION_SCHEMA)
-    return {"rows_in": len(rows), "clusters": len({r["cluster"] for r in rows}), "dropped": len(dropped)}
+    keys = {r["row_id"]: (r["rank"], r["source"], r["row_id"]) for r in rows}
+    dropped = [{**{k: d[k] for k in ("row_id", "duplicate_of", "kind", "jaccard")},
+                "partition": _range_of(keys[d["row_id"]], boundaries)} for d in dedup.dropped]
+    _write_partitioned(store, _shard_file(staging, partition, "decisions.parquet"), dropped, DECISION_SCHEMA)
+    return {"rows_in": len(rows), "clusters": len({r["cluster"] for r in rows}), "dropped": len(dropped),
+            "shuffle_bytes": _sizes(store, _shard_file(staging, partition, "decisions.parquet"))}
 
 
 _OBJECTS: dict[str, Any] = {}
@@ -565,63 +699,98 @@ def _object(ref: Any) -> Any:
     return _OBJECTS[key]
 
 
-def _merged_runs(store: Store, staging: str, shards: list[Shard], ranks: dict[str, int]) -> Iterator[dict[str, Any]]:
-    """Every shard's sorted run merged into one stream in `dedup_order` (one batch per shard in memory)."""
-    runs = [_read_parquet(store, _shard_file(staging, s.index, "sorted.parquet")) for s in shards]
-    return heapq.merge(*runs, key=lambda row: dedup_order_key(row, ranks))
+def _publish_range(store: Store, shard: Shard, staging: str, *, shard_count: int, reducers: int,
+                   config: dict[str, Any], events: EventPart, offsets: list[int]) -> dict[str, Any]:
+    """Publisher of range ``shard.index``: its rows from every shard, in `dedup_order`, each kept or dropped
+    as the resolvers decided; writes its part of the dataset, the quarantine and the ledger."""
+    part = shard.index
+    dedup_config = DedupConfig(**config)
+    ranks = source_ranks(dedup_config.source_priority)
+    table = _read_partition(store, [_shard_file(staging, i, "ranges.parquet") for i in range(shard_count)], part)
+    rows = [] if table is None else sorted(table.drop_columns(["partition"]).to_pylist(),
+                                           key=lambda row: dedup_order_key(row, ranks))
+    found = _read_partition(store, [_shard_file(staging, p, "decisions.parquet") for p in range(reducers)], part)
+    decisions = {} if found is None else {d["row_id"]: (d["duplicate_of"], d["kind"], d["jaccard"])
+                                          for d in found.to_pylist()}
+    sink = MemorySink()
+    dedup = Deduplicator(dedup_config, sink)
+    sampler = EventSampler()
+    kept = sampler(row for row in rows if dedup.apply(row, decisions.get(row["row_id"])))
+    rows_out = _write_parquet(store, _shard_file(staging, part, "kept.parquet"), kept, ROW_SCHEMA)
+    _write_jsonl(store, _shard_file(staging, part, "dropped.jsonl"), dedup.dropped)
+    count = _write_events(store, _shard_file(staging, part, "events.parquet"), events, offsets[part], sink.events,
+                          len(rows), f"dedup range {part}")
+    return {"rows_in": len(rows), "rows_out": rows_out, "dropped": len(dedup.dropped), "events": count,
+            "stats": dedup.stats, **_summary(sampler)}
+
+
+def _range_boundaries(samples: Iterable[list[Any]], ranges: int) -> list[tuple[int, str, str]]:
+    """Keys that cut the pool into about ``ranges`` ranges of equal size, from the shards' key samples."""
+    keys = sorted({tuple(k) for k in samples})
+    if ranges <= 1 or not keys:
+        return []
+    return sorted({keys[len(keys) * i // ranges] for i in range(1, ranges)})
 
 
 def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, progress: Progress | None = None,
                             shard_hook: ShardHook | None = None):
     """`pipeline.deduplicate_prompts` on Ray: near duplicates found across every shard (module docstring)."""
-    import ray
-
     inputs = {"normalized_prompts": input_version(store, "normalized_prompts")}
     version = stage_version("deduplicated_prompts", config.dedup.model_dump(), inputs)
     run = _Run(store, config, "deduplicated_prompts", version, run_id, progress, shard_hook)
     dedup_config = config.dedup.model_dump()
-    sampler = EventSampler()
     try:
-        with ray_session(config.ray):
-            shards = plan_shards(store, inputs, config.ray.shard_rows)
-            partitions = max(1, min(len(shards), config.ray.shuffle_partitions))
-            # A reducer is a task over one partition: the same shard machinery, indexed by partition.
-            reducers = [Shard(p, "", "", "", 0, 0) for p in range(partitions)]
-            signed = run.map_shards("signatures", shards, _signature_shard, config=dedup_config,
-                                    partitions=partitions)
-            # The shuffle: each reducer groups the band records of its partition from every shard.
-            run.map_shards("buckets", reducers, _bucket_edges, shard_count=len(shards))
-            union = _UnionFind()
-            for p in range(partitions):
-                for edge in _read_parquet(store, _shard_file(run.staging, p, "edges.parquet")):
-                    union.union(edge["a"], edge["b"])
-            clusters = {row_id: union.find(row_id) for row_id in list(union.parent)}
-            run.report(step="clusters", bucket_records=sum(r["bucket_records"] for r in signed),
-                       candidate_rows=len(clusters), clusters=len(set(clusters.values())))
-
-            decisions: dict[str, tuple[str, str, float | None]] = {}
-            if clusters:
-                clusters_ref = ray.put(clusters)
-                run.map_shards("members", shards, _cluster_members_shard, clusters_ref=[clusters_ref],
-                               partitions=partitions)
-                run.map_shards("resolve", reducers, _resolve_clusters, shard_count=len(shards), config=dedup_config)
-                del clusters_ref
-                for p in range(partitions):
-                    for row in _read_parquet(store, _shard_file(run.staging, p, "decisions.parquet")):
-                        decisions[row["row_id"]] = (row["duplicate_of"], row["kind"], row["jaccard"])
-        run.report(step="publish", duplicates=len(decisions))
-        # The global keep-first order: the shards' sorted runs merged; the driver records every decision.
         with LedgerWriter(store, "curation", "deduplicated_prompts", version, run_id) as ledger:
-            dedup = Deduplicator(config.dedup, ledger)
-            ordered = _merged_runs(store, run.staging, shards, source_ranks(config.dedup.source_priority))
-            kept = (row for row in ordered if dedup.apply(row, decisions.get(row["row_id"])))
-            info = store.write_rows("deduplicated_prompts", version, sampler(kept), ROW_SCHEMA, inputs=inputs)
-            quarantine = store.write_jsonl(posixpath.join("quarantine", "deduplicated_prompts", f"{version}.jsonl"),
-                                           dedup.dropped)
+            with ray_session(config.ray):
+                shards = plan_shards(store, inputs, config.ray.shard_rows)
+                partitions = max(1, min(len(shards), config.ray.shuffle_partitions))
+                # A reducer is a task over one partition: the same shard machinery, indexed by partition.
+                reducers = [Shard(p, "", "", "", 0, 0) for p in range(partitions)]
+                signed = run.map_shards("signatures", shards, _signature_shard, config=dedup_config,
+                                        partitions=partitions)
+                boundaries = _range_boundaries(chain.from_iterable(r["key_sample"] for r in signed), partitions)
+                ranges = [Shard(p, "", "", "", 0, 0) for p in range(len(boundaries) + 1)]
+                # The shuffle: each reducer groups the band records of its partition from every shard.
+                run.map_shards("buckets", reducers, _bucket_edges, shard_count=len(shards), partitions=partitions)
+                # Connected components on the workers: star rounds until every component is a star.
+                round_, large = 0, True
+                while True:
+                    done = run.map_shards("components", reducers, _star_round, round_=round_,
+                                          partitions=partitions, large=large)
+                    if all(r["stars"] for r in done):
+                        break
+                    round_, large = round_ + 1, not large
+                    if round_ > MAX_STAR_ROUNDS:
+                        raise RuntimeError(f"connected components did not converge in {MAX_STAR_ROUNDS} rounds")
+                labelled = run.map_shards("labels", reducers, _label_nodes, round_=round_, partitions=partitions)
+                run.report(step="clusters", bucket_records=sum(r["bucket_records"] for r in signed),
+                           candidate_rows=sum(r["rows_in"] for r in labelled),
+                           clusters=sum(r["clusters"] for r in labelled), component_rounds=round_ + 1)
+                split = run.map_shards("split", shards, _split_shard, partitions=partitions, boundaries=boundaries,
+                                       priority=list(config.dedup.source_priority))
+                run.map_shards("resolve", reducers, _resolve_clusters, shard_count=len(shards), config=dedup_config,
+                               boundaries=boundaries)
+                range_rows = [sum(r["range_counts"][p] for r in split) for p in range(len(ranges))]
+                results = run.map_shards("publish", ranges, _publish_range, shard_count=len(shards),
+                                         reducers=partitions, config=dedup_config, events=ledger.part_spec(0),
+                                         offsets=_seq_offsets(range_rows))
+            run.report(step="publish", duplicates=sum(r["dropped"] for r in results))
+            ledger.adopt_parts([(_shard_file(run.staging, r["shard"], "events.parquet"), r["events"])
+                                for r in results])
+            info = store.commit_dataset("deduplicated_prompts", version,
+                                        [(_shard_file(run.staging, r["shard"], "kept.parquet"), r["rows_out"])
+                                         for r in results], ROW_SCHEMA, inputs=inputs)
+            quarantine = store.commit_jsonl_parts(
+                quarantine_dir("deduplicated_prompts", version),
+                [(_shard_file(run.staging, r["shard"], "dropped.jsonl"), r["dropped"]) for r in results])
     finally:
         run.cleanup()
-    result = StageResult("deduplicated_prompts", version, info, dedup.stats, sampler.samples, sampler.lengths,
-                         ledger.count, quarantine, len(dedup.dropped), inputs)
+    stats: dict[str, Any] = {"rows_in": 0, "kept": 0, "exact_duplicates": 0, "near_duplicates": 0, "per_source": {}}
+    for result in results:
+        _add_counts(stats, result["stats"])
+    samples, lengths = _summaries(results)
+    result = StageResult("deduplicated_prompts", version, info, stats, samples, lengths,
+                         ledger.count, quarantine, sum(r["dropped"] for r in results), inputs)
     _attach_metrics(result, run)
     return result
 
@@ -630,27 +799,29 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
 # decontamination
 # ---------------------------------------------------------------------------------------------
 def _decontaminate_shard(store: Store, shard: Shard, staging: str, *, index_ref: list[Any],
-                         config: dict[str, Any]) -> dict[str, Any]:
-
+                         config: dict[str, Any], events: EventPart, offsets: list[int]) -> dict[str, Any]:
     index: EvalIndex = _object(index_ref[0])
     sink = MemorySink()
     step = Decontaminator(index, DecontamConfig(**config), sink)
-    _write_parquet(store, _shard_file(staging, shard.index, "rows.parquet"), step(read_shard(store, shard)),
-                   ROW_SCHEMA)
+    sampler = EventSampler()
+    rows_out = _write_parquet(store, _shard_file(staging, shard.index, "rows.parquet"),
+                              sampler(step(read_shard(store, shard))), ROW_SCHEMA)
     _write_parquet(store, _shard_file(staging, shard.index, "quarantine.parquet"),
                    (quarantine_record(e) for e in step.quarantine), QUARANTINE_SCHEMA)
-    _write_jsonl(store, _shard_file(staging, shard.index, "events.jsonl"), sink.events)
+    count = _write_events(store, _shard_file(staging, shard.index, "events.parquet"), events, offsets[shard.index],
+                          sink.events, shard.rows, f"decontaminate shard {shard.index}")
     stats = step.stats
-    return {"rows_in": stats.rows, "clean": stats.clean, "quarantined": stats.quarantined,
-            "removed": [[s, b, n] for (s, b), n in sorted(stats.removed.items())],
+    return {"rows_in": stats.rows, "rows_out": rows_out, "clean": stats.clean, "quarantined": stats.quarantined,
+            "events": count, "removed": [[s, b, n] for (s, b), n in sorted(stats.removed.items())],
             "eval_ids_hit": {b: sorted(ids) for b, ids in stats.eval_ids_hit.items()},
-            "scanned": dict(stats.scanned)}
+            "scanned": dict(stats.scanned), **_summary(sampler)}
 
 
 def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
                               index: tuple[EvalIndex, dict[str, str]] | None = None,
                               progress: Progress | None = None, shard_hook: ShardHook | None = None):
-    """`pipeline.decontaminate_prompts` on Ray: the eval index shared through the object store."""
+    """`pipeline.decontaminate_prompts` on Ray: the eval index shared through the object store; each task
+    writes its part of the clean rows, the quarantine and the ledger, and the driver commits the parts."""
     import ray
 
     eval_index, eval_inputs = index or build_eval_index(store, config)
@@ -658,40 +829,43 @@ def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
     version = stage_version("decontaminated_prompts",
                             {"decontam": config.decontam.model_dump(), "evals": config.evals.model_dump()}, inputs)
     run = _Run(store, config, "decontaminated_prompts", version, run_id, progress, shard_hook)
-    sampler = EventSampler()
     try:
-        with ray_session(config.ray):
-            shards = plan_shards(store, {"deduplicated_prompts": inputs["deduplicated_prompts"]},
-                                 config.ray.shard_rows)
-            index_ref = ray.put(eval_index)
-            run.report(step="index", eval_items=len(eval_index.items))
-            results = run.map_shards("decontaminate", shards, _decontaminate_shard, index_ref=[index_ref],
-                                     config=config.decontam.model_dump())
-            del index_ref
-        stats = DecontamStats()
-        for result in results:
-            stats.rows += result["rows_in"]
-            stats.clean += result["clean"]
-            stats.quarantined += result["quarantined"]
-            for source, benchmark, n in result["removed"]:
-                stats.removed[(source, benchmark)] += n
-            for benchmark, ids in result["eval_ids_hit"].items():
-                stats.eval_ids_hit[benchmark].update(ids)
-            stats.scanned.update(result["scanned"])
-        run.report(step="publish")
         with LedgerWriter(store, "decontamination", "decontaminated_prompts", version, run_id) as ledger:
-            _replay_events(run, ledger, shards)
-            rows = chain.from_iterable(_read_parquet(store, _shard_file(run.staging, s.index, "rows.parquet"))
-                                       for s in shards)
-            info = store.write_rows("decontaminated_prompts", version, sampler(rows), ROW_SCHEMA, inputs=inputs)
-            quarantined = chain.from_iterable(
-                _read_parquet(store, _shard_file(run.staging, s.index, "quarantine.parquet")) for s in shards)
-            quarantine = store.write_rows("decontamination_quarantine", version, quarantined, QUARANTINE_SCHEMA)
+            with ray_session(config.ray):
+                shards = plan_shards(store, {"deduplicated_prompts": inputs["deduplicated_prompts"]},
+                                     config.ray.shard_rows)
+                index_ref = ray.put(eval_index)
+                run.report(step="index", eval_items=len(eval_index.items))
+                results = run.map_shards("decontaminate", shards, _decontaminate_shard, index_ref=[index_ref],
+                                         config=config.decontam.model_dump(), events=ledger.part_spec(0),
+                                         offsets=_seq_offsets(s.rows for s in shards))
+                del index_ref
+            run.report(step="publish")
+            ledger.adopt_parts([(_shard_file(run.staging, r["shard"], "events.parquet"), r["events"])
+                                for r in results])
+            info = store.commit_dataset("decontaminated_prompts", version,
+                                        [(_shard_file(run.staging, r["shard"], "rows.parquet"), r["rows_out"])
+                                         for r in results], ROW_SCHEMA, inputs=inputs)
+            quarantine = store.commit_dataset(
+                "decontamination_quarantine", version,
+                [(_shard_file(run.staging, r["shard"], "quarantine.parquet"), r["quarantined"]) for r in results],
+                QUARANTINE_SCHEMA)
     finally:
         run.cleanup()
+    stats = DecontamStats()
+    for result in results:
+        stats.rows += result["rows_in"]
+        stats.clean += result["clean"]
+        stats.quarantined += result["quarantined"]
+        for source, benchmark, n in result["removed"]:
+            stats.removed[(source, benchmark)] += n
+        for benchmark, ids in result["eval_ids_hit"].items():
+            stats.eval_ids_hit[benchmark].update(ids)
+        stats.scanned.update(result["scanned"])
     stage_stats = {**stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks),
                    "previous_version": None, "changed_benchmarks": None}  # Ray runs are never incremental
-    result = StageResult("decontaminated_prompts", version, info, stage_stats, sampler.samples, sampler.lengths,
+    samples, lengths = _summaries(results)
+    result = StageResult("decontaminated_prompts", version, info, stage_stats, samples, lengths,
                          ledger.count, quarantine.path, quarantine.rows, inputs)
     _attach_metrics(result, run)
     return result

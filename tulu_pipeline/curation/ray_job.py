@@ -52,6 +52,7 @@ def load_stage_result(store: Store, run_id: str, stage: str):
     payload = json.loads(store.read_bytes(result_path(run_id, stage)))
     metrics = payload.pop("ray_metrics", {})
     payload["dataset"] = DatasetInfo(**{**payload["dataset"], "parts": tuple(payload["dataset"]["parts"])})
+    payload["text_lengths"] = {int(length): n for length, n in payload["text_lengths"].items()}  # JSON keys
     result = StageResult(**payload)
     result.ray_metrics = metrics
     return result

@@ -4,6 +4,7 @@ versions, inputs, the stage result, the quarantine schema and records, the eval 
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 from typing import Any
@@ -44,7 +45,8 @@ class StageResult:
     dataset: DatasetInfo
     stats: dict[str, Any]
     samples: list[dict[str, Any]] = field(default_factory=list)
-    text_lengths: list[int] = field(default_factory=list)
+    # text length → rows of that length: the histogram's input, O(distinct lengths) whatever the rows
+    text_lengths: dict[int, int] = field(default_factory=dict)
     ledger_events: int = 0
     quarantine_path: str | None = None
     quarantined: int = 0
@@ -86,16 +88,18 @@ def eval_specs(config: CurationConfig) -> list[SourceSpec]:
 
 
 class EventSampler:
-    """Keeps the first few rows and every row's text length while rows stream past."""
+    """Keeps the first few rows and counts rows per text length while rows stream past."""
 
     def __init__(self, size: int = 5):
-        self.size, self.samples, self.lengths = size, [], []
+        self.size, self.samples = size, []
+        self.lengths: dict[int, int] = {}  # a plain dict: StageResult goes through dataclasses.asdict
 
     def __call__(self, rows):
         for row in rows:
             if len(self.samples) < self.size:
                 self.samples.append(row)
-            self.lengths.append(len(row_text(row)))
+            length = len(row_text(row))
+            self.lengths[length] = self.lengths.get(length, 0) + 1
             yield row
 
 
@@ -115,6 +119,12 @@ def build_eval_index(store: Store, config: CurationConfig,
     )
     index = EvalIndex.build(items, ngram=config.decontam.ngram, min_item_tokens=config.decontam.min_item_tokens)
     return index, inputs
+
+
+def quarantine_dir(stage: str, version: str) -> str:
+    """Where ``stage`` (normalization, dedup) publishes its dropped rows: JSON-lines parts, read with
+    `Store.iter_jsonl_parts` (one part locally, one per shard on Ray)."""
+    return posixpath.join("quarantine", stage, version)
 
 
 def quarantine_record(entry: dict[str, Any]) -> dict[str, Any]:

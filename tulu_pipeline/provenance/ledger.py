@@ -18,6 +18,7 @@ import json
 import posixpath
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -60,6 +61,43 @@ class MemorySink:
                             "related_ids": list(related_ids), "details": details})
 
 
+def _event_row(stage: str, asset_key: str, asset_version: str, run_id: str, ts: datetime, seq: int, row_id: str,
+               event: str, decision: str | None, reason: str | None, related_ids: Sequence[str],
+               details: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "row_id": row_id, "event": event, "stage": stage, "asset_key": asset_key, "asset_version": asset_version,
+        "run_id": run_id, "seq": seq, "ts": ts, "decision": decision, "reason": reason,
+        "related_ids": list(related_ids),
+        "details": json.dumps(details, sort_keys=True, ensure_ascii=False) if details else None,
+    }
+
+
+@dataclass(frozen=True)
+class EventPart:
+    """The run an event file belongs to, and the ``seq`` of its first event (`LedgerWriter.part_spec`).
+
+    A shard task writes its events with `write`; `LedgerWriter.adopt_parts` publishes the file. The
+    rows are those `LedgerWriter.record` buffers, so a ledger written in parts reads back the same.
+    """
+
+    stage: str
+    asset_key: str
+    asset_version: str
+    run_id: str
+    ts: datetime
+    first_seq: int
+
+    def write(self, store: Store, rel: str, events: Sequence[dict[str, Any]]) -> int:
+        """Write `MemorySink` events as one Parquet file at ``rel`` (atomically), numbered from
+        ``first_seq``; returns how many."""
+        rows = [_event_row(self.stage, self.asset_key, self.asset_version, self.run_id, self.ts, self.first_seq + i,
+                           e["row_id"], e["event"], e["decision"], e["reason"], e["related_ids"], e["details"])
+                for i, e in enumerate(events)]
+        with store.atomic_open(rel, "wb") as handle:
+            pq.write_table(pa.Table.from_pylist(rows, schema=EVENT_SCHEMA), handle)
+        return len(rows)
+
+
 def path_safe(part: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in part)
 
@@ -94,12 +132,8 @@ class LedgerWriter:
     def record(self, row_id: str, event: str, decision: str | None = None, reason: str | None = None,
                related_ids: Sequence[str] = (), details: dict[str, Any] | None = None) -> None:
         """Append one event about ``row_id``."""
-        self._buffer.append({
-            "row_id": row_id, "event": event, "stage": self.stage, "asset_key": self.asset_key,
-            "asset_version": self.asset_version, "run_id": self.run_id, "seq": self.count, "ts": self._ts,
-            "decision": decision, "reason": reason, "related_ids": list(related_ids),
-            "details": json.dumps(details, sort_keys=True, ensure_ascii=False) if details else None,
-        })
+        self._buffer.append(_event_row(self.stage, self.asset_key, self.asset_version, self.run_id, self._ts, self.count,
+                                       row_id, event, decision, reason, related_ids, details))
         self.count += 1
         if len(self._buffer) >= self.rows_per_part:
             self._flush()
@@ -113,6 +147,25 @@ class LedgerWriter:
             pq.write_table(pa.Table.from_pylist(self._buffer, schema=EVENT_SCHEMA), handle)
         self._parts += 1
         self._buffer.clear()
+
+    def part_spec(self, first_seq: int) -> "EventPart":
+        """What a writer elsewhere (a shard task) needs to write events of this run from ``seq = first_seq``
+        exactly as `record` would; hand the files back with `adopt_parts`."""
+        return EventPart(self.stage, self.asset_key, self.asset_version, self.run_id, self._ts, first_seq)
+
+    def adopt_parts(self, parts: Sequence[tuple[str, int]]) -> None:
+        """Take event files written with `part_spec` (relative path, events), in ``seq`` order, into this run:
+        each is renamed into the staging directory, so `commit` publishes them with the rest. The first
+        must start at `count` and each the next at the previous one's end (the caller's prefix sum)."""
+        if self._buffer:
+            raise RuntimeError("adopt_parts after record(): the adopted parts' seq would not follow the buffered events")
+        fs = self.store.fs
+        fs.makedirs(self.store.path(self._staging), exist_ok=True)
+        for rel, events in parts:
+            if events:
+                fs.mv(self.store.path(rel), self.store.path(self._staging, f"part-{self._parts:05d}.parquet"))
+                self._parts += 1
+            self.count += events
 
     @property
     def version_dir(self) -> str:
