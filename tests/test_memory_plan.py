@@ -137,6 +137,9 @@ def test_cli_errors_exit_2_with_the_reason(capsys) -> None:
     # 8 x 1 sequences of cpu_demo cannot be split over 3 GPUs: the trainers' own error
     assert tulu(["plan", "--stage", "sft", "--model", "tiny-llama", "--gpus", "3", "--gpu-memory-gb", "80"]) == 2
     assert "cannot be split evenly over world size 3" in capsys.readouterr().err
+    assert tulu(["plan", "--stage", "dpo", "--model", "tiny-llama", "--gpus", "1", "--gpu-memory-gb", "80",
+                 "--lora", "16"]) == 2
+    assert "LoRA is an SFT option" in capsys.readouterr().err
 
 
 def test_plan_grows_with_the_micro_batch_and_shrinks_with_gpus() -> None:

@@ -2,8 +2,8 @@
 
 Pure functions over a Llama-style ``config.json`` and a training preset: parameter count, then the bytes one
 process holds at its peak for parameters, gradients, optimizer state and fp32 master weights under a sharding
-mode, activations with and without checkpointing, the logits, the reference model (DPO, RLVR) and the vLLM engine
-(RLVR). The sharding modes follow FSDP2 as `training/sharding` applies it: per-layer ``fully_shard``, bf16
+mode, activations with and without checkpointing, the LM head and its loss, the reference model (DPO, RLVR) and the
+vLLM engine (RLVR). The sharding modes follow FSDP2 as `training/sharding` applies it: per-layer ``fully_shard``, bf16
 compute with fp32 master weights and optimizer state, optional CPU offload and activation checkpointing.
 
 What the numbers rest on (each is what the project's trainers do, not a generic rule):
@@ -191,6 +191,8 @@ def workload_for(stage: Stage, config: Any, world_size: int, preset: str | None 
     ``micro_batch`` replaces the configured per-device batch (accumulation makes up the same global batch);
     the split is the trainers' own (`batch_layout`), so an indivisible batch raises as it would at launch.
     """
+    if lora_r is not None and stage != "sft":
+        raise PlanError(f"LoRA is an SFT option (SFTTrainingConfig.lora); the {stage} trainer trains full weights")
     if micro_batch is not None:
         field_name = "micro_batch_size" if stage == "rlvr" else "per_device_batch_size"
         update: dict[str, int] = {field_name: micro_batch}
@@ -213,7 +215,7 @@ def workload_for(stage: Stage, config: Any, world_size: int, preset: str | None 
                         layout.global_batch_size, layout.unit, config.max_length, lora_r=r)
     # run_dpo reads cached reference log-probs (the reference_logprobs asset) and never loads the reference
     return Workload(stage, layout.per_device_batch_size, layout.gradient_accumulation_steps, layout.global_batch_size,
-                    layout.unit, config.max_length, reference=reference or "cached", lora_r=lora_r)
+                    layout.unit, config.max_length, reference=reference or "cached")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +265,7 @@ class MemoryPlan:
         return int(self.hardware.gpu_memory_gb * GIB)
 
     @property
-    def fits(self) -> bool:
+    def within_memory(self) -> bool:
         return self.total_bytes <= self.capacity_bytes
 
     @property
@@ -273,7 +275,7 @@ class MemoryPlan:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "model": self.model, "stage": self.stage, "fits": self.fits,
+            "model": self.model, "stage": self.stage, "fits": fits(self),
             "parameter_count": self.parameter_count, "trainable_parameters": self.trainable_parameters,
             "sharding": asdict(self.sharding), "workload": asdict(self.workload), "hardware": asdict(self.hardware),
             "per_gpu_gib": {name: round(b / GIB, 3) for name, b in self.components.items()},
@@ -417,7 +419,7 @@ def _fitting(shape: ModelShape, workload: Workload, sharding: Sharding, hardware
         candidate = replace(workload, micro_batch=micro,
                             accumulation=max(1, workload.global_batch // hardware.world_size // micro))
         plan = plan_memory(shape, candidate, sharding, hardware)
-        if plan.fits and not refusal(plan):
+        if fits(plan):
             return plan
     return None
 
@@ -497,14 +499,14 @@ def plan_run(model: str | Path, stage: Stage, config: Any, *, gpus: int, gpu_mem
                         checkpointing, precision)
     workload = workload_for(stage, config, hardware.world_size, preset, micro_batch, reference, lora_r)
     plan = plan_memory(shape, workload, sharding, hardware)
-    if not plan.fits or refusal(plan):
+    if not fits(plan):
         plan.suggestions = suggest(shape, plan)
     return plan
 
 
 def fits(plan: MemoryPlan) -> bool:
     """Whether ``plan`` fits in memory and every part of it can work (vLLM's share holds its weights)."""
-    return plan.fits and not refusal(plan)
+    return plan.within_memory and not refusal(plan)
 
 
 def plan_table(plan: MemoryPlan) -> str:
