@@ -29,12 +29,21 @@ from resources.k8s_spec import (
 )
 from resources.pipes_messages import CompleteLineTempFileMessageReader
 from tulu_pipeline.settings import repo_root
+from tulu_pipeline.storage import Store
+from tulu_pipeline.training.dpo_config import dpo_config
 from tulu_pipeline.training.grpo_config import grpo_config
+from tulu_pipeline.training.memory_plan import MemoryPlan, ModelShape, fits, plan_run, refusal_message
+from tulu_pipeline.training.sft_config import sft_config
 from tulu_pipeline.vllm_runtime import engine_env, require_vllm_python
 
 StageKind = Literal["train", "generate", "eval"]
 BACKEND_JOBS = ("tulu_pipeline.generation.job", "tulu_pipeline.preference.judge_job")
 GRPO_JOB = "tulu_pipeline.training.grpo_job"
+# Training jobs the memory check plans: module -> (stage, the extras key naming the starting model's directory)
+TRAINING_JOBS = {"tulu_pipeline.training.sft_job": ("sft", "base_model_dir"),
+                 "tulu_pipeline.training.dpo_job": ("dpo", "reference_dir"),
+                 GRPO_JOB: ("rlvr", "start_model_dir")}
+STAGE_CONFIGS = {"sft": sft_config, "dpo": dpo_config, "rlvr": grpo_config}
 
 
 def needs_vllm(module: str, extras: dict[str, Any]) -> bool:
@@ -175,6 +184,9 @@ class K8sLauncher(ComputeLauncher):
     log_drain_timeout_s: float = Field(default=30.0, ge=0)
     kubeconfig_file: str | None = None
     kube_context: str | None = None
+    gpu_memory_gb: float | None = Field(
+        default=None, gt=0, description="memory of each GPU (GiB); when set, a training Job (SFT, DPO, RLVR) is "
+        "planned as `tulu plan` plans it (FSDP over its GPUs) and refused before it is created if it does not fit")
 
     def gpu_spec(self, kind: str | None = None, *, gpus: int | None = None, nproc_per_node: int | None = None,
                  nodes: int | None = None) -> GpuPodSpec:
@@ -248,11 +260,36 @@ class K8sLauncher(ComputeLauncher):
             kubernetes.config.load_kube_config(config_file=self.kubeconfig_file, context=self.kube_context)
         return kubernetes.client.BatchV1Api(), kubernetes.client.CoreV1Api()
 
+    def memory_plan(self, module: str, extras: dict[str, Any], spec: GpuPodSpec) -> MemoryPlan | None:
+        """The planner's answer for a training job on ``spec``'s GPUs, from the starting model's ``config.json``
+        under TULU_HOME and the job's config; None without ``gpu_memory_gb``, without GPUs, for other jobs and for
+        DPO's reference scoring (inference)."""
+        if self.gpu_memory_gb is None or not spec.gpus or module not in TRAINING_JOBS:
+            return None
+        stage, model_key = TRAINING_JOBS[module]
+        if stage == "dpo" and extras.get("task") != "train":
+            return None
+        model_dir = str(extras[model_key])
+        config_path = f"{model_dir}/config.json"
+        store = Store(str(extras["tulu_home"]))
+        if not store.exists(config_path):
+            raise FileNotFoundError(f"memory check of {module}: no {config_path} under {store.url}")
+        shape = ModelShape.from_config(store.read_json(config_path), model_dir)
+        preset = extras.get("preset") or "cpu_demo"
+        config = STAGE_CONFIGS[stage](preset, **(extras.get("config") or {}))
+        return plan_run(shape, stage, config, gpus=spec.gpus, nodes=spec.nodes, gpu_memory_gb=self.gpu_memory_gb,
+                        preset=preset)
+
     def run(self, context, module, extras, *, gpus=None, nproc_per_node=None, nodes=None, kind=None):
         from resources.k8s_pipes import PipesK8sJobClient
 
         stage = kind or "train"
         spec = self.gpu_spec(stage, gpus=gpus, nproc_per_node=nproc_per_node, nodes=nodes)
+        plan = self.memory_plan(module, extras, spec)
+        if plan is not None and not fits(plan):
+            raise dg.Failure(description=refusal_message(plan), metadata={
+                "reason": "DoesNotFit", "planned_gib": round(plan.total_bytes / 2**30, 2),
+                "gpu_memory_gb": self.gpu_memory_gb, "gpus": spec.gpus, "nodes": spec.nodes})
         run_id = context.run.run_id
         op_context = getattr(context, "op_execution_context", context)
         name = job_name(stage, run_id, op_context.op.name)

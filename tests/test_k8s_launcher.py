@@ -717,3 +717,50 @@ def test_an_unreachable_api_fails_after_bounded_retries(cluster: FakeCluster, pi
     assert metadata["reason"] == "KubernetesAPIError"
     assert "12 failed polls in a row" in description and "Connection refused" in description
     assert cluster.jobs == {}  # deleted all the same
+
+
+# -- the memory check before a training Job ------------------------------------------------------------------
+def training_extras(home: Path, model_config: str, preset: str) -> dict[str, Any]:
+    """An SFT job's extras whose starting model under ``home`` has a shipped ``config.json`` (no weights)."""
+    from tulu_pipeline.training.memory_plan import CONFIG_DIR
+    from tulu_pipeline.training.sft_config import sft_config
+
+    model_dir = home / "models" / "base_model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text((CONFIG_DIR / f"{model_config}.json").read_text())
+    return {"tulu_home": str(home), "base_model_dir": "models/base_model", "preset": preset,
+            "config": sft_config(preset).model_dump(mode="json")}
+
+
+def test_a_training_job_that_does_not_fit_is_refused_before_any_job_is_created(
+        cluster: FakeCluster, pipes_module: Path, tmp_path: Path) -> None:
+    extras = training_extras(tmp_path / "home", "llama-3.1-8b", "tulu3_8b")
+
+    @dg.asset
+    def sft_checkpoint(context: dg.AssetExecutionContext, launcher: K8sLauncher) -> dg.MaterializeResult:
+        return launcher.run(context, "tulu_pipeline.training.sft_job", extras=extras).get_materialize_result()
+
+    result = dg.materialize([sft_checkpoint], resources={"launcher": launcher(pipes_module, gpu_memory_gb=80)},
+                            raise_on_error=False)
+    description, metadata = failure_of(result)
+    assert metadata["reason"] == "DoesNotFit" and metadata["gpu_memory_gb"] == 80 and metadata["planned_gib"] > 80
+    for remedy in ("does not fit", "what would fit", "FSDP over", "CPU offload", "LoRA"):
+        assert remedy in description, remedy
+    assert cluster.created_jobs == [] and cluster.pod_names == []
+
+
+def test_the_memory_check_plans_training_jobs_only(pipes_module: Path, tmp_path: Path) -> None:
+    from tulu_pipeline.training.memory_plan import fits
+
+    extras = training_extras(tmp_path / "home", "smollm2-135m", "cpu_demo")
+    checked = launcher(pipes_module, gpu_memory_gb=80)
+    spec = checked.gpu_spec("train")
+    plan = checked.memory_plan("tulu_pipeline.training.sft_job", extras, spec)
+    assert plan is not None and fits(plan) and plan.parameter_count == 134_515_008
+    assert checked.memory_plan("fake_pod_job", extras, spec) is None  # not a training job
+    assert launcher(pipes_module).memory_plan("tulu_pipeline.training.sft_job", extras, spec) is None  # no limit set
+    big = training_extras(tmp_path / "home8", "llama-3.1-8b", "tulu3_8b")
+    eight = launcher(pipes_module, gpus=8, gpu_memory_gb=80)
+    assert fits(eight.memory_plan("tulu_pipeline.training.sft_job", big, eight.gpu_spec("train")))  # FSDP over 8
+    with pytest.raises(FileNotFoundError, match="no models/missing/config.json"):
+        checked.memory_plan("tulu_pipeline.training.sft_job", {**extras, "base_model_dir": "models/missing"}, spec)

@@ -191,6 +191,28 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_config(stage: str, preset: str):
+    from tulu_pipeline.training.dpo_config import dpo_config
+    from tulu_pipeline.training.grpo_config import grpo_config
+    from tulu_pipeline.training.sft_config import sft_config
+
+    return {"sft": sft_config, "dpo": dpo_config, "rlvr": grpo_config}[stage](preset)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tulu_pipeline.training.memory_plan import fits, plan_run, plan_table, refusal_message
+
+    plan = plan_run(args.model, args.stage, _training_config(args.stage, args.preset), gpus=args.gpus,
+                    gpu_memory_gb=args.gpu_memory_gb, nodes=args.nodes, preset=args.preset, strategy=args.sharding,
+                    offload=args.offload, checkpointing=args.checkpointing, precision=args.precision,
+                    micro_batch=args.micro_batch, lora_r=args.lora, mfu=args.mfu, peak_tflops=args.peak_tflops)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else plan_table(plan))
+    if not fits(plan):
+        print(f"tulu plan: {refusal_message(plan)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_instance(args: argparse.Namespace) -> int:
     """Write $DAGSTER_HOME/dagster.yaml from the repo's SQLite or Postgres template."""
     dagster_home = Path(os.environ.get("DAGSTER_HOME") or Path(settings.tulu_home()) / "dagster")
@@ -311,6 +333,29 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = model_sub.add_parser("prepare", help="convert the embedded SmolLM2 GGUF to safetensors")
     prepare.add_argument("--out", help="target directory (default TULU_HOME/models/base_model)")
     prepare.set_defaults(func=cmd_model_prepare)
+
+    plan = sub.add_parser("plan", help="per-GPU memory, tokens per step and step time of a training preset on a "
+                          "model and GPUs (table, or --json); exit 2 with what would fit when it does not")
+    plan.add_argument("--stage", required=True, choices=["sft", "dpo", "rlvr"])
+    plan.add_argument("--preset", default="cpu_demo", help="a preset of the stage's config, e.g. cpu_demo, tulu3_8b")
+    plan.add_argument("--model", required=True, help="a shipped config (tiny-llama, smollm2-135m, llama-3.1-8b), "
+                      "a config.json or a model directory")
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    plan.add_argument("--gpu-memory-gb", type=float, required=True, help="memory of each GPU (GiB)")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--sharding", choices=["none", "fsdp"], help="default: fsdp on more than one GPU")
+    plan.add_argument("--offload", action="store_true", help="FSDP with master weights, gradients and optimizer "
+                      "state in CPU memory")
+    plan.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                      help="activation checkpointing (default: the preset's gradient_checkpointing)")
+    plan.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    plan.add_argument("--micro-batch", type=int, help="per-device micro-batch (default: the preset's, split over "
+                      "the GPUs as at launch)")
+    plan.add_argument("--lora", type=int, metavar="R", help="LoRA rank instead of full fine-tuning (SFT)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization for the step time")
+    plan.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per GPU (H100 SXM: 989)")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_plan)
 
     instance = sub.add_parser("instance", help="write $DAGSTER_HOME/dagster.yaml (sqlite or postgres)")
     instance.add_argument("--storage", choices=["sqlite", "postgres"])
