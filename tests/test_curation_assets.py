@@ -48,8 +48,9 @@ def test_curation_outputs_and_checks(curated) -> None:
     assert deduplicated["dagster/row_count"].value == 19_955 and deduplicated["quarantined"].value == 20
     removed = clean["quarantined"].value
     assert clean["dagster/row_count"].value + removed == 19_955
-    # Dominated by MATH train problems sharing stock phrasing with MATH test (token coverage: 827, measured).
-    assert 700 <= removed <= 950, removed
+    # Dominated by MATH train problems sharing stock phrasing and LaTeX punctuation with MATH test
+    # (token coverage over spaCy-like tokens: 1410, measured; see test_math_train_against_math_test).
+    assert 1300 <= removed <= 1500, removed
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()
               if c.asset_key == dg.AssetKey("decontaminated_prompts")}
     assert checks == {"no_eval_overlap": True, "schema_valid": True, "unique_row_ids": True}
