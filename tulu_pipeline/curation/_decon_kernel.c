@@ -296,6 +296,54 @@ static int slow_segment(const Scanner *s, Tok *t, PyObject *text, int kind, cons
     return 0;
 }
 
+/* A whole ASCII text, as `feed_ascii` character by character but with the state in locals. Letters,
+ * digits and separators outside a pending run take a branch-free step (word and separator
+ * alternate unpredictably; the token being built is stored at raw[nt] on every step, and nt moves
+ * on when it ends); punctuation, and the character after pending punctuation, take the other
+ * path. The pending punctuation of a word is p[pend..i) (an ASCII character hashes as its byte
+ * value). raw has room for n + 1 more hashes (reserved by the caller). */
+static int ascii_text(const Scanner *s, Tok *t, const Py_UCS1 *p, Py_ssize_t n) {
+    uint32_t *raw = t->raw;
+    Py_ssize_t nt = t->nt;
+    uint32_t h = 0, k = 0, in_tok = 0;
+    Py_ssize_t pend = -1;
+    const uint8_t *cls = s->ascii_cls, *lower = s->ascii_lower;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t c = p[i];
+        if (__builtin_expect((cls[c] == PUNCT) | (pend >= 0), 0)) {
+            if (cls[c] == PUNCT) {
+                if (!in_tok) raw[nt++] = c;
+                else if (pend < 0) pend = i;
+                continue;
+            }
+            if (cls[c] == WORD) { /* the pending punctuation is inside the word */
+                for (Py_ssize_t j = pend; j < i; j++) h += (uint32_t)p[j] * pow_at(s, k++);
+            } else { /* the word ends, then its trailing punctuation, one token each */
+                raw[nt++] = h;
+                for (Py_ssize_t j = pend; j < i; j++) raw[nt++] = p[j];
+                h = k = in_tok = 0;
+            }
+            pend = -1;
+        }
+        uint32_t v = lower[c], w = v != 0;
+        raw[nt] = h;
+        nt += in_tok & (w ^ 1);
+        uint32_t m = 0u - w;
+        h = (h + v * pow_at(s, k)) & m;
+        k = (k + 1) & m;
+        in_tok = w;
+    }
+    if (in_tok) {
+        raw[nt++] = h;
+        if (pend >= 0)
+            for (Py_ssize_t j = pend; j < n; j++) raw[nt++] = p[j];
+    }
+    t->nt = nt;
+    t->h = t->k = t->in_token = 0;
+    t->npend = 0;
+    return 0;
+}
+
 /* The characters of text[0..n) (code units of type T): runs of ASCII characters (each followed by
  * an ASCII character, so alone in its normalization segment) go through `feed_ascii`; elsewhere a
  * segment runs from a boundary to the next one, and a plain character alone in its segment is
@@ -340,9 +388,7 @@ static int tokenize_text(const Scanner *s, Tok *t, PyObject *text) {
     if (n == 0) return 0;
     if (reserve(t, n + 1) < 0) return -1;
     if (PyUnicode_IS_ASCII(text)) {
-        const Py_UCS1 *p = PyUnicode_1BYTE_DATA(text);
-        for (Py_ssize_t i = 0; i < n; i++)
-            if (feed_ascii(s, t, p[i]) < 0) return -1;
+        if (ascii_text(s, t, PyUnicode_1BYTE_DATA(text), n) < 0) return -1;
     } else {
         int kind = PyUnicode_KIND(text);
         const void *data = PyUnicode_DATA(text);
