@@ -4,6 +4,7 @@ the acceptance cases (edited items, prefixes) generated from the bundled benchma
 from __future__ import annotations
 
 import random
+import unicodedata
 from collections import Counter, defaultdict
 from functools import lru_cache
 
@@ -140,9 +141,19 @@ def test_repeated_ngrams_count_every_occurrence():
 def test_independent_tokenizer_agrees_with_tokenize():
     samples = ["Hello, WORLD!! it's 3.5 o'clock", "Ｆｕｌｌ－ｗｉｄｔｈ ＡＢＣ", "我喜欢在公园里散步", "カタカナとひらがな",
                "naïve café crème", "नमस्ते दुनिया", "snake_case and kebab-case", "x²+y² ≤ z²", "emoji 🎉 party",
-               "ﬁne ﬂour", "Straße STRASSE", "ǅemal", "𠀀𠀁 astral han", "𐐷 deseret", "\u3005\u3007\u30fc"]
+               "ﬁne ﬂour", "Straße STRASSE", "ǅemal", "𠀀𠀁 astral han", "𐐷 deseret", "\u3005\u3007\u30fc",
+               "(a+b)... don't stop", "好。a,b", "$x^2$, 3.5%!", "--", "“quoted”—dash", "a\u200bb\u00a0c"]
     for text in samples:
         assert words(text) == tokenize(text), text
+
+
+def test_independent_tokenizer_agrees_on_every_code_point():
+    """Each assigned code point between letters, alone, and at a word's end, as `tokenize` cuts it."""
+    cps = [cp for cp in range(0x110000) if unicodedata.category(chr(cp)) not in ("Cn", "Co", "Cs")]
+    for lo in range(0, len(cps), 2000):
+        chars = [chr(cp) for cp in cps[lo:lo + 2000]]
+        for text in (" ".join(f"a{c}b" for c in chars), " ".join(chars), " ".join(f"x{c}" for c in chars)):
+            assert words(text) == tokenize(text)
 
 
 @pytest.mark.parametrize("rule", ["token_coverage", "ngram_share"])

@@ -21,10 +21,9 @@ then `str.casefold`, then
   whitespace and the categories C* and Z*; everything else (punctuation, symbols, emoji, the
   underscore) is *punctuation*;
 - a word runs from a word character to the last word character before a separator (or a standalone
-  character), punctuation
-  inside it included ("3.5", "don't", "x^2", "has_close_elements" are one token each); punctuation
-  before or after a word, or in a run with no word character, is one token per character
-  ("(x)." is "(", "x", ")", ".");
+  character), punctuation inside it included ("3.5", "don't", "x^2", "has_close_elements" are one
+  token each); punctuation before or after a word, or in a run with no word character, is one token
+  per character ("(x)." is "(", "x", ")", ".");
 - each Han ideograph and each Hiragana/Katakana character is a token by itself and ends a run (those
   scripts put no spaces between words, so a whole sentence would otherwise be one token). Other
   scripts written without spaces (Thai, Lao, Khmer, Myanmar) are not split.
