@@ -296,20 +296,22 @@ static int slow_segment(const Scanner *s, Tok *t, PyObject *text, int kind, cons
     return 0;
 }
 
-/* A whole ASCII text, as `feed_ascii` character by character but with the state in locals. Letters,
- * digits and separators outside a pending run take a branch-free step (word and separator
- * alternate unpredictably; the token being built is stored at raw[nt] on every step, and nt moves
- * on when it ends); punctuation, and the character after pending punctuation, take the other
- * path. The pending punctuation of a word is p[pend..i) (an ASCII character hashes as its byte
- * value). raw has room for n + 1 more hashes (reserved by the caller). */
-static int ascii_text(const Scanner *s, Tok *t, const Py_UCS1 *p, Py_ssize_t n) {
-    uint32_t *raw = t->raw;
-    Py_ssize_t nt = t->nt;
-    uint32_t h = 0, k = 0, in_tok = 0;
-    Py_ssize_t pend = -1;
+/* ASCII characters text[a..b) (each alone in its normalization segment), as `feed_ascii` one by one
+ * but with the state in locals. Letters, digits and separators outside a pending run take a
+ * branch-free step (word and separator alternate unpredictably; the token being built is stored at
+ * raw[nt] on every step, and nt moves on when it ends); punctuation, and the character after pending
+ * punctuation, take the other path. Here the pending punctuation of a word is text[pend..i) (an
+ * ASCII character hashes as its byte value); what is still pending at b moves to t->pend. */
+static int ascii_run(const Scanner *s, Tok *t, int kind, const void *data, Py_ssize_t a, Py_ssize_t b) {
+    Py_ssize_t i = a;
+    for (; i < b && t->npend; i++) /* punctuation pending from before the run */
+        if (feed_ascii(s, t, PyUnicode_READ(kind, data, i)) < 0) return -1;
+    if (reserve(t, b - i + 2) < 0) return -1; /* at most one token per character, plus one */
+    uint32_t *raw = t->raw, h = t->h, k = t->k, in_tok = t->in_token;
+    Py_ssize_t nt = t->nt, pend = -1;
     const uint8_t *cls = s->ascii_cls, *lower = s->ascii_lower;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint32_t c = p[i];
+    for (; i < b; i++) {
+        uint32_t c = PyUnicode_READ(kind, data, i);
         if (__builtin_expect((cls[c] == PUNCT) | (pend >= 0), 0)) {
             if (cls[c] == PUNCT) {
                 if (!in_tok) raw[nt++] = c;
@@ -317,10 +319,10 @@ static int ascii_text(const Scanner *s, Tok *t, const Py_UCS1 *p, Py_ssize_t n) 
                 continue;
             }
             if (cls[c] == WORD) { /* the pending punctuation is inside the word */
-                for (Py_ssize_t j = pend; j < i; j++) h += (uint32_t)p[j] * pow_at(s, k++);
+                for (Py_ssize_t j = pend; j < i; j++) h += (uint32_t)PyUnicode_READ(kind, data, j) * pow_at(s, k++);
             } else { /* the word ends, then its trailing punctuation, one token each */
                 raw[nt++] = h;
-                for (Py_ssize_t j = pend; j < i; j++) raw[nt++] = p[j];
+                for (Py_ssize_t j = pend; j < i; j++) raw[nt++] = PyUnicode_READ(kind, data, j);
                 h = k = in_tok = 0;
             }
             pend = -1;
@@ -333,19 +335,18 @@ static int ascii_text(const Scanner *s, Tok *t, const Py_UCS1 *p, Py_ssize_t n) 
         k = (k + 1) & m;
         in_tok = w;
     }
-    if (in_tok) {
-        raw[nt++] = h;
-        if (pend >= 0)
-            for (Py_ssize_t j = pend; j < n; j++) raw[nt++] = p[j];
-    }
     t->nt = nt;
-    t->h = t->k = t->in_token = 0;
-    t->npend = 0;
+    t->h = h;
+    t->k = k;
+    t->in_token = in_tok;
+    if (pend >= 0)
+        for (Py_ssize_t j = pend; j < b; j++)
+            if (feed(s, t, PyUnicode_READ(kind, data, j), PUNCT) < 0) return -1;
     return 0;
 }
 
 /* The characters of text[0..n) (code units of type T): runs of ASCII characters (each followed by
- * an ASCII character, so alone in its normalization segment) go through `feed_ascii`; elsewhere a
+ * an ASCII character, so alone in its normalization segment) go through `ascii_run`; elsewhere a
  * segment runs from a boundary to the next one, and a plain character alone in its segment is
  * case-folded by the table, any other segment goes to `slow_segment`. */
 #define SEGMENT_LOOP(T)                                                                                  \
@@ -354,10 +355,10 @@ static int ascii_text(const Scanner *s, Tok *t, const Py_UCS1 *p, Py_ssize_t n) 
         Py_ssize_t i = 0;                                                                                \
         while (i < n) {                                                                                  \
             if (p[i] < 128 && (i + 1 == n || p[i + 1] < 128)) {                                          \
-                while (i < n && p[i] < 128 && (i + 1 == n || p[i + 1] < 128)) {                          \
-                    if (feed_ascii(s, t, p[i]) < 0) return -1;                                           \
-                    i++;                                                                                 \
-                }                                                                                        \
+                Py_ssize_t j = i;                                                                        \
+                while (j < n && p[j] < 128 && (j + 1 == n || p[j + 1] < 128)) j++;                       \
+                if (ascii_run(s, t, kind, data, i, j) < 0) return -1;                                    \
+                i = j;                                                                                   \
                 continue;                                                                                \
             }                                                                                            \
             uint32_t cp = p[i];                                                                          \
@@ -388,7 +389,7 @@ static int tokenize_text(const Scanner *s, Tok *t, PyObject *text) {
     if (n == 0) return 0;
     if (reserve(t, n + 1) < 0) return -1;
     if (PyUnicode_IS_ASCII(text)) {
-        if (ascii_text(s, t, PyUnicode_1BYTE_DATA(text), n) < 0) return -1;
+        if (ascii_run(s, t, PyUnicode_1BYTE_KIND, PyUnicode_DATA(text), 0, n) < 0) return -1;
     } else {
         int kind = PyUnicode_KIND(text);
         const void *data = PyUnicode_DATA(text);

@@ -503,10 +503,12 @@ def _token_hashes(encoded: Sequence[bytes], ascii_only: bool) -> tuple[np.ndarra
     # Byte values to hash: lower-cased ASCII, every byte of a non-ASCII character for now; 0 for
     # separators. Then the class of each character (at its first byte).
     values = np.take(_BYTE_VALUE, b)
-    firsts = np.flatnonzero(b < 0x80) if ascii_only else np.flatnonzero((b < 0x80) | (b >= 0xC0))
-    kind = np.take(_ASCII_CLASS, b[firsts])
-    width = np.ones(len(firsts), np.int64)
-    if not ascii_only:
+    # Characters by their first byte (for ASCII, every byte is one).
+    firsts = None if ascii_only else np.flatnonzero((b < 0x80) | (b >= 0xC0))
+    kind = np.take(_ASCII_CLASS, b if firsts is None else b[firsts])
+    width = None
+    if firsts is not None:
+        width = np.ones(len(firsts), np.int64)
         lead = np.flatnonzero(b[firsts] >= 0xC0)
         if len(lead):  # decode the code point of every multi-byte character
             at = firsts[lead]
@@ -523,18 +525,22 @@ def _token_hashes(encoded: Sequence[bytes], ascii_only: bool) -> tuple[np.ndarra
             separator = kind[lead] == _SEPARATOR
             for k in range(4):  # a non-ASCII separator (no-break space, ...) hashes as nothing
                 values[at[separator & (width[lead] > k)] + k] = 0
-    # Punctuation with a word character before and after it in the same run (no separator or
-    # standalone character between) is part of the word; any other is a token by itself.
-    is_word, breaks = kind == _WORD, (kind == _SEPARATOR) | (kind == _STANDALONE)
-    idx = np.arange(len(kind))
-    last_break = np.maximum.accumulate(np.where(breaks, idx, -1))
-    word_before = np.maximum.accumulate(np.where(is_word, idx, -1)) > last_break
-    reverse = np.where(breaks, idx, len(kind))[::-1]
-    next_break = np.minimum.accumulate(reverse)[::-1]
-    word_after = np.minimum.accumulate(np.where(is_word, idx, len(kind))[::-1])[::-1] < next_break
-    punct = kind == _PUNCT
-    alone = (kind == _STANDALONE) | (punct & ~(word_before & word_after))
-    standalone, standalone_end = firsts[alone], (firsts + width)[alone]
+    # A run of punctuation between two word characters is part of the word; any other punctuation
+    # character is a token by itself (as is a standalone character).
+    punct = (kind == _PUNCT).view(np.int8)
+    edges = np.flatnonzero(np.diff(punct, prepend=np.int8(0), append=np.int8(0)))
+    run_start, run_end = edges[0::2], edges[1::2]  # [start, end) of each punctuation run
+    last = len(kind) - 1
+    inside = ((run_start > 0) & (kind[np.maximum(run_start - 1, 0)] == _WORD)
+              & (run_end <= last) & (kind[np.minimum(run_end, last)] == _WORD))
+    run_start, run_end = run_start[~inside], run_end[~inside]
+    lengths = run_end - run_start
+    alone = np.repeat(run_start - np.cumsum(np.r_[0, lengths[:-1]]), lengths) + np.arange(lengths.sum())
+    if firsts is not None:
+        alone = np.concatenate([alone, np.flatnonzero(kind == _STANDALONE)])
+        standalone, standalone_end = firsts[alone], firsts[alone] + width[alone]
+    else:
+        standalone, standalone_end = alone, alone + 1
     word = values != 0
     start = np.zeros(size, bool)
     np.greater(word[1:], word[:-1], out=start[1:])
