@@ -12,6 +12,7 @@ import pytest
 from assets.curation import curation_assets
 from assets.sources import raw_source_assets
 from resources import DataBundle, LocalLauncher, TuluStorage
+from tulu_pipeline.curation.decontaminate import RULE_VERSION
 from tulu_pipeline.curation.overlap_check import Overlap, OverlapChecker
 from tulu_pipeline.cli import main as tulu
 from tulu_pipeline.provenance.ledger import Ledger
@@ -63,6 +64,7 @@ def test_curation_outputs_and_checks(curated) -> None:
     flagged = {(c["source"], c["benchmark"]) for c in report["flagged"]}
     assert ("math_train", "math") in flagged and ("math_train", "math500") in flagged
     assert report["benchmarks"]["math500"]["items"] == 500
+    assert (report["rule"], report["rule_version"]) == ("token_coverage", RULE_VERSION)
     # Every eval benchmark of both suites is a decontamination target.
     assert {"gsm8k", "ifeval", "humaneval", "alpaca_eval", "bbh", "mbpp", "mt_bench"} <= set(report["benchmarks"])
 
