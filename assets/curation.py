@@ -18,7 +18,12 @@ from tulu_pipeline.curation.pipeline import (
 )
 from tulu_pipeline.curation.ray_job import MODULE as RAY_JOB, load_stage_result
 from tulu_pipeline.curation.report import heatmap_png, report_markdown
-from tulu_pipeline.curation.stages import CURATION_CODE_VERSION, StageResult, build_eval_index
+from tulu_pipeline.curation.stages import (
+    CURATION_CODE_VERSION,
+    DECONTAMINATION_CODE_VERSION,
+    StageResult,
+    build_eval_index,
+)
 from tulu_pipeline.data.registry import registry
 from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.plots import histogram_png
@@ -144,12 +149,12 @@ def deduplicated_prompts(context: dg.AssetExecutionContext, config: DedupStageCo
 @dg.multi_asset(
     specs=[
         dg.AssetSpec("decontaminated_prompts", group_name="curation", kinds={"parquet"}, owners=DATA_OWNERS,
-                     code_version=CURATION_CODE_VERSION, deps=[deduplicated_prompts, *EVAL_KEYS],
+                     code_version=DECONTAMINATION_CODE_VERSION, deps=[deduplicated_prompts, *EVAL_KEYS],
                      description="Deduplicated prompts with every row that overlaps an evaluation item removed "
                      "(exhaustive word n-gram matching, no hit cap); the quarantine keeps benchmark, eval id, "
                      "score and span. Its blocking checks gate all training."),
         dg.AssetSpec("decontamination_report", group_name="curation", kinds={"json"}, owners=DATA_OWNERS,
-                     code_version=CURATION_CODE_VERSION, deps=["decontaminated_prompts"],
+                     code_version=DECONTAMINATION_CODE_VERSION, deps=["decontaminated_prompts"],
                      description="Per training source × benchmark: rows removed and share of the benchmark's "
                      "items hit (flagged above 2%), as a table and a heatmap."),
     ],

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from tulu_pipeline.cli import main as tulu
+from tulu_pipeline.curation.decontaminate import RULE_VERSION
 from tulu_pipeline.data.loaders import iter_source_rows
 from tulu_pipeline.data.registry import get_source
 
@@ -38,8 +39,9 @@ def test_vicuna_questions_are_quarantined_against_vicuna_bench(tmp_path: Path, c
     assert [q["id"] for q in quarantine] == [f"v{i}" for i in range(5)]
     first = quarantine[0]
     assert first["benchmark"] == "vicuna_bench" and first["eval_id"] == "1" and first["score"] == 1.0
-    assert first["span"].lower() == vicuna[0].lower().rstrip("?")  # the matched words, as written in the row
+    assert first["span"].lower() == vicuna[0].lower()  # the matched tokens ("?" is one), as written in the row
     report = json.loads((out / "report.json").read_text())
+    assert report["config"]["rule"] == "token_coverage" and report["rule_version"] == RULE_VERSION
     assert report["benchmarks"]["vicuna_bench"] == {"items": 80, "rows_removed": 5, "items_hit": 5,
                                                     "share_items_hit": 0.0625}
 

@@ -118,3 +118,22 @@ def test_a_different_config_is_never_reused(store, bundle):
     other = CurationConfig.model_validate({"decontam": {"rule": "ngram_share"}, "evals": {"benchmarks": list(EVALS)}})
     result = decontaminate_prompts(store, other, "second")
     assert result.stats["previous_version"] is None and result.stats["scanned"] == {"all": 80}
+
+
+def test_decisions_under_another_rule_version_are_never_reused(store, bundle, monkeypatch):
+    """A run made with an older tokenizer or rule (`RULE_VERSION`) has another version and is not reused."""
+    from tulu_pipeline.curation import pipeline, stages
+
+    evals = {b: rows_of(s, 100) for b, s in EVALS.items()}
+    for benchmark, source in EVALS.items():
+        publish(store, f"raw/{source}", "v1", evals[benchmark])
+    publish(store, "deduplicated_prompts", "d1", training_rows(random.Random(3), 0, 80, evals))
+    config = CurationConfig(evals=EvalSelection(benchmarks=list(EVALS)))
+    with monkeypatch.context() as old:
+        old.setattr(pipeline, "RULE_VERSION", "1")
+        old.setattr(stages, "RULE_VERSION", "1")
+        before = decontaminate_prompts(store, config, "old-rule")
+    result = decontaminate_prompts(store, config, "new-rule")
+    assert result.version != before.version
+    assert result.stats["previous_version"] is None and result.stats["scanned"] == {"all": 80}
+    assert store.read_json(f"reports/decontamination/{result.version}/run.json")["rule_version"] == pipeline.RULE_VERSION

@@ -4,15 +4,22 @@ the acceptance cases (edited items, prefixes) generated from the bundled benchma
 from __future__ import annotations
 
 import random
-from collections import defaultdict
+import unicodedata
+from collections import Counter, defaultdict
 from functools import lru_cache
 
 import pytest
 
-from tulu_pipeline.curation.decontaminate import EvalIndex, EvalItem, registry_eval_items, tokenize
+from tulu_pipeline.curation.acceptance import Case, acceptance_cases, case_passes, score_cases, unrelated_words
+from tulu_pipeline.curation.decontaminate import (
+    DecontamConfig,
+    EvalIndex,
+    EvalItem,
+    reference_matches,
+    registry_eval_items,
+    tokenize,
+)
 from tulu_pipeline.curation.overlap_check import OverlapChecker, words
-from tulu_pipeline.data.loaders import iter_source_rows
-from tulu_pipeline.data.registry import get_source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -21,7 +28,7 @@ from tulu_pipeline.data.registry import get_source
 # From allenai/open-instruct, decontamination/search.py, `get_ngram_mapping` and the per-query-string
 # loop of `ngram_match` (the score of each training document), with `match_threshold` applied as in
 # `main` (``score > args.match_threshold``). Two substitutions, marked: spaCy's tokenizer becomes our
-# `tokenize`, and Elasticsearch's ``match_phrase`` filter (the n-gram's analyzed tokens appear
+# `tokenize` (spaCy-like: punctuation at a word's edges is tokens, inside a word it stays), and Elasticsearch's ``match_phrase`` filter (the n-gram's analyzed tokens appear
 # contiguously in the document) becomes membership in the document's n-gram set. The dict keyed by
 # n-gram text is kept as written: a repeated n-gram maps to its *last* occurrence's token indices.
 def get_ngram_mapping(string: str, n: int):
@@ -64,8 +71,7 @@ def bundle_items() -> tuple[EvalItem, ...]:
 
 @lru_cache(maxsize=None)
 def filler_words() -> tuple[str, ...]:
-    rows = iter_source_rows(get_source("hh_rlhf_harmless"))
-    return tuple(w for r in rows for m in r["messages"] for w in m["content"].split())[:100_000]
+    return tuple(unrelated_words())
 
 
 def generated_texts(items: list[EvalItem], rng: random.Random, count: int) -> list[str]:
@@ -135,9 +141,19 @@ def test_repeated_ngrams_count_every_occurrence():
 def test_independent_tokenizer_agrees_with_tokenize():
     samples = ["Hello, WORLD!! it's 3.5 o'clock", "Ｆｕｌｌ－ｗｉｄｔｈ ＡＢＣ", "我喜欢在公园里散步", "カタカナとひらがな",
                "naïve café crème", "नमस्ते दुनिया", "snake_case and kebab-case", "x²+y² ≤ z²", "emoji 🎉 party",
-               "ﬁne ﬂour", "Straße STRASSE", "ǅemal", "𠀀𠀁 astral han", "𐐷 deseret", "\u3005\u3007\u30fc"]
+               "ﬁne ﬂour", "Straße STRASSE", "ǅemal", "𠀀𠀁 astral han", "𐐷 deseret", "\u3005\u3007\u30fc",
+               "(a+b)... don't stop", "好。a,b", "$x^2$, 3.5%!", "--", "“quoted”—dash", "a\u200bb\u00a0c"]
     for text in samples:
         assert words(text) == tokenize(text), text
+
+
+def test_independent_tokenizer_agrees_on_every_code_point():
+    """Each assigned code point between letters, alone, and at a word's end, as `tokenize` cuts it."""
+    cps = [cp for cp in range(0x110000) if unicodedata.category(chr(cp)) not in ("Cn", "Co", "Cs")]
+    for lo in range(0, len(cps), 2000):
+        chars = [chr(cp) for cp in cps[lo:lo + 2000]]
+        for text in (" ".join(f"a{c}b" for c in chars), " ".join(chars), " ".join(f"x{c}" for c in chars)):
+            assert words(text) == tokenize(text)
 
 
 @pytest.mark.parametrize("rule", ["token_coverage", "ngram_share"])
@@ -160,50 +176,50 @@ def test_independent_checker_agrees_with_the_fast_path(bundle, rule, policy):
 # acceptance: edited items and prefixes from every bundled benchmark
 # ---------------------------------------------------------------------------------------------
 @lru_cache(maxsize=None)
-def registry_index() -> EvalIndex:
-    return EvalIndex.build(bundle_items())
+def cases() -> tuple[Case, ...]:
+    return tuple(acceptance_cases(bundle_items(), unrelated_words(), seed=0))
 
 
-def test_one_word_edits_in_the_middle_are_quarantined(bundle):
-    index = registry_index()
-    cases = []
-    for it in index.items:
-        w = it.text.split()
-        if 16 <= len(w) <= 40:
-            w[len(w) // 2] = "xylophone"
-            cases.append((it, " ".join(w)))
-    results = index.match_texts([t for _, t in cases], 0.5)
-    found = [any(m.eval_row_id == it.row_id for m in ms) for (it, _), ms in zip(cases, results)]
-    recall = sum(found) / len(cases)
-    # Every miss is one the rule cannot catch, by the independent implementation: what stays covered
-    # is at most half of the item's tokens (a 16-token item edited in the middle keeps 8 of 16, and
-    # 0.5 is not above 0.5; BBH boolean expressions of 16 words have 8 tokens and lose their only 8-gram).
-    missed = [(it, text) for (it, text), hit in zip(cases, found) if not hit]
-    checker = OverlapChecker([it.text for it, _ in missed], 8, 0.4999, "token_coverage", "ignore")
-    for k, (it, text) in enumerate(missed):
-        assert all(o.item != k or o.score <= 0.5 for o in checker.overlaps([text])), it.text
-    reachable = [hit for (it, _), hit in zip(cases, found) if len(tokenize(it.text)) > 16]
-    assert sum(reachable) / len(reachable) >= 0.95
-    assert recall >= 0.93, recall  # measured 0.938 over 7872 items of 16-40 words
+def test_acceptance_cases_pass_at_95_percent(bundle):
+    """Issue #23: one-word mid-item edits (16-40 words) and 62% prefixes (22+ words) are quarantined,
+    30% prefixes followed by unrelated text stay clean, each at >= 95%, over every bundled benchmark."""
+    result = score_cases(cases())
+    # Measured: 7868/7872 edits, 11341/11915 prefixes (HumanEval 69%: its signature and docstring
+    # come first, and 62% of the words can be under half of the tokens of a code item; MATH 91%),
+    # 11879/11915 short prefixes clean.
+    assert result["edit"]["share"] >= 0.95, result["edit"]
+    assert result["prefix"]["share"] >= 0.95, result["prefix"]
+    assert result["prefix_unrelated"]["share"] >= 0.95, result["prefix_unrelated"]
+    made_from = set(result["edit"]["by_benchmark"]) | set(result["prefix"]["by_benchmark"])
+    assert made_from == {i.benchmark for i in bundle_items()}  # every bundled benchmark contributes
+    assert result["edit"]["cases"] > 7000 and result["prefix"]["cases"] == result["prefix_unrelated"]["cases"] > 10_000
+    # The former default (distinct-8-gram share, short items anywhere) misses them: why the default changed.
+    before = score_cases(cases(), DecontamConfig(rule="ngram_share", short_items="anywhere"))
+    assert before["edit"]["share"] < 0.9 and before["prefix"]["share"] < 0.9
 
 
-def test_prefixes_are_quarantined_and_short_prefixes_with_other_text_are_clean(bundle):
-    index = registry_index()
-    rng = random.Random(5)
-    filler = filler_words()
-    long_items = [it for it in index.items if len(it.text.split()) >= 22]
-    sample = rng.sample(long_items, 1200)  # of 11,915 (the heavily templated BBH ones are slow to score)
-    prefixes, mixed = [], []
-    for it in sample:
-        w = it.text.split()
-        prefixes.append(" ".join(w[:round(0.62 * len(w))]))
-        at = rng.randrange(len(filler) - 120)
-        mixed.append(" ".join(w[:int(0.3 * len(w))] + list(filler[at:at + rng.randint(40, 120)])))
-    hit = [any(m.eval_row_id == it.row_id for m in ms) for it, ms in zip(sample, index.match_texts(prefixes, 0.5))]
-    for it, text, h in zip(sample, prefixes, hit):
-        if not h:  # a 62% prefix by words can be under half of the tokens ("06/25/1964" is 3 tokens)
-            assert len(tokenize(text)) <= len(tokenize(it.text)) / 2 or len(tokenize(text)) < 8, it.text
-    assert sum(hit) / len(sample) >= 0.94  # measured 0.950 over all 11,915
-    clean = [not any(m.eval_row_id == it.row_id for m in ms)
-             for it, ms in zip(sample, index.match_texts(mixed, 0.5))]
-    assert sum(clean) / len(sample) >= 0.95
+def test_acceptance_scoring_per_item_equals_the_fast_path(bundle):
+    """`score_cases` scores each case against its own item with the plain implementation; the fast
+    path (an index over many items) decides the same for that item."""
+    rng = random.Random(9)
+    sample = rng.sample(cases(), 600)
+    index = EvalIndex.build({c.item.row_id: c.item for c in sample}.values())
+    config = DecontamConfig()
+    fast = index.match_texts([c.text for c in sample], config.threshold)
+    alone = [reference_matches([c.item], c.text, 8, config.threshold) for c in sample]
+    for case, many, one in zip(sample, fast, alone):
+        assert case_passes(case, many, whole_row=False) == case_passes(case, one, whole_row=False), case
+    assert Counter(c.kind for c in sample).keys() == {"edit", "prefix", "prefix_unrelated"}
+
+
+def test_acceptance_cases_are_deterministic_and_as_described():
+    items = [item(" ".join(f"w{k}" for k in range(30)))]
+    filler = [f"f{k}" for k in range(300)]
+    made = acceptance_cases(items, filler, seed=1)
+    assert made == acceptance_cases(items, filler, seed=1)
+    by_kind = {c.kind: c.text.split() for c in made}
+    assert by_kind["edit"][:15] == [f"w{k}" for k in range(15)] and by_kind["edit"][16:] == [f"w{k}" for k in range(16, 30)]
+    assert by_kind["edit"][15].startswith("f")  # the middle word replaced
+    assert by_kind["prefix"] == [f"w{k}" for k in range(19)]  # round(0.62 * 30)
+    assert by_kind["prefix_unrelated"][:9] == [f"w{k}" for k in range(9)]  # int(0.3 * 30)
+    assert 40 <= len(by_kind["prefix_unrelated"]) - 9 <= 120 and by_kind["prefix_unrelated"][9].startswith("f")

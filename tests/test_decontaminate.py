@@ -100,18 +100,34 @@ def test_tulu1_human_eval_prompts_are_all_eval_prompts(bundle):
 
 
 def test_math_train_against_math_test(bundle):
-    # Token coverage (Tülu 3's rule) counts a shared stock phrase by its tokens, so it flags about twice
-    # as many near-twin problems as the distinct-8-gram share (805 vs 378 of 7500, measured).
-    assert 700 <= len(flagged("math_train", "math_test")) <= 900
+    # Token coverage (Tülu 3's rule) counts a shared stock phrase by its tokens, and punctuation is
+    # tokens (as spaCy's in open-instruct), so LaTeX delimiters and operators count too: the templated
+    # near-twins MATH train shares with test (same wording, other numbers: "Solve for $x$: $$\\sqrt...",
+    # "A parabola with equation $y=x^2+bx+c$ passes through the points $(...)$. What is $c$?") have
+    # their phrasing plus "$ ( , ) $ ." cover over half of the item. 1389 of 7500 rows, measured
+    # (805 when punctuation only separated words; 42% of the 1389 at coverage <= 0.6).
+    coverage = {r["eval_id"]: {m.eval_id: m.score for m in ms} for r, ms in flagged("math_train", "math_test")}
+    assert 1300 <= len(coverage) <= 1450, len(coverage)
     hits = flagged("math_train", "math_test", rule="ngram_share")
     by_id = {r["eval_id"]: m for r, m in hits}
     duplicate = by_id["train/geometry/6032.json"]
     assert duplicate[0].eval_id == "test/precalculus/24307.json" and duplicate[0].score == 1.0
     assert duplicate[0].span.startswith("The points $(0,0)")
-    # 378 of 7500 train problems (measured): shared [asy] preambles and stock phrasings of near-twin
-    # problems ("Express your answer in simplest radical form ..."), not only true duplicates.
-    assert 300 <= len(hits) <= 450, len(hits)
-    assert sum(1 for _, m in hits if m[0].score == 1.0) >= 10
+    # 451 of 7500 train problems (measured; 378 before punctuation tokens): shared [asy] preambles
+    # and stock phrasings of near-twin problems ("Express your answer in simplest radical form ..."),
+    # not only true duplicates.
+    assert 400 <= len(hits) <= 500, len(hits)
+    # Copies that differ only in LaTeX spacing ("$f(6)-f(2)=12$." / "$f(6) - f(2) = 12.$") now have
+    # different tokens inside the formulas, as they would under spaCy: a score of 1.0 needs the same
+    # spacing (2 rows), but the wording around the formulas still flags them by coverage ...
+    assert sum(1 for _, m in hits if m[0].score == 1.0) >= 2
+    assert coverage["train/algebra/517.json"]["test/algebra/636.json"] > 0.75
+    assert coverage["train/intermediate_algebra/1894.json"]["test/intermediate_algebra/1607.json"] > 0.8
+    # ... except where a formula is most of the item: "... equal to\\[\\frac{3^{100}+2^{100}}..." glues
+    # "to" to the formula in one copy only. And "Compute $\\cos 150^\\circ$." is no longer taken for
+    # the test's "Compute $\\cos (-150^\\circ)$." (once the minus and parentheses count, they differ).
+    assert "test/intermediate_algebra/1007.json" not in coverage.get("train/number_theory/7105.json", {})
+    assert "test/geometry/969.json" not in coverage.get("train/geometry/626.json", {})
 
 
 def test_gsm8k_train_against_gsm8k_test_is_almost_clean(bundle):
@@ -150,12 +166,16 @@ def test_clean_controls_flag_nothing(bundle):
 # ---------------------------------------------------------------------------------------------
 def test_tokenize_documented_behaviour():
     assert tokenize("Hello, WORLD! Café naïve ＦＵＬＬ－ｗｉｄｔｈ 我喜欢猫 has_close_elements straße हिन्दी ﬁne x²") == [
-        "hello", "world", "café", "naïve", "full", "width", "我", "喜", "欢", "猫", "has", "close", "elements",
+        "hello", ",", "world", "!", "café", "naïve", "full-width", "我", "喜", "欢", "猫", "has_close_elements",
         "strasse", "हिन्दी", "fine", "x2"]
+    # spaCy-like: punctuation inside a word stays in it, at its edges it is one token per character
+    assert tokenize("It's 3.5, don't (x^2)!") == ["it's", "3.5", ",", "don't", "(", "x^2", ")", "!"]
     assert tokenize("cafe\u0301") == tokenize("café") == ["café"]  # NFKC composes
-    assert tokenize("") == tokenize("  ,.!? \n\t…—“”") == []
-    assert tokenize("emoji😀between") == ["emoji", "between"]
+    assert tokenize("") == tokenize("  \n\t\u00a0\u200b") == []
+    assert tokenize(" ,.!? …—“”") == [",", ".", "!", "?", ".", ".", ".", "—", "“", "”"]  # NFKC: … is three dots
+    assert tokenize("emoji😀between 😀 x") == ["emoji😀between", "😀", "x"]
     assert tokenize("𠀀𠀁x") == ["𠀀", "𠀁", "x"]  # astral ideographs are standalone too
+    assert tokenize("好。a,b") == ["好", "。", "a,b"]
 
 
 UNICODE_PIECES = (list("aZ9_ -.,!?'\"\n\t\x00") + list("éÉñßÆæİıΣσςﬁ²½①") + ["e\u0301", "\u0301", "\u0915\u093f"]
@@ -168,7 +188,7 @@ unicode_texts = st.one_of(st.lists(st.sampled_from(UNICODE_PIECES), max_size=30)
 @given(unicode_texts)
 def test_tokenize_regex_equals_the_rule_spelled_out(text):
     normalized = dc.normalize(text)
-    assert tokenize(text) == dc._tokens_by_char(normalized)
+    assert tokenize(text) == [normalized[a:b] for a, b in dc._spans_by_char(normalized)]
     source, offsets = dc._token_offsets(text)
     assert len(offsets) == len(tokenize(text))
     if source is text:  # spans point into the original text and cover the token
@@ -203,22 +223,28 @@ LONG = "The committee reviewed every proposal carefully before announcing which 
 
 
 def test_short_item_contained_is_flagged_and_not_contained_is_not():
-    items = [item("Who is Larry Page?")]  # 4 tokens < 8
-    text = "Quick question: who is LARRY page, and what did he build?"
-    assert matches_for(items, text) == []  # 4 of 12 tokens: not most of the row
+    items = [item("Who is Larry Page?")]  # 5 tokens < 8 ("?" is one)
+    text = "Quick question: who is LARRY page? And what did he build?"
+    assert matches_for(items, text) == []  # 5 of 14 tokens: not most of the row
     [m] = matches_for(items, text, short_items="anywhere")
-    assert (m.score, m.matched_ngrams, m.item_ngrams, m.span) == (1.0, 1, 1, "who is LARRY page")
-    assert matches_for(items, "Who is Larry Page, please?")[0].score == 1.0  # 4 of 5 tokens
+    assert (m.score, m.matched_ngrams, m.item_ngrams, m.span) == (1.0, 1, 1, "who is LARRY page?")
+    assert matches_for(items, "Who is Larry Page? Thanks")[0].score == 1.0  # 5 of 6 tokens
     assert matches_for(items, "Who is Larry Pages?", short_items="anywhere") == []
+    # Its punctuation is part of the item: without the "?" it is another token sequence.
+    assert matches_for(items, "who is larry page, please", short_items="anywhere") == []
     assert matches_for(items, "Larry Page: who is he?") == []
     assert matches_for(items, "who is larry") == []
 
 
-def test_case_and_punctuation_changes_do_not_hide_an_item():
-    items = [item(LONG + ".")]
-    [m] = matches_for(items, "THE COMMITTEE -- reviewed every proposal, carefully; before announcing (which) three "
-                             "PROJECTS would receive funding!!!")
+def test_case_changes_do_not_hide_an_item_and_punctuation_counts_as_tokens():
+    items = [item(LONG + ".")]  # 15 tokens
+    [m] = matches_for(items, "THE COMMITTEE reviewed every PROPOSAL carefully before announcing which three "
+                             "PROJECTS would receive funding. Thanks!")
     assert m.score == 1.0
+    # An inserted comma is an inserted token, as in open-instruct: the 8-grams across it are lost
+    # (tokens 5-14 stay covered), like a one-token edit.
+    [m] = matches_for(items, LONG.replace("proposal", "proposal,") + ".")
+    assert (m.covered_tokens, m.item_tokens) == (10, 15)
 
 
 def test_item_embedded_in_a_longer_prompt_has_its_span():
@@ -248,8 +274,8 @@ def test_unicode_accents_cjk_and_full_width():
     [m] = matches_for([item(chinese)], "今天天气很好。" + chinese + "，你呢？")
     assert m.score == 1.0 and m.span == chinese
 
-    english = "What is the capital of France and why is it famous"
-    full_width = "ＷＨＡＴ　ＩＳ　ＴＨＥ　ＣＡＰＩＴＡＬ　ＯＦ　ＦＲＡＮＣＥ，ＡＮＤ　ＷＨＹ　ＩＳ　ＩＴ　ＦＡＭＯＵＳ？"
+    english = "What is the capital of France, and why is it famous"
+    full_width = "ＷＨＡＴ　ＩＳ　ＴＨＥ　ＣＡＰＩＴＡＬ　ＯＦ　ＦＲＡＮＣＥ，　ＡＮＤ　ＷＨＹ　ＩＳ　ＩＴ　ＦＡＭＯＵＳ？"
     [m] = matches_for([item(english)], full_width)
     assert m.score == 1.0 and m.span == full_width[:-1]
 
@@ -290,12 +316,12 @@ def test_include_response_toggles_the_assistant_turn():
 
 
 def test_empty_texts_and_empty_items():
-    index = EvalIndex.build([item(""), item("...", eval_id="e2"), item("Hi there", eval_id="e3")])
+    index = EvalIndex.build([item(""), item(" \n ", eval_id="e2"), item("Hi there", eval_id="e3")])
     assert [i.eval_id for i in index.skipped] == ["e1", "e2"]  # no tokens: never indexed
-    results = index.match_texts(["", " ", "hi there", "Say: HI, there friend", "hi", "there hi"], 0.5,
+    results = index.match_texts(["", " ", "hi there", "Say: HI there, friend", "hi", "there hi"], 0.5,
                                 short_items="anywhere")
     assert [[m.eval_id for m in r] for r in results] == [[], [], ["e3"], ["e3"], [], []]
-    assert results[3][0].span == "HI, there"
+    assert results[3][0].span == "HI there"
     assert reference_matches(index.items, "", 8, 0.5) == []
     assert EvalIndex.build([]).match_texts(["anything at all"], 0.5) == [[]]
 
@@ -331,7 +357,7 @@ def test_long_spans_are_truncated():
 def test_hash_collisions_never_produce_matches(monkeypatch):
     """With every token hashing alike, every window is a candidate: only exact verification remains."""
     items = [item(LONG), item("Who is Larry Page?", eval_id="e2")]
-    texts = [LONG, "who is larry page", "completely different words " * 5, LONG.upper()[:60]]
+    texts = [LONG, "who is larry page?", "completely different words " * 5, LONG.upper()[:60]]
     expected = EvalIndex.build(items).match_texts(texts, 0.5)
     monkeypatch.setattr(dc, "_mix", lambda hashes, pad: np.ones(len(hashes) + pad, np.uint64))
     degenerate = EvalIndex.build(items)
@@ -400,7 +426,7 @@ def test_decontaminator_events_order_quarantine_and_stats():
     rows = [row(("user", f"clean row number {i}"), row_id=f"r{i}", source="s1" if i % 2 else "s2") for i in range(10)]
     rows[3] = row(("system", "Be brief."), ("user", f"Please: {LONG}."), ("user", "Also, who is Larry Page?"),
                   row_id="r3", source="s1")  # the short item is most of its own turn
-    rows[8] = row(("user", "who is larry page"), row_id="r8", source="s2")
+    rows[8] = row(("user", "who is larry page?"), row_id="r8", source="s2")
     sink = MemorySink()
     step = Decontaminator(index, DecontamConfig(), sink, batch_size=3)
     kept = list(step(iter(rows)))

@@ -12,8 +12,11 @@
  *   unchanged by NFKC (CPython's quick check), so it is case-folded here with the per-code-point
  *   table; any other segment (compatibility characters, composable sequences, multi-character
  *   case folds) is handed to the Python `normalize` function and its result tokenized as is.
- * - token rule: word characters (class 1) form runs; a standalone character (class 2) is a token
- *   by itself; everything else separates. A token's hash is sum(b_k * P**k) mod 2**32 over the
+ * - token rule: a word runs from a word character (class 1) to the last word character before a
+ *   separator (class 0) or a standalone character (class 2), punctuation (class 3) between its
+ *   word characters included; a standalone character, and punctuation before or after a word (or
+ *   in a run with no word character), is a token by itself. Punctuation after a word character is
+ *   held as "pending" until the next character decides which it is. A token's hash is sum(b_k * P**k) mod 2**32 over the
  *   UTF-8 bytes b_k of the normalized token.
  * - key = mix(hash); window hashes W_L(t) = sum_i key[t+i] * Q**(L-1-i) mod 2**64, inside a row.
  * - probes: one-token items (every token, single filter), items of 2..n-1 tokens (every 2-token
@@ -45,6 +48,7 @@
 
 #define WORD 1
 #define STANDALONE 2
+#define PUNCT 3
 #define N_POWERS 64
 #define PREFETCH 16
 
@@ -71,8 +75,10 @@ static int vec_push(Vec *v, int64_t x) {
 typedef struct {
     uint32_t *raw; /* raw token hashes of the current text */
     Py_ssize_t nt, cap;
-    uint32_t h, k; /* the token being built: its hash so far and its byte count */
+    uint32_t h, k; /* the word being built: its hash so far and its byte count */
     uint32_t in_token;
+    uint32_t *pend; /* punctuation after the word's last word character (code points) */
+    Py_ssize_t npend, pend_cap;
 } Tok;
 
 typedef struct {
@@ -99,7 +105,8 @@ typedef struct {
     uint64_t *keys; /* keys of the current text */
     Py_ssize_t keys_cap;
     uint32_t ascii[128];      /* entries of ASCII code points */
-    uint8_t ascii_lower[256]; /* byte value hashed for an ASCII word character (lower-cased), 0 for a separator */
+    uint8_t ascii_cls[128];   /* their token classes */
+    uint8_t ascii_lower[256]; /* byte value hashed for an ASCII word character (lower-cased), 0 for any other */
     uint32_t powers[N_POWERS]; /* TOKEN_P ** k */
     uint64_t *bloom;           /* blocked Bloom filter of the main hashes: 4 bits in one 64-bit word */
     int bloom_bits;            /* log2 of its number of words */
@@ -173,41 +180,68 @@ static inline void add_utf8(const Scanner *s, Tok *t, uint32_t cp) {
     }
 }
 
-/* One normalized character of class `cls`. Outside a token, h and k are 0. */
-static inline int feed(const Scanner *s, Tok *t, uint32_t cp, unsigned cls) {
+/* The hash of one character as a token by itself. */
+static inline uint32_t char_hash(const Scanner *s, uint32_t cp) {
+    Tok one = {0};
+    add_utf8(s, &one, cp);
+    return one.h;
+}
+
+/* The word being built (if any) ends: push it, then its trailing punctuation one by one. */
+static inline int end_word(const Scanner *s, Tok *t) {
+    if (!t->in_token) return 0;
+    if (push(t, t->h) < 0) return -1;
+    for (Py_ssize_t j = 0; j < t->npend; j++)
+        if (push(t, char_hash(s, t->pend[j])) < 0) return -1;
+    t->npend = 0;
+    t->in_token = 0;
+    t->h = 0;
+    t->k = 0;
+    return 0;
+}
+
+/* One normalized character of class `cls`. Outside a word, h and k are 0 and nothing is pending. */
+static int feed(const Scanner *s, Tok *t, uint32_t cp, unsigned cls) {
     if (cls == WORD) {
+        for (Py_ssize_t j = 0; j < t->npend; j++) add_utf8(s, t, t->pend[j]); /* inside the word after all */
+        t->npend = 0;
         t->in_token = 1;
         add_utf8(s, t, cp);
         return 0;
     }
-    if (t->in_token) {
-        if (push(t, t->h) < 0) return -1;
-        t->in_token = 0;
-        t->h = 0;
-        t->k = 0;
+    if (cls == PUNCT) {
+        if (!t->in_token) return push(t, char_hash(s, cp));
+        if (t->npend == t->pend_cap) {
+            Py_ssize_t cap = t->pend_cap ? 2 * t->pend_cap : 64;
+            uint32_t *d = realloc(t->pend, (size_t)cap * sizeof(uint32_t));
+            if (!d) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            t->pend = d;
+            t->pend_cap = cap;
+        }
+        t->pend[t->npend++] = cp;
+        return 0;
     }
-    if (cls == STANDALONE) {
-        add_utf8(s, t, cp);
-        if (push(t, t->h) < 0) return -1;
-        t->h = 0;
-        t->k = 0;
-    }
+    if (end_word(s, t) < 0) return -1;
+    if (cls == STANDALONE) return push(t, char_hash(s, cp));
     return 0;
 }
 
-/* One ASCII character (hashed byte value v, 0 for a separator), without branches on the class:
- * the token being built is stored at raw[nt] on every step, and nt moves on when it ends. The
- * caller keeps room for one more entry per character left. */
-#define ASCII_STEP(v)                                                                                     \
-    {                                                                                                     \
-        uint32_t v_ = (v), w_ = v_ != 0;                                                                  \
-        raw[nt] = h;                                                                                      \
-        nt += in_tok & (w_ ^ 1);                                                                          \
-        uint32_t m_ = 0u - w_; /* masks, not branches: word and separator alternate unpredictably */     \
-        h = (h + v_ * pow_at(s, k)) & m_;                                                                 \
-        k = (k + 1) & m_;                                                                                 \
-        in_tok = w_;                                                                                      \
+/* One ASCII character: letters and digits extend the word directly while nothing is pending, and
+ * separators outside a word do nothing (the common cases); the rest goes through `feed`. */
+static inline int feed_ascii(const Scanner *s, Tok *t, uint32_t c) {
+    unsigned cls = s->ascii_cls[c];
+    if (cls == WORD && !t->npend) {
+        t->h += s->ascii_lower[c] * pow_at(s, t->k);
+        t->k++;
+        t->in_token = 1;
+        return 0;
     }
+    if (cls == 0 && !t->in_token) return 0;
+    return feed(s, t, cls == WORD ? s->ascii_lower[c] : c, cls);
+}
 
 /* A segment [a, b) of `text` that is not a single plain character. */
 static int slow_segment(const Scanner *s, Tok *t, PyObject *text, int kind, const void *data, Py_ssize_t a,
@@ -262,8 +296,57 @@ static int slow_segment(const Scanner *s, Tok *t, PyObject *text, int kind, cons
     return 0;
 }
 
+/* ASCII characters text[a..b) (each alone in its normalization segment), as `feed_ascii` one by one
+ * but with the state in locals. Letters, digits and separators outside a pending run take a
+ * branch-free step (word and separator alternate unpredictably; the token being built is stored at
+ * raw[nt] on every step, and nt moves on when it ends); punctuation, and the character after pending
+ * punctuation, take the other path. Here the pending punctuation of a word is text[pend..i) (an
+ * ASCII character hashes as its byte value); what is still pending at b moves to t->pend. */
+static int ascii_run(const Scanner *s, Tok *t, int kind, const void *data, Py_ssize_t a, Py_ssize_t b) {
+    Py_ssize_t i = a;
+    for (; i < b && t->npend; i++) /* punctuation pending from before the run */
+        if (feed_ascii(s, t, PyUnicode_READ(kind, data, i)) < 0) return -1;
+    if (reserve(t, b - i + 2) < 0) return -1; /* at most one token per character, plus one */
+    uint32_t *raw = t->raw, h = t->h, k = t->k, in_tok = t->in_token;
+    Py_ssize_t nt = t->nt, pend = -1;
+    const uint8_t *cls = s->ascii_cls, *lower = s->ascii_lower;
+    for (; i < b; i++) {
+        uint32_t c = PyUnicode_READ(kind, data, i);
+        if (__builtin_expect((cls[c] == PUNCT) | (pend >= 0), 0)) {
+            if (cls[c] == PUNCT) {
+                if (!in_tok) raw[nt++] = c;
+                else if (pend < 0) pend = i;
+                continue;
+            }
+            if (cls[c] == WORD) { /* the pending punctuation is inside the word */
+                for (Py_ssize_t j = pend; j < i; j++) h += (uint32_t)PyUnicode_READ(kind, data, j) * pow_at(s, k++);
+            } else { /* the word ends, then its trailing punctuation, one token each */
+                raw[nt++] = h;
+                for (Py_ssize_t j = pend; j < i; j++) raw[nt++] = PyUnicode_READ(kind, data, j);
+                h = k = in_tok = 0;
+            }
+            pend = -1;
+        }
+        uint32_t v = lower[c], w = v != 0;
+        raw[nt] = h;
+        nt += in_tok & (w ^ 1);
+        uint32_t m = 0u - w;
+        h = (h + v * pow_at(s, k)) & m;
+        k = (k + 1) & m;
+        in_tok = w;
+    }
+    t->nt = nt;
+    t->h = h;
+    t->k = k;
+    t->in_token = in_tok;
+    if (pend >= 0)
+        for (Py_ssize_t j = pend; j < b; j++)
+            if (feed(s, t, PyUnicode_READ(kind, data, j), PUNCT) < 0) return -1;
+    return 0;
+}
+
 /* The characters of text[0..n) (code units of type T): runs of ASCII characters (each followed by
- * an ASCII character, so alone in its normalization segment) go through ASCII_STEP; elsewhere a
+ * an ASCII character, so alone in its normalization segment) go through `ascii_run`; elsewhere a
  * segment runs from a boundary to the next one, and a plain character alone in its segment is
  * case-folded by the table, any other segment goes to `slow_segment`. */
 #define SEGMENT_LOOP(T)                                                                                  \
@@ -272,16 +355,10 @@ static int slow_segment(const Scanner *s, Tok *t, PyObject *text, int kind, cons
         Py_ssize_t i = 0;                                                                                \
         while (i < n) {                                                                                  \
             if (p[i] < 128 && (i + 1 == n || p[i + 1] < 128)) {                                          \
-                uint32_t *raw = t->raw, h = t->h, k = t->k, in_tok = t->in_token;                        \
-                Py_ssize_t nt = t->nt;                                                                   \
-                while (i < n && p[i] < 128 && (i + 1 == n || p[i + 1] < 128)) {                          \
-                    ASCII_STEP(lower[p[i]]);                                                             \
-                    i++;                                                                                 \
-                }                                                                                        \
-                t->nt = nt;                                                                              \
-                t->h = h;                                                                                \
-                t->k = k;                                                                                \
-                t->in_token = in_tok;                                                                    \
+                Py_ssize_t j = i;                                                                        \
+                while (j < n && p[j] < 128 && (j + 1 == n || p[j + 1] < 128)) j++;                       \
+                if (ascii_run(s, t, kind, data, i, j) < 0) return -1;                                    \
+                i = j;                                                                                   \
                 continue;                                                                                \
             }                                                                                            \
             uint32_t cp = p[i];                                                                          \
@@ -305,20 +382,14 @@ static int slow_segment(const Scanner *s, Tok *t, PyObject *text, int kind, cons
 /* The raw token hashes of one text appended to t->raw. */
 static int tokenize_text(const Scanner *s, Tok *t, PyObject *text) {
     Py_ssize_t n = PyUnicode_GET_LENGTH(text);
-    const uint8_t *lower = s->ascii_lower;
     t->in_token = 0;
     t->h = 0;
     t->k = 0;
+    t->npend = 0;
     if (n == 0) return 0;
     if (reserve(t, n + 1) < 0) return -1;
     if (PyUnicode_IS_ASCII(text)) {
-        const Py_UCS1 *p = PyUnicode_1BYTE_DATA(text);
-        uint32_t *raw = t->raw, h = 0, k = 0, in_tok = 0;
-        Py_ssize_t nt = t->nt;
-        for (Py_ssize_t i = 0; i < n; i++) ASCII_STEP(lower[p[i]]);
-        t->nt = nt;
-        t->h = h;
-        t->in_token = in_tok;
+        if (ascii_run(s, t, PyUnicode_1BYTE_KIND, PyUnicode_DATA(text), 0, n) < 0) return -1;
     } else {
         int kind = PyUnicode_KIND(text);
         const void *data = PyUnicode_DATA(text);
@@ -326,11 +397,7 @@ static int tokenize_text(const Scanner *s, Tok *t, PyObject *text) {
         else if (kind == PyUnicode_2BYTE_KIND) SEGMENT_LOOP(Py_UCS2)
         else SEGMENT_LOOP(Py_UCS4)
     }
-    if (t->in_token && push(t, t->h) < 0) return -1;
-    t->in_token = 0;
-    t->h = 0;
-    t->k = 0;
-    return 0;
+    return end_word(s, t);
 }
 
 /* keys (mixed token hashes) of raw[0..n) into the scanner's key buffer */
@@ -478,6 +545,7 @@ static void Scanner_dealloc(Scanner *s) {
     free(s->bloom);
     free(s->windows);
     free(s->tok.raw);
+    free(s->tok.pend);
     free(s->keys);
     Py_XDECREF(s->normalize);
     Py_TYPE(s)->tp_free((PyObject *)s);
@@ -614,10 +682,10 @@ static int Scanner_init(Scanner *s, PyObject *args, PyObject *kw) {
     s->q_top = q;
     for (uint32_t cp = 0; cp < 128; cp++) {
         s->ascii[cp] = entry_of(s, cp);
-        s->ascii_lower[cp] = ((s->ascii[cp] >> CLS_SHIFT) & CLS_MASK) ? (uint8_t)fold_of(cp, s->ascii[cp]) : 0;
-        if (((s->ascii[cp] >> CLS_SHIFT) & CLS_MASK) == STANDALONE || s->ascii_lower[cp] >= 128 ||
-            (s->ascii[cp] & SLOW_BITS)) {
-            PyErr_SetString(PyExc_ValueError, "an ASCII character must be a plain separator or word character");
+        s->ascii_cls[cp] = (s->ascii[cp] >> CLS_SHIFT) & CLS_MASK;
+        s->ascii_lower[cp] = s->ascii_cls[cp] == WORD ? (uint8_t)fold_of(cp, s->ascii[cp]) : 0;
+        if (s->ascii_cls[cp] == STANDALONE || s->ascii_lower[cp] >= 128 || (s->ascii[cp] & SLOW_BITS)) {
+            PyErr_SetString(PyExc_ValueError, "an ASCII character must be a plain separator, word or punctuation character");
             return -1;
         }
     }
@@ -731,28 +799,32 @@ static PyObject *Scanner_keys(Scanner *s, PyObject *text) {
     return PyBytes_FromStringAndSize((const char *)keys, s->tok.nt * (Py_ssize_t)sizeof(uint64_t));
 }
 
-/* Token spans (start, end) of an already normalized text, as `_token_spans`: for an ASCII text the
- * runs of [a-z0-9]; otherwise word runs and standalone characters by the class table. */
+/* Token spans (start, end) of an already normalized text, as `_token_spans` (the rule of `feed`;
+ * the pending punctuation of a word is the characters from its last word character to here). */
 static int spans_of(const Scanner *s, PyObject *norm, Vec *starts, Vec *ends) {
     Py_ssize_t n = PyUnicode_GET_LENGTH(norm);
     int kind = PyUnicode_KIND(norm);
     const void *data = PyUnicode_DATA(norm);
-    int ascii = PyUnicode_IS_ASCII(norm);
-    Py_ssize_t begin = -1;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint32_t cp = PyUnicode_READ(kind, data, i);
-        unsigned cls = ascii ? (((cp >= 'a' && cp <= 'z') || (cp >= '0' && cp <= '9')) ? WORD : 0) : s->classes[cp];
-        if (cls != WORD && begin >= 0) {
-            if (vec_push(starts, begin) < 0 || vec_push(ends, i) < 0) return -1;
+    Py_ssize_t begin = -1, end = -1;
+    for (Py_ssize_t i = 0; i <= n; i++) {
+        unsigned cls = i < n ? s->classes[PyUnicode_READ(kind, data, i)] : 0;
+        if (cls == WORD) {
+            if (begin < 0) begin = i;
+            end = i + 1;
+            continue;
+        }
+        if (cls == PUNCT) {
+            if (begin < 0 && (vec_push(starts, i) < 0 || vec_push(ends, i + 1) < 0)) return -1;
+            continue;
+        }
+        if (begin >= 0) {
+            if (vec_push(starts, begin) < 0 || vec_push(ends, end) < 0) return -1;
+            for (Py_ssize_t j = end; j < i; j++)
+                if (vec_push(starts, j) < 0 || vec_push(ends, j + 1) < 0) return -1;
             begin = -1;
         }
-        if (cls == STANDALONE) {
-            if (vec_push(starts, i) < 0 || vec_push(ends, i + 1) < 0) return -1;
-        } else if (cls == WORD && begin < 0) {
-            begin = i;
-        }
+        if (cls == STANDALONE && (vec_push(starts, i) < 0 || vec_push(ends, i + 1) < 0)) return -1;
     }
-    if (begin >= 0 && (vec_push(starts, begin) < 0 || vec_push(ends, n) < 0)) return -1;
     return 0;
 }
 
@@ -1155,6 +1227,6 @@ PyMODINIT_FUNC PyInit__decon_kernel(void) {
         Py_DECREF(m);
         return NULL;
     }
-    PyModule_AddIntConstant(m, "ABI", 1);
+    PyModule_AddIntConstant(m, "ABI", 2); /* 2: punctuation tokens */
     return m;
 }

@@ -13,22 +13,28 @@ row, no cap on rows per item).
 ``include_response``) joined with ``"\\n"`` in message order, so n-grams span turn boundaries and an
 item split across two turns is still found. An eval item's text is its system and user turns.
 
-**Tokenization** (`tokenize`): NFKC, then `str.casefold`, then tokens are
+**Tokenization** (`tokenize`), spaCy-like as open-instruct's (its ``SPACY_MODEL(string)``): NFKC,
+then `str.casefold`, then
 
-- maximal runs of *word characters*: letters and digits of any script (``str.isalnum()``, i.e.
-  Python's Unicode ``\\w`` without the underscore) plus combining marks (categories M*, so that a
-  Devanagari word with vowel signs stays one token, which ``\\w`` alone would split);
-- except that each Han ideograph and each Hiragana/Katakana character is a token by itself (those
+- *word characters* are letters and digits of any script (``str.isalnum()``) and combining marks
+  (categories M*, so that a Devanagari word with vowel signs stays one word); *separators* are
+  whitespace and the categories C* and Z*; everything else (punctuation, symbols, emoji, the
+  underscore) is *punctuation*;
+- a word runs from a word character to the last word character before a separator (or a standalone
+  character), punctuation inside it included ("3.5", "don't", "x^2", "has_close_elements" are one
+  token each); punctuation before or after a word, or in a run with no word character, is one token
+  per character ("(x)." is "(", "x", ")", ".");
+- each Han ideograph and each Hiragana/Katakana character is a token by itself and ends a run (those
   scripts put no spaces between words, so a whole sentence would otherwise be one token). Other
-  scripts written without spaces (Thai, Lao, Khmer, Myanmar) are not split: a run between spaces or
-  punctuation is one token there.
+  scripts written without spaces (Thai, Lao, Khmer, Myanmar) are not split.
 
-Everything else (punctuation, symbols, emoji, whitespace, the underscore) separates tokens, so case,
-punctuation, full-width forms and compatibility characters do not hide an overlap
-(``has_close_elements`` is three tokens). Items with fewer than ``min_item_tokens`` tokens
-(default 1: only empty items) are not indexed (`EvalIndex.skipped`). With the default, a two-token
-item such as AlpacaEval's ``Write "Test"`` flags every row containing "write test": that is the
-rule; raise ``min_item_tokens`` to exempt such items.
+So case, full-width forms and compatibility characters do not hide an overlap, but punctuation
+counts, as in Tülu 3: a comma inserted into a copy is a one-token edit, and a short item matches
+only with its punctuation. Compared with dropping punctuation, this adds tokens to an item that a
+one-word edit does not touch, which is what lets an edited 16-word item pass the threshold (the
+acceptance measurements are in docs/decontamination.md). Items with fewer than
+``min_item_tokens`` tokens (default 1: only empty items) are not indexed (`EvalIndex.skipped`).
+`RULE_VERSION` names this tokenizer and the rules; outputs made under another are never reused.
 
 **Matches** name the item (benchmark, eval id, eval source and row id), its coverage and the span
 of the training text from the first to the last matched token, in the original casing (at most
@@ -38,7 +44,8 @@ of the training text from the first to the last matched token, in the original c
 
 1. a batch of texts is normalized in Python (only non-ASCII texts need it: for ASCII, casefold is a
    byte table), encoded, and tokenized *in numpy on the bytes of the whole batch* (a code-point
-   class table decides word / standalone / separator); each token gets a 32-bit polynomial hash of
+   class table decides word / standalone / punctuation / separator, and running maxima and minima
+   which punctuation has a word character on both sides); each token gets a 32-bit polynomial hash of
    its UTF-8 bytes from one prefix sum over the batch;
 2. 64-bit hashes of every window of n tokens are rolled over the whole batch at once and probed in
    a bitmap of the eval n-gram hashes; items shorter than n are found by probing every 2-token
@@ -88,8 +95,13 @@ from tulu_pipeline.data.loaders import iter_source_rows
 from tulu_pipeline.data.registry import registry
 from tulu_pipeline.provenance.ledger import DecisionSink
 
+KERNEL_ABI = 2  # the kernel's ABI constant this module expects (2: punctuation tokens)
+
 try:
     from tulu_pipeline.curation import _decon_kernel
+    if getattr(_decon_kernel, "ABI", None) != KERNEL_ABI:  # a stale build would tokenize by an older rule
+        raise ImportError(f"_decon_kernel was built with ABI {getattr(_decon_kernel, 'ABI', None)}, "
+                          f"expected {KERNEL_ABI}: rebuild it (`pip install -e .`)")
 except ImportError as _kernel_error:  # not compiled: the numpy path (slower, same results)
     _decon_kernel = None
     _KERNEL_IMPORT_ERROR: ImportError | None = _kernel_error
@@ -107,8 +119,12 @@ _STANDALONE_BLOCKS = (
     (0x3005, 0x3007), (0x3021, 0x3029), (0x3031, 0x3035), (0x3038, 0x303C), (0x3040, 0x30FF),
     (0x31F0, 0x31FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x3FFFF),
 )
-_SEPARATOR, _WORD, _STANDALONE = 0, 1, 2
+_SEPARATOR, _WORD, _STANDALONE, _PUNCT = 0, 1, 2, 3
 
+
+# The version of the tokenizer and the rules: part of every decontamination output's version and run
+# record, so that decisions made under an older one are never reused (2: punctuation tokens).
+RULE_VERSION = "2"
 
 Rule = Literal["token_coverage", "ngram_share"]
 ShortItems = Literal["share", "anywhere", "ignore"]
@@ -166,9 +182,14 @@ def normalize(text: str) -> str:
 
 @functools.cache
 def _char_classes() -> np.ndarray:
-    """Class of every code point: 0 separator, 1 word character, 2 standalone token."""
-    word = bytes(c.isalnum() or unicodedata.category(c)[0] == "M" for c in map(chr, range(0x110000)))
-    table = np.frombuffer(word, dtype=np.uint8).copy()
+    """Class of every code point: 0 separator, 1 word character, 2 standalone token, 3 punctuation."""
+    def kind(c: str) -> int:
+        if c.isalnum() or unicodedata.category(c)[0] == "M":
+            return _WORD
+        if c.isspace() or unicodedata.category(c)[0] in "CZ":
+            return _SEPARATOR
+        return _PUNCT
+    table = np.frombuffer(bytes(map(kind, map(chr, range(0x110000)))), dtype=np.uint8).copy()
     for lo, hi in _STANDALONE_BLOCKS:
         block = table[lo:hi + 1]
         block[block == _WORD] = _STANDALONE
@@ -186,7 +207,10 @@ def _char_class_regex(table: np.ndarray, value: int) -> str:
     return "".join(f"\\u{a:04x}" if a == b else f"\\u{a:04x}-\\u{b:04x}" for a, b in zip(firsts, lasts))
 
 
-_ASCII_TOKEN = re.compile(r"[a-z0-9]+")
+# A word: word characters, with punctuation inside it kept ("3.5", "don't", "x^2"); any other
+# punctuation character is a token by itself.
+_ASCII_PUNCT = r"!-/:-@\[-`{-~"
+_ASCII_TOKEN = re.compile(f"[a-z0-9]+(?:[{_ASCII_PUNCT}]+[a-z0-9]+)*|[{_ASCII_PUNCT}]")
 _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 
 
@@ -194,27 +218,43 @@ _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 def _bmp_token_regex() -> re.Pattern[str]:
     # Only BMP classes: the regex engine tests BMP sets in O(1), astral ranges one by one.
     table = _char_classes()
-    return re.compile(f"[{_char_class_regex(table, _STANDALONE)}]|[{_char_class_regex(table, _WORD)}]+")
+    word, punct = _char_class_regex(table, _WORD), _char_class_regex(table, _PUNCT)
+    return re.compile(f"[{_char_class_regex(table, _STANDALONE)}]|[{word}]+(?:[{punct}]+[{word}]+)*|[{punct}]")
 
 
-def _tokens_by_char(normalized: str) -> list[str]:
-    """The tokenization rule spelled out character by character (texts with astral characters)."""
+def _spans_by_char(normalized: str) -> list[tuple[int, int]]:
+    """The tokenization rule spelled out character by character: (start, end) of each token.
+
+    A word runs from a word character to the last word character before a separator or a
+    standalone character; punctuation between its word characters belongs to it, punctuation
+    before or after it (or with no word character) is one token per character.
+    """
     table = _char_classes()
-    tokens: list[str] = []
-    current: list[str] = []
-    for ch in normalized:
+    spans: list[tuple[int, int]] = []
+    begin = end = -1  # the word being built: its first character, and the end of its last word character
+
+    def close(i: int) -> None:
+        nonlocal begin
+        if begin >= 0:
+            spans.append((begin, end))
+            spans.extend((j, j + 1) for j in range(end, i))  # trailing punctuation
+            begin = -1
+
+    for i, ch in enumerate(normalized):
         kind = table[ord(ch)]
         if kind == _WORD:
-            current.append(ch)
-            continue
-        if current:
-            tokens.append("".join(current))
-            current = []
-        if kind == _STANDALONE:
-            tokens.append(ch)
-    if current:
-        tokens.append("".join(current))
-    return tokens
+            if begin < 0:
+                begin = i
+            end = i + 1
+        elif kind == _PUNCT:
+            if begin < 0:
+                spans.append((i, i + 1))  # leading punctuation, or punctuation alone
+        else:
+            close(i)
+            if kind == _STANDALONE:
+                spans.append((i, i + 1))
+    close(len(normalized))
+    return spans
 
 
 def _tokens_of_normalized(normalized: str) -> list[str]:
@@ -222,11 +262,11 @@ def _tokens_of_normalized(normalized: str) -> list[str]:
         return _ASCII_TOKEN.findall(normalized)
     if _ASTRAL.search(normalized) is None:
         return _bmp_token_regex().findall(normalized)
-    return _tokens_by_char(normalized)
+    return [normalized[a:b] for a, b in _spans_by_char(normalized)]
 
 
 def tokenize(text: str) -> list[str]:
-    """The word tokens of ``text`` (see the module docstring): NFKC, casefold, punctuation stripped."""
+    """The tokens of ``text`` (see the module docstring): NFKC, casefold, words and punctuation."""
     return _tokens_of_normalized(normalize(text))
 
 
@@ -234,21 +274,7 @@ def _token_spans(normalized: str) -> list[tuple[int, int]]:
     """(start, end) of each token of an already normalized text."""
     if normalized.isascii():
         return [m.span() for m in _ASCII_TOKEN.finditer(normalized)]
-    spans: list[tuple[int, int]] = []
-    table = _char_classes()
-    begin = -1
-    for i, ch in enumerate(normalized):
-        kind = table[ord(ch)]
-        if kind != _WORD and begin >= 0:
-            spans.append((begin, i))
-            begin = -1
-        if kind == _STANDALONE:
-            spans.append((i, i + 1))
-        elif kind == _WORD and begin < 0:
-            begin = i
-    if begin >= 0:
-        spans.append((begin, len(normalized)))
-    return spans
+    return _spans_by_char(normalized)
 
 
 def _token_offsets(text: str) -> tuple[str, list[tuple[int, int]]]:
@@ -430,9 +456,11 @@ _BATCH_BYTES = 1 << 21  # texts are hashed in slices of about this many bytes (b
 
 _ASCII_CLASS = np.zeros(256, np.uint8)
 _BYTE_VALUE = np.zeros(256, np.uint32)
+for _c in range(0x21, 0x7F):
+    _ASCII_CLASS[_c] = _PUNCT
+    _BYTE_VALUE[_c] = _c
 for _c in b"0123456789abcdefghijklmnopqrstuvwxyz":
     _ASCII_CLASS[_c] = _WORD
-    _BYTE_VALUE[_c] = _c
 for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ":
     _ASCII_CLASS[_c] = _WORD
     _BYTE_VALUE[_c] = _c + 32  # casefold of ASCII is lowercase
@@ -472,28 +500,47 @@ def _token_hashes(encoded: Sequence[bytes], ascii_only: bool) -> tuple[np.ndarra
     buf = b"\n" + b"\n".join(encoded) + b"\n\0\0\0"  # leading separator: every token starts at >= 1
     b = np.frombuffer(buf, np.uint8)
     size = len(b)
-    # Byte values to hash: lower-cased ASCII letters and digits, every byte of a non-ASCII character
-    # for now; 0 for separators.
+    # Byte values to hash: lower-cased ASCII, every byte of a non-ASCII character for now; 0 for
+    # separators. Then the class of each character (at its first byte).
     values = np.take(_BYTE_VALUE, b)
-    standalone = standalone_end = np.zeros(0, np.int64)
-    if not ascii_only:
-        lead = np.flatnonzero(b >= 0xC0)
+    # Characters by their first byte (for ASCII, every byte is one).
+    firsts = None if ascii_only else np.flatnonzero((b < 0x80) | (b >= 0xC0))
+    kind = np.take(_ASCII_CLASS, b if firsts is None else b[firsts])
+    width = None
+    if firsts is not None:
+        width = np.ones(len(firsts), np.int64)
+        lead = np.flatnonzero(b[firsts] >= 0xC0)
         if len(lead):  # decode the code point of every multi-byte character
-            b0 = b[lead].astype(np.uint32)
-            b1 = b[lead + 1].astype(np.uint32) & 0x3F
-            b2 = b[lead + 2].astype(np.uint32) & 0x3F
-            b3 = b[lead + 3].astype(np.uint32) & 0x3F
+            at = firsts[lead]
+            b0 = b[at].astype(np.uint32)
+            b1 = b[at + 1].astype(np.uint32) & 0x3F
+            b2 = b[at + 2].astype(np.uint32) & 0x3F
+            b3 = b[at + 3].astype(np.uint32) & 0x3F
             two, four = b0 < 0xE0, b0 >= 0xF0
             cp = np.where(two, ((b0 & 0x1F) << 6) | b1,
                           np.where(four, ((b0 & 0x07) << 18) | (b1 << 12) | (b2 << 6) | b3,
                                    ((b0 & 0x0F) << 12) | (b1 << 6) | b2))
-            kind = _char_classes()[np.minimum(cp, 0x10FFFF)]
-            width = 2 + (b0 >= 0xE0) + four
-            separator = kind == _SEPARATOR
-            for k in range(4):  # a non-ASCII separator (curly quote, dash, emoji ...) hashes as nothing
-                values[lead[separator & (width > k)] + k] = 0
-            is_standalone = kind == _STANDALONE
-            standalone, standalone_end = lead[is_standalone], (lead + width)[is_standalone]
+            kind[lead] = _char_classes()[np.minimum(cp, 0x10FFFF)]
+            width[lead] = 2 + (b0 >= 0xE0) + four
+            separator = kind[lead] == _SEPARATOR
+            for k in range(4):  # a non-ASCII separator (no-break space, ...) hashes as nothing
+                values[at[separator & (width[lead] > k)] + k] = 0
+    # A run of punctuation between two word characters is part of the word; any other punctuation
+    # character is a token by itself (as is a standalone character).
+    punct = (kind == _PUNCT).view(np.int8)
+    edges = np.flatnonzero(np.diff(punct, prepend=np.int8(0), append=np.int8(0)))
+    run_start, run_end = edges[0::2], edges[1::2]  # [start, end) of each punctuation run
+    last = len(kind) - 1
+    inside = ((run_start > 0) & (kind[np.maximum(run_start - 1, 0)] == _WORD)
+              & (run_end <= last) & (kind[np.minimum(run_end, last)] == _WORD))
+    run_start, run_end = run_start[~inside], run_end[~inside]
+    lengths = run_end - run_start
+    alone = np.repeat(run_start - np.cumsum(np.r_[0, lengths[:-1]]), lengths) + np.arange(lengths.sum())
+    if firsts is not None:
+        alone = np.concatenate([alone, np.flatnonzero(kind == _STANDALONE)])
+        standalone, standalone_end = firsts[alone], firsts[alone] + width[alone]
+    else:
+        standalone, standalone_end = alone, alone + 1
     word = values != 0
     start = np.zeros(size, bool)
     np.greater(word[1:], word[:-1], out=start[1:])

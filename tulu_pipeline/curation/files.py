@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.curation.decontaminate import (
-    DecontamConfig, EvalIndex, EvalItem, eval_items_from_rows, registry_eval_items, training_turns,
+    RULE_VERSION, DecontamConfig, EvalIndex, EvalItem, eval_items_from_rows, registry_eval_items, training_turns,
 )
 from tulu_pipeline.data.loaders import SourceRecordError, iter_jsonl_records, iter_source_rows
 from tulu_pipeline.data.registry import registry
@@ -138,7 +138,7 @@ def decontaminate_file(train: Path, out_dir: Path, config: DecontamConfig, evals
                                              "raw": entry["raw"]}, ensure_ascii=False) + "\n")
         report = {
             "train": str(train), "rows_in": rows_in, "rows_clean": rows_in - removed, "rows_quarantined": removed,
-            "bad_lines": len(bad or []), "config": config.model_dump(), "eval_items": len(index.items),
+            "bad_lines": len(bad or []), "config": config.model_dump(), "rule_version": RULE_VERSION, "eval_items": len(index.items),
             "benchmarks": {b: {"items": n, "rows_removed": counts[b], "items_hit": len(items_hit[b]),
                                "share_items_hit": round(len(items_hit[b]) / n, 6) if n else 0.0}
                            for b, n in sorted(index.benchmarks.items())},

@@ -3,7 +3,8 @@
 Same rule as `decontaminate` (token coverage above the threshold or distinct-n-gram share at or
 above it; short items under the same policy), but a different code path, so that a bug in one
 cannot hide in both: its own tokenizer (a character loop over `unicodedata`, no numpy tables and no
-regexes), plain Python sets of token tuples, no hashing. It only answers *which* items a text is
+regexes, and a split per space-separated run rather than a character state machine), plain Python
+sets of token tuples, no hashing. It only answers *which* items a text is
 contaminated by and with what score; spans are the fast path's business.
 """
 
@@ -25,31 +26,41 @@ def _is_word_char(ch: str) -> bool:
     return ch.isalnum() or unicodedata.category(ch).startswith("M")
 
 
+def _is_space(ch: str) -> bool:
+    return ch.isspace() or unicodedata.category(ch)[0] in "CZ"
+
+
 def _is_standalone(ch: str) -> bool:
     # Kana outside the BMP (archaic and small kana supplements) are ordinary word characters.
     if 0x10000 <= ord(ch) < 0x20000:
         return False
-    return unicodedata.name(ch, "").startswith(_STANDALONE_NAMES)
+    return _is_word_char(ch) and unicodedata.name(ch, "").startswith(_STANDALONE_NAMES)
+
+
+def _chunk_words(chunk: str) -> list[str]:
+    """A run without spaces, spaCy-style: edge punctuation peeled off one character at a time, the
+    middle (first to last letter or digit, "3.5", "don't") one word."""
+    letters = [i for i, ch in enumerate(chunk) if _is_word_char(ch)]
+    if not letters:
+        return list(chunk)
+    first, last = letters[0], letters[-1]
+    return [*chunk[:first], chunk[first:last + 1], *chunk[last + 1:]]
 
 
 def words(text: str) -> list[str]:
-    """Tokens of ``text``: NFKC and casefold, runs of letters/digits/marks; CJK and kana one per char."""
+    """Tokens of ``text``: NFKC and casefold, then per run between spaces (and CJK/kana characters,
+    one token each) the spaCy-like split of `_chunk_words`."""
     out: list[str] = []
-    current = ""
-    for ch in unicodedata.normalize("NFKC", text).casefold():
-        if not _is_word_char(ch):
-            if current:
-                out.append(current)
-                current = ""
-        elif _is_standalone(ch):
-            if current:
-                out.append(current)
-                current = ""
-            out.append(ch)
+    chunk = ""
+    for ch in unicodedata.normalize("NFKC", text).casefold() + " ":
+        if _is_space(ch) or _is_standalone(ch):
+            if chunk:
+                out.extend(_chunk_words(chunk))
+                chunk = ""
+            if not _is_space(ch):
+                out.append(ch)
         else:
-            current += ch
-    if current:
-        out.append(current)
+            chunk += ch
     return out
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from tulu_pipeline.curation.config import CurationConfig
 from tulu_pipeline.curation.decontaminate import (
-    Decontaminator, EvalIndex, PreviousDecisions, text_digest, training_turns,
+    RULE_VERSION, Decontaminator, EvalIndex, PreviousDecisions, text_digest, training_turns,
 )
 from tulu_pipeline.curation.dedup import Deduplicator, dedup_order
 from tulu_pipeline.curation.normalize import Normalizer
@@ -30,6 +30,7 @@ from tulu_pipeline.curation.stages import (
     EventSampler,
     StageResult,
     build_eval_index,
+    decontamination_version,
     dropped_record,
     eval_specs,
     input_version,
@@ -133,7 +134,7 @@ def previous_decisions(store: Store, config: CurationConfig, eval_inputs: dict[s
     if version is None or version == building or not store.exists(_run_record_path(version)):
         return None
     before = store.read_json(_run_record_path(version))
-    if before["decontam"] != config.decontam.model_dump():
+    if before["decontam"] != config.decontam.model_dump() or before.get("rule_version") != RULE_VERSION:
         return None
     changed = {name for name, v in eval_inputs.items() if before["inputs"].get(name) != v}
     changed_index = build_eval_index(store, config, only=changed)[0] if changed else None
@@ -151,8 +152,7 @@ def _decontaminate_local(store: Store, config: CurationConfig, run_id: str,
                          incremental: bool = True) -> StageResult:
     eval_index, eval_inputs = index or build_eval_index(store, config)
     inputs = {"deduplicated_prompts": input_version(store, "deduplicated_prompts"), **eval_inputs}
-    version = stage_version("decontaminated_prompts",
-                            {"decontam": config.decontam.model_dump(), "evals": config.evals.model_dump()}, inputs)
+    version = decontamination_version(config, inputs)
     previous = previous_decisions(store, config, eval_inputs, version) if incremental else None
     sampler = EventSampler()
     with LedgerWriter(store, "decontamination", "decontaminated_prompts", version, run_id) as ledger:
@@ -161,7 +161,8 @@ def _decontaminate_local(store: Store, config: CurationConfig, run_id: str,
         info = store.write_rows("decontaminated_prompts", version, sampler(step(rows)), ROW_SCHEMA, inputs=inputs)
         quarantine = store.write_rows("decontamination_quarantine", version,
                                       (quarantine_record(e) for e in step.quarantine), QUARANTINE_SCHEMA)
-    store.write_json(_run_record_path(version), {"decontam": config.decontam.model_dump(), "inputs": inputs})
+    store.write_json(_run_record_path(version), {"decontam": config.decontam.model_dump(),
+                                                 "rule_version": RULE_VERSION, "inputs": inputs})
     stats = {**step.stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks),
              "previous_version": previous.version if previous else None,
              "changed_benchmarks": list(previous.changed_benchmarks) if previous else None}
@@ -271,6 +272,7 @@ def decontamination_report(store: Store, version: str, config: CurationConfig,
         "ngram": config.decontam.ngram,
         "threshold": config.decontam.threshold,
         "rule": config.decontam.rule,
+        "rule_version": RULE_VERSION,
         "short_items": config.decontam.short_items,
         "include_response": config.decontam.include_response,
         "flag_share": config.flag_share,

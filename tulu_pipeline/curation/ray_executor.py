@@ -86,6 +86,7 @@ from tulu_pipeline.curation.stages import (
     EventSampler,
     StageResult,
     build_eval_index,
+    decontamination_version,
     dropped_record,
     input_version,
     quarantine_dir,
@@ -826,8 +827,7 @@ def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
 
     eval_index, eval_inputs = index or build_eval_index(store, config)
     inputs = {"deduplicated_prompts": input_version(store, "deduplicated_prompts"), **eval_inputs}
-    version = stage_version("decontaminated_prompts",
-                            {"decontam": config.decontam.model_dump(), "evals": config.evals.model_dump()}, inputs)
+    version = decontamination_version(config, inputs)
     run = _Run(store, config, "decontaminated_prompts", version, run_id, progress, shard_hook)
     try:
         with LedgerWriter(store, "decontamination", "decontaminated_prompts", version, run_id) as ledger:

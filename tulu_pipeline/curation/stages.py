@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 
 from tulu_pipeline.curation.config import CurationConfig
-from tulu_pipeline.curation.decontaminate import EvalIndex, eval_items_from_rows
+from tulu_pipeline.curation.decontaminate import RULE_VERSION, EvalIndex, eval_items_from_rows
 from tulu_pipeline.data.ingest import raw_dataset_name
 from tulu_pipeline.data.registry import SourceSpec, get_source, registry
 from tulu_pipeline.data.schema import ROW_SCHEMA, row_text
@@ -20,6 +20,7 @@ from tulu_pipeline.hashing import json_hash
 from tulu_pipeline.storage import DatasetInfo, Store
 
 CURATION_CODE_VERSION = "1"
+DECONTAMINATION_CODE_VERSION = RULE_VERSION  # the decontamination assets' code version follows the rule
 
 # Quarantined rows keep their row fields plus the best match and every match (JSON).
 QUARANTINE_SCHEMA = pa.schema([
@@ -56,6 +57,13 @@ class StageResult:
 def stage_version(stage: str, config: Any, inputs: dict[str, str]) -> str:
     return json_hash({"stage": stage, "code": CURATION_CODE_VERSION, "config": config, "inputs": inputs},
                      default=str)
+
+
+def decontamination_version(config: CurationConfig, inputs: dict[str, str]) -> str:
+    """The version of decontaminated_prompts (either executor): its settings, `RULE_VERSION` and inputs."""
+    return stage_version("decontaminated_prompts", {"decontam": config.decontam.model_dump(),
+                                                    "evals": config.evals.model_dump(), "rule_version": RULE_VERSION},
+                         inputs)
 
 
 def input_version(store: Store, name: str) -> str:
