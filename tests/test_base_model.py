@@ -6,6 +6,7 @@ Fast tests replace the transformers steps with fakes; the `slow` tests convert t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,24 @@ def test_module_import_does_not_load_torch():
     code = "import sys, tulu_pipeline.models.base_model; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("env, expected", [({}, "False"), ({"USE_HUB_KERNELS": "1"}, "True")])
+def test_models_load_without_hub_kernels_unless_asked(tmp_path, env, expected):
+    # transformers turns Hub kernels on by default when `kernels` is installed; offline on CUDA the first
+    # train()/eval() then fails fetching them. Importing the library turns the default off, not an explicit choice.
+    code = (
+        "import sys, tulu_pipeline\n"
+        "from transformers import AutoModelForCausalLM, LlamaConfig\n"
+        "c = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,"
+        " num_attention_heads=2, num_key_value_heads=1)\n"
+        "AutoModelForCausalLM.from_config(c).save_pretrained(sys.argv[1])\n"
+        "print(AutoModelForCausalLM.from_pretrained(sys.argv[1]).use_kernels)\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True,
+                         check=True, env={**clean, "HF_HUB_OFFLINE": "1", **env})
+    assert out.stdout.split()[-1] == expected
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
