@@ -17,7 +17,8 @@ from tulu_pipeline.rlvr.prompts import (
     RLVRPromptsConfig,
     build_rlvr_prompts,
 )
-from tulu_pipeline.training.grpo import DEFAULT_VERIFIER_MODULE, GRPO_CODE_VERSION
+from tulu_pipeline.training.grpo import GRPO_CODE_VERSION
+from tulu_pipeline.training.rlvr_rollouts import DEFAULT_VERIFIER_MODULE
 from tulu_pipeline.training.grpo_plan import record_rlvr_events, rlvr_checkpoint_plan
 
 

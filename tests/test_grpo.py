@@ -27,14 +27,11 @@ from tulu_pipeline.storage import Store
 from tulu_pipeline.training.checkpointing import (
     CHECKPOINTS_DIR,
 )
-from tulu_pipeline.training.grpo import (
-    REWARD_CURVE_FILE,
-    STEP_DELAY_ENV,
-    TRAINED_ROWS_FILE,
+from tulu_pipeline.training.grpo import REWARD_CURVE_FILE, STEP_DELAY_ENV, TRAINED_ROWS_FILE, run_grpo
+from tulu_pipeline.training.rlvr_rollouts import (
     apply_unfinished_penalty,
     group_advantages,
     prompt_ids,
-    run_grpo,
     step_prompt_indices,
 )
 from tulu_pipeline.training.grpo_config import (
@@ -223,7 +220,7 @@ def test_completion_logprobs_of_a_padded_batch_equal_each_sequence_alone(warm_mo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tulu_pipeline.training.grpo import completion_logprobs
+    from tulu_pipeline.training.rlvr_step import completion_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(warm_model)
     prompts, completions = [[5, 6, 7], [5, 6, 7, 8, 9]], [[10, 11], [12, 13, 14]]

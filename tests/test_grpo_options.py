@@ -19,12 +19,11 @@ from test_grpo_support import addition_row, save_warm_addition_model
 from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.progress import NullReporter
 from tulu_pipeline.training import grpo
-from tulu_pipeline.training.grpo import (
-    TRAINING_METRICS_FILE,
+from tulu_pipeline.training.grpo import TRAINING_METRICS_FILE, run_grpo
+from tulu_pipeline.training.rlvr_rollouts import (
     group_advantages,
     has_signal,
     resample_prompt_indices,
-    run_grpo,
     step_prompt_indices,
     verifier_from_module,
 )

@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
 
-from tulu_pipeline.training.grpo import grpo_loss, importance_weights  # noqa: E402
+from tulu_pipeline.training.rlvr_step import grpo_loss, importance_weights  # noqa: E402
 from tulu_pipeline.training.grpo_config import GRPOTrainingConfig  # noqa: E402
 
 B, T, MAX_LEN = 6, 7, 9

@@ -53,6 +53,7 @@ def run_grpo_sync_check(work_dir: str, out: str) -> None:
 
     from tulu_pipeline.training import grpo
     from tulu_pipeline.training.grpo_config import GRPOTrainingConfig
+    from tulu_pipeline.training.rlvr_step import completion_logprobs
 
     work = Path(work_dir)
     pairs = [(a, b) for a in range(4) for b in range(4)]
@@ -78,7 +79,7 @@ def run_grpo_sync_check(work_dir: str, out: str) -> None:
         def learner_logprobs(self, model) -> list[float]:
             prompt, completion = self.fixed
             with torch.no_grad():
-                logps, _ = grpo.completion_logprobs(model, [prompt], [completion], self.tokenizer.pad_token_id)
+                logps, _ = completion_logprobs(model, [prompt], [completion], self.tokenizer.pad_token_id)
             return logps[0].tolist()
 
         def sync(self, model) -> None:

@@ -31,14 +31,8 @@ from typing import Any
 from tulu_pipeline.jobs import Job, JobOutcome, floats, ints, job_main, png_markdown, require, rows_split_by_id, typed
 from tulu_pipeline.progress import Reporter
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.grpo import (
-    DEFAULT_VERIFIER_MODULE,
-    REWARD_CURVE_FILE,
-    TRAINING_METRICS_FILE,
-    GRPOResult,
-    run_grpo,
-    verifier_from_module,
-)
+from tulu_pipeline.training.grpo import REWARD_CURVE_FILE, TRAINING_METRICS_FILE, GRPOResult, run_grpo
+from tulu_pipeline.training.rlvr_rollouts import DEFAULT_VERIFIER_MODULE, verifier_from_module
 from tulu_pipeline.training.grpo_config import grpo_config
 from tulu_pipeline.training.remote import train_where_stored
 
