@@ -29,12 +29,12 @@ from resources.k8s_spec import (
 )
 from resources.pipes_messages import CompleteLineTempFileMessageReader
 from tulu_pipeline.settings import repo_root
-from tulu_pipeline.training.grpo_config import grpo_config
+from tulu_pipeline.training.rlvr_config import rlvr_training_config
 from tulu_pipeline.vllm_runtime import engine_env, require_vllm_python
 
 StageKind = Literal["train", "generate", "eval"]
 BACKEND_JOBS = ("tulu_pipeline.generation.job", "tulu_pipeline.preference.judge_job")
-GRPO_JOB = "tulu_pipeline.training.grpo_job"
+RLVR_JOB = "tulu_pipeline.training.rlvr_job"
 
 
 def needs_vllm(module: str, extras: dict[str, Any]) -> bool:
@@ -45,8 +45,8 @@ def needs_vllm(module: str, extras: dict[str, Any]) -> bool:
         if isinstance(backend, str):
             backend = json.loads(backend)
         return isinstance(backend, dict) and backend.get("kind") == "vllm"
-    if module == GRPO_JOB:
-        return grpo_config(extras.get("preset") or "cpu_demo", **(extras.get("config") or {})).use_vllm
+    if module == RLVR_JOB:
+        return rlvr_training_config(extras.get("preset") or "cpu_demo", **(extras.get("config") or {})).use_vllm
     return False
 
 

@@ -1,7 +1,7 @@
 """`TrainingRun`, the lifecycle SFT, DPO and GRPO share, on its own: identity, reuse of a finished run, stale
 sibling cleanup, resume from the newest complete checkpoint, rank roles under torchrun, publishing, the manifest.
 
-The trainers' own tests (test_sft.py, test_dpo*.py, test_grpo*.py) exercise it end to end; these pin each step
+The trainers' own tests (test_sft.py, test_dpo*.py, test_rlvr_*.py) exercise it end to end; these pin each step
 on hand-made run directories, in milliseconds.
 """
 

@@ -13,7 +13,8 @@ While a run trains, ``<output_dir>/_checkpoints/`` holds:
 A later run with the same ``output_dir`` and the same fingerprint resumes from the newest complete
 checkpoint; a different fingerprint means different inputs, so the partial run is discarded (and says so).
 The finished checkpoint is built in a temporary sibling directory and swapped in for ``output_dir`` by
-rename, which also removes ``_checkpoints``.
+rename, which also removes ``_checkpoints``. `tulu_pipeline.training.run.TrainingRun` drives these steps for
+every trainer; the helpers at the end load and save the models they train (dtype, attention kernel, bf16).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.rlvr.prompts import row_task
-from tulu_pipeline.training.grpo_config import GRPOTrainingConfig
+from tulu_pipeline.training.rlvr_config import RLVRTrainingConfig
 from tulu_pipeline.training.rlvr_rollouts import Verifier, mean_or_zero, scored_rollout
 
 # Per-step metrics kept in the manifest and plotted (every metric is also streamed each logging step).
@@ -28,7 +28,7 @@ def load_policy(model_dir: Path, device: Any) -> Any:
 
 
 def heldout_accuracy(model: Any, rollouts: Any, rows: Sequence[dict[str, Any]], encoded: Sequence[list[int]],
-                     tokenizer: Any, verifier: Verifier, max_new_tokens: int, config: GRPOTrainingConfig
+                     tokenizer: Any, verifier: Verifier, max_new_tokens: int, config: RLVRTrainingConfig
                      ) -> dict[str, Any] | None:
     """The held-out prompts, answered greedily (verifier ok-rate overall and per task, mean score) and, with
     ``config.heldout_samples`` > 0, sampled as in training: the training reward (unfinished penalty included) per
@@ -56,7 +56,7 @@ def heldout_accuracy(model: Any, rollouts: Any, rows: Sequence[dict[str, Any]], 
 
 def _sampled_heldout(model: Any, rollouts: Any, rows: Sequence[dict[str, Any]], encoded: Sequence[list[int]],
                      tokenizer: Any, verifier: Verifier, max_new_tokens: int,
-                     config: GRPOTrainingConfig) -> dict[str, Any]:
+                     config: RLVRTrainingConfig) -> dict[str, Any]:
     k = config.heldout_samples
     groups = rollouts.generate(model, list(encoded), n=k, max_new_tokens=max_new_tokens, seed=config.seed + 1,
                                temperature=config.temperature, top_p=config.top_p,
@@ -78,7 +78,7 @@ def ci95(values: Sequence[float], seed: int = 0) -> list[float]:
 
 
 def final_metrics(history: list[dict[str, Any]], before: dict | None, after: dict | None,
-                   config: GRPOTrainingConfig) -> dict[str, Any]:
+                   config: RLVRTrainingConfig) -> dict[str, Any]:
     k = max(1, len(history) // 4)
     rewards = [h["reward_mean"] for h in history]
     return {

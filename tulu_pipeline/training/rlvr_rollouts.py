@@ -20,7 +20,7 @@ from typing import Any
 
 from tulu_pipeline.rlvr.prompts import row_task
 from tulu_pipeline.templates.chat_template import encode_conversation
-from tulu_pipeline.training.grpo_config import GRPOTrainingConfig
+from tulu_pipeline.training.rlvr_config import RLVRTrainingConfig
 from tulu_pipeline.vllm_runtime import engine_env
 
 DEFAULT_VERIFIER_MODULE = "tulu_pipeline.rewards"
@@ -81,7 +81,7 @@ def prompt_ids(row: dict[str, Any], tokenizer: Any) -> list[int]:
     return encoded["input_ids"][:-1]  # drop the EOS that closes the empty assistant turn
 
 
-def apply_unfinished_penalty(score: float, finished: bool, config: GRPOTrainingConfig) -> float:
+def apply_unfinished_penalty(score: float, finished: bool, config: RLVRTrainingConfig) -> float:
     """The reward a completion trains on: the verifier's score, or ``-unfinished_penalty`` without EOS."""
     if not finished and config.unfinished_penalty is not None:
         return -float(config.unfinished_penalty)
@@ -212,7 +212,7 @@ class VLLMRollouts:
     so rollouts always come from the current policy.
     """
 
-    def __init__(self, model_dir: Path, tokenizer: Any, config: GRPOTrainingConfig):
+    def __init__(self, model_dir: Path, tokenizer: Any, config: RLVRTrainingConfig):
         import torch
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keep the engine in this process
@@ -268,7 +268,7 @@ class VLLMRollouts:
 
 
 def scored_rollout(index: int, row: dict[str, Any], out: tuple, tokenizer: Any, verifier: Verifier,
-                   config: GRPOTrainingConfig) -> Rollout:
+                   config: RLVRTrainingConfig) -> Rollout:
     """One completion as a rollout backend returns it (``(token ids, finished)``, or with the sampler's log-probs
     as a third element), decoded and scored: the verifier's score and the training reward."""
     ids, finished = list(out[0]), bool(out[1])
@@ -281,7 +281,7 @@ def scored_rollout(index: int, row: dict[str, Any], out: tuple, tokenizer: Any, 
                    sampler_logps=sampler)
 
 
-def rollout_groups(model: Any, rollouts_backend: Any, tokenizer: Any, config: GRPOTrainingConfig, seed: int,
+def rollout_groups(model: Any, rollouts_backend: Any, tokenizer: Any, config: RLVRTrainingConfig, seed: int,
                     indices: list[int], train_rows: Sequence[dict[str, Any]], train_prompts: Sequence[list[int]],
                     verifier: Verifier) -> list[list[Rollout]]:
     """Sample ``num_generations`` completions of each prompt in ``indices`` and score them, one group per prompt.

@@ -1,7 +1,7 @@
 """One GRPO optimizer step: per-token log-probs, the clipped-surrogate loss, the update and its metrics.
 
-See `tulu_pipeline.training.grpo` for the algorithm; `grpo_loss` equals TRL's ``GRPOTrainer._compute_loss`` on
-identical tensors (tests/test_grpo_trl_parity.py).
+See `tulu_pipeline.training.rlvr` for the algorithm; `grpo_loss` equals TRL's ``GRPOTrainer._compute_loss`` on
+identical tensors (tests/test_rlvr_trl_parity.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tulu_pipeline.rlvr.prompts import row_task
-from tulu_pipeline.training.grpo_config import GRPOTrainingConfig
+from tulu_pipeline.training.rlvr_config import RLVRTrainingConfig
 from tulu_pipeline.training.rlvr_rollouts import (
     Rollout,
     Verifier,
@@ -106,7 +106,7 @@ def importance_weights(learner_logps: Any, sampler_logps: Any, mask: Any, cap: f
         return torch.clamp(torch.exp(diff), max=cap)
 
 
-def grpo_loss(logps: Any, old_logps: Any, advantages: Any, mask: Any, config: GRPOTrainingConfig, *,
+def grpo_loss(logps: Any, old_logps: Any, advantages: Any, mask: Any, config: RLVRTrainingConfig, *,
               num_sequences: int, num_tokens: int, ref_logps: Any | None = None,
               is_weights: Any | None = None) -> LossTerms:
     """The clipped-surrogate (+ ``beta`` * k3 KL) loss of one micro-batch, normalized for the whole step.
@@ -116,7 +116,7 @@ def grpo_loss(logps: Any, old_logps: Any, advantages: Any, mask: Any, config: GR
     ``mask`` (0 on padding and on masked completions) and divided as ``config.loss_type`` says, where
     ``num_sequences`` / ``num_tokens`` count the completions / loss tokens of the whole step, so the
     micro-batches' losses add up to the step loss. On one micro-batch this is TRL's ``GRPOTrainer._compute_loss``
-    (tests/test_grpo_trl_parity.py).
+    (tests/test_rlvr_trl_parity.py).
     """
     import torch
 
@@ -147,7 +147,7 @@ def grpo_loss(logps: Any, old_logps: Any, advantages: Any, mask: Any, config: GR
 
 
 def train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: Any, rollouts_backend: Any,
-                tokenizer: Any, config: GRPOTrainingConfig, step: int, train_rows: Sequence[dict[str, Any]],
+                tokenizer: Any, config: RLVRTrainingConfig, step: int, train_rows: Sequence[dict[str, Any]],
                 train_prompts: Sequence[list[int]], verifier: Verifier) -> tuple[dict[str, Any], list[int]]:
     """One optimizer step (``num_iterations`` updates on one batch of rollouts); its metrics and the indices of
     the prompts it trained on (a prompt whose group was dropped for zero reward std is not among them)."""
@@ -286,7 +286,7 @@ def train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: Any
     return metrics, [group[0].prompt_index for group in kept]
 
 
-def lr_schedule(config: GRPOTrainingConfig) -> Callable[[int], float]:
+def lr_schedule(config: RLVRTrainingConfig) -> Callable[[int], float]:
     """The learning-rate factor of each optimizer update (a `LambdaLR` lambda of the updates done so far).
 
     The scheduler steps once per update and a step makes ``num_iterations`` of them, so the horizon is

@@ -1,4 +1,4 @@
-"""RL with verifiable rewards: `run_grpo`, a small GRPO loop (config + trainer, like `run_sft`).
+"""RL with verifiable rewards: `run_rlvr`, a small GRPO loop (config + trainer, like `run_sft`).
 
 One optimizer step:
 
@@ -72,7 +72,7 @@ from tulu_pipeline.training.checkpointing import (
     save_model,
     training_device,
 )
-from tulu_pipeline.training.grpo_config import GRPOTrainingConfig
+from tulu_pipeline.training.rlvr_config import RLVRTrainingConfig
 from tulu_pipeline.training.rlvr_heldout import final_metrics, heldout_accuracy, load_policy
 from tulu_pipeline.training.rlvr_rollouts import (
     TransformersRollouts,
@@ -85,7 +85,7 @@ from tulu_pipeline.training.rlvr_step import lr_schedule, train_step
 from tulu_pipeline.training.run import TrainingResult, TrainingRun
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
-GRPO_CODE_VERSION = "3"
+RLVR_TRAINING_CODE_VERSION = "3"
 REWARD_CURVE_FILE = "reward_curve.png"
 TRAINING_METRICS_FILE = "training_metrics.png"
 TRAINED_ROWS_FILE = "trained_row_ids.txt"
@@ -95,7 +95,7 @@ STEP_DELAY_ENV = "TULU_GRPO_STEP_DELAY_S"
 
 
 @dataclass
-class GRPOResult(TrainingResult):
+class RLVRResult(TrainingResult):
     """A finished GRPO run: where the checkpoint is, its metrics and its manifest."""
 
     @property
@@ -107,16 +107,16 @@ class GRPOResult(TrainingResult):
         return self.checkpoint_dir / TRAINING_METRICS_FILE
 
 
-def run_grpo(
+def run_rlvr(
     prompts: Sequence[dict[str, Any]],
     heldout: Sequence[dict[str, Any]],
     start_model_dir: str | Path,
     output_dir: str | Path,
-    config: GRPOTrainingConfig | dict[str, Any] | None = None,
+    config: RLVRTrainingConfig | dict[str, Any] | None = None,
     reporter: Reporter | None = None,
     manifest_extra: dict[str, Any] | None = None,
     verifier: Verifier | None = None,
-) -> GRPOResult:
+) -> RLVRResult:
     """Train the model in ``start_model_dir`` with GRPO on ``prompts`` (RLVR rows: ``messages``, ``extra.task``,
     ``ground_truth`` / ``constraints``) and publish it at ``output_dir``.
 
@@ -126,7 +126,7 @@ def run_grpo(
     fingerprint. See the module docstring for the algorithm, resume and layout.
     """
     wall_start = time.perf_counter()
-    config = config if isinstance(config, GRPOTrainingConfig) else GRPOTrainingConfig.model_validate(config or {})
+    config = config if isinstance(config, RLVRTrainingConfig) else RLVRTrainingConfig.model_validate(config or {})
     reporter = reporter if reporter is not None else NullReporter()
     start_model_dir = Path(start_model_dir).resolve()
     manifest_extra = dict(manifest_extra or {})
@@ -159,14 +159,14 @@ def run_grpo(
                      f"{too_long[:10]}")
 
     start_sha = weights_sha256(start_model_dir)
-    run = TrainingRun("grpo", GRPO_CODE_VERSION, config, {
+    run = TrainingRun("grpo", RLVR_TRAINING_CODE_VERSION, config, {
         "start_model_sha256": start_sha,
         "prompt_rows_sha256": _rlvr_rows_sha256(train_rows),
         "heldout_rows_sha256": _rlvr_rows_sha256(held_rows),
         "prompts_version": manifest_extra.get("prompts_version"),
     }, output_dir, reporter, manifest_extra)
     if (finished := run.finished()) is not None:
-        return GRPOResult(**vars(finished))
+        return RLVRResult(**vars(finished))
     resume_from = run.prepare()
 
     torch.manual_seed(config.seed)
@@ -288,7 +288,7 @@ def run_grpo(
                  + (f", held-out sampled reward {metrics['heldout_reward_before']:.3f} -> "
                     f"{metrics['heldout_reward_after']:.3f} (change 95% CI {metrics['heldout_reward_change_ci95']})"
                     if "heldout_reward_before" in metrics else ""))
-    return GRPOResult(run.output_dir, metrics, manifest)
+    return RLVRResult(run.output_dir, metrics, manifest)
 
 
 def _rlvr_rows_sha256(rows: Sequence[dict[str, Any]]) -> str:
