@@ -7,11 +7,8 @@ import dagster as dg
 from assets.automation import GPU_STAGE
 from assets.metadata import TRAINING_OWNERS, checkpoint_metadata, latest_checkpoint_id
 from resources import ComputeLauncher, TuluStorage
-from tulu_pipeline.training.dpo import (
-    DPO_CODE_VERSION,
-    LOSS_CURVE_FILE,
-    REFERENCE_CODE_VERSION,
-)
+from tulu_pipeline.training.dpo import DPO_CODE_VERSION, LOSS_CURVE_FILE
+from tulu_pipeline.training.dpo_reference import REFERENCE_CODE_VERSION
 from tulu_pipeline.training.dpo_plan import (
     JOB_MODULE,
     dpo_checkpoint_plan,

@@ -17,8 +17,9 @@ from tulu_pipeline.rlvr.prompts import (
     RLVRPromptsConfig,
     build_rlvr_prompts,
 )
-from tulu_pipeline.training.grpo import DEFAULT_VERIFIER_MODULE, GRPO_CODE_VERSION
-from tulu_pipeline.training.grpo_plan import record_rlvr_events, rlvr_checkpoint_plan
+from tulu_pipeline.training.rlvr import RLVR_TRAINING_CODE_VERSION
+from tulu_pipeline.training.rlvr_rollouts import DEFAULT_VERIFIER_MODULE
+from tulu_pipeline.training.rlvr_plan import record_rlvr_events, rlvr_checkpoint_plan
 
 
 class RLVRPromptsAssetConfig(dg.Config):
@@ -65,7 +66,7 @@ class RLVRCheckpointConfig(dg.Config):
     preset: str = "cpu_demo"
     """a named GRPO preset: cpu_demo (CPU, minutes) or tulu3_8b (GPU, vLLM rollouts)"""
     overrides: dict[str, Any] = {}
-    """fields of GRPOTrainingConfig to change, e.g. {"max_steps": 8, "beta": 0.01}"""
+    """fields of RLVRTrainingConfig to change, e.g. {"max_steps": 8, "beta": 0.01}"""
     verifier_module: str = DEFAULT_VERIFIER_MODULE
     """module whose verify(task, response, ground_truth=, constraints=).ok decides each completion's reward"""
     start_checkpoint_id: str = ""
@@ -83,7 +84,7 @@ def _start_checkpoint_id(context: dg.AssetExecutionContext, config: RLVRCheckpoi
     return None
 
 
-@dg.asset(group_name="rlvr", kinds={"pytorch", "safetensors"}, owners=TRAINING_OWNERS, code_version=GRPO_CODE_VERSION,
+@dg.asset(group_name="rlvr", kinds={"pytorch", "safetensors"}, owners=TRAINING_OWNERS, code_version=RLVR_TRAINING_CODE_VERSION,
           deps=[rlvr_prompts, "sft_checkpoint", "dpo_checkpoint"], **GPU_STAGE,
           description="RL with verifiable rewards (GRPO; 10 when the verifier accepts the answer, else 0, minus a "
           "penalty for answers cut off without EOS) from the latest DPO checkpoint, else the latest SFT one; run by "
@@ -95,7 +96,7 @@ def rlvr_checkpoint(context: dg.AssetExecutionContext, config: RLVRCheckpointCon
                                 start_checkpoint_id=_start_checkpoint_id(context, config))
     context.log.info(f"RLVR from {plan.start.kind} checkpoint {plan.start.checkpoint_id} on rlvr_prompts@"
                      f"{plan.dataset_version} -> {plan.checkpoint_id}")
-    invocation = launcher.run(context, "tulu_pipeline.training.grpo_job", extras=plan.extras)
+    invocation = launcher.run(context, "tulu_pipeline.training.rlvr_job", extras=plan.extras)
     metadata, manifest = checkpoint_metadata(
         store, plan.checkpoint_id, plan.checkpoint_dir, invocation.get_materialize_result().metadata or {},
         plots={name: (f"{plan.checkpoint_dir}/{name}.png", f"reports/rlvr/{plan.checkpoint_id}/{name}.png")

@@ -32,7 +32,8 @@ from tulu_pipeline.data.loaders import iter_source_rows
 from tulu_pipeline.data.registry import get_source
 from tulu_pipeline.progress import PrintReporter
 from tulu_pipeline.templates.chat_template import apply_tulu_chat_template
-from tulu_pipeline.training.dpo import compute_reference_logprobs, run_dpo
+from tulu_pipeline.training.dpo import run_dpo
+from tulu_pipeline.training.dpo_reference import compute_reference_logprobs
 from tulu_pipeline.training.dpo_config import dpo_config
 
 

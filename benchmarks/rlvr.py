@@ -3,7 +3,7 @@
 Prompts are built the way `rlvr_prompts` builds its ``cpu_demo`` set, in miniature: short prompts of the curated
 instruction sources (``RLVR_PRESETS["cpu_demo"].if_sources``) with one IFEval-taxonomy constraint each, drawn by
 `sample_constraints` with the preset's constraint types and word limit; ``--train`` prompts are trained on, the
-next ``--heldout`` are held out. `run_grpo` then trains the start model with the ``--preset`` GRPO config and
+next ``--heldout`` are held out. `run_rlvr` then trains the start model with the ``--preset`` GRPO config and
 measures the held-out prompts greedily before and after (verifier accuracy, with seeded bootstrap 95% intervals;
 the change is paired: the same prompts, answered by both checkpoints).
 
@@ -36,8 +36,8 @@ from tulu_pipeline.progress import PrintReporter
 from tulu_pipeline.rewards.constraints import sample_constraints
 from tulu_pipeline.rlvr.prompts import RLVR_PRESETS, if_row
 from tulu_pipeline.training.checkpointing import write_json_atomic
-from tulu_pipeline.training.grpo import run_grpo
-from tulu_pipeline.training.grpo_config import grpo_config
+from tulu_pipeline.training.rlvr import run_rlvr
+from tulu_pipeline.training.rlvr_config import rlvr_training_config
 
 
 def default_model_dir() -> Path:
@@ -77,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--preset", default="cpu_demo")
-    parser.add_argument("--set", default="{}", help="JSON object of GRPOTrainingConfig overrides")
+    parser.add_argument("--set", default="{}", help="JSON object of RLVRTrainingConfig overrides")
     parser.add_argument("--train", type=int, default=32)
     parser.add_argument("--heldout", type=int, default=16)
     parser.add_argument("--max-prompt-chars", type=int, default=200)
@@ -91,13 +91,13 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model_dir = (args.model_dir or default_model_dir()).resolve()
-    config = grpo_config(args.preset, **json.loads(args.set))
+    config = rlvr_training_config(args.preset, **json.loads(args.set))
     rows = constraint_rows(args.train + args.heldout, args.seed, args.max_prompt_chars)
     train, heldout = rows[: args.train], rows[args.train :]
     load_before = os.getloadavg()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_grpo(train, heldout, model_dir, Path(tmp) / "rlvr", config, reporter=PrintReporter())
+        result = run_rlvr(train, heldout, model_dir, Path(tmp) / "rlvr", config, reporter=PrintReporter())
     wall = time.perf_counter() - started
     m = result.metrics
     before, after = m["heldout_before"], m["heldout_after"]

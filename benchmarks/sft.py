@@ -43,7 +43,8 @@ from tulu_pipeline.data.loaders import iter_source_rows
 from tulu_pipeline.data.registry import get_source
 from tulu_pipeline.models.base_model import prepare_base_model
 from tulu_pipeline.training.sft_config import sft_config
-from tulu_pipeline.training.sft import resolve_bf16, run_sft
+from tulu_pipeline.training.checkpointing import load_training_model, resolve_bf16
+from tulu_pipeline.training.sft import run_sft
 
 MIX = [("gsm8k_train", 150, 19), ("code_alpaca", 60, 8), ("self_instruct_seed", 40, 5)]
 
@@ -74,7 +75,6 @@ def measure_modes(base: Path, train: list[dict], batches: int) -> dict[str, dict
         apply_tulu_chat_template,
         encode_rows,
     )
-    from tulu_pipeline.training.sft import load_training_model
 
     config = sft_config("cpu_demo")
     bf16 = resolve_bf16(config)

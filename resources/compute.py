@@ -31,19 +31,19 @@ from resources.pipes_messages import CompleteLineTempFileMessageReader
 from tulu_pipeline.settings import repo_root
 from tulu_pipeline.storage import Store
 from tulu_pipeline.training.dpo_config import dpo_config
-from tulu_pipeline.training.grpo_config import grpo_config
 from tulu_pipeline.training.memory_plan import MemoryPlan, ModelShape, fits, plan_run, refusal_message
+from tulu_pipeline.training.rlvr_config import rlvr_training_config
 from tulu_pipeline.training.sft_config import sft_config
 from tulu_pipeline.vllm_runtime import engine_env, require_vllm_python
 
 StageKind = Literal["train", "generate", "eval"]
 BACKEND_JOBS = ("tulu_pipeline.generation.job", "tulu_pipeline.preference.judge_job")
-GRPO_JOB = "tulu_pipeline.training.grpo_job"
+RLVR_JOB = "tulu_pipeline.training.rlvr_job"
 # Training jobs the memory check plans: module -> (stage, the extras key naming the starting model's directory)
 TRAINING_JOBS = {"tulu_pipeline.training.sft_job": ("sft", "base_model_dir"),
                  "tulu_pipeline.training.dpo_job": ("dpo", "reference_dir"),
-                 GRPO_JOB: ("rlvr", "start_model_dir")}
-STAGE_CONFIGS = {"sft": sft_config, "dpo": dpo_config, "rlvr": grpo_config}
+                 RLVR_JOB: ("rlvr", "start_model_dir")}
+STAGE_CONFIGS = {"sft": sft_config, "dpo": dpo_config, "rlvr": rlvr_training_config}
 
 
 def needs_vllm(module: str, extras: dict[str, Any]) -> bool:
@@ -54,8 +54,8 @@ def needs_vllm(module: str, extras: dict[str, Any]) -> bool:
         if isinstance(backend, str):
             backend = json.loads(backend)
         return isinstance(backend, dict) and backend.get("kind") == "vllm"
-    if module == GRPO_JOB:
-        return grpo_config(extras.get("preset") or "cpu_demo", **(extras.get("config") or {})).use_vllm
+    if module == RLVR_JOB:
+        return rlvr_training_config(extras.get("preset") or "cpu_demo", **(extras.get("config") or {})).use_vllm
     return False
 
 

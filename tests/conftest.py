@@ -62,8 +62,8 @@ MODULE_SECONDS = {
     "tests/test_dpo.py": 50,
     "tests/test_ray_curation.py": 45,
     "tests/test_base_model.py": 40,
-    "tests/test_grpo.py": 40,
-    "tests/test_grpo_options.py": 40,
+    "tests/test_rlvr_training.py": 40,
+    "tests/test_rlvr_options.py": 40,
     "tests/test_crash_safety.py": 35,
     "tests/test_decontam_rule.py": 35,
 }

@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 
 from tulu_pipeline.training.dpo_losses import preference_loss
-from tulu_pipeline.training.grpo import grpo_loss, group_advantages
-from tulu_pipeline.training.grpo_config import GRPOTrainingConfig
+from tulu_pipeline.training.rlvr_rollouts import group_advantages
+from tulu_pipeline.training.rlvr_step import grpo_loss
+from tulu_pipeline.training.rlvr_config import RLVRTrainingConfig
 from tulu_pipeline.training.sharding import (
     DataParallel,
     apply_sharding,
@@ -49,7 +50,7 @@ from tulu_pipeline.training.sharding_config import ShardingConfig
 SFT_BATCH = 8  # sequences per global batch
 DPO_BATCH = 4  # pairs
 GRPO_PROMPTS, GRPO_GENERATIONS = 2, 4
-GRPO_CONFIG = GRPOTrainingConfig(beta=0.05, loss_type="dapo", max_completion_length=8)
+GRPO_CONFIG = RLVRTrainingConfig(beta=0.05, loss_type="dapo", max_completion_length=8)
 METHOD_IDS = {"sft": 1, "dpo": 2, "grpo": 3}
 
 

@@ -13,7 +13,7 @@ from tulu_pipeline.training.batch_layout import (
     split_global_batch,
 )
 from tulu_pipeline.training.dpo_config import DPO_PRESETS, DPOTrainingConfig
-from tulu_pipeline.training.grpo_config import GRPO_PRESETS
+from tulu_pipeline.training.rlvr_config import RLVR_TRAINING_PRESETS
 from tulu_pipeline.training.sft_config import SFT_PRESETS, SFTTrainingConfig
 
 
@@ -24,8 +24,8 @@ def _split(layout: BatchLayout) -> tuple[int, int]:
 def test_presets_state_the_published_global_batch():
     assert SFT_PRESETS["tulu3_8b"].global_batch_size == 128  # sequences (Tülu 3 SFT)
     assert DPO_PRESETS["tulu3_8b"].global_batch_size == 128  # pairs (Tülu 3 DPO)
-    assert GRPO_PRESETS["tulu3_8b"].global_batch_size == 64 * 16  # prompts x samples (the preset's source)
-    assert GRPO_PRESETS["olmo3_style"].global_batch_size == 64 * 8  # 7b_instruct_rl.sh
+    assert RLVR_TRAINING_PRESETS["tulu3_8b"].global_batch_size == 64 * 16  # prompts x samples (the preset's source)
+    assert RLVR_TRAINING_PRESETS["olmo3_style"].global_batch_size == 64 * 8  # 7b_instruct_rl.sh
 
 
 @pytest.mark.parametrize("world_size, sft, dpo, grpo", [
@@ -35,7 +35,7 @@ def test_presets_state_the_published_global_batch():
 ])
 def test_tulu3_presets_split_over_1_2_and_8_processes(world_size, sft, dpo, grpo):
     for preset, expected, total in ((SFT_PRESETS["tulu3_8b"], sft, 128), (DPO_PRESETS["tulu3_8b"], dpo, 128),
-                                    (GRPO_PRESETS["tulu3_8b"], grpo, 1024)):
+                                    (RLVR_TRAINING_PRESETS["tulu3_8b"], grpo, 1024)):
         layout = preset.batch_layout(world_size, "tulu3_8b")
         assert (layout.world_size, layout.global_batch_size, _split(layout)) == (world_size, total, expected)
     # the per-process config trains its share: together the processes train the global batch
@@ -51,7 +51,7 @@ def test_cpu_demo_presets_keep_their_batch(world_size, sft, dpo):
     # one process: the config exactly as written (the CPU demo runs as it always did)
     assert SFT_PRESETS["cpu_demo"].for_world_size(1) == SFT_PRESETS["cpu_demo"]
     assert DPO_PRESETS["cpu_demo"].for_world_size(1) == DPO_PRESETS["cpu_demo"]
-    demo = GRPO_PRESETS["cpu_demo"].batch_layout(1)
+    demo = RLVR_TRAINING_PRESETS["cpu_demo"].batch_layout(1)
     assert (demo.global_batch_size, _split(demo)) == (8, (8, 1))
 
 
@@ -70,7 +70,7 @@ def test_an_indivisible_batch_is_an_error_naming_preset_batch_world_size_and_wha
     with pytest.raises(BatchSplitError, match=r"world size 256;.*divides \(256\)"):  # more processes than sequences
         SFT_PRESETS["tulu3_8b"].batch_layout(256)
     with pytest.raises(BatchSplitError, match="'cpu_demo'.*2 prompts x 4 samples.*world size 8.*: 1, 2;"):
-        GRPO_PRESETS["cpu_demo"].batch_layout(8, "cpu_demo")
+        RLVR_TRAINING_PRESETS["cpu_demo"].batch_layout(8, "cpu_demo")
     with pytest.raises(BatchSplitError, match="this config: the global batch of 8 pairs"):
         DPOTrainingConfig().for_world_size(3)
 
@@ -86,7 +86,7 @@ def test_the_layout_is_what_the_manifest_records(monkeypatch):
 
 def test_each_trainer_refuses_an_indivisible_batch_before_loading_anything(monkeypatch, tmp_path):
     from tulu_pipeline.training.dpo import run_dpo
-    from tulu_pipeline.training.grpo import run_grpo
+    from tulu_pipeline.training.rlvr import run_rlvr
     from tulu_pipeline.training.sft import run_sft
 
     monkeypatch.setenv(WORLD_SIZE_ENV, "3")  # as torchrun --nproc_per_node=3 sets it
@@ -97,8 +97,8 @@ def test_each_trainer_refuses_an_indivisible_batch_before_loading_anything(monke
     with pytest.raises(BatchSplitError, match="'tulu3_8b'.*128 pairs.*world size 3"):
         run_dpo([], [], missing, tmp_path / "dpo", DPO_PRESETS["tulu3_8b"], manifest_extra=extra)
     with pytest.raises(BatchSplitError, match="'tulu3_8b'.*64 prompts x 16 samples.*world size 3"):
-        run_grpo([], [], missing, tmp_path / "grpo", GRPO_PRESETS["tulu3_8b"], manifest_extra=extra,
+        run_rlvr([], [], missing, tmp_path / "grpo", RLVR_TRAINING_PRESETS["tulu3_8b"], manifest_extra=extra,
                  verifier=lambda row, text: (0.0, False))
     monkeypatch.setenv(WORLD_SIZE_ENV, "2")
     with pytest.raises(NotImplementedError, match="GRPO trains in one process"):
-        run_grpo([], [], missing, tmp_path / "grpo", GRPO_PRESETS["tulu3_8b"], verifier=lambda row, text: (0.0, False))
+        run_rlvr([], [], missing, tmp_path / "grpo", RLVR_TRAINING_PRESETS["tulu3_8b"], verifier=lambda row, text: (0.0, False))

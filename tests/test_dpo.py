@@ -17,15 +17,9 @@ from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.progress import NullReporter
 from tulu_pipeline.training import dpo as dpo_module
 from tulu_pipeline.templates.chat_template import IGNORE_INDEX, apply_tulu_chat_template
-from tulu_pipeline.training.dpo import (
-    LOSS_CURVE_FILE,
-    NO_RESPONSE_TOKENS,
-    TRAINED_PAIRS_FILE,
-    compute_reference_logprobs,
-    encode_pairs,
-    encode_response,
-    run_dpo,
-)
+from tulu_pipeline.training.dpo import LOSS_CURVE_FILE, TRAINED_PAIRS_FILE, run_dpo
+from tulu_pipeline.training.dpo_pairs import NO_RESPONSE_TOKENS, encode_pairs, encode_response
+from tulu_pipeline.training.dpo_reference import compute_reference_logprobs
 from tulu_pipeline.training.dpo_config import DPOTrainingConfig
 
 CONFIG = DPOTrainingConfig(**TINY_DPO)

@@ -11,7 +11,7 @@ import pytest
 from test_dpo_support import SFT_ID, TINY_DPO, split_pairs, tiny_home, tiny_setup
 
 from tulu_pipeline.layout import MANIFEST_FILE
-from tulu_pipeline.training.dpo import REFERENCE_DATASET
+from tulu_pipeline.training.dpo_reference import REFERENCE_DATASET
 from tulu_pipeline.training.dpo_plan import (
     dpo_checkpoint_plan,
     reference_logprobs_plan,

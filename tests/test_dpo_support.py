@@ -98,7 +98,7 @@ def tiny_home(tmp_path: Path) -> Any:
     from tulu_pipeline.storage import Store
     from tulu_pipeline.layout import MANIFEST_FILE
     from tulu_pipeline.training.checkpointing import write_json_atomic
-    from tulu_pipeline.training.dpo import PAIRS_DATASET
+    from tulu_pipeline.preference.schema import PAIRS_DATASET
 
     model_dir, pairs = tiny_setup()
     store = Store(str(tmp_path / "tulu_home"))

@@ -13,14 +13,8 @@ import pytest
 from test_dpo_support import TINY_DPO, tiny_setup
 
 from tulu_pipeline.training import dpo as dpo_module
-from tulu_pipeline.training.dpo import (
-    DPOCollator,
-    attach_reference,
-    compute_reference_logprobs,
-    encode_pairs,
-    sequence_logps,
-    tulu_tokenizer,
-)
+from tulu_pipeline.training.dpo_pairs import DPOCollator, encode_pairs, tulu_tokenizer
+from tulu_pipeline.training.dpo_reference import attach_reference, compute_reference_logprobs, sequence_logps
 from tulu_pipeline.training.dpo_config import DPOTrainingConfig
 from tulu_pipeline.training.dpo_losses import preference_loss
 
@@ -84,7 +78,9 @@ def test_accumulated_step_equals_the_mean_over_its_pairs(tmp_path, transformers_
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             grads.update({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
 
-    trainer_cls, _ = dpo_module._trainer_classes()
+    from tulu_pipeline.training.hf_trainers import TuluDPOTrainer
+
+    trainer_cls = TuluDPOTrainer
     if transformers_api == "before_5_19":
         trainer_cls = type("OldTransformersTrainer", (trainer_cls,), {"loss_is_scaled_for_ga": None})
     args = TrainingArguments(**trainer_arguments(config, tmp_path, False, torch.device("cpu")))
@@ -175,7 +171,8 @@ class _Recomputed(Exception):
 def test_reference_logprobs_scored_in_another_dtype_are_recomputed(tmp_path, monkeypatch):
     """fp32 numbers (a CPU run) are not reused to train in bf16 (a GPU run), nor the other way round: each row says
     the dtype it was scored in and `run_dpo` recomputes them in its own when they differ."""
-    from tulu_pipeline.training.dpo import run_dpo, scoring_dtype
+    from tulu_pipeline.training.dpo import run_dpo
+    from tulu_pipeline.training.dpo_reference import scoring_dtype
 
     model_dir, pairs = tiny_setup()
     train = [p for p in pairs if p["split"] == "train"][:4]

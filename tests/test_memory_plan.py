@@ -12,7 +12,7 @@ import pytest
 
 from tulu_pipeline.cli import main as tulu
 from tulu_pipeline.training.dpo_config import DPO_PRESETS, dpo_config
-from tulu_pipeline.training.grpo_config import GRPO_PRESETS, grpo_config
+from tulu_pipeline.training.rlvr_config import RLVR_TRAINING_PRESETS, rlvr_training_config
 from tulu_pipeline.training.memory_plan import (
     CONFIG_DIR,
     GIB,
@@ -25,7 +25,7 @@ from tulu_pipeline.training.memory_plan import (
 from tulu_pipeline.training.sft_config import SFT_PRESETS, sft_config
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = {"sft": (SFT_PRESETS, sft_config), "dpo": (DPO_PRESETS, dpo_config), "rlvr": (GRPO_PRESETS, grpo_config)}
+CONFIGS = {"sft": (SFT_PRESETS, sft_config), "dpo": (DPO_PRESETS, dpo_config), "rlvr": (RLVR_TRAINING_PRESETS, rlvr_training_config)}
 
 
 def transformers_parameter_count(name: str) -> int:
@@ -108,11 +108,11 @@ def test_tulu3_8b_fits_eight_80gb_gpus_with_fsdp() -> None:
 
 
 def test_rlvr_8b_names_its_remedies_and_the_vllm_share() -> None:
-    plan = plan_run("llama-3.1-8b", "rlvr", grpo_config("tulu3_8b"), gpus=8, gpu_memory_gb=80, preset="tulu3_8b")
+    plan = plan_run("llama-3.1-8b", "rlvr", rlvr_training_config("tulu3_8b"), gpus=8, gpu_memory_gb=80, preset="tulu3_8b")
     assert not fits(plan)
     assert {"vllm_weights", "vllm_kv_cache", "reference_model"} <= set(plan.components)
     assert any("smaller micro-batch" in s for s in plan.suggestions)
-    starved = plan_run("llama-3.1-8b", "rlvr", grpo_config("tulu3_8b", vllm_gpu_memory_utilization=0.1), gpus=8,
+    starved = plan_run("llama-3.1-8b", "rlvr", rlvr_training_config("tulu3_8b", vllm_gpu_memory_utilization=0.1), gpus=8,
                        gpu_memory_gb=80, preset="tulu3_8b")
     assert "raise vllm_gpu_memory_utilization" in _refusal(starved)
 

@@ -26,7 +26,7 @@ from tulu_pipeline.rlvr.prompts import (
     row_task,
 )
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.grpo_plan import (
+from tulu_pipeline.training.rlvr_plan import (
     find_start_checkpoint,
     start_checkpoint_by_id,
 )

@@ -1,6 +1,6 @@
 """The rlvr_checkpoint asset under Dagster: RLVR prompts -> GRPO job through the compute launcher -> checkpoint,
-manifest, metadata and ledger. The "SFT checkpoint" is an untrained tiny character-level Llama (test_grpo_support): it
-learns nothing in two steps; this checks the wiring (tests/test_grpo.py checks that training learns).
+manifest, metadata and ledger. The "SFT checkpoint" is an untrained tiny character-level Llama (test_rlvr_support): it
+learns nothing in two steps; this checks the wiring (tests/test_rlvr_training.py checks that training learns).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import shutil
 
 import dagster as dg
 import pytest
-from test_grpo_support import save_warm_addition_model
+from test_rlvr_support import save_warm_addition_model
 from test_rlvr import _home
 
 from tulu_pipeline.provenance.ledger import Ledger
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration  # a whole Dagster materialization with tra
 def test_materialize_rlvr_checkpoint_from_the_sft_checkpoint(tmp_path):
     from assets.rlvr import rlvr_assets
     from resources import LocalLauncher, TuluStorage
-    from tulu_pipeline.training.grpo_plan import rlvr_checkpoint_plan
+    from tulu_pipeline.training.rlvr_plan import rlvr_checkpoint_plan
 
     store = _home(tmp_path)
     sft_dir = save_warm_addition_model(tmp_path / "sft", [], steps=0)

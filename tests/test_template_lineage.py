@@ -53,9 +53,10 @@ def test_every_tokenizing_code_path_gives_the_same_ids_and_label_mask(tokenizer,
 
     from tulu_pipeline.generation.transformers_backend import TransformersBackend
     from tulu_pipeline.mixing.publish import build_sft_mix  # noqa: F401  (the mix counts with encode_conversation)
-    from tulu_pipeline.training.dpo import encode_pairs, tulu_tokenizer
-    from tulu_pipeline.training.grpo import completion_logprobs, prompt_ids
-    from tulu_pipeline.training.sft import encode_rows
+    from tulu_pipeline.training.dpo_pairs import encode_pairs, tulu_tokenizer
+    from tulu_pipeline.training.rlvr_rollouts import prompt_ids
+    from tulu_pipeline.training.rlvr_step import completion_logprobs
+    from tulu_pipeline.templates.chat_template import encode_rows
 
     ids, labels, final_start = reference
     final_only = [IGNORE_INDEX] * final_start + labels[final_start:]

@@ -45,9 +45,9 @@ def test_vllm_jobs_get_the_vllm_interpreter(monkeypatch, tmp_path):
     assert needs_vllm("tulu_pipeline.generation.job", {"backend": vllm_backend})
     assert needs_vllm("tulu_pipeline.preference.judge_job", {"backend": json.dumps(vllm_backend)})
     assert not needs_vllm("tulu_pipeline.generation.job", {"backend": {**vllm_backend, "kind": "transformers"}})
-    assert needs_vllm("tulu_pipeline.training.grpo_job", {"preset": "tulu3_8b"})
-    assert needs_vllm("tulu_pipeline.training.grpo_job", {"config": {"use_vllm": True}})
-    assert not needs_vllm("tulu_pipeline.training.grpo_job", {"preset": "cpu_demo"})
+    assert needs_vllm("tulu_pipeline.training.rlvr_job", {"preset": "tulu3_8b"})
+    assert needs_vllm("tulu_pipeline.training.rlvr_job", {"config": {"use_vllm": True}})
+    assert not needs_vllm("tulu_pipeline.training.rlvr_job", {"preset": "cpu_demo"})
     assert not needs_vllm("tulu_pipeline.training.sft_job", {"backend": vllm_backend})
 
     launcher = LocalLauncher(python="/main/python", vllm_python="/vllm/python")

@@ -49,10 +49,11 @@ def run_backend(model_dir: str, out: str) -> None:
 def run_grpo_sync_check(work_dir: str, out: str) -> None:
     """Two GRPO updates; after each, the engine's and the learner's log-probs of `FIXED` (prompt, completion)."""
     import torch
-    from test_grpo_support import addition_row, save_warm_addition_model
+    from test_rlvr_support import addition_row, save_warm_addition_model
 
-    from tulu_pipeline.training import grpo
-    from tulu_pipeline.training.grpo_config import GRPOTrainingConfig
+    from tulu_pipeline.training import rlvr as rlvr_training
+    from tulu_pipeline.training.rlvr_config import RLVRTrainingConfig
+    from tulu_pipeline.training.rlvr_step import completion_logprobs
 
     work = Path(work_dir)
     pairs = [(a, b) for a in range(4) for b in range(4)]
@@ -61,7 +62,7 @@ def run_grpo_sync_check(work_dir: str, out: str) -> None:
     rows = [addition_row(a, b) for a, b in pairs]
     checks: list[dict] = []
 
-    class CheckedRollouts(grpo.VLLMRollouts):
+    class CheckedRollouts(rlvr_training.VLLMRollouts):
         """`VLLMRollouts` whose sync compares log-probs before (stale engine) and after loading the weights."""
 
         fixed: tuple[list[int], list[int]] | None = None
@@ -78,12 +79,12 @@ def run_grpo_sync_check(work_dir: str, out: str) -> None:
         def learner_logprobs(self, model) -> list[float]:
             prompt, completion = self.fixed
             with torch.no_grad():
-                logps, _ = grpo.completion_logprobs(model, [prompt], [completion], self.tokenizer.pad_token_id)
+                logps, _ = completion_logprobs(model, [prompt], [completion], self.tokenizer.pad_token_id)
             return logps[0].tolist()
 
         def sync(self, model) -> None:
             if self.fixed is None:
-                prompt = grpo.prompt_ids(rows[0], self.tokenizer)
+                prompt = rlvr_training.prompt_ids(rows[0], self.tokenizer)
                 answer = self.tokenizer.encode("7", add_special_tokens=False)
                 self.fixed = (prompt, answer + [self.tokenizer.eos_token_id])
             learner = self.learner_logprobs(model)
@@ -92,13 +93,13 @@ def run_grpo_sync_check(work_dir: str, out: str) -> None:
             synced = self.engine_logprobs()
             checks.append({"learner": learner, "engine_before_sync": stale, "engine_after_sync": synced})
 
-    grpo.VLLMRollouts = CheckedRollouts
+    rlvr_training.VLLMRollouts = CheckedRollouts
     # lr 1e-3 so that one update moves the log-probs far beyond the fp32 tolerance; a verifier whose score
     # depends on the text keeps group rewards unequal, so every update has a gradient.
-    config = GRPOTrainingConfig(use_vllm=True, max_steps=2, prompts_per_step=2, num_generations=4,
+    config = RLVRTrainingConfig(use_vllm=True, max_steps=2, prompts_per_step=2, num_generations=4,
                                 max_completion_length=8, max_prompt_length=64, learning_rate=1e-3,
                                 unfinished_penalty=None, beta=0.0, save_steps=10, seed=3)
-    result = grpo.run_grpo(rows, [], model_dir, work / "out", config,
+    result = rlvr_training.run_rlvr(rows, [], model_dir, work / "out", config,
                            verifier=lambda row, text: (float(sum(map(ord, text)) % 5), False))
     Path(out).write_text(json.dumps({"checks": checks, "steps": result.metrics["steps"]}), encoding="utf-8")
 

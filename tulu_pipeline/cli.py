@@ -193,10 +193,10 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
 
 def _training_config(stage: str, preset: str):
     from tulu_pipeline.training.dpo_config import dpo_config
-    from tulu_pipeline.training.grpo_config import grpo_config
+    from tulu_pipeline.training.rlvr_config import rlvr_training_config
     from tulu_pipeline.training.sft_config import sft_config
 
-    return {"sft": sft_config, "dpo": dpo_config, "rlvr": grpo_config}[stage](preset)
+    return {"sft": sft_config, "dpo": dpo_config, "rlvr": rlvr_training_config}[stage](preset)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

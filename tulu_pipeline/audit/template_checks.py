@@ -9,7 +9,7 @@ from tulu_pipeline.data.coverage import PARENT_KEYS
 from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.mixing.publish import mix_info_path
 from tulu_pipeline.templates.lineage import lineage_hashes, lineage_mismatches
-from tulu_pipeline.training.dpo import REFERENCE_DATASET
+from tulu_pipeline.training.dpo_reference import REFERENCE_DATASET
 
 
 def _read(store: Any, rel: str) -> Any | None:

@@ -29,15 +29,10 @@ from tulu_pipeline.jobs import Job, JobOutcome, floats, ints, job_main, png_mark
 from tulu_pipeline.progress import Reporter
 from tulu_pipeline.templates.lineage import lineage_hashes, template_lineage
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.dpo import (
-    PAIRS_DATASET,
-    REFERENCE_DATASET,
-    DPOResult,
-    compute_reference_logprobs,
-    reference_schema,
-    run_dpo,
-    tulu_tokenizer,
-)
+from tulu_pipeline.preference.schema import PAIRS_DATASET
+from tulu_pipeline.training.dpo import DPOResult, run_dpo
+from tulu_pipeline.training.dpo_pairs import tulu_tokenizer
+from tulu_pipeline.training.dpo_reference import REFERENCE_DATASET, compute_reference_logprobs, reference_schema
 from tulu_pipeline.training.dpo_config import dpo_config
 from tulu_pipeline.training.remote import download_model, upload_checkpoint, work_dir
 

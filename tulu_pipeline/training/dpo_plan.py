@@ -10,12 +10,9 @@ from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.templates.lineage import lineage_hashes
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.dpo import (
-    DPO_CODE_VERSION,
-    PAIRS_DATASET,
-    REFERENCE_CODE_VERSION,
-    TRAINED_PAIRS_FILE,
-)
+from tulu_pipeline.preference.schema import PAIRS_DATASET
+from tulu_pipeline.training.dpo import DPO_CODE_VERSION, TRAINED_PAIRS_FILE
+from tulu_pipeline.training.dpo_reference import REFERENCE_CODE_VERSION
 from tulu_pipeline.training.dpo_config import dpo_config
 
 JOB_MODULE = "tulu_pipeline.training.dpo_job"

@@ -5,10 +5,11 @@ What it does, in order:
 1. Encodes rows with `encode_conversation` (Tülu chat template, assistant-only labels, keep-start truncation
    at ``max_length``); rows with nothing left to train on are reported and left out.
 2. Fingerprints the run (code version, full config, base-model sha256, content hash of the rows, the
-   caller's ``mix_hash``). If ``output_dir`` already holds a finished checkpoint with that fingerprint it is
-   returned as is; if ``output_dir/_checkpoints`` holds a partial run with it, training resumes from its
-   newest complete checkpoint (weights, optimizer, scheduler, RNG, data position); a partial run with
-   another fingerprint is discarded.
+   caller's ``mix_hash``) with the shared lifecycle, `tulu_pipeline.training.run.TrainingRun`. If ``output_dir``
+   already holds a finished checkpoint with that fingerprint it is returned as is; if
+   ``output_dir/_checkpoints`` holds a partial run with it, training resumes from its newest complete
+   checkpoint (weights, optimizer, scheduler, RNG, data position); a partial run with another fingerprint is
+   discarded.
 3. Measures the held-out loss of the base model, trains, saves the final model (LoRA adapters merged in;
    the adapter itself under ``adapter/``), tokenizer with the Tülu template, config, generation config,
    ``loss_curve.png``, ``trained_row_ids.txt`` (the rows that were in at least one micro-batch: fewer than
@@ -20,7 +21,8 @@ Resume: the Trainer's own checkpoint restores weights, optimizer, scheduler and 
 batches already seen; token counters and per-row counts come from ``tulu_progress.json``. On CPU in fp32 a
 resumed run ends bit-identical to an uninterrupted one (tests/test_sft.py asserts max |diff| <= 1e-5).
 
-Trainer: TRL's `SFTTrainer`, subclassed for two things TRL cannot express through its config:
+Trainer: `tulu_pipeline.training.hf_trainers.TuluSFTTrainer`, TRL's `SFTTrainer` subclassed for two things
+TRL cannot express through its config:
 
 - Loss reduction. ``mean`` is TRL's own: the token-level NLL summed over the micro-batch and divided by the
   number of trained tokens in the whole optimizer step (``num_items_in_batch``), so every trained token
@@ -45,49 +47,32 @@ import gc
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.progress import NullReporter, Reporter, loss_curve_png
+from tulu_pipeline.templates.chat_template import IGNORE_INDEX, apply_tulu_chat_template, encode_rows
 from tulu_pipeline.training.batch_layout import launch_world_size
-from tulu_pipeline.training.batching import INFO_KEYS, SFTCollator
-from tulu_pipeline.templates.lineage import template_lineage
-from tulu_pipeline.templates.chat_template import (
-    IGNORE_INDEX,
-    apply_tulu_chat_template,
-    encode_rows,
-)
+from tulu_pipeline.training.batching import SFTCollator
 from tulu_pipeline.training.checkpointing import (
-    library_versions,
-    save_final,
-    training_device,
-    CHECKPOINTS_DIR,
-    PROGRESS_FILE,
-    RUN_FILE,
-    fingerprint,
-    latest_complete_checkpoint,
-    mark_complete,
-    prepare_run_dir,
-    prune_checkpoints,
-    publishing,
-    read_json,
-    remove_stale_siblings,
+    load_training_model,
+    resolve_bf16,
     row_ids_sha256,
     rows_content_sha256,
+    save_final,
     trainer_arguments,
-    write_json_atomic,
+    training_device,
 )
+from tulu_pipeline.training.run import TrainingResult, TrainingRun, all_reduce_counts
 from tulu_pipeline.training.sft_config import SFTTrainingConfig
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
 SFT_CODE_VERSION = "1"
-MANIFEST_FORMAT_VERSION = 1
 LOSS_CURVE_FILE = "loss_curve.png"
 # Row ids of the training rows the run actually trained on (in at least one micro-batch), one per line, in
 # input order: with max_steps or fractional epochs this is a subset of the rows given.
@@ -95,262 +80,15 @@ TRAINED_ROWS_FILE = "trained_row_ids.txt"
 # Debugging/test knob: sleep this many seconds after every optimizer step (widens the window in which the
 # resume test kills the process; never set in production).
 STEP_DELAY_ENV = "TULU_SFT_STEP_DELAY_S"
-KEEP_CHECKPOINTS = 2
 
 
 @dataclass
-class SFTResult:
+class SFTResult(TrainingResult):
     """A finished SFT run: where the checkpoint is, its metrics and its manifest."""
-
-    checkpoint_dir: Path
-    metrics: dict[str, Any]
-    manifest: dict[str, Any]
-    reused: bool = False  # True when output_dir already held this exact run and nothing was trained
-
-    @property
-    def resumed_from_step(self) -> int:
-        return int(self.metrics.get("resumed_from_step", 0))
 
     @property
     def loss_curve_path(self) -> Path:
         return self.checkpoint_dir / LOSS_CURVE_FILE
-
-
-# ---------------------------------------------------------------------------------------------
-# token counters that survive a resume
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class TrainingProgress:
-    real_tokens: int = 0
-    computed_tokens: int = 0
-    prior_train_seconds: float = 0.0
-    prior_save_seconds: float = 0.0
-    session_start: float | None = None
-    session_end: float | None = None
-    session_save_seconds: float = 0.0  # writing checkpoints: not training, left out of tokens/s
-    # since the last log line
-    interval_nll: float = 0.0
-    interval_trained_tokens: int = 0
-    interval_real_tokens: int = 0
-    interval_start: float | None = None
-    interval_save_seconds: float = 0.0
-    times_seen: list[int] = field(default_factory=list)  # per training example: micro-batches it was in
-
-    def train_seconds(self) -> float:
-        end = self.session_end if self.session_end is not None else time.perf_counter()
-        running = end - self.session_start if self.session_start is not None else 0.0
-        return self.prior_train_seconds + running
-
-    def save_seconds(self) -> float:
-        return self.prior_save_seconds + self.session_save_seconds
-
-    def tokens_per_s(self) -> float | None:
-        compute = self.train_seconds() - self.save_seconds()
-        return self.real_tokens / compute if compute > 0 else None
-
-    def packing_efficiency(self) -> float | None:
-        return self.real_tokens / self.computed_tokens if self.computed_tokens else None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"real_tokens": self.real_tokens, "computed_tokens": self.computed_tokens,
-                "train_seconds": self.train_seconds(), "save_seconds": self.save_seconds(),
-                "times_seen": self.times_seen}
-
-    def restore(self, saved: dict[str, Any]) -> None:
-        self.real_tokens = int(saved.get("real_tokens", 0))
-        self.computed_tokens = int(saved.get("computed_tokens", 0))
-        self.prior_train_seconds = float(saved.get("train_seconds", 0.0))
-        self.prior_save_seconds = float(saved.get("save_seconds", 0.0))
-        times_seen = saved.get("times_seen")
-        if isinstance(times_seen, list) and len(times_seen) == len(self.times_seen):
-            self.times_seen = [int(n) for n in times_seen]
-
-
-# ---------------------------------------------------------------------------------------------
-# the trainer
-# ---------------------------------------------------------------------------------------------
-def _trainer_classes():
-    """TuluSFTTrainer and its callback, built on first use (keeps importing this module cheap)."""
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    import torch
-    from transformers import TrainerCallback
-    from trl import SFTTrainer
-
-    class TuluSFTTrainer(SFTTrainer):
-        """SFTTrainer with open-instruct's ``sum`` reduction, packing statistics and marked checkpoints."""
-
-        def __init__(self, *args: Any, loss_reduction: str, progress: TrainingProgress,
-                     reporter: Reporter, **kwargs: Any):
-            self.loss_reduction = loss_reduction
-            self.progress = progress
-            self.reporter = reporter
-            super().__init__(*args, **kwargs)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            info = {key: inputs.pop(key) for key in INFO_KEYS if key in inputs}
-            training = self.model.training
-            # TRL multiplies the loss by the data-parallel size when it gets num_items_in_batch (a global count)
-            dp_size = self.accelerator.num_processes // self.get_tp_size() if self.args.average_tokens_across_devices else 1
-            if training and self.loss_reduction == "sum":
-                # TRL divides the micro-batch's token-loss sum by num_items_in_batch: passing the accumulation
-                # steps (times dp_size, which TRL multiplies back) gives open-instruct's sum reduction.
-                num_items_in_batch = torch.tensor(float(self.current_gradient_accumulation_steps * dp_size))
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if training:
-                loss = result[0] if return_outputs else result
-                trained = int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
-                if num_items_in_batch is not None:
-                    nll = float(loss.detach()) * float(num_items_in_batch) / dp_size
-                else:
-                    nll = float(loss.detach()) * max(trained, 1)
-                progress = self.progress
-                progress.interval_nll += nll
-                progress.interval_trained_tokens += trained
-                if "real_tokens" in info:
-                    real = int(info["real_tokens"])
-                    progress.real_tokens += real
-                    progress.interval_real_tokens += real
-                    progress.computed_tokens += int(info["computed_tokens"])
-                if "example_index" in info:
-                    for index in info["example_index"].tolist():
-                        progress.times_seen[index] += 1
-            return result
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            progress = self.progress
-            if "loss" in logs and progress.interval_trained_tokens:
-                now = time.perf_counter()
-                elapsed = now - (progress.interval_start or progress.session_start or now)
-                elapsed -= progress.interval_save_seconds
-                logs["objective"] = logs["loss"]
-                logs["token_loss"] = progress.interval_nll / progress.interval_trained_tokens
-                logs["tokens_per_s"] = progress.interval_real_tokens / elapsed if elapsed > 0 else 0.0
-                logs["tokens"] = progress.real_tokens
-                logs["packing_efficiency"] = progress.packing_efficiency() or 0.0
-                progress.interval_nll, progress.interval_trained_tokens, progress.interval_real_tokens = 0.0, 0, 0
-                progress.interval_start, progress.interval_save_seconds = now, 0.0
-            super().log(logs, start_time)
-
-        def _save_checkpoint(self, model, trial):
-            if self.state.max_steps and self.state.global_step >= self.state.max_steps:
-                return  # the last step: the final model is published right after, a checkpoint would be waste
-            started = time.perf_counter()
-            super()._save_checkpoint(model, trial)
-            checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            seconds = time.perf_counter() - started
-            self.progress.session_save_seconds += seconds
-            self.progress.interval_save_seconds += seconds
-            if self.is_world_process_zero():  # one writer per run directory under torchrun
-                mark_complete(checkpoint, {"step": self.state.global_step, **self.progress.to_json()})
-                prune_checkpoints(Path(self.args.output_dir), keep=KEEP_CHECKPOINTS)
-            self.reporter.log(f"checkpoint saved at step {self.state.global_step} ({seconds:.1f}s)")
-
-    class ReportingCallback(TrainerCallback):
-        """Forwards each training log line to the reporter; optionally slows steps down (tests)."""
-
-        def __init__(self, reporter: Reporter, progress: TrainingProgress):
-            self.reporter = reporter
-            self.progress = progress
-            self.delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.progress.session_start = self.progress.interval_start = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.progress.session_end = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.delay > 0:
-                time.sleep(self.delay)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "token_loss" not in logs:
-                return
-            metrics = {
-                "loss": logs["token_loss"],
-                "objective": logs.get("objective"),
-                "learning_rate": logs.get("learning_rate"),
-                "grad_norm": logs.get("grad_norm"),
-                "tokens_per_s": logs.get("tokens_per_s"),
-                "tokens": logs.get("tokens"),
-                "packing_efficiency": logs.get("packing_efficiency"),
-                "epoch": logs.get("epoch"),
-            }
-            metrics = {k: (float(v) if isinstance(v, int | float) else v) for k, v in metrics.items()}
-            self.reporter.log_metrics(state.global_step, metrics)
-
-    return TuluSFTTrainer, ReportingCallback
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------
-def _dist():
-    """torch.distributed when a multi-process run (torchrun) initialized it, else None."""
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
-
-
-def await_run_dir(output_dir: Path, run_fingerprint: str, timeout_s: float = 600.0) -> tuple[Path, Path | None]:
-    """A torchrun worker's view of the run directory rank 0 prepares: wait for its run record, then resume from
-    the same complete checkpoint."""
-    root = output_dir / CHECKPOINTS_DIR
-    deadline = time.monotonic() + timeout_s
-    while (read_json(root / RUN_FILE) or {}).get("fingerprint") != run_fingerprint:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{root}: rank 0 did not prepare the run directory within {timeout_s:.0f} s")
-        time.sleep(0.5)
-    return root, latest_complete_checkpoint(root)
-
-
-def _gather_progress(progress: TrainingProgress) -> None:
-    """Sum what every rank saw (rows, tokens) so rank 0 publishes the whole run's counts."""
-    dist = _dist()
-    if dist is None:
-        return
-    import torch
-
-    device = training_device() if dist.get_backend() == "nccl" else torch.device("cpu")
-    counts = torch.tensor([*progress.times_seen, progress.real_tokens, progress.computed_tokens],
-                          dtype=torch.long, device=device)
-    dist.all_reduce(counts)
-    values = counts.tolist()
-    progress.times_seen = values[:-2]
-    progress.real_tokens, progress.computed_tokens = values[-2], values[-1]
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX): there bf16 autocast is ~2x
-    faster than fp32; elsewhere it is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
-
-
-def resolve_bf16(config: SFTTrainingConfig) -> bool:
-    """Whether a run with ``config`` trains under bf16 autocast on this machine."""
-    import torch
-
-    if config.bf16 != "auto":
-        return bool(config.bf16)
-    if torch.cuda.is_available():
-        return bool(torch.cuda.is_bf16_supported())
-    return cpu_has_native_bf16()
-
-
-def _attn_implementation(config: SFTTrainingConfig) -> str:
-    if config.attn_implementation != "auto":
-        return config.attn_implementation
-    import importlib.util
-
-    import torch
-
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
 
 
 def heldout_loss(model: Any, examples: Sequence[dict[str, list[int]]], pad_token_id: int,
@@ -385,24 +123,6 @@ def heldout_loss(model: Any, examples: Sequence[dict[str, list[int]]], pad_token
     return total / count if count else None
 
 
-def load_training_model(model_dir: str | Path, config: SFTTrainingConfig) -> Any:
-    """The model to fine-tune: fp32 weights, the configured attention kernel, no KV cache."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation=_attn_implementation(config))
-    # Packed rows rely on transformers deriving sequence boundaries from position_ids, which it does
-    # only without a KV cache.
-    model.config.use_cache = False
-    return model
-
-
-def _result_from_manifest(output_dir: Path, manifest: dict[str, Any], reused: bool) -> SFTResult:
-    return SFTResult(checkpoint_dir=output_dir, metrics=dict(manifest.get("metrics", {})), manifest=manifest,
-                     reused=reused)
-
-
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +146,6 @@ def run_sft(
     config = config if isinstance(config, SFTTrainingConfig) else SFTTrainingConfig.model_validate(config or {})
     reporter = reporter if reporter is not None else NullReporter()
     base_model_dir = Path(base_model_dir).resolve()
-    output_dir = Path(output_dir).resolve()
     manifest_extra = dict(manifest_extra or {})
     # The config states the global batch; this process trains its share (an indivisible batch stops here).
     layout = config.batch_layout(launch_world_size(), manifest_extra.get("preset"))
@@ -438,6 +157,8 @@ def run_sft(
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig
+
+    from tulu_pipeline.training.hf_trainers import SFTReportingCallback, TrainingProgress, TuluSFTTrainer
 
     tokenizer = apply_tulu_chat_template(AutoTokenizer.from_pretrained(base_model_dir))
     train = encode_rows(rows, tokenizer, config.max_length)
@@ -452,34 +173,17 @@ def run_sft(
         reporter.log(f"truncated {len(train.truncated_row_ids)} training rows to max_length={config.max_length}")
 
     base_sha = weights_sha256(base_model_dir)
-    identity = {
-        "sft_code_version": SFT_CODE_VERSION,
-        "config": config.model_dump(mode="json"),
+    run = TrainingRun("sft", SFT_CODE_VERSION, config, {
         "base_model_sha256": base_sha,
         "train_rows_sha256": rows_content_sha256(rows),
         "heldout_rows_sha256": rows_content_sha256(heldout),
         "mix_hash": manifest_extra.get("mix_hash"),
-    }
-    run_fingerprint = fingerprint(identity)
-
-    existing = read_json(output_dir / MANIFEST_FILE)
-    if existing is not None and existing.get("fingerprint") == run_fingerprint:
-        reporter.log(f"{output_dir} already holds this run (fingerprint {run_fingerprint[:12]}); not retraining")
-        return _result_from_manifest(output_dir, existing, reused=True)
-
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 owns the run directory
-        for stale in remove_stale_siblings(output_dir):
-            reporter.log(f"removed {stale.name}, left behind by an interrupted run")
-        root, resume_from = prepare_run_dir(output_dir, run_fingerprint, identity, reporter.log)
-    else:
-        root, resume_from = await_run_dir(output_dir, run_fingerprint)
+    }, output_dir, reporter, manifest_extra)
+    if (finished := run.finished()) is not None:
+        return SFTResult(**vars(finished))
+    resume_from = run.prepare()
     progress = TrainingProgress(times_seen=[0] * len(train.examples))
-    resumed_from_step = 0
-    if resume_from is not None:
-        saved = read_json(resume_from / PROGRESS_FILE) or {}
-        progress.restore(saved)
-        resumed_from_step = int(saved.get("step", 0))
-        reporter.log(f"resuming from {resume_from.name} (step {resumed_from_step})")
+    progress.restore(run.saved_progress)
 
     transformers.set_seed(config.seed)
     device = training_device()
@@ -498,7 +202,7 @@ def run_sft(
         max_row_tokens=None if attn.startswith("flash") else config.max_length,
     )
     args = SFTConfig(
-        **trainer_arguments(process_config, root, use_bf16, device),
+        **trainer_arguments(process_config, run.root, use_bf16, device),
         max_length=None,
         packing=False,
         padding_free=False,
@@ -511,15 +215,14 @@ def run_sft(
         peft_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                                  target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM")
 
-    trainer_cls, callback_cls = _trainer_classes()
-    trainer = trainer_cls(
+    trainer = TuluSFTTrainer(
         model=model,
         args=args,
         data_collator=collator,
         train_dataset=Dataset.from_list([{**ex, "example_index": i} for i, ex in enumerate(train.examples)]),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[callback_cls(reporter, progress)],
+        callbacks=[SFTReportingCallback(reporter, progress, float(os.environ.get(STEP_DELAY_ENV) or 0))],
         loss_reduction=config.loss_reduction,
         progress=progress,
         reporter=reporter,
@@ -530,15 +233,17 @@ def run_sft(
                  f"processes x {layout.per_device_batch_size} x {layout.gradient_accumulation_steps} accumulation, "
                  f"{trainable} trainable parameters, attention {attn}, bf16={use_bf16}, device {device}")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
-    _gather_progress(progress)
-    if not trainer.is_world_process_zero():  # rank 0 publishes; the other ranks' work is in its weights
-        return SFTResult(checkpoint_dir=output_dir, metrics={"steps": int(trainer.state.global_step)}, manifest={})
+    # rank 0 publishes what every rank saw (rows, tokens); the other ranks' work is in its weights
+    *progress.times_seen, progress.real_tokens, progress.computed_tokens = all_reduce_counts(
+        [*progress.times_seen, progress.real_tokens, progress.computed_tokens])
+    if not run.is_publisher:
+        return SFTResult(run.output_dir, {"steps": int(trainer.state.global_step)}, {})
     train_seconds = progress.train_seconds()
     steps = int(trainer.state.global_step)
     curve = [{"step": int(e["step"]), "loss": float(e["token_loss"]), "learning_rate": float(e.get("learning_rate", 0.0))}
              for e in trainer.state.log_history if "token_loss" in e]
 
-    with publishing(output_dir) as staging:
+    with run.publishing() as staging:
         save_final(trainer, tokenizer, staging, lora=config.lora is not None)
         del trainer, model
         gc.collect()
@@ -563,7 +268,7 @@ def run_sft(
             "train_s": train_seconds,
             "checkpoint_save_s": progress.save_seconds(),
             "wall_s": time.perf_counter() - wall_start,
-            "resumed_from_step": resumed_from_step,
+            "resumed_from_step": run.resumed_from_step,
             "train_rows": len(train.examples),
             "heldout_rows": len(held.examples),
             "dropped_rows": len(train.dropped_row_ids),
@@ -575,35 +280,22 @@ def run_sft(
         metrics["row_passes"] = sum(progress.times_seen)
         (staging / TRAINED_ROWS_FILE).write_text("".join(f"{row_id}\n" for row_id in seen_ids), encoding="utf-8")
         (staging / LOSS_CURVE_FILE).write_bytes(loss_curve_png(curve, heldout_before, heldout_after))
-        clashes = sorted(set(manifest_extra) & {"fingerprint", "metrics", "config"})
-        if clashes:
-            raise ValueError(f"manifest_extra may not set {clashes}")
-        manifest = {
-            **manifest_extra,
-            "format_version": MANIFEST_FORMAT_VERSION,
-            "sft_code_version": SFT_CODE_VERSION,
-            "fingerprint": run_fingerprint,
-            "config": config.model_dump(mode="json"),
-            "seed": config.seed,
-            "chat_template": "tulu",
-            "template_lineage": template_lineage(tokenizer),
-            "base_model": {"path": str(base_model_dir), "weights_sha256": base_sha},
-            "base_model_sha256": base_sha,
+        manifest = run.manifest(
+            tokenizer=tokenizer, batch=layout.manifest(), metrics=metrics, versions=("trl", "peft"),
+            base_model={"path": str(base_model_dir), "weights_sha256": base_sha},
+            base_model_sha256=base_sha,
             # the trainable rows given (after dropping rows with nothing to train on), and those trained on
-            "train_row_ids_sha256": row_ids_sha256(train.row_ids),
-            "trained_row_ids_file": TRAINED_ROWS_FILE,
-            "trained_row_ids_sha256": row_ids_sha256(seen_ids),
-            "train_rows_sha256": identity["train_rows_sha256"],
-            "heldout_rows_sha256": identity["heldout_rows_sha256"],
-            "dropped_row_ids": train.dropped_row_ids,
-            "batch": layout.manifest(),
-            "versions": library_versions("trl", "peft"),
-            "metrics": metrics,
-        }
-        write_json_atomic(staging / MANIFEST_FILE, manifest)  # last: a directory with it is complete
-    reporter.log(f"published {output_dir}: loss {metrics['initial_loss']:.4f} -> {metrics['final_loss']:.4f}, "
+            train_row_ids_sha256=row_ids_sha256(train.row_ids),
+            trained_row_ids_file=TRAINED_ROWS_FILE,
+            trained_row_ids_sha256=row_ids_sha256(seen_ids),
+            train_rows_sha256=run.identity["train_rows_sha256"],
+            heldout_rows_sha256=run.identity["heldout_rows_sha256"],
+            dropped_row_ids=train.dropped_row_ids,
+        )
+        run.write_manifest(staging, manifest)
+    reporter.log(f"published {run.output_dir}: loss {metrics['initial_loss']:.4f} -> {metrics['final_loss']:.4f}, "
                  f"held-out {_fmt(heldout_before)} -> {_fmt(heldout_after)}, {steps} steps in {train_seconds:.1f}s")
-    return SFTResult(checkpoint_dir=output_dir, metrics=metrics, manifest=manifest)
+    return SFTResult(run.output_dir, metrics, manifest)
 
 
 def _fmt(value: float | None) -> str:

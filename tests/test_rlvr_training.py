@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from resume_helpers import kill_9_after_first_checkpoint, max_abs_weight_diff
-from test_grpo_support import addition_row, save_warm_addition_model
+from test_rlvr_support import addition_row, save_warm_addition_model
 
 from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.layout import MANIFEST_FILE
@@ -27,20 +27,17 @@ from tulu_pipeline.storage import Store
 from tulu_pipeline.training.checkpointing import (
     CHECKPOINTS_DIR,
 )
-from tulu_pipeline.training.grpo import (
-    REWARD_CURVE_FILE,
-    STEP_DELAY_ENV,
-    TRAINED_ROWS_FILE,
+from tulu_pipeline.training.rlvr import REWARD_CURVE_FILE, STEP_DELAY_ENV, TRAINED_ROWS_FILE, run_rlvr
+from tulu_pipeline.training.rlvr_rollouts import (
     apply_unfinished_penalty,
     group_advantages,
     prompt_ids,
-    run_grpo,
     step_prompt_indices,
 )
-from tulu_pipeline.training.grpo_config import (
-    GRPO_PRESETS,
-    GRPOTrainingConfig,
-    grpo_config,
+from tulu_pipeline.training.rlvr_config import (
+    RLVR_TRAINING_PRESETS,
+    RLVRTrainingConfig,
+    rlvr_training_config,
 )
 
 RESUME_ATOL = 1e-5
@@ -50,7 +47,7 @@ TRAIN_PAIRS = PAIRS[:8]
 HELDOUT_PAIRS = PAIRS[8:12]
 # 30 steps x 8 prompts x 8 completions of at most 4 tokens: ~10 s on one core. (Seeds 3, 4, 5 measured:
 # mean reward of the first/last 7 steps 3.6 -> 7.7, 2.9 -> 7.1, 2.4 -> 3.8.)
-LEARN = GRPOTrainingConfig(learning_rate=5e-3, max_steps=30, prompts_per_step=8, num_generations=8,
+LEARN = RLVRTrainingConfig(learning_rate=5e-3, max_steps=30, prompts_per_step=8, num_generations=8,
                            micro_batch_size=64, max_completion_length=4, beta=0.0, save_steps=100, seed=4)
 
 
@@ -69,7 +66,7 @@ def learned(warm_model, rows, tmp_path_factory):
     train, heldout = rows
     reporter = NullReporter()
     out = tmp_path_factory.mktemp("learn") / "rlvr-toy"
-    result = run_grpo(train, heldout, warm_model, out, LEARN, reporter=reporter,
+    result = run_rlvr(train, heldout, warm_model, out, LEARN, reporter=reporter,
                       manifest_extra={"prompts_version": "toy-v1", "checkpoint_id": "rlvr-toy"})
     return result, reporter
 
@@ -78,32 +75,32 @@ def learned(warm_model, rows, tmp_path_factory):
 # pieces
 # ---------------------------------------------------------------------------------------------
 def test_importing_the_rlvr_modules_stays_cheap():
-    code = ("import sys, tulu_pipeline.training.grpo, tulu_pipeline.training.grpo_job, tulu_pipeline.training.grpo_plan, "
+    code = ("import sys, tulu_pipeline.training.rlvr, tulu_pipeline.training.rlvr_job, tulu_pipeline.training.rlvr_plan, "
             "tulu_pipeline.rlvr; print(sorted(m for m in ('torch', 'transformers', 'vllm', 'trl') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_presets():
-    assert grpo_config("cpu_demo") == GRPO_PRESETS["cpu_demo"]
-    demo = GRPO_PRESETS["cpu_demo"]
+    assert rlvr_training_config("cpu_demo") == RLVR_TRAINING_PRESETS["cpu_demo"]
+    demo = RLVR_TRAINING_PRESETS["cpu_demo"]
     assert (demo.correct_reward, demo.unfinished_penalty, demo.use_vllm) == (10.0, 10.0, False)
-    paper = GRPO_PRESETS["tulu3_8b"]
+    paper = RLVR_TRAINING_PRESETS["tulu3_8b"]
     assert (paper.learning_rate, paper.beta, paper.max_completion_length, paper.use_vllm) == (3e-7, 0.05, 1024, True)
     assert paper.rollouts_per_step == 64 * 16
-    assert grpo_config("cpu_demo", beta=0.0).beta == 0.0
+    assert rlvr_training_config("cpu_demo", beta=0.0).beta == 0.0
     with pytest.raises(KeyError, match="unknown GRPO preset"):
-        grpo_config("nope")
+        rlvr_training_config("nope")
     with pytest.raises(ValueError):
-        grpo_config("cpu_demo", num_generations=1)  # a group of one has no baseline
+        rlvr_training_config("cpu_demo", num_generations=1)  # a group of one has no baseline
 
 
 def test_unfinished_penalty_replaces_the_verifier_reward():
-    config = GRPOTrainingConfig(unfinished_penalty=10.0)
+    config = RLVRTrainingConfig(unfinished_penalty=10.0)
     assert apply_unfinished_penalty(10.0, finished=False, config=config) == -10.0
     assert apply_unfinished_penalty(0.0, finished=False, config=config) == -10.0
     assert apply_unfinished_penalty(10.0, finished=True, config=config) == 10.0
-    assert apply_unfinished_penalty(10.0, finished=False, config=GRPOTrainingConfig(unfinished_penalty=None)) == 10.0
+    assert apply_unfinished_penalty(10.0, finished=False, config=RLVRTrainingConfig(unfinished_penalty=None)) == 10.0
 
 
 def test_group_advantages():
@@ -165,7 +162,7 @@ def test_checkpoint_explains_itself(learned, warm_model, rows):
     assert not (out / CHECKPOINTS_DIR).exists()
     AutoModelForCausalLM.from_pretrained(out)
     assert AutoTokenizer.from_pretrained(out).chat_template.startswith("{% for message in messages %}")
-    again = run_grpo(rows[0], rows[1], warm_model, out, LEARN,
+    again = run_rlvr(rows[0], rows[1], warm_model, out, LEARN,
                      manifest_extra={"prompts_version": "toy-v1", "checkpoint_id": "rlvr-toy"})
     assert again.reused and again.metrics == result.metrics
 
@@ -174,10 +171,10 @@ def test_unfinished_answers_are_penalized(warm_model, rows, tmp_path):
     # One token is never enough for "<digits><EOS>": every completion but an immediate EOS is unfinished, and a
     # single-digit sum cut off before its EOS still verifies. Both runs sample the same rollouts (same seed and
     # start model); only the reward differs.
-    short = GRPOTrainingConfig(max_steps=1, prompts_per_step=8, num_generations=8, max_completion_length=1,
+    short = RLVRTrainingConfig(max_steps=1, prompts_per_step=8, num_generations=8, max_completion_length=1,
                                beta=0.0, seed=3, save_steps=10)
-    penalized = run_grpo(rows[0], [], warm_model, tmp_path / "a", short).metrics["reward_per_step"][0]
-    lenient = run_grpo(rows[0], [], warm_model, tmp_path / "b",
+    penalized = run_rlvr(rows[0], [], warm_model, tmp_path / "a", short).metrics["reward_per_step"][0]
+    lenient = run_rlvr(rows[0], [], warm_model, tmp_path / "b",
                        short.model_copy(update={"unfinished_penalty": None})).metrics["reward_per_step"][0]
     print(f"unfinished {penalized['unfinished_rate']:.2f}, correct {lenient['accuracy']:.2f}: reward "
           f"{penalized['reward_mean']:.2f} with the penalty, {lenient['reward_mean']:.2f} without")
@@ -193,7 +190,7 @@ def test_unfinished_answers_are_penalized(warm_model, rows, tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_resume_after_kill_9_matches_the_uninterrupted_run(warm_model, rows, tmp_path):
-    from tulu_pipeline.training.grpo_job import run_job
+    from tulu_pipeline.training.rlvr_job import run_job
 
     config = LEARN.model_copy(update={"max_steps": 4, "save_steps": 2})
     store = Store(str(tmp_path / "tulu_home"))
@@ -204,7 +201,7 @@ def test_resume_after_kill_9_matches_the_uninterrupted_run(warm_model, rows, tmp
               "checkpoint_dir": "models/rlvr-killed", "config": config.model_dump(mode="json")}
     uninterrupted = run_job({**params, "checkpoint_dir": "models/rlvr-whole"}, NullReporter())[0]
 
-    kill_9_after_first_checkpoint("tulu_pipeline.training.grpo_job", params, Path(store.path("models/rlvr-killed")),
+    kill_9_after_first_checkpoint("tulu_pipeline.training.rlvr_job", params, Path(store.path("models/rlvr-killed")),
                                   tmp_path / "killed", STEP_DELAY_ENV, 0.4)
 
     reporter = NullReporter()
@@ -223,7 +220,7 @@ def test_completion_logprobs_of_a_padded_batch_equal_each_sequence_alone(warm_mo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tulu_pipeline.training.grpo import completion_logprobs
+    from tulu_pipeline.training.rlvr_step import completion_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(warm_model)
     prompts, completions = [[5, 6, 7], [5, 6, 7, 8, 9]], [[10, 11], [12, 13, 14]]

@@ -1,4 +1,4 @@
-"""The RLVR job: ``python -m tulu_pipeline.training.grpo_job``, run by the compute launcher in its own process.
+"""The RLVR job: ``python -m tulu_pipeline.training.rlvr_job``, run by the compute launcher in its own process.
 
 Like `tulu_pipeline.training.sft_job`: under Dagster it reads its parameters from the pipes context's extras,
 streams every logging step as a JSON ``log.info`` line (``{"event": "grpo_metrics", "step", "reward_mean",
@@ -13,7 +13,7 @@ Parameters (extras):
 - ``heldout_row_ids``: prompts measured (greedy verifier accuracy) but never trained on;
 - ``start_model_dir``, ``checkpoint_dir``: paths relative to ``tulu_home`` (``models/sft-<hash>`` or
   ``models/dpo-<hash>``; ``models/rlvr-<hash>``);
-- ``preset`` (default ``cpu_demo``) and ``config`` (`GRPOTrainingConfig` fields overriding the preset);
+- ``preset`` (default ``cpu_demo``) and ``config`` (`RLVRTrainingConfig` fields overriding the preset);
 - ``verifier_module`` (default ``tulu_pipeline.rewards``): a module with ``verify(task, response, *,
   ground_truth, constraints)`` returning an object with ``ok`` (the reward is ``correct_reward`` when ok, else 0);
 - ``manifest_extra``: copied into ``training_manifest.json`` (``prompts_version`` is part of the run fingerprint).
@@ -31,15 +31,9 @@ from typing import Any
 from tulu_pipeline.jobs import Job, JobOutcome, floats, ints, job_main, png_markdown, require, rows_split_by_id, typed
 from tulu_pipeline.progress import Reporter
 from tulu_pipeline.storage import Store
-from tulu_pipeline.training.grpo import (
-    DEFAULT_VERIFIER_MODULE,
-    REWARD_CURVE_FILE,
-    TRAINING_METRICS_FILE,
-    GRPOResult,
-    run_grpo,
-    verifier_from_module,
-)
-from tulu_pipeline.training.grpo_config import grpo_config
+from tulu_pipeline.training.rlvr import REWARD_CURVE_FILE, TRAINING_METRICS_FILE, RLVRResult, run_rlvr
+from tulu_pipeline.training.rlvr_rollouts import DEFAULT_VERIFIER_MODULE, verifier_from_module
+from tulu_pipeline.training.rlvr_config import rlvr_training_config
 from tulu_pipeline.training.remote import train_where_stored
 
 WORK_DIR_ENV = "TULU_GRPO_WORK_DIR"
@@ -52,11 +46,11 @@ def load_prompts(store: Store, params: dict[str, Any], reporter: Reporter) -> tu
                             params.get("heldout_row_ids") or [], reporter)
 
 
-def run_job(params: dict[str, Any], reporter: Reporter) -> tuple[GRPOResult, str]:
+def run_job(params: dict[str, Any], reporter: Reporter) -> tuple[RLVRResult, str]:
     """Load the prompts, train, publish; returns the result and the checkpoint's location (path or URL)."""
-    require(params, REQUIRED, "grpo_job")
+    require(params, REQUIRED, "rlvr_job")
     store = Store(str(params["tulu_home"]))
-    config = grpo_config(params.get("preset") or "cpu_demo", **(params.get("config") or {}))
+    config = rlvr_training_config(params.get("preset") or "cpu_demo", **(params.get("config") or {}))
     verifier = verifier_from_module(params.get("verifier_module") or DEFAULT_VERIFIER_MODULE, config.correct_reward)
     train, heldout = load_prompts(store, params, reporter)
     start_rel, checkpoint_rel = params["start_model_dir"], params["checkpoint_dir"]
@@ -67,12 +61,12 @@ def run_job(params: dict[str, Any], reporter: Reporter) -> tuple[GRPOResult, str
 
     result = train_where_stored(
         store, start_rel, checkpoint_rel, WORK_DIR_ENV, "grpo", reporter, model_name="start_model",
-        run=lambda start, output: run_grpo(train, heldout, start, output, config, reporter=reporter,
+        run=lambda start, output: run_rlvr(train, heldout, start, output, config, reporter=reporter,
                                            manifest_extra=manifest_extra, verifier=verifier))
     return result, store.uri(checkpoint_rel)
 
 
-def materialization_metadata(result: GRPOResult, location: str) -> dict[str, Any]:
+def materialization_metadata(result: RLVRResult, location: str) -> dict[str, Any]:
     """Final metrics as dagster-pipes metadata."""
     m = result.metrics
     png = result.reward_curve_path.read_bytes() if result.reward_curve_path.exists() else b""
@@ -104,7 +98,7 @@ def _run(params: dict[str, Any], reporter: Reporter) -> JobOutcome:
     return JobOutcome(materialization_metadata(result, location), data_version=result.manifest["fingerprint"][:16])
 
 
-JOB = Job("tulu_pipeline.training.grpo_job", _run, result_event="grpo_result", metrics_event="grpo_metrics",
+JOB = Job("tulu_pipeline.training.rlvr_job", _run, result_event="grpo_result", metrics_event="grpo_metrics",
           hidden=("reward_curve", "training_metrics", "reward_per_step", "config", "heldout_accuracy_change_ci95"))
 
 

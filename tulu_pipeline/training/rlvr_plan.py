@@ -18,7 +18,7 @@ from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.rlvr.prompts import RLVR_DATASET, rlvr_info_path, row_task
 from tulu_pipeline.storage import Store
 from tulu_pipeline.templates.lineage import lineage_hashes
-from tulu_pipeline.training.grpo_config import grpo_config
+from tulu_pipeline.training.rlvr_config import rlvr_training_config
 
 START_KINDS = ("dpo", "sft")  # in order of preference
 
@@ -34,7 +34,7 @@ class StartCheckpoint:
 
 
 @dataclass(frozen=True)
-class GRPOPlan:
+class RLVRPlan:
     """One RLVR run: its content-addressed id and the extras handed to the training process."""
 
     version: str
@@ -97,17 +97,17 @@ def rlvr_checkpoint_id(code_version: str, config: dict[str, Any], dataset_versio
 
 
 def rlvr_checkpoint_plan(store: Store, preset: str, overrides: dict[str, Any], dataset_version: str | None = None,
-                         verifier_module: str | None = None, start_checkpoint_id: str | None = None) -> GRPOPlan:
+                         verifier_module: str | None = None, start_checkpoint_id: str | None = None) -> RLVRPlan:
     """Plan a run on ``rlvr_prompts@dataset_version`` (default: the latest) from ``start_checkpoint_id`` (default:
     `find_start_checkpoint`, the newest DPO checkpoint on disk, else the newest SFT one)."""
-    from tulu_pipeline.training.grpo import GRPO_CODE_VERSION
-    config = grpo_config(preset, **overrides)
+    from tulu_pipeline.training.rlvr import RLVR_TRAINING_CODE_VERSION
+    config = rlvr_training_config(preset, **overrides)
     dataset_version = dataset_version or store.latest_version(RLVR_DATASET)
     if dataset_version is None:
         raise FileNotFoundError(f"{RLVR_DATASET} has not been materialized under {store.url}")
     info = store.read_json(rlvr_info_path(dataset_version))
     start = start_checkpoint_by_id(store, start_checkpoint_id) if start_checkpoint_id else find_start_checkpoint(store)
-    checkpoint_id = rlvr_checkpoint_id(GRPO_CODE_VERSION, config.model_dump(mode="json"), dataset_version, start)
+    checkpoint_id = rlvr_checkpoint_id(RLVR_TRAINING_CODE_VERSION, config.model_dump(mode="json"), dataset_version, start)
     checkpoint_dir = f"models/{checkpoint_id}"
     extras: dict[str, Any] = {
         "tulu_home": store.url,
@@ -131,10 +131,10 @@ def rlvr_checkpoint_plan(store: Store, preset: str, overrides: dict[str, Any], d
     }
     if verifier_module:
         extras["verifier_module"] = verifier_module
-    return GRPOPlan(checkpoint_id.removeprefix("rlvr-"), checkpoint_id, checkpoint_dir, dataset_version, start, extras)
+    return RLVRPlan(checkpoint_id.removeprefix("rlvr-"), checkpoint_id, checkpoint_dir, dataset_version, start, extras)
 
 
-def record_rlvr_events(store: Store, plan: GRPOPlan, manifest: dict[str, Any], run_id: str) -> dict[str, int]:
+def record_rlvr_events(store: Store, plan: RLVRPlan, manifest: dict[str, Any], run_id: str) -> dict[str, int]:
     """``trained_on`` (row -> checkpoint) for every prompt the run sampled rollouts for; ``evaluated`` for the
     held-out prompts (greedy accuracy before/after); ``not_trained`` for prompts never reached within
     ``max_steps`` or too long. Returns the count of each event."""

@@ -1,7 +1,7 @@
 """The RLVR (GRPO) config: typed, with defaults that run on a CPU in minutes, and named presets.
 
 The field defaults are TRL-like GRPO (KL 0.05, symmetric clip, std-normalized advantages, token-level loss).
-``GRPO_PRESETS["cpu_demo"]`` is the CPU demo (see its comment), ``"tulu3_8b"`` carries the Tülu 3 8B RLVR
+``RLVR_TRAINING_PRESETS["cpu_demo"]`` is the CPU demo (see its comment), ``"tulu3_8b"`` carries the Tülu 3 8B RLVR
 hyperparameters over to GRPO and ``"olmo3_style"`` is open-instruct's grpo_fast as the Olmo 3 recipes run it (each
 value with its source).
 
@@ -20,7 +20,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from tulu_pipeline.training.batch_layout import BatchLayout, require_divisible
 
 
-class GRPOTrainingConfig(BaseModel):
+class RLVRTrainingConfig(BaseModel):
     """Hyperparameters of one GRPO run over verifiable-reward prompts."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -90,7 +90,7 @@ class GRPOTrainingConfig(BaseModel):
     logging_steps: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _consistent(self) -> GRPOTrainingConfig:
+    def _consistent(self) -> RLVRTrainingConfig:
         if self.mask_truncated_completions and self.unfinished_penalty is not None:
             raise ValueError("mask_truncated_completions and unfinished_penalty are alternatives: set "
                              "unfinished_penalty=None to mask truncated completions instead of penalizing them")
@@ -123,14 +123,14 @@ class GRPOTrainingConfig(BaseModel):
         return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
 
 
-GRPO_PRESETS: dict[str, GRPOTrainingConfig] = {
+RLVR_TRAINING_PRESETS: dict[str, RLVRTrainingConfig] = {
     # SmolLM2-135M (the DPO checkpoint of it in `make run`) on 2 shared CPU cores, on rlvr_prompts' cpu_demo set
     # ("answer with less than N words" constraints): 8 steps x 2 prompts x 4 completions of at most 24 tokens, in
     # the Olmo 3 form (no KL, clip-higher, zero-std groups dropped and refilled), with a learning rate that
     # moves a 135M model in 8 steps and temperature 0.7 (at 1.0 the 135M model's samples are mostly noise). The
     # held-out prompts are scored greedily and with 4 samples each, before and after: on the default run held-out
     # greedy accuracy rose 0.31 -> 0.88 and the sampled reward -4.1 -> 9.1 (benchmarks/results/rlvr_default_run.json).
-    "cpu_demo": GRPOTrainingConfig(
+    "cpu_demo": RLVRTrainingConfig(
         learning_rate=3e-5,
         max_steps=8,
         prompts_per_step=2,
@@ -153,7 +153,7 @@ GRPO_PRESETS: dict[str, GRPOTrainingConfig] = {
     # EOS, responses up to 1024 tokens, max prompt length 2048. Tülu 3 trained with PPO (a value model); this
     # preset is the GRPO form open-instruct adopted later (group baseline instead of a value model; group size
     # 16 as in its grpo_fast recipes; 64 prompts x 16 = 1024 rollouts per step; ~100k episodes).
-    "tulu3_8b": GRPOTrainingConfig(
+    "tulu3_8b": RLVRTrainingConfig(
         learning_rate=3e-7,
         lr_scheduler="linear",
         warmup_steps=0,
@@ -180,7 +180,7 @@ GRPO_PRESETS: dict[str, GRPOTrainingConfig] = {
     # open-instruct's grpo_fast as the Olmo 3 Instruct RL recipe runs it. Sources: "7b_instruct_rl.sh" is
     # allenai/open-instruct scripts/train/olmo3/7b_instruct_rl.sh; "grpo_utils" / "data_loader" are the defaults of
     # open_instruct/grpo_utils.py GRPOExperimentConfig and open_instruct/data_loader.py StreamingDataLoaderConfig.
-    "olmo3_style": GRPOTrainingConfig(
+    "olmo3_style": RLVRTrainingConfig(
         learning_rate=1e-6,  # 7b_instruct_rl.sh: --learning_rate 1e-6
         lr_scheduler="constant",  # 7b_instruct_rl.sh: --lr_scheduler_type constant
         max_grad_norm=1.0,  # grpo_utils: max_grad_norm 1.0
@@ -213,8 +213,8 @@ GRPO_PRESETS: dict[str, GRPOTrainingConfig] = {
 }
 
 
-def grpo_config(preset: str = "cpu_demo", **overrides: object) -> GRPOTrainingConfig:
+def rlvr_training_config(preset: str = "cpu_demo", **overrides: object) -> RLVRTrainingConfig:
     """A preset with fields replaced (validated like any other config)."""
-    if preset not in GRPO_PRESETS:
-        raise KeyError(f"unknown GRPO preset {preset!r}; known: {sorted(GRPO_PRESETS)}")
-    return GRPOTrainingConfig.model_validate({**GRPO_PRESETS[preset].model_dump(), **overrides})
+    if preset not in RLVR_TRAINING_PRESETS:
+        raise KeyError(f"unknown GRPO preset {preset!r}; known: {sorted(RLVR_TRAINING_PRESETS)}")
+    return RLVRTrainingConfig.model_validate({**RLVR_TRAINING_PRESETS[preset].model_dump(), **overrides})

@@ -20,8 +20,8 @@ import pytest
 torch = pytest.importorskip("torch")
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
 
-from tulu_pipeline.training.grpo import grpo_loss, importance_weights  # noqa: E402
-from tulu_pipeline.training.grpo_config import GRPOTrainingConfig  # noqa: E402
+from tulu_pipeline.training.rlvr_step import grpo_loss, importance_weights  # noqa: E402
+from tulu_pipeline.training.rlvr_config import RLVRTrainingConfig  # noqa: E402
 
 B, T, MAX_LEN = 6, 7, 9
 TOL = 1e-5
@@ -60,7 +60,7 @@ def _batch(seed: int = 0, truncated_row: int | None = None) -> dict[str, torch.T
             "advantages": advantages, "entropies": entropies}
 
 
-def _trl_loss(batch: dict, config: GRPOTrainingConfig, is_weights: torch.Tensor | None):
+def _trl_loss(batch: dict, config: RLVRTrainingConfig, is_weights: torch.Tensor | None):
     trainer = trl_grpo.GRPOTrainer.__new__(trl_grpo.GRPOTrainer)
     trainer.args = SimpleNamespace(use_bias_correction_kl=False, delta=config.delta, steps_per_generation=1)
     trainer.loss_type = config.loss_type
@@ -95,7 +95,7 @@ def _trl_loss(batch: dict, config: GRPOTrainingConfig, is_weights: torch.Tensor 
     return float(loss.detach()), logps.grad, metrics
 
 
-def _our_loss(batch: dict, config: GRPOTrainingConfig, is_weights: torch.Tensor | None):
+def _our_loss(batch: dict, config: RLVRTrainingConfig, is_weights: torch.Tensor | None):
     logps = batch["logps"].clone().requires_grad_(True)
     terms = grpo_loss(logps, batch["old"], batch["advantages"], batch["mask"], config, num_sequences=B,
                       num_tokens=int(batch["mask"].sum()), ref_logps=batch["ref"], is_weights=is_weights)
@@ -122,7 +122,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_loss_and_gradient_equal_trl(name):
-    config = GRPOTrainingConfig(max_completion_length=MAX_LEN, **{"beta": 0.0, **VARIANTS[name]})
+    config = RLVRTrainingConfig(max_completion_length=MAX_LEN, **{"beta": 0.0, **VARIANTS[name]})
     batch = _batch(seed=len(name), truncated_row=2 if config.mask_truncated_completions else None)
     is_weights = None
     if config.importance_sampling_correction:
@@ -149,7 +149,7 @@ def test_the_variants_differ_from_each_other():
     batch = _batch(seed=1)
     values = {}
     for name, overrides in VARIANTS.items():
-        config = GRPOTrainingConfig(max_completion_length=MAX_LEN, **{"beta": 0.0, **overrides})
+        config = RLVRTrainingConfig(max_completion_length=MAX_LEN, **{"beta": 0.0, **overrides})
         if "masked" in name:
             continue  # the mask is an input, not an option of the loss function
         weights = (importance_weights(batch["old"], batch["sampler"], batch["mask"], config.importance_sampling_cap)

@@ -1,8 +1,8 @@
 """The DAPO / Dr GRPO / Olmo 3 options of the GRPO stage, each with a test that fails when the option is ignored.
 
-Runs are one or two optimizer steps of the toy addition model (tests/test_grpo_support.py): the same seed and start
+Runs are one or two optimizer steps of the toy addition model (tests/test_rlvr_support.py): the same seed and start
 model sample the same rollouts, so two runs that differ in one option differ only where that option acts. The loss
-formulas themselves are checked against TRL in tests/test_grpo_trl_parity.py.
+formulas themselves are checked against TRL in tests/test_rlvr_trl_parity.py.
 """
 
 from __future__ import annotations
@@ -14,27 +14,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_grpo_support import addition_row, save_warm_addition_model
+from test_rlvr_support import addition_row, save_warm_addition_model
 
 from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.progress import NullReporter
-from tulu_pipeline.training import grpo
-from tulu_pipeline.training.grpo import (
-    TRAINING_METRICS_FILE,
+from tulu_pipeline.training import rlvr as rlvr_training
+from tulu_pipeline.training.rlvr import TRAINING_METRICS_FILE, run_rlvr
+from tulu_pipeline.training.rlvr_rollouts import (
     group_advantages,
     has_signal,
     resample_prompt_indices,
-    run_grpo,
     step_prompt_indices,
     verifier_from_module,
 )
-from tulu_pipeline.training.grpo_config import GRPO_PRESETS, GRPOTrainingConfig, grpo_config
+from tulu_pipeline.training.rlvr_config import RLVR_TRAINING_PRESETS, RLVRTrainingConfig, rlvr_training_config
 
 PAIRS = [(a, b) for a in range(10) for b in range(10)]
 random.Random(1).shuffle(PAIRS)
 TRAIN = [addition_row(a, b) for a, b in PAIRS[:8]]
 HELDOUT = [addition_row(a, b, "heldout") for a, b in PAIRS[8:12]]
-BASE = GRPOTrainingConfig(learning_rate=5e-3, max_steps=1, prompts_per_step=4, num_generations=6,
+BASE = RLVRTrainingConfig(learning_rate=5e-3, max_steps=1, prompts_per_step=4, num_generations=6,
                           micro_batch_size=64, max_completion_length=4, beta=0.0, save_steps=100, seed=3)
 STEP_METRICS = {"reward_mean", "reward_std", "zero_std_groups_dropped_share", "unfinished_rate",
                 "clip_low_fraction", "clip_high_fraction", "kl", "entropy", "completion_tokens_mean",
@@ -58,7 +57,7 @@ def SOLVED_TWO(row: dict[str, Any], response: str) -> tuple[float, bool]:
 def _run(toy_model: Path, tmp_path: Path, name: str, heldout: list | None = None, verifier: Any = None,
          **overrides: Any) -> dict[str, Any]:
     reporter = NullReporter()
-    result = run_grpo(TRAIN, heldout or [], toy_model, tmp_path / name, BASE.model_copy(update=overrides),
+    result = run_rlvr(TRAIN, heldout or [], toy_model, tmp_path / name, BASE.model_copy(update=overrides),
                       reporter=reporter, verifier=verifier)
     result.metrics["streamed"] = reporter.history
     return result.metrics
@@ -72,29 +71,29 @@ def _step(metrics: dict[str, Any], step: int = 0) -> dict[str, Any]:
 # config
 # ---------------------------------------------------------------------------------------------
 def test_presets_carry_their_recipes():
-    olmo = GRPO_PRESETS["olmo3_style"]
+    olmo = RLVR_TRAINING_PRESETS["olmo3_style"]
     assert (olmo.beta, olmo.epsilon_low, olmo.clip_high, olmo.loss_type) == (0.0, 0.2, 0.272, "dapo")
     assert (olmo.advantage_normalization, olmo.filter_zero_std_groups, olmo.active_sampling) == ("centered", True, True)
     assert (olmo.importance_sampling_correction, olmo.importance_sampling_cap) == (True, 2.0)
     assert (olmo.unfinished_penalty, olmo.mask_truncated_completions) == (None, False)
-    paper = GRPO_PRESETS["tulu3_8b"]
+    paper = RLVR_TRAINING_PRESETS["tulu3_8b"]
     assert (paper.beta, paper.clip_high, paper.advantage_normalization, paper.filter_zero_std_groups) == (
         0.05, 0.2, "std", False)
-    demo = GRPO_PRESETS["cpu_demo"]
+    demo = RLVR_TRAINING_PRESETS["cpu_demo"]
     assert (demo.use_vllm, demo.beta, demo.filter_zero_std_groups, demo.max_completion_length) == (False, 0.0, True, 24)
 
 
 def test_epsilon_is_accepted_as_trls_name_for_the_lower_clip():
-    config = GRPOTrainingConfig.model_validate({"epsilon": 0.3})
+    config = RLVRTrainingConfig.model_validate({"epsilon": 0.3})
     assert (config.epsilon_low, config.clip_high) == (0.3, 0.3)
-    assert grpo_config("cpu_demo", epsilon_high=0.28).clip_high == 0.28
+    assert rlvr_training_config("cpu_demo", epsilon_high=0.28).clip_high == 0.28
 
 
 def test_inconsistent_options_are_refused():
     with pytest.raises(ValueError, match="alternatives"):
-        GRPOTrainingConfig(mask_truncated_completions=True, unfinished_penalty=10.0)
+        RLVRTrainingConfig(mask_truncated_completions=True, unfinished_penalty=10.0)
     with pytest.raises(ValueError, match="filter_zero_std_groups"):
-        GRPOTrainingConfig(active_sampling=True, filter_zero_std_groups=False)
+        RLVRTrainingConfig(active_sampling=True, filter_zero_std_groups=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,13 +205,13 @@ def test_truncated_completions_are_masked_instead_of_penalized(toy_model, tmp_pa
 def test_importance_sampling_correction_weights_by_the_capped_ratio(toy_model, tmp_path, monkeypatch):
     plain = _step(_run(toy_model, tmp_path, "plain"))
     # A sampler whose log-probs are 1 nat below the learner's: every weight is exp(1) > cap, so exactly the cap.
-    original = grpo.TransformersRollouts.generate
+    original = rlvr_training.TransformersRollouts.generate
 
     def shifted(self, *args, **kwargs):
         groups = original(self, *args, **kwargs)
         return [[(out[0], out[1], [lp - 1.0 for lp in out[2]]) for out in group] for group in groups]
 
-    monkeypatch.setattr(grpo.TransformersRollouts, "generate", shifted)
+    monkeypatch.setattr(rlvr_training.TransformersRollouts, "generate", shifted)
     corrected = _step(_run(toy_model, tmp_path, "corrected", importance_sampling_correction=True,
                            importance_sampling_cap=1.5))
     assert corrected["logprob_mismatch"] == pytest.approx(1.0, abs=1e-3)
@@ -221,8 +220,8 @@ def test_importance_sampling_correction_weights_by_the_capped_ratio(toy_model, t
 
 
 def test_importance_sampling_needs_sampler_logprobs(toy_model, tmp_path, monkeypatch):
-    original = grpo.TransformersRollouts.generate
-    monkeypatch.setattr(grpo.TransformersRollouts, "generate", lambda self, *a, **k: [
+    original = rlvr_training.TransformersRollouts.generate
+    monkeypatch.setattr(rlvr_training.TransformersRollouts, "generate", lambda self, *a, **k: [
         [tuple(out[:2]) for out in group] for group in original(self, *a, **k)])
     with pytest.raises(ValueError, match="sampler's log-probs"):
         _run(toy_model, tmp_path, "no-logprobs", importance_sampling_correction=True)
@@ -265,16 +264,16 @@ def test_heldout_samples_score_the_training_reward_with_the_unfinished_penalty()
     rollouts = _FixedRollouts(sampled)
     config = BASE.model_copy(update={"heldout_samples": 3, "temperature": 0.7, "unfinished_penalty": 10.0})
     verifier = lambda row, text: (10.0, True) if text == "right" else (0.0, False)  # noqa: E731
-    result = grpo.heldout_accuracy(None, rollouts, rows, [[0], [0]], _Decode(), verifier, 5, config)
+    result = rlvr_training.heldout_accuracy(None, rollouts, rows, [[0], [0]], _Decode(), verifier, 5, config)
     assert result["sampled_reward_per_row"] == [pytest.approx((10 + 0 - 10) / 3), pytest.approx(20 / 3)]
     assert result["sampled_unfinished_rate"] == pytest.approx(1 / 6)
     assert result["sampled_accuracy"] == pytest.approx(3 / 6)
     greedy, drawn = rollouts.calls
     assert (drawn["n"], drawn["greedy"], drawn["temperature"], drawn["max_new_tokens"]) == (3, False, 0.7, 5)
     # The same seed for both checkpoints: before and after draw from one random stream (a paired comparison).
-    grpo.heldout_accuracy(None, rollouts, rows, [[0], [0]], _Decode(), verifier, 5, config)
+    rlvr_training.heldout_accuracy(None, rollouts, rows, [[0], [0]], _Decode(), verifier, 5, config)
     assert rollouts.calls[3]["seed"] == drawn["seed"]
-    off = grpo.heldout_accuracy(None, _FixedRollouts(sampled), rows, [[0], [0]], _Decode(), verifier, 5,
+    off = rlvr_training.heldout_accuracy(None, _FixedRollouts(sampled), rows, [[0], [0]], _Decode(), verifier, 5,
                                 config.model_copy(update={"heldout_samples": 0}))
     assert "sampled_reward" not in off
 
@@ -288,18 +287,18 @@ def test_heldout_sampled_reward_change_has_a_paired_interval(toy_model, tmp_path
     assert metrics["heldout_reward_change"] == pytest.approx(sum(diffs) / len(diffs))
     low, high = metrics["heldout_reward_change_ci95"]
     assert low <= metrics["heldout_reward_change"] <= high
-    assert GRPO_PRESETS["cpu_demo"].heldout_samples > 0  # the default run reports it
+    assert RLVR_TRAINING_PRESETS["cpu_demo"].heldout_samples > 0  # the default run reports it
 
 
 # ---------------------------------------------------------------------------------------------
 # several updates per batch of rollouts (num_iterations > 1) and the learning-rate schedule
 # ---------------------------------------------------------------------------------------------
-def _lr_factors(config: GRPOTrainingConfig) -> list[float]:
+def _lr_factors(config: RLVRTrainingConfig) -> list[float]:
     """The lr factor each optimizer update of a run uses, as the run's scheduler applies it."""
     import torch
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, grpo.lr_schedule(config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rlvr_training.lr_schedule(config))
     factors = []
     for _ in range(config.max_steps * config.num_iterations):
         factors.append(optimizer.param_groups[0]["lr"])
@@ -311,7 +310,7 @@ def _lr_factors(config: GRPOTrainingConfig) -> list[float]:
 def test_the_lr_schedule_spans_every_optimizer_update():
     """The scheduler steps once per update, so its horizon is max_steps x num_iterations updates: the tulu3_8b
     preset (4 updates per batch) had reached lr 0 after a quarter of its steps."""
-    paper = GRPO_PRESETS["tulu3_8b"]
+    paper = RLVR_TRAINING_PRESETS["tulu3_8b"]
     assert paper.num_iterations == 4 and paper.lr_scheduler == "linear"
     factors = _lr_factors(paper)
     updates = paper.max_steps * paper.num_iterations
@@ -320,9 +319,9 @@ def test_the_lr_schedule_spans_every_optimizer_update():
     assert factors[-1] == pytest.approx(1 / updates)  # the last update, as transformers' linear schedule
     assert factors == sorted(factors, reverse=True)
     # warmup_steps counts steps like max_steps: 2 steps of 3 updates warm up over 6 updates
-    warm = _lr_factors(GRPOTrainingConfig(max_steps=4, num_iterations=3, warmup_steps=2, lr_scheduler="constant"))
+    warm = _lr_factors(RLVRTrainingConfig(max_steps=4, num_iterations=3, warmup_steps=2, lr_scheduler="constant"))
     assert warm[:7] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 1.0])
-    assert _lr_factors(GRPOTrainingConfig(max_steps=5, lr_scheduler="linear")) == pytest.approx(
+    assert _lr_factors(RLVRTrainingConfig(max_steps=5, lr_scheduler="linear")) == pytest.approx(
         [1.0, 0.8, 0.6, 0.4, 0.2])  # one update per step: as before
 
 
@@ -347,7 +346,7 @@ def test_heldout_before_and_after_are_measured_the_same_way(toy_model, tmp_path,
     checkpoint is measured by one engine (transformers), in fp32, greedily: a paired comparison."""
     import torch
 
-    class FakeVLLM(grpo.TransformersRollouts):  # the training sampler: records the calls it gets
+    class FakeVLLM(rlvr_training.TransformersRollouts):  # the training sampler: records the calls it gets
         calls: list[bool] = []
 
         def __init__(self, model_dir, tokenizer, config):
@@ -358,15 +357,15 @@ def test_heldout_before_and_after_are_measured_the_same_way(toy_model, tmp_path,
             return super().generate(model, *args, greedy=greedy, **kwargs)
 
     measured = []
-    original = grpo.heldout_accuracy
+    original = rlvr_training.heldout_accuracy
 
     def spy(model, rollouts, *args, **kwargs):
         measured.append((type(rollouts), next(model.parameters()).dtype))
         return original(model, rollouts, *args, **kwargs)
 
-    monkeypatch.setattr(grpo, "VLLMRollouts", FakeVLLM)
-    monkeypatch.setattr(grpo, "heldout_accuracy", spy)
+    monkeypatch.setattr(rlvr_training, "VLLMRollouts", FakeVLLM)
+    monkeypatch.setattr(rlvr_training, "heldout_accuracy", spy)
     metrics = _run(toy_model, tmp_path, "vllm-heldout", heldout=HELDOUT, use_vllm=True, heldout_samples=2)
     assert FakeVLLM.calls and not any(FakeVLLM.calls)  # vLLM sampled the training rollouts only
-    assert measured == [(grpo.TransformersRollouts, torch.float32)] * 2
+    assert measured == [(rlvr_training.TransformersRollouts, torch.float32)] * 2
     assert metrics["heldout_before"]["rows"] == metrics["heldout_after"]["rows"] == len(HELDOUT)

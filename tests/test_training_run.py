@@ -1,0 +1,205 @@
+"""`TrainingRun`, the lifecycle SFT, DPO and GRPO share, on its own: identity, reuse of a finished run, stale
+sibling cleanup, resume from the newest complete checkpoint, rank roles under torchrun, publishing, the manifest.
+
+The trainers' own tests (test_sft.py, test_dpo*.py, test_rlvr_*.py) exercise it end to end; these pin each step
+on hand-made run directories, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from test_sft_support import smollm2_tokenizer
+
+from tulu_pipeline.layout import MANIFEST_FILE
+from tulu_pipeline.progress import NullReporter
+from tulu_pipeline.templates.chat_template import apply_tulu_chat_template
+from tulu_pipeline.templates.lineage import template_lineage
+from tulu_pipeline.training.checkpointing import CHECKPOINTS_DIR, PROGRESS_FILE, RUN_FILE, fingerprint, mark_complete
+from tulu_pipeline.training.run import MANIFEST_FORMAT_VERSION, TrainingResult, TrainingRun
+from tulu_pipeline.training.sft_config import SFTTrainingConfig
+
+INPUTS = {"base_model_sha256": "b" * 64, "train_rows_sha256": "t" * 64, "mix_hash": "mix-1"}
+
+
+def make_run(output_dir, inputs=INPUTS, config=None, **kwargs) -> TrainingRun:
+    return TrainingRun("sft", "7", config or SFTTrainingConfig(seed=3), dict(inputs), output_dir, NullReporter(),
+                       **kwargs)
+
+
+def test_identity_is_code_version_config_and_inputs():
+    run = make_run("/tmp/unused")
+    assert run.identity == {"sft_code_version": "7", "config": SFTTrainingConfig(seed=3).model_dump(mode="json"),
+                            **INPUTS}
+    assert run.fingerprint == fingerprint(run.identity)
+    # the same run the same way; any input, the config or the code version changes it
+    assert make_run("/tmp/other").fingerprint == run.fingerprint
+    assert make_run("/tmp/unused", {**INPUTS, "mix_hash": "mix-2"}).fingerprint != run.fingerprint
+    assert make_run("/tmp/unused", config=SFTTrainingConfig(seed=4)).fingerprint != run.fingerprint
+    other_version = TrainingRun("sft", "8", SFTTrainingConfig(seed=3), dict(INPUTS), "/tmp/unused", NullReporter())
+    assert other_version.fingerprint != run.fingerprint
+
+
+def test_manifest_extra_may_not_overwrite_the_runs_own_record(tmp_path):
+    for key in ("fingerprint", "metrics", "config"):
+        with pytest.raises(ValueError, match=rf"manifest_extra may not set \['{key}'\]"):
+            make_run(tmp_path / "out", manifest_extra={key: 1, "preset": "cpu_demo"})
+
+
+def test_a_finished_identical_run_is_reused_and_another_is_not(tmp_path):
+    out = tmp_path / "out"
+    run = make_run(out)
+    assert run.finished() is None  # nothing there yet
+    out.mkdir()
+    (out / MANIFEST_FILE).write_text(json.dumps({"fingerprint": run.fingerprint, "metrics": {"steps": 4,
+                                                                                            "resumed_from_step": 2}}))
+    reused = make_run(out).finished()
+    assert isinstance(reused, TrainingResult)
+    assert (reused.checkpoint_dir, reused.reused, reused.metrics, reused.resumed_from_step) == (
+        out.resolve(), True, {"steps": 4, "resumed_from_step": 2}, 2)
+    assert make_run(out, {**INPUTS, "mix_hash": "mix-2"}).finished() is None
+
+
+def test_prepare_removes_stale_siblings_and_starts_fresh(tmp_path):
+    out = tmp_path / "out"
+    stale = [tmp_path / ".out.tmp-abc", tmp_path / ".out.old-def"]
+    for path in stale:
+        (path / "sub").mkdir(parents=True)
+    unrelated = tmp_path / ".other.tmp-abc"
+    unrelated.mkdir()
+    run = make_run(out)
+    assert run.prepare() is None
+    assert not any(path.exists() for path in stale) and unrelated.exists()
+    assert run.root == out.resolve() / CHECKPOINTS_DIR
+    recorded = json.loads((run.root / RUN_FILE).read_text())
+    assert recorded == {"fingerprint": run.fingerprint, **run.identity}
+    assert (run.resume_from, run.saved_progress, run.resumed_from_step) == (None, {}, 0)
+    assert sum("left behind by an interrupted run" in m for m in run.reporter.messages) == 2
+
+
+def test_prepare_resumes_from_the_newest_complete_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    first = make_run(out)
+    first.prepare()
+    for step in (2, 4):
+        (first.root / f"checkpoint-{step}").mkdir()
+        mark_complete(first.root / f"checkpoint-{step}", {"step": step, "times_seen": [step, 0]})
+    (first.root / "checkpoint-6").mkdir()  # killed while saving: no tulu_progress.json
+
+    again = make_run(out)
+    assert again.prepare() == first.root / "checkpoint-4"
+    assert again.saved_progress == {"step": 4, "times_seen": [4, 0]}
+    assert again.resumed_from_step == 4
+    assert not (first.root / "checkpoint-6").exists()
+    assert "resuming from checkpoint-4 (step 4)" in again.reporter.messages
+
+
+def test_a_partial_run_of_other_inputs_is_discarded(tmp_path):
+    out = tmp_path / "out"
+    first = make_run(out)
+    first.prepare()
+    (first.root / "checkpoint-2").mkdir()
+    mark_complete(first.root / "checkpoint-2", {"step": 2})
+
+    changed = make_run(out, {**INPUTS, "train_rows_sha256": "u" * 64})
+    assert changed.prepare() is None
+    assert not (changed.root / "checkpoint-2").exists()
+    assert json.loads((changed.root / RUN_FILE).read_text())["fingerprint"] == changed.fingerprint
+    assert any("was for different inputs or config" in m for m in changed.reporter.messages)
+
+
+def test_other_ranks_wait_for_rank_zero_and_resume_from_the_same_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.tmp-abc"
+    stale.mkdir()
+    monkeypatch.setenv("RANK", "1")
+    worker = make_run(out, timeout_s=0.2)
+    assert not worker.is_publisher
+    with pytest.raises(TimeoutError, match="rank 0 did not prepare the run directory"):
+        worker.prepare()
+    assert stale.exists()  # only rank 0 touches the directory
+
+    monkeypatch.setenv("RANK", "0")
+    owner = make_run(out)
+    owner.prepare()
+    (owner.root / "checkpoint-3").mkdir()
+    mark_complete(owner.root / "checkpoint-3", {"step": 3})
+    assert not stale.exists()
+
+    monkeypatch.setenv("RANK", "1")
+    worker = make_run(out, timeout_s=5.0)
+    assert worker.prepare() == owner.root / "checkpoint-3" and worker.resumed_from_step == 3
+    with pytest.raises(RuntimeError, match="rank 1 may not publish"):
+        with worker.publishing():
+            pass
+
+
+def test_a_worker_started_before_rank_zero_waits_for_its_record(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv("RANK", "1")
+    worker = make_run(out, timeout_s=10.0)
+    found: list = []
+    thread = threading.Thread(target=lambda: found.append(worker.prepare()))
+    thread.start()
+    monkeypatch.setenv("RANK", "0")  # the worker already read its rank
+    make_run(out).prepare()
+    thread.join(timeout=10.0)
+    assert found == [None] and worker.root == out.resolve() / CHECKPOINTS_DIR
+
+
+def test_publishing_swaps_in_the_finished_directory_with_its_manifest(tmp_path):
+    out = tmp_path / "out"
+    run = make_run(out, manifest_extra={"preset": "cpu_demo", "mix_hash": "mix-1"})
+    run.prepare()
+    tokenizer = apply_tulu_chat_template(smollm2_tokenizer())
+    with run.publishing() as staging:
+        assert staging.parent == out.resolve().parent and not out.joinpath(MANIFEST_FILE).exists()
+        (staging / "weights.bin").write_bytes(b"w")
+        manifest = run.manifest(tokenizer=tokenizer, batch={"world_size": 1, "global_batch_size": 8},
+                                metrics={"steps": 2}, versions=("pydantic",), method_field="x")
+        run.write_manifest(staging, manifest)
+    assert (out / "weights.bin").read_bytes() == b"w"
+    assert not (out / CHECKPOINTS_DIR).exists()  # the partial run goes with the directory it replaces
+    assert not list(tmp_path.glob(".out.*"))
+    written = json.loads((out / MANIFEST_FILE).read_text())
+    assert written == json.loads(json.dumps(manifest))
+    assert written["preset"] == "cpu_demo" and written["mix_hash"] == "mix-1" and written["method_field"] == "x"
+    assert written["format_version"] == MANIFEST_FORMAT_VERSION
+    assert written["sft_code_version"] == "7" and written["fingerprint"] == run.fingerprint
+    assert written["config"] == SFTTrainingConfig(seed=3).model_dump(mode="json") and written["seed"] == 3
+    assert written["chat_template"] == "tulu"
+    assert written["template_lineage"] == json.loads(json.dumps(template_lineage(tokenizer)))
+    assert written["batch"] == {"world_size": 1, "global_batch_size": 8}
+    assert set(written["versions"]) == {"python", "torch", "transformers", "pydantic"}
+    assert written["metrics"] == {"steps": 2}
+    # the published run is now the one a rerun reuses
+    assert make_run(out).finished().manifest == written
+
+
+def test_a_failed_publication_leaves_the_previous_directory(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("kept")
+    run = make_run(out)
+    with pytest.raises(OSError, match="disk full"):
+        with run.publishing() as staging:
+            (staging / "half.bin").write_bytes(b"h")
+            raise OSError("disk full")
+    assert (out / "old.txt").read_text() == "kept" and not (out / "half.bin").exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_progress_file_is_what_marks_a_checkpoint_resumable(tmp_path):
+    # a checkpoint counts only once mark_complete wrote its progress file (the trainers write it last)
+    out = tmp_path / "out"
+    run = make_run(out)
+    run.prepare()
+    (run.root / "checkpoint-5").mkdir()
+    (run.root / "checkpoint-5" / "model.safetensors").write_bytes(b"")
+    assert make_run(out).prepare() is None
+    (run.root / "checkpoint-7").mkdir()
+    mark_complete(run.root / "checkpoint-7", {"step": 7})
+    assert (run.root / "checkpoint-7" / PROGRESS_FILE).exists()
+    assert make_run(out).prepare() == run.root / "checkpoint-7"
