@@ -24,6 +24,8 @@ from tulu_pipeline.audit.reports import checkpoint_bill, eval_audit, load_checkp
 from tulu_pipeline.data.coverage import dataset_refs
 from tulu_pipeline.evaluation.results import item_scores, read_summary
 from tulu_pipeline.evaluation.scoring import bootstrap_ci
+from tulu_pipeline.layout import MANIFEST_FILE
+from tulu_pipeline.models.base_model import INFO_FILE
 from tulu_pipeline.plots import markdown_table
 from tulu_pipeline.provenance.ledger import Ledger
 from tulu_pipeline.storage import Store
@@ -150,8 +152,8 @@ def _evaluations(store: Store, a: str, b: str, trained_a: set[str], trained_b: s
 
 def _manifest_and_bill(store: Store, checkpoint_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """A checkpoint's manifest and data bill; an untrained model (``base_model``) has neither rows nor a bill."""
-    info = f"models/{checkpoint_id}/tulu_model.json"
-    if not store.exists(f"models/{checkpoint_id}/training_manifest.json") and store.exists(info):
+    info = f"models/{checkpoint_id}/{INFO_FILE}"
+    if not store.exists(f"models/{checkpoint_id}/{MANIFEST_FILE}") and store.exists(info):
         return {"base_model_sha256": store.read_json(info).get("weights_sha256")}, {"licenses": [], "decontamination": None}
     return load_checkpoint_manifest(store, checkpoint_id), checkpoint_bill(store, checkpoint_id)
 

@@ -24,6 +24,8 @@ import pyarrow as pa
 
 from tulu_pipeline.evaluation.runner import EVAL_CODE_VERSION, EvalResult
 from tulu_pipeline.hashing import json_hash
+from tulu_pipeline.layout import MANIFEST_FILE
+from tulu_pipeline.models.base_model import INFO_FILE
 from tulu_pipeline.provenance.ledger import Ledger, LedgerWriter
 from tulu_pipeline.templates.lineage import lineage_hashes
 from tulu_pipeline.storage import Store
@@ -55,7 +57,7 @@ def summary_path(benchmark: str, checkpoint_id: str, version: str | None = None)
 
 def checkpoint_identity(store: Store, checkpoint_id: str) -> str:
     """What identifies the weights: the training fingerprint, else the base model's weights hash."""
-    for rel in (f"models/{checkpoint_id}/training_manifest.json", f"models/{checkpoint_id}/tulu_model.json"):
+    for rel in (f"models/{checkpoint_id}/{MANIFEST_FILE}", f"models/{checkpoint_id}/{INFO_FILE}"):
         if store.exists(rel):
             data = store.read_json(rel)
             return str(data.get("fingerprint") or data.get("weights_sha256") or data.get("checkpoint_id") or checkpoint_id)
