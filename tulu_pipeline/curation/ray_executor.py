@@ -854,20 +854,22 @@ def _decontaminate_shard(store: Store, shard: Shard, staging: str, *, index_ref:
             **_summary(sampler)}
 
 
-def _index_parts(index: EvalIndex, settings: RaySettings) -> tuple[EvalIndex, list[Any]]:
-    """The index to put in the object store and the actors of its parts (none: the whole index is broadcast)."""
+def _index_parts(index: EvalIndex, settings: RaySettings) -> tuple[EvalIndex, list[Any], list[Any]]:
+    """The index to put in the object store, the actors of its parts (none: the whole index is broadcast)
+    and the parts' object refs (held while the actors may restart from them)."""
     import ray
 
     size = index.table_bytes()
     if size <= settings.eval_index_max_bytes:
-        return index, []
+        return index, [], []
     shards = settings.eval_index_shards or -(-size // settings.eval_index_max_bytes)
     head, parts = index.partition(shards)
     # num_cpus=0: a part only answers lookups from shard tasks, which hold the CPUs (and wait on it).
     # A lookup has no side effect, so a part lost with its node is restarted and the lookup re-asked.
     actor = ray.remote(num_cpus=0, max_restarts=settings.max_retries,
                        max_task_retries=settings.max_retries)(_IndexPart)
-    return head, [actor.remote(part) for part in parts]
+    refs = [ray.put(part) for part in parts]
+    return head, [actor.remote(ref) for ref in refs], refs
 
 
 def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
@@ -886,7 +888,7 @@ def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
             with ray_session(config.ray):
                 shards = plan_shards(store, {"deduplicated_prompts": inputs["deduplicated_prompts"]},
                                      config.ray.shard_rows)
-                head, parts = _index_parts(eval_index, config.ray)
+                head, parts, part_refs = _index_parts(eval_index, config.ray)
                 index_ref = ray.put(head)
                 run.report(step="index", eval_items=len(eval_index.items), index_parts=len(parts))
                 try:
@@ -896,7 +898,7 @@ def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
                 finally:
                     for part in parts:
                         ray.kill(part)
-                del index_ref, head, parts
+                del index_ref, head, parts, part_refs
             run.report(step="publish")
             ledger.adopt_parts([(_shard_file(run.staging, r["shard"], "events.parquet"), r["events"])
                                 for r in results])
