@@ -115,6 +115,8 @@ def test_ray_and_local_publish_the_same_rows_decisions_and_ledger(curated) -> No
 
     metrics = ray_results["decontaminated_prompts"].ray_metrics
     assert metrics["shards"] >= 2 and metrics["rows"] == ray_results["decontaminated_prompts"].dataset.rows
+    # The bundle's index is far below eval_index_max_bytes: broadcast, nothing shuffled.
+    assert all(u["shuffle_bytes"] == 0 for u in metrics["usage"] if u["step"] == "decontaminate")
 
 
 def _sharded_index_run(store: Store, config: CurationConfig) -> stages.StageResult:
@@ -139,6 +141,16 @@ def _same_decontamination(store: Store, result: stages.StageResult, local: Store
            list(local.iter_rows("decontaminated_prompts", expected.version))
     assert list(store.iter_rows("decontamination_quarantine")) == list(local.iter_rows("decontamination_quarantine"))
     assert _events(store) == _events(local)  # every stage's events: row ids, decisions, reasons, related ids
+
+
+def test_the_index_is_broadcast_below_the_byte_limit_and_a_runaway_split_is_refused() -> None:
+    from tulu_pipeline.curation.decontaminate import EvalIndex, EvalItem
+    from tulu_pipeline.curation.ray_executor import _index_parts
+
+    index = EvalIndex.build([EvalItem("b", f"e{i}", "s", f"r{i}", f"item {i} " + "word " * 20) for i in range(50)])
+    assert _index_parts(index, RaySettings()) == (index, [], [])
+    with pytest.raises(ValueError, match="split into .* parts"):
+        _index_parts(index, RaySettings(eval_index_max_bytes=1))
 
 
 def test_a_sharded_eval_index_gives_the_local_answers_on_the_bundle(raw_home: Path, curated) -> None:

@@ -67,6 +67,12 @@ extension is missing; with ``CI`` or ``TULU_REQUIRE_ALL`` set a missing kernel i
 Short-item candidates that cannot make up enough of their row (one turn) are dropped before
 verification under the ``share`` policy, and all of them under ``ignore``.
 
+**A split index** (`EvalIndex.partition`, `ShardedEvalIndex`): the n-grams divided by hash among
+parts, each part runs steps 1-4 on the same texts without the hash-level bound (it sees only some of
+a pair's n-grams) and returns its verified windows; the head scores their union as step 4 does, so
+the matches are the whole index's. The Ray executor holds each part in an actor when the index is
+too large to broadcast.
+
 `reference_matches` is a deliberately plain implementation of the same rule (sets of n-gram tuples,
 no hashing, no numpy), used to re-verify outputs and as the benchmark baseline; the blocking check
 uses `overlap_check`, which does not share the tokenizer either. `PreviousDecisions` lets a

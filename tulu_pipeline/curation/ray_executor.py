@@ -804,6 +804,9 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
 # ---------------------------------------------------------------------------------------------
 # decontamination
 # ---------------------------------------------------------------------------------------------
+MAX_INDEX_PARTS = 1024
+
+
 class _IndexPart:
     """Actor holding one part of a partitioned eval index: the join's reducer for its n-grams."""
 
@@ -863,6 +866,10 @@ def _index_parts(index: EvalIndex, settings: RaySettings) -> tuple[EvalIndex, li
     if size <= settings.eval_index_max_bytes:
         return index, [], []
     shards = settings.eval_index_shards or -(-size // settings.eval_index_max_bytes)
+    if shards > MAX_INDEX_PARTS:  # one actor a part: a mistyped byte limit must not start millions
+        raise ValueError(f"the eval index ({size:,} bytes) would be split into {shards:,} parts with "
+                         f"ray.eval_index_max_bytes={settings.eval_index_max_bytes:,}; expected at most "
+                         f"{MAX_INDEX_PARTS} (raise the limit or set ray.eval_index_shards)")
     head, parts = index.partition(shards)
     # num_cpus=0: a part only answers lookups from shard tasks, which hold the CPUs (and wait on it).
     # A lookup has no side effect, so a part lost with its node is restarted and the lookup re-asked.
