@@ -41,6 +41,11 @@ class ExecutionConfig(dg.Config):
     ray_address: str | None = Field(default=None, description="Ray cluster address (default $RAY_ADDRESS, else a "
                                     "local Ray started by the job)")
     shard_rows: int = Field(default=RaySettings().shard_rows, description="rows per Ray task")
+    eval_index_max_bytes: int = Field(default=RaySettings().eval_index_max_bytes,
+                                      description="decontamination on Ray: an eval index larger than this is split "
+                                      "by n-gram hash into parts joined with the rows (see docs/scale.md)")
+    eval_index_shards: int | None = Field(default=None, description="parts of a split eval index (default: its "
+                                          "bytes / eval_index_max_bytes, rounded up)")
 
 
 EXECUTION_FIELDS = set(ExecutionConfig.model_fields)
@@ -64,7 +69,8 @@ def _run(context: dg.AssetExecutionContext, launcher: ComputeLauncher, store, st
     if not _runs_on_ray(config):
         return run_stage(stage, store, curation, context.run.run_id, **local), {}
     curation = curation.model_copy(update={"executor": "ray", "ray": RaySettings(
-        address=config.ray_address, shard_rows=config.shard_rows)})
+        address=config.ray_address, shard_rows=config.shard_rows, eval_index_max_bytes=config.eval_index_max_bytes,
+        eval_index_shards=config.eval_index_shards)})
     invocation = launcher.run(context, RAY_JOB, extras={"tulu_home": store.url, "stage": stage,
                                                         "run_id": context.run.run_id,
                                                         "config": curation.model_dump(mode="json")})

@@ -16,18 +16,21 @@ Per stage and run:
   seconds from the last task's end to the stage's return (the commit of the parts);
 - ``worker_cpu_ms_per_row``: CPU inside shard tasks per row (contention does not inflate it);
 - ``shuffle_bytes_per_row``: intermediate files written for later steps (dedup: bucket records,
-  candidate graph rounds, labels, range-cut runs, cluster members, decisions);
+  candidate graph rounds, labels, range-cut runs, cluster members, decisions; decontamination with
+  ``--index-parts K``: the texts sent to each of the K index parts plus the verified windows back);
 - ``peak_worker_rss_mb``; ``driver_rss_mb``: the driver's resident memory after the stage.
 
 The smallest pool is also curated in process (``executor: local``) and each stage's rows and ledger
 events are checked equal (the tests check every field).
 
     .venv/bin/python benchmarks/curation_scale.py [--rows 20000 200000] [--workers 1 2] [--shard-rows 5000]
+        [--index-parts 0 3]   # 0: the eval index broadcast (default); K: split by n-gram hash into K parts
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -105,6 +108,16 @@ def _rss_mb() -> float:
     return round(psutil.Process().memory_info().rss / 2**20, 1)
 
 
+def _output_digest(store: Store, name: str, version: str) -> str:
+    """Digest of a stage's published rows, in order (and of the decontamination quarantine)."""
+    digest = hashlib.blake2b(digest_size=16)
+    names = [(name, version)] + ([("decontamination_quarantine", version)] if name == "decontaminated_prompts" else [])
+    for dataset, v in names:
+        for row in store.iter_rows(dataset, v):
+            digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def run_ray(home: Path, config: CurationConfig, workers: int, object_store_mb: int) -> dict:
     import ray
 
@@ -120,6 +133,8 @@ def run_ray(home: Path, config: CurationConfig, workers: int, object_store_mb: i
                          ("decontaminated_prompts", decontaminate_prompts_ray)):
             events: list[dict] = []
             kwargs = {"index": build_eval_index(store, config)} if name == "decontaminated_prompts" else {}
+            if kwargs:
+                stages["eval_index_table_mb"] = round(kwargs["index"][0].table_bytes() / 2**20, 1)
             cpu, wall = time.process_time(), time.perf_counter()
             result = fn(store, config, "bench", progress=events.append, **kwargs)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -129,6 +144,7 @@ def run_ray(home: Path, config: CurationConfig, workers: int, object_store_mb: i
             per_m = 1e6 / rows_in
             entry = {
                 "rows_in": rows_in, "rows_out": result.dataset.rows, "ledger_events": result.ledger_events,
+                "output_digest": _output_digest(store, name, result.version),
                 "wall_s": round(wall, 3), "rows_per_s": round(rows_in / wall, 1),
                 "shards": len({u["shard"] for u in usage if u["step"] == STEP_OF[name]}),
                 "tasks": len(usage),
@@ -164,6 +180,7 @@ def run_local(home: Path, config: CurationConfig) -> dict:
         wall = time.perf_counter()
         result = fn(store, config, "bench")
         out[name] = {"rows_out": result.dataset.rows, "ledger_events": result.ledger_events,
+                     "output_digest": _output_digest(store, name, result.version),
                      "wall_s": round(time.perf_counter() - wall, 3)}
     return out
 
@@ -174,6 +191,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--shard-rows", type=int, default=5_000, help="rows per Ray task")
     parser.add_argument("--object-store-mb", type=int, default=500)
+    parser.add_argument("--index-parts", type=int, nargs="+", default=[0],
+                        help="0: broadcast the eval index; K: split it by n-gram hash into K actor-held parts")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -190,13 +209,17 @@ def main() -> int:
             raw = work / f"raw-{rows}"
             shutil.copytree(evals, raw)
             synthetic_pool(Store(str(raw)), rows)
-            for workers in args.workers:
-                home = work / f"ray-{rows}-{workers}"
+            for workers, parts in ((w, k) for w in args.workers for k in args.index_parts):
+                home = work / f"ray-{rows}-{workers}-{parts}"
                 shutil.copytree(raw, home)
-                print(f"{rows} rows, {workers} workers ...", file=sys.stderr, flush=True)
-                runs[f"{rows}_rows_{workers}_workers"] = {
-                    "rows": rows, "workers": workers,
-                    **run_ray(home, config.model_copy(update={"executor": "ray"}), workers, args.object_store_mb)}
+                print(f"{rows} rows, {workers} workers, {parts} index parts ...", file=sys.stderr, flush=True)
+                ray_settings = config.ray.model_copy(
+                    update={"eval_index_max_bytes": 1, "eval_index_shards": parts} if parts else {})
+                name = f"{rows}_rows_{workers}_workers" + (f"_{parts}_index_parts" if parts else "")
+                runs[name] = {
+                    "rows": rows, "workers": workers, "index_parts": parts,
+                    **run_ray(home, config.model_copy(update={"executor": "ray", "ray": ray_settings}), workers,
+                              args.object_store_mb)}
                 shutil.rmtree(home)
             if rows == min(args.rows):
                 home = work / f"local-{rows}"
@@ -207,6 +230,7 @@ def main() -> int:
                         run[stage]["same_output_as_local"] = \
                             (run[stage]["rows_out"], run[stage]["ledger_events"]) == \
                             (local[stage]["rows_out"], local[stage]["ledger_events"])
+                        run[stage]["same_output_as_local"] &= run[stage]["output_digest"] == local[stage]["output_digest"]
                 shutil.rmtree(home)
             shutil.rmtree(raw)
     finally:

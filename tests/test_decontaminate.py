@@ -21,7 +21,9 @@ from tulu_pipeline.curation.decontaminate import (
     Decontaminator,
     EvalIndex,
     EvalItem,
+    LocalShards,
     Match,
+    ShardedEvalIndex,
     eval_items_from_rows,
     reference_matches,
     tokenize,
@@ -415,6 +417,51 @@ def test_fast_path_equals_reference_on_real_items(bundle):
         assert index.match_texts(texts, 0.5, rule) == [reference_matches(index.items, t, 8, 0.5, rule) for t in texts]
     whole = [i for i in planted if planted[i].text in texts[i] or planted[i].text.upper() in texts[i]]
     assert whole and all(any(m.eval_row_id == planted[i].row_id for m in fast[i]) for i in whole)
+
+
+def test_sharded_index_equals_the_whole_index_on_random_rows(bundle):
+    """Parts by n-gram hash, their verified windows scored together: the whole index's matches."""
+    items = source_items("vicuna_bench", "gsm8k_test", "mbpp", "truthfulqa", "alpaca_eval", "humaneval")
+    items.append(item("Who is Larry Page?", eval_id="short"))  # a short item: its own table entry
+    rng = random.Random(11)
+    vocabulary = [w for r in source_rows("gsm8k_train")[:400] for w in r["messages"][0]["content"].split()]
+    turns = []
+    for i in range(1500):
+        words = rng.choices(vocabulary, k=rng.randint(0, 80))
+        if i % 5 == 0:  # pieces of one or two items, so a pair's n-grams fall into different parts
+            for chosen in rng.sample(items, rng.choice([1, 2])):
+                cut = rng.randint(0, len(chosen.text) // 2)
+                words.insert(rng.randint(0, len(words)), chosen.text[cut:cut + len(chosen.text) * 2 // 3])
+        text = " ".join(words)
+        turns.append([text, "Who is Larry Page?"] if i % 50 == 0 else [text])
+    texts = ["\n".join(t) for t in turns]
+    index = EvalIndex.build(items)
+    head, parts = index.partition(3)
+    assert sum(len(p._main_hash) for p in parts) == len(index._main_hash)
+    assert all(len(p._main_hash) for p in parts) and not len(head._main_hash)
+    sharded = ShardedEvalIndex(head, LocalShards(parts))
+    for rule in ("token_coverage", "ngram_share"):
+        for policy in ("share", "anywhere", "ignore"):
+            whole = index.match_texts(texts, 0.5, rule, policy, turns)
+            assert sum(map(bool, whole)) > 100
+            assert sharded.match_texts(texts, 0.5, rule, policy, turns) == whole
+    # pairs that pass only on the union of their parts' windows (no part alone reaches the threshold)
+    alone = [ShardedEvalIndex(head, LocalShards([p])).match_texts(texts, 0.5, turns=turns) for p in parts]
+    whole = index.match_texts(texts, 0.5, turns=turns)
+    split = [(k, m.eval_row_id) for k, ms in enumerate(whole) for m in ms
+             if all(m.eval_row_id not in {a.eval_row_id for a in part[k]} for part in alone)]
+    assert len(split) > 10 and sharded.last_windows_bytes > 0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(corpus(), st.sampled_from([1, 2, 3, 5]))
+def test_sharded_index_equals_the_whole_index_property(case, shards):
+    items, texts, ngram, threshold = case
+    index = EvalIndex.build(items, ngram=ngram)
+    sharded = ShardedEvalIndex(*(lambda h, p: (h, LocalShards(p)))(*index.partition(shards)))
+    for rule in ("token_coverage", "ngram_share"):
+        assert sharded.match_texts(texts, threshold, rule, "anywhere") == index.match_texts(texts, threshold, rule,
+                                                                                           "anywhere")
 
 
 # ---------------------------------------------------------------------------------------------

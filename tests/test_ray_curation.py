@@ -115,6 +115,49 @@ def test_ray_and_local_publish_the_same_rows_decisions_and_ledger(curated) -> No
 
     metrics = ray_results["decontaminated_prompts"].ray_metrics
     assert metrics["shards"] >= 2 and metrics["rows"] == ray_results["decontaminated_prompts"].dataset.rows
+    # The bundle's index is far below eval_index_max_bytes: broadcast, nothing shuffled.
+    assert all(u["shuffle_bytes"] == 0 for u in metrics["usage"] if u["step"] == "decontaminate")
+
+
+def _sharded_index_run(store: Store, config: CurationConfig) -> stages.StageResult:
+    """Normalize and dedup locally, then decontaminate on Ray with the eval index forced into 3 parts."""
+    local = config.model_copy(update={"executor": "local"})
+    pipeline.normalize_prompts(store, local, "run-1")
+    pipeline.deduplicate_prompts(store, local, "run-1")
+    ray_settings = config.ray.model_copy(update={"eval_index_max_bytes": 1, "eval_index_shards": 3})
+    result = pipeline.decontaminate_prompts(store, config.model_copy(update={"executor": "ray", "ray": ray_settings}),
+                                            "run-1")
+    usage = [u for u in result.ray_metrics["usage"] if u["step"] == "decontaminate"]
+    assert len(usage) >= 2 and all(u["shuffle_bytes"] > 0 for u in usage if u["rows"])  # the join ran
+    return result
+
+
+def _same_decontamination(store: Store, result: stages.StageResult, local: Store,
+                          expected: stages.StageResult) -> None:
+    assert (result.version, result.dataset.rows, result.quarantined, result.ledger_events, result.stats,
+            result.samples) == (expected.version, expected.dataset.rows, expected.quarantined,
+                                expected.ledger_events, expected.stats, expected.samples)
+    assert list(store.iter_rows("decontaminated_prompts", result.version)) == \
+           list(local.iter_rows("decontaminated_prompts", expected.version))
+    assert list(store.iter_rows("decontamination_quarantine")) == list(local.iter_rows("decontamination_quarantine"))
+    assert _events(store) == _events(local)  # every stage's events: row ids, decisions, reasons, related ids
+
+
+def test_the_index_is_broadcast_below_the_byte_limit_and_a_runaway_split_is_refused() -> None:
+    from tulu_pipeline.curation.decontaminate import EvalIndex, EvalItem
+    from tulu_pipeline.curation.ray_executor import _index_parts
+
+    index = EvalIndex.build([EvalItem("b", f"e{i}", "s", f"r{i}", f"item {i} " + "word " * 20) for i in range(50)])
+    assert _index_parts(index, RaySettings()) == (index, [], [])
+    with pytest.raises(ValueError, match="split into .* parts"):
+        _index_parts(index, RaySettings(eval_index_max_bytes=1))
+
+
+def test_a_sharded_eval_index_gives_the_local_answers_on_the_bundle(raw_home: Path, curated) -> None:
+    (local, local_results), _ = curated
+    store = _copy(raw_home, "sharded-index")
+    result = _sharded_index_run(store, _config("ray"))
+    _same_decontamination(store, result, local, local_results["decontaminated_prompts"])
 
 
 def _row(i: int, text: str, source: str = "synthetic", answer: str | None = None) -> dict:
@@ -223,6 +266,7 @@ def test_planted_clusters_across_many_shards_get_the_same_answers_on_both_execut
         store.write_dataset(f"raw/{source}", "planted", (rows[i:i + 500] for i in range(0, len(rows), 500)),
                             ROW_SCHEMA)
     on_ray = _copy(Path(store.url), "planted-ray")
+    sharded = _copy(Path(store.url), "planted-sharded")
 
     def config(executor: str) -> CurationConfig:
         # 128-row shards: about 17 per stage, and every planted cluster crosses many of them.
@@ -266,6 +310,9 @@ def test_planted_clusters_across_many_shards_get_the_same_answers_on_both_execut
         hh, code = cross[i:i + 2]
         assert code in kept and dropped[hh]["duplicate_of"] == code, (hh, code)
     assert ray_results["decontaminated_prompts"].quarantined == local_results["decontaminated_prompts"].quarantined >= 4
+    # The eval index split by n-gram hash into 3 parts (a join): the same answers again.
+    _same_decontamination(sharded, _sharded_index_run(sharded, config("ray")), store,
+                          local_results["decontaminated_prompts"])
 
 
 def test_distinct_answers_keep_near_identical_prompts_across_shards(tmp_path, ray_local) -> None:

@@ -67,6 +67,12 @@ extension is missing; with ``CI`` or ``TULU_REQUIRE_ALL`` set a missing kernel i
 Short-item candidates that cannot make up enough of their row (one turn) are dropped before
 verification under the ``share`` policy, and all of them under ``ignore``.
 
+**A split index** (`EvalIndex.partition`, `ShardedEvalIndex`): the n-grams divided by hash among
+parts, each part runs steps 1-4 on the same texts without the hash-level bound (it sees only some of
+a pair's n-grams) and returns its verified windows; the head scores their union as step 4 does, so
+the matches are the whole index's. The Ray executor holds each part in an actor when the index is
+too large to broadcast.
+
 `reference_matches` is a deliberately plain implementation of the same rule (sets of n-gram tuples,
 no hashing, no numpy), used to re-verify outputs and as the benchmark baseline; the blocking check
 uses `overlap_check`, which does not share the tokenizer either. `PreviousDecisions` lets a
@@ -83,8 +89,8 @@ import os
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -803,6 +809,45 @@ class EvalIndex:
                 "indexed_ngrams": int(len(self._main_hash)), "short_items": int(len(self._short_hash)),
                 "short_item_lengths": self._short_lengths}
 
+    def table_bytes(self) -> int:
+        """Bytes of the n-gram tables and the items' tokens (what sharding by n-gram hash splits)."""
+        arrays = [v for v in self.__dict__.values() if isinstance(v, np.ndarray)]
+        filters = [self._main_filter.bits, self._single_filter.bits, self._prefix_filter.bits]
+        tokens = sum(len(t) for toks in self._item_tokens for t in toks) + 8 * sum(map(len, self._item_tokens))
+        return sum(a.nbytes for a in arrays + filters) + tokens
+
+    def partition(self, shards: int) -> tuple["EvalIndex", list["EvalIndex"]]:
+        """This index split by n-gram hash: a head holding the items (to score and name matches) and
+        ``shards`` parts, each the entries whose hash is its number modulo ``shards`` (so a gram lives in
+        one part) and the tokens of the items having one there. See `ShardedEvalIndex`."""
+        if shards < 1:
+            raise ValueError(f"shards must be >= 1, got {shards}")
+        main_owner = self._main_hash % np.uint64(shards)
+        short_owner = self._short_hash % np.uint64(shards)
+        head = self._subset(np.zeros(len(main_owner), bool), np.zeros(len(short_owner), bool))
+        return head, [self._subset(main_owner == k, short_owner == k) for k in range(shards)]
+
+    def _subset(self, main: np.ndarray, short: np.ndarray) -> "EvalIndex":
+        """A copy with the ``main`` and ``short`` entries chosen (item-level arrays shared). The single and
+        prefix filters stay whole: a filter is only a first test, every hit is looked up in the table."""
+        part = EvalIndex.__new__(EvalIndex)
+        part.__dict__.update(self.__dict__)
+        part.skipped = []
+        for name in ("_main_hash", "_main_item", "_main_pos", "_main_gram"):
+            setattr(part, name, getattr(self, name)[main])
+        for name in ("_short_hash", "_short_item", "_short_gram"):
+            setattr(part, name, getattr(self, name)[short])
+        part._entry_item = np.concatenate([part._main_item, part._short_item])
+        part._entry_pos = np.concatenate([part._main_pos, np.zeros(len(part._short_item), np.int64)])
+        part._entry_gram = np.concatenate([part._main_gram, part._short_gram])
+        part._gram_entry = np.zeros(len(self._gram_entry), np.int64)  # gram ids stay global
+        part._gram_entry[part._entry_gram] = np.arange(len(part._entry_gram))
+        part._main_filter = _BitFilter(np.unique(part._main_hash))
+        owned = set(np.unique(part._entry_item).tolist())
+        part._item_tokens = [t if i in owned else [] for i, t in enumerate(self._item_tokens)]
+        part._scanner = _make_scanner(part) if self._scanner is not None else None
+        return part
+
     def _window_hashes(self, keys: np.ndarray, ngram: int) -> dict[int, np.ndarray]:
         """Hashes of the windows of every length 1..ngram starting at each token (build time)."""
         size = len(keys) - ngram
@@ -820,15 +865,21 @@ class EvalIndex:
         ``turns[i]``, when given, are the turns that joined with newlines make ``texts[i]``: a short
         item making up most of one turn counts under the ``share`` policy (else only the whole text).
         """
-        if not 0 < threshold <= 1:
-            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        if rule not in RULES or short_items not in SHORT_ITEM_POLICIES:
-            raise ValueError(f"rule must be one of {RULES} and short_items one of {SHORT_ITEM_POLICIES}, "
-                             f"got {rule!r}, {short_items!r}")
-        query = _Query(threshold, rule, short_items, turns)
+        query = _make_query(threshold, rule, short_items, turns)
         results: list[list[Match]] = [[] for _ in texts]
+        self._scan(texts, query, results)
+        return results
+
+    def verified_windows(self, texts: Sequence[str], query: "_Query") -> "_Windows":
+        """The n-gram windows of ``texts`` that equal an n-gram of this index, unscored (one shard's
+        part of `ShardedEvalIndex.match_texts`); no pair is dropped on a partial count."""
+        collect = replace(query, windows=[])
+        self._scan(texts, collect, [[] for _ in texts])
+        return _Windows.concat(collect.windows)
+
+    def _scan(self, texts: Sequence[str], query: "_Query", results: list[list[Match]]) -> None:
         if not self.items:
-            return results
+            return
         scanner = self._scanner
         if scanner is not None:  # the C kernel: tokens, hashes and filter in one pass over the strings
             start = 0
@@ -836,7 +887,7 @@ class EvalIndex:
                 *scanned, stop = scanner.scan(texts, start, len(texts), _BATCH_BYTES)
                 self._match_scanned(texts, start, scanned, query, results)
                 start = stop
-            return results
+            return
         chunk: list[bytes] = []
         chunk_start, chunk_bytes, ascii_only = 0, 0, True
         for i, text in enumerate(texts):
@@ -851,7 +902,6 @@ class EvalIndex:
                 chunk, chunk_start, chunk_bytes, ascii_only = [], i + 1, 0, True
         if chunk:
             self._match_chunk(texts, chunk_start, chunk, ascii_only, query, results)
-        return results
 
     def _match_scanned(self, texts: Sequence[str], offset: int, scanned: list[bytes], query: "_Query",
                        results: list[list[Match]]) -> None:
@@ -930,6 +980,9 @@ class EvalIndex:
         entry = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps) + lo[cand]
         item = self._entry_item[entry]
         row = np.searchsorted(row_first, pos[cand], "right") - 1
+        if query.windows is not None:  # one shard sees part of a pair's n-grams: its counts bound nothing
+            self._verify_chunk(texts, offset, row_first, pos[cand], length[cand], entry, query, results)
+            return
         # Hash-level scores bound the exact scores from above: keep (row, item) pairs reaching them.
         threshold = query.threshold
         n_entries = len(self._main_hash) + len(self._short_hash)
@@ -1011,23 +1064,35 @@ class EvalIndex:
         valid = ok[window_of]
         pos, length, entry = pos[valid], length[valid], entry[valid]
         row = np.searchsorted(row_first, pos, "right") - 1
-        local = pos - row_first[row]
-        item = self._entry_item[entry]
+        windows = _Windows(row=row + offset, local=pos - row_first[row], length=length,
+                           main=entry < len(self._main_hash), item=self._entry_item[entry],
+                           at=self._entry_pos[entry], gram=self._entry_gram[entry],
+                           row_tokens=row_first[row + 1] - row_first[row],
+                           fallback=np.array(sorted(r + offset for r in fallback), np.int64))
+        if query.windows is not None:
+            query.windows.append(windows)
+            return
+        self._score_windows(texts, windows, query, results, {r + offset: t for r, t in normalized_of.items()})
+
+    def _score_windows(self, texts: Sequence[str], windows: "_Windows", query: "_Query", results: list[list[Match]],
+                       normalized_of: dict[int, str] | None = None) -> None:
+        """The matches of each row of ``windows`` (verified, from one chunk or every shard) into ``results``."""
+        n, n_items = self.ngram, len(self.items)
+        normalized_of = normalized_of or {}
+        fallback = set(windows.fallback.tolist())
+        row, local, length, item, main = windows.row, windows.local, windows.length, windows.item, windows.main
         pair = row * n_items + item
         # (row, item) -> [score, matched, total, covered, [(first, last) token runs]]
         found: dict[tuple[int, int], list[Any]] = {}
-        main = entry < len(self._main_hash)
         if main.any():
-            self._score_pairs(pair[main], self._entry_pos[entry[main]], self._entry_gram[entry[main]],
-                              local[main], query, found)
+            self._score_pairs(pair[main], windows.at[main], windows.gram[main], local[main], query, found)
         turn_counts: dict[int, list[int]] = {}
-        for r, i, p, ln in zip(row[~main].tolist(), item[~main].tolist(), local[~main].tolist(),
-                               length[~main].tolist()):
+        for r, i, p, ln, total in zip(row[~main].tolist(), item[~main].tolist(), local[~main].tolist(),
+                                      length[~main].tolist(), windows.row_tokens[~main].tolist()):
             if query.short_items == "ignore":
                 break
-            total = int(row_first[r + 1] - row_first[r])
             if r not in turn_counts:
-                turns = query.turns[offset + r] if query.turns is not None else None
+                turns = query.turns[r] if query.turns is not None else None
                 turn_counts[r] = _turn_token_counts(turns, total) if query.short_items == "share" else [total]
             if short_item_counts(query.short_items, ln, n, total, _turn_at(turn_counts[r], p, ln)):
                 found.setdefault((r, i), [1.0, 1, 1, ln, []])[4].append((p, p + ln - 1))
@@ -1036,7 +1101,7 @@ class EvalIndex:
         for (r, i), (score, matched, total, covered, runs) in found.items():
             if r in fallback:
                 continue
-            text = texts[offset + r]
+            text = texts[r]
             if r not in located:
                 located[r] = _token_offsets_fast(text, self._scanner, normalized_of.get(r))
             runs = _merged_runs((a, b - a + 1) for a, b in runs)
@@ -1047,11 +1112,11 @@ class EvalIndex:
                 rule=query.rule, covered_tokens=covered, item_tokens=int(self._item_len[i]),
                 spans=tuple(_span(*located[r], a, b) for a, b in runs[:MAX_SPANS])))
         for r, matches in by_row.items():
-            results[offset + r] = _sort_matches(matches)
+            results[r] = _sort_matches(matches)
         for r in fallback:
-            turns = query.turns[offset + r] if query.turns is not None else None
-            results[offset + r] = reference_matches(self.items, texts[offset + r], n, query.threshold, query.rule,
-                                                    query.short_items, turns)
+            turns = query.turns[r] if query.turns is not None else None
+            results[r] = reference_matches(self.items, texts[r], n, query.threshold, query.rule,
+                                           query.short_items, turns)
 
     def _score_pairs(self, pair: np.ndarray, at: np.ndarray, gram: np.ndarray, local: np.ndarray, query: "_Query",
                      found: dict[tuple[int, int], list[Any]]) -> None:
@@ -1106,6 +1171,88 @@ class _Query:
     rule: str
     short_items: str
     turns: Sequence[Sequence[str]] | None
+    windows: list["_Windows"] | None = None  # set: collect the verified windows (one shard), score nothing
+
+
+def _make_query(threshold: float, rule: str, short_items: str, turns: Sequence[Sequence[str]] | None) -> _Query:
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if rule not in RULES or short_items not in SHORT_ITEM_POLICIES:
+        raise ValueError(f"rule must be one of {RULES} and short_items one of {SHORT_ITEM_POLICIES}, "
+                         f"got {rule!r}, {short_items!r}")
+    return _Query(threshold, rule, short_items, turns)
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """Verified n-gram windows: text ``row``, its token position ``local`` and window ``length``, whether
+    the entry is a main n-gram (else a short item), its ``item``, item position ``at`` and ``gram`` id;
+    ``row_tokens`` is the row's token count, ``fallback`` the rows the byte tokenizer disagreed on."""
+
+    row: np.ndarray
+    local: np.ndarray
+    length: np.ndarray
+    main: np.ndarray
+    item: np.ndarray
+    at: np.ndarray
+    gram: np.ndarray
+    row_tokens: np.ndarray
+    fallback: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: Sequence["_Windows"]) -> "_Windows":
+        names = [f.name for f in cls.__dataclass_fields__.values()]
+        if not parts:
+            return cls(**{k: np.zeros(0, bool if k == "main" else np.int64) for k in names})
+        return cls(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in names})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, k).nbytes for k in self.__dataclass_fields__)
+
+
+# lookup(texts, query): the verified windows of ``texts`` from every part of a partitioned index.
+ShardLookup = Callable[[Sequence[str], _Query], list[_Windows]]
+
+
+class LocalShards:
+    """`ShardLookup` over parts held in this process (tests; the Ray executor asks actors instead)."""
+
+    def __init__(self, parts: Sequence[EvalIndex]):
+        self.parts = list(parts)
+
+    def __call__(self, texts: Sequence[str], query: _Query) -> list[_Windows]:
+        return [part.verified_windows(texts, query) for part in self.parts]
+
+
+class ShardedEvalIndex:
+    """An `EvalIndex` split by n-gram hash (`EvalIndex.partition`), with `match_texts`'s answers.
+
+    The texts go to every part, each part returns the windows that equal one of its n-grams (a join
+    on the n-gram instead of the whole index in every worker), and the head scores the union: token
+    coverage is the union of a (row, item)'s covered positions over all its n-grams, which lie in
+    different parts, so no part decides alone and the scores are the whole index's.
+    """
+
+    def __init__(self, head: EvalIndex, lookup: ShardLookup):
+        self.head, self.lookup = head, lookup
+        self.items, self.benchmarks = head.items, head.benchmarks
+        self.ngram, self.min_item_tokens = head.ngram, head.min_item_tokens
+        self.last_windows_bytes = 0  # bytes of verified windows the last call got back from the parts
+
+    def match_texts(self, texts: Sequence[str], threshold: float, rule: Rule = "token_coverage",
+                    short_items: ShortItems = "share",
+                    turns: Sequence[Sequence[str]] | None = None) -> list[list[Match]]:
+        """`EvalIndex.match_texts` over the parts (the same matches, in the same order)."""
+        query = _make_query(threshold, rule, short_items, turns)
+        results: list[list[Match]] = [[] for _ in texts]
+        if not self.items or not texts:
+            return results
+        windows = _Windows.concat(self.lookup(list(texts), replace(query, turns=None)))
+        self.last_windows_bytes = windows.nbytes
+        if len(windows.row) or len(windows.fallback):
+            self.head._score_windows(texts, windows, query, results)
+        return results
 
 
 def _turn_token_counts(turns: Sequence[str] | None, total: int) -> list[int]:
@@ -1285,7 +1432,8 @@ class Decontaminator:
     ``{"row": row, "matches": [Match, ...]}``.
     """
 
-    def __init__(self, index: EvalIndex, config: DecontamConfig, sink: DecisionSink, batch_size: int = 4096,
+    def __init__(self, index: "EvalIndex | ShardedEvalIndex", config: DecontamConfig, sink: DecisionSink,
+                 batch_size: int = 4096,
                  previous: PreviousDecisions | None = None):
         if index.ngram != config.ngram or index.min_item_tokens != config.min_item_tokens:
             raise ValueError(f"index built with ngram={index.ngram}, min_item_tokens={index.min_item_tokens}; "

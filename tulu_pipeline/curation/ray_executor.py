@@ -43,7 +43,11 @@ local path's rows and events.
 
 **Decontamination** builds the eval n-gram index once on the driver and puts it in the object
 store; each worker process reads it once (numpy buffers are shared, not copied) and streams its
-shard through `Decontaminator` in batches, so a worker holds one shard at most.
+shard through `Decontaminator` in batches, so a worker holds one shard at most. An index over
+``ray.eval_index_max_bytes`` is split by n-gram hash (`EvalIndex.partition`) into parts, one actor
+each; a shard task sends each batch's texts to every part, gets back the windows that equal one of
+the part's n-grams and scores their union with the head (`ShardedEvalIndex`): the same matches,
+with no worker holding more than one part.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ from tulu_pipeline.curation.decontaminate import (
     DecontamConfig,
     Decontaminator,
     DecontamStats,
+    ShardedEvalIndex,
     EvalIndex,
 )
 from tulu_pipeline.curation.dedup import (
@@ -799,9 +804,42 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
 # ---------------------------------------------------------------------------------------------
 # decontamination
 # ---------------------------------------------------------------------------------------------
-def _decontaminate_shard(store: Store, shard: Shard, staging: str, *, index_ref: list[Any],
+MAX_INDEX_PARTS = 1024
+
+
+class _IndexPart:
+    """Actor holding one part of a partitioned eval index: the join's reducer for its n-grams."""
+
+    def __init__(self, part: EvalIndex):
+        self.part = part
+
+    def windows(self, texts: list[str], query: Any) -> Any:
+        return self.part.verified_windows(texts, query)
+
+
+class _ActorParts:
+    """`ShardLookup` over `_IndexPart` actors: one copy of the texts, every part asked at once."""
+
+    def __init__(self, actors: list[Any]):
+        self.actors = actors
+        self.shuffle_bytes = 0  # texts sent to the parts (read once by each) and windows sent back
+
+    def __call__(self, texts: list[str], query: Any) -> list[Any]:
+        import ray
+
+        texts_ref = ray.put(texts)
+        windows = ray.get([actor.windows.remote(texts_ref, query) for actor in self.actors])
+        sent = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        self.shuffle_bytes += sent * len(self.actors) + sum(w.nbytes for w in windows)
+        return windows
+
+
+def _decontaminate_shard(store: Store, shard: Shard, staging: str, *, index_ref: list[Any], parts: list[Any],
                          config: dict[str, Any], events: EventPart, offsets: list[int]) -> dict[str, Any]:
-    index: EvalIndex = _object(index_ref[0])
+    index: EvalIndex | ShardedEvalIndex = _object(index_ref[0])
+    lookup = _ActorParts(parts) if parts else None
+    if lookup is not None:  # the head of a partitioned index: the parts are the actors
+        index = ShardedEvalIndex(index, lookup)
     sink = MemorySink()
     step = Decontaminator(index, DecontamConfig(**config), sink)
     sampler = EventSampler()
@@ -815,7 +853,30 @@ def _decontaminate_shard(store: Store, shard: Shard, staging: str, *, index_ref:
     return {"rows_in": stats.rows, "rows_out": rows_out, "clean": stats.clean, "quarantined": stats.quarantined,
             "events": count, "removed": [[s, b, n] for (s, b), n in sorted(stats.removed.items())],
             "eval_ids_hit": {b: sorted(ids) for b, ids in stats.eval_ids_hit.items()},
-            "scanned": dict(stats.scanned), **_summary(sampler)}
+            "scanned": dict(stats.scanned), "shuffle_bytes": lookup.shuffle_bytes if lookup else 0,
+            **_summary(sampler)}
+
+
+def _index_parts(index: EvalIndex, settings: RaySettings) -> tuple[EvalIndex, list[Any], list[Any]]:
+    """The index to put in the object store, the actors of its parts (none: the whole index is broadcast)
+    and the parts' object refs (held while the actors may restart from them)."""
+    import ray
+
+    size = index.table_bytes()
+    if size <= settings.eval_index_max_bytes:
+        return index, [], []
+    shards = settings.eval_index_shards or -(-size // settings.eval_index_max_bytes)
+    if shards > MAX_INDEX_PARTS:  # one actor a part: a mistyped byte limit must not start millions
+        raise ValueError(f"the eval index ({size:,} bytes) would be split into {shards:,} parts with "
+                         f"ray.eval_index_max_bytes={settings.eval_index_max_bytes:,}; expected at most "
+                         f"{MAX_INDEX_PARTS} (raise the limit or set ray.eval_index_shards)")
+    head, parts = index.partition(shards)
+    # num_cpus=0: a part only answers lookups from shard tasks, which hold the CPUs (and wait on it).
+    # A lookup has no side effect, so a part lost with its node is restarted and the lookup re-asked.
+    actor = ray.remote(num_cpus=0, max_restarts=settings.max_retries,
+                       max_task_retries=settings.max_retries)(_IndexPart)
+    refs = [ray.put(part) for part in parts]
+    return head, [actor.remote(ref) for ref in refs], refs
 
 
 def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
@@ -834,12 +895,17 @@ def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
             with ray_session(config.ray):
                 shards = plan_shards(store, {"deduplicated_prompts": inputs["deduplicated_prompts"]},
                                      config.ray.shard_rows)
-                index_ref = ray.put(eval_index)
-                run.report(step="index", eval_items=len(eval_index.items))
-                results = run.map_shards("decontaminate", shards, _decontaminate_shard, index_ref=[index_ref],
-                                         config=config.decontam.model_dump(), events=ledger.part_spec(0),
-                                         offsets=_seq_offsets(s.rows for s in shards))
-                del index_ref
+                head, parts, part_refs = _index_parts(eval_index, config.ray)
+                index_ref = ray.put(head)
+                run.report(step="index", eval_items=len(eval_index.items), index_parts=len(parts))
+                try:
+                    results = run.map_shards("decontaminate", shards, _decontaminate_shard, index_ref=[index_ref],
+                                             parts=parts, config=config.decontam.model_dump(),
+                                             events=ledger.part_spec(0), offsets=_seq_offsets(s.rows for s in shards))
+                finally:
+                    for part in parts:
+                        ray.kill(part)
+                del index_ref, head, parts, part_refs
             run.report(step="publish")
             ledger.adopt_parts([(_shard_file(run.staging, r["shard"], "events.parquet"), r["events"])
                                 for r in results])
