@@ -314,6 +314,17 @@ class _Run:
             self.report(step=step, shards_done=len(results), shards=len(shards), rows_done=rows)
         return sorted(results, key=lambda r: r["shard"])
 
+    def parts(self, results: list[dict[str, Any]], kind: str, count: str) -> list[tuple[str, int]]:
+        """Each shard's staged ``kind`` file with its row count (``result[count]``), in shard order."""
+        return [(_shard_file(self.staging, r["shard"], kind), r[count]) for r in results]
+
+    def publish(self, ledger: LedgerWriter, results: list[dict[str, Any]], dataset: str, rows_file: str,
+                inputs: Any) -> Any:
+        """Commit the shards' ledger parts, then their rows as ``dataset`` (one rename each): O(shards) work."""
+        ledger.adopt_parts(self.parts(results, "events.parquet", "events"))
+        return self.store.commit_dataset(dataset, self.version, self.parts(results, rows_file, "rows_out"),
+                                         ROW_SCHEMA, inputs=inputs)
+
     def cleanup(self) -> None:
         if self.store.exists(self.staging):
             self.store.fs.rm(self.store.path(self.staging), recursive=True)
@@ -420,14 +431,9 @@ def normalize_prompts_ray(store: Store, config: CurationConfig, run_id: str, pro
                 results = run.map_shards("normalize", shards, _normalize_shard, config=config.normalize.model_dump(),
                                          events=ledger.part_spec(0), offsets=_seq_offsets(s.rows for s in shards))
             run.report(step="publish")
-            ledger.adopt_parts([(_shard_file(run.staging, r["shard"], "events.parquet"), r["events"])
-                                for r in results])
-            info = store.commit_dataset("normalized_prompts", version,
-                                        [(_shard_file(run.staging, r["shard"], "rows.parquet"), r["rows_out"])
-                                         for r in results], ROW_SCHEMA, inputs=inputs)
-            quarantine = store.commit_jsonl_parts(
-                quarantine_dir("normalized_prompts", version),
-                [(_shard_file(run.staging, r["shard"], "dropped.jsonl"), r["dropped"]) for r in results])
+            info = run.publish(ledger, results, "normalized_prompts", "rows.parquet", inputs)
+            quarantine = store.commit_jsonl_parts(quarantine_dir("normalized_prompts", version),
+                                                  run.parts(results, "dropped.jsonl", "dropped"))
     finally:
         run.cleanup()
     stats: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "changed": 0, "dropped_by_reason": {}, "changes": {}}
@@ -781,14 +787,9 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
                                          reducers=partitions, config=dedup_config, events=ledger.part_spec(0),
                                          offsets=_seq_offsets(range_rows))
             run.report(step="publish", duplicates=sum(r["dropped"] for r in results))
-            ledger.adopt_parts([(_shard_file(run.staging, r["shard"], "events.parquet"), r["events"])
-                                for r in results])
-            info = store.commit_dataset("deduplicated_prompts", version,
-                                        [(_shard_file(run.staging, r["shard"], "kept.parquet"), r["rows_out"])
-                                         for r in results], ROW_SCHEMA, inputs=inputs)
-            quarantine = store.commit_jsonl_parts(
-                quarantine_dir("deduplicated_prompts", version),
-                [(_shard_file(run.staging, r["shard"], "dropped.jsonl"), r["dropped"]) for r in results])
+            info = run.publish(ledger, results, "deduplicated_prompts", "kept.parquet", inputs)
+            quarantine = store.commit_jsonl_parts(quarantine_dir("deduplicated_prompts", version),
+                                                  run.parts(results, "dropped.jsonl", "dropped"))
     finally:
         run.cleanup()
     stats: dict[str, Any] = {"rows_in": 0, "kept": 0, "exact_duplicates": 0, "near_duplicates": 0, "per_source": {}}
@@ -907,15 +908,10 @@ def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
                         ray.kill(part)
                 del index_ref, head, parts, part_refs
             run.report(step="publish")
-            ledger.adopt_parts([(_shard_file(run.staging, r["shard"], "events.parquet"), r["events"])
-                                for r in results])
-            info = store.commit_dataset("decontaminated_prompts", version,
-                                        [(_shard_file(run.staging, r["shard"], "rows.parquet"), r["rows_out"])
-                                         for r in results], ROW_SCHEMA, inputs=inputs)
-            quarantine = store.commit_dataset(
-                "decontamination_quarantine", version,
-                [(_shard_file(run.staging, r["shard"], "quarantine.parquet"), r["quarantined"]) for r in results],
-                QUARANTINE_SCHEMA)
+            info = run.publish(ledger, results, "decontaminated_prompts", "rows.parquet", inputs)
+            quarantine = store.commit_dataset("decontamination_quarantine", version,
+                                              run.parts(results, "quarantine.parquet", "quarantined"),
+                                              QUARANTINE_SCHEMA)
     finally:
         run.cleanup()
     stats = DecontamStats()
