@@ -299,10 +299,10 @@ static int slow_segment(const Scanner *s, Tok *t, PyObject *text, int kind, cons
 }
 
 /* ASCII characters text[a..b) (each alone in its normalization segment), as `feed_ascii` one by one
- * but with the state in locals. Letters, digits and separators outside a pending run take a
- * branch-free step (word and separator alternate unpredictably; the token being built is stored at
- * raw[nt] on every step, and nt moves on when it ends); punctuation, and the character after pending
- * punctuation, take the other path. Here the pending punctuation of a word is text[pend..i) (an
+ * but with the state in locals. A word's letters and digits are hashed in a tight inner loop (the
+ * power of TOKEN_P in a register; one mispredicted branch per word end costs less than a branch-free
+ * step per character did); punctuation, and the character after pending punctuation, take the
+ * other path. Here the pending punctuation of a word is text[pend..i) (an
  * ASCII character hashes as its byte value); what is still pending at b moves to t->pend. Inlined
  * where `kind` is a constant, so that each code-unit width reads its characters without a switch. */
 static inline __attribute__((always_inline)) int ascii_run(const Scanner *s, Tok *t, int kind, const void *data,
@@ -332,13 +332,24 @@ static inline __attribute__((always_inline)) int ascii_run(const Scanner *s, Tok
             }
             pend = -1;
         }
-        uint32_t w = v != 0; /* v: the lower-cased byte of a word character, 0 for a separator */
-        raw[nt] = h;
-        nt += in_tok & (w ^ 1);
-        uint32_t m = 0u - w;
-        h = (h + v * pow_at(s, k)) & m;
-        k = (k + 1) & m;
-        in_tok = w;
+        if (v == 0) { /* a separator */
+            if (in_tok) raw[nt++] = h;
+            h = k = in_tok = 0;
+            continue;
+        }
+        /* a word character (v: its lower-cased byte), then the word characters right after it */
+        uint32_t pw = pow_at(s, k);
+        in_tok = 1;
+        for (;;) {
+            h += v * pw;
+            pw *= TOKEN_P;
+            k++;
+            if (i + 1 == b) break;
+            uint32_t next = code[PyUnicode_READ(kind, data, i + 1)];
+            if (next - 1 >= PUNCT_CODE - 1) break; /* a separator (0) or punctuation */
+            v = next;
+            i++;
+        }
     }
     t->nt = nt;
     t->h = h;
