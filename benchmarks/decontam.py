@@ -361,17 +361,34 @@ def part_per_byte(args) -> dict:
     C kernel (``kernel``, what the pipeline uses) and with the kernel switched off (``numpy``, the
     earlier fast path, kept as the fallback); their quarantines and ledger events must be equal.
     Before each timed run: a garbage collection and a short untimed warm-up (so that a collection
-    of the index's objects or a first-call cost does not land in one length's figure).
+    of the index's objects or a first-call cost does not land in one length's figure). The kernel run
+    is repeated ``--repeats`` times: ``ns_per_byte`` is the minimum, ``ns_per_byte_median`` the median
+    (CPU time, ``time.process_time``); ``loadavg`` is ``os.getloadavg()`` around each length.
+
+    With ``--compare-kernel PATH`` (another build of ``_decon_kernel``, same ABI), ``Scanner.scan``
+    alone (tokens, hashes, filter: the kernel part) is timed for both builds alternately on the same
+    texts, ``--repeats`` times each, and their candidates must be equal (``scan_ab``).
     """
     import gc
+
+    from tulu_pipeline.curation.decontaminate import _make_scanner
 
     config = DecontamConfig()
     index = EvalIndex.build(load_items(), config.ngram, config.min_item_tokens)
     scanner = index._scanner
+    other = _make_scanner(index, _load_kernel(args.compare_kernel)) if args.compare_kernel else None
     words, p = training_vocabulary()
     cdf = np.cumsum(p)
     rng = np.random.default_rng(args.seed)
     out = {}
+
+    def scan_seconds(sc, texts) -> tuple[float, list]:
+        gc.collect()
+        found, start, cpu0 = [], 0, time.process_time()
+        while start < len(texts):
+            *scanned, start = sc.scan(texts, start, len(texts), 1 << 20)
+            found.append(scanned)
+        return time.process_time() - cpu0, found
 
     def run(rows, use_kernel: bool) -> tuple[float, Decontaminator, list]:
         index._scanner = scanner if use_kernel else None
@@ -396,13 +413,19 @@ def part_per_byte(args) -> dict:
             size += len(text.encode())
         rows = [{"row_id": f"r{k}", "source": "synthetic", "messages": [{"role": "user", "content": t}]}
                 for k, t in enumerate(texts)]
+        load_before = os.getloadavg()
         numpy_cpu, numpy_step, numpy_kept = run(rows, use_kernel=False)
-        cpu, step, kept = run(rows, use_kernel=scanner is not None)
+        runs = [run(rows, use_kernel=scanner is not None) for _ in range(args.repeats)]
+        cpus = [r[0] for r in runs]
+        cpu, step, kept = min(runs, key=lambda r: r[0])
         same = (kept == numpy_kept and step.sink.events == numpy_step.sink.events
                 and [(q["row"]["row_id"], q["matches"]) for q in step.quarantine]
                 == [(q["row"]["row_id"], q["matches"]) for q in numpy_step.quarantine])
+        same = same and all(r[2] == kept and r[1].sink.events == step.sink.events for r in runs)
         out[str(length)] = {"rows": len(rows), "bytes": size, "cpu_seconds": round(cpu, 3),
-                            "ns_per_byte": round(1e9 * cpu / size, 2), "rows_per_s_per_core": rate(len(rows), cpu),
+                            "ns_per_byte": round(1e9 * cpu / size, 2),
+                            "ns_per_byte_median": round(1e9 * float(np.median(cpus)) / size, 2),
+                            "rows_per_s_per_core": rate(len(rows), cpu),
                             "numpy_cpu_seconds": round(numpy_cpu, 3),
                             "numpy_ns_per_byte": round(1e9 * numpy_cpu / size, 2),
                             "numpy_rows_per_s_per_core": rate(len(rows), numpy_cpu),
@@ -410,10 +433,37 @@ def part_per_byte(args) -> dict:
                             "results_equal_to_numpy": same,
                             "ascii_rows_share": round(sum(t.isascii() for t in texts) / len(texts), 3),
                             "quarantined": len(rows) - kept}
+        if other is not None and scanner is not None:
+            times: dict[str, list[float]] = {"this": [], "compare": []}
+            found = {}
+            for _ in range(args.repeats):
+                for name, sc in (("compare", other), ("this", scanner)):
+                    seconds, found[name] = scan_seconds(sc, texts)
+                    times[name].append(seconds)
+            out[str(length)]["scan_ab"] = {
+                **{name: {"min_ns_per_byte": round(1e9 * min(v) / size, 2),
+                          "median_ns_per_byte": round(1e9 * float(np.median(v)) / size, 2)} for name, v in times.items()},
+                "candidates_equal": found["this"] == found["compare"]}
+        out[str(length)]["loadavg"] = [round(x, 2) for x in (*load_before, *os.getloadavg())]
     return {"what": "Decontaminator, default config (token_coverage, short items by share), every bundled "
-                    "benchmark, exhaustive (no sampling, no hit cap); ns_per_byte with the C kernel, "
-                    "numpy_ns_per_byte with the numpy path, same rows, same process, one core",
-            "kernel": scanner is not None, "by_row_bytes": out, **rss_mb()}
+                    "benchmark, exhaustive (no sampling, no hit cap); ns_per_byte with the C kernel (CPU time, "
+                    f"min of {args.repeats}; ns_per_byte_median the median), numpy_ns_per_byte with the numpy "
+                    "path, same rows, same process, one core; loadavg: os.getloadavg() before and after each "
+                    "length (1, 5, 15 min)",
+            "kernel": scanner is not None, "repeats": args.repeats,
+            "compare_kernel": args.compare_kernel, "by_row_bytes": out, **rss_mb()}
+
+
+def _load_kernel(path: str):
+    """Another build of the kernel module (a .so file), loaded beside the installed one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_decon_kernel", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--compare-kernel: {path} is not a loadable extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class RecordingSink:
@@ -500,7 +550,9 @@ def run_part(name: str, args, core: int) -> dict:
            "--rows", str(args.rows), "--baseline-rows", str(args.baseline_rows), "--seed", str(args.seed),
            "--plant-every", str(args.plant_every), "--batch-size", str(args.batch_size),
            "--bytes-per-length", str(args.bytes_per_length), "--incremental-rows", str(args.incremental_rows),
-           "--append-rows", str(args.append_rows)]
+           "--append-rows", str(args.append_rows), "--repeats", str(args.repeats)]
+    if args.compare_kernel:
+        cmd += ["--compare-kernel", args.compare_kernel]
     print(f"[decontam bench] {name} ...", file=sys.stderr, flush=True)
     try:
         subprocess.run(cmd, check=True)
@@ -529,6 +581,8 @@ def main() -> None:
     parser.add_argument("--bytes-per-length", type=int, default=20_000_000, help="text per row length (per_byte)")
     parser.add_argument("--incremental-rows", type=int, default=200_000, help="pool rows (incremental)")
     parser.add_argument("--append-rows", type=int, default=2_000, help="rows appended to the pool (incremental)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed kernel runs per length (per_byte)")
+    parser.add_argument("--compare-kernel", help="another build of _decon_kernel (.so) to time alternately (per_byte)")
     parser.add_argument("--only", choices=["per_byte", "incremental"],
                         help="run only this part and merge it into the existing results file")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decontam.json"))

@@ -672,13 +672,16 @@ def _kernel_tables() -> tuple[np.ndarray, np.ndarray]:
     return stage1.astype(np.uint16).reshape(-1), np.ascontiguousarray(blocks, dtype=np.uint32).reshape(-1)
 
 
-def _make_scanner(index: "EvalIndex") -> Any:
-    """The kernel's scanner over ``index`` (None where the kernel is not built and not required)."""
-    if not kernel_available():
+def _make_scanner(index: "EvalIndex", kernel: Any = None) -> Any:
+    """The kernel's scanner over ``index`` (None where the kernel is not built and not required).
+
+    ``kernel``: another build of the kernel module (same ABI) to use instead, for benchmarks that compare builds.
+    """
+    if kernel is None and not kernel_available():
         return None
     stage1, stage2 = _kernel_tables()
     main, single, prefix = index._main_filter, index._single_filter, index._prefix_filter
-    return _decon_kernel.Scanner(index.ngram, stage1, stage2, _char_classes(), index._main_hash, main.bits,
+    return (kernel or _decon_kernel).Scanner(index.ngram, stage1, stage2, _char_classes(), index._main_hash, main.bits,
                                  int(main.shift), single.bits, int(single.shift), prefix.bits, int(prefix.shift),
                                  index._short_hash, list(index._short_lengths), normalize)
 
