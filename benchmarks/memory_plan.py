@@ -66,7 +66,7 @@ def measure(case: dict[str, Any], model_dir: str | None) -> dict[str, Any]:
     from trl.trainer.utils import add_fused_lm_head
 
     from tulu_pipeline.templates.chat_template import IGNORE_INDEX
-    from tulu_pipeline.training.dpo import sequence_logps
+    from tulu_pipeline.training.dpo_reference import sequence_logps
     from tulu_pipeline.training.dpo_losses import preference_loss
     from tulu_pipeline.training.memory_plan import CONFIG_DIR
 
