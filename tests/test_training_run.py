@@ -19,7 +19,9 @@ from tulu_pipeline.templates.chat_template import apply_tulu_chat_template
 from tulu_pipeline.templates.lineage import template_lineage
 from tulu_pipeline.training.checkpointing import CHECKPOINTS_DIR, PROGRESS_FILE, RUN_FILE, fingerprint, mark_complete
 from tulu_pipeline.training.run import MANIFEST_FORMAT_VERSION, TrainingResult, TrainingRun
-from tulu_pipeline.training.sft_config import SFTTrainingConfig
+from tulu_pipeline.training.dpo_config import DPO_PRESETS, DPOTrainingConfig
+from tulu_pipeline.training.sft_config import SFT_PRESETS, SFTTrainingConfig
+from tulu_pipeline.training.sharding_config import ShardingConfig
 
 INPUTS = {"base_model_sha256": "b" * 64, "train_rows_sha256": "t" * 64, "mix_hash": "mix-1"}
 
@@ -40,6 +42,42 @@ def test_identity_is_code_version_config_and_inputs():
     assert make_run("/tmp/unused", config=SFTTrainingConfig(seed=4)).fingerprint != run.fingerprint
     other_version = TrainingRun("sft", "8", SFTTrainingConfig(seed=3), dict(INPUTS), "/tmp/unused", NullReporter())
     assert other_version.fingerprint != run.fingerprint
+
+
+
+# The presets' config fingerprints before the sharding field existed (main at 2e73db9): a default ``sharding``
+# must leave every run identity and checkpoint id as it was, so published checkpoints stay reusable.
+PRESET_FINGERPRINTS = {
+    ("sft", "cpu_demo"): "c7b94fa6b507a5fc3ec613b58f4c8982652284c9fe53c41aa71db303e87b8620",
+    ("sft", "tulu3_8b"): "2fef6fd2b2709f4e3cee3d7c3e3943c8dcd0b48f992faabb617580df6baaea42",
+    ("dpo", "cpu_demo"): "283b5471d3091c62accbb5fa470ef82cc37e4264b3eb8c231bf61064e89c0a06",
+    ("dpo", "tulu3_8b"): "e846766c777c4229ffeb7d6a0279f3e4189540c107c166ea344ded24371f94d2",
+}
+
+
+def test_default_sharding_leaves_preset_fingerprints_unchanged():
+    presets = {"sft": SFT_PRESETS, "dpo": DPO_PRESETS}
+    for (method, name), expected in PRESET_FINGERPRINTS.items():
+        config = presets[method][name]
+        assert config.sharding == ShardingConfig()
+        assert "sharding" not in config.model_dump(mode="json")
+        assert fingerprint(config.model_dump(mode="json")) == expected, (method, name)
+
+
+@pytest.mark.parametrize("config_cls", [SFTTrainingConfig, DPOTrainingConfig])
+def test_sharding_when_set_is_part_of_the_identity_and_round_trips(config_cls):
+    sharded = config_cls(sharding={"strategy": "fsdp", "activation_checkpointing": True})
+    dumped = sharded.model_dump(mode="json")
+    assert dumped["sharding"] == {"strategy": "fsdp", "mixed_precision": "bf16", "activation_checkpointing": True,
+                                  "cpu_offload": False}
+    assert config_cls.model_validate(dumped) == sharded  # what a manifest records reads back as the same config
+    assert config_cls.model_validate(config_cls().model_dump(mode="json")).sharding == ShardingConfig()
+    default_run = TrainingRun("sft", "7", config_cls(), dict(INPUTS), "/tmp/unused", NullReporter())
+    sharded_run = TrainingRun("sft", "7", sharded, dict(INPUTS), "/tmp/unused", NullReporter())
+    assert sharded_run.identity["config"]["sharding"]["strategy"] == "fsdp"
+    assert sharded_run.fingerprint != default_run.fingerprint
+    with pytest.raises(ValueError, match="cpu_offload=True needs strategy='fsdp'"):
+        config_cls(sharding={"cpu_offload": True})
 
 
 def test_manifest_extra_may_not_overwrite_the_runs_own_record(tmp_path):

@@ -252,6 +252,7 @@ def run_dpo(
         (staging / LOSS_CURVE_FILE).write_bytes(dpo_curve_png(curve, before, after))
         manifest = run.manifest(
             tokenizer=tokenizer, batch=layout.manifest(), metrics=metrics, versions=("trl", "peft"),
+            sharding=config.sharding.model_dump(mode="json"),
             base_model={"path": str(model_dir), "weights_sha256": base_sha},
             base_model_sha256=base_sha,
             reference_logprobs_source=reference_source,

@@ -282,6 +282,7 @@ def run_sft(
         (staging / LOSS_CURVE_FILE).write_bytes(loss_curve_png(curve, heldout_before, heldout_after))
         manifest = run.manifest(
             tokenizer=tokenizer, batch=layout.manifest(), metrics=metrics, versions=("trl", "peft"),
+            sharding=config.sharding.model_dump(mode="json"),
             base_model={"path": str(base_model_dir), "weights_sha256": base_sha},
             base_model_sha256=base_sha,
             # the trainable rows given (after dropping rows with nothing to train on), and those trained on
