@@ -241,3 +241,37 @@ def test_progress_file_is_what_marks_a_checkpoint_resumable(tmp_path):
     mark_complete(run.root / "checkpoint-7", {"step": 7})
     assert (run.root / "checkpoint-7" / PROGRESS_FILE).exists()
     assert make_run(out).prepare() == run.root / "checkpoint-7"
+
+
+def test_fsdp_trainer_arguments_keep_master_weights_and_reduction_fp32(tmp_path, monkeypatch):
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from tulu_pipeline.training.checkpointing import resolve_bf16
+    from tulu_pipeline.training.sharding import keep_fp32_gradient_reduction, trainer_fsdp_arguments
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=32))
+    assert trainer_fsdp_arguments(ShardingConfig(), model) == {}
+    fsdp = trainer_fsdp_arguments(ShardingConfig(strategy="fsdp"), model, gradient_checkpointing=True)
+    assert fsdp["fsdp"] is True and fsdp["activation_checkpointing"] is False  # FSDP's own recomputation instead
+    assert fsdp["fsdp_config"] == {
+        "version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "reshard_after_forward": True,
+        "cpu_ram_efficient_loading": False, "state_dict_type": "SHARDED_STATE_DICT", "activation_checkpointing": True,
+        "cpu_offload": False}
+
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # TrainingArguments sets it: restored after
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to="none", **fsdp)
+    keep_fp32_gradient_reduction(args)
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    plugin.set_mixed_precision("bf16")  # what accelerate does with bf16=True: it must keep the fp32 reduction
+    assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+    assert (plugin.mixed_precision_policy.param_dtype, plugin.mixed_precision_policy.reduce_dtype) == (
+        torch.bfloat16, torch.float32)
+
+    # with fsdp, sharding.mixed_precision decides bf16; an explicit bf16 that contradicts it is an error
+    assert resolve_bf16(SFTTrainingConfig(sharding={"strategy": "fsdp"})) is True
+    assert resolve_bf16(SFTTrainingConfig(bf16=False, sharding={"strategy": "fsdp", "mixed_precision": "fp32"})) is False
+    with pytest.raises(ValueError, match="contradicts sharding.mixed_precision='bf16'"):
+        resolve_bf16(SFTTrainingConfig(bf16=False, sharding={"strategy": "fsdp"}))
