@@ -19,7 +19,9 @@ from tulu_pipeline.templates.chat_template import apply_tulu_chat_template
 from tulu_pipeline.templates.lineage import template_lineage
 from tulu_pipeline.training.checkpointing import CHECKPOINTS_DIR, PROGRESS_FILE, RUN_FILE, fingerprint, mark_complete
 from tulu_pipeline.training.run import MANIFEST_FORMAT_VERSION, TrainingResult, TrainingRun
-from tulu_pipeline.training.sft_config import SFTTrainingConfig
+from tulu_pipeline.training.dpo_config import DPO_PRESETS, DPOTrainingConfig
+from tulu_pipeline.training.sft_config import SFT_PRESETS, SFTTrainingConfig
+from tulu_pipeline.training.sharding_config import ShardingConfig
 
 INPUTS = {"base_model_sha256": "b" * 64, "train_rows_sha256": "t" * 64, "mix_hash": "mix-1"}
 
@@ -40,6 +42,42 @@ def test_identity_is_code_version_config_and_inputs():
     assert make_run("/tmp/unused", config=SFTTrainingConfig(seed=4)).fingerprint != run.fingerprint
     other_version = TrainingRun("sft", "8", SFTTrainingConfig(seed=3), dict(INPUTS), "/tmp/unused", NullReporter())
     assert other_version.fingerprint != run.fingerprint
+
+
+
+# The presets' config fingerprints before the sharding field existed (main at 2e73db9): a default ``sharding``
+# must leave every run identity and checkpoint id as it was, so published checkpoints stay reusable.
+PRESET_FINGERPRINTS = {
+    ("sft", "cpu_demo"): "c7b94fa6b507a5fc3ec613b58f4c8982652284c9fe53c41aa71db303e87b8620",
+    ("sft", "tulu3_8b"): "2fef6fd2b2709f4e3cee3d7c3e3943c8dcd0b48f992faabb617580df6baaea42",
+    ("dpo", "cpu_demo"): "283b5471d3091c62accbb5fa470ef82cc37e4264b3eb8c231bf61064e89c0a06",
+    ("dpo", "tulu3_8b"): "e846766c777c4229ffeb7d6a0279f3e4189540c107c166ea344ded24371f94d2",
+}
+
+
+def test_default_sharding_leaves_preset_fingerprints_unchanged():
+    presets = {"sft": SFT_PRESETS, "dpo": DPO_PRESETS}
+    for (method, name), expected in PRESET_FINGERPRINTS.items():
+        config = presets[method][name]
+        assert config.sharding == ShardingConfig()
+        assert "sharding" not in config.model_dump(mode="json")
+        assert fingerprint(config.model_dump(mode="json")) == expected, (method, name)
+
+
+@pytest.mark.parametrize("config_cls", [SFTTrainingConfig, DPOTrainingConfig])
+def test_sharding_when_set_is_part_of_the_identity_and_round_trips(config_cls):
+    sharded = config_cls(sharding={"strategy": "fsdp", "activation_checkpointing": True})
+    dumped = sharded.model_dump(mode="json")
+    assert dumped["sharding"] == {"strategy": "fsdp", "mixed_precision": "bf16", "activation_checkpointing": True,
+                                  "cpu_offload": False}
+    assert config_cls.model_validate(dumped) == sharded  # what a manifest records reads back as the same config
+    assert config_cls.model_validate(config_cls().model_dump(mode="json")).sharding == ShardingConfig()
+    default_run = TrainingRun("sft", "7", config_cls(), dict(INPUTS), "/tmp/unused", NullReporter())
+    sharded_run = TrainingRun("sft", "7", sharded, dict(INPUTS), "/tmp/unused", NullReporter())
+    assert sharded_run.identity["config"]["sharding"]["strategy"] == "fsdp"
+    assert sharded_run.fingerprint != default_run.fingerprint
+    with pytest.raises(ValueError, match="cpu_offload=True needs strategy='fsdp'"):
+        config_cls(sharding={"cpu_offload": True})
 
 
 def test_manifest_extra_may_not_overwrite_the_runs_own_record(tmp_path):
@@ -203,3 +241,37 @@ def test_progress_file_is_what_marks_a_checkpoint_resumable(tmp_path):
     mark_complete(run.root / "checkpoint-7", {"step": 7})
     assert (run.root / "checkpoint-7" / PROGRESS_FILE).exists()
     assert make_run(out).prepare() == run.root / "checkpoint-7"
+
+
+def test_fsdp_trainer_arguments_keep_master_weights_and_reduction_fp32(tmp_path, monkeypatch):
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from tulu_pipeline.training.checkpointing import resolve_bf16
+    from tulu_pipeline.training.sharding import keep_fp32_gradient_reduction, trainer_fsdp_arguments
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=32))
+    assert trainer_fsdp_arguments(ShardingConfig(), model) == {}
+    fsdp = trainer_fsdp_arguments(ShardingConfig(strategy="fsdp"), model, gradient_checkpointing=True)
+    assert fsdp["fsdp"] is True and fsdp["activation_checkpointing"] is False  # FSDP's own recomputation instead
+    assert fsdp["fsdp_config"] == {
+        "version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "reshard_after_forward": True,
+        "cpu_ram_efficient_loading": False, "state_dict_type": "SHARDED_STATE_DICT", "activation_checkpointing": True,
+        "cpu_offload": False}
+
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # TrainingArguments sets it: restored after
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to="none", **fsdp)
+    keep_fp32_gradient_reduction(args)
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    plugin.set_mixed_precision("bf16")  # what accelerate does with bf16=True: it must keep the fp32 reduction
+    assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+    assert (plugin.mixed_precision_policy.param_dtype, plugin.mixed_precision_policy.reduce_dtype) == (
+        torch.bfloat16, torch.float32)
+
+    # with fsdp, sharding.mixed_precision decides bf16; an explicit bf16 that contradicts it is an error
+    assert resolve_bf16(SFTTrainingConfig(sharding={"strategy": "fsdp"})) is True
+    assert resolve_bf16(SFTTrainingConfig(bf16=False, sharding={"strategy": "fsdp", "mixed_precision": "fp32"})) is False
+    with pytest.raises(ValueError, match="contradicts sharding.mixed_precision='bf16'"):
+        resolve_bf16(SFTTrainingConfig(bf16=False, sharding={"strategy": "fsdp"}))

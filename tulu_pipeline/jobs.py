@@ -61,8 +61,12 @@ def job_main(job: Job, argv: list[str] | None = None, description: str | None = 
     parser.add_argument("--params", type=Path, help="JSON file with the job parameters (runs without Dagster)")
     args = parser.parse_args(argv)
 
+    worker = int(os.environ.get("RANK", "0")) != 0  # a torchrun rank other than 0: trains, reports nothing
     if args.params is not None:
         params = json.loads(args.params.read_text(encoding="utf-8"))
+        if worker:
+            (job.worker or job.run)(params, NullReporter(job.metrics_event))
+            return 0
         outcome = job.run(params, PrintReporter(event=job.metrics_event))
         summary = outcome.summary if outcome.summary is not None else {
             k: v for k, v in plain(outcome.metadata).items() if k not in job.hidden}
@@ -73,7 +77,7 @@ def job_main(job: Job, argv: list[str] | None = None, description: str | None = 
 
     if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
         parser.error("not launched by Dagster (no pipes context): pass --params params.json")
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun workers: one Pipes session (rank 0's) per step
+    if worker:  # one Pipes session (rank 0's) per step
         (job.worker or job.run)(pipes_extras(), NullReporter(job.metrics_event))
         return 0
     with open_dagster_pipes() as context:

@@ -229,10 +229,11 @@ def library_versions(*packages: str) -> dict[str, str]:
     return versions
 
 
-def save_final(trainer: Any, tokenizer: Any, target: Path, lora: bool) -> None:
+def save_final(trainer: Any, tokenizer: Any, target: Path, lora: bool, model: Any | None = None) -> None:
     """Save a transformers Trainer's model (LoRA merged, its adapter kept in ``adapter/``) and tokenizer, with
-    generation set up to stop at the tokenizer's EOS."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    generation set up to stop at the tokenizer's EOS. ``model``: the one to save instead (a sharded run's
+    `sharding.gather_unsharded` model)."""
+    model = model if model is not None else trainer.accelerator.unwrap_model(trainer.model)
     if lora:
         model.save_pretrained(target / "adapter")  # the adapter alone, for reference
         model = model.merge_and_unload()
@@ -259,9 +260,18 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_bf16(config: Any) -> bool:
-    """Whether a run with ``config`` (its ``bf16``: True, False or "auto") trains under bf16 autocast here."""
+    """Whether a run with ``config`` (its ``bf16``: True, False or "auto") trains under bf16 autocast here; with
+    FSDP sharding, whether ``sharding.mixed_precision`` is bf16."""
     import torch
 
+    sharding = getattr(config, "sharding", None)
+    if sharding is not None and sharding.strategy == "fsdp":
+        # FSDP's mixed-precision policy is the one switch: a bf16 setting that contradicts it is an error
+        wanted = sharding.mixed_precision == "bf16"
+        if config.bf16 != "auto" and bool(config.bf16) != wanted:
+            raise ValueError(f"bf16={config.bf16} contradicts sharding.mixed_precision={sharding.mixed_precision!r}; "
+                             "with strategy 'fsdp' set bf16='auto' or make the two agree")
+        return wanted
     if config.bf16 != "auto":
         return bool(config.bf16)
     if torch.cuda.is_available():

@@ -68,6 +68,12 @@ from tulu_pipeline.training.dpo_reference import (
     score_pairs,
 )
 from tulu_pipeline.training.run import TrainingResult, TrainingRun
+from tulu_pipeline.training.sharding import (
+    gather_unsharded,
+    keep_fp32_gradient_reduction,
+    shard_report,
+    trainer_fsdp_arguments,
+)
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
 DPO_CODE_VERSION = "2"
@@ -199,7 +205,9 @@ def run_dpo(
     before = preference_metrics(held_reference, held_reference, config)
     reporter.log(f"held-out before (the reference): {json.dumps(before, sort_keys=True)}")
     model = load_scoring_model(model_dir, config)
-    args = TrainingArguments(**trainer_arguments(process_config, run.root, use_bf16, device))
+    args = TrainingArguments(**{**trainer_arguments(process_config, run.root, use_bf16, device),
+                                **trainer_fsdp_arguments(config.sharding, model, config.gradient_checkpointing)})
+    keep_fp32_gradient_reduction(args)
     trainer = TuluDPOTrainer(
         model=model, args=args, data_collator=DPOCollator(tokenizer.pad_token_id),
         train_dataset=Dataset.from_list([{**ex, "example_index": i} for i, ex in enumerate(train.examples)]),
@@ -215,6 +223,10 @@ def run_dpo(
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     train_seconds = time.perf_counter() - train_started
     steps = int(trainer.state.global_step)
+    # collectives: what each rank held, and the full weights gathered to rank 0 for publication
+    sharded = config.sharding.strategy == "fsdp"
+    shards = shard_report(trainer.model, trainer.optimizer) if sharded else {}
+    unsharded = gather_unsharded(trainer.model) if sharded else None
     if not run.is_publisher:  # rank 0 publishes; the other ranks' work is in its weights
         return DPOResult(run.output_dir, {"steps": steps}, {})
     curve = [{"step": int(e["step"]), "loss": float(e["loss"]), "learning_rate": float(e.get("learning_rate", 0.0)),
@@ -223,8 +235,8 @@ def run_dpo(
              for e in trainer.state.log_history if "loss" in e and "step" in e]
 
     with run.publishing() as staging:
-        save_final(trainer, tokenizer, staging, lora=False)
-        del trainer, model
+        save_final(trainer, tokenizer, staging, lora=False, model=unsharded)
+        del trainer, model, unsharded
         gc.collect()
         final_model = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32).to(device)
         after_scores = score_pairs(final_model, held, tokenizer.pad_token_id, config.eval_batch_size, use_bf16)
@@ -252,6 +264,7 @@ def run_dpo(
         (staging / LOSS_CURVE_FILE).write_bytes(dpo_curve_png(curve, before, after))
         manifest = run.manifest(
             tokenizer=tokenizer, batch=layout.manifest(), metrics=metrics, versions=("trl", "peft"),
+            sharding={**config.sharding.model_dump(mode="json"), **shards},
             base_model={"path": str(model_dir), "weights_sha256": base_sha},
             base_model_sha256=base_sha,
             reference_logprobs_source=reference_source,

@@ -19,6 +19,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tulu_pipeline.training.batch_layout import DataParallelBatch
+from tulu_pipeline.training.sharding_config import ShardingConfig, is_unsharded_default
 
 from tulu_pipeline.training.dpo_losses import LOSS_TYPES, LossType
 
@@ -51,6 +52,10 @@ class DPOTrainingConfig(DataParallelBatch, BaseModel):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
     eval_batch_size: int = Field(8, ge=1, description="pairs per forward pass when scoring (reference, held-out)")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    sharding: ShardingConfig = Field(
+        default_factory=ShardingConfig, exclude_if=is_unsharded_default,
+        description="FSDP2 sharding over the torchrun processes (docs/sharding.md); left out of the config's "
+        "dump (identity, checkpoint ids, manifest config) while it is the default, strategy none")
 
 
     @property

@@ -155,8 +155,16 @@ def run_task(params: dict[str, Any], reporter: Reporter) -> tuple[dict[str, Any]
     return materialization_metadata(result, location), result.manifest["fingerprint"][:16]
 
 
+def run_worker(params: dict[str, Any], reporter: Reporter) -> None:
+    """A torchrun rank other than 0: trains its share of the batch; rank 0 publishes and reports."""
+    if (params.get("task") or "train") == "train":
+        run_train_task(params, reporter)
+    else:
+        run_task(params, reporter)
+
+
 JOB = Job("tulu_pipeline.training.dpo_job", lambda params, reporter: JobOutcome(*run_task(params, reporter)),
-          result_event="dpo_result", metrics_event="dpo_metrics", hidden=("loss_curve", "config"))
+          result_event="dpo_result", metrics_event="dpo_metrics", hidden=("loss_curve", "config"), worker=run_worker)
 
 
 def main(argv: list[str] | None = None) -> int:

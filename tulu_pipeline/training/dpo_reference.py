@@ -103,9 +103,16 @@ def _token_logps(head: Any, hidden: Any, targets: Any) -> Any:
 
 
 def _output_head(model: Any) -> Any | None:
-    """The LM head of a causal LM whose logits are ``head(hidden)``; None for others (final-logit soft-capping)."""
-    inner = getattr(model, "module", model)  # DDP / FSDP wrappers hold the model in .module
+    """The LM head of a causal LM whose logits are ``head(hidden)``; None for others (final-logit soft-capping) and
+    for FSDP2-sharded models."""
+    from torch.distributed.fsdp import FSDPModule
+
+    inner = getattr(model, "module", model)  # DDP / FSDP1 wrappers hold the model in .module
     if getattr(getattr(inner, "config", None), "final_logit_softcapping", None):
+        return None
+    if isinstance(inner, FSDPModule):
+        # FSDP2 gathers the head's (root unit's) weight only inside the model's forward: called outside it, and
+        # again when backward recomputes a chunk, the head would read a freed shard (a segfault on CPU)
         return None
     try:
         return inner.get_output_embeddings()

@@ -30,9 +30,39 @@ from tulu_pipeline.training.checkpointing import mark_complete, prune_checkpoint
 from tulu_pipeline.training.dpo_config import DPOTrainingConfig  # noqa: E402
 from tulu_pipeline.training.dpo_losses import preference_loss  # noqa: E402
 from tulu_pipeline.training.dpo_reference import sequence_logps  # noqa: E402
+from tulu_pipeline.training.run import all_reduce_sums  # noqa: E402
 
 # DPO metrics averaged over each logging interval.
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP on CPU ranks
+# ---------------------------------------------------------------------------------------------
+class CPUFSDPMixin:
+    """The Trainer's FSDP2 on CPU ranks (gloo) as on GPUs.
+
+    accelerate turns its FSDP plugin on only for accelerator devices; on CPU it silently trains DDP (full
+    replicas) instead. When the arguments ask for FSDP (`sharding.trainer_fsdp_arguments`) and accelerate chose
+    multi-CPU DDP, this switches its state to FSDP with the same plugin, so ``fully_shard`` per decoder layer and
+    the sharded (DCP) checkpoints are the same code on a CPU test as on a GPU node.
+    """
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is None or self.is_fsdp_enabled:
+            return
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        if state.distributed_type != DistributedType.MULTI_CPU:
+            return
+        plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)  # what accelerate does for its GPU FSDP
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = plugin
+        self.is_fsdp_enabled = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +115,7 @@ class TrainingProgress:
             self.times_seen = [int(n) for n in times_seen]
 
 
-class TuluSFTTrainer(SFTTrainer):
+class TuluSFTTrainer(CPUFSDPMixin, SFTTrainer):
     """SFTTrainer with open-instruct's ``sum`` reduction, packing statistics and marked checkpoints."""
 
     def __init__(self, *args: Any, loss_reduction: str, progress: TrainingProgress,
@@ -127,6 +157,13 @@ class TuluSFTTrainer(SFTTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         progress = self.progress
+        if "loss" in logs:
+            # every rank logs at the same steps: the line is the whole run's (as one process would log it), not
+            # rank 0's share of the batch
+            nll, trained, real = all_reduce_sums(
+                [progress.interval_nll, progress.interval_trained_tokens, progress.interval_real_tokens])
+            progress.interval_nll, progress.interval_trained_tokens = nll, int(trained)
+            progress.interval_real_tokens = int(real)
         if "loss" in logs and progress.interval_trained_tokens:
             now = time.perf_counter()
             elapsed = now - (progress.interval_start or progress.session_start or now)
@@ -192,7 +229,7 @@ class SFTReportingCallback(TrainerCallback):
 # ---------------------------------------------------------------------------------------------
 # DPO
 # ---------------------------------------------------------------------------------------------
-class TuluDPOTrainer(Trainer):
+class TuluDPOTrainer(CPUFSDPMixin, Trainer):
     """Trainer whose loss is `preference_loss` on precomputed reference log-probs."""
 
     # compute_loss returns a per-micro-batch mean: let the Trainer divide it by the accumulation steps

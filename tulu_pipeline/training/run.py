@@ -77,18 +77,27 @@ def await_run_dir(output_dir: Path, run_fingerprint: str, timeout_s: float = 600
 
 def all_reduce_counts(counts: Sequence[int]) -> list[int]:
     """``counts`` summed over every rank of a multi-process run (torchrun), as they are in a single process."""
+    return [int(n) for n in _all_reduce(counts, "long")]
+
+
+def all_reduce_sums(values: Sequence[float]) -> list[float]:
+    """``values`` (float64) summed over every rank of a multi-process run; as given in a single process."""
+    return [float(v) for v in _all_reduce(values, "float64")]
+
+
+def _all_reduce(values: Sequence[float], dtype: str) -> list[Any]:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return list(counts)
+        return list(values)
     import torch
 
     from tulu_pipeline.training.checkpointing import training_device
 
     device = training_device() if dist.get_backend() == "nccl" else torch.device("cpu")
-    total = torch.tensor(list(counts), dtype=torch.long, device=device)
+    total = torch.tensor(list(values), dtype=getattr(torch, dtype), device=device)
     dist.all_reduce(total)
-    return [int(n) for n in total.tolist()]
+    return total.tolist()
 
 
 @dataclass

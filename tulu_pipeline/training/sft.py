@@ -70,6 +70,12 @@ from tulu_pipeline.training.checkpointing import (
 )
 from tulu_pipeline.training.run import TrainingResult, TrainingRun, all_reduce_counts
 from tulu_pipeline.training.sft_config import SFTTrainingConfig
+from tulu_pipeline.training.sharding import (
+    gather_unsharded,
+    keep_fp32_gradient_reduction,
+    shard_report,
+    trainer_fsdp_arguments,
+)
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
 SFT_CODE_VERSION = "1"
@@ -149,6 +155,9 @@ def run_sft(
     manifest_extra = dict(manifest_extra or {})
     # The config states the global batch; this process trains its share (an indivisible batch stops here).
     layout = config.batch_layout(launch_world_size(), manifest_extra.get("preset"))
+    sharded = config.sharding.strategy == "fsdp"
+    if sharded and config.lora is not None:
+        raise ValueError("sharding.strategy='fsdp' with lora: LoRA trains a few adapters, shard only full fine-tuning")
     process_config = config.for_world_size(layout.world_size, manifest_extra.get("preset"))
 
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -202,12 +211,14 @@ def run_sft(
         max_row_tokens=None if attn.startswith("flash") else config.max_length,
     )
     args = SFTConfig(
-        **trainer_arguments(process_config, run.root, use_bf16, device),
+        **{**trainer_arguments(process_config, run.root, use_bf16, device),
+           **trainer_fsdp_arguments(config.sharding, model, config.gradient_checkpointing)},
         max_length=None,
         packing=False,
         padding_free=False,
         dataset_kwargs={"skip_prepare_dataset": True},
     )
+    keep_fp32_gradient_reduction(args)
     peft_config = None
     if config.lora is not None:
         from peft import LoraConfig
@@ -236,6 +247,9 @@ def run_sft(
     # rank 0 publishes what every rank saw (rows, tokens); the other ranks' work is in its weights
     *progress.times_seen, progress.real_tokens, progress.computed_tokens = all_reduce_counts(
         [*progress.times_seen, progress.real_tokens, progress.computed_tokens])
+    # collectives: what each rank held, and the full weights gathered to rank 0 for publication
+    shards = shard_report(trainer.model, trainer.optimizer) if sharded else {}
+    unsharded = gather_unsharded(trainer.model) if sharded else None
     if not run.is_publisher:
         return SFTResult(run.output_dir, {"steps": int(trainer.state.global_step)}, {})
     train_seconds = progress.train_seconds()
@@ -244,8 +258,8 @@ def run_sft(
              for e in trainer.state.log_history if "token_loss" in e]
 
     with run.publishing() as staging:
-        save_final(trainer, tokenizer, staging, lora=config.lora is not None)
-        del trainer, model
+        save_final(trainer, tokenizer, staging, lora=config.lora is not None, model=unsharded)
+        del trainer, model, unsharded
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -282,6 +296,7 @@ def run_sft(
         (staging / LOSS_CURVE_FILE).write_bytes(loss_curve_png(curve, heldout_before, heldout_after))
         manifest = run.manifest(
             tokenizer=tokenizer, batch=layout.manifest(), metrics=metrics, versions=("trl", "peft"),
+            sharding={**config.sharding.model_dump(mode="json"), **shards},
             base_model={"path": str(base_model_dir), "weights_sha256": base_sha},
             base_model_sha256=base_sha,
             # the trainable rows given (after dropping rows with nothing to train on), and those trained on

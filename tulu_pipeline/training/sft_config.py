@@ -17,6 +17,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tulu_pipeline.training.batch_layout import DataParallelBatch
+from tulu_pipeline.training.sharding_config import ShardingConfig, is_unsharded_default
 
 
 class LoraSettings(BaseModel):
@@ -72,6 +73,10 @@ class SFTTrainingConfig(DataParallelBatch, BaseModel):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa"
     )
+    sharding: ShardingConfig = Field(
+        default_factory=ShardingConfig, exclude_if=is_unsharded_default,
+        description="FSDP2 sharding over the torchrun processes (docs/sharding.md); left out of the config's "
+        "dump (identity, checkpoint ids, manifest config) while it is the default, strategy none")
 
 
 

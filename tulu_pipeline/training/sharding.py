@@ -14,6 +14,10 @@ What a trainer calls, in order (docs/sharding.md):
 4. `export_consolidated` — the full state dict gathered to rank 0 and saved with ``save_pretrained`` (safetensors)
    as the unsharded model class, which ``AutoModelForCausalLM.from_pretrained`` and vLLM load.
 
+SFT and DPO do not call 1-3 themselves: they shard through the transformers Trainer's own FSDP2 integration
+(`trainer_fsdp_arguments`, `keep_fp32_gradient_reduction`), report what each rank held (`shard_report`) and publish
+the `gather_unsharded` model (docs/sharding.md, "How the trainers use it").
+
 This module needs torch (and transformers for the export) only: no pydantic, so the GPU benchmark
 (benchmarks/gpu_sharded.py) runs it on a bare image.
 """
@@ -347,32 +351,103 @@ def full_state_dict(model: Any) -> dict[str, Any]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def gather_unsharded(model: Any) -> Any | None:
+    """The model as its own (unsharded) class holding the gathered fp32 weights, on rank 0's CPU; None on the other
+    ranks. A collective: every rank must call it."""
+    import torch
+
+    state = full_state_dict(model)
+    if distributed():
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:
+            return None
+    with torch.device("meta"):
+        plain = unsharded_class(model)(model.config)
+    plain.load_state_dict(state, strict=False, assign=True)
+    plain.tie_weights()  # assign=True replaced the tied head by its own copy; tie it back to the embeddings
+    missing = [name for name, p in plain.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"the gathered state dict of {type(plain).__name__} lacks {missing[:5]}")
+    plain.generation_config = model.generation_config
+    return plain
+
+
 def export_consolidated(model: Any, tokenizer: Any | None, out: str | os.PathLike[str],
                         dp: DataParallel) -> Path | None:
     """Publish the model as one ordinary checkpoint directory (safetensors, config, tokenizer) at ``out``.
 
-    Every rank calls it (the gather is collective); rank 0 rebuilds the unsharded class on the meta device, assigns
-    the gathered fp32 weights, saves into ``<out>.partial`` and renames it into place. Returns ``out`` on rank 0.
+    Every rank calls it (the gather is collective); rank 0 saves the `gather_unsharded` model into
+    ``<out>.partial`` and renames it into place. Returns ``out`` on rank 0.
     """
-    import torch
-
     from tulu_pipeline.storage import swap_directory
 
-    state = full_state_dict(model)
+    plain = gather_unsharded(model)
     out = Path(out)
     if dp.is_main:
         partial = out.with_name(out.name + PARTIAL_SUFFIX)
         shutil.rmtree(partial, ignore_errors=True)
-        with torch.device("meta"):
-            plain = unsharded_class(model)(model.config)
-        plain.load_state_dict(state, strict=False, assign=True)
-        plain.tie_weights()  # assign=True replaced the tied head by its own copy; tie it back to the embeddings
-        missing = [name for name, p in plain.named_parameters() if p.is_meta]
-        if missing:
-            raise RuntimeError(f"export to {out}: the gathered state dict lacks {missing[:5]}")
         plain.save_pretrained(partial, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
         swap_directory(partial, out)
     barrier()
     return out if dp.is_main else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the transformers Trainer's own FSDP2 (SFT, DPO)
+# ---------------------------------------------------------------------------------------------
+def trainer_fsdp_arguments(config: ShardingConfig, model: Any, gradient_checkpointing: bool = False) -> dict[str, Any]:
+    """``TrainingArguments`` fields that make the Trainer shard ``model`` with FSDP2 through accelerate: one unit per
+    decoder layer, resharded after forward, sharded (DCP) resume checkpoints, FSDP's own activation checkpointing
+    (``config.activation_checkpointing`` or the method's ``gradient_checkpointing``) and optional CPU offload.
+    ``{}`` for ``strategy="none"``. Pair with `keep_fp32_gradient_reduction` once the arguments exist."""
+    if config.strategy != "fsdp":
+        return {}
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "transformer_layer_cls_to_wrap": sorted({type(layer).__name__ for layer in decoder_layers(model)}),
+            "reshard_after_forward": True,
+            # every rank loads the checkpoint itself: rank-0 loading plus broadcast pays off only on models
+            # whose full copy does not fit each host's memory several times
+            "cpu_ram_efficient_loading": False,
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "activation_checkpointing": config.activation_checkpointing or gradient_checkpointing,
+            "cpu_offload": config.cpu_offload,
+        },
+        # the per-layer recomputation is FSDP's (above); the Trainer's own would all-gather each layer twice
+        "activation_checkpointing": False,
+    }
+
+
+def keep_fp32_gradient_reduction(args: Any) -> None:
+    """With bf16, accelerate's FSDP2 default reduces gradients in bf16 too; set its plugin's policy to bf16 compute
+    with an fp32 reduce-scatter, so master weights, gradients and optimizer state stay fp32 (`shard_model`'s)."""
+    import torch
+
+    if getattr(args, "fsdp_plugin_args", None) is not None and args.bf16:
+        args.fsdp_plugin_args["mixed_precision_policy"] = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
+
+
+def shard_report(model: Any, optimizer: Any) -> dict[str, Any]:
+    """What each rank holds of the parameters and of the optimizer state, against the totals (for the manifest).
+    A collective under torchrun: every rank must call it."""
+    params_local, params_total = local_numel(model)
+    optim_local, optim_total = optimizer_local_numel(getattr(optimizer, "optimizer", optimizer))
+    per_rank = [(params_local, optim_local)]
+    if distributed():
+        import torch.distributed as dist
+
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, (params_local, optim_local))
+    return {
+        "param_numel": params_total,
+        "param_local_numel": [p for p, _ in per_rank],
+        "param_share": [round(p / params_total, 6) for p, _ in per_rank],
+        "optimizer_state_numel": optim_total,
+        "optimizer_state_local_numel": [o for _, o in per_rank],
+        "optimizer_state_share": [round(o / optim_total, 6) if optim_total else None for _, o in per_rank],
+    }

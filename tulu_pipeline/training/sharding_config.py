@@ -33,3 +33,9 @@ class ShardingConfig(BaseModel):
         if self.cpu_offload and self.strategy != "fsdp":
             raise ValueError("cpu_offload=True needs strategy='fsdp' (only sharded state can be offloaded)")
         return self
+
+
+def is_unsharded_default(value: ShardingConfig) -> bool:
+    """Whether ``value`` is the default (no sharding): a training config leaves it out of its dump then, so the
+    fingerprints and checkpoint ids of runs that predate the field stay what they were."""
+    return value == ShardingConfig()
