@@ -57,6 +57,7 @@ MODULE_SECONDS = {
     "tests/test_sft_demo.py": 190,
     "tests/test_ui_browser.py": 160,
     "tests/test_dpo_resume.py": 95,
+    "tests/test_training_sharded.py": 130,
     "tests/test_sharding.py": 90,
     "tests/test_curation_assets.py": 60,
     "tests/test_dpo.py": 50,
