@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from tulu_pipeline.curation.stages import build_eval_index
 from tulu_pipeline.data.ingest import ingest_source
 from tulu_pipeline.data.registry import registry
 from tulu_pipeline.data.schema import ROW_SCHEMA
+from tulu_pipeline.process_memory import peak_rss_mb
 from tulu_pipeline.settings import data_dir
 from tulu_pipeline.storage import Store
 
@@ -165,7 +165,7 @@ def run_ray(home: Path, config: CurationConfig, workers: int, object_store_mb: i
                              candidate_row_share=round(clusters["candidate_rows"] / rows_in, 5),
                              clusters=clusters["clusters"], component_rounds=clusters["component_rounds"])
             stages[name] = entry
-        stages["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        stages["driver_peak_rss_mb"] = round(peak_rss_mb() or 0.0, 1)
         return stages
     finally:
         ray.shutdown()

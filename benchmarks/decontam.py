@@ -44,7 +44,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
-import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -70,6 +69,7 @@ from tulu_pipeline.curation.decontaminate import (  # noqa: E402
 )
 from tulu_pipeline.data.loaders import iter_source_rows  # noqa: E402
 from tulu_pipeline.data.registry import registry  # noqa: E402
+from tulu_pipeline.process_memory import peak_rss_mb, rss_bytes  # noqa: E402
 
 TARGET_ROWS_PER_S = 30_000
 DECON_NS_PER_BYTE = 34_000 / 5_800  # allenai/decon: ~34 us per document of ~5.8 KB
@@ -171,16 +171,7 @@ class CountingSink:
 
 def rss_mb() -> dict[str, float]:
     """Current and peak resident set size of this process, MiB."""
-    status = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                status[key] = int(value.split()[0]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"rss_mb": round(status.get("VmRSS", peak), 1), "peak_rss_mb": round(max(peak, status.get("VmHWM", 0)), 1)}
+    return {"rss_mb": round((rss_bytes() or 0) / 2**20, 1), "peak_rss_mb": round(peak_rss_mb() or 0.0, 1)}
 
 
 def load_items() -> list[EvalItem]:

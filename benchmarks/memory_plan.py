@@ -9,7 +9,7 @@ step of one micro-batch the way the trainers do:
 - DPO: chosen and rejected in one forward pass through `tulu_pipeline.training.dpo.sequence_logps` (labels on the
   second half of each sequence) and `preference_loss` (dpo_norm) against cached reference log-probs, as `run_dpo`.
 
-Measured: peak RSS (``ru_maxrss``) minus the baseline, with glibc's mmap threshold fixed at 1 MiB so that freed
+Measured: peak RSS (``VmHWM``) minus the baseline, with glibc's mmap threshold fixed at 1 MiB so that freed
 tensors leave the RSS (see `run_case`). Planned: `memory_plan.plan_memory` for the same model, micro-
 batch, length and checkpointing in fp32 without sharding on a ``cpu`` accelerator (no runtime overhead). The inputs
 are random token ids with a fixed seed; memory does not depend on their values.
@@ -47,24 +47,13 @@ CASES: list[dict[str, Any]] = [
 ]
 
 
-def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    with open("/proc/self/statm", encoding="ascii") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def measure(case: dict[str, Any], model_dir: str | None) -> dict[str, Any]:
     """One case in this process: the peak RSS of one optimizer step over the baseline after imports."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
+    from tulu_pipeline.process_memory import peak_rss_bytes, rss_bytes
     from tulu_pipeline.templates.chat_template import IGNORE_INDEX
     from tulu_pipeline.training.dpo_reference import sequence_logps
     from tulu_pipeline.training.dpo_losses import preference_loss

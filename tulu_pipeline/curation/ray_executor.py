@@ -58,7 +58,6 @@ import hashlib
 import json
 import os
 import posixpath
-import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -101,6 +100,7 @@ from tulu_pipeline.curation.stages import (
 )
 from tulu_pipeline.data.ingest import raw_dataset_name
 from tulu_pipeline.data.schema import ROW_SCHEMA
+from tulu_pipeline.process_memory import peak_rss_mb
 from tulu_pipeline.provenance.ledger import EventPart, LedgerWriter, MemorySink
 from tulu_pipeline.storage import Store
 
@@ -267,7 +267,7 @@ def _sizes(store: Store, *rels: str) -> int:
 def _worker_usage(started_cpu: float, started_wall: float) -> dict[str, Any]:
     """CPU and wall seconds of this task, and the worker process's peak resident memory."""
     return {"cpu_s": time.process_time() - started_cpu, "wall_s": time.perf_counter() - started_wall,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pid": os.getpid()}
+            "peak_rss_mb": peak_rss_mb(), "pid": os.getpid()}
 
 
 # ---------------------------------------------------------------------------------------------

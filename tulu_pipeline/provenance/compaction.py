@@ -57,6 +57,7 @@ from tulu_pipeline.provenance.ledger_layout import (
     sql_list,
     sql_str,
 )
+from tulu_pipeline.process_memory import peak_rss_mb
 from tulu_pipeline.storage import TMP_MARKER, Store
 
 # ---------------------------------------------------------------------------------------------
@@ -69,15 +70,6 @@ def _columns_sql() -> str:
 def _empty_sql(with_related: bool) -> str:
     sql = empty_events_sql()
     return f"SELECT *, CAST(NULL AS VARCHAR) AS related_id FROM ({sql})" if with_related else sql
-
-
-def _peak_rss_mb() -> float | None:
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    except (ImportError, AttributeError):  # pragma: no cover - not on POSIX
-        return None
 
 
 def compact(store: Store, buckets: int = DEFAULT_BUCKETS, row_group_rows: int = ROW_GROUP_ROWS,
@@ -122,7 +114,7 @@ def compact(store: Store, buckets: int = DEFAULT_BUCKETS, row_group_rows: int = 
     return {"changed": True, "generation": name, "events": counts["events"], "related": counts["related"],
             "runs_folded": len(folded_entries), "runs_new": len(to_fold), "runs_stale": len(stale_dirs),
             "buckets": buckets, "generations_removed": removed,
-            "seconds": round(time.perf_counter() - started, 3), "peak_rss_mb": _peak_rss_mb()}
+            "seconds": round(time.perf_counter() - started, 3), "peak_rss_mb": peak_rss_mb()}
 
 
 def _write_generation(store: Store, reader, staging_rel: str, buckets: int, row_group_rows: int, memory_limit: str,
