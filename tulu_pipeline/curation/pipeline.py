@@ -14,10 +14,11 @@ from itertools import chain
 from typing import Any
 
 from tulu_pipeline.curation.config import CurationConfig
-from tulu_pipeline.curation.decontaminate import (
-    RULE_VERSION, Decontaminator, EvalIndex, PreviousDecisions, text_digest, training_turns,
-)
+from tulu_pipeline.curation.decontaminate import RULE_VERSION, Decontaminator, EvalIndex, training_turns
 from tulu_pipeline.curation.dedup import Deduplicator, dedup_order
+from tulu_pipeline.curation.incremental import (
+    IncrementalStep, Plan, benchmark_fingerprints, plan, previous_matches, run_record, run_record_path,
+)
 from tulu_pipeline.curation.normalize import Normalizer
 from tulu_pipeline.curation.overlap_check import OverlapChecker
 from tulu_pipeline.curation.ray_executor import (
@@ -79,9 +80,10 @@ def decontaminate_prompts(store: Store, config: CurationConfig, run_id: str,
                           incremental: bool = True) -> StageResult:
     """decontaminated_prompts: rows overlapping any eval item set aside in decontamination_quarantine.
 
-    With ``incremental`` (local executor), the latest earlier version made with the same decontam
-    config is reused: only new or edited rows, rows it quarantined, and (against the added or
-    changed benchmarks only) the rows it kept are scanned; the result equals a full rerun's.
+    With ``incremental`` (local executor), the latest earlier version's decisions are reused where its record
+    allows (`curation.incremental.plan`): new or changed rows are scanned against every benchmark, the other
+    rows only against added or changed benchmarks, or not at all; the result equals a full rerun's. The
+    route taken and why are in ``stats["incremental"]`` and the version's run record.
     """
     return run_stage("decontaminated_prompts", store, config, run_id, index=index, incremental=incremental)
 
@@ -116,58 +118,45 @@ def _deduplicate_local(store: Store, config: CurationConfig, run_id: str) -> Sta
                        ledger.count, quarantine, len(dedup.dropped), inputs)
 
 
-def _run_record_path(version: str) -> str:
-    return posixpath.join("reports", "decontamination", version, "run.json")
-
-
-def previous_decisions(store: Store, config: CurationConfig, eval_inputs: dict[str, str],
-                       building: str) -> PreviousDecisions | None:
-    """The latest decontaminated_prompts version's decisions, if made with the same decontam config and it is
-    not ``building`` itself (a rerun, or a concurrent run, of that version scans in full, so its events equal
-    the first run's).
-
-    Its raw eval inputs are compared with ``eval_inputs``: benchmarks added or changed since get an
-    index of their own (`PreviousDecisions.changed_index`); removed ones need nothing (rows they
-    quarantined are scanned again).
-    """
-    version = store.latest_version("decontaminated_prompts")
-    if version is None or version == building or not store.exists(_run_record_path(version)):
-        return None
-    before = store.read_json(_run_record_path(version))
-    if before["decontam"] != config.decontam.model_dump() or before.get("rule_version") != RULE_VERSION:
-        return None
-    changed = {name for name, v in eval_inputs.items() if before["inputs"].get(name) != v}
-    changed_index = build_eval_index(store, config, only=changed)[0] if changed else None
-    decisions: dict[str, tuple[bytes, bool]] = {}
-    include_response = config.decontam.include_response
-    for name, quarantined in (("decontaminated_prompts", False), ("decontamination_quarantine", True)):
-        for row in store.iter_rows(name, version):
-            decisions[row["row_id"]] = (text_digest(training_turns(row, include_response)), quarantined)
-    benchmarks = tuple(sorted(changed_index.benchmarks)) if changed_index is not None else ()
-    return PreviousDecisions(version, decisions, changed_index, benchmarks)
-
-
 def _decontaminate_local(store: Store, config: CurationConfig, run_id: str,
                          index: tuple[EvalIndex, dict[str, str]] | None = None,
                          incremental: bool = True) -> StageResult:
     eval_index, eval_inputs = index or build_eval_index(store, config)
     inputs = {"deduplicated_prompts": input_version(store, "deduplicated_prompts"), **eval_inputs}
     version = decontamination_version(config, inputs)
-    previous = previous_decisions(store, config, eval_inputs, version) if incremental else None
-    sampler = EventSampler()
+    decontam = config.decontam
+    fingerprints = benchmark_fingerprints(eval_index, [s.benchmark for s in eval_specs(config)], decontam)
+    route = plan(store, decontam, fingerprints, inputs["deduplicated_prompts"], version, incremental)
     with LedgerWriter(store, "decontamination", "decontaminated_prompts", version, run_id) as ledger:
-        step = Decontaminator(eval_index, config.decontam, ledger, previous=previous)
-        rows = store.iter_rows("deduplicated_prompts", inputs["deduplicated_prompts"])
-        info = store.write_rows("decontaminated_prompts", version, sampler(step(rows)), ROW_SCHEMA, inputs=inputs)
+        if route.route == "incremental":
+            step = _incremental_step(store, config, eval_index, route, ledger)
+            tables = step(store.iter_tables("deduplicated_prompts", inputs["deduplicated_prompts"]))
+            info = store.write_dataset("decontaminated_prompts", version, tables, ROW_SCHEMA, inputs=inputs)
+            samples, lengths = step.samples, dict(step.lengths)
+        else:
+            sampler = EventSampler()
+            step = Decontaminator(eval_index, decontam, ledger)
+            rows = store.iter_rows("deduplicated_prompts", inputs["deduplicated_prompts"])
+            info = store.write_rows("decontaminated_prompts", version, sampler(step(rows)), ROW_SCHEMA, inputs=inputs)
+            samples, lengths = sampler.samples, sampler.lengths
         quarantine = store.write_rows("decontamination_quarantine", version,
                                       (quarantine_record(e) for e in step.quarantine), QUARANTINE_SCHEMA)
-    store.write_json(_run_record_path(version), {"decontam": config.decontam.model_dump(),
-                                                 "rule_version": RULE_VERSION, "inputs": inputs})
+    pool_rows = step.stats.rows
+    store.write_json(run_record_path(version), run_record(decontam, inputs, fingerprints, pool_rows, route))
     stats = {**step.stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks),
-             "previous_version": previous.version if previous else None,
-             "changed_benchmarks": list(previous.changed_benchmarks) if previous else None}
-    return StageResult("decontaminated_prompts", version, info, stats, sampler.samples, sampler.lengths,
+             "incremental": route.summary()}
+    return StageResult("decontaminated_prompts", version, info, stats, samples, lengths,
                        ledger.count, quarantine.path, quarantine.rows, inputs)
+
+
+def _incremental_step(store: Store, config: CurationConfig, eval_index: EvalIndex, route: Plan,
+                      ledger: LedgerWriter) -> IncrementalStep:
+    """The step that recombines ``route.previous_version``'s decisions with a scan of what changed."""
+    scan = route.scan_benchmarks
+    scan_index = EvalIndex.build((i for i in eval_index.items if i.benchmark in scan), ngram=config.decontam.ngram,
+                                 min_item_tokens=config.decontam.min_item_tokens) if scan else None
+    earlier = previous_matches(store, route.previous_version, route.reused, route.rescan)
+    return IncrementalStep(eval_index, scan_index, config.decontam, ledger, route, earlier)
 
 
 _LOCAL_STAGES = {"normalized_prompts": _normalize_local, "deduplicated_prompts": _deduplicate_local,
