@@ -181,3 +181,30 @@ def test_decisions_under_another_rule_version_are_never_reused(store, setup, mon
     assert result.version != before.version
     assert result.stats["incremental"]["route"] == "full" and result.stats["scanned"] == {"all": 400}
     assert store.read_json(run_record_path(result.version))["rule_version"] == pipeline.RULE_VERSION
+
+
+def test_the_asset_takes_the_incremental_route_when_a_pool_gains_rows(store, setup):
+    """What `source_change_sensor`'s run does when a training pool gains rows: its run config is the default, so
+    the decontamination asset is incremental and scans only the new rows; its blocking checks pass."""
+    import dagster as dg
+
+    from assets.curation import DecontamStageConfig, decontamination
+    from resources import LocalLauncher, TuluStorage
+
+    assert DecontamStageConfig().incremental
+    evals, pool = setup
+    run_config = {"ops": {"decontamination": {"config": {"benchmarks": list(EVALS)}}}}
+    resources = {"storage": TuluStorage(root=store.root), "launcher": LocalLauncher()}
+
+    def materialize() -> dict:
+        result = dg.materialize([decontamination], run_config=run_config, resources=resources)
+        assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
+        return next(m.materialization.metadata["stats"].value for m in result.get_asset_materialization_events()
+                    if m.asset_key == dg.AssetKey("decontaminated_prompts"))
+
+    assert materialize()["incremental"]["route"] == "full"
+    publish(store, "deduplicated_prompts", "d2", [*pool, *training_rows(random.Random(3), 400, 30, evals)])
+    stats = materialize()
+    assert stats["incremental"]["route"] == "incremental" and stats["incremental"]["reason"] == \
+        "30 pool rows new or changed, 0 removed"
+    assert stats["scanned"] == {"all": 30}
