@@ -75,6 +75,21 @@ def run_both(store, config: CurationConfig, run: str):
     return incremental, got["events"], record
 
 
+def count_rechecks(monkeypatch) -> list[str]:
+    """Every text `OverlapChecker` re-checks from now on (first turn, enough to count and to tell rows apart)."""
+    from tulu_pipeline.curation.overlap_check import OverlapChecker
+
+    seen: list[str] = []
+    overlaps = OverlapChecker.overlaps
+
+    def counting(self, turns):
+        seen.append(turns[0] if turns else "")
+        return overlaps(self, turns)
+
+    monkeypatch.setattr(OverlapChecker, "overlaps", counting)
+    return seen
+
+
 def by_benchmarks(names: list[str]) -> CurationConfig:
     return CurationConfig(evals=EvalSelection(benchmarks=names))
 
@@ -183,9 +198,10 @@ def test_decisions_under_another_rule_version_are_never_reused(store, setup, mon
     assert store.read_json(run_record_path(result.version))["rule_version"] == pipeline.RULE_VERSION
 
 
-def test_the_asset_takes_the_incremental_route_when_a_pool_gains_rows(store, setup):
+def test_the_asset_takes_the_incremental_route_when_a_pool_gains_rows(store, setup, monkeypatch):
     """What `source_change_sensor`'s run does when a training pool gains rows: its run config is the default, so
-    the decontamination asset is incremental and scans only the new rows; its blocking checks pass."""
+    the decontamination asset is incremental and scans only the new rows; its blocking checks pass, and the
+    independent re-check reads only the new rows (the earlier version's passed)."""
     import dagster as dg
 
     from assets.curation import DecontamStageConfig, decontamination
@@ -202,9 +218,32 @@ def test_the_asset_takes_the_incremental_route_when_a_pool_gains_rows(store, set
         return next(m.materialization.metadata["stats"].value for m in result.get_asset_materialization_events()
                     if m.asset_key == dg.AssetKey("decontaminated_prompts"))
 
-    assert materialize()["incremental"]["route"] == "full"
+    rechecked = count_rechecks(monkeypatch)
+    first = materialize()
+    assert first["incremental"]["route"] == "full" and len(rechecked) == first["clean"]
+    rechecked.clear()
     publish(store, "deduplicated_prompts", "d2", [*pool, *training_rows(random.Random(3), 400, 30, evals)])
     stats = materialize()
+    assert len(rechecked) == stats["clean"] - first["clean"] < 30
     assert stats["incremental"]["route"] == "incremental" and stats["incremental"]["reason"] == \
         "30 pool rows new or changed, 0 removed"
     assert stats["scanned"] == {"all": 30}
+
+
+def test_the_recheck_after_a_removed_benchmark_reads_only_rows_it_had_quarantined(store, setup, monkeypatch):
+    from tulu_pipeline.curation.pipeline import record_check_results, verify_no_eval_overlap
+    from tulu_pipeline.curation.stages import build_eval_index
+
+    first = decontaminate_prompts(store, by_benchmarks(list(EVALS)), "first")
+    two = by_benchmarks(["mbpp", "ifeval"])
+    removed = decontaminate_prompts(store, two, "removed")
+    assert removed.stats["incremental"]["removed_benchmarks"] == ["gsm8k"]
+    index = build_eval_index(store, two)[0]
+    rechecked = count_rechecks(monkeypatch)
+    # the earlier version's checks are unknown: every clean row is re-checked
+    assert verify_no_eval_overlap(store, removed.version, index, two, route=removed.plan) == []
+    assert len(rechecked) == removed.dataset.rows
+    rechecked.clear()
+    record_check_results(store, first.version, {"no_eval_overlap": True})
+    assert verify_no_eval_overlap(store, removed.version, index, two, route=removed.plan) == []
+    assert len(rechecked) == first.quarantined - removed.quarantined > 0

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import posixpath
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from itertools import chain
 from typing import Any
 
 from tulu_pipeline.curation.config import CurationConfig
-from tulu_pipeline.curation.decontaminate import RULE_VERSION, Decontaminator, EvalIndex, training_turns
+from tulu_pipeline.curation.decontaminate import RULE_VERSION, Decontaminator, EvalIndex, EvalItem, training_turns
 from tulu_pipeline.curation.dedup import Deduplicator, dedup_order
 from tulu_pipeline.curation.incremental import (
     IncrementalStep, Plan, benchmark_fingerprints, plan, previous_matches, run_record, run_record_path,
@@ -146,7 +147,7 @@ def _decontaminate_local(store: Store, config: CurationConfig, run_id: str,
     stats = {**step.stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks),
              "incremental": route.summary()}
     return StageResult("decontaminated_prompts", version, info, stats, samples, lengths,
-                       ledger.count, quarantine.path, quarantine.rows, inputs)
+                       ledger.count, quarantine.path, quarantine.rows, inputs, plan=route)
 
 
 def _incremental_step(store: Store, config: CurationConfig, eval_index: EvalIndex, route: Plan,
@@ -170,22 +171,60 @@ STAGES = tuple(_LOCAL_STAGES)
 # checks and report
 # ---------------------------------------------------------------------------------------------
 def verify_no_eval_overlap(store: Store, version: str, index: EvalIndex, config: CurationConfig,
-                           limit: int = 20) -> list[dict[str, Any]]:
-    """Re-check every clean row with the independent implementation (`OverlapChecker`); returns violations."""
+                           limit: int = 20, route: Plan | None = None) -> list[dict[str, Any]]:
+    """Re-check clean rows with the independent implementation (`OverlapChecker`); returns violations.
+
+    Every clean row is re-checked against every item, unless ``route`` is an incremental run whose previous
+    version passed its checks: then a row that version kept, unchanged, is re-checked only against the
+    added or changed benchmarks (not at all when there are none), since it was already re-checked against
+    the items it shares with that version; new or changed rows, and rows that version quarantined, against
+    every item.
+    """
     decontam = config.decontam
-    checker = OverlapChecker([item.text for item in index.items], decontam.ngram, decontam.threshold,
-                             decontam.rule, decontam.short_items)
+
+    def checker(items: Sequence[EvalItem]) -> OverlapChecker:
+        return OverlapChecker([item.text for item in items], decontam.ngram, decontam.threshold, decontam.rule,
+                              decontam.short_items)
+
+    everything = list(index.items)
+    partial: tuple[list[EvalItem], set[str]] | None = None  # (items for rows kept before, rows checked in full)
+    if route is not None and route.route == "incremental" and _checks_passed(store, route.previous_version):
+        quarantined_before = {i for t in store.iter_tables("decontamination_quarantine", route.previous_version,
+                                                           columns=["row_id"])
+                              for i in t.column("row_id").to_pylist()}
+        partial = ([i for i in everything if i.benchmark in set(route.scan_benchmarks)],
+                   route.rescan | quarantined_before)
+    checks = [(checker(everything), everything)]
+    if partial is not None and partial[0]:
+        checks.append((checker(partial[0]), partial[0]))
     violations: list[dict[str, Any]] = []
-    for row in store.iter_rows("decontaminated_prompts", version):
-        found = checker.overlaps(training_turns(row, decontam.include_response))
-        if found:
-            best = max(found, key=lambda o: o.score)
-            item = index.items[best.item]
-            violations.append({"row_id": row["row_id"], "benchmark": item.benchmark, "eval_id": item.eval_id,
-                               "rule": decontam.rule, "score": best.score})
-            if len(violations) >= limit:
-                break
+    for table in store.iter_tables("decontaminated_prompts", version):
+        if partial is None:
+            todo = [(checks[0], table.to_pylist())]
+        else:
+            ids = table.column("row_id").to_pylist()
+            full = [k for k, i in enumerate(ids) if i in partial[1]]
+            todo = [(checks[0], table.take(full).to_pylist())]
+            if partial[0]:
+                done = set(full)
+                todo.append((checks[1], table.take([k for k in range(len(ids)) if k not in done]).to_pylist()))
+        for (check, items), rows in todo:
+            for row in rows:
+                found = check.overlaps(training_turns(row, decontam.include_response))
+                if found:
+                    best = max(found, key=lambda o: o.score)
+                    item = items[best.item]
+                    violations.append({"row_id": row["row_id"], "benchmark": item.benchmark, "eval_id": item.eval_id,
+                                       "rule": decontam.rule, "score": best.score})
+                    if len(violations) >= limit:
+                        return violations
     return violations
+
+
+def _checks_passed(store: Store, version: str | None) -> bool:
+    if version is None or not store.exists(checks_path(version)):
+        return False
+    return all(store.read_json(checks_path(version))["checks"].values())
 
 
 class BlockedByChecksError(RuntimeError):
