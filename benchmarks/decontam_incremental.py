@@ -9,6 +9,10 @@ writing the rows, quarantine, ledger events and run record):
 2. ``--added`` joins the suite: the incremental run, then a full rerun of the same inputs;
 3. ``--append`` rows are appended to the pool: the incremental run, then a full rerun.
 
+The suite's eval index is built once, as the asset does, and handed to every run (its build time is reported
+apart). The asset's blocking re-check (`OverlapChecker`) is not part of the runs; its per-row cost is timed on
+a sample and multiplied by the rows each route re-checks.
+
 Each pair must publish the same rows, quarantine and ledger events (but run ids and timestamps): compared by
 count and an order-sensitive hash over each (DuckDB), written as ``equal_to_full_rerun``. Ratios are
 incremental over full seconds, measured in the same run. Results go to benchmarks/results/decontam_incremental.json.
@@ -39,7 +43,7 @@ from decontam import SyntheticRows  # noqa: E402
 from tulu_pipeline.curation.config import CurationConfig, EvalSelection  # noqa: E402
 from tulu_pipeline.curation.decontaminate import kernel_available, registry_eval_items  # noqa: E402
 from tulu_pipeline.curation.pipeline import decontaminate_prompts  # noqa: E402
-from tulu_pipeline.curation.stages import eval_specs  # noqa: E402
+from tulu_pipeline.curation.stages import build_eval_index, eval_specs  # noqa: E402
 from tulu_pipeline.data.ingest import raw_dataset_name  # noqa: E402
 from tulu_pipeline.data.loaders import iter_source_rows  # noqa: E402
 from tulu_pipeline.data.schema import ROW_SCHEMA  # noqa: E402
@@ -92,15 +96,41 @@ def signature(store: Store, version: str, run_id: str) -> dict:
     return {"rows": list(rows), "quarantine": list(quarantine), "events": [events["n"], events["h"]]}
 
 
-def timed(store: Store, config: CurationConfig, run_id: str, incremental: bool) -> dict:
+def timed(store: Store, config: CurationConfig, run_id: str, incremental: bool, index=None) -> dict:
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    result = decontaminate_prompts(store, config, run_id, incremental=incremental)
+    result = decontaminate_prompts(store, config, run_id, index=index, incremental=incremental)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     print(f"[decontam_incremental] {run_id}: {wall:.1f} s wall, {cpu:.1f} s CPU, {result.stats['incremental']}",
           file=sys.stderr, flush=True)
     return {"cpu_s": round(cpu, 2), "wall_s": round(wall, 2), "route": result.stats["incremental"],
             "scanned": result.stats["scanned"], "rows": result.stats["rows"], "quarantined": result.quarantined,
             "signature": signature(store, result.version, run_id)}
+
+
+def recheck_cost(store: Store, index, config: CurationConfig, append: dict, add: dict, sample: int = 1000) -> dict:
+    """The asset's blocking re-check (`OverlapChecker`, pure Python) per row, timed on a sample of the pool, and
+    how many rows each route re-checks: a full run every clean row, an incremental one only what it scanned."""
+    from itertools import islice
+
+    from tulu_pipeline.curation.decontaminate import training_turns
+    from tulu_pipeline.curation.overlap_check import OverlapChecker
+
+    decontam = config.decontam
+    checker = OverlapChecker([i.text for i in index.items], decontam.ngram, decontam.threshold, decontam.rule,
+                             decontam.short_items)
+    rows = list(islice(store.iter_rows(POOL), sample))
+    cpu0 = time.process_time()
+    for row in rows:
+        checker.overlaps(training_turns(row, decontam.include_response))
+    per_row = (time.process_time() - cpu0) / len(rows)
+    new_rows = append["route"]["rows_new_or_changed"]
+    return {"cpu_ms_per_row": round(per_row * 1e3, 3), "sample_rows": len(rows),
+            "append_full_rerun_rows": append["rows"] - append["quarantined"],
+            "append_incremental_rows_at_most": new_rows,
+            "append_estimated_cpu_s": {"full": round(per_row * (append["rows"] - append["quarantined"]), 1),
+                                       "incremental": round(per_row * new_rows, 1)},
+            "add_benchmark": "every clean row again, against the added benchmark's items only: the same "
+                             "per-row tokenization, so about the full re-check's cost"}
 
 
 def compare(name: str, incremental: dict, full: dict) -> dict:
@@ -151,13 +181,18 @@ def main() -> None:
         before = CurationConfig(evals=EvalSelection(benchmarks=[b for b in benchmarks if b != args.added]))
         everything = CurationConfig(evals=EvalSelection(benchmarks=benchmarks))
 
+        # The asset builds the suite's index before the stage (its checks use it too): built once here, timed apart.
+        cpu0 = time.process_time()
+        index = build_eval_index(store, everything)
+        index_s = time.process_time() - cpu0
         start = timed(store, before, "start", incremental=False)
-        add_inc = timed(store, everything, "add-incremental", incremental=True)
-        add_full = timed(store, everything, "add-full", incremental=False)
+        add_inc = timed(store, everything, "add-incremental", incremental=True, index=index)
+        add_full = timed(store, everything, "add-full", incremental=False, index=index)
         grown_rows = store.write_dataset(POOL, "pool-2", [*store.iter_tables(POOL, "pool-1"),
                                                          [conform(r) for r in appended]], ROW_SCHEMA).rows
-        append_inc = timed(store, everything, "append-incremental", incremental=True)
-        append_full = timed(store, everything, "append-full", incremental=False)
+        append_inc = timed(store, everything, "append-incremental", incremental=True, index=index)
+        append_full = timed(store, everything, "append-full", incremental=False, index=index)
+        recheck = recheck_cost(store, index[0], everything, append_inc, add_inc)
     finally:
         if not args.home:
             shutil.rmtree(home, ignore_errors=True)
@@ -173,6 +208,8 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "cpus_available": os.cpu_count(), "pinned_core": core,
                     "c_kernel": kernel_available(), "load_average": os.getloadavg()},
         "setup_s": round(setup_s, 1),
+        "eval_index_build_cpu_s": round(index_s, 2),
+        "no_eval_overlap_recheck": recheck,
         "start_full_run": start,
         "add_one_benchmark": compare("add", add_inc, add_full),
         "append_rows": compare("append", append_inc, append_full),

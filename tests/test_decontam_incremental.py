@@ -247,3 +247,24 @@ def test_the_recheck_after_a_removed_benchmark_reads_only_rows_it_had_quarantine
     record_check_results(store, first.version, {"no_eval_overlap": True})
     assert verify_no_eval_overlap(store, removed.version, index, two, route=removed.plan) == []
     assert len(rechecked) == first.quarantined - removed.quarantined > 0
+
+
+@pytest.mark.parametrize("include_response", [False, True])
+def test_arrow_texts_and_turns_equal_the_row_dicts(include_response):
+    import pyarrow as pa
+
+    from tulu_pipeline.curation.decontaminate import training_text, training_turns
+    from tulu_pipeline.curation.incremental import ArrowTurns, arrow_training_texts
+
+    rng = random.Random(4)
+    roles, words = ["system", "user", "assistant", "tool"], ["", "a", "Ünïcode", "x\ny", "漢字", "👍", " "]
+    rows = [{"messages": [{"role": rng.choice(roles), "content": " ".join(rng.choices(words, k=rng.randint(0, 4)))}
+                          for _ in range(rng.randint(0, 5))]} for _ in range(300)]
+    messages = pa.Table.from_pylist(rows, schema=pa.schema([ROW_SCHEMA.field("messages")])).column("messages")
+    for column in (messages, messages.combine_chunks().slice(7)):
+        expected = rows[len(rows) - len(column):]
+        assert arrow_training_texts(column, include_response) == [training_text(r, include_response) for r in expected]
+        turns = ArrowTurns(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column,
+                           include_response)
+        assert [turns[k] for k in range(len(turns))] == [training_turns(r, include_response) for r in expected]
+        assert turns[2:5] == [training_turns(r, include_response) for r in expected[2:5]]

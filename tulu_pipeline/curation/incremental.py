@@ -41,8 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tulu_pipeline.curation.decontaminate import (
-    RULE_VERSION, DecontamConfig, DecontamStats, EvalIndex, Match, _joined_texts, _LazyTurns, _sort_matches,
-    checked_details, match_from_dict, quarantine_event,
+    RULE_VERSION, DecontamConfig, DecontamStats, EvalIndex, Match, _sort_matches, checked_details, match_from_dict,
+    quarantine_event,
 )
 from tulu_pipeline.hashing import json_hash
 from tulu_pipeline.provenance.ledger import LedgerWriter, details_json
@@ -201,6 +201,42 @@ def text_lengths(table: pa.Table) -> np.ndarray:
     return per_row + np.maximum(counts - 1, 0)
 
 
+def _roles(include_response: bool) -> list[str]:
+    return ["system", "user", "assistant"] if include_response else ["system", "user"]
+
+
+def arrow_training_texts(messages: pa.Array, include_response: bool) -> list[str]:
+    """`training_text` of each row from its Arrow ``messages`` (no Python object per message)."""
+    if isinstance(messages, pa.ChunkedArray):
+        messages = messages.combine_chunks()
+    n = len(messages)
+    flat = messages.flatten()
+    keep = pc.is_in(flat.field("role"), value_set=pa.array(_roles(include_response)))
+    parents = pc.list_parent_indices(messages).filter(keep).to_numpy(zero_copy_only=False)
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(np.bincount(parents, minlength=n), out=offsets[1:])
+    kept = pa.ListArray.from_arrays(pa.array(offsets), flat.field("content").filter(keep))
+    return pc.binary_join(kept, "\n").to_pylist()
+
+
+class ArrowTurns(Sequence):
+    """`training_turns` of each row of an Arrow ``messages`` column, made when asked for (short items only)."""
+
+    def __init__(self, messages: pa.Array, include_response: bool):
+        self.messages, self.roles = messages, set(_roles(include_response))
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def _turns(self, k: int) -> list[str]:
+        return [m["content"] for m in self.messages[k].as_py() if m["role"] in self.roles]
+
+    def __getitem__(self, k):  # type: ignore[override]
+        if isinstance(k, slice):
+            return [self._turns(i) for i in range(*k.indices(len(self)))]
+        return self._turns(k)
+
+
 class IncrementalStep:
     """Decontaminates the pool from an earlier version's decisions (`Plan`): writes nothing itself, but turns
     each Arrow batch of the pool into (clean rows table, quarantine entries) and records its events.
@@ -220,10 +256,10 @@ class IncrementalStep:
         self.sample_size = samples
         self.lengths: Counter[int] = Counter()
 
-    def _scan(self, index: EvalIndex, rows: list[dict[str, Any]]) -> list[list[Match]]:
+    def _scan(self, index: EvalIndex, messages: pa.Array) -> list[list[Match]]:
         config, include = self.config, self.config.include_response
-        return index.match_texts(_joined_texts(rows, include), config.threshold, config.rule, config.short_items,
-                                 _LazyTurns(rows, include))
+        return index.match_texts(arrow_training_texts(messages, include), config.threshold, config.rule,
+                                 config.short_items, ArrowTurns(messages, include))
 
     def __call__(self, tables: Iterable[pa.Table]) -> Iterable[pa.Table]:
         for table in tables:
@@ -236,7 +272,7 @@ class IncrementalStep:
         fresh = [k for k, i in enumerate(ids) if i in rescan] if rescan else []
         found: dict[int, list[Match]] = {}
         if fresh:
-            for k, matches in zip(fresh, self._scan(self.index, table.take(fresh).to_pylist())):
+            for k, matches in zip(fresh, self._scan(self.index, table.column("messages").take(fresh))):
                 if matches:
                     found[k] = matches
         fresh_set = set(fresh)
@@ -248,9 +284,8 @@ class IncrementalStep:
         if self.scan_index is not None:
             rest = [k for k in range(n) if k not in fresh_set] if fresh else list(range(n))
             scanned = len(rest)
-            rows = table.select(["messages"]).take(rest).to_pylist() if fresh else \
-                table.select(["messages"]).to_pylist()
-            for k, matches in zip(rest, self._scan(self.scan_index, rows)):
+            messages = table.column("messages")
+            for k, matches in zip(rest, self._scan(self.scan_index, messages.take(rest) if fresh else messages)):
                 if matches:
                     found[k] = _sort_matches(found.get(k, []) + matches)
         bad = sorted(found)
