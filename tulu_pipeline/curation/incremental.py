@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -255,11 +256,15 @@ class IncrementalStep:
         self.samples: list[dict[str, Any]] = []
         self.sample_size = samples
         self.lengths: Counter[int] = Counter()
+        self.scan_seconds = 0.0  # CPU seconds spent joining texts and matching them
 
     def _scan(self, index: EvalIndex, messages: pa.Array) -> list[list[Match]]:
         config, include = self.config, self.config.include_response
-        return index.match_texts(arrow_training_texts(messages, include), config.threshold, config.rule,
-                                 config.short_items, ArrowTurns(messages, include))
+        start = time.process_time()
+        found = index.match_texts(arrow_training_texts(messages, include), config.threshold, config.rule,
+                                  config.short_items, ArrowTurns(messages, include))
+        self.scan_seconds += time.process_time() - start
+        return found
 
     def __call__(self, tables: Iterable[pa.Table]) -> Iterable[pa.Table]:
         for table in tables:

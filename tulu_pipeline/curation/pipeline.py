@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from itertools import chain
@@ -127,7 +128,9 @@ def _decontaminate_local(store: Store, config: CurationConfig, run_id: str,
     version = decontamination_version(config, inputs)
     decontam = config.decontam
     fingerprints = benchmark_fingerprints(eval_index, [s.benchmark for s in eval_specs(config)], decontam)
+    start = time.process_time()
     route = plan(store, decontam, fingerprints, inputs["deduplicated_prompts"], version, incremental)
+    plan_seconds = time.process_time() - start
     with LedgerWriter(store, "decontamination", "decontaminated_prompts", version, run_id) as ledger:
         if route.route == "incremental":
             step = _incremental_step(store, config, eval_index, route, ledger)
@@ -145,7 +148,8 @@ def _decontaminate_local(store: Store, config: CurationConfig, run_id: str,
     pool_rows = step.stats.rows
     store.write_json(run_record_path(version), run_record(decontam, inputs, fingerprints, pool_rows, route))
     stats = {**step.stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks),
-             "incremental": route.summary()}
+             "incremental": {**route.summary(), "cpu_seconds": {
+                 "plan": round(plan_seconds, 3), "scan": round(step.scan_seconds, 3) if isinstance(step, IncrementalStep) else None}}}
     return StageResult("decontaminated_prompts", version, info, stats, samples, lengths,
                        ledger.count, quarantine.path, quarantine.rows, inputs, plan=route)
 
