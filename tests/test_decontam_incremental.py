@@ -228,6 +228,10 @@ def test_the_asset_takes_the_incremental_route_when_a_pool_gains_rows(store, set
     assert stats["incremental"]["route"] == "incremental" and stats["incremental"]["reason"] == \
         "30 pool rows new or changed, 0 removed"
     assert stats["scanned"] == {"all": 30}
+    version = store.latest_version("decontaminated_prompts")
+    report = store.read_json(f"reports/decontamination/{version}/report.json")
+    assert report["run"]["route"] == "incremental" and report["run"]["rows_new_or_changed"] == 30
+    assert sum(s["rows_in"] for s in report["sources"].values()) == 430
 
 
 def test_the_recheck_after_a_removed_benchmark_reads_only_rows_it_had_quarantined(store, setup, monkeypatch):

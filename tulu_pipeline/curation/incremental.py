@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import time
 from collections import Counter
@@ -160,6 +161,7 @@ def pool_changes(store: Store, old: str, new: str) -> tuple[set[str], int]:
     con = duckdb.connect()
     try:
         con.execute("SET enable_progress_bar = false")
+        con.execute(f"SET threads = {len(os.sched_getaffinity(0))}")  # not more threads than cores it may use
         if not store.is_local:
             con.register_filesystem(store.fs)
         new_files, old_files = sql_list(_parquet_files(store, POOL, new)), sql_list(_parquet_files(store, POOL, old))

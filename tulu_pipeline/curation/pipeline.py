@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from itertools import chain
 from typing import Any
 
+import pyarrow.compute as pc
+
 from tulu_pipeline.curation.config import CurationConfig
 from tulu_pipeline.curation.decontaminate import RULE_VERSION, Decontaminator, EvalIndex, EvalItem, training_turns
 from tulu_pipeline.curation.dedup import Deduplicator, dedup_order
@@ -280,8 +282,10 @@ def decontamination_report(store: Store, version: str, config: CurationConfig,
         name = raw_dataset_name(spec.id)
         items_per_benchmark[spec.benchmark] += store.dataset_info(name, inputs[name]).rows
         suites[spec.benchmark] = spec.suite
-    rows_in: Counter[str] = Counter(
-        r["source"] for r in store.iter_rows("deduplicated_prompts", inputs["deduplicated_prompts"]))
+    rows_in: Counter[str] = Counter()
+    for table in store.iter_tables("deduplicated_prompts", inputs["deduplicated_prompts"], columns=["source"]):
+        for pair in pc.value_counts(table.column("source").combine_chunks()).to_pylist():
+            rows_in[pair["values"]] += pair["counts"]
     removed: Counter[tuple[str, str]] = Counter()
     items_hit: dict[tuple[str, str], set[str]] = defaultdict(set)
     removed_rows: Counter[str] = Counter()
@@ -316,4 +320,14 @@ def decontamination_report(store: Store, version: str, config: CurationConfig,
         "cells": cells,
         "flagged": [c for c in cells if c["flagged"]],
         "rows_removed": sum(removed_rows.values()),
+        "run": _run_summary(store, version),
     }
+
+
+def _run_summary(store: Store, version: str) -> dict[str, Any] | None:
+    """How ``version`` was made (local runs record it): the route, why, and what it reused from which version."""
+    if not store.exists(run_record_path(version)):
+        return None
+    record = store.read_json(run_record_path(version))
+    return {k: record.get(k) for k in ("route", "reason", "previous_version", "added_benchmarks",
+                                       "changed_benchmarks", "removed_benchmarks", "rows_new_or_changed")}
