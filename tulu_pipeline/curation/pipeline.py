@@ -149,9 +149,9 @@ def _decontaminate_local(store: Store, config: CurationConfig, run_id: str,
                                       (quarantine_record(e) for e in step.quarantine), QUARANTINE_SCHEMA)
     pool_rows = step.stats.rows
     store.write_json(run_record_path(version), run_record(decontam, inputs, fingerprints, pool_rows, route))
+    scan_seconds = round(step.scan_seconds, 3) if isinstance(step, IncrementalStep) else None
     stats = {**step.stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks),
-             "incremental": {**route.summary(), "cpu_seconds": {
-                 "plan": round(plan_seconds, 3), "scan": round(step.scan_seconds, 3) if isinstance(step, IncrementalStep) else None}}}
+             "incremental": {**route.summary(), "cpu_seconds": {"plan": round(plan_seconds, 3), "scan": scan_seconds}}}
     return StageResult("decontaminated_prompts", version, info, stats, samples, lengths,
                        ledger.count, quarantine.path, quarantine.rows, inputs, plan=route)
 
