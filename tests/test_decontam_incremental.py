@@ -272,3 +272,21 @@ def test_arrow_texts_and_turns_equal_the_row_dicts(include_response):
                            include_response)
         assert [turns[k] for k in range(len(turns))] == [training_turns(r, include_response) for r in expected]
         assert turns[2:5] == [training_turns(r, include_response) for r in expected[2:5]]
+
+
+def test_with_responses_and_short_items_anywhere(store, setup):
+    """Other settings take the same routes: assistant turns matched too, short items counted anywhere."""
+    evals, pool = setup
+    decontam = {"include_response": True, "short_items": "anywhere"}
+
+    def config(names: list[str]) -> CurationConfig:
+        return CurationConfig.model_validate({"decontam": decontam, "evals": {"benchmarks": names}})
+
+    first = decontaminate_prompts(store, config(["gsm8k", "ifeval"]), "first")
+    answer = evals["mbpp"][7]["messages"][0]["content"]
+    more = [dict(r, messages=[*r["messages"], {"role": "assistant", "content": answer}])
+            for r in training_rows(random.Random(6), 400, 20, evals)]
+    publish(store, "deduplicated_prompts", "d2", [*pool, *more])
+    both, _, record = run_both(store, config(list(EVALS)), "both")
+    assert record["route"] == "incremental" and record["added_benchmarks"] == ["mbpp"]
+    assert both.stats["scanned"] == {"all": 20, "changed": 400} and both.quarantined > first.quarantined + 10
