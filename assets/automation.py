@@ -79,10 +79,11 @@ def build_source_change_sensor(job, specs_fn: Callable[[], Sequence[SourceSpec]]
     """Re-curates what depends on a changed source file, and nothing else.
 
     The cursor holds every file's (size, mtime, sha256). A changed training pool reruns its raw table and the
-    curation chain below it; a changed or new benchmark reruns its raw table and decontamination, which is
-    incremental (`pipeline.decontaminate_prompts`): rows kept before are checked against the changed benchmark
-    only, and when a pool gains rows only the new rows are scanned. It then re-evaluates the coverage check of every checkpoint, which flags checkpoints
-    trained on data never decontaminated against it. A file that no longer matches its MANIFEST.json hash is
+    curation chain below it; a changed or new benchmark reruns its raw table and decontamination. The run config
+    is the default, so decontamination is incremental (`curation.incremental`): the pool is scanned against the
+    changed benchmark only, and when a pool gains rows only the new rows are scanned (and re-checked). It then
+    re-evaluates the coverage check of every checkpoint, which flags checkpoints trained on data never
+    decontaminated against it. A file that no longer matches its MANIFEST.json hash is
     reported, not ingested: the run would fail on the hash check, so the sensor asks for the manifest update first.
     """
     checkpoint_keys = list(checkpoint_keys)

@@ -101,8 +101,9 @@ class DecontamStageConfig(ExecutionConfig):
     rule: str = Field("token_coverage", description="token_coverage (Tülu 3) or ngram_share")
     short_items: str = Field("share", description="items shorter than ngram tokens: share, anywhere or ignore")
     include_response: bool = False
-    incremental: bool = Field(True, description="reuse the latest version made with the same settings: scan only "
-                              "new or edited rows, and kept rows only against added or changed benchmarks")
+    incremental: bool = Field(True, description="reuse the latest version's decisions where its fingerprints "
+                              "allow: scan new or changed rows against every benchmark, the others only against "
+                              "added or changed benchmarks (see docs/decontamination.md)")
     suites: list[str] = Field(default_factory=lambda: ["dev", "unseen"])
     benchmarks: list[str] | None = None
     flag_share: float = 0.02
@@ -185,7 +186,7 @@ def decontamination(context: dg.AssetExecutionContext, config: DecontamStageConf
                             incremental=config.incremental)
     yield _stage_result(store, result, reported, config, asset_key="decontaminated_prompts")
 
-    violations = verify_no_eval_overlap(store, result.version, index[0], curation)
+    violations = verify_no_eval_overlap(store, result.version, index[0], curation, route=result.plan)
     problems, duplicates = schema_violations(store, "decontaminated_prompts", result.version)
     record_check_results(store, result.version, {"no_eval_overlap": not violations, "schema_valid": not problems,
                                                  "unique_row_ids": duplicates == 0})

@@ -59,10 +59,8 @@ from tulu_pipeline.curation.decontaminate import (  # noqa: E402
     Decontaminator,
     EvalIndex,
     EvalItem,
-    PreviousDecisions,
     reference_matches,
     registry_eval_items,
-    text_digest,
     tokenize,
     training_text,
     training_turns,
@@ -74,7 +72,6 @@ from tulu_pipeline.process_memory import peak_rss_mb, rss_bytes  # noqa: E402
 TARGET_ROWS_PER_S = 30_000
 DECON_NS_PER_BYTE = 34_000 / 5_800  # allenai/decon: ~34 us per document of ~5.8 KB
 ROW_BYTES = (200, 1_000, 5_000, 20_000)
-INCREMENTAL_BENCHMARK = "mbpp"
 ZIPF_EXPONENT = 1.0
 CHUNK_ROWS = 10_000
 
@@ -467,68 +464,7 @@ class RecordingSink:
         self.events.append((row_id, event, decision, reason))
 
 
-def part_incremental(args) -> dict:
-    """Add one benchmark to a pool, then append rows: incremental (`PreviousDecisions`) vs full reruns."""
-    config = DecontamConfig()
-    items = load_items()
-    added = INCREMENTAL_BENCHMARK
-    index_all = EvalIndex.build(items, config.ngram, config.min_item_tokens)
-    index_before = EvalIndex.build([i for i in items if i.benchmark != added], config.ngram, config.min_item_tokens)
-    index_added = EvalIndex.build([i for i in items if i.benchmark == added], config.ngram, config.min_item_tokens)
-    stream = SyntheticRows(args.seed, args.incremental_rows + args.append_rows, index_all.items, args.plant_every)
-    pool = [row for chunk in stream.chunks() for row in chunk]
-    base, extra = pool[:args.incremental_rows], pool[args.incremental_rows:]
-
-    def run(index, rows, previous=None) -> tuple[float, Decontaminator]:
-        step = Decontaminator(index, config, CountingSink(), batch_size=args.batch_size, previous=previous)
-        cpu0 = time.process_time()
-        for _ in step(iter(rows)):
-            pass
-        return time.process_time() - cpu0, step
-
-    def decisions(rows, step) -> tuple[float, dict]:
-        """What the pipeline reads back from the earlier version: each row's text digest and decision."""
-        cpu0 = time.process_time()
-        quarantined = {q["row"]["row_id"] for q in step.quarantine}
-        out = {r["row_id"]: (text_digest(training_turns(r, False)), r["row_id"] in quarantined) for r in rows}
-        return time.process_time() - cpu0, out
-
-    def signature(step) -> list:
-        return [(q["row"]["row_id"], match_signature(q["matches"])) for q in step.quarantine]
-
-    _, before = run(index_before, base)
-    full_s, full = run(index_all, base)
-    read_s, prior = decisions(base, before)
-    inc_s, inc = run(index_all, base, PreviousDecisions("before", prior, index_added, (added,)))
-    add = {"full_rerun_cpu_seconds": round(full_s, 3), "incremental_cpu_seconds": round(inc_s + read_s, 3),
-           "of_which_reading_previous_decisions": round(read_s, 3),
-           "cost_ratio_incremental_over_full": round((inc_s + read_s) / full_s, 3),
-           "scanned": dict(inc.stats.scanned), "equal_to_full_rerun": signature(inc) == signature(full),
-           "quarantined_by_added_benchmark": sum(n for (_, b), n in inc.stats.removed.items() if b == added),
-           # the floor of any design that reads the pool's text: one scan against the added benchmark alone
-           "scan_against_added_benchmark_only_cpu_seconds": round(run(index_added, base)[0], 3)}
-    grown = base + extra
-    full2_s, full2 = run(index_all, grown)
-    read2_s, prior2 = decisions(base, full)
-    inc2_s, inc2 = run(index_all, grown, PreviousDecisions("before", prior2, None))
-    append = {"full_rerun_cpu_seconds": round(full2_s, 3), "incremental_cpu_seconds": round(inc2_s + read2_s, 3),
-              "of_which_reading_previous_decisions": round(read2_s, 3),
-              "cost_ratio_incremental_over_full": round((inc2_s + read2_s) / full2_s, 3),
-              "scanned": dict(inc2.stats.scanned), "equal_to_full_rerun": signature(inc2) == signature(full2)}
-    scale = 1_000_000 / args.incremental_rows
-    return {"pool_rows": args.incremental_rows, "appended_rows": args.append_rows, "added_benchmark": added,
-            "add_benchmark": add, "append_rows": append,
-            "extrapolated_to_1m_pool_10k_appended": {
-                "how": f"measured on {args.incremental_rows} rows (+{args.append_rows}); every cost here is "
-                       "linear in the rows it touches, so seconds scale by 1M / pool rows",
-                "add_benchmark_full_s": round(full_s * scale, 1), "add_benchmark_incremental_s":
-                    round((inc_s + read_s) * scale, 1),
-                "append_full_s": round(full2_s * scale, 1), "append_incremental_s": round((inc2_s + read2_s) * scale, 1),
-            }, **rss_mb()}
-
-
-PARTS = {"fast": part_fast, "reference": part_reference, "minhash_lsh": part_minhash, "per_byte": part_per_byte,
-         "incremental": part_incremental}
+PARTS = {"fast": part_fast, "reference": part_reference, "minhash_lsh": part_minhash, "per_byte": part_per_byte}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,8 +476,7 @@ def run_part(name: str, args, core: int) -> dict:
     cmd = [sys.executable, __file__, "--part", name, "--core", str(core), "--result", result_path,
            "--rows", str(args.rows), "--baseline-rows", str(args.baseline_rows), "--seed", str(args.seed),
            "--plant-every", str(args.plant_every), "--batch-size", str(args.batch_size),
-           "--bytes-per-length", str(args.bytes_per_length), "--incremental-rows", str(args.incremental_rows),
-           "--append-rows", str(args.append_rows), "--repeats", str(args.repeats)]
+           "--bytes-per-length", str(args.bytes_per_length), "--repeats", str(args.repeats)]
     if args.compare_kernel:
         cmd += ["--compare-kernel", args.compare_kernel]
     print(f"[decontam bench] {name} ...", file=sys.stderr, flush=True)
@@ -570,11 +505,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--skip-minhash", action="store_true")
     parser.add_argument("--bytes-per-length", type=int, default=20_000_000, help="text per row length (per_byte)")
-    parser.add_argument("--incremental-rows", type=int, default=200_000, help="pool rows (incremental)")
-    parser.add_argument("--append-rows", type=int, default=2_000, help="rows appended to the pool (incremental)")
     parser.add_argument("--repeats", type=int, default=3, help="timed kernel runs per length (per_byte)")
     parser.add_argument("--compare-kernel", help="another build of _decon_kernel (.so) to time alternately (per_byte)")
-    parser.add_argument("--only", choices=["per_byte", "incremental"],
+    parser.add_argument("--only", choices=["per_byte"],
                         help="run only this part and merge it into the existing results file")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decontam.json"))
     parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
@@ -583,7 +516,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rows, args.baseline_rows = 20_000, 2_000
-        args.bytes_per_length, args.incremental_rows, args.append_rows = 2_000_000, 20_000, 200
+        args.bytes_per_length = 2_000_000
     args.baseline_rows = min(args.baseline_rows, args.rows)
     core = args.core if args.core is not None else max(os.sched_getaffinity(0))
 
@@ -633,7 +566,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():  # the parts run with --only are kept
         earlier = json.loads(out.read_text())
-        result.update({k: earlier[k] for k in ("per_byte", "incremental") if k in earlier})
+        result.update({k: earlier[k] for k in ("per_byte",) if k in earlier})
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     tmp.replace(out)

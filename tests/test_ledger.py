@@ -102,3 +102,33 @@ def test_events_written_in_parts_read_back_as_recorded_ones(store: Store) -> Non
         with LedgerWriter(store, "curation", "dedup", "v2", "run-b") as writer:
             writer.record("r9", "kept")
             writer.adopt_parts([("_ray/none.parquet", 0)])
+
+
+def test_events_recorded_as_columns_equal_events_recorded_one_by_one(store: Store) -> None:
+    """`LedgerWriter.record_columns` (a whole batch decided at once) writes the rows `record` would, `seq`
+    continuing across both; `SharedDetails` serialize as a plain dict does."""
+    import pyarrow as pa
+
+    from tulu_pipeline.provenance.ledger import SharedDetails, details_json
+
+    shared = SharedDetails(checked=["b", "a"], n=1)
+    assert shared.json == details_json(dict(shared)) and SharedDetails().json is None
+    events = [("r0", "kept", "clean", None, [], shared), ("r1", "quarantined", "contaminated", "x:1", ["e1", "e2"],
+                                                          {"z": 1, "a": [1, 2]}),
+              ("r2", "kept", "clean", None, [], None), ("r3", "kept", "clean", None, [], shared)]
+    for name, by_columns in (("one-by-one", False), ("columns", True)):
+        with LedgerWriter(store, "s", "asset", name, "run") as writer:
+            writer.record("first", "kept")
+            if by_columns:
+                writer.record_columns(pa.chunked_array([pa.array([e[0] for e in events])]), [e[1] for e in events],
+                                      [e[2] for e in events], [e[3] for e in events], [e[4] for e in events],
+                                      [details_json(e[5]) for e in events])
+            else:
+                for row_id, event, decision, reason, related, details in events:
+                    writer.record(row_id, event, decision=decision, reason=reason, related_ids=related, details=details)
+            writer.record("last", "kept")
+            assert writer.count == 6
+    rows = {name: Ledger(store).query(
+        "SELECT row_id, event, stage, asset_key, seq, decision, reason, related_ids, details FROM events "
+        f"WHERE asset_version = '{name}' ORDER BY seq") for name in ("one-by-one", "columns")}
+    assert rows["columns"] == rows["one-by-one"] and [r["seq"] for r in rows["columns"]] == list(range(6))

@@ -256,13 +256,13 @@ class Store:
         self,
         name: str,
         version: str,
-        batches: Iterable[list[dict[str, Any]]],
+        batches: Iterable[list[dict[str, Any]] | pa.Table],
         schema: pa.Schema,
         rows_per_part: int = 50_000,
         *,
         inputs: dict[str, str] | None = None,
     ) -> DatasetInfo:
-        """Publish ``data/<name>/<version>/part-*.parquet`` from batches of row dicts.
+        """Publish ``data/<name>/<version>/part-*.parquet`` from batches of row dicts (or Arrow tables).
 
         Parts are written into a temporary directory that is renamed into place when complete, and
         ``data/<name>/LATEST`` then points at the version. Memory stays bounded by one batch. ``inputs``
@@ -360,7 +360,8 @@ class Store:
                     handle = self.fs.open(self.path(tmp_rel, part_name), "wb")
                     writer = pq.ParquetWriter(handle, schema)
                     in_part = 0
-                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                writer.write_table(batch.cast(schema) if isinstance(batch, pa.Table)
+                                   else pa.Table.from_pylist(batch, schema=schema))
                 in_part += len(batch)
                 rows += len(batch)
             if not parts:  # an empty dataset still has a readable schema
@@ -450,3 +451,12 @@ class Store:
             with self.fs.open(self.path(self.dataset_dir(name, info.version), part), "rb") as handle:
                 for record_batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size):
                     yield record_batch.to_pylist()
+
+    def iter_tables(self, name: str, version: str | None = None, batch_size: int = 65_536,
+                    columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+        """A dataset's rows as Arrow tables of at most ``batch_size`` rows (``columns`` only, if given)."""
+        info = self.dataset_info(name, version)
+        for part in info.parts:
+            with self.fs.open(self.path(self.dataset_dir(name, info.version), part), "rb") as handle:
+                for record_batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=columns):
+                    yield pa.Table.from_batches([record_batch])

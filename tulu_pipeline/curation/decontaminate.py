@@ -75,14 +75,13 @@ too large to broadcast.
 
 `reference_matches` is a deliberately plain implementation of the same rule (sets of n-gram tuples,
 no hashing, no numpy), used to re-verify outputs and as the benchmark baseline; the blocking check
-uses `overlap_check`, which does not share the tokenizer either. `PreviousDecisions` lets a
-`Decontaminator` scan only what changed since an earlier run.
+uses `overlap_check`, which does not share the tokenizer either. `curation.incremental` reuses an
+earlier run's decisions so that only what changed is scanned.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import logging
 import os
@@ -99,7 +98,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tulu_pipeline.data.loaders import iter_source_rows
 from tulu_pipeline.data.registry import registry
-from tulu_pipeline.provenance.ledger import DecisionSink
+from tulu_pipeline.provenance.ledger import DecisionSink, SharedDetails
 
 KERNEL_ABI = 2  # the kernel's ABI constant this module expects (2: punctuation tokens)
 
@@ -1383,7 +1382,14 @@ class DecontamStats:
     quarantined: int = 0
     removed: Counter = field(default_factory=Counter)  # (training source, benchmark) -> rows removed
     eval_ids_hit: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # benchmark -> ids
-    scanned: Counter = field(default_factory=Counter)  # "all" / "changed" / "reused" -> rows
+    scanned: Counter = field(default_factory=Counter)  # "all" / "changed" -> rows scanned against all / changed
+
+    def count_quarantined(self, row: dict[str, Any], matches: Sequence[Match]) -> None:
+        self.quarantined += 1
+        for benchmark in {m.benchmark for m in matches}:
+            self.removed[(row.get("source", ""), benchmark)] += 1
+        for m in matches:
+            self.eval_ids_hit[m.benchmark].add(m.eval_id)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly view (asset metadata)."""
@@ -1393,81 +1399,60 @@ class DecontamStats:
                 "scanned": dict(sorted(self.scanned.items()))}
 
 
-def text_digest(turns: Sequence[str]) -> bytes:
-    """A digest of a row's matched text: an earlier decision is reused only for the same text."""
-    return text_digest_of("\n".join(turns))
+def match_from_dict(d: dict[str, Any]) -> Match:
+    """A `Match` back from its ``asdict`` form (quarantine ``matches`` JSON, ledger details)."""
+    return Match(**{**d, "spans": tuple(d.get("spans", ()))})
 
 
-def text_digest_of(text: str) -> bytes:
-    """`text_digest` of the already joined text (`training_text`)."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).digest()
+def checked_details(benchmarks: Iterable[str]) -> SharedDetails:
+    """Details of every kept event: the benchmarks the row was checked against (sorted)."""
+    return SharedDetails(checked=sorted(benchmarks))
 
 
-@dataclass
-class PreviousDecisions:
-    """What an earlier decontamination (same config) decided, so that only what changed is scanned.
-
-    Matches are per (row, item), so a full rerun's answer for a row whose text is unchanged follows
-    from the earlier one: a row clean before is clean now unless an item of an added or changed
-    benchmark (``changed_index``) contaminates it; a row quarantined before is scanned again against
-    every benchmark (its match list may change), and so is a row not seen before.
-    """
-
-    version: str
-    decisions: dict[str, tuple[bytes, bool]]  # row_id -> (text_digest, quarantined)
-    changed_index: EvalIndex | None  # items of the benchmarks added or changed since; None: none
-    changed_benchmarks: tuple[str, ...] = ()
-
-    def route(self, row_id: str, digest: bytes) -> str:
-        """``all`` (scan against every benchmark), ``changed`` (only the changed ones) or ``reused``."""
-        before = self.decisions.get(row_id)
-        if before is None or before[0] != digest or before[1]:
-            return "all"
-        return "reused" if self.changed_index is None else "changed"
+def quarantine_event(matches: Sequence[Match], config: DecontamConfig,
+                     checked: Sequence[str]) -> tuple[str, list[str], dict[str, Any]]:
+    """The reason, related ids and details of a ``quarantined`` event (``matches`` sorted, best first)."""
+    best = matches[0]
+    return (f"{best.benchmark}:{best.eval_id} {config.rule} {best.score:.2f}", [m.eval_row_id for m in matches],
+            {"matches": [asdict(m) for m in matches], "benchmarks": sorted({m.benchmark for m in matches}),
+             "checked": list(checked), "ngram": config.ngram, "threshold": config.threshold, "rule": config.rule,
+             "short_items": config.short_items})
 
 
 class Decontaminator:
     """Streaming step: yields clean rows in input order, quarantines contaminated ones.
 
-    Every row gets exactly one ledger event: ``kept`` (decision ``clean``) or ``quarantined``
-    (decision ``contaminated``, the best match as reason, every matched eval row as related ids,
-    all matches in details). Quarantined rows are kept in ``self.quarantine`` as
-    ``{"row": row, "matches": [Match, ...]}``.
+    Every row gets exactly one ledger event: ``kept`` (decision ``clean``, details naming the
+    benchmarks it was checked against) or ``quarantined`` (decision ``contaminated``, the best match as
+    reason, every matched eval row as related ids, all matches and the checked benchmarks in details).
+    Quarantined rows are kept in ``self.quarantine`` as ``{"row": row, "matches": [Match, ...]}``.
     """
 
     def __init__(self, index: "EvalIndex | ShardedEvalIndex", config: DecontamConfig, sink: DecisionSink,
-                 batch_size: int = 4096,
-                 previous: PreviousDecisions | None = None):
+                 batch_size: int = 4096):
         if index.ngram != config.ngram or index.min_item_tokens != config.min_item_tokens:
             raise ValueError(f"index built with ngram={index.ngram}, min_item_tokens={index.min_item_tokens}; "
                              f"config says ngram={config.ngram}, min_item_tokens={config.min_item_tokens}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if previous is not None and previous.changed_index is not None and (
-                previous.changed_index.ngram, previous.changed_index.min_item_tokens) != (index.ngram,
-                                                                                          index.min_item_tokens):
-            raise ValueError("the changed benchmarks' index must use the same ngram and min_item_tokens")
         self.index, self.config, self.sink, self.batch_size = index, config, sink, batch_size
-        self.previous = previous
+        self.checked = checked_details(index.benchmarks)
         self.quarantine: list[dict[str, Any]] = []
         self.stats = DecontamStats()
 
     def __call__(self, rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         rows = iter(rows)
         while batch := list(itertools.islice(rows, self.batch_size)):
-            yield from (self._process_all(batch) if self.previous is None else self._process(batch))
+            yield from self._process(batch)
 
-    def _process_all(self, batch: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """A batch scanned against every benchmark (no previous decisions): the per-row work kept small.
-
-        Same events, in the same order, and the same quarantine as `_process`; the row counters of
-        ``stats`` move a batch at a time.
-        """
+    def _process(self, batch: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """A batch scanned against every benchmark: the per-row work kept small (the row counters of
+        ``stats`` move a batch at a time)."""
         config = self.config
         include = config.include_response
         results = self.index.match_texts(_joined_texts(batch, include), config.threshold, config.rule,
                                          config.short_items, _LazyTurns(batch, include))
-        stats, record = self.stats, self.sink.record
+        stats, record, checked = self.stats, self.sink.record, self.checked
         bad = list(itertools.compress(range(len(batch)), results))
         stats.rows += len(batch)
         stats.scanned["all"] += len(batch)
@@ -1475,62 +1460,17 @@ class Decontaminator:
         done = 0
         for k in bad:
             for row in batch[done:k]:
-                record(row["row_id"], "kept", decision="clean")
+                record(row["row_id"], "kept", decision="clean", details=checked)
                 yield row
-            self._quarantine_row(batch[k], results[k], None)
+            self._quarantine_row(batch[k], results[k])
             done = k + 1
         for row in batch[done:] if done else batch:
-            record(row["row_id"], "kept", decision="clean")
+            record(row["row_id"], "kept", decision="clean", details=checked)
             yield row
 
-    def _quarantine_row(self, row: dict[str, Any], matches: list[Match], route: str | None) -> None:
-        config, stats, previous = self.config, self.stats, self.previous
-        stats.quarantined += 1
-        for benchmark in {m.benchmark for m in matches}:
-            stats.removed[(row.get("source", ""), benchmark)] += 1
-        for m in matches:
-            stats.eval_ids_hit[m.benchmark].add(m.eval_id)
+    def _quarantine_row(self, row: dict[str, Any], matches: list[Match]) -> None:
+        self.stats.count_quarantined(row, matches)
         self.quarantine.append({"row": row, "matches": matches})
-        best = matches[0]
-        self.sink.record(row["row_id"], "quarantined", decision="contaminated",
-                         reason=f"{best.benchmark}:{best.eval_id} {config.rule} {best.score:.2f}",
-                         related_ids=[m.eval_row_id for m in matches],
-                         details={"matches": [asdict(m) for m in matches],
-                                  "benchmarks": sorted({m.benchmark for m in matches}),
-                                  "ngram": config.ngram, "threshold": config.threshold, "rule": config.rule,
-                                  "short_items": config.short_items,
-                                  **({} if previous is None else {"scanned": route,
-                                                                  "previous_version": previous.version})})
-
-    def _process(self, batch: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """A batch routed by the previous decisions: each row scanned against every benchmark, only the
-        changed ones, or not at all (its earlier clean decision carried over)."""
-        config, previous = self.config, self.previous
-        assert previous is not None
-        include = config.include_response
-        texts = _joined_texts(batch, include)
-        decisions = previous.decisions
-        routes = [previous.route(row["row_id"], text_digest_of(text)) if row["row_id"] in decisions else "all"
-                  for row, text in zip(batch, texts)]
-        results: list[list[Match]] = [[]] * len(batch)
-        for route, index in (("all", self.index), ("changed", previous.changed_index)):
-            chosen = [k for k, r in enumerate(routes) if r == route]
-            if chosen and index is not None:
-                found = index.match_texts([texts[k] for k in chosen], config.threshold, config.rule,
-                                          config.short_items, _LazyTurns([batch[k] for k in chosen], include))
-                for k, matches in zip(chosen, found):
-                    results[k] = matches
-        # the event says what this version checked the row against (one details dict per route, shared)
-        details = {route: {"scanned": route, "previous_version": previous.version,
-                           "benchmarks_scanned": list(previous.changed_benchmarks) if route == "changed" else None}
-                   for route in ("all", "changed", "reused")}
-        record, stats = self.sink.record, self.stats
-        stats.rows += len(batch)
-        stats.scanned.update(routes)
-        for row, matches, route in zip(batch, results, routes):
-            if not matches:
-                stats.clean += 1
-                record(row["row_id"], "kept", decision="clean", details=details[route])
-                yield row
-                continue
-            self._quarantine_row(row, matches, route)
+        reason, related, details = quarantine_event(matches, self.config, self.checked["checked"])
+        self.sink.record(row["row_id"], "quarantined", decision="contaminated", reason=reason,
+                         related_ids=related, details=details)

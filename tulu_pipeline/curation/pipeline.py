@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import json
 import posixpath
+import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from itertools import chain
 from typing import Any
 
+import pyarrow.compute as pc
+
 from tulu_pipeline.curation.config import CurationConfig
-from tulu_pipeline.curation.decontaminate import (
-    RULE_VERSION, Decontaminator, EvalIndex, PreviousDecisions, text_digest, training_turns,
-)
+from tulu_pipeline.curation.decontaminate import RULE_VERSION, Decontaminator, EvalIndex, EvalItem, training_turns
 from tulu_pipeline.curation.dedup import Deduplicator, dedup_order
+from tulu_pipeline.curation.incremental import (
+    IncrementalStep, Plan, benchmark_fingerprints, plan, previous_matches, run_record, run_record_path,
+)
 from tulu_pipeline.curation.normalize import Normalizer
 from tulu_pipeline.curation.overlap_check import OverlapChecker
 from tulu_pipeline.curation.ray_executor import (
@@ -79,9 +84,10 @@ def decontaminate_prompts(store: Store, config: CurationConfig, run_id: str,
                           incremental: bool = True) -> StageResult:
     """decontaminated_prompts: rows overlapping any eval item set aside in decontamination_quarantine.
 
-    With ``incremental`` (local executor), the latest earlier version made with the same decontam
-    config is reused: only new or edited rows, rows it quarantined, and (against the added or
-    changed benchmarks only) the rows it kept are scanned; the result equals a full rerun's.
+    With ``incremental`` (local executor), the latest earlier version's decisions are reused where its record
+    allows (`curation.incremental.plan`): new or changed rows are scanned against every benchmark, the other
+    rows only against added or changed benchmarks, or not at all; the result equals a full rerun's. The
+    route taken and why are in ``stats["incremental"]`` and the version's run record.
     """
     return run_stage("decontaminated_prompts", store, config, run_id, index=index, incremental=incremental)
 
@@ -116,58 +122,48 @@ def _deduplicate_local(store: Store, config: CurationConfig, run_id: str) -> Sta
                        ledger.count, quarantine, len(dedup.dropped), inputs)
 
 
-def _run_record_path(version: str) -> str:
-    return posixpath.join("reports", "decontamination", version, "run.json")
-
-
-def previous_decisions(store: Store, config: CurationConfig, eval_inputs: dict[str, str],
-                       building: str) -> PreviousDecisions | None:
-    """The latest decontaminated_prompts version's decisions, if made with the same decontam config and it is
-    not ``building`` itself (a rerun, or a concurrent run, of that version scans in full, so its events equal
-    the first run's).
-
-    Its raw eval inputs are compared with ``eval_inputs``: benchmarks added or changed since get an
-    index of their own (`PreviousDecisions.changed_index`); removed ones need nothing (rows they
-    quarantined are scanned again).
-    """
-    version = store.latest_version("decontaminated_prompts")
-    if version is None or version == building or not store.exists(_run_record_path(version)):
-        return None
-    before = store.read_json(_run_record_path(version))
-    if before["decontam"] != config.decontam.model_dump() or before.get("rule_version") != RULE_VERSION:
-        return None
-    changed = {name for name, v in eval_inputs.items() if before["inputs"].get(name) != v}
-    changed_index = build_eval_index(store, config, only=changed)[0] if changed else None
-    decisions: dict[str, tuple[bytes, bool]] = {}
-    include_response = config.decontam.include_response
-    for name, quarantined in (("decontaminated_prompts", False), ("decontamination_quarantine", True)):
-        for row in store.iter_rows(name, version):
-            decisions[row["row_id"]] = (text_digest(training_turns(row, include_response)), quarantined)
-    benchmarks = tuple(sorted(changed_index.benchmarks)) if changed_index is not None else ()
-    return PreviousDecisions(version, decisions, changed_index, benchmarks)
-
-
 def _decontaminate_local(store: Store, config: CurationConfig, run_id: str,
                          index: tuple[EvalIndex, dict[str, str]] | None = None,
                          incremental: bool = True) -> StageResult:
     eval_index, eval_inputs = index or build_eval_index(store, config)
     inputs = {"deduplicated_prompts": input_version(store, "deduplicated_prompts"), **eval_inputs}
     version = decontamination_version(config, inputs)
-    previous = previous_decisions(store, config, eval_inputs, version) if incremental else None
-    sampler = EventSampler()
+    decontam = config.decontam
+    fingerprints = benchmark_fingerprints(eval_index, [s.benchmark for s in eval_specs(config)], decontam)
+    start = time.process_time()
+    route = plan(store, decontam, fingerprints, inputs["deduplicated_prompts"], version, incremental)
+    plan_seconds = time.process_time() - start
     with LedgerWriter(store, "decontamination", "decontaminated_prompts", version, run_id) as ledger:
-        step = Decontaminator(eval_index, config.decontam, ledger, previous=previous)
-        rows = store.iter_rows("deduplicated_prompts", inputs["deduplicated_prompts"])
-        info = store.write_rows("decontaminated_prompts", version, sampler(step(rows)), ROW_SCHEMA, inputs=inputs)
+        if route.route == "incremental":
+            step = _incremental_step(store, config, eval_index, route, ledger)
+            tables = step(store.iter_tables("deduplicated_prompts", inputs["deduplicated_prompts"]))
+            info = store.write_dataset("decontaminated_prompts", version, tables, ROW_SCHEMA, inputs=inputs)
+            samples, lengths = step.samples, dict(step.lengths)
+        else:
+            sampler = EventSampler()
+            step = Decontaminator(eval_index, decontam, ledger)
+            rows = store.iter_rows("deduplicated_prompts", inputs["deduplicated_prompts"])
+            info = store.write_rows("decontaminated_prompts", version, sampler(step(rows)), ROW_SCHEMA, inputs=inputs)
+            samples, lengths = sampler.samples, sampler.lengths
         quarantine = store.write_rows("decontamination_quarantine", version,
                                       (quarantine_record(e) for e in step.quarantine), QUARANTINE_SCHEMA)
-    store.write_json(_run_record_path(version), {"decontam": config.decontam.model_dump(),
-                                                 "rule_version": RULE_VERSION, "inputs": inputs})
+    pool_rows = step.stats.rows
+    store.write_json(run_record_path(version), run_record(decontam, inputs, fingerprints, pool_rows, route))
+    scan_seconds = round(step.scan_seconds, 3) if isinstance(step, IncrementalStep) else None
     stats = {**step.stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks),
-             "previous_version": previous.version if previous else None,
-             "changed_benchmarks": list(previous.changed_benchmarks) if previous else None}
-    return StageResult("decontaminated_prompts", version, info, stats, sampler.samples, sampler.lengths,
-                       ledger.count, quarantine.path, quarantine.rows, inputs)
+             "incremental": {**route.summary(), "cpu_seconds": {"plan": round(plan_seconds, 3), "scan": scan_seconds}}}
+    return StageResult("decontaminated_prompts", version, info, stats, samples, lengths,
+                       ledger.count, quarantine.path, quarantine.rows, inputs, plan=route)
+
+
+def _incremental_step(store: Store, config: CurationConfig, eval_index: EvalIndex, route: Plan,
+                      ledger: LedgerWriter) -> IncrementalStep:
+    """The step that recombines ``route.previous_version``'s decisions with a scan of what changed."""
+    scan = route.scan_benchmarks
+    scan_index = EvalIndex.build((i for i in eval_index.items if i.benchmark in scan), ngram=config.decontam.ngram,
+                                 min_item_tokens=config.decontam.min_item_tokens) if scan else None
+    earlier = previous_matches(store, route.previous_version, route.reused, route.rescan)
+    return IncrementalStep(eval_index, scan_index, config.decontam, ledger, route, earlier)
 
 
 _LOCAL_STAGES = {"normalized_prompts": _normalize_local, "deduplicated_prompts": _deduplicate_local,
@@ -181,22 +177,60 @@ STAGES = tuple(_LOCAL_STAGES)
 # checks and report
 # ---------------------------------------------------------------------------------------------
 def verify_no_eval_overlap(store: Store, version: str, index: EvalIndex, config: CurationConfig,
-                           limit: int = 20) -> list[dict[str, Any]]:
-    """Re-check every clean row with the independent implementation (`OverlapChecker`); returns violations."""
+                           limit: int = 20, route: Plan | None = None) -> list[dict[str, Any]]:
+    """Re-check clean rows with the independent implementation (`OverlapChecker`); returns violations.
+
+    Every clean row is re-checked against every item, unless ``route`` is an incremental run whose previous
+    version passed its checks: then a row that version kept, unchanged, is re-checked only against the
+    added or changed benchmarks (not at all when there are none), since it was already re-checked against
+    the items it shares with that version; new or changed rows, and rows that version quarantined, against
+    every item.
+    """
     decontam = config.decontam
-    checker = OverlapChecker([item.text for item in index.items], decontam.ngram, decontam.threshold,
-                             decontam.rule, decontam.short_items)
+
+    def checker(items: Sequence[EvalItem]) -> OverlapChecker:
+        return OverlapChecker([item.text for item in items], decontam.ngram, decontam.threshold, decontam.rule,
+                              decontam.short_items)
+
+    everything = list(index.items)
+    partial: tuple[list[EvalItem], set[str]] | None = None  # (items for rows kept before, rows checked in full)
+    if route is not None and route.route == "incremental" and _checks_passed(store, route.previous_version):
+        quarantined_before = {i for t in store.iter_tables("decontamination_quarantine", route.previous_version,
+                                                           columns=["row_id"])
+                              for i in t.column("row_id").to_pylist()}
+        partial = ([i for i in everything if i.benchmark in set(route.scan_benchmarks)],
+                   route.rescan | quarantined_before)
+    checks = [(checker(everything), everything)]
+    if partial is not None and partial[0]:
+        checks.append((checker(partial[0]), partial[0]))
     violations: list[dict[str, Any]] = []
-    for row in store.iter_rows("decontaminated_prompts", version):
-        found = checker.overlaps(training_turns(row, decontam.include_response))
-        if found:
-            best = max(found, key=lambda o: o.score)
-            item = index.items[best.item]
-            violations.append({"row_id": row["row_id"], "benchmark": item.benchmark, "eval_id": item.eval_id,
-                               "rule": decontam.rule, "score": best.score})
-            if len(violations) >= limit:
-                break
+    for table in store.iter_tables("decontaminated_prompts", version):
+        if partial is None:
+            todo = [(checks[0], table.to_pylist())]
+        else:
+            ids = table.column("row_id").to_pylist()
+            full = [k for k, i in enumerate(ids) if i in partial[1]]
+            todo = [(checks[0], table.take(full).to_pylist())]
+            if partial[0]:
+                done = set(full)
+                todo.append((checks[1], table.take([k for k in range(len(ids)) if k not in done]).to_pylist()))
+        for (check, items), rows in todo:
+            for row in rows:
+                found = check.overlaps(training_turns(row, decontam.include_response))
+                if found:
+                    best = max(found, key=lambda o: o.score)
+                    item = items[best.item]
+                    violations.append({"row_id": row["row_id"], "benchmark": item.benchmark, "eval_id": item.eval_id,
+                                       "rule": decontam.rule, "score": best.score})
+                    if len(violations) >= limit:
+                        return violations
     return violations
+
+
+def _checks_passed(store: Store, version: str | None) -> bool:
+    if version is None or not store.exists(checks_path(version)):
+        return False
+    return all(store.read_json(checks_path(version))["checks"].values())
 
 
 class BlockedByChecksError(RuntimeError):
@@ -248,8 +282,10 @@ def decontamination_report(store: Store, version: str, config: CurationConfig,
         name = raw_dataset_name(spec.id)
         items_per_benchmark[spec.benchmark] += store.dataset_info(name, inputs[name]).rows
         suites[spec.benchmark] = spec.suite
-    rows_in: Counter[str] = Counter(
-        r["source"] for r in store.iter_rows("deduplicated_prompts", inputs["deduplicated_prompts"]))
+    rows_in: Counter[str] = Counter()
+    for table in store.iter_tables("deduplicated_prompts", inputs["deduplicated_prompts"], columns=["source"]):
+        for pair in pc.value_counts(table.column("source").combine_chunks()).to_pylist():
+            rows_in[pair["values"]] += pair["counts"]
     removed: Counter[tuple[str, str]] = Counter()
     items_hit: dict[tuple[str, str], set[str]] = defaultdict(set)
     removed_rows: Counter[str] = Counter()
@@ -284,4 +320,14 @@ def decontamination_report(store: Store, version: str, config: CurationConfig,
         "cells": cells,
         "flagged": [c for c in cells if c["flagged"]],
         "rows_removed": sum(removed_rows.values()),
+        "run": _run_summary(store, version),
     }
+
+
+def _run_summary(store: Store, version: str) -> dict[str, Any] | None:
+    """How ``version`` was made (local runs record it): the route, why, and what it reused from which version."""
+    if not store.exists(run_record_path(version)):
+        return None
+    record = store.read_json(run_record_path(version))
+    return {k: record.get(k) for k in ("route", "reason", "previous_version", "added_benchmarks",
+                                       "changed_benchmarks", "removed_benchmarks", "rows_new_or_changed")}

@@ -925,7 +925,7 @@ def decontaminate_prompts_ray(store: Store, config: CurationConfig, run_id: str,
             stats.eval_ids_hit[benchmark].update(ids)
         stats.scanned.update(result["scanned"])
     stage_stats = {**stats.as_dict(), "eval_items": len(eval_index.items), "benchmarks": dict(eval_index.benchmarks),
-                   "previous_version": None, "changed_benchmarks": None}  # Ray runs are never incremental
+                   "incremental": {"route": "full", "reason": "Ray runs scan in full"}}
     samples, lengths = _summaries(results)
     result = StageResult("decontaminated_prompts", version, info, stage_stats, samples, lengths,
                          ledger.count, quarantine.path, quarantine.rows, inputs)

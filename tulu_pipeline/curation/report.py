@@ -25,6 +25,11 @@ def report_markdown(report: dict[str, Any]) -> str:
     ]
     sources = [{"source": s, "rows in": v["rows_in"], "rows removed": v["rows_removed"]}
                for s, v in report["sources"].items()]
+    run = report.get("run")
+    if run and run.get("route"):
+        header += (f" Made by a {run['route']} run ({run['reason']}"
+                   + (f"; decisions reused from version {run['previous_version']}" if run["route"] == "incremental"
+                      else "") + ").")
     parts = [
         header,
         "### Benchmarks",

@@ -52,6 +52,7 @@ class StageResult:
     quarantine_path: str | None = None
     quarantined: int = 0
     inputs: dict[str, str] = field(default_factory=dict)
+    plan: Any = None  # decontamination in this process: its `incremental.Plan` (what the checks may skip)
 
 
 def stage_version(stage: str, config: Any, inputs: dict[str, str]) -> str:

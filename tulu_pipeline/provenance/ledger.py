@@ -61,6 +61,24 @@ class MemorySink:
                             "related_ids": list(related_ids), "details": details})
 
 
+class SharedDetails(dict):
+    """Details shared by many events (e.g. what every kept row was checked against): serialized once.
+
+    Do not mutate one after recording it; the JSON is taken when it is made.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.json = json.dumps(self, sort_keys=True, ensure_ascii=False) if self else None
+
+
+def details_json(details: dict[str, Any] | None) -> str | None:
+    """The ``details`` column of an event: sorted-key JSON, or null when there are none."""
+    if isinstance(details, SharedDetails):
+        return details.json
+    return json.dumps(details, sort_keys=True, ensure_ascii=False) if details else None
+
+
 def _event_row(stage: str, asset_key: str, asset_version: str, run_id: str, ts: datetime, seq: int, row_id: str,
                event: str, decision: str | None, reason: str | None, related_ids: Sequence[str],
                details: dict[str, Any] | None) -> dict[str, Any]:
@@ -68,7 +86,7 @@ def _event_row(stage: str, asset_key: str, asset_version: str, run_id: str, ts: 
         "row_id": row_id, "event": event, "stage": stage, "asset_key": asset_key, "asset_version": asset_version,
         "run_id": run_id, "seq": seq, "ts": ts, "decision": decision, "reason": reason,
         "related_ids": list(related_ids),
-        "details": json.dumps(details, sort_keys=True, ensure_ascii=False) if details else None,
+        "details": details_json(details),
     }
 
 
@@ -147,6 +165,32 @@ class LedgerWriter:
             pq.write_table(pa.Table.from_pylist(self._buffer, schema=EVENT_SCHEMA), handle)
         self._parts += 1
         self._buffer.clear()
+
+    def record_columns(self, row_ids: pa.Array, event: Sequence[str], decision: Sequence[str | None],
+                       reason: Sequence[str | None], related_ids: Sequence[Sequence[str]],
+                       details: Sequence[str | None]) -> None:
+        """Append one event per ``row_ids`` entry from columns (``details`` already `details_json`), in
+        order: the same rows `record` would buffer, for a step that decides whole batches at once."""
+        self._flush()
+        n = len(row_ids)
+        if not n:
+            return
+        table = pa.table({
+            "row_id": row_ids.cast(pa.string()), "event": pa.array(event, pa.string()),
+            "stage": pa.array([self.stage] * n, pa.string()), "asset_key": pa.array([self.asset_key] * n, pa.string()),
+            "asset_version": pa.array([self.asset_version] * n, pa.string()),
+            "run_id": pa.array([self.run_id] * n, pa.string()),
+            "seq": pa.array(range(self.count, self.count + n), pa.int64()),
+            "ts": pa.array([self._ts] * n, pa.timestamp("us", tz="UTC")),
+            "decision": pa.array(decision, pa.string()), "reason": pa.array(reason, pa.string()),
+            "related_ids": pa.array(related_ids, pa.list_(pa.string())), "details": pa.array(details, pa.string()),
+        }, schema=EVENT_SCHEMA)
+        fs = self.store.fs
+        fs.makedirs(self.store.path(self._staging), exist_ok=True)
+        with fs.open(self.store.path(self._staging, f"part-{self._parts:05d}.parquet"), "wb") as handle:
+            pq.write_table(table, handle)
+        self._parts += 1
+        self.count += n
 
     def part_spec(self, first_seq: int) -> "EventPart":
         """What a writer elsewhere (a shard task) needs to write events of this run from ``seq = first_seq``
