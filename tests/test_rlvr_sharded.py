@@ -34,7 +34,7 @@ WEIGHT_ATOL = 1e-4
 PAIRS = [(a, b) for a in range(10) for b in range(10)]
 random.Random(1).shuffle(PAIRS)
 # 4 steps x 4 prompts x 4 completions (8 rollouts, 2 micro-batches per rank), 2 updates per batch, KL reference.
-CONFIG = RLVRTrainingConfig(learning_rate=5e-3, max_steps=4, prompts_per_step=4, num_generations=4,
+CONFIG = RLVRTrainingConfig(learning_rate=2e-3, max_steps=4, prompts_per_step=4, num_generations=4,
                             micro_batch_size=4, num_iterations=2, max_completion_length=4, beta=0.05,
                             save_steps=2, seed=4)
 SHARDING = {"strategy": "fsdp", "mixed_precision": "fp32"}

@@ -259,7 +259,8 @@ def run_rlvr(
     for step in range(resumed_from_step + 1, config.max_steps + 1):
         metrics, trained_indices = train_step(model, ref_model, optimizer, scheduler, rollouts_backend, tokenizer,
                                                config, step, train_rows, train_prompts, verifier,
-                                               rank=dp.rank if dp else 0, world_size=dp.world_size if dp else 1)
+                                               rank=dp.rank if dp is not None else 0,
+                                               world_size=dp.world_size if dp is not None else 1)
         used.update(trained_indices)
         history.append({"step": step, **metrics})
         if step % config.logging_steps == 0 or step == config.max_steps:
