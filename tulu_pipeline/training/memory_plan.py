@@ -19,8 +19,8 @@ What the numbers rest on (each is what the project's trainers do, not a generic 
 - The LM head: none of the trainers builds the full ``[tokens, vocab]`` logits. SFT runs TRL's fused head (tiles of
   4096 tokens x 32768 vocabulary entries, fp32 gradients of the hidden states and the head's weight); DPO
   (`dpo.sequence_logps`) sends only labelled tokens through the head, 1024 at a time under checkpointing; GRPO only
-  completion tokens, whose fp32 log-softmax over the vocabulary it keeps. Exception: sharded with FSDP2, DPO and
-  GRPO run the model's full forward (the head is gathered only there), so GRPO's plan adds every position's logits.
+  completion tokens, whose fp32 log-softmax over the vocabulary it keeps. Exception: sharded with FSDP2, GRPO runs
+  the model's full forward (FSDP2 gathers the head only there), so its plan adds every position's logits.
 - RLVR with vLLM colocated: vLLM claims ``vllm_gpu_memory_utilization`` of the GPU for its bf16 weights and KV
   cache; a frozen reference model when ``beta > 0``.
 
