@@ -96,6 +96,7 @@ from tulu_pipeline.training.sharding import (
     init_data_parallel,
     latest_checkpoint,
     load_sharded_checkpoint,
+    reshard,
     save_sharded_checkpoint,
     shard_report,
 )
@@ -231,6 +232,7 @@ def run_rlvr(
         model = load_policy(resume_from, device)  # the policy as it was at that step
         if config.sharding.activation_checkpointing:
             enable_activation_checkpointing(model)
+    reshard(model)  # the optimizer must hold the sharded parameters, not a gathered root left by a forward
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))

@@ -21,6 +21,7 @@ from typing import Any
 from tulu_pipeline.rlvr.prompts import row_task
 from tulu_pipeline.templates.chat_template import encode_conversation
 from tulu_pipeline.training.rlvr_config import RLVRTrainingConfig
+from tulu_pipeline.training.sharding import reshard
 from tulu_pipeline.vllm_runtime import engine_env
 
 DEFAULT_VERIFIER_MODULE = "tulu_pipeline.rewards"
@@ -190,6 +191,8 @@ class TransformersRollouts:
                                  else (ids, finished, sampled_logps[i * n + j][: len(ids)]))
                 results.append(group)
         model.train(was_training)
+        if synced:
+            reshard(model)  # no backward follows a generation: FSDP2 would leave the root unit gathered
         return results
 
     def sync(self, model: Any) -> None:

@@ -167,7 +167,7 @@ def train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: Any
     import torch
 
     from tulu_pipeline.training.run import all_reduce_sums
-    from tulu_pipeline.training.sharding import clip_grad_norm
+    from tulu_pipeline.training.sharding import clip_grad_norm, reshard
 
     started = time.perf_counter()
     indices = step_prompt_indices(step, config.prompts_per_step, len(train_rows), config.seed)
@@ -218,6 +218,9 @@ def train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: Any
                 old.append(forward(model, chunk)[0])
             if ref_model is not None:
                 ref.append(forward(ref_model, chunk)[0])
+    reshard(model)  # FSDP2 keeps the root unit gathered after a forward without backward
+    if ref_model is not None:
+        reshard(ref_model)
     model.train()
     totals = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0, "entropy": 0.0,
               "mismatch": 0.0, "mismatch_tokens": 0.0, "is_weight": 0.0}

@@ -175,6 +175,19 @@ def apply_sharding(model: Any, config: ShardingConfig, dp: DataParallel) -> Any:
                        activation_checkpointing=config.activation_checkpointing, cpu_offload=config.cpu_offload)
 
 
+def reshard(model: Any) -> None:
+    """Put an FSDP2 model's root unit back in its sharded state after forwards without a backward (generation,
+    frozen log-probs); a no-op on other models.
+
+    FSDP2 does not reshard the root after its forward (a backward usually follows at once), so after a forward under
+    ``no_grad`` the root's unsharded tensors stay registered as the module's parameters: an optimizer built then
+    would hold them instead of the sharded ones, and ``get_state_dict`` would not find its parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
 def _local(tensor: Any) -> Any:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
