@@ -1,6 +1,6 @@
 """The GRPO learner with ``sharding.strategy="fsdp"``: the RLVR job on two CPU ranks under torchrun (gloo), FSDP2.
 
-Every rank samples and scores the same rollouts (the one-process sampling stream) and trains on half of them, so
+Every rank samples and scores the same rollouts (the one-process sampling stream) and trains on its share, so
 against one unsharded process with the same config the per-step rewards are equal, the losses and KL agree within
 ``LOSS_ATOL`` (fp32; only the order of the gradient and metric sums differs), each rank holds about half of the
 parameters and of AdamW's state, and the published checkpoint (rank 0's, the gathered full weights) is within
@@ -33,10 +33,12 @@ LOSS_ATOL = 1e-5
 WEIGHT_ATOL = 1e-4
 PAIRS = [(a, b) for a in range(10) for b in range(10)]
 random.Random(1).shuffle(PAIRS)
-# 4 steps x 4 prompts x 4 completions (8 rollouts, 2 micro-batches per rank), 2 updates per batch, KL reference.
-CONFIG = RLVRTrainingConfig(learning_rate=2e-3, max_steps=4, prompts_per_step=4, num_generations=4,
-                            micro_batch_size=4, num_iterations=2, max_completion_length=4, beta=0.05,
-                            save_steps=2, seed=4)
+# 4 steps x 4 prompts x 3 completions, 2 updates per batch, KL reference. Zero-std groups are dropped, so the steps
+# train 9, 3, 3 and 0 rollouts: uneven shares (5 + 4, 2 + 1), a rank padding with a masked micro-batch (3 against 2
+# micro-batches of 2) and a step with nothing to train on.
+CONFIG = RLVRTrainingConfig(learning_rate=2e-3, max_steps=4, prompts_per_step=4, num_generations=3,
+                            micro_batch_size=2, num_iterations=2, max_completion_length=4, beta=0.05,
+                            filter_zero_std_groups=True, save_steps=2, seed=4)
 SHARDING = {"strategy": "fsdp", "mixed_precision": "fp32"}
 MODULE = "tulu_pipeline.training.rlvr_job"
 
@@ -84,7 +86,8 @@ def test_fsdp_grpo_on_two_ranks_matches_one_unsharded_process(home, sharded):
     worst = {"loss": 0.0, "kl": 0.0}
     for mine, theirs in zip(curve, reference):
         # the same rollouts: equal rewards, accuracy and lengths
-        for key in ("reward_mean", "reward_std", "accuracy", "unfinished_rate", "completion_tokens_mean"):
+        for key in ("reward_mean", "reward_std", "accuracy", "unfinished_rate", "completion_tokens_mean",
+                    "zero_std_groups_dropped_share"):
             assert mine[key] == theirs[key], (mine["step"], key)
         for key in worst:
             worst[key] = max(worst[key], abs(mine[key] - theirs[key]))
@@ -92,6 +95,8 @@ def test_fsdp_grpo_on_two_ranks_matches_one_unsharded_process(home, sharded):
         assert mine["entropy"] == pytest.approx(theirs["entropy"], abs=2e-6)
     assert manifest["metrics"]["heldout_accuracy_before"] == single.metrics["heldout_accuracy_before"]
     assert manifest["metrics"]["trained_rows_seen"] == single.metrics["trained_rows_seen"]
+    # the steps exercised what the config is for: uneven shares, a padded micro-batch, an empty step
+    assert [round(4 * (1 - p["zero_std_groups_dropped_share"])) * 3 for p in curve] == [9, 3, 3, 0]
 
     _assert_half_per_rank(manifest["sharding"])
     assert json.loads((sharded / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
