@@ -16,7 +16,8 @@ What a trainer calls, in order (docs/sharding.md):
 
 SFT and DPO do not call 1-3 themselves: they shard through the transformers Trainer's own FSDP2 integration
 (`trainer_fsdp_arguments`, `keep_fp32_gradient_reduction`), report what each rank held (`shard_report`) and publish
-the `gather_unsharded` model (docs/sharding.md, "How the trainers use it").
+the `gather_unsharded` model (docs/sharding.md, "How the trainers use it"). The GRPO learner (`training.rlvr`), which
+has no Trainer, calls 1-3 itself, `reshard` after its forwards without backward, and publishes `gather_unsharded`.
 
 This module needs torch (and transformers for the export) only: no pydantic, so the GPU benchmark
 (benchmarks/gpu_sharded.py) runs it on a bare image.
