@@ -56,8 +56,9 @@ MODULE_SECONDS = {
     "tests/test_sft.py": 200,
     "tests/test_sft_demo.py": 190,
     "tests/test_ui_browser.py": 160,
+    "tests/test_training_sharded.py": 200,  # + the sharded SFT kill -9/resume launches (~70 s)
+    "tests/test_rlvr_sharded.py": 120,  # measured 104-137 s at load average ~7
     "tests/test_dpo_resume.py": 95,
-    "tests/test_training_sharded.py": 130,
     "tests/test_sharding.py": 90,
     "tests/test_curation_assets.py": 60,
     "tests/test_dpo.py": 50,

@@ -60,6 +60,68 @@ def kill_9_after_first_checkpoint(module: str, params: dict[str, Any], checkpoin
     assert not (checkpoint_dir / MANIFEST_FILE).exists(), "the killed job published a checkpoint"
 
 
+def kill_9_torchrun_after_first_checkpoint(module: str, params: dict[str, Any], checkpoint_dir: Path, work: Path,
+                                          step_delay_env: str, step_delay: float, nproc: int = 2) -> None:
+    """`kill_9_after_first_checkpoint` for a job launched by ``torchrun --nproc-per-node <nproc>``: as soon as a
+    complete checkpoint exists, SIGKILL the torchrun agent and every rank at once (a lost node: nothing gets to
+    clean up). torchrun starts each rank in its own session, so the ranks are found as the agent's children."""
+    work.mkdir(parents=True, exist_ok=True)
+    params_file = work / "params.json"
+    params_file.write_text(json.dumps(params))
+    log = work / "killed-torchrun.log"
+    checkpoints = checkpoint_dir / CHECKPOINTS_DIR
+    env = {**os.environ, step_delay_env: str(step_delay), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with log.open("wb") as out:
+        agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={nproc}", "-m", module, "--params", str(params_file)],
+                                 env=env, stdout=out, stderr=subprocess.STDOUT)
+    ranks: list[int] = []
+    try:
+        while not any(checkpoints.glob(f"checkpoint-*/{PROGRESS_FILE}")):
+            try:
+                agent.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                continue
+            raise AssertionError(f"torchrun {module} exited with {agent.returncode} before its first complete "
+                                 f"checkpoint:\n{_tail(log)}")
+        ranks = _children(agent.pid)
+        agent.send_signal(signal.SIGKILL)
+        for pid in ranks:
+            os.kill(pid, signal.SIGKILL)
+        agent.wait()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        for pid in ranks:  # reap nothing (not our children) but make sure they are gone before returning
+            _wait_gone(pid)
+    assert agent.returncode == -signal.SIGKILL and len(ranks) == nproc, (
+        f"torchrun finished (exit {agent.returncode}, ranks {ranks}) before the kill landed; raise step_delay:\n"
+        f"{_tail(log)}")
+    assert not (checkpoint_dir / MANIFEST_FILE).exists(), "the killed job published a checkpoint"
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def _wait_gone(pid: int) -> None:
+    import time
+
+    while Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid):
+        time.sleep(0.05)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
 def load_weights(directory: Path) -> dict:
     """The tensors of ``directory/model.safetensors``."""
     from safetensors.torch import load_file

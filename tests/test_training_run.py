@@ -20,6 +20,7 @@ from tulu_pipeline.templates.lineage import template_lineage
 from tulu_pipeline.training.checkpointing import CHECKPOINTS_DIR, PROGRESS_FILE, RUN_FILE, fingerprint, mark_complete
 from tulu_pipeline.training.run import MANIFEST_FORMAT_VERSION, TrainingResult, TrainingRun
 from tulu_pipeline.training.dpo_config import DPO_PRESETS, DPOTrainingConfig
+from tulu_pipeline.training.rlvr_config import RLVR_TRAINING_PRESETS, RLVRTrainingConfig
 from tulu_pipeline.training.sft_config import SFT_PRESETS, SFTTrainingConfig
 from tulu_pipeline.training.sharding_config import ShardingConfig
 
@@ -52,11 +53,15 @@ PRESET_FINGERPRINTS = {
     ("sft", "tulu3_8b"): "2fef6fd2b2709f4e3cee3d7c3e3943c8dcd0b48f992faabb617580df6baaea42",
     ("dpo", "cpu_demo"): "283b5471d3091c62accbb5fa470ef82cc37e4264b3eb8c231bf61064e89c0a06",
     ("dpo", "tulu3_8b"): "e846766c777c4229ffeb7d6a0279f3e4189540c107c166ea344ded24371f94d2",
+    # RLVR's before its sharding field (main at de2a811)
+    ("rlvr", "cpu_demo"): "e8a8515d71403bf7ca5263267cb3e5e08631e494807f90c2212a886c83968bfe",
+    ("rlvr", "tulu3_8b"): "a46e4e30cdde17260d7b17d3aaa436e9aea44835d45789a2c349b3b832952bdb",
+    ("rlvr", "olmo3_style"): "de20ec64a64d6370ea1b4bd9424f480fb676feea6480909d31310c7c06d6f95a",
 }
 
 
 def test_default_sharding_leaves_preset_fingerprints_unchanged():
-    presets = {"sft": SFT_PRESETS, "dpo": DPO_PRESETS}
+    presets = {"sft": SFT_PRESETS, "dpo": DPO_PRESETS, "rlvr": RLVR_TRAINING_PRESETS}
     for (method, name), expected in PRESET_FINGERPRINTS.items():
         config = presets[method][name]
         assert config.sharding == ShardingConfig()
@@ -64,7 +69,7 @@ def test_default_sharding_leaves_preset_fingerprints_unchanged():
         assert fingerprint(config.model_dump(mode="json")) == expected, (method, name)
 
 
-@pytest.mark.parametrize("config_cls", [SFTTrainingConfig, DPOTrainingConfig])
+@pytest.mark.parametrize("config_cls", [SFTTrainingConfig, DPOTrainingConfig, RLVRTrainingConfig])
 def test_sharding_when_set_is_part_of_the_identity_and_round_trips(config_cls):
     sharded = config_cls(sharding={"strategy": "fsdp", "activation_checkpointing": True})
     dumped = sharded.model_dump(mode="json")

@@ -5,6 +5,10 @@ rank here; DPO: 4 pairs, 2 x 2 there, 2 per rank here) the per-step losses agree
 differs is only the order of the gradient sums, averaged by the reduce-scatter instead of accumulated), each rank
 holds about half of the parameters and of AdamW's state, and the published checkpoint is one ordinary safetensors
 model that ``from_pretrained`` loads, with the unsharded run's weights within ``WEIGHT_ATOL``.
+
+Kill and resume of a sharded Trainer run: the 2-rank SFT job SIGKILLed (the torchrun agent and both ranks at once)
+once its step-2 checkpoint (DCP shards) is complete, relaunched: it resumes from step 2 and ends with the
+uninterrupted sharded run's weights and per-step losses, bit for bit.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from pathlib import Path
 
 import pytest
 from test_dpo_support import TINY_DPO, tiny_home
+from resume_helpers import kill_9_torchrun_after_first_checkpoint, max_abs_weight_diff
 from test_sft import MANIFEST_EXTRA, TINY, _job_home, rows, tiny_model  # noqa: F401 (fixtures)
 
 from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.progress import NullReporter
-from tulu_pipeline.training.sft import run_sft
+from tulu_pipeline.training.sft import STEP_DELAY_ENV, run_sft
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a torchrun launch of two ranks
 
@@ -46,13 +51,27 @@ def _torchrun_job(module: str, params: dict, work: Path) -> None:
     assert rc == 0, f"torchrun {module} failed (rc {rc}):\n{log.read_text()[-4000:]}"
 
 
-def test_fsdp_sft_on_two_ranks_matches_one_unsharded_process(tiny_model, rows, tmp_path):
-    config = TINY.model_copy(update={"max_steps": STEPS, "save_steps": 2})
-    sharding = {"strategy": "fsdp", "mixed_precision": "fp32"}
-    store, params = _job_home(tmp_path, tiny_model, rows)
-    params["config"] = {**config.model_dump(mode="json"), "sharding": sharding}
-    _torchrun_job("tulu_pipeline.training.sft_job", params, tmp_path / "work")
-    published = Path(store.path("models/sft-test"))
+SFT_CONFIG = TINY.model_copy(update={"max_steps": STEPS, "save_steps": 2})
+SHARDING = {"strategy": "fsdp", "mixed_precision": "fp32"}
+
+
+def _sharded_sft_params(tmp: Path, tiny_model: Path, rows) -> tuple[Path, dict]:
+    store, params = _job_home(tmp, tiny_model, rows)
+    params["config"] = {**SFT_CONFIG.model_dump(mode="json"), "sharding": SHARDING}
+    return Path(store.path("models/sft-test")), params
+
+
+@pytest.fixture(scope="module")
+def sharded_sft(tiny_model, rows, tmp_path_factory) -> Path:
+    """The uninterrupted 2-rank SFT job; its published checkpoint."""
+    tmp = tmp_path_factory.mktemp("sharded_sft")
+    published, params = _sharded_sft_params(tmp, tiny_model, rows)
+    _torchrun_job("tulu_pipeline.training.sft_job", params, tmp / "work")
+    return published
+
+
+def test_fsdp_sft_on_two_ranks_matches_one_unsharded_process(sharded_sft, tiny_model, rows, tmp_path):
+    config, sharding, published = SFT_CONFIG, SHARDING, sharded_sft
     manifest = json.loads((published / MANIFEST_FILE).read_text())
 
     train, heldout = rows
@@ -71,6 +90,22 @@ def test_fsdp_sft_on_two_ranks_matches_one_unsharded_process(tiny_model, rows, t
 
     _assert_half_per_rank(manifest["sharding"])
     _assert_published_equals(published, single.checkpoint_dir)
+
+
+def test_fsdp_sft_killed_with_sigkill_resumes_to_the_uninterrupted_run(sharded_sft, tiny_model, rows, tmp_path):
+    published, params = _sharded_sft_params(tmp_path, tiny_model, rows)
+    kill_9_torchrun_after_first_checkpoint("tulu_pipeline.training.sft_job", params, published, tmp_path / "killed",
+                                           STEP_DELAY_ENV, 1.0)
+    _torchrun_job("tulu_pipeline.training.sft_job", params, tmp_path / "resumed")
+    resumed = json.loads((published / MANIFEST_FILE).read_text())
+    whole = json.loads((sharded_sft / MANIFEST_FILE).read_text())
+
+    assert resumed["fingerprint"] == whole["fingerprint"]
+    assert resumed["metrics"]["resumed_from_step"] == 2
+    assert resumed["metrics"]["train_loss"] == whole["metrics"]["train_loss"]  # every step, before and after the kill
+    diff = max_abs_weight_diff(published, sharded_sft)
+    print(f"resumed from step 2; max |w_resumed - w_uninterrupted| = {diff:.3g}")
+    assert diff == 0.0
 
 
 def test_fsdp_dpo_on_two_ranks_matches_one_unsharded_process(tmp_path):

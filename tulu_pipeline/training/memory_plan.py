@@ -19,7 +19,8 @@ What the numbers rest on (each is what the project's trainers do, not a generic 
 - The LM head: none of the trainers builds the full ``[tokens, vocab]`` logits. SFT runs TRL's fused head (tiles of
   4096 tokens x 32768 vocabulary entries, fp32 gradients of the hidden states and the head's weight); DPO
   (`dpo.sequence_logps`) sends only labelled tokens through the head, 1024 at a time under checkpointing; GRPO only
-  completion tokens, whose fp32 log-softmax over the vocabulary it keeps.
+  completion tokens, whose fp32 log-softmax over the vocabulary it keeps. Exception: sharded with FSDP2, GRPO runs
+  the model's full forward (FSDP2 gathers the head only there), so its plan adds every position's logits.
 - RLVR with vLLM colocated: vLLM claims ``vllm_gpu_memory_utilization`` of the GPU for its bf16 weights and KV
   cache; a frozen reference model when ``beta > 0``.
 
@@ -329,7 +330,12 @@ def lm_head_bytes(shape: ModelShape, workload: Workload, sharding: Sharding, har
         tokens *= 2
         return tokens * hidden * compute + min(tokens, DPO_LOGPROB_CHUNK_TOKENS) * vocab * 16
     # GRPO: completion positions only: logits, fp32 upcast, temperature scaling, log-softmax, entropy's exp
-    return workload.micro_batch * workload.completion_len * vocab * (compute + 16)
+    picked = workload.micro_batch * workload.completion_len * vocab * (compute + 16)
+    if sharding.strategy == "fsdp":
+        # sharded, `rlvr_step.completion_logprobs` runs the root module's full forward (FSDP2 gathers the head only
+        # there): every position's logits are computed before the completion positions are picked
+        return picked + tokens * vocab * compute
+    return picked
 
 
 def plan_memory(shape: ModelShape, workload: Workload, sharding: Sharding, hardware: Hardware) -> MemoryPlan:

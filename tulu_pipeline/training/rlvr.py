@@ -44,6 +44,12 @@ Reuse, resume and publication are the shared lifecycle (`tulu_pipeline.training.
 is never resumed from). Prompt order and sampling seeds depend only on the seed and the step, so a resumed run
 reproduces the uninterrupted one. The finished directory (weights, tokenizer with the Tülu template,
 ``reward_curve.png``, ``trained_row_ids.txt``, ``training_manifest.json`` last) is swapped in atomically.
+
+Sharded (``sharding.strategy="fsdp"`` under torchrun; docs/sharding.md): the policy and the reference are FSDP2
+sharded over the ranks (`tulu_pipeline.training.sharding`), every rank samples the same rollouts and trains on
+its share of them (`rlvr_step.train_step`), a checkpoint's weights and optimizer state are DCP shards
+(``checkpoint-<n>/sharded/``, the scheduler beside them), and rank 0 publishes the gathered full weights and
+reports; the other ranks train and return.
 """
 
 from __future__ import annotations
@@ -82,6 +88,18 @@ from tulu_pipeline.training.rlvr_rollouts import (
     verifier_from_module,
 )
 from tulu_pipeline.training.rlvr_step import lr_schedule, train_step
+from tulu_pipeline.training.sharding import (
+    apply_sharding,
+    close_data_parallel,
+    enable_activation_checkpointing,
+    gather_unsharded,
+    init_data_parallel,
+    latest_checkpoint,
+    load_sharded_checkpoint,
+    reshard,
+    save_sharded_checkpoint,
+    shard_report,
+)
 from tulu_pipeline.training.run import TrainingResult, TrainingRun
 
 # Bump when a change to this module changes what a run with the same inputs and config produces.
@@ -90,6 +108,7 @@ REWARD_CURVE_FILE = "reward_curve.png"
 TRAINING_METRICS_FILE = "training_metrics.png"
 TRAINED_ROWS_FILE = "trained_row_ids.txt"
 STATE_FILE = "grpo_state.pt"
+SHARDED_DIR = "sharded"  # a sharded run's checkpoint-<n>/sharded/step-<n>: DCP shards, the scheduler, RNG states
 # Test knob: sleep this many seconds after every optimizer step (widens the kill -9 window; never in production).
 STEP_DELAY_ENV = "TULU_GRPO_STEP_DELAY_S"
 
@@ -132,9 +151,10 @@ def run_rlvr(
     manifest_extra = dict(manifest_extra or {})
     verifier = verifier or verifier_from_module(correct_value=config.correct_reward)
     layout = config.batch_layout(launch_world_size(), manifest_extra.get("preset"))  # before anything loads
-    if layout.world_size > 1:
-        raise NotImplementedError(f"GRPO trains in one process; this launch has {layout.world_size} (WORLD_SIZE): "
-                                  "run the RLVR job without torchrun")
+    sharded = config.sharding.strategy == "fsdp" and layout.world_size > 1
+    if layout.world_size > 1 and not sharded:
+        raise NotImplementedError(f"unsharded GRPO trains in one process; this launch has {layout.world_size} "
+                                  "(WORLD_SIZE): run the RLVR job without torchrun, or set sharding.strategy='fsdp'")
 
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     import torch
@@ -170,11 +190,22 @@ def run_rlvr(
     resume_from = run.prepare()
 
     torch.manual_seed(config.seed)
-    device = training_device()
-    model = load_policy(start_model_dir, device)
+    dp = init_data_parallel() if sharded else None
+    device = dp.device if dp is not None else training_device()
+    load_device = torch.device("cpu") if config.sharding.cpu_offload else device
+
+    def load_learner(model_dir: Path) -> Any:
+        loaded = load_policy(model_dir, load_device)
+        if dp is not None:  # fp32 master weights sharded over the ranks; optimizer built after, so sharded too
+            return apply_sharding(loaded, config.sharding, dp)
+        if config.sharding.activation_checkpointing:
+            enable_activation_checkpointing(loaded)
+        return loaded
+
+    model = load_learner(start_model_dir)
     ref_model = None
     if config.beta > 0:
-        ref_model = load_policy(start_model_dir, device).eval()
+        ref_model = load_learner(start_model_dir).eval()
         ref_model.requires_grad_(False)
     if config.use_vllm:
         rollouts_backend: Any = VLLMRollouts(start_model_dir, tokenizer, config)
@@ -196,19 +227,26 @@ def run_rlvr(
                                                      if "sampled_reward" in before else ""))
 
     progress = run.saved_progress
-    if resume_from is not None:
+    if resume_from is not None and dp is None:
         del model
-        model = load_policy(resume_from, device)  # the policy as it was at that step (any sharding)
+        model = load_policy(resume_from, device)  # the policy as it was at that step
+        if config.sharding.activation_checkpointing:
+            enable_activation_checkpointing(model)
+    reshard(model)  # the optimizer must hold the sharded parameters, not a gathered root left by a forward
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
     history: list[dict[str, Any]] = []
     used: set[int] = set()
     resumed_from_step, prior_seconds = run.resumed_from_step, 0.0
-    if resume_from is not None:
+    if resume_from is not None and dp is not None:  # the sharded weights and optimizer state in place (DCP)
+        _, saved = load_sharded_checkpoint(latest_checkpoint(resume_from / SHARDED_DIR), model, optimizer, dp)
+        scheduler.load_state_dict(saved["scheduler"])
+    elif resume_from is not None:
         saved = torch.load(resume_from / STATE_FILE, map_location=device, weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+    if resume_from is not None:
         history = list(progress.get("history", []))
         used = set(progress.get("used_prompts", []))
         prior_seconds = float(progress.get("train_seconds", 0.0))
@@ -222,7 +260,9 @@ def run_rlvr(
     save_seconds = 0.0
     for step in range(resumed_from_step + 1, config.max_steps + 1):
         metrics, trained_indices = train_step(model, ref_model, optimizer, scheduler, rollouts_backend, tokenizer,
-                                               config, step, train_rows, train_prompts, verifier)
+                                               config, step, train_rows, train_prompts, verifier,
+                                               rank=dp.rank if dp is not None else 0,
+                                               world_size=dp.world_size if dp is not None else 1)
         used.update(trained_indices)
         history.append({"step": step, **metrics})
         if step % config.logging_steps == 0 or step == config.max_steps:
@@ -232,10 +272,16 @@ def run_rlvr(
         if step % config.save_steps == 0 and step < config.max_steps:
             saving = time.perf_counter()
             checkpoint = run.root / f"checkpoint-{step}"
-            checkpoint.mkdir(parents=True, exist_ok=True)
-            model.save_pretrained(checkpoint, safe_serialization=True)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                       checkpoint / STATE_FILE)
+            if dp is not None:  # every rank writes its shards; rank 0 completes the checkpoint below
+                save_sharded_checkpoint(checkpoint / SHARDED_DIR, step, model, optimizer, dp,
+                                        extra={"scheduler": scheduler.state_dict()}, keep=1)
+                if not run.is_publisher:
+                    continue
+            else:
+                checkpoint.mkdir(parents=True, exist_ok=True)
+                model.save_pretrained(checkpoint, safe_serialization=True)
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                           checkpoint / STATE_FILE)
             train_seconds = prior_seconds + time.perf_counter() - session_start
             mark_complete(checkpoint, {"step": step, "history": history, "used_prompts": sorted(used),
                                        "train_seconds": train_seconds})
@@ -244,9 +290,17 @@ def run_rlvr(
             reporter.log(f"checkpoint saved at step {step}")
     train_seconds = prior_seconds + time.perf_counter() - session_start
     rollouts_backend.close()
+    # collectives: what each rank held, and the full weights gathered to rank 0 for publication
+    shards = shard_report(model, optimizer) if dp is not None else {}
+    unsharded = gather_unsharded(model) if dp is not None else model
+    if dp is not None:
+        close_data_parallel()  # no collective follows: rank 0 publishes alone
+    if not run.is_publisher:
+        return RLVRResult(run.output_dir, {"steps": len(history), "resumed_from_step": resumed_from_step}, {})
 
     with run.publishing() as staging:
-        save_model(model, tokenizer, staging)
+        save_model(unsharded, tokenizer, staging)
+        del unsharded
         del model, ref_model
         gc.collect()
         final_model = load_policy(staging, device)
@@ -271,6 +325,7 @@ def run_rlvr(
         manifest = run.manifest(
             tokenizer=tokenizer, batch=layout.manifest(), metrics=metrics,
             method="grpo",
+            sharding={**config.sharding.model_dump(mode="json"), **shards},
             start_model={"path": str(start_model_dir), "weights_sha256": start_sha},
             start_model_sha256=start_sha,
             prompt_row_ids_sha256=row_ids_sha256(r["row_id"] for r in train_rows),

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from tulu_pipeline.training.batch_layout import BatchLayout, require_divisible
+from tulu_pipeline.training.sharding_config import ShardingConfig, is_unsharded_default
 
 
 class RLVRTrainingConfig(BaseModel):
@@ -88,6 +89,11 @@ class RLVRTrainingConfig(BaseModel):
     seed: int = 42
     save_steps: int = Field(2, ge=1, description="optimizer steps between resumable checkpoints")
     logging_steps: int = Field(1, ge=1)
+    sharding: ShardingConfig = Field(
+        default_factory=ShardingConfig, exclude_if=is_unsharded_default,
+        description="FSDP2 sharding of the learner (and reference) over the torchrun processes (docs/sharding.md); "
+        "left out of the config's dump (identity, checkpoint ids, manifest config) while it is the default, "
+        "strategy none")
 
     @model_validator(mode="after")
     def _consistent(self) -> RLVRTrainingConfig:
@@ -96,6 +102,9 @@ class RLVRTrainingConfig(BaseModel):
                              "unfinished_penalty=None to mask truncated completions instead of penalizing them")
         if self.active_sampling and not self.filter_zero_std_groups:
             raise ValueError("active_sampling refills groups dropped by filter_zero_std_groups; enable it too")
+        if self.use_vllm and self.sharding.strategy == "fsdp":
+            raise ValueError("use_vllm with sharding.strategy='fsdp' is not supported yet: a sharded learner samples "
+                             "its rollouts with transformers (every rank the same ones); set use_vllm=False")
         return self
 
     @property

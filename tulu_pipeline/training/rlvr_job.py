@@ -98,8 +98,14 @@ def _run(params: dict[str, Any], reporter: Reporter) -> JobOutcome:
     return JobOutcome(materialization_metadata(result, location), data_version=result.manifest["fingerprint"][:16])
 
 
+def _worker(params: dict[str, Any], reporter: Reporter) -> None:
+    """A torchrun rank other than 0 (``sharding.strategy="fsdp"``): trains its share; rank 0 publishes and reports."""
+    run_job(params, reporter)
+
+
 JOB = Job("tulu_pipeline.training.rlvr_job", _run, result_event="grpo_result", metrics_event="grpo_metrics",
-          hidden=("reward_curve", "training_metrics", "reward_per_step", "config", "heldout_accuracy_change_ci95"))
+          hidden=("reward_curve", "training_metrics", "reward_per_step", "config", "heldout_accuracy_change_ci95"),
+          worker=_worker)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 from tulu_pipeline.rlvr.prompts import row_task
 from tulu_pipeline.templates.chat_template import encode_conversation
 from tulu_pipeline.training.rlvr_config import RLVRTrainingConfig
+from tulu_pipeline.training.sharding import reshard
 from tulu_pipeline.vllm_runtime import engine_env
 
 DEFAULT_VERIFIER_MODULE = "tulu_pipeline.rewards"
@@ -154,6 +155,11 @@ class TransformersRollouts:
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True,
             output_scores=not greedy, return_dict_in_generate=True,
             **({} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}))
+        from torch.distributed.fsdp import FSDPModule
+
+        # An FSDP2-sharded model all-gathers its weights in every forward, a collective: every rank keeps decoding
+        # until all ranks are done (transformers' synced_gpus; it does not detect a model sharded by fully_shard)
+        synced = isinstance(model, FSDPModule) and torch.distributed.is_initialized()
         was_training = model.training
         model.eval()
         results: list[list[tuple[list[int], bool]]] = []
@@ -169,7 +175,7 @@ class TransformersRollouts:
                 mask[i, width - len(ids):] = 1
             with torch.no_grad():
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=gen_config)
+                                     generation_config=gen_config, synced_gpus=synced)
                 tokens = out.sequences[:, width:]
                 # The processed scores are the sampling distribution (after temperature / top-p): the log-prob
                 # each sampled token had, for the sampler/learner comparison and importance sampling.
@@ -185,6 +191,8 @@ class TransformersRollouts:
                                  else (ids, finished, sampled_logps[i * n + j][: len(ids)]))
                 results.append(group)
         model.train(was_training)
+        if synced:
+            reshard(model)  # no backward follows a generation: FSDP2 would leave the root unit gathered
         return results
 
     def sync(self, model: Any) -> None:

@@ -70,7 +70,13 @@ def _decoder_and_head(model: Any) -> tuple[Any | None, Any | None]:
     """The base transformer and the LM head of a plain causal LM (Llama, Qwen, SmolLM...); (None, None) for
     models whose logits are more than ``lm_head(hidden)`` (e.g. final-logit soft-capping), which take the
     full forward pass."""
+    from torch.distributed.fsdp import FSDPModule
+
     if getattr(model.config, "final_logit_softcapping", None):
+        return None, None
+    if isinstance(model, FSDPModule):
+        # FSDP2 all-gathers the root unit (embeddings, final norm, head) only inside the model's own forward: the
+        # decoder or the head called directly would read sharded weights
         return None, None
     try:
         decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -148,10 +154,20 @@ def grpo_loss(logps: Any, old_logps: Any, advantages: Any, mask: Any, config: RL
 
 def train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: Any, rollouts_backend: Any,
                 tokenizer: Any, config: RLVRTrainingConfig, step: int, train_rows: Sequence[dict[str, Any]],
-                train_prompts: Sequence[list[int]], verifier: Verifier) -> tuple[dict[str, Any], list[int]]:
+                train_prompts: Sequence[list[int]], verifier: Verifier, rank: int = 0,
+                world_size: int = 1) -> tuple[dict[str, Any], list[int]]:
     """One optimizer step (``num_iterations`` updates on one batch of rollouts); its metrics and the indices of
-    the prompts it trained on (a prompt whose group was dropped for zero reward std is not among them)."""
+    the prompts it trained on (a prompt whose group was dropped for zero reward std is not among them).
+
+    Sharded (FSDP2, ``world_size`` > 1, every rank calls it): every rank samples and scores the step's rollouts
+    (the same ones, rank 0's kept: the sampling stream is one process's), then computes the loss on its contiguous
+    share of them, scaled by ``world_size`` because FSDP averages the gradients over the ranks; every rank runs the
+    same number of micro-batches (a rank with fewer pads with an all-masked one), since each forward and backward
+    is a collective. The metrics are summed over the ranks, so every rank returns the run's."""
     import torch
+
+    from tulu_pipeline.training.run import all_reduce_sums
+    from tulu_pipeline.training.sharding import clip_grad_norm, reshard
 
     started = time.perf_counter()
     indices = step_prompt_indices(step, config.prompts_per_step, len(train_rows), config.seed)
@@ -167,8 +183,9 @@ def train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: Any
                                               len(train_rows), config.seed)
         rounds += 1
         seed = config.seed * 1_000_003 + step + 7_919 * sampling_round
-        for group in rollout_groups(model, rollouts_backend, tokenizer, config, seed, indices, train_rows,
-                                     train_prompts, verifier):
+        groups = rollout_groups(model, rollouts_backend, tokenizer, config, seed, indices, train_rows,
+                                train_prompts, verifier)
+        for group in _rank_zeros(groups, world_size):
             generated += 1
             sampled.extend(group)
             if config.filter_zero_std_groups and not has_signal([r.reward for r in group]):
@@ -185,7 +202,7 @@ def train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: Any
         r.in_loss = r.finished or not config.mask_truncated_completions
     num_tokens = sum(len(r.completion_ids) for r in rollouts if r.in_loss)
     device = next(model.parameters()).device
-    chunks = [rollouts[i : i + config.micro_batch_size] for i in range(0, len(rollouts), config.micro_batch_size)]
+    chunks, active = _rank_chunks(rollouts, config.micro_batch_size, rank, world_size)
 
     def forward(policy: Any, chunk: list[Rollout], with_entropy: bool = False) -> tuple[Any, ...]:
         return completion_logprobs(policy, [train_prompts[r.prompt_index] for r in chunk],
@@ -201,6 +218,9 @@ def train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: Any
                 old.append(forward(model, chunk)[0])
             if ref_model is not None:
                 ref.append(forward(ref_model, chunk)[0])
+    reshard(model)  # FSDP2 keeps the root unit gathered after a forward without backward
+    if ref_model is not None:
+        reshard(ref_model)
     model.train()
     totals = {"loss": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0, "entropy": 0.0,
               "mismatch": 0.0, "mismatch_tokens": 0.0, "is_weight": 0.0}
@@ -211,10 +231,10 @@ def train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: Any
         for k, chunk in enumerate(chunks):
             logps, mask, *entropy = forward(model, chunk, with_entropy=iteration == 0)
             old_logps = old[k] if old else logps.detach()
-            loss_mask = mask * torch.tensor([[float(r.in_loss)] for r in chunk], device=device)
+            loss_mask = mask * torch.tensor([[float(r.in_loss and active[k])] for r in chunk], device=device)
             if iteration == 0:
                 sampler = _sampler_logps(chunk, mask)
-                if sampler is not None:
+                if sampler is not None and active[k]:
                     totals["mismatch"] += float(((old_logps - sampler).abs() * mask).sum())
                     totals["mismatch_tokens"] += float(mask.sum())
                 if config.importance_sampling_correction:
@@ -228,19 +248,21 @@ def train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: Any
             terms = grpo_loss(logps, old_logps, advantages, loss_mask, config, num_sequences=len(rollouts),
                               num_tokens=num_tokens, ref_logps=ref[k] if ref else None,
                               is_weights=is_weights.get(k))
-            terms.loss.backward()
+            (terms.loss * world_size if world_size > 1 else terms.loss).backward()
             totals["loss"] += float(terms.loss.detach())
             for key in ("kl", "clip_low", "clip_high"):
                 totals[key] += getattr(terms, key if key != "kl" else "kl_sum")
             totals["tokens"] += terms.tokens
         if config.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+            grad_norm = clip_grad_norm(model, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
     if not num_tokens:  # nothing to learn from this step: keep the schedule aligned with the step count
         for _ in range(config.num_iterations):
             scheduler.step()
     rollouts_backend.sync(model)
+    if world_size > 1:  # each rank summed its share; the step's metrics are over every rollout
+        totals = dict(zip(totals, all_reduce_sums(list(totals.values()))))
 
     by_task: dict[str, list[float]] = {}
     for r in sampled:
@@ -284,6 +306,36 @@ def train_step(model: Any, ref_model: Any | None, optimizer: Any, scheduler: Any
     if config.importance_sampling_correction:
         metrics["is_weight_mean"] = round(totals["is_weight"] / first_tokens, 6)
     return metrics, [group[0].prompt_index for group in kept]
+
+
+def _rank_zeros(groups: list[list[Rollout]], world_size: int) -> list[list[Rollout]]:
+    """Rank 0's rollout groups on every rank (sharded runs): every rank sampled them with the same weights and seed,
+    and taking rank 0's guarantees that every rank goes on with the same batch and the same control flow."""
+    if world_size <= 1:
+        return groups
+    import torch.distributed as dist
+
+    box = [groups]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _rank_chunks(rollouts: list[Rollout], micro_batch_size: int, rank: int,
+                 world_size: int) -> tuple[list[list[Rollout]], list[bool]]:
+    """This rank's micro-batches of the step's rollouts and whether each is real: a contiguous share of the rollouts
+    (sizes differ by at most one), padded to the largest share's count of micro-batches with all-masked copies
+    of the first rollout (every rank must run as many collective forwards and backwards)."""
+    if world_size <= 1:
+        chunks = [rollouts[i : i + micro_batch_size] for i in range(0, len(rollouts), micro_batch_size)]
+        return chunks, [True] * len(chunks)
+    base, extra = divmod(len(rollouts), world_size)
+    start = rank * base + min(rank, extra)
+    mine = rollouts[start : start + base + (1 if rank < extra else 0)]
+    chunks = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    needed = -(-(base + (1 if extra else 0)) // micro_batch_size)
+    active = [True] * len(chunks) + [False] * (needed - len(chunks))
+    chunks += [rollouts[:1]] * (needed - len(chunks))
+    return chunks, active
 
 
 def lr_schedule(config: RLVRTrainingConfig) -> Callable[[int], float]:

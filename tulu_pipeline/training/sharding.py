@@ -16,7 +16,8 @@ What a trainer calls, in order (docs/sharding.md):
 
 SFT and DPO do not call 1-3 themselves: they shard through the transformers Trainer's own FSDP2 integration
 (`trainer_fsdp_arguments`, `keep_fp32_gradient_reduction`), report what each rank held (`shard_report`) and publish
-the `gather_unsharded` model (docs/sharding.md, "How the trainers use it").
+the `gather_unsharded` model (docs/sharding.md, "How the trainers use it"). The GRPO learner (`training.rlvr`), which
+has no Trainer, calls 1-3 itself, `reshard` after its forwards without backward, and publishes `gather_unsharded`.
 
 This module needs torch (and transformers for the export) only: no pydantic, so the GPU benchmark
 (benchmarks/gpu_sharded.py) runs it on a bare image.
@@ -173,6 +174,19 @@ def apply_sharding(model: Any, config: ShardingConfig, dp: DataParallel) -> Any:
         return model.to(dp.device)
     return shard_model(model, dp, mixed_precision=config.mixed_precision,
                        activation_checkpointing=config.activation_checkpointing, cpu_offload=config.cpu_offload)
+
+
+def reshard(model: Any) -> None:
+    """Put an FSDP2 model's root unit back in its sharded state after forwards without a backward (generation,
+    frozen log-probs); a no-op on other models.
+
+    FSDP2 does not reshard the root after its forward (a backward usually follows at once), so after a forward under
+    ``no_grad`` the root's unsharded tensors stay registered as the module's parameters: an optimizer built then
+    would hold them instead of the sharded ones, and ``get_state_dict`` would not find its parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 def _local(tensor: Any) -> Any:
