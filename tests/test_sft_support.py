@@ -41,16 +41,17 @@ def smollm2_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(_tokenizer_dir())
 
 
-def save_tiny_model(target: Path, seed: int = 0) -> Path:
-    """A random 2-layer Llama (hidden 32) with SmolLM2's tokenizer, saved like a base-model directory."""
+def save_tiny_model(target: Path, seed: int = 0, hidden_size: int = 32, heads: int = 4) -> Path:
+    """A random 2-layer Llama (hidden 32, 4 heads unless given) with SmolLM2's tokenizer, saved like a base-model
+    directory. vLLM's CPU attention needs a head size of 64 or more: ``hidden_size=128, heads=2``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = smollm2_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=2048, tie_word_embeddings=True,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=heads,
+        intermediate_size=2 * hidden_size, max_position_embeddings=2048, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(target)
