@@ -143,7 +143,7 @@ def _judged_legend(table: dict[str, Any]) -> str:
         judges = sorted({c["judge"] for row in table["rows"] for c in row["cells"].values()
                          if c.get("low_confidence") and c.get("judge")})
         notes.append(f"{LOW_CONFIDENCE_MARK} = low confidence: scored by the judge {', '.join(judges)}, whose verdicts "
-                     f"are reported but not to be trusted ({LOW_CONFIDENCE_RULE}).")
+                     f"are reported but not to be trusted. The rule: {LOW_CONFIDENCE_RULE}.")
     if any(row.get("kind") == "pairwise_vs_parent" for row in table["rows"]):
         notes.append("Win rate vs parent: each checkpoint's answers judged against its parent's answers to the same "
                      "items, in both orders (a win or loss only when both orders agree, a tie otherwise); the base "
