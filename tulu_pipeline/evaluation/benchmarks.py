@@ -103,7 +103,7 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "truthfulqa": {"sample_size": 16}, "truthfulqa_2025": {"sample_size": 16},
         # judged against the parent: each item costs two generations (this checkpoint's, and its parent's in
         # the parent's own evaluation) and four judge passes; a few short answers keep the CPU run small
-        **{name: {"sample_size": 3, "max_new_tokens": 64}
+        **{name: {"sample_size": 3, "max_new_tokens": 48}
            for name in ("mt_bench", "vicuna_bench", "koala", "wizardlm_testset")},
     },
     "full": {
