@@ -275,3 +275,30 @@ def test_comparison_marks_judged_rows_low_confidence_and_pairs_them_with_the_par
     assert not verdict.passed and verdict.metadata["drop"] == 0.5 and "low-confidence judge" in verdict.description
     assert regression(store, "vicuna_bench", "sft-1", max_drop=0.1).passed
     assert regression(store, "vicuna_bench", "base_model").passed
+
+
+def test_through_the_generation_job_the_parent_answers_in_its_own_job(tmp_path):
+    """Launcher mode: the checkpoint's answers, then (missing) its parent's, each from a generation job run
+    with that model's spec; the judge loads here."""
+    from tulu_pipeline.evaluation.pipeline import run_benchmark
+
+    store = _home(tmp_path)
+    jobs = []
+
+    def run_job(requests_rel, output_rel, backend_spec, params):
+        jobs.append((requests_rel, backend_spec.model_id, params.max_new_tokens))
+        answer = {"sft-1": "a good answer ✓", "base_model": "meh"}[backend_spec.model_id]
+        requests = [json.loads(line) for line in store.read_bytes(requests_rel).decode().splitlines()]
+        store.write_jsonl(output_rel, [{"request_id": r["request_id"], "completions": [{"text": answer}]}
+                                       for r in requests])
+
+    builds = Builds()
+    summary = run_benchmark(store, "mt_bench", "sft-1", BenchmarkConfig(sample_size=2, seed=0, max_new_tokens=8),
+                            run_id="r", execution="launcher", run_job=run_job,
+                            backend_spec=BackendSpec(model="models/sft-1", model_id="sft-1"), judge_spec=JUDGE,
+                            build=builds, log=lambda _: None,
+                            backend_spec_for=lambda parent: BackendSpec(model=f"models/{parent}", model_id=parent))
+    assert [(model, tokens) for _, model, tokens in jobs] == [("sft-1", 8), ("base_model", 8)]
+    assert jobs[1][0].startswith("reports/eval/mt_bench/sft-1/_generation/") and "/parent-base_model/" in jobs[1][0]
+    assert builds.built == ["judge-135m"] and summary["execution"] == "launcher"
+    assert summary["score"] == 1.0 and summary["parent"] == {"checkpoint_id": "base_model", "source": "generated"}
