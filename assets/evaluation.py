@@ -10,6 +10,11 @@ Each eval materialization runs two checks with it: ``no_regression_vs_parent`` (
 checkpoint the run started from; thresholds in the config) and ``decontaminated_upstream`` (every
 training run upstream was decontaminated against the benchmark; otherwise the score is marked possibly
 contaminated). Both warn by default: an 8-item CPU sample is noisy.
+
+The open-ended sets (MT-Bench, Vicuna, Koala, WizardLM) judge a checkpoint against its parent's answers, read
+from the parent's partition of the same asset: evaluate parents first (`tulu-evaluate` does, in lineage order);
+``missing_parent`` says what to do otherwise. Judged assets put the judge (id, method, template version,
+low-confidence verdict) in their metadata.
 """
 
 from typing import Any
