@@ -10,6 +10,11 @@ Each eval materialization runs two checks with it: ``no_regression_vs_parent`` (
 checkpoint the run started from; thresholds in the config) and ``decontaminated_upstream`` (every
 training run upstream was decontaminated against the benchmark; otherwise the score is marked possibly
 contaminated). Both warn by default: an 8-item CPU sample is noisy.
+
+The open-ended sets (MT-Bench, Vicuna, Koala, WizardLM) judge a checkpoint against its parent's answers, read
+from the parent's partition of the same asset: evaluate parents first (`tulu-evaluate` does, in lineage order);
+``missing_parent`` says what to do otherwise. Judged assets put the judge (id, method, template version,
+low-confidence verdict) in their metadata.
 """
 
 from typing import Any
@@ -31,7 +36,7 @@ from tulu_pipeline.evaluation.comparison import (
     regression,
 )
 from tulu_pipeline.evaluation.lineage import BASE_MODEL_ID, lineage_order, list_checkpoints
-from tulu_pipeline.evaluation.pipeline import run_benchmark
+from tulu_pipeline.evaluation.pipeline import MissingParentOutputs, run_benchmark
 from tulu_pipeline.evaluation.results import dataset_name
 from tulu_pipeline.evaluation.run_summary import write_run_summary
 from tulu_pipeline.evaluation.runner import EVAL_CODE_VERSION
@@ -70,6 +75,10 @@ class EvalConfig(dg.Config):
     auto (in_process up to 32 items)"""
     max_regression: float = 0.10
     """largest allowed drop against the parent checkpoint (absolute, 0-1)"""
+    missing_parent: str = "generate"
+    """open-ended sets judged against the parent checkpoint, when the parent's own evaluation saved no answers
+    to the items: generate (answer with the parent's model in this run) or error (name the partition to
+    materialize first)"""
     regression_needs_disjoint_intervals: bool = True
     """only flag a drop when the two bootstrap intervals do not overlap"""
     blocking_checks: bool = False
@@ -121,9 +130,14 @@ def build_eval_asset(name: str) -> dg.AssetsDefinition:
                 "tulu_home": store.url, "requests": requests_rel, "output": output_rel,
                 "backend": backend_spec.model_dump(mode="json"), "params": params.to_json()})
 
-        summary = run_benchmark(store, name, checkpoint_id, cfg, run_id=context.run.run_id,
-                                backend_spec=generation.spec(model, checkpoint_id), judge_spec=judge.spec(),
-                                execution=config.execution, run_job=run_job, log=context.log.info)
+        try:
+            summary = run_benchmark(store, name, checkpoint_id, cfg, run_id=context.run.run_id,
+                                    backend_spec=generation.spec(model, checkpoint_id), judge_spec=judge.spec(),
+                                    execution=config.execution, run_job=run_job, log=context.log.info,
+                                    backend_spec_for=lambda parent: generation.spec(f"models/{parent}", parent),
+                                    missing_parent=config.missing_parent)
+        except MissingParentOutputs as error:
+            raise dg.Failure(str(error), allow_retries=False) from error
         rows = list(store.iter_rows(dataset_name(name, checkpoint_id), summary["version"]))
         severity = dg.AssetCheckSeverity.ERROR if config.blocking_checks else dg.AssetCheckSeverity.WARN
         reg = regression(store, name, checkpoint_id, config.max_regression, config.regression_needs_disjoint_intervals)
@@ -143,8 +157,13 @@ def build_eval_asset(name: str) -> dg.AssetsDefinition:
                                           "checkpoint": dg.MetadataValue.json(template["parents"])}),
         ]
         metadata = {
-            "score": dg.MetadataValue.float(float(summary["score"])),
-            "ci_95": f"[{_pct(summary['ci_low'])}, {_pct(summary['ci_high'])}]",
+            **({} if summary.get("outputs_only") else {
+                "score": dg.MetadataValue.float(float(summary["score"])),
+                "ci_95": f"[{_pct(summary['ci_low'])}, {_pct(summary['ci_high'])}]"}),
+            **({"judge": dg.MetadataValue.json(summary["judge_info"]), "low_confidence": summary["low_confidence"]}
+               if summary.get("judge_info") else {}),
+            **({"parent": dg.MetadataValue.json(summary["parent"] or {}), "outputs_only": summary["outputs_only"]}
+               if summary.get("kind") == "pairwise_vs_parent" else {}),
             "n_items": summary["n"], "suite": spec.suite, "metric": spec.metric, "checkpoint_id": checkpoint_id,
             "execution": summary["execution"], "contamination": contamination["status"],
             "metrics": dg.MetadataValue.json(summary["metrics"]),

@@ -145,13 +145,20 @@ def test_pairwise_verdict_parsing(text, expected):
     assert scoring.parse_pairwise_verdict(text) == expected
 
 
-def test_win_rate_counts_position_and_ties():
-    assert scoring.score_preference("A", "A").score == 1.0
-    assert scoring.score_preference("A", "B").score == 0.0
-    assert scoring.score_preference(None, "A").score == 0.5
-    positions = {scoring.model_position(f"item-{i}", 7) for i in range(20)}
-    assert positions == {"A", "B"}  # the model's output is not always shown first
-    assert scoring.model_position("item-1", 7) == scoring.model_position("item-1", 7)
+@pytest.mark.parametrize("model_first,model_second,score,consistent", [
+    ("A", "B", 1.0, True),    # the model's output preferred in both orders: a win
+    ("B", "A", 0.0, True),    # the other output preferred in both orders: a loss
+    ("A", "A", 0.5, False),   # always the first position: position bias, a tie
+    ("B", "B", 0.5, False),   # always the second position
+    (None, "B", 0.5, False),  # one order without a verdict: a tie, not 0.75
+    ("B", None, 0.5, False),
+    (None, None, 0.5, False),
+])
+def test_win_rate_needs_both_orders_to_agree(model_first, model_second, score, consistent):
+    item = scoring.score_swapped_preference(model_first, model_second, "parent")
+    assert item.score == score and item.details["consistent"] is consistent
+    assert item.details["verdicts"] == {"model_first": model_first, "model_second": model_second}
+    assert ("parent" in item.reason) is (score == 0.0)
 
 
 @pytest.mark.parametrize("response,refused", [

@@ -136,3 +136,46 @@ def test_every_benchmark_has_an_asset_key_and_checks(home):
     job = defs.resolve_job_def("evaluate_checkpoint")
     assert job.partitions_def.name == "checkpoints"
     assert {k for k in job.asset_layer.executable_asset_keys} == keys - {dg.AssetKey("eval_comparison")}
+
+
+def test_open_ended_set_judged_against_the_parent_by_the_local_tiny_judge(home, monkeypatch):
+    """Vicuna on the base model (answers kept), then on sft-tiny: judged against the base model's saved answers
+    by the local judge (the tiny base model itself: low-confidence), marked ‡ in the comparison."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from assets.evaluation import eval_assets
+    from tulu_pipeline.evaluation.comparison import comparison_markdown, comparison_table
+    from tulu_pipeline.evaluation.judge_scoring import PAIRWISE_TEMPLATE_VERSION
+    from tulu_pipeline.evaluation.results import read_summary
+    from tulu_pipeline.storage import Store
+
+    vicuna = next(a for a in eval_assets if a.key.path[-1] == "vicuna_bench")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("checkpoints", ["base_model", "sft-tiny"])
+    failed = dg.materialize([vicuna], instance=instance, partition_key="sft-tiny", resources=_resources(home),
+                            run_config=_config("vicuna_bench", missing_parent="error"), raise_on_error=False)
+    assert not failed.success  # the base model's answers are not saved yet, and missing_parent says error
+    failure = next(e for e in failed.all_events if e.is_step_failure).step_failure_data.error.message
+    assert "materialize eval/vicuna_bench for partition base_model" in failure
+    for checkpoint in ("base_model", "sft-tiny"):
+        run = dg.materialize([vicuna], instance=instance, partition_key=checkpoint, resources=_resources(home),
+                             run_config=_config("vicuna_bench", missing_parent="error"))
+        assert run.success
+    store = Store(str(home))
+    base, sft = read_summary(store, "vicuna_bench", "base_model"), read_summary(store, "vicuna_bench", "sft-tiny")
+    assert base["outputs_only"] and base["judge_info"] is None
+    assert sft["parent"]["source"] == "saved" and sft["parent"]["version"] == base["version"]
+    judge = sft["judge_info"]
+    assert judge["method"] == "loglikelihood" and judge["backend"] == "TransformersBackend"
+    assert judge["template_version"] == PAIRWISE_TEMPLATE_VERSION and judge["low_confidence"]
+    assert judge["parameters"] < 10_000_000 and judge["same_family"]
+    items = [json.loads(line) for line in store.read_bytes(sft["items_path"].split(str(home) + "/", 1)[1])
+             .decode().splitlines()]
+    base_rows = {r["item_id"]: r["response"] for r in store.iter_rows("eval/vicuna_bench/base_model")}
+    for item in items:
+        assert item["details"]["parent_response"] == base_rows[item["item_id"]]
+        assert set(item["details"]["verdicts"]) == {"model_first", "model_second"}
+        assert item["details"]["judge"]["model_id"] == "models/base_model"
+    metadata = run.asset_materializations_for_node("eval__vicuna_bench")[0].metadata
+    assert metadata["low_confidence"].value is True
+    markdown = comparison_markdown(comparison_table(store))
+    assert "| vicuna_bench | unseen | win rate vs parent |" in markdown and "‡ = low confidence" in markdown

@@ -133,6 +133,8 @@ def _evaluations(store: Store, a: str, b: str, trained_a: set[str], trained_b: s
         sa, sb = read_summary(store, benchmark, a), read_summary(store, benchmark, b)
         if sa is None or sb is None:
             continue
+        if "pairwise_vs_parent" in (sa.get("kind"), sb.get("kind")):
+            continue  # each score is a win rate against that checkpoint's own parent: not comparable item by item
         scores_a, scores_b = item_scores(store, benchmark, a, sa), item_scores(store, benchmark, b, sb)
         common = sorted(set(scores_a) & set(scores_b))
         deltas = [scores_b[i] - scores_a[i] for i in common]

@@ -31,12 +31,18 @@ from tulu_pipeline.hashing import json_hash
 Messages = list[dict[str, str]]
 
 # how each registry benchmark is scored (benchmarks of the registry without one are not evaluated yet:
-# the open-ended unseen sets need a reference-free judge protocol)
+# self_instruct_user_oriented and tulu1_human_eval). The open-ended sets without reference outputs are judged
+# against the parent checkpoint's outputs on the same items ("pairwise_vs_parent"); MT-Bench on its first
+# turn only (a second turn needs the model's own first answer in the prompt, a protocol not built yet).
 KIND_OF = {
     "gsm8k": "verified", "math500": "verified", "math": "verified", "ifeval": "ifeval",
     "humaneval": "humaneval", "mbpp": "mbpp", "alpaca_eval": "winrate", "bbh": "exact_match",
     "truthfulqa": "mc1", "truthfulqa_2025": "mc1", "safety": "refusal",
+    "mt_bench": "pairwise_vs_parent", "vicuna_bench": "pairwise_vs_parent", "koala": "pairwise_vs_parent",
+    "wizardlm_testset": "pairwise_vs_parent",
 }
+# the kinds scored by the judge's pairwise preference, both orders (`scoring.score_swapped_preference`)
+PAIRWISE_KINDS = ("winrate", "pairwise_vs_parent")
 VERIFIER_TASK = {"gsm8k": "gsm8k", "math500": "math", "math": "math"}
 # exemplars for few-shot prompts: a training file, or the benchmark's own first items (then excluded)
 FEW_SHOT_SOURCE = {"gsm8k": "gsm8k_train", "math500": "math_train", "math": "math_train"}
@@ -48,6 +54,7 @@ MATH500_FALLBACK = ("math_test", 500, 500)  # source, items, seed
 METRIC_OF = {
     "verified": "accuracy", "ifeval": "prompt-level strict accuracy", "humaneval": "pass@1", "mbpp": "pass@1",
     "winrate": "win rate vs reference", "exact_match": "exact match", "mc1": "MC1 accuracy", "refusal": "refusal rate",
+    "pairwise_vs_parent": "win rate vs parent",
 }
 
 
@@ -94,6 +101,10 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "bbh": {"few_shot": 3, "sample_size": 9, "max_new_tokens": 64},
         "alpaca_eval": {"max_new_tokens": 128}, "safety": {"max_new_tokens": 96},
         "truthfulqa": {"sample_size": 16}, "truthfulqa_2025": {"sample_size": 16},
+        # judged against the parent: each item costs two generations (this checkpoint's, and its parent's in
+        # the parent's own evaluation) and four judge passes; a few short answers keep the CPU run small
+        **{name: {"sample_size": 3, "max_new_tokens": 48}
+           for name in ("mt_bench", "vicuna_bench", "koala", "wizardlm_testset")},
     },
     "full": {
         "*": {"sample_size": None, "max_new_tokens": 1024},
@@ -194,8 +205,14 @@ BBH_INSTRUCTION = "Answer the question. End your reply with \"So the answer is <
 CODE_INSTRUCTION = "Reply with the complete Python code in one ```python code block."
 
 
+def _first_user(row: dict[str, Any]) -> str:
+    return next(m["content"] for m in row["messages"] if m["role"] == "user")
+
+
 def _question(benchmark: Benchmark, row: dict[str, Any]) -> str:
     """The user turn for one item (exemplars use the same form)."""
+    if benchmark.kind == "pairwise_vs_parent":
+        return _first_user(row)  # MT-Bench: the first of its two turns
     if benchmark.kind == "verified":
         instruction = GSM8K_INSTRUCTION if VERIFIER_TASK[benchmark.name] == "gsm8k" else MATH_INSTRUCTION
         return f"{_user(row)}\n\n{instruction}"
@@ -231,6 +248,9 @@ def _reference(benchmark: Benchmark, row: dict[str, Any]) -> dict[str, Any]:
         return {"test_list": extra.get("test_list") or [], "test_setup_code": extra.get("test_setup_code") or ""}
     if benchmark.kind == "winrate":
         return {"reference_output": _assistant(row), "reference_generator": extra.get("generator")}
+    if benchmark.kind == "pairwise_vs_parent":
+        return {"category": extra.get("category") or extra.get("Skill"),
+                "turns": sum(m["role"] == "user" for m in row["messages"])}
     if benchmark.kind == "mc1":
         best = _assistant(row)
         wrong = split_answers(extra.get("Incorrect Answers"))

@@ -9,6 +9,12 @@
 - `regression(store, benchmark, checkpoint_id, max_drop)`: a checkpoint against its parent.
 - `contamination(store, benchmark, checkpoint_id)`: whether every training run upstream of the
   checkpoint was decontaminated against the benchmark's eval sources.
+
+Judged rows (AlpacaEval, the open-ended sets, safety's judged refusals) whose judge is low-confidence
+(`judge_scoring.LOW_CONFIDENCE_RULE`: the default 135M local judge is) stay in the table with a ‡ and a
+footnote. A "win rate vs parent" row is already a paired comparison: its cell is the checkpoint's win rate
+against its parent, its stage effect is that win rate − 50 (sign test: wins against losses), and the base
+model, which has no parent, has no cell.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 from tulu_pipeline.data.coverage import eval_coverage
 from tulu_pipeline.data.registry import registry_version
 from tulu_pipeline.evaluation.benchmarks import benchmarks, get_benchmark
+from tulu_pipeline.evaluation.judge_scoring import LOW_CONFIDENCE_RULE
 from tulu_pipeline.evaluation.lineage import BASE_MODEL_ID, ancestors, lineage_order, parent_of, read_manifest, stage_of
 from tulu_pipeline.evaluation.paired import paired_delta, significant
 from tulu_pipeline.evaluation.results import REPORTS, item_scores, read_summary
@@ -29,7 +36,9 @@ from tulu_pipeline.storage import Store
 COMPARISON_REPORT = f"{REPORTS}/comparison"  # comparison.{json,md,png} and the run summary
 # eval_comparison's code version, apart from the evaluations' (EVAL_CODE_VERSION): a new table or summary
 # marks the comparison stale without re-versioning every evaluation. 2: stage effects and the run summary.
-COMPARISON_CODE_VERSION = "2"
+# 3: low-confidence judged cells (‡) and the win-rate-vs-parent rows.
+COMPARISON_CODE_VERSION = "3"
+LOW_CONFIDENCE_MARK = "‡"
 
 
 def evaluated(store: Store) -> dict[str, dict[str, dict[str, Any]]]:
@@ -73,19 +82,35 @@ def comparison_table(store: Store, resamples: int = 1000, seed: int = 0) -> dict
         cells = {}
         for checkpoint_id in columns:
             s = found[name].get(checkpoint_id)
-            if s is not None:
+            if s is not None and not s.get("outputs_only"):
+                judge = s.get("judge_info") or {}
                 cells[checkpoint_id] = {"score": s["score"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
                                         "n": s["n"], "version": s.get("version"),
-                                        "contamination": (s.get("contamination") or {}).get("status")}
+                                        "contamination": (s.get("contamination") or {}).get("status"),
+                                        "low_confidence": bool(s.get("low_confidence")),
+                                        "judge": judge.get("model_id"), "parent": s.get("parent_checkpoint")}
         deltas = {}
-        for pair in pairs:
-            child, parent = pair["child"], pair["parent"]
-            if child in cells and parent in cells:
-                scores = {c: item_scores(store, name, c, found[name][c]) for c in (child, parent)}
-                deltas[child] = {"parent": parent, "stage": pair["stage"],
-                                 **paired_delta(scores[child], scores[parent], resamples, seed)}
+        if spec is not None and spec.kind == "pairwise_vs_parent":
+            labels = {pair["child"]: pair["stage"] for pair in pairs}
+            for child, cell in cells.items():
+                if cell["parent"] is None:
+                    continue
+                scores = item_scores(store, name, child, found[name][child])
+                deltas[child] = {"parent": cell["parent"],
+                                 "stage": labels.get(child, f"{stage_of(child)} − {stage_of(cell['parent'])}"),
+                                 "low_confidence": cell["low_confidence"], "vs_parent": True,
+                                 **paired_delta(scores, {i: 0.5 for i in scores}, resamples, seed)}
+        else:
+            for pair in pairs:
+                child, parent = pair["child"], pair["parent"]
+                if child in cells and parent in cells:
+                    scores = {c: item_scores(store, name, c, found[name][c]) for c in (child, parent)}
+                    deltas[child] = {"parent": parent, "stage": pair["stage"],
+                                     "low_confidence": cells[child]["low_confidence"] or cells[parent]["low_confidence"],
+                                     **paired_delta(scores[child], scores[parent], resamples, seed)}
         rows.append({"benchmark": name, "suite": spec.suite if spec else "?", "metric": spec.metric if spec else "",
-                     "cells": cells, "deltas": deltas})
+                     "kind": spec.kind if spec else None, "cells": cells, "deltas": deltas,
+                     "low_confidence": any(c["low_confidence"] for c in cells.values())})
     return {"columns": columns, "stages": {c: stage_of(c) for c in columns}, "pairs": pairs, "rows": rows}
 
 
@@ -100,14 +125,30 @@ def comparison_markdown(table: dict[str, Any]) -> str:
         for c, header in zip(table["columns"], headers[4:]):
             cell = row["cells"].get(c)
             flag = " ⚠" if cell and cell.get("contamination") == "possibly_contaminated" else ""
+            flag += f" {LOW_CONFIDENCE_MARK}" if cell and cell.get("low_confidence") else ""
             entry[header] = (f"{_pct(cell['score'])} [{_pct(cell['ci_low'])}, {_pct(cell['ci_high'])}]{flag}"
                              if cell else "")
         lines.append(entry)
     return markdown_table(lines, headers, max_chars=60) + (
         "\n\nScores ×100 with seeded 95% bootstrap intervals over items; overlapping intervals do not rule out "
         "a difference (the stage effects compare checkpoints item by item). ⚠ = possibly contaminated: a training run upstream of the checkpoint was not "
-        "decontaminated against the benchmark.") + (
+        "decontaminated against the benchmark.") + _judged_legend(table) + (
         "\n\n" + stage_effects_markdown(table) if any(row.get("deltas") for row in table["rows"]) else "")
+
+
+def _judged_legend(table: dict[str, Any]) -> str:
+    """The footnotes of judged rows, only when the table has some."""
+    notes = []
+    if any(row.get("low_confidence") for row in table["rows"]):
+        judges = sorted({c["judge"] for row in table["rows"] for c in row["cells"].values()
+                         if c.get("low_confidence") and c.get("judge")})
+        notes.append(f"{LOW_CONFIDENCE_MARK} = low confidence: scored by the judge {', '.join(judges)}, whose verdicts "
+                     f"are reported but not to be trusted. The rule: {LOW_CONFIDENCE_RULE}.")
+    if any(row.get("kind") == "pairwise_vs_parent" for row in table["rows"]):
+        notes.append("Win rate vs parent: each checkpoint's answers judged against its parent's answers to the same "
+                     "items, in both orders (a win or loss only when both orders agree, a tie otherwise); the base "
+                     "model has no parent, so no cell. MT-Bench: first turn only.")
+    return "".join("\n\n" + note for note in notes)
 
 
 STAGE_EFFECTS_LEGEND = (
@@ -118,7 +159,9 @@ STAGE_EFFECTS_LEGEND = (
     "sd 0.5 (a 0/1 score at 50%) when the differences do not vary: a |Δ| below the MDD is not evidence of "
     "no effect, only of too few items. ▲/▼ = the interval excludes zero and p < 0.05 (with few changed items the "
     "bootstrap interval alone is too narrow). † = the two checkpoints were scored "
-    "on different items; paired on the shared ones.")
+    "on different items; paired on the shared ones. Win rate vs parent rows: Δ = win rate − 50, the judge having "
+    "compared child and parent directly (up = wins, down = losses, ties dropped). ‡ = judged by a low-confidence "
+    "judge (see the table's footnote).")
 
 
 def _signed(value: float | None) -> str:
@@ -141,7 +184,8 @@ def stage_effects_markdown(table: dict[str, Any]) -> str:
                 "Δ ×100 [95% CI]": f"{_signed(d['delta'])} [{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]",
                 "p": _p(d["p_value"]), "n (changed)": f"{d['n']} ({d['changed']}){'' if d['same_items'] else ' †'}",
                 "MDD ×100": "–" if d["mdd"] is None else f"{100 * d['mdd']:.1f}",
-                "effect": ("▲" if d["delta"] > 0 else "▼") if marked else ""})
+                "effect": (("▲" if d["delta"] > 0 else "▼") if marked else "")
+                          + (LOW_CONFIDENCE_MARK if d.get("low_confidence") else "")})
     return "### Stage effects\n\n" + markdown_table(lines, headers, max_chars=60) + "\n\n" + STAGE_EFFECTS_LEGEND
 
 
@@ -191,6 +235,8 @@ def regression(store: Store, benchmark: str, checkpoint_id: str, max_drop: float
     current = read_summary(store, benchmark, checkpoint_id)
     if current is None:
         return Regression(False, f"{benchmark} has no result for {checkpoint_id}")
+    if current.get("kind") == "pairwise_vs_parent":
+        return _regression_vs_parent(benchmark, checkpoint_id, current, max_drop, require_significant)
     parent = parent_of(store, checkpoint_id)
     if parent is None:
         return Regression(True, f"{checkpoint_id} has no parent checkpoint to compare with",
@@ -208,6 +254,26 @@ def regression(store: Store, benchmark: str, checkpoint_id: str, max_drop: float
     verdict = "regressed" if failed else "no regression"
     return Regression(not failed, f"{benchmark}: {checkpoint_id} {_pct(current['score'])} vs parent {parent} "
                       f"{_pct(before['score'])} (drop {100 * drop:.1f} points, limit {100 * max_drop:.1f}): {verdict}",
+                      meta)
+
+
+def _regression_vs_parent(benchmark: str, checkpoint_id: str, current: dict[str, Any], max_drop: float,
+                          require_significant: bool) -> Regression:
+    """A win rate against the parent is the comparison itself: a drop is 50 − win rate, significant when the
+    whole interval lies below 50."""
+    parent = current.get("parent_checkpoint")
+    if parent is None or current.get("outputs_only"):
+        return Regression(True, f"{checkpoint_id} has no parent checkpoint to compare with", {"parent": None})
+    drop = 0.5 - current["score"]
+    below = current["ci_high"] < 0.5
+    failed = drop > max_drop and (below or not require_significant)
+    meta = {"score": current["score"], "parent": parent, "drop": drop, "max_drop": max_drop,
+            "interval_below_tie": below, "ci": [current["ci_low"], current["ci_high"]],
+            "low_confidence": bool(current.get("low_confidence"))}
+    verdict = "regressed" if failed else "no regression"
+    low = " (low-confidence judge)" if current.get("low_confidence") else ""
+    return Regression(not failed, f"{benchmark}: {checkpoint_id} wins {_pct(current['score'])} against parent "
+                      f"{parent} (drop {100 * drop:.1f} points below a tie, limit {100 * max_drop:.1f}): {verdict}{low}",
                       meta)
 
 

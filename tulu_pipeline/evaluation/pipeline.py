@@ -15,6 +15,14 @@ Execution modes (``execution``):
 
 TruthfulQA MC1 scores choices by log-likelihood, which the generation job does not return, so it always
 loads the model in process.
+
+The open-ended sets (``pairwise_vs_parent``) judge a checkpoint's answers against its parent's answers to the
+same items (`lineage.parent_of`: base for SFT, SFT for DPO, DPO for RLVR). The parent's answers are read
+from the parent's own evaluation of the benchmark (`results.saved_responses`: same items, same prompts and
+sampling). Where it has none, ``missing_parent`` decides: ``generate`` (default) answers with the parent's
+model here, in the same execution mode, and the records say ``parent_output_source: generated``; ``error``
+raises `MissingParentOutputs`, naming the partition to materialize first. A checkpoint with no parent (the
+base model) keeps its answers unscored: they are what its children are judged against.
 """
 
 from __future__ import annotations
@@ -31,9 +39,12 @@ from tulu_pipeline.evaluation.benchmarks import (
 )
 from tulu_pipeline.evaluation.comparison import contamination
 from tulu_pipeline.evaluation.judge_scoring import Judge
-from tulu_pipeline.evaluation.results import REPORTS, publish_result
+from tulu_pipeline.evaluation.lineage import parent_of
+from tulu_pipeline.evaluation.results import REPORTS, publish_result, saved_responses
 from tulu_pipeline.evaluation.runner import (
     evaluate,
+    generate_in_process,
+    generation_digest,
     generation_requests,
     needs_generation,
     responses_from_output,
@@ -43,8 +54,14 @@ from tulu_pipeline.generation.job import lineage_path
 from tulu_pipeline.storage import Store
 
 AUTO_IN_PROCESS_MAX_ITEMS = 32
-JUDGED_KINDS = ("winrate", "refusal")
+JUDGED_KINDS = ("winrate", "refusal", "pairwise_vs_parent")
+MISSING_PARENT = ("generate", "error")
 RunJob = Callable[[str, str, Any, Any], None]
+
+
+class MissingParentOutputs(FileNotFoundError):
+    """A ``pairwise_vs_parent`` benchmark's parent has no saved answers to the items (and ``missing_parent``
+    is ``error``)."""
 
 
 def resolve_execution(execution: str, config: BenchmarkConfig) -> str:
@@ -60,50 +77,89 @@ def _model_dir_exists(store: Store, model: str) -> bool:
     return store.exists(model, "config.json")
 
 
+def _parent_answers(store: Store, benchmark: str, checkpoint_id: str, samples: list, config: BenchmarkConfig,
+                    missing_parent: str) -> tuple[str | None, list[str] | None, dict[str, Any] | None]:
+    """(parent id, its saved answers or None when they must be generated, where they came from)."""
+    parent = parent_of(store, checkpoint_id)
+    if parent is None:
+        return None, None, None
+    digest = generation_digest(benchmark, config)
+    saved = saved_responses(store, benchmark, parent, [s.item_id for s in samples], digest)
+    if saved is not None:
+        answers, summary = saved
+        return parent, answers, {"checkpoint_id": parent, "source": "saved", "version": summary["version"],
+                                 "run_id": summary.get("run_id")}
+    if missing_parent == "error":
+        raise MissingParentOutputs(
+            f"{benchmark}: the parent checkpoint {parent} of {checkpoint_id} has no saved answers to these "
+            f"{len(samples)} items under this generation config (max_new_tokens={config.max_new_tokens}, "
+            f"temperature={config.temperature}, seed={config.seed}, few_shot={config.few_shot}); materialize "
+            f"eval/{benchmark} for partition {parent} with the same config first (tulu-evaluate --checkpoint "
+            f"{parent}), or let the parent's answers be generated here (missing_parent='generate')")
+    if not _model_dir_exists(store, f"models/{parent}"):
+        raise MissingParentOutputs(f"{benchmark}: the parent checkpoint {parent} of {checkpoint_id} has neither "
+                                   f"saved answers nor a model under {store.uri('models', parent)}")
+    return parent, None, {"checkpoint_id": parent, "source": "generated"}
+
+
 def run_benchmark(store: Store, benchmark: str, checkpoint_id: str, config: BenchmarkConfig, *, run_id: str,
                   backend_spec: Any, judge_spec: Any = None, execution: str = "auto", run_job: RunJob | None = None,
                   build: Callable[[Any, Store], Any] | None = None, log: Callable[[str], None] = print,
+                  backend_spec_for: Callable[[str], Any] | None = None, missing_parent: str = "generate",
                   ) -> dict[str, Any]:
-    """Evaluate and publish; returns the published summary (see `tulu_pipeline.evaluation.results`)."""
+    """Evaluate and publish; returns the published summary (see `tulu_pipeline.evaluation.results`).
+    ``backend_spec_for(checkpoint_id)`` gives the parent's generation spec when its answers must be generated."""
     if build is None:
         from tulu_pipeline.generation.spec import build_backend as build
+    if missing_parent not in MISSING_PARENT:
+        raise ValueError(f"missing_parent must be one of {MISSING_PARENT}, got {missing_parent!r}")
     spec = get_benchmark(benchmark)
     samples = load_samples(benchmark, config)
     mode = resolve_execution(execution, config) if needs_generation(benchmark) else "in_process"
     if mode == "launcher" and run_job is None:
         raise ValueError("execution 'launcher' needs run_job (the compute launcher)")
+    parent = parent_answers = parent_info = None
+    if spec.kind == "pairwise_vs_parent":  # before generating: a missing parent fails fast
+        parent, parent_answers, parent_info = _parent_answers(store, benchmark, checkpoint_id, samples, config,
+                                                              missing_parent)
+        if parent_answers is None and parent is not None and backend_spec_for is None:
+            raise ValueError(f"{benchmark}: generating the parent's answers needs backend_spec_for")
     backend = judge_backend = None
     responses = None
     lineage = None  # the template lineage of the prompts the model saw, when a local tokenizer encoded them
     try:
-        if mode == "launcher":
-            base = posixpath.join(REPORTS, benchmark, checkpoint_id, "_generation", config.digest())
-            requests_rel, output_rel = f"{base}/requests.jsonl", f"{base}/output.jsonl"
-            store.write_jsonl(requests_rel, generation_requests(samples))
-            log(f"{benchmark}: generating {len(samples)} answers from {checkpoint_id} in the generation job")
-            run_job(requests_rel, output_rel, backend_spec, sampling_params(config))
-            records = [json.loads(line) for line in store.read_bytes(output_rel).decode().splitlines() if line.strip()]
-            responses = responses_from_output(samples, records)
-            if store.exists(lineage_path(output_rel)):
-                lineage = store.read_json(lineage_path(output_rel))
+        if spec.kind == "pairwise_vs_parent":
+            responses, lineage = _answers(store, benchmark, checkpoint_id, samples, config, mode, backend_spec,
+                                          run_job, build, log)
+            if parent is not None and parent_answers is None:
+                log(f"{benchmark}: parent {parent} has no saved answers to these items; generating them")
+                parent_answers, _ = _answers(store, benchmark, checkpoint_id, samples, config, mode,
+                                             backend_spec_for(parent), run_job, build, log, answering=parent)
+        elif mode == "launcher":
+            responses, lineage = _answers(store, benchmark, checkpoint_id, samples, config, mode, backend_spec,
+                                          run_job, build, log)
         else:
             log(f"{benchmark}: loading {checkpoint_id} in process for {len(samples)} items")
             backend = build(backend_spec, store)
             encoder = getattr(backend, "encoder", None)
             lineage = encoder.lineage() if encoder is not None else None
         judge = None
-        if spec.kind in JUDGED_KINDS and judge_spec is not None:
+        needs_judge = spec.kind in JUDGED_KINDS and (spec.kind != "pairwise_vs_parent" or parent is not None)
+        if needs_judge and judge_spec is not None:
             local = getattr(judge_spec, "kind", None) in ("transformers", "vllm")
             if local and not _model_dir_exists(store, judge_spec.model):
-                if spec.kind == "winrate":
+                if spec.kind != "refusal":
                     raise FileNotFoundError(f"judge model {judge_spec.model} not found under {store.url}")
                 log(f"{benchmark}: judge model {judge_spec.model} not found; refusals judged by keywords")
             else:
                 judge_backend = build(judge_spec, store)
-                judge = Judge(judge_backend)
-        if spec.kind == "winrate" and judge is None:
+                # a model directory under TULU_HOME/models is the base model or a checkpoint: the policy's family
+                same_family = local and posixpath.normpath(judge_spec.model).startswith("models/")
+                judge = Judge(judge_backend, same_family=same_family)
+        if needs_judge and spec.kind != "refusal" and judge is None:
             raise ValueError(f"{benchmark} needs a judge: configure the judge resource")
-        result = evaluate(benchmark, checkpoint_id, samples, config, backend=backend, responses=responses, judge=judge)
+        result = evaluate(benchmark, checkpoint_id, samples, config, backend=backend, responses=responses, judge=judge,
+                          parent_responses=parent_answers, parent=parent_info)
     finally:
         for loaded in (backend, judge_backend):
             if loaded is not None:
@@ -112,3 +168,30 @@ def run_benchmark(store: Store, benchmark: str, checkpoint_id: str, config: Benc
     extra = {"contamination": verdict, "execution": mode, "template_lineage": lineage,
              "judge": None if judge_spec is None or spec.kind not in JUDGED_KINDS else getattr(judge_spec, "model", None)}
     return publish_result(store, result, run_id, asset_key=f"eval/{benchmark}", extra=extra)
+
+
+def _answers(store: Store, benchmark: str, checkpoint_id: str, samples: list, config: BenchmarkConfig, mode: str,
+             backend_spec: Any, run_job: RunJob | None, build: Callable[[Any, Store], Any],
+             log: Callable[[str], None], answering: str | None = None) -> tuple[list[str], Any]:
+    """One answer per sample from ``backend_spec``'s model (``answering``, default the evaluated checkpoint),
+    in the generation job or in process (the model is closed after); and the template lineage it prompted with.
+    Generation files go under the evaluated checkpoint's reports (``parent-<id>/`` for a parent's answers)."""
+    who = answering or checkpoint_id
+    if mode == "launcher":
+        base = posixpath.join(REPORTS, benchmark, checkpoint_id, "_generation", config.digest())
+        if answering:
+            base = posixpath.join(base, f"parent-{answering}")
+        requests_rel, output_rel = f"{base}/requests.jsonl", f"{base}/output.jsonl"
+        store.write_jsonl(requests_rel, generation_requests(samples))
+        log(f"{benchmark}: generating {len(samples)} answers from {who} in the generation job")
+        run_job(requests_rel, output_rel, backend_spec, sampling_params(config))
+        records = [json.loads(line) for line in store.read_bytes(output_rel).decode().splitlines() if line.strip()]
+        lineage = store.read_json(lineage_path(output_rel)) if store.exists(lineage_path(output_rel)) else None
+        return responses_from_output(samples, records), lineage
+    log(f"{benchmark}: loading {who} in process for {len(samples)} items")
+    backend = build(backend_spec, store)
+    try:
+        encoder = getattr(backend, "encoder", None)
+        return generate_in_process(backend, samples, config), (encoder.lineage() if encoder is not None else None)
+    finally:
+        backend.close()

@@ -76,8 +76,9 @@ def publish_result(store: Store, result: EvalResult, run_id: str, asset_key: str
     """Write the item dataset, the readable JSONL and the summary (with ``extra``, e.g. the contamination
     verdict), and one ``evaluated`` event per item."""
     benchmark, checkpoint_id = result.benchmark, result.checkpoint_id
-    version = result_version(result, checkpoint_identity(store, checkpoint_id))
-    summary = {**result.summary, **(extra or {}), "version": version, "run_id": run_id}
+    identity = checkpoint_identity(store, checkpoint_id)
+    version = result_version(result, identity)
+    summary = {**result.summary, **(extra or {}), "version": version, "run_id": run_id, "checkpoint_identity": identity}
     info = store.write_rows(dataset_name(benchmark, checkpoint_id), version, result.records, EVAL_SCHEMA)
     base = posixpath.join(REPORTS, benchmark, checkpoint_id, version)
     items_rel = posixpath.join(base, "items.jsonl")
@@ -110,6 +111,28 @@ def item_scores(store: Store, benchmark: str, checkpoint_id: str,
         return {}
     return {r["item_id"]: float(r["score"])
             for r in store.iter_rows(dataset_name(benchmark, checkpoint_id), summary.get("version"))}
+
+
+def saved_responses(store: Store, benchmark: str, checkpoint_id: str, item_ids: list[str],
+                    generation_digest: str) -> tuple[list[str], dict[str, Any]] | None:
+    """The answers ``checkpoint_id``'s own evaluation of ``benchmark`` gave to ``item_ids`` (in that order)
+    under the same prompts and sampling (``generation_digest``, `runner.generation_digest`), with that
+    evaluation's summary: the latest published version first, then the others; one that holds every item and
+    was made from the checkpoint's current weights (its ``checkpoint_identity``). None when there is none."""
+    identity = checkpoint_identity(store, checkpoint_id)
+    latest = read_summary(store, benchmark, checkpoint_id)
+    versions = [v for v in store.listdir(REPORTS, benchmark, checkpoint_id)
+                if store.exists(summary_path(benchmark, checkpoint_id, v))]
+    candidates = ([latest] if latest else []) + [store.read_json(summary_path(benchmark, checkpoint_id, v))
+                                                 for v in versions if not latest or v != latest.get("version")]
+    for summary in candidates:
+        if summary.get("generation_digest") != generation_digest or summary.get("checkpoint_identity") != identity:
+            continue
+        by_id = {r["item_id"]: r["response"]
+                 for r in store.iter_rows(dataset_name(benchmark, checkpoint_id), summary["version"])}
+        if all(i in by_id for i in item_ids):
+            return [by_id[i] for i in item_ids], summary
+    return None
 
 
 def checkpoints_that_saw(store: Store, item_id: str) -> list[str]:

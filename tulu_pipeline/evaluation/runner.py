@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tulu_pipeline.evaluation import scoring
 from tulu_pipeline.evaluation.benchmarks import (
+    PAIRWISE_KINDS,
     VERIFIER_TASK,
     BenchmarkConfig,
     EvalSample,
     get_benchmark,
 )
-from tulu_pipeline.evaluation.judge_scoring import Judge
+from tulu_pipeline.evaluation.judge_scoring import PAIRWISE_TEMPLATE_VERSION, REFUSAL_TEMPLATE_VERSION, Judge
 from tulu_pipeline.evaluation.sandbox import SandboxLimits, run_python
+from tulu_pipeline.hashing import json_hash
 
-EVAL_CODE_VERSION = "1"
+# 2: AlpacaEval's pairs judged in both orders; the open-ended sets judged against the parent checkpoint
+EVAL_CODE_VERSION = "2"
 Messages = list[dict[str, str]]
 
 
@@ -83,10 +87,21 @@ def sandbox_limits(config: BenchmarkConfig) -> SandboxLimits:
     return SandboxLimits(wall_s=config.sandbox_wall_s, cpu_s=config.sandbox_cpu_s, memory_mb=config.sandbox_memory_mb)
 
 
+def generation_digest(benchmark: str, config: BenchmarkConfig) -> str:
+    """What fixes a checkpoint's answers to given items: the benchmark's prompts (its few-shot count) and the
+    sampling parameters. Two evaluations with the same digest answered the same items the same way, whatever
+    their sample sizes, so a child's judged comparison can reuse its parent's saved answers."""
+    return json_hash({"benchmark": benchmark, "few_shot": config.few_shot, "max_new_tokens": config.max_new_tokens,
+                      "temperature": config.temperature, "seed": config.seed})
+
+
 def score_samples(benchmark: str, samples: Sequence[EvalSample], responses: Sequence[str] | None,
                   config: BenchmarkConfig, *, loglikelihood: Callable | None = None, judge: Judge | None = None,
-                  verify: Callable | None = None) -> list[scoring.ItemScore]:
-    """Score every sample (``responses`` aligned with ``samples``; None only for MC1)."""
+                  verify: Callable | None = None, parent_responses: Sequence[str] | None = None,
+                  ) -> list[scoring.ItemScore]:
+    """Score every sample (``responses`` aligned with ``samples``; None only for MC1). ``parent_responses``
+    (aligned too) are what a ``pairwise_vs_parent`` benchmark judges against; without them (a checkpoint with
+    no parent) the answers are kept unscored (NaN) for the children to be judged against."""
     kind = get_benchmark(benchmark).kind
     if kind == "mc1":
         if loglikelihood is None:
@@ -119,20 +134,28 @@ def score_samples(benchmark: str, samples: Sequence[EvalSample], responses: Sequ
             item = scoring.score_execution(run.status, run.reason)
             out.append(scoring.ItemScore(item.score, item.reason, {**item.details, "wall_s": run.wall_s}))
         return out
-    if kind == "winrate":
+    if kind == "pairwise_vs_parent" and parent_responses is None:
+        return [scoring.ItemScore(math.nan, "no parent checkpoint: answers kept for its children's comparison",
+                                  {"outputs_only": True}) for _ in samples]
+    if kind in PAIRWISE_KINDS:
         if judge is None:
             raise ValueError(f"{benchmark} needs a judge (configure the judge resource)")
-        positions = [scoring.model_position(s.item_id, config.seed) for s in samples]
-        triples = []
-        for (s, r), pos in zip(pairs, positions):
-            ref = s.reference["reference_output"]
-            a, b = (r, ref) if pos == "A" else (ref, r)
-            triples.append((s.prompt[-1]["content"], a, b))
+        if kind == "winrate":
+            others, other = [s.reference["reference_output"] for s in samples], "reference"
+        else:
+            others, other = list(parent_responses or []), "parent"
+            if len(others) != len(samples):
+                raise ValueError(f"{benchmark}: {len(samples)} samples but {len(others)} parent responses")
+        triples = [(s.prompt[-1]["content"], r, o) for (s, r), o in zip(pairs, others)]
+        record = judge.record(PAIRWISE_TEMPLATE_VERSION)
         out = []
-        for (winner, raw), pos in zip(judge.pairwise(triples), positions):
-            item = scoring.score_preference(winner, pos)
-            out.append(scoring.ItemScore(item.score, item.reason,
-                                         {**item.details, "judge": judge.model_id, "method": judge.method, "raw": raw[:500]}))
+        for ((first, raw_first), (second, raw_second)), o in zip(judge.pairwise_swapped(triples), others):
+            item = scoring.score_swapped_preference(first, second, other)
+            details = {**item.details, "judge": record,
+                       "raw": {"model_first": raw_first[:500], "model_second": raw_second[:500]}}
+            if kind == "pairwise_vs_parent":
+                details["parent_response"] = o
+            out.append(scoring.ItemScore(item.score, item.reason, details))
         return out
     if kind == "refusal":
         verdicts = judge.refusal([(s.prompt, r) for s, r in pairs]) if judge is not None else [(None, "")] * len(pairs)
@@ -143,7 +166,8 @@ def score_samples(benchmark: str, samples: Sequence[EvalSample], responses: Sequ
                                              "keyword" if judge is None else "keyword (judge reply unparseable)")
             else:
                 item = scoring.score_refusal(refused, f"judge {judge.method}")
-            out.append(scoring.ItemScore(item.score, item.reason, {**item.details, "raw": raw[:500]}))
+            judged = {} if judge is None else {"judge": judge.record(REFUSAL_TEMPLATE_VERSION)}
+            out.append(scoring.ItemScore(item.score, item.reason, {**item.details, **judged, "raw": raw[:500]}))
         return out
     raise ValueError(f"no scorer for benchmark kind {kind!r}")
 
@@ -157,9 +181,13 @@ def summarize(benchmark: str, checkpoint_id: str, samples: Sequence[EvalSample],
     metrics: dict[str, float] = {}
     if spec.kind == "ifeval":
         metrics = scoring.ifeval_aggregate([s.details for s in scores])
-    if spec.kind == "winrate":
+    outputs_only = bool(scores) and all(s.details.get("outputs_only") for s in scores)
+    if spec.kind in PAIRWISE_KINDS and not outputs_only:
         metrics = {"wins": sum(v == 1.0 for v in values), "ties": sum(v == 0.5 for v in values),
-                   "losses": sum(v == 0.0 for v in values)}
+                   "losses": sum(v == 0.0 for v in values),
+                   # how often the two orders agreed: a judge with a position bias ties everything
+                   "position_consistency": float(sum(bool(s.details.get("consistent")) for s in scores)
+                                                 / len(scores)) if scores else math.nan}
     return {
         "benchmark": benchmark, "suite": spec.suite, "metric": spec.metric, "checkpoint_id": checkpoint_id,
         "n": len(values), "score": scoring.mean_score(values), "ci_low": low, "ci_high": high,
@@ -167,6 +195,7 @@ def summarize(benchmark: str, checkpoint_id: str, samples: Sequence[EvalSample],
         "config": config.model_dump(mode="json"), "config_digest": config.digest(),
         "item_ids_sha256": hashlib.sha256("\n".join(s.item_id for s in samples).encode()).hexdigest(),
         "decontamination_target": spec.decontamination_target, "code_version": EVAL_CODE_VERSION,
+        "kind": spec.kind, "generation_digest": generation_digest(benchmark, config), "outputs_only": outputs_only,
     }
 
 
@@ -187,16 +216,33 @@ def build_result(benchmark: str, checkpoint_id: str, samples: Sequence[EvalSampl
 
 def evaluate(benchmark: str, checkpoint_id: str, samples: Sequence[EvalSample], config: BenchmarkConfig, *,
              backend: Any = None, responses: Sequence[str] | None = None, judge: Judge | None = None,
-             verify: Callable | None = None) -> EvalResult:
-    """Evaluate ``samples``: responses are given (from the generation job) or generated by ``backend``."""
+             verify: Callable | None = None, parent_responses: Sequence[str] | None = None,
+             parent: dict[str, Any] | None = None) -> EvalResult:
+    """Evaluate ``samples``: responses are given (from the generation job) or generated by ``backend``.
+    ``parent_responses`` and ``parent`` (``{"checkpoint_id", "source", ...}``: where those answers came from)
+    are for ``pairwise_vs_parent`` benchmarks; the summary records them and the judge (`Judge.info`)."""
+    kind = get_benchmark(benchmark).kind
     if needs_generation(benchmark):
         if responses is None:
             if backend is None:
                 raise ValueError(f"{benchmark}: pass responses or a backend to generate them")
             responses = generate_in_process(backend, samples, config)
-        scores = score_samples(benchmark, samples, responses, config, judge=judge, verify=verify)
+        scores = score_samples(benchmark, samples, responses, config, judge=judge, verify=verify,
+                               parent_responses=parent_responses)
     else:
         loglikelihood = getattr(backend, "loglikelihood", None)
         scores = score_samples(benchmark, samples, None, config, loglikelihood=loglikelihood)
         responses = None
-    return build_result(benchmark, checkpoint_id, samples, responses, scores, config)
+    if parent is not None and kind == "pairwise_vs_parent":
+        scores = [scoring.ItemScore(s.score, s.reason, {**s.details, "parent_checkpoint": parent["checkpoint_id"],
+                                                        "parent_output_source": parent["source"]})
+                  for s in scores]
+    result = build_result(benchmark, checkpoint_id, samples, responses, scores, config)
+    judged = judge is not None and (kind in PAIRWISE_KINDS and not result.summary["outputs_only"] or kind == "refusal")
+    result.summary["judge_info"] = (judge.info(REFUSAL_TEMPLATE_VERSION if kind == "refusal" else PAIRWISE_TEMPLATE_VERSION)
+                                    if judged else None)
+    result.summary["low_confidence"] = bool(judged and result.summary["judge_info"]["low_confidence"])
+    if kind == "pairwise_vs_parent":
+        result.summary["parent"] = parent
+        result.summary["parent_checkpoint"] = parent["checkpoint_id"] if parent else None
+    return result

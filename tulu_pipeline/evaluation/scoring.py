@@ -178,7 +178,7 @@ def split_answers(text: str | None) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# pairwise preference (AlpacaEval-style win rate)
+# pairwise preference (AlpacaEval-style win rate, and against the parent checkpoint)
 # ---------------------------------------------------------------------------------------------
 _VERDICT_PATTERNS = (
     re.compile(r"\[\[\s*([ab12])\s*\]\]", re.IGNORECASE),  # MT-Bench style [[A]]
@@ -198,20 +198,26 @@ def parse_pairwise_verdict(text: str) -> str | None:
     return None
 
 
-def score_preference(winner: str | None, model_position: str) -> ItemScore:
-    """1.0 when the judge preferred the model's output, 0.0 for the reference, 0.5 when undecided."""
-    if winner not in ("A", "B"):
-        return ItemScore(0.5, "judge gave no verdict (counted as a tie)", {"winner": None})
-    won = winner == model_position
-    return ItemScore(1.0 if won else 0.0, "judge preferred the model" if won else "judge preferred the reference",
-                     {"winner": winner, "model_position": model_position})
+def score_swapped_preference(model_first: str | None, model_second: str | None, other: str = "reference") -> ItemScore:
+    """One pair judged twice with the positions swapped: ``model_first`` is the verdict (``A``/``B``/None)
+    with the model's output shown as (a), ``model_second`` with it shown as (b).
 
-
-def model_position(item_id: str, seed: int) -> str:
-    """Where the model's output goes in the pair (A or B), seeded per item to cancel position bias."""
-    import hashlib
-
-    return "A" if hashlib.sha256(f"{seed}:{item_id}".encode()).digest()[0] % 2 == 0 else "B"
+    A win (1.0) only when both orders prefer the model, a loss (0.0) only when both prefer ``other``, a tie
+    (0.5) otherwise: the judge contradicted itself (position bias) or gave no verdict. This is MT-Bench's
+    conservative rule (Zheng et al., 2023) rather than the mean of the two orders. The two agree whenever both
+    verdicts exist (a judge that always answers "A" ties every pair under either); they differ when one order
+    has no verdict: one verdict alone cannot be told apart from position bias, so it is a tie, not 0.75/0.25."""
+    prefers_model = (model_first == "A", model_second == "B")
+    prefers_other = (model_first == "B", model_second == "A")
+    details = {"verdicts": {"model_first": model_first, "model_second": model_second},
+               "consistent": all(prefers_model) or all(prefers_other)}
+    if all(prefers_model):
+        return ItemScore(1.0, "judge preferred the model in both orders", details)
+    if all(prefers_other):
+        return ItemScore(0.0, f"judge preferred the {other} in both orders", details)
+    if None in (model_first, model_second):
+        return ItemScore(0.5, "judge gave no verdict in one order (counted as a tie)", details)
+    return ItemScore(0.5, "judge's verdict followed the position, not the output (counted as a tie)", details)
 
 
 # ---------------------------------------------------------------------------------------------
