@@ -97,8 +97,9 @@ def measure(case: dict[str, Any], model_dir: str | None) -> dict[str, Any]:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"baseline_rss_bytes": baseline, "peak_rss_bytes": peak_rss_bytes(),
-            "measured_bytes": peak_rss_bytes() - baseline, "loss": float(loss.detach())}
+    peak = peak_rss_bytes()
+    return {"baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "measured_bytes": peak - baseline,
+            "loss": float(loss.detach())}
 
 
 def planned(case: dict[str, Any]) -> dict[str, Any]:
