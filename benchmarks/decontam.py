@@ -165,6 +165,9 @@ class CountingSink:
     def record(self, row_id, event, decision=None, reason=None, related_ids=(), details=None) -> None:
         self.events[event] += 1
 
+    def record_many(self, row_ids, event, decision=None, details=None) -> None:
+        self.events[event] += len(row_ids)
+
 
 def rss_mb() -> dict[str, float]:
     """Current and peak resident set size of this process, MiB."""
@@ -455,13 +458,17 @@ def _load_kernel(path: str):
 
 
 class RecordingSink:
-    """A `DecisionSink` keeping (row_id, event, decision, reason) per event (enough to compare two runs)."""
+    """A `DecisionSink` keeping (row_id, event, decision, reason) per event, a run of `record_many` events as one
+    entry with a tuple of row ids (enough to compare two runs with the same batches)."""
 
     def __init__(self) -> None:
         self.events: list[tuple] = []
 
     def record(self, row_id, event, decision=None, reason=None, related_ids=(), details=None) -> None:
         self.events.append((row_id, event, decision, reason))
+
+    def record_many(self, row_ids, event, decision=None, details=None) -> None:
+        self.events.append((tuple(row_ids), event, decision, None))  # a run of events: one object
 
 
 PARTS = {"fast": part_fast, "reference": part_reference, "minhash_lsh": part_minhash, "per_byte": part_per_byte}

@@ -50,7 +50,8 @@
 #define STANDALONE 2
 #define PUNCT 3
 #define N_POWERS 64
-#define PREFETCH 16
+#define PREFETCH 64
+#define WINDOW_BATCH 4096 /* windows waiting for their probes (at least; a long row adds all of its own) */
 #define PUNCT_CODE 0x80 /* in ascii_code: punctuation (word characters' lower-cased bytes are < 0x80) */
 
 typedef struct {
@@ -112,8 +113,9 @@ typedef struct {
     uint32_t powers[N_POWERS]; /* TOKEN_P ** k */
     uint64_t *bloom;           /* blocked Bloom filter of the main hashes: 4 bits in one 64-bit word */
     int bloom_bits;            /* log2 of its number of words */
-    uint64_t *windows;         /* the n-token window hashes of the current row */
-    Py_ssize_t windows_cap;
+    uint64_t *windows;         /* n-token window hashes waiting for their probe (rows of one `scan` call) */
+    int64_t *window_pos;       /* their token positions */
+    Py_ssize_t windows_cap, n_windows;
 } Scanner;
 
 /* ---- tokens ------------------------------------------------------------------------------- */
@@ -527,32 +529,50 @@ static int probe_row(Scanner *s, const uint64_t *keys, Py_ssize_t T, int64_t bas
             }
         }
     }
-    if (T >= n && s->n_main) {
-        /* the window hashes first, then the probes with the filter words prefetched ahead */
-        Py_ssize_t nw = T - n + 1;
-        uint64_t *win = s->windows;
-        if (nw > s->windows_cap) {
-            win = realloc(s->windows, (size_t)nw * sizeof(uint64_t));
-            if (!win) {
+    if (T >= n && s->n_main) { /* the window hashes now, their probes in `probe_windows` */
+        Py_ssize_t nw = T - n + 1, at = s->n_windows;
+        if (at + nw > s->windows_cap) {
+            Py_ssize_t cap = s->windows_cap ? s->windows_cap : WINDOW_BATCH;
+            while (cap < at + nw) cap *= 2;
+            uint64_t *win = realloc(s->windows, (size_t)cap * sizeof(uint64_t));
+            if (win) s->windows = win;
+            int64_t *wpos = win ? realloc(s->window_pos, (size_t)cap * sizeof(int64_t)) : NULL;
+            if (!wpos) {
                 PyErr_NoMemory();
                 return -1;
             }
-            s->windows = win;
-            s->windows_cap = nw;
+            s->window_pos = wpos;
+            s->windows_cap = cap;
         }
+        uint64_t *win = s->windows + at;
+        int64_t *wpos = s->window_pos + at;
         uint64_t w = 0;
         for (int i = 0; i < n; i++) w = w * WINDOW_Q + keys[i];
         win[0] = w;
+        wpos[0] = base;
         for (Py_ssize_t t = 1; t < nw; t++) {
             w = (w - keys[t - 1] * s->q_top) * WINDOW_Q + keys[t + n - 1];
             win[t] = w;
+            wpos[t] = base + t;
         }
-        const unsigned shift = 64 - s->bloom_bits;
-        for (Py_ssize_t t = 0; t < nw; t++) {
-            if (t + PREFETCH < nw) __builtin_prefetch(&s->bloom[win[t + PREFETCH] >> shift]);
-            if (bloom_probe(s, win[t]) && find_main(s, win[t], &lo, &hi))
-                if (add_cand(c, base + t, n, lo, hi) < 0) return -1;
-        }
+        s->n_windows = at + nw;
+    }
+    return 0;
+}
+
+/* Probes of the waiting windows (in position order), the filter words prefetched ahead. Windows of many
+ * rows are probed together: a short row has fewer windows than the prefetch distance, so probed row by
+ * row most of its filter words would be loaded only when needed (a cache miss each). */
+static int probe_windows(Scanner *s, Cands *c) {
+    const Py_ssize_t nw = s->n_windows;
+    const uint64_t *win = s->windows;
+    const unsigned shift = 64 - s->bloom_bits;
+    int64_t lo, hi;
+    s->n_windows = 0;
+    for (Py_ssize_t t = 0; t < nw; t++) {
+        if (t + PREFETCH < nw) __builtin_prefetch(&s->bloom[win[t + PREFETCH] >> shift]);
+        if (bloom_probe(s, win[t]) && find_main(s, win[t], &lo, &hi))
+            if (add_cand(c, s->window_pos[t], s->ngram, lo, hi) < 0) return -1;
     }
     return 0;
 }
@@ -573,6 +593,7 @@ static void Scanner_dealloc(Scanner *s) {
     free(s->buckets);
     free(s->bloom);
     free(s->windows);
+    free(s->window_pos);
     free(s->tok.raw);
     free(s->tok.pend);
     free(s->keys);
@@ -778,6 +799,7 @@ static PyObject *Scanner_scan(Scanner *s, PyObject *args) {
         const uint64_t *keys = mix_keys(s, t->raw, T);
         if (!keys) goto done;
         if (probe_row(s, keys, T, base, &c) < 0) goto done;
+        if (s->n_windows >= WINDOW_BATCH && probe_windows(s, &c) < 0) goto done;
         if (vec_push(&counts, T) < 0) goto done;
         base += T;
         chars += PyUnicode_GET_LENGTH(text) + 1;
@@ -786,10 +808,12 @@ static PyObject *Scanner_scan(Scanner *s, PyObject *args) {
             break;
         }
     }
+    if (s->n_windows && probe_windows(s, &c) < 0) goto done;
     if (stop < start) stop = start;
     result = Py_BuildValue("(NNNNNn)", vec_bytes(&counts), vec_bytes(&c.pos), vec_bytes(&c.len),
                            vec_bytes(&c.lo), vec_bytes(&c.hi), stop);
 done:
+    s->n_windows = 0;
     Py_DECREF(seq);
     free(counts.data);
     free(c.pos.data);
@@ -808,7 +832,9 @@ done:
     }
     if (s->windows_cap > (1 << 20)) {
         free(s->windows);
+        free(s->window_pos);
         s->windows = NULL;
+        s->window_pos = NULL;
         s->windows_cap = 0;
     }
     return result;

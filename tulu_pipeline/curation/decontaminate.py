@@ -84,6 +84,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import operator
 import os
 import re
 import unicodedata
@@ -98,7 +99,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tulu_pipeline.data.loaders import iter_source_rows
 from tulu_pipeline.data.registry import registry
-from tulu_pipeline.provenance.ledger import DecisionSink, SharedDetails
+from tulu_pipeline.provenance.ledger import DecisionSink, SharedDetails, record_many
 
 KERNEL_ABI = 2  # the kernel's ABI constant this module expects (2: punctuation tokens)
 
@@ -867,19 +868,29 @@ class EvalIndex:
         ``turns[i]``, when given, are the turns that joined with newlines make ``texts[i]``: a short
         item making up most of one turn counts under the ``share`` policy (else only the whole text).
         """
-        query = _make_query(threshold, rule, short_items, turns)
-        results: list[list[Match]] = [[] for _ in texts]
-        self._scan(texts, query, results)
-        return results
+        found = self.match_found(texts, threshold, rule, short_items, turns)
+        return [found.get(k, []) for k in range(len(texts))]
+
+    def match_found(self, texts: Sequence[str], threshold: float, rule: Rule = "token_coverage",
+                    short_items: ShortItems = "share",
+                    turns: Sequence[Sequence[str]] | None = None) -> dict[int, list[Match]]:
+        """`match_texts` for the texts that match only: text index -> matches, best first.
+
+        The streaming step's path: no object per clean text (a list per text of a large batch costs
+        more in garbage collection than the scan of a short text).
+        """
+        found: dict[int, list[Match]] = {}
+        self._scan(texts, _make_query(threshold, rule, short_items, turns), found)
+        return found
 
     def verified_windows(self, texts: Sequence[str], query: "_Query") -> "_Windows":
         """The n-gram windows of ``texts`` that equal an n-gram of this index, unscored (one shard's
         part of `ShardedEvalIndex.match_texts`); no pair is dropped on a partial count."""
         collect = replace(query, windows=[])
-        self._scan(texts, collect, [[] for _ in texts])
+        self._scan(texts, collect, {})
         return _Windows.concat(collect.windows)
 
-    def _scan(self, texts: Sequence[str], query: "_Query", results: list[list[Match]]) -> None:
+    def _scan(self, texts: Sequence[str], query: "_Query", results: dict[int, list[Match]]) -> None:
         if not self.items:
             return
         scanner = self._scanner
@@ -906,7 +917,7 @@ class EvalIndex:
             self._match_chunk(texts, chunk_start, chunk, ascii_only, query, results)
 
     def _match_scanned(self, texts: Sequence[str], offset: int, scanned: list[bytes], query: "_Query",
-                       results: list[list[Match]]) -> None:
+                       results: dict[int, list[Match]]) -> None:
         """The kernel's candidates (``Scanner.scan``), in the numpy path's order, to `_match_candidates`."""
         counts, pos, length, lo, hi = (np.frombuffer(b, np.int64) for b in scanned)
         if not len(pos):
@@ -916,7 +927,7 @@ class EvalIndex:
                                hi[order], query, results)
 
     def _match_chunk(self, texts: Sequence[str], offset: int, encoded: list[bytes], ascii_only: bool,
-                     query: "_Query", results: list[list[Match]]) -> None:
+                     query: "_Query", results: dict[int, list[Match]]) -> None:
         n = self.ngram
         token_hashes, counts = _token_hashes(encoded, ascii_only)
         total = len(token_hashes)
@@ -973,7 +984,7 @@ class EvalIndex:
 
     def _match_candidates(self, texts: Sequence[str], offset: int, row_first: np.ndarray, pos: np.ndarray,
                           length: np.ndarray, lo: np.ndarray, hi: np.ndarray, query: "_Query",
-                          results: list[list[Match]]) -> None:
+                          results: dict[int, list[Match]]) -> None:
         """From candidate windows (token position in the chunk, length, entry range) to the matches."""
         n = self.ngram
         # Expand each candidate window to the entries (item n-grams) sharing its hash.
@@ -1024,7 +1035,7 @@ class EvalIndex:
         return query.turns is not None and len(query.turns[k] or ()) > 1
 
     def _verify_chunk(self, texts: Sequence[str], offset: int, row_first: np.ndarray, pos: np.ndarray,
-                      length: np.ndarray, entry: np.ndarray, query: "_Query", results: list[list[Match]]) -> None:
+                      length: np.ndarray, entry: np.ndarray, query: "_Query", results: dict[int, list[Match]]) -> None:
         """Exact verification of candidate windows, exact scores, and the matches of each row.
 
         ``pos`` (token position in the chunk), ``length`` and ``entry`` describe one candidate
@@ -1076,7 +1087,7 @@ class EvalIndex:
             return
         self._score_windows(texts, windows, query, results, {r + offset: t for r, t in normalized_of.items()})
 
-    def _score_windows(self, texts: Sequence[str], windows: "_Windows", query: "_Query", results: list[list[Match]],
+    def _score_windows(self, texts: Sequence[str], windows: "_Windows", query: "_Query", results: dict[int, list[Match]],
                        normalized_of: dict[int, str] | None = None) -> None:
         """The matches of each row of ``windows`` (verified, from one chunk or every shard) into ``results``."""
         n, n_items = self.ngram, len(self.items)
@@ -1117,8 +1128,9 @@ class EvalIndex:
             results[r] = _sort_matches(matches)
         for r in fallback:
             turns = query.turns[r] if query.turns is not None else None
-            results[r] = reference_matches(self.items, texts[r], n, query.threshold, query.rule,
-                                           query.short_items, turns)
+            if matches := reference_matches(self.items, texts[r], n, query.threshold, query.rule,
+                                            query.short_items, turns):
+                results[r] = matches
 
     def _score_pairs(self, pair: np.ndarray, at: np.ndarray, gram: np.ndarray, local: np.ndarray, query: "_Query",
                      found: dict[tuple[int, int], list[Any]]) -> None:
@@ -1246,15 +1258,22 @@ class ShardedEvalIndex:
                     short_items: ShortItems = "share",
                     turns: Sequence[Sequence[str]] | None = None) -> list[list[Match]]:
         """`EvalIndex.match_texts` over the parts (the same matches, in the same order)."""
+        found = self.match_found(texts, threshold, rule, short_items, turns)
+        return [found.get(k, []) for k in range(len(texts))]
+
+    def match_found(self, texts: Sequence[str], threshold: float, rule: Rule = "token_coverage",
+                    short_items: ShortItems = "share",
+                    turns: Sequence[Sequence[str]] | None = None) -> dict[int, list[Match]]:
+        """`EvalIndex.match_found` over the parts."""
         query = _make_query(threshold, rule, short_items, turns)
-        results: list[list[Match]] = [[] for _ in texts]
+        found: dict[int, list[Match]] = {}
         if not self.items or not texts:
-            return results
+            return found
         windows = _Windows.concat(self.lookup(list(texts), replace(query, turns=None)))
         self.last_windows_bytes = windows.nbytes
         if len(windows.row) or len(windows.fallback):
-            self.head._score_windows(texts, windows, query, results)
-        return results
+            self.head._score_windows(texts, windows, query, found)
+        return found
 
 
 def _turn_token_counts(turns: Sequence[str] | None, total: int) -> list[int]:
@@ -1419,6 +1438,9 @@ def quarantine_event(matches: Sequence[Match], config: DecontamConfig,
              "short_items": config.short_items})
 
 
+_ROW_ID = operator.itemgetter("row_id")
+
+
 class Decontaminator:
     """Streaming step: yields clean rows in input order, quarantines contaminated ones.
 
@@ -1445,28 +1467,34 @@ class Decontaminator:
         while batch := list(itertools.islice(rows, self.batch_size)):
             yield from self._process(batch)
 
-    def _process(self, batch: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """A batch scanned against every benchmark: the per-row work kept small (the row counters of
-        ``stats`` move a batch at a time)."""
+    def _process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The clean rows of a batch scanned against every benchmark; the batch's events recorded in input
+        order before its rows are handed on, the kept ones a run of rows at a time (`record_many`)."""
         config = self.config
         include = config.include_response
-        results = self.index.match_texts(_joined_texts(batch, include), config.threshold, config.rule,
-                                         config.short_items, _LazyTurns(batch, include))
-        stats, record, checked = self.stats, self.sink.record, self.checked
-        bad = list(itertools.compress(range(len(batch)), results))
+        found = self.index.match_found(_joined_texts(batch, include), config.threshold, config.rule,
+                                       config.short_items, _LazyTurns(batch, include))
+        stats, checked = self.stats, self.checked
         stats.rows += len(batch)
         stats.scanned["all"] += len(batch)
-        stats.clean += len(batch) - len(bad)
+        stats.clean += len(batch) - len(found)
+        if not found:
+            record_many(self.sink, list(map(_ROW_ID, batch)), "kept", "clean", checked)
+            return batch
+        clean: list[dict[str, Any]] = []
         done = 0
-        for k in bad:
-            for row in batch[done:k]:
-                record(row["row_id"], "kept", decision="clean", details=checked)
-                yield row
-            self._quarantine_row(batch[k], results[k])
+        for k in sorted(found):
+            if k > done:
+                run = batch[done:k]
+                record_many(self.sink, list(map(_ROW_ID, run)), "kept", "clean", checked)
+                clean += run
+            self._quarantine_row(batch[k], found[k])
             done = k + 1
-        for row in batch[done:] if done else batch:
-            record(row["row_id"], "kept", decision="clean", details=checked)
-            yield row
+        if done < len(batch):
+            run = batch[done:]
+            record_many(self.sink, list(map(_ROW_ID, run)), "kept", "clean", checked)
+            clean += run
+        return clean
 
     def _quarantine_row(self, row: dict[str, Any], matches: list[Match]) -> None:
         self.stats.count_quarantined(row, matches)

@@ -49,6 +49,18 @@ class DecisionSink(Protocol):
                related_ids: Sequence[str] = (), details: dict[str, Any] | None = None) -> None: ...
 
 
+def record_many(sink: DecisionSink, row_ids: Sequence[str], event: str, decision: str | None = None,
+                details: dict[str, Any] | None = None) -> None:
+    """The same event (no reason, no related ids) about each of ``row_ids``, in order: the sink's own
+    ``record_many`` where it has one (one call per run of rows), else `record` per row."""
+    many = getattr(sink, "record_many", None)
+    if many is not None:
+        many(row_ids, event, decision, details)
+        return
+    for row_id in row_ids:
+        sink.record(row_id, event, decision=decision, details=details)
+
+
 class MemorySink:
     """A `DecisionSink` that keeps events in a list (tests, dry runs, the CLI)."""
 
@@ -59,6 +71,12 @@ class MemorySink:
                related_ids: Sequence[str] = (), details: dict[str, Any] | None = None) -> None:
         self.events.append({"row_id": row_id, "event": event, "decision": decision, "reason": reason,
                             "related_ids": list(related_ids), "details": details})
+
+    def record_many(self, row_ids: Sequence[str], event: str, decision: str | None = None,
+                    details: dict[str, Any] | None = None) -> None:
+        """`record` of the same event about each of ``row_ids``."""
+        self.events += [{"row_id": row_id, "event": event, "decision": decision, "reason": None, "related_ids": [],
+                         "details": details} for row_id in row_ids]
 
 
 class SharedDetails(dict):
@@ -155,6 +173,17 @@ class LedgerWriter:
         self.count += 1
         if len(self._buffer) >= self.rows_per_part:
             self._flush()
+
+    def record_many(self, row_ids: Sequence[str], event: str, decision: str | None = None,
+                    details: dict[str, Any] | None = None) -> None:
+        """`record` of the same event (no reason, no related ids) about each of ``row_ids``, in order."""
+        shared = _event_row(self.stage, self.asset_key, self.asset_version, self.run_id, self._ts, 0, "", event,
+                            decision, None, (), details)
+        for row_id in row_ids:
+            self._buffer.append({**shared, "row_id": row_id, "seq": self.count, "related_ids": []})
+            self.count += 1
+            if len(self._buffer) >= self.rows_per_part:
+                self._flush()
 
     def _flush(self) -> None:
         if not self._buffer:
