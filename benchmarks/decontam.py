@@ -381,6 +381,16 @@ def part_per_byte(args) -> dict:
             found.append(scanned)
         return time.process_time() - cpu0, found
 
+    def canonical(found: list) -> list:
+        """Each slice's candidates (counts, pos, length, lo, hi) by length, then position: the order
+        `EvalIndex` reads them in (a build may emit windows of different lengths interleaved otherwise)."""
+        out = []
+        for counts, *columns in found:
+            arrays = [np.frombuffer(c, np.int64) for c in columns]
+            order = np.lexsort((arrays[0], arrays[1]))
+            out.append([counts, *(a[order].tobytes() for a in arrays)])
+        return out
+
     def run(rows, use_kernel: bool) -> tuple[float, Decontaminator, list]:
         index._scanner = scanner if use_kernel else None
         try:
@@ -434,7 +444,7 @@ def part_per_byte(args) -> dict:
             out[str(length)]["scan_ab"] = {
                 **{name: {"min_ns_per_byte": round(1e9 * min(v) / size, 2),
                           "median_ns_per_byte": round(1e9 * float(np.median(v)) / size, 2)} for name, v in times.items()},
-                "candidates_equal": found["this"] == found["compare"]}
+                "candidates_equal": canonical(found["this"]) == canonical(found["compare"])}
         out[str(length)]["loadavg"] = [round(x, 2) for x in (*load_before, *os.getloadavg())]
     return {"what": "Decontaminator, default config (token_coverage, short items by share), every bundled "
                     "benchmark, exhaustive (no sampling, no hit cap); ns_per_byte with the C kernel (CPU time, "

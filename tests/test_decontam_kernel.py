@@ -166,3 +166,22 @@ def test_pickled_index_keeps_the_kernel():
     assert copy._scanner is not None
     texts = generated_texts(index, seed=3)[:60]
     assert copy.match_texts(texts, 0.5) == index.match_texts(texts, 0.5)
+
+
+def test_window_probes_batched_across_rows_equal_the_numpy_path():
+    """One `scan` call over thousands of short rows (their windows probed together, many batches of waiting
+    windows, a 5,000-word row among them) finds what the numpy path finds; `match_found` holds exactly the
+    texts with matches."""
+    index = bundle_index()
+    texts = [t for seed in range(8) for t in generated_texts(index, seed) if len(t) < 2000]
+    texts.insert(len(texts) // 2, " ".join(generated_texts(index, 99)[5:40]) * 3)
+    assert sum(len(t.split()) for t in texts) > 3 * 4096
+    kernel = index.match_texts(texts, 0.5)
+    found = index.match_found(texts, 0.5)
+    scanner, index._scanner = index._scanner, None
+    try:
+        reference = index.match_texts(texts, 0.5)
+    finally:
+        index._scanner = scanner
+    assert kernel == reference
+    assert found == {k: m for k, m in enumerate(kernel) if m} and len(found) > 100

@@ -132,3 +132,39 @@ def test_events_recorded_as_columns_equal_events_recorded_one_by_one(store: Stor
         "SELECT row_id, event, stage, asset_key, seq, decision, reason, related_ids, details FROM events "
         f"WHERE asset_version = '{name}' ORDER BY seq") for name in ("one-by-one", "columns")}
     assert rows["columns"] == rows["one-by-one"] and [r["seq"] for r in rows["columns"]] == list(range(6))
+
+
+def test_events_recorded_as_runs_equal_events_recorded_one_by_one(store: Store) -> None:
+    """`record_many` (a run of rows with the same event) writes the rows `record` would, across part
+    boundaries; the `record_many` helper falls back to `record` for a sink without it."""
+    from tulu_pipeline.provenance.ledger import MemorySink, SharedDetails, record_many
+
+    shared = SharedDetails(checked=["b", "a"])
+    ids = [f"r{i}" for i in range(7)]
+    for name, runs in (("one-by-one", False), ("runs", True)):
+        with LedgerWriter(store, "s", "asset", name, "run", rows_per_part=3) as writer:
+            writer.record("first", "quarantined", decision="contaminated", reason="x", related_ids=["e"])
+            if runs:
+                writer.record_many(ids, "kept", "clean", shared)
+            else:
+                for row_id in ids:
+                    writer.record(row_id, "kept", decision="clean", details=shared)
+            writer.record("last", "kept")
+            assert writer.count == 9
+    rows = {name: Ledger(store).query(
+        "SELECT row_id, event, stage, asset_key, seq, decision, reason, related_ids, details FROM events "
+        f"WHERE asset_version = '{name}' ORDER BY seq") for name in ("one-by-one", "runs")}
+    assert rows["runs"] == rows["one-by-one"] and [r["seq"] for r in rows["runs"]] == list(range(9))
+    assert Ledger(store).query("SELECT count(DISTINCT ts) AS n FROM events WHERE asset_version = 'runs'") == [{"n": 1}]
+
+    class OneByOne:
+        def __init__(self) -> None:
+            self.events: list[dict] = []
+
+        def record(self, row_id, event, decision=None, reason=None, related_ids=(), details=None) -> None:
+            MemorySink.record(self, row_id, event, decision, reason, related_ids, details)  # type: ignore[arg-type]
+
+    plain, many = OneByOne(), MemorySink()
+    for sink in (plain, many):
+        record_many(sink, ids, "kept", "clean", shared)
+    assert plain.events == many.events and len(many.events) == 7

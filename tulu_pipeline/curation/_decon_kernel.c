@@ -303,10 +303,11 @@ static int slow_segment(const Scanner *s, Tok *t, PyObject *text, int kind, cons
 /* ASCII characters text[a..b) (each alone in its normalization segment), as `feed_ascii` one by one
  * but with the state in locals. A word's letters and digits are hashed in a tight inner loop (the
  * power of TOKEN_P in a register: about 30% fewer instructions than a branch-free step per character,
- * for about one mispredicted branch per word end); punctuation, and the character after pending
- * punctuation, take the other path. Here the pending punctuation of a word is text[pend..i) (an
- * ASCII character hashes as its byte value); what is still pending at b moves to t->pend. Inlined
- * where `kind` is a constant, so that each code-unit width reads its characters without a switch. */
+ * for about one mispredicted branch per word end). Punctuation after a word is a run read ahead to the
+ * character that decides it (a word character: the run is inside the word; else each is a token, an
+ * ASCII character hashing as its byte value), so no pending state is live in the main loop; a run
+ * still undecided at b moves to t->pend. Inlined where `kind` is a constant, so that each code-unit
+ * width reads its characters without a switch. */
 static inline __attribute__((always_inline)) int ascii_run(const Scanner *s, Tok *t, int kind, const void *data,
                                                             Py_ssize_t a, Py_ssize_t b) {
     Py_ssize_t i = a;
@@ -315,29 +316,36 @@ static inline __attribute__((always_inline)) int ascii_run(const Scanner *s, Tok
     if (reserve(t, b - i + 2) < 0) return -1; /* at most one token per character, plus one */
     uint32_t *raw = t->raw, h = t->h, k = t->k, in_tok = t->in_token;
     Py_ssize_t nt = t->nt, pend = -1;
-    const uint8_t *cls = s->ascii_cls, *code = s->ascii_code;
+    const uint8_t *code = s->ascii_code;
     for (; i < b; i++) {
-        uint32_t c = PyUnicode_READ(kind, data, i);
-        uint32_t v = code[c];
-        if (__builtin_expect((v >> 7) | (pend >= 0), 0)) {
-            if (cls[c] == PUNCT) {
-                if (!in_tok) raw[nt++] = c;
-                else if (pend < 0) pend = i;
-                continue;
-            }
-            if (cls[c] == WORD) { /* the pending punctuation is inside the word */
-                for (Py_ssize_t j = pend; j < i; j++) h += (uint32_t)PyUnicode_READ(kind, data, j) * pow_at(s, k++);
-            } else { /* the word ends, then its trailing punctuation, one token each */
-                raw[nt++] = h;
-                for (Py_ssize_t j = pend; j < i; j++) raw[nt++] = PyUnicode_READ(kind, data, j);
-                h = k = in_tok = 0;
-            }
-            pend = -1;
-        }
+        uint32_t v = code[PyUnicode_READ(kind, data, i)];
         if (v == 0) { /* a separator */
             if (in_tok) raw[nt++] = h;
             h = k = in_tok = 0;
             continue;
+        }
+        if (__builtin_expect(v >> 7, 0)) { /* punctuation: text[i..j) is a run of it */
+            if (!in_tok) {
+                raw[nt++] = PyUnicode_READ(kind, data, i);
+                continue;
+            }
+            Py_ssize_t j = i + 1;
+            while (j < b && code[PyUnicode_READ(kind, data, j)] >> 7) j++;
+            if (j == b) { /* still pending where the run ends */
+                pend = i;
+                break;
+            }
+            v = code[PyUnicode_READ(kind, data, j)];
+            if (v == 0) { /* the word ends, then its trailing punctuation, one token each */
+                raw[nt++] = h;
+                for (Py_ssize_t q = i; q < j; q++) raw[nt++] = PyUnicode_READ(kind, data, q);
+                h = k = in_tok = 0;
+                i = j;
+                continue;
+            }
+            /* a word character: the punctuation is inside the word */
+            for (Py_ssize_t q = i; q < j; q++) h += (uint32_t)PyUnicode_READ(kind, data, q) * pow_at(s, k++);
+            i = j;
         }
         /* a word character (v: its lower-cased byte), then the word characters right after it */
         uint32_t pw = pow_at(s, k);
