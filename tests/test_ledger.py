@@ -104,6 +104,12 @@ def test_events_written_in_parts_read_back_as_recorded_ones(store: Store) -> Non
             writer.adopt_parts([("_ray/none.parquet", 0)])
 
 
+def events_of_version(store: Store, version: str) -> list[dict]:
+    """The events of one asset version in ``seq`` order (every column a run does not set itself)."""
+    return Ledger(store).query("SELECT row_id, event, stage, asset_key, seq, decision, reason, related_ids, details "
+                               f"FROM events WHERE asset_version = '{version}' ORDER BY seq")
+
+
 def test_events_recorded_as_columns_equal_events_recorded_one_by_one(store: Store) -> None:
     """`LedgerWriter.record_columns` (a whole batch decided at once) writes the rows `record` would, `seq`
     continuing across both; `SharedDetails` serialize as a plain dict does."""
@@ -128,9 +134,7 @@ def test_events_recorded_as_columns_equal_events_recorded_one_by_one(store: Stor
                     writer.record(row_id, event, decision=decision, reason=reason, related_ids=related, details=details)
             writer.record("last", "kept")
             assert writer.count == 6
-    rows = {name: Ledger(store).query(
-        "SELECT row_id, event, stage, asset_key, seq, decision, reason, related_ids, details FROM events "
-        f"WHERE asset_version = '{name}' ORDER BY seq") for name in ("one-by-one", "columns")}
+    rows = {name: events_of_version(store, name) for name in ("one-by-one", "columns")}
     assert rows["columns"] == rows["one-by-one"] and [r["seq"] for r in rows["columns"]] == list(range(6))
 
 
@@ -151,9 +155,7 @@ def test_events_recorded_as_runs_equal_events_recorded_one_by_one(store: Store) 
                     writer.record(row_id, "kept", decision="clean", details=shared)
             writer.record("last", "kept")
             assert writer.count == 9
-    rows = {name: Ledger(store).query(
-        "SELECT row_id, event, stage, asset_key, seq, decision, reason, related_ids, details FROM events "
-        f"WHERE asset_version = '{name}' ORDER BY seq") for name in ("one-by-one", "runs")}
+    rows = {name: events_of_version(store, name) for name in ("one-by-one", "runs")}
     assert rows["runs"] == rows["one-by-one"] and [r["seq"] for r in rows["runs"]] == list(range(9))
     assert Ledger(store).query("SELECT count(DISTINCT ts) AS n FROM events WHERE asset_version = 'runs'") == [{"n": 1}]
 
