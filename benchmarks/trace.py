@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -275,15 +274,18 @@ def stats(per_id: dict) -> dict:
 
 
 def compact_in_child(home: str, buckets: int, memory_limit: str) -> dict:
+    # The child reports its own peak (VmHWM): RUSAGE_CHILDREN's ru_maxrss is the largest of every child so far,
+    # and a child spawned by vfork starts with this process's peak.
     code = ("import json, sys; from tulu_pipeline.storage import Store; "
             "from tulu_pipeline.provenance.compaction import compact; "
-            f"print(json.dumps(compact(Store({home!r}), buckets={buckets}, memory_limit={memory_limit!r})))")
+            "from tulu_pipeline.process_memory import peak_rss_mb; "
+            f"result = compact(Store({home!r}), buckets={buckets}, memory_limit={memory_limit!r}); "
+            "result['child_peak_rss_mb'] = round(peak_rss_mb() or 0.0, 1); print(json.dumps(result))")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, check=True)
     wall = time.perf_counter() - start
     result = json.loads(done.stdout)
     result["wall_s"] = round(wall, 2)
-    result["child_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
     return result
 
 
