@@ -6,7 +6,8 @@ distribution (p ~ 1/rank) over the surface vocabulary (whitespace-split, casing 
 kept) of the bundled training sources. Every ``--plant-every``-th row embeds a real eval item in its
 user turn, in one of four ways taken in turn: verbatim, upper-cased, punctuation replaced by
 spaces, or split across two user turns with an assistant turn between them. Recall is the share of
-planted rows whose matches include the planted item.
+planted rows whose matches include the planted item, overall and per way of planting (with how many of
+the misses are items shorter than n tokens, which the short-item policy lets count only as most of a turn).
 
 Index: every registry source with role ``eval`` (user turns as item text), default config
 (8-grams, 50% coverage).
@@ -15,7 +16,7 @@ Measured, each in its own process pinned to one core (``os.sched_setaffinity``),
 is its own:
 
 - ``fast``: `Decontaminator` (with a counting sink) over ``--rows`` rows; time excludes generating
-  the rows. Also: the part of that time spent in `EvalIndex.match_texts`.
+  the rows. Also: the part of that time spent in `EvalIndex.match_found`.
 - ``reference`` (baseline a): `reference_matches` row by row (plain sets of n-gram tuples with an
   n-gram -> items dict) on the first ``--baseline-rows`` rows of the same stream. Its matches
   must equal the fast path's on those rows (``agrees_with_fast``).
@@ -74,6 +75,7 @@ DECON_NS_PER_BYTE = 34_000 / 5_800  # allenai/decon: ~34 us per document of ~5.8
 ROW_BYTES = (200, 1_000, 5_000, 20_000)
 ZIPF_EXPONENT = 1.0
 CHUNK_ROWS = 10_000
+PLANTING = ("verbatim", "upper-cased", "punctuation->spaces", "split across two user turns")  # in turn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +202,7 @@ def part_fast(args) -> dict:
     sink = CountingSink()
     step = Decontaminator(index, config, sink, batch_size=args.batch_size)
     match_s = 0.0
-    inner = index.match_texts
+    inner = index.match_found  # what the streaming step calls
 
     def timed_match(*args, **kwargs):
         nonlocal match_s
@@ -209,7 +211,7 @@ def part_fast(args) -> dict:
         match_s += time.perf_counter() - t
         return out
 
-    index.match_texts = timed_match
+    index.match_found = timed_match
 
     def rows():
         for chunk in stream.chunks():
@@ -220,13 +222,21 @@ def part_fast(args) -> dict:
     wall = time.perf_counter() - wall0 - stream.generation_seconds
     cpu = time.process_time() - cpu0 - stream.generation_seconds
     flagged = {int(q["row"]["row_id"].split("-")[1]): q["matches"] for q in step.quarantine}
-    hits = sum(1 for i, item in stream.planted.items() if any(m.eval_row_id == item.row_id for m in flagged.get(i, ())))
+    found = {i for i, item in stream.planted.items() if any(m.eval_row_id == item.row_id for m in flagged.get(i, ()))}
+    hits = len(found)
     unplanted = {i: m for i, m in flagged.items() if i not in stream.planted}
+    by_way: dict[str, list[int]] = {}  # way -> [planted, found, missed items shorter than n tokens]
+    for i, item in stream.planted.items():
+        way = PLANTING[(i // args.plant_every) % len(PLANTING)]
+        counts = by_way.setdefault(way, [0, 0, 0])
+        counts[0] += 1
+        counts[1] += i in found
+        counts[2] += i not in found and len(tokenize(item.text)) < config.ngram
     return {
         "rows": args.rows, "seconds": round(wall, 3), "cpu_seconds": round(cpu, 3),
         "rows_per_s": rate(args.rows, wall), "rows_per_s_per_core": rate(args.rows, cpu),
         "us_per_row": round(1e6 * cpu / args.rows, 2),
-        "match_texts_seconds": round(match_s, 3),
+        "match_found_seconds": round(match_s, 3),
         "step_overhead_seconds": round(wall - match_s, 3),
         "generation_seconds_excluded": round(stream.generation_seconds, 3),
         "index_build_seconds": round(build_s, 3), "index": index.summary(),
@@ -234,6 +244,8 @@ def part_fast(args) -> dict:
         "kept": kept, "quarantined": len(step.quarantine), "sink_events": dict(sink.events),
         "planted": len(stream.planted), "planted_found": hits,
         "planted_recall": round(hits / len(stream.planted), 6) if stream.planted else None,
+        "planted_recall_by_way": {way: {"planted": n, "found": f, "recall": round(f / n, 4), "missed_short_items": s}
+                                  for way, (n, f, s) in by_way.items()},
         "unplanted_flagged": len(unplanted),
         "unplanted_examples": [{"row": i, "benchmark": m[0].benchmark, "eval_id": m[0].eval_id,
                                 "score": round(m[0].score, 3), "span": m[0].span[:120]}
@@ -567,7 +579,7 @@ def main() -> None:
                  "words_per_row": "user 100-200 (mean 150) + assistant 20-60", "zipf_exponent": ZIPF_EXPONENT,
                  "vocabulary": f"{fast.pop('vocabulary_words')} surface words of the bundled training sources",
                  "plant_every": args.plant_every,
-                 "planting": "verbatim / upper-cased / punctuation->spaces / split across two user turns, in turn"},
+                 "planting": " / ".join(PLANTING) + ", in turn"},
         "target_rows_per_s_per_core": TARGET_ROWS_PER_S,
         "meets_target": fast["rows_per_s_per_core"] >= TARGET_ROWS_PER_S and fast["peak_rss_mb"] < 2048,
         "fast": fast,
