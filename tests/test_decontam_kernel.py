@@ -185,3 +185,45 @@ def test_window_probes_batched_across_rows_equal_the_numpy_path():
         index._scanner = scanner
     assert kernel == reference
     assert found == {k: m for k, m in enumerate(kernel) if m} and len(found) > 100
+
+
+@pytest.mark.parametrize("include_response", [False, True])
+def test_kernel_joined_texts_equal_training_text(include_response):
+    """The kernel's `joined_texts` (the texts a batch is scanned as) equals `training_text` row by row: one
+    turn, several, roles left out, roles built at run time (equal, not the same object), and every row the
+    kernel hands to the fallback (no messages, a message that is not a dict, a role or content that is not a
+    plain str)."""
+
+    class Text(str):
+        pass
+
+    def role(name: str) -> str:
+        return "".join(list(name))  # an equal string, not the interned literal
+
+    def msg(r: str, content) -> dict:
+        return {"role": r, "content": content}
+
+    rows = [{"messages": [msg("user", "only one")]},
+            {"messages": [msg(role("system"), "be brief"), msg(role("user"), "hi"), msg("assistant", "hello"),
+                          msg("user", "again")]},
+            {"messages": [msg("assistant", "no user turn")]},
+            {"messages": []},
+            {"messages": [msg("user", "a"), msg("tool", "skipped"), msg("user", "")]},
+            {"messages": [msg(Text("user"), "a str subclass role")]},
+            {"messages": [msg("user", Text("a str subclass content")), msg("user", "b")]},
+            {"messages": ({"role": "user", "content": "a tuple of messages"},)},
+            {"messages": [["user", "not a dict"]]},
+            {"messages": [{"content": "no role"}]},
+            {"messages": [{"role": "user"}]},
+            {"other": "no messages"},
+            {"messages": [msg("user", "x" * 5000), msg("assistant", "y"), msg("user", "z")]}]
+
+    def fallback(row: dict) -> str:
+        try:
+            return dc.training_text(row, include_response)
+        except (KeyError, TypeError, AttributeError):
+            return "<fallback>"
+
+    roles = ("system", "user", "assistant") if include_response else ("system", "user")
+    for given in (roles, list(roles)):
+        assert dc._decon_kernel.joined_texts(rows, given, fallback) == [fallback(row) for row in rows]

@@ -1157,6 +1157,21 @@ done:
     return out;
 }
 
+/* Whether `role` (a str) is one of `roles`: identity first (roles read from one file share few objects), then
+ * string equality; any other container of roles through the sequence protocol. */
+static int role_in(PyObject *roles, PyObject *role) {
+    if (!PyTuple_CheckExact(roles)) return PySequence_Contains(roles, role);
+    Py_ssize_t n = PyTuple_GET_SIZE(roles);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyTuple_GET_ITEM(roles, i) == role) return 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *r = PyTuple_GET_ITEM(roles, i);
+        if (PyUnicode_CheckExact(r) && PyUnicode_Compare(r, role) == 0) return 1;
+        if (PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
 /* joined_texts(rows, roles, fallback) -> list of str: for each row,
  * "\n".join(m["content"] for m in row["messages"] if m["role"] in roles); a row not made of a dict
  * with a list of dicts holding str roles and contents goes to fallback(row). */
@@ -1183,7 +1198,8 @@ static PyObject *joined_texts(PyObject *self, PyObject *args) {
         if (messages && PyList_CheckExact(messages)) {
             Py_ssize_t m = PyList_GET_SIZE(messages);
             int ok = 1;
-            if (PyList_SetSlice(parts, 0, PyList_GET_SIZE(parts), NULL) < 0) goto fail;
+            PyObject *first = NULL; /* the only content so far (borrowed): `parts` is filled from a second one */
+            if (PyList_GET_SIZE(parts) && PyList_SetSlice(parts, 0, PyList_GET_SIZE(parts), NULL) < 0) goto fail;
             for (Py_ssize_t j = 0; j < m && ok; j++) {
                 PyObject *msg = PyList_GET_ITEM(messages, j);
                 if (!PyDict_CheckExact(msg)) {
@@ -1200,7 +1216,7 @@ static PyObject *joined_texts(PyObject *self, PyObject *args) {
                     ok = 0;
                     break;
                 }
-                int in = PySequence_Contains(roles, role);
+                int in = role_in(roles, role);
                 if (in < 0) goto fail;
                 if (!in) continue;
                 PyObject *content = PyDict_GetItemWithError(msg, k_content);
@@ -1213,12 +1229,19 @@ static PyObject *joined_texts(PyObject *self, PyObject *args) {
                     ok = 0;
                     break;
                 }
+                if (!first && !PyList_GET_SIZE(parts)) {
+                    first = content;
+                    continue;
+                }
+                if (first) {
+                    if (PyList_Append(parts, first) < 0) goto fail;
+                    first = NULL;
+                }
                 if (PyList_Append(parts, content) < 0) goto fail;
             }
             if (ok) {
-                Py_ssize_t np_ = PyList_GET_SIZE(parts);
-                if (np_ == 1) {
-                    text = PyList_GET_ITEM(parts, 0);
+                if (first) {
+                    text = first;
                     Py_INCREF(text);
                 } else {
                     text = PyUnicode_Join(sep, parts);
