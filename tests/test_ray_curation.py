@@ -356,6 +356,24 @@ def test_band_records_go_through_the_object_store_not_files_under_tulu_home(tmp_
     assert bucket_records == sum(u["rows"] for u in result.ray_metrics["usage"] if u["step"] == "buckets")
 
 
+def test_a_failing_signature_or_bucket_task_fails_the_dedup_run_and_publishes_nothing(tmp_path, ray_local) -> None:
+    rows = [_row(i, " ".join(_words(300 + i))) for i in range(8)]
+    for step in ("signatures", "buckets"):
+        store = Store(str(tmp_path / step))
+        store.write_dataset("normalized_prompts", "fail", (rows[i:i + 2] for i in range(0, 8, 2)), ROW_SCHEMA)
+
+        def fail(at: str, shard: int, step: str = step) -> None:
+            if at == step and shard == 1:
+                raise ValueError(f"injected failure in {at} {shard}")
+
+        with pytest.raises(Exception, match=f"injected failure in {step} 1"):
+            deduplicate_prompts_ray(store, CurationConfig(executor="ray", ray=RaySettings(shard_rows=2)), "run-1",
+                                    shard_hook=fail)
+        assert store.latest_version("deduplicated_prompts") is None
+        assert not _events(store, "deduplicated_prompts")
+        assert not store.fs.find(store.path(RAY_DIR))
+
+
 def test_distinct_answers_keep_near_identical_prompts_across_shards(tmp_path, ray_local) -> None:
     store = Store(str(tmp_path / "home"))
     base = _words(3)

@@ -332,10 +332,17 @@ class _Run:
         def finished() -> Iterator[dict[str, Any]]:
             pending = [result for result, _ in refs]
             while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                yield json.loads(ray.get(ready[0]))
+                # All that finished within a second: one wait per second, not one per task, over all the refs.
+                ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+                for result in ray.get(ready):
+                    yield json.loads(result)
 
-        return self._collect(step, finished(), len(shards)), [table for _, table in refs]
+        try:
+            return self._collect(step, finished(), len(shards)), [table for _, table in refs]
+        except BaseException:
+            for result, _ in refs:  # a failed shard fails the run: stop the others writing to the staging dir
+                ray.cancel(result)
+            raise
 
     def map_groups(self, step: str, tables: list[Any], groups: int, schema: pa.Schema,
                    fn: Callable[..., dict[str, Any]], **kwargs: Any) -> list[dict[str, Any]]:
