@@ -26,10 +26,14 @@ local path's rows and events.
    shard with the shard sorted in `dedup_order`, one record per LSH band (``bucket`` = hash of band
    index and band values; the digest without near dedup) is emitted, and a sample of its order keys
    is returned; the driver cuts the keep order into publish ranges at quantiles of the samples;
-2. the shuffle: each task writes its band records partitioned by bucket hash (one Parquet row
-   group per partition); one reducer task per partition reads its row groups from every shard,
-   and every bucket with two or more rows yields edges of the candidate-pair graph (rows that
-   share no bucket with anyone are unique and never leave their shard). Its connected components
+2. the shuffle: each signature task returns its band records (with the bucket's partition, a hash
+   of the bucket mod ``ray.shuffle_partitions``) as an Arrow table that stays in the object store,
+   not in TULU_HOME; Ray Data groups them by partition (``groupby(...).map_groups``, its hash
+   shuffle through the object store, spilled by Ray), and one reducer per partition turns every
+   bucket with two or more rows into edges of the candidate-pair graph (a reducer holds one
+   partition's band records; its edges, sorted sets, do not depend on the order the shuffle
+   delivers them in). The edges are written as files for the later steps, whose shuffles still go
+   through TULU_HOME. Its connected components
    are computed on the workers, by rounds of large-star / small-star (`_star_round`, each a
    shuffle of the edges by node hash) until every component is a star around its least row id,
    which names the cluster; the labels go back partitioned by each row's home shard, so the
