@@ -15,9 +15,11 @@ Per stage and run:
   scheduling in the driver included) per million rows read; ``driver_publish_s_per_m_rows``: wall
   seconds from the last task's end to the stage's return (the commit of the parts);
 - ``worker_cpu_ms_per_row``: CPU inside shard tasks per row (contention does not inflate it);
-- ``shuffle_bytes_per_row``: intermediate files written for later steps (dedup: bucket records,
-  candidate graph rounds, labels, range-cut runs, cluster members, decisions; decontamination with
+- ``shuffle_bytes_per_row``: bytes handed from one step to the next (dedup: the band records' Arrow
+  bytes, shuffled through the object store by Ray Data, then files under TULU_HOME for the candidate
+  graph rounds, labels, range-cut runs, cluster members and decisions; decontamination with
   ``--index-parts K``: the texts sent to each of the K index parts plus the verified windows back);
+  ``shuffle_bytes_per_row_by_step`` splits them by step (``signatures``: the band records);
 - ``peak_worker_rss_mb``; ``driver_rss_mb``: the driver's resident memory after the stage.
 
 The smallest pool is also curated in process (``executor: local``) and each stage's rows and ledger
@@ -152,10 +154,9 @@ def run_ray(home: Path, config: CurationConfig, workers: int, object_store_mb: i
                 "driver_publish_s": round(result.ray_metrics["wall_s"] - publish_at, 3),
                 "driver_publish_s_per_m_rows": round((result.ray_metrics["wall_s"] - publish_at) * per_m, 2),
                 "worker_cpu_ms_per_row": round(1000 * sum(u["cpu_s"] for u in usage) / rows_in, 4),
-                "worker_cpu_ms_per_row_by_step": {
-                    step: round(1000 * sum(u["cpu_s"] for u in usage if u["step"] == step) / rows_in, 4)
-                    for step in dict.fromkeys(u["step"] for u in usage)},
+                "worker_cpu_ms_per_row_by_step": _by_step(usage, "cpu_s", 1000 / rows_in, 4),
                 "shuffle_bytes_per_row": round(sum(u["shuffle_bytes"] for u in usage) / rows_in, 1),
+                "shuffle_bytes_per_row_by_step": _by_step(usage, "shuffle_bytes", 1 / rows_in, 1),
                 "peak_worker_rss_mb": result.ray_metrics["peak_worker_rss_mb"],
                 "driver_rss_mb": _rss_mb(),
             }
@@ -183,6 +184,12 @@ def run_local(home: Path, config: CurationConfig) -> dict:
                      "output_digest": _output_digest(store, name, result.version),
                      "wall_s": round(time.perf_counter() - wall, 3)}
     return out
+
+
+def _by_step(usage: list[dict], field: str, scale: float, digits: int) -> dict[str, float]:
+    """``field`` summed per step of the run, times ``scale`` (per row), in step order."""
+    return {step: round(scale * sum(u[field] for u in usage if u["step"] == step), digits)
+            for step in dict.fromkeys(u["step"] for u in usage)}
 
 
 def main() -> int:

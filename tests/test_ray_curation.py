@@ -321,6 +321,59 @@ def test_planted_clusters_across_many_shards_get_the_same_answers_on_both_execut
                           local_results["decontaminated_prompts"])
 
 
+def test_band_records_go_through_the_object_store_not_files_under_tulu_home(tmp_path, ray_local) -> None:
+    store = Store(str(tmp_path / "home"))
+    base = _words(5)
+    texts = [" ".join(_words(seed)) for seed in range(200, 216)]
+    texts[3], texts[12] = " ".join(base), " ".join(base[:79] + ["other"])  # a near pair across shards
+    rows = [_row(i, t) for i, t in enumerate(texts)]
+    store.write_dataset("normalized_prompts", "bands", (rows[i:i + 4] for i in range(0, len(rows), 4)), ROW_SCHEMA)
+    listing = tmp_path / "staged.txt"
+
+    def list_staged(step: str, shard: int) -> None:
+        # In the worker, once a task's outputs are written: every file staged under TULU_HOME so far.
+        with open(listing, "a") as out:
+            out.writelines(f"{step} {path.name}\n" for path in (tmp_path / "home" / RAY_DIR).rglob("*")
+                           if path.is_file())
+
+    events: list[dict] = []
+    result = deduplicate_prompts_ray(store, CurationConfig(executor="ray", ray=RaySettings(shard_rows=4)), "run-1",
+                                     progress=events.append, shard_hook=list_staged)
+
+    staged = listing.read_text().splitlines()
+    names = {line.split()[1] for line in staged}
+    assert any(line.startswith("buckets ") for line in staged)  # the reducers ran the hook too
+    assert {"shard-000000.sorted.parquet", "shard-000000.signatures.parquet", "shard-000000.cc-000.parquet"} <= names
+    assert not [n for n in names if "buckets" in n]  # no band-record files: the shuffle is Ray Data's
+    local = Deduplicator(CurationConfig().dedup, MemorySink())
+    kept = [r["row_id"] for r in local(dedup_order(rows, CurationConfig().dedup.source_priority))]
+    assert [r["row_id"] for r in store.iter_rows("deduplicated_prompts", result.version)] == kept
+    assert "synthetic-0012" not in kept
+    # The shuffle volume reported is the band records' Arrow bytes sent through the object store.
+    signatures = [u for u in result.ray_metrics["usage"] if u["step"] == "signatures"]
+    assert len(signatures) == 4 and all(u["shuffle_bytes"] > 0 for u in signatures)
+    bucket_records = next(e["bucket_records"] for e in events if e.get("step") == "clusters")
+    assert bucket_records == sum(u["rows"] for u in result.ray_metrics["usage"] if u["step"] == "buckets")
+
+
+def test_a_failing_signature_or_bucket_task_fails_the_dedup_run_and_publishes_nothing(tmp_path, ray_local) -> None:
+    rows = [_row(i, " ".join(_words(300 + i))) for i in range(8)]
+    for step in ("signatures", "buckets"):
+        store = Store(str(tmp_path / step))
+        store.write_dataset("normalized_prompts", "fail", (rows[i:i + 2] for i in range(0, 8, 2)), ROW_SCHEMA)
+
+        def fail(at: str, shard: int, step: str = step) -> None:
+            if at == step and shard == 1:
+                raise ValueError(f"injected failure in {at} {shard}")
+
+        with pytest.raises(Exception, match=f"injected failure in {step} 1"):
+            deduplicate_prompts_ray(store, CurationConfig(executor="ray", ray=RaySettings(shard_rows=2)), "run-1",
+                                    shard_hook=fail)
+        assert store.latest_version("deduplicated_prompts") is None
+        assert not _events(store, "deduplicated_prompts")
+        assert not store.fs.find(store.path(RAY_DIR))
+
+
 def test_distinct_answers_keep_near_identical_prompts_across_shards(tmp_path, ray_local) -> None:
     store = Store(str(tmp_path / "home"))
     base = _words(3)

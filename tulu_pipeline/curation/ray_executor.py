@@ -26,10 +26,14 @@ local path's rows and events.
    shard with the shard sorted in `dedup_order`, one record per LSH band (``bucket`` = hash of band
    index and band values; the digest without near dedup) is emitted, and a sample of its order keys
    is returned; the driver cuts the keep order into publish ranges at quantiles of the samples;
-2. the shuffle: each task writes its band records partitioned by bucket hash (one Parquet row
-   group per partition); one reducer task per partition reads its row groups from every shard,
-   and every bucket with two or more rows yields edges of the candidate-pair graph (rows that
-   share no bucket with anyone are unique and never leave their shard). Its connected components
+2. the shuffle: each signature task returns its band records (with the bucket's partition, a hash
+   of the bucket mod ``ray.shuffle_partitions``) as an Arrow table that stays in the object store,
+   not in TULU_HOME; Ray Data groups them by partition (``groupby(...).map_groups``, its hash
+   shuffle through the object store, spilled by Ray), and one reducer per partition turns every
+   bucket with two or more rows into edges of the candidate-pair graph (a reducer holds one
+   partition's band records; its edges, sorted sets, do not depend on the order the shuffle
+   delivers them in). The edges are written as files for the later steps, whose shuffles still go
+   through TULU_HOME. Its connected components
    are computed on the workers, by rounds of large-star / small-star (`_star_round`, each a
    shuffle of the edges by node hash) until every component is a star around its least row id,
    which names the cluster; the labels go back partitioned by each row's home shard, so the
@@ -290,6 +294,22 @@ class _Run:
             self.progress({"event": "curation_progress", "stage": self.stage,
                            "elapsed_s": round(time.perf_counter() - self.started, 3), **event})
 
+    def _task_kwargs(self, step: str, fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {"fn": fn, "root": self.store.url, "staging": self.staging, "step": step, "hook": self.shard_hook,
+                "kwargs": kwargs}
+
+    def _collect(self, step: str, results: Iterable[dict[str, Any]], total: int) -> list[dict[str, Any]]:
+        """The tasks' results as they finish, each recorded in ``usage`` and reported; in shard order."""
+        done: list[dict[str, Any]] = []
+        rows = 0
+        for result in results:
+            done.append(result)
+            rows += result["rows_in"]
+            self.usage.append({"step": step, "shard": result["shard"], "rows": result["rows_in"],
+                               "shuffle_bytes": result.get("shuffle_bytes", 0), **result["usage"]})
+            self.report(step=step, shards_done=len(done), shards=total, rows_done=rows)
+        return sorted(done, key=lambda r: r["shard"])
+
     def map_shards(self, step: str, shards: list[Shard], fn: Callable[..., dict[str, Any]],
                    **kwargs: Any) -> list[dict[str, Any]]:
         """Run ``fn(shard item, ...)`` once per shard as a Ray Data map; results in shard order."""
@@ -300,19 +320,55 @@ class _Run:
         items = [asdict(s) for s in shards]
         with _quiet_remote_args():
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
-                _shard_task, fn_kwargs={"fn": fn, "root": self.store.url, "staging": self.staging, "step": step,
-                                        "hook": self.shard_hook, "kwargs": kwargs},
-                **_remote_args(self.config.ray))
+                _shard_task, fn_kwargs=self._task_kwargs(step, fn, kwargs), **_remote_args(self.config.ray))
+        return self._collect(step, (json.loads(row["result"]) for row in ds.iter_rows()), len(shards))
+
+    def map_shards_to_tables(self, step: str, shards: list[Shard], fn: Callable[..., dict[str, Any]],
+                             **kwargs: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+        """`map_shards` for a step whose tasks also output an Arrow table (``result["table"]``): one Ray task
+        per shard, the table left in the object store. Returns the results and the tables' object refs,
+        both in shard order; the driver owns the refs, so Ray rebuilds a lost table by re-running its task."""
+        import ray
+
+        task = ray.remote(_table_task).options(num_returns=2, **_remote_args(self.config.ray))
+        refs = [task.remote(asdict(shard), **self._task_kwargs(step, fn, kwargs)) for shard in shards]
+
+        def finished() -> Iterator[dict[str, Any]]:
+            pending = [result for result, _ in refs]
+            while pending:
+                # All that finished within a second: one wait per second, not one per task, over all the refs.
+                ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+                for result in ray.get(ready):
+                    yield json.loads(result)
+
+        try:
+            return self._collect(step, finished(), len(shards)), [table for _, table in refs]
+        except BaseException:
+            for result, _ in refs:  # a failed shard fails the run: stop the others writing to the staging dir
+                ray.cancel(result)
+            raise
+
+    def map_groups(self, step: str, tables: list[Any], groups: int, schema: pa.Schema,
+                   fn: Callable[..., dict[str, Any]], **kwargs: Any) -> list[dict[str, Any]]:
+        """Run ``fn(group)`` once per ``partition`` value of the rows of ``tables`` (object refs to Arrow
+        tables with a ``partition`` column in ``range(groups)``), grouped by Ray Data's shuffle through the
+        object store; ``fn`` gets its group as the ``table`` keyword. Results in partition order; a
+        partition with no rows is never a group, so ``fn`` runs for it on the driver with an empty table
+        of ``schema`` (its outputs must exist for the next step)."""
+        import ray.data
+
         results: list[dict[str, Any]] = []
-        rows = 0
-        for result in ds.iter_rows():
-            result = json.loads(result["result"])
-            results.append(result)
-            rows += result["rows_in"]
-            self.usage.append({"step": step, "shard": result["shard"], "rows": result["rows_in"],
-                               "shuffle_bytes": result.get("shuffle_bytes", 0), **result["usage"]})
-            self.report(step=step, shards_done=len(results), shards=len(shards), rows_done=rows)
-        return sorted(results, key=lambda r: r["shard"])
+        if tables:
+            with _quiet_remote_args():
+                ds = ray.data.from_arrow_refs(tables).groupby("partition", num_partitions=groups).map_groups(
+                    _group_task, batch_format="pyarrow", fn_kwargs=self._task_kwargs(step, fn, kwargs),
+                    **_remote_args(self.config.ray))
+                results = self._collect(step, (json.loads(row["result"]) for row in ds.iter_rows()), groups)
+        seen = {r["shard"] for r in results}
+        for p in range(groups):
+            if p not in seen:
+                fn(self.store, Shard(p, "", "", "", 0, 0), self.staging, table=schema.empty_table(), **kwargs)
+        return results
 
     def parts(self, results: list[dict[str, Any]], kind: str, count: str) -> list[tuple[str, int]]:
         """Each shard's staged ``kind`` file with its row count (``result[count]``), in shard order."""
@@ -338,17 +394,33 @@ class _Run:
                 "peak_worker_rss_mb": round(max((u["peak_rss_mb"] for u in self.usage), default=0.0), 1)}
 
 
-def _shard_task(item: dict[str, Any], *, fn: Callable[..., dict[str, Any]], root: str, staging: str, step: str,
-                hook: ShardHook | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _run_task(shard: Shard, *, fn: Callable[..., dict[str, Any]], root: str, staging: str, step: str,
+              hook: ShardHook | None, kwargs: dict[str, Any]) -> dict[str, Any]:
     started_cpu, started_wall = time.process_time(), time.perf_counter()
-    shard = _shard_of(item)
-    store = Store(root)
-    result = fn(store, shard, staging, **kwargs)
+    result = fn(Store(root), shard, staging, **kwargs)
     if hook is not None:
         hook(step, shard.index)
     result.update(shard=shard.index, usage=_worker_usage(started_cpu, started_wall))
+    return result
+
+
+def _shard_task(item: dict[str, Any], **task: Any) -> dict[str, Any]:
     # One JSON column: Ray Data infers block schemas from values, and nested stats vary per shard.
-    return {"result": json.dumps(result, default=str)}
+    return {"result": json.dumps(_run_task(_shard_of(item), **task), default=str)}
+
+
+def _table_task(item: dict[str, Any], **task: Any) -> tuple[str, pa.Table]:
+    result = _run_task(_shard_of(item), **task)
+    table = result.pop("table")
+    return json.dumps(result, default=str), table
+
+
+def _group_task(group: pa.Table, **task: Any) -> pa.Table:
+    """One group of `_Run.map_groups`: the task of partition ``group["partition"][0]``."""
+    partition = group.column("partition")[0].as_py()
+    task["kwargs"] = {**task["kwargs"], "table": group}
+    result = _run_task(Shard(partition, "", "", "", 0, 0), **task)
+    return pa.table({"result": [json.dumps(result, default=str)]})
 
 
 def _add_counts(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
@@ -523,30 +595,32 @@ def _read_partition(store: Store, rels: list[str], partition: int) -> pa.Table |
 
 def _signature_shard(store: Store, shard: Shard, staging: str, *, config: dict[str, Any],
                      partitions: int) -> dict[str, Any]:
-    """Per row: sha256 and MinHash (`Deduplicator.signature`), its buckets by partition, and the shard's
-    rows as a run sorted in `dedup_order` (the driver merges the runs)."""
+    """Per row: sha256 and MinHash (`Deduplicator.signature`) and the shard's rows as a run sorted in
+    `dedup_order` (the driver merges the runs), both written beside the shard; its band records, by
+    partition, returned as an Arrow table (``table``) for the shuffle through the object store."""
     dedup_config = DedupConfig(**config)
     dedup = Deduplicator(dedup_config, _NoSink())
     ranks = source_ranks(dedup_config.source_priority)
     bands = lsh_bands(dedup_config) if dedup_config.near_duplicates else (0, 0)
     rows = sorted(read_shard(store, shard), key=lambda row: dedup_order_key(row, ranks))
     signatures: list[dict[str, Any]] = []
-    buckets: list[dict[str, Any]] = []
+    buckets: dict[str, list[Any]] = {"partition": [], "bucket": [], "row_id": []}
     for row in rows:
         digest, minhash = dedup.signature(row)
         values = None if minhash is None else minhash.hashvalues
         signatures.append({"row_id": row["row_id"], "source": row["source"], "rank": dedup_order_key(row, ranks)[0],
                            "ground_truth": row.get("ground_truth"), "digest": digest,
                            "hashvalues": b"" if values is None else values.astype("<u8").tobytes()})
-        buckets.extend({"partition": _partition(key, partitions), "bucket": key, "row_id": row["row_id"],
-                        "shard": shard.index}
-                       for key in _buckets(digest, values, bands))
+        for key in _buckets(digest, values, bands):
+            buckets["partition"].append(_partition(key, partitions))
+            buckets["bucket"].append(key)
+            buckets["row_id"].append(row["row_id"])
     _write_parquet(store, _shard_file(staging, shard.index, "sorted.parquet"), rows, ROW_SCHEMA)
     _write_parquet(store, _shard_file(staging, shard.index, "signatures.parquet"), signatures, SIGNATURE_SCHEMA)
-    _write_partitioned(store, _shard_file(staging, shard.index, "buckets.parquet"), buckets, BUCKET_SCHEMA)
+    table = pa.table({**buckets, "shard": [shard.index] * len(buckets["row_id"])}, schema=BUCKET_SCHEMA)
     step = max(1, len(rows) // KEY_SAMPLES)
-    return {"rows_in": len(rows), "bucket_records": len(buckets),
-            "shuffle_bytes": _sizes(store, _shard_file(staging, shard.index, "buckets.parquet")),
+    return {"rows_in": len(rows), "bucket_records": table.num_rows, "table": table,
+            "shuffle_bytes": table.nbytes,  # band records put in the object store, not written to TULU_HOME
             "key_sample": [dedup_order_key(row, ranks) for row in rows[::step]]}
 
 
@@ -558,16 +632,16 @@ def _write_edges(store: Store, rel: str, edges: Iterable[tuple[str, str]], parti
     return len(rows) // 2
 
 
-def _bucket_edges(store: Store, shard: Shard, staging: str, *, shard_count: int, partitions: int) -> dict[str, Any]:
-    """Reducer of partition ``shard.index``: every bucket with two or more rows ties them to its first (the
-    candidate-pair graph, round 0 of the components), and each such row's home shard is recorded."""
+def _bucket_edges(store: Store, shard: Shard, staging: str, *, table: pa.Table, partitions: int) -> dict[str, Any]:
+    """Reducer of partition ``shard.index`` (its band records from every shard, ``table``, grouped by Ray
+    Data): every bucket with two or more rows ties them to its first (the candidate-pair graph, round 0 of
+    the components), and each such row's home shard is recorded. The output does not depend on the
+    order of ``table``'s rows (sets, sorted), so not on the shuffle."""
     partition = shard.index
-    table = _read_partition(store, [_shard_file(staging, i, "buckets.parquet") for i in range(shard_count)], partition)
     edges: set[tuple[str, str]] = set()
     homes: dict[str, int] = {}
-    records = 0
-    if table is not None:
-        records = table.num_rows
+    records = table.num_rows
+    if records:
         grouped = table.group_by("bucket").aggregate([("row_id", "list"), ("shard", "list")])
         for ids, shards in zip(grouped.column("row_id_list").to_pylist(), grouped.column("shard_list").to_pylist()):
             if len(set(ids)) < 2:
@@ -758,12 +832,13 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
                 partitions = max(1, min(len(shards), config.ray.shuffle_partitions))
                 # A reducer is a task over one partition: the same shard machinery, indexed by partition.
                 reducers = [Shard(p, "", "", "", 0, 0) for p in range(partitions)]
-                signed = run.map_shards("signatures", shards, _signature_shard, config=dedup_config,
-                                        partitions=partitions)
+                signed, bands = run.map_shards_to_tables("signatures", shards, _signature_shard,
+                                                         config=dedup_config, partitions=partitions)
                 boundaries = _range_boundaries(chain.from_iterable(r["key_sample"] for r in signed), partitions)
                 ranges = [Shard(p, "", "", "", 0, 0) for p in range(len(boundaries) + 1)]
-                # The shuffle: each reducer groups the band records of its partition from every shard.
-                run.map_shards("buckets", reducers, _bucket_edges, shard_count=len(shards), partitions=partitions)
+                # The shuffle: Ray Data groups the band records by partition through the object store.
+                run.map_groups("buckets", bands, partitions, BUCKET_SCHEMA, _bucket_edges, partitions=partitions)
+                del bands  # the object store frees the band records
                 # Connected components on the workers: star rounds until every component is a star.
                 round_, large = 0, True
                 while True:
