@@ -26,14 +26,21 @@ local path's rows and events.
    shard with the shard sorted in `dedup_order`, one record per LSH band (``bucket`` = hash of band
    index and band values; the digest without near dedup) is emitted, and a sample of its order keys
    is returned; the driver cuts the keep order into publish ranges at quantiles of the samples;
-2. the shuffle: each signature task returns its band records (with the bucket's partition, a hash
-   of the bucket mod ``ray.shuffle_partitions``) as an Arrow table that stays in the object store,
-   not in TULU_HOME; Ray Data groups them by partition (``groupby(...).map_groups``, its hash
-   shuffle through the object store, spilled by Ray), and one reducer per partition turns every
-   bucket with two or more rows into edges of the candidate-pair graph (a reducer holds one
-   partition's band records; its edges, sorted sets, do not depend on the order the shuffle
-   delivers them in). The edges are written as files for the later steps, whose shuffles still go
-   through TULU_HOME. Its connected components
+2. the shuffle: each signature task returns its band records (with the bucket's slot, a hash of
+   the bucket mod ``BAND_SLOTS``) as an Arrow table that stays in the object store, not in
+   TULU_HOME. The number of bucket reducers follows the pool: once the signatures are done the
+   driver knows the band records, and takes R, the least power of two that is at least the
+   partitions and the records / ``ray.max_band_records_per_reducer`` (`_bucket_reducers`), so the
+   reducers hold at most that many records on average (~220 MB of Arrow by default) however large
+   the pool (one bucket is never split: a bucket shared by many rows all lands in one reducer, on
+   top of its share). Ray Data adds each
+   record's reducer, ``slot & (R - 1)`` (a vectorized ``map_batches``), and groups by it
+   (``groupby(...).map_groups``, its hash shuffle through the object store, spilled by Ray past the
+   object store's memory); each reducer turns every bucket with two or more rows into edges of the
+   candidate-pair graph (its edges, sorted sets, do not depend on the order the shuffle delivers
+   them in). The edges and their nodes are written as files under the reducer's index, partitioned
+   by node hash, for the later steps, whose shuffles still go through TULU_HOME (the first component
+   round reads R files, the later ones ``partitions``). Its connected components
    are computed on the workers, by rounds of large-star / small-star (`_star_round`, each a
    shuffle of the edges by node hash) until every component is a star around its least row id,
    which names the cluster; the labels go back partitioned by each row's home shard, so the
