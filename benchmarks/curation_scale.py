@@ -164,7 +164,10 @@ def run_ray(home: Path, config: CurationConfig, workers: int, object_store_mb: i
             if clusters is not None:
                 entry.update(bucket_records_per_row=round(clusters["bucket_records"] / rows_in, 2),
                              candidate_row_share=round(clusters["candidate_rows"] / rows_in, 5),
-                             clusters=clusters["clusters"], component_rounds=clusters["component_rounds"])
+                             clusters=clusters["clusters"], component_rounds=clusters["component_rounds"],
+                             bucket_reducers=clusters["bucket_reducers"],
+                             max_bucket_reducer_records=max((u["rows"] for u in usage if u["step"] == "buckets"),
+                                                            default=0))
             stages[name] = entry
         stages["driver_peak_rss_mb"] = round(peak_rss_mb() or 0.0, 1)
         return stages
