@@ -663,3 +663,14 @@ def test_bucket_reducers_follow_the_pool_and_each_holds_about_the_configured_rec
     # cluster's shared buckets. Without them, no reducer gets more than the configured records.
     assert max(e - h for e, h in zip(expected, hot)) <= per_reducer
     assert max(expected) <= 4 * per_reducer
+
+
+def test_the_bucket_reducers_are_the_least_power_of_two_over_partitions_and_records() -> None:
+    from tulu_pipeline.curation.ray_executor import BAND_SLOTS, _bucket_reducers
+
+    assert _bucket_reducers(0, 1, 4_000_000) == 1
+    assert _bucket_reducers(240_000, 5, 4_000_000) == 8  # the partitions decide on a small pool
+    assert _bucket_reducers(24_360, 4, 1_000) == 32      # records / per reducer (25) decide past them
+    assert _bucket_reducers(32_000, 4, 1_000) == 32 and _bucket_reducers(32_001, 4, 1_000) == 64
+    assert _bucket_reducers(12 * 10**9, 256, 4_000_000) == 4_096
+    assert _bucket_reducers(10**15, 256, 4_000_000) == BAND_SLOTS  # capped at the slots

@@ -33,18 +33,17 @@ local path's rows and events.
    partitions and the records / ``ray.max_band_records_per_reducer`` (`_bucket_reducers`), so the
    reducers hold at most that many records on average (~220 MB of Arrow by default) however large
    the pool (one bucket is never split: a bucket shared by many rows all lands in one reducer, on
-   top of its share). Ray Data adds each
-   record's reducer, ``slot & (R - 1)`` (a vectorized ``map_batches``), and groups by it
-   (``groupby(...).map_groups``, its hash shuffle through the object store, spilled by Ray past the
-   object store's memory); each reducer turns every bucket with two or more rows into edges of the
-   candidate-pair graph (its edges, sorted sets, do not depend on the order the shuffle delivers
-   them in). The edges and their nodes are written as files under the reducer's index, partitioned
-   by node hash, for the later steps, whose shuffles still go through TULU_HOME (the first component
-   round reads R files, the later ones ``partitions``). Its connected components
-   are computed on the workers, by rounds of large-star / small-star (`_star_round`, each a
-   shuffle of the edges by node hash) until every component is a star around its least row id,
-   which names the cluster; the labels go back partitioned by each row's home shard, so the
-   driver never holds one entry per candidate row;
+   top of its share). Ray Data adds each record's reducer, ``slot & (R - 1)`` (a vectorized
+   ``map_batches``), and groups by it (``groupby(...).map_groups``, its hash shuffle through the
+   object store, spilled by Ray past the object store's memory); each reducer turns every bucket
+   with two or more rows into edges of the candidate-pair graph (its edges, sorted sets, do not
+   depend on the order the shuffle delivers them in). The edges and their nodes are written as
+   files under the reducer's index, partitioned by node hash, for the later steps, whose shuffles
+   still go through TULU_HOME (the first component round reads R files, the later ones
+   ``partitions``). Its connected components are computed on the workers, by rounds of large-star /
+   small-star (`_star_round`, each a shuffle of the edges by node hash) until every component is a
+   star around its least row id, which names the cluster; the labels go back partitioned by each
+   row's home shard, so the driver never holds one entry per candidate row;
 3. per shard, the sorted rows are cut into the publish ranges (and counted per range), and the
    members of each cluster, with their signatures, are partitioned by cluster and resolved by a
    `Deduplicator` fed in `dedup_order`: two rows can only interact when they share a band, so
