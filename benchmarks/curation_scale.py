@@ -20,6 +20,8 @@ Per stage and run:
   graph rounds, labels, range-cut runs, cluster members and decisions; decontamination with
   ``--index-parts K``: the texts sent to each of the K index parts plus the verified windows back);
   ``shuffle_bytes_per_row_by_step`` splits them by step (``signatures``: the band records);
+- dedup's ``bucket_reducers`` (they follow the band records: ``ray.max_band_records_per_reducer``) and
+  ``max_bucket_reducer_records``, the most band records one of them received;
 - ``peak_worker_rss_mb``; ``driver_rss_mb``: the driver's resident memory after the stage.
 
 The smallest pool is also curated in process (``executor: local``) and each stage's rows and ledger
@@ -27,6 +29,7 @@ events are checked equal (the tests check every field).
 
     .venv/bin/python benchmarks/curation_scale.py [--rows 20000 200000] [--workers 1 2] [--shard-rows 5000]
         [--index-parts 0 3]   # 0: the eval index broadcast (default); K: split by n-gram hash into K parts
+        [--max-band-records-per-reducer 4000000]
 """
 
 from __future__ import annotations
@@ -164,7 +167,10 @@ def run_ray(home: Path, config: CurationConfig, workers: int, object_store_mb: i
             if clusters is not None:
                 entry.update(bucket_records_per_row=round(clusters["bucket_records"] / rows_in, 2),
                              candidate_row_share=round(clusters["candidate_rows"] / rows_in, 5),
-                             clusters=clusters["clusters"], component_rounds=clusters["component_rounds"])
+                             clusters=clusters["clusters"], component_rounds=clusters["component_rounds"],
+                             bucket_reducers=clusters["bucket_reducers"],
+                             max_bucket_reducer_records=max((u["rows"] for u in usage if u["step"] == "buckets"),
+                                                            default=0))
             stages[name] = entry
         stages["driver_peak_rss_mb"] = round(peak_rss_mb() or 0.0, 1)
         return stages
@@ -198,13 +204,17 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--shard-rows", type=int, default=5_000, help="rows per Ray task")
     parser.add_argument("--object-store-mb", type=int, default=500)
+    parser.add_argument("--max-band-records-per-reducer", type=int,
+                        default=RaySettings().max_band_records_per_reducer,
+                        help="ray.max_band_records_per_reducer (smaller: more bucket reducers)")
     parser.add_argument("--index-parts", type=int, nargs="+", default=[0],
                         help="0: broadcast the eval index; K: split it by n-gram hash into K actor-held parts")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     load_start = list(os.getloadavg())
-    config = CurationConfig(train_sources=SOURCES, ray=RaySettings(shard_rows=args.shard_rows))
+    config = CurationConfig(train_sources=SOURCES, ray=RaySettings(
+        shard_rows=args.shard_rows, max_band_records_per_reducer=args.max_band_records_per_reducer))
     work = Path(tempfile.mkdtemp(prefix="curation-scale-"))
     runs: dict = {}
     try:
@@ -256,6 +266,7 @@ def main() -> int:
                     "load_average_start": load_start, "load_average_end": list(os.getloadavg())},
         "ray_version": __import__("ray").__version__,
         "shard_rows": args.shard_rows,
+        "max_band_records_per_reducer": args.max_band_records_per_reducer,
         "summary": summary,
         "runs": runs,
     }

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from tulu_pipeline.curation import pipeline, stages
 from tulu_pipeline.curation.config import CurationConfig, EvalSelection, RaySettings
-from tulu_pipeline.curation.dedup import LSH_WEIGHTS, Deduplicator, dedup_order
+from tulu_pipeline.curation.dedup import LSH_WEIGHTS, Deduplicator, dedup_order, lsh_bands
 from tulu_pipeline.curation.ray_executor import (
     RAY_DIR,
     deduplicate_prompts_ray,
@@ -605,3 +606,71 @@ def test_an_empty_pool_publishes_an_empty_dataset_quarantine_and_ledger(tmp_path
         results[executor] = (result.version, result.dataset.rows, result.ledger_events, result.stats)
     assert results["ray"] == results["local"]
     assert results["local"][1:3] == (0, 0)
+
+
+def test_bucket_reducers_follow_the_pool_and_each_holds_about_the_configured_records(tmp_path, ray_local) -> None:
+    """With few band records allowed per reducer, the band shuffle uses more bucket reducers than
+    partitions (a power of two), each holding about the configured number, and the answers are the local
+    path's: chains, a 1,000-row cluster and cross-source duplicates over 16 shards."""
+    pools, _ = _planted_pool([])
+    rows = pools["code_alpaca"] + pools["hh_rlhf_harmless"]
+    homes = {name: Store(str(tmp_path / name)) for name in ("local", "ray")}
+    for store in homes.values():
+        store.write_dataset("normalized_prompts", "planted", (rows[i:i + 500] for i in range(0, len(rows), 500)),
+                            ROW_SCHEMA)
+    per_reducer = 1_000
+    settings = RaySettings(shard_rows=128, shuffle_partitions=4, max_band_records_per_reducer=per_reducer)
+    config = CurationConfig(train_sources=list(pools), executor="ray", ray=settings)
+    local = pipeline.deduplicate_prompts(homes["local"], config.model_copy(update={"executor": "local"}), "run-1")
+    events: list[dict] = []
+    result = deduplicate_prompts_ray(homes["ray"], config, "run-1", progress=events.append)
+
+    assert (result.version, result.dataset.rows, result.quarantined, result.ledger_events, result.stats,
+            result.samples, result.text_lengths) == (local.version, local.dataset.rows, local.quarantined,
+                                                     local.ledger_events, local.stats, local.samples,
+                                                     local.text_lengths)
+    on_ray, in_process = homes["ray"], homes["local"]
+    assert list(on_ray.iter_rows("deduplicated_prompts")) == list(in_process.iter_rows("deduplicated_prompts"))
+    rel = stages.quarantine_dir("deduplicated_prompts", local.version)
+    assert list(on_ray.iter_jsonl_parts(rel)) == list(in_process.iter_jsonl_parts(rel))
+    assert _events(on_ray) == _events(in_process)
+    assert local.stats["near_duplicates"] >= 1_000
+
+    # 16 shards, and shuffle_partitions caps the later shuffles' partitions at 4.
+    assert len(plan_shards(on_ray, {"normalized_prompts": "planted"}, 128)) >= 15
+    clusters = next(e for e in events if e.get("step") == "clusters")
+    reducers = clusters["bucket_reducers"]
+    assert reducers == result.ray_metrics["bucket_reducers"]
+    assert reducers > 4 and reducers & (reducers - 1) == 0  # more than the partitions, a power of two
+    assert reducers // 2 < clusters["bucket_records"] / per_reducer <= reducers  # the least that holds them
+    # What each reducer received, from the pool: every band record, by its bucket's slot & (reducers - 1).
+    from tulu_pipeline.curation import ray_executor as rx
+
+    dedup = Deduplicator(config.dedup, MemorySink())
+    buckets: Counter = Counter()
+    for row in rows:
+        digest, minhash = dedup.signature(row)
+        buckets.update(rx._buckets(digest, minhash.hashvalues, lsh_bands(config.dedup)))
+    expected, hot = [0] * reducers, [0] * reducers
+    for bucket, size in buckets.items():
+        r = rx._partition(bucket, rx.BAND_SLOTS) & (reducers - 1)
+        expected[r] += size
+        hot[r] += size if size >= 100 else 0  # the buckets the 1,000 variants share (one per band)
+    received = {u["shard"]: u["rows"] for u in result.ray_metrics["usage"] if u["step"] == "buckets"}
+    assert [received.get(r, 0) for r in range(reducers)] == expected
+    assert sum(expected) == clusters["bucket_records"] <= reducers * per_reducer  # the bound holds on average
+    # A bucket is never split, so a reducer also holds all of its largest buckets' records: here the
+    # cluster's shared buckets. Without them, no reducer gets more than the configured records.
+    assert max(e - h for e, h in zip(expected, hot)) <= per_reducer
+    assert max(expected) <= 4 * per_reducer
+
+
+def test_the_bucket_reducers_are_the_least_power_of_two_over_partitions_and_records() -> None:
+    from tulu_pipeline.curation.ray_executor import BAND_SLOTS, _bucket_reducers
+
+    assert _bucket_reducers(0, 1, 4_000_000) == 1
+    assert _bucket_reducers(240_000, 5, 4_000_000) == 8  # the partitions decide on a small pool
+    assert _bucket_reducers(24_360, 4, 1_000) == 32      # records / per reducer (25) decide past them
+    assert _bucket_reducers(32_000, 4, 1_000) == 32 and _bucket_reducers(32_001, 4, 1_000) == 64
+    assert _bucket_reducers(12 * 10**9, 256, 4_000_000) == 4_096
+    assert _bucket_reducers(10**15, 256, 4_000_000) == BAND_SLOTS  # capped at the slots

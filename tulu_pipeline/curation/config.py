@@ -34,9 +34,11 @@ class RaySettings(BaseModel):
     num_cpus: int | None = None  # CPUs of a Ray started locally (None: all)
     object_store_memory: int | None = None  # bytes, for a Ray started locally (None: Ray's default)
     max_retries: int = Field(default=3, ge=0)  # re-runs of a task whose worker died
-    # Reducers of the dedup bucket shuffle. Each reads its slice of every shard's bucket file, so
-    # shards × partitions reads in all: keep it near the cluster's CPU count, not the shard count.
+    # Reducers of dedup's shuffles through files (and the fewest bucket reducers). Each reads its slice of
+    # every shard's file, so shards × partitions reads in all: keep it near the cluster's CPU count.
     shuffle_partitions: int = Field(default=256, ge=1)
+    # Bounds a dedup bucket reducer's memory (~55 bytes of Arrow per band record, so ~220 MB by default).
+    max_band_records_per_reducer: int = Field(default=4_000_000, ge=1)
     # An eval index larger than this (`EvalIndex.table_bytes`) is split by n-gram hash into parts held by
     # actors, and each shard's texts are joined with the parts; below it every worker reads the whole index.
     eval_index_max_bytes: int = Field(default=1 << 30, ge=1)

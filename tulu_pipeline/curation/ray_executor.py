@@ -26,18 +26,24 @@ local path's rows and events.
    shard with the shard sorted in `dedup_order`, one record per LSH band (``bucket`` = hash of band
    index and band values; the digest without near dedup) is emitted, and a sample of its order keys
    is returned; the driver cuts the keep order into publish ranges at quantiles of the samples;
-2. the shuffle: each signature task returns its band records (with the bucket's partition, a hash
-   of the bucket mod ``ray.shuffle_partitions``) as an Arrow table that stays in the object store,
-   not in TULU_HOME; Ray Data groups them by partition (``groupby(...).map_groups``, its hash
-   shuffle through the object store, spilled by Ray), and one reducer per partition turns every
-   bucket with two or more rows into edges of the candidate-pair graph (a reducer holds one
-   partition's band records; its edges, sorted sets, do not depend on the order the shuffle
-   delivers them in). The edges are written as files for the later steps, whose shuffles still go
-   through TULU_HOME. Its connected components
-   are computed on the workers, by rounds of large-star / small-star (`_star_round`, each a
-   shuffle of the edges by node hash) until every component is a star around its least row id,
-   which names the cluster; the labels go back partitioned by each row's home shard, so the
-   driver never holds one entry per candidate row;
+2. the shuffle: each signature task returns its band records (with the bucket's slot, a hash of
+   the bucket mod ``BAND_SLOTS``) as an Arrow table that stays in the object store, not in
+   TULU_HOME. The number of bucket reducers follows the pool: once the signatures are done the
+   driver knows the band records, and takes R, the least power of two that is at least the
+   partitions and the records / ``ray.max_band_records_per_reducer`` (`_bucket_reducers`), so the
+   reducers hold at most that many records on average (~220 MB of Arrow by default) however large
+   the pool (one bucket is never split: a bucket shared by many rows all lands in one reducer, on
+   top of its share). Ray Data adds each record's reducer, ``slot & (R - 1)`` (a vectorized
+   ``map_batches``), and groups by it (``groupby(...).map_groups``, its hash shuffle through the
+   object store, spilled by Ray past the object store's memory); each reducer turns every bucket
+   with two or more rows into edges of the candidate-pair graph (its edges, sorted sets, do not
+   depend on the order the shuffle delivers them in). The edges and their nodes are written as
+   files under the reducer's index, partitioned by node hash, for the later steps, whose shuffles
+   still go through TULU_HOME (the first component round reads R files, the later ones
+   ``partitions``). Its connected components are computed on the workers, by rounds of large-star /
+   small-star (`_star_round`, each a shuffle of the edges by node hash) until every component is a
+   star around its least row id, which names the cluster; the labels go back partitioned by each
+   row's home shard, so the driver never holds one entry per candidate row;
 3. per shard, the sorted rows are cut into the publish ranges (and counted per range), and the
    members of each cluster, with their signatures, are partitioned by cluster and resolved by a
    `Deduplicator` fed in `dedup_order`: two rows can only interact when they share a band, so
@@ -71,6 +77,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tulu_pipeline.curation.config import CurationConfig, RaySettings
@@ -287,6 +294,7 @@ class _Run:
                                                                         for c in run_id))
         self.progress, self.shard_hook = progress, shard_hook
         self.usage: list[dict[str, Any]] = []
+        self.counts: dict[str, int] = {}  # figures of the run's plan (e.g. dedup's bucket reducers), in metrics
         self.started = time.perf_counter()
 
     def report(self, **event: Any) -> None:
@@ -350,19 +358,24 @@ class _Run:
 
     def map_groups(self, step: str, tables: list[Any], groups: int, schema: pa.Schema,
                    fn: Callable[..., dict[str, Any]], **kwargs: Any) -> list[dict[str, Any]]:
-        """Run ``fn(group)`` once per ``partition`` value of the rows of ``tables`` (object refs to Arrow
-        tables with a ``partition`` column in ``range(groups)``), grouped by Ray Data's shuffle through the
-        object store; ``fn`` gets its group as the ``table`` keyword. Results in partition order; a
-        partition with no rows is never a group, so ``fn`` runs for it on the driver with an empty table
-        of ``schema`` (its outputs must exist for the next step)."""
+        """Run ``fn(group)`` once per group ``slot & (groups - 1)`` of the rows of ``tables`` (object refs
+        to Arrow tables with a ``slot`` column in ``range(BAND_SLOTS)``; ``groups`` a power of two up to
+        ``BAND_SLOTS``), grouped by Ray Data's shuffle through the object store; ``fn`` gets its group as
+        the ``table`` keyword (with a ``group`` column added). Results in group order; a group with no rows
+        is never a group, so ``fn`` runs for it on the driver with an empty table of ``schema`` (its outputs
+        must exist for the next step)."""
         import ray.data
 
+        assert groups & (groups - 1) == 0 and 0 < groups <= BAND_SLOTS, groups
         results: list[dict[str, Any]] = []
         if tables:
             with _quiet_remote_args():
-                ds = ray.data.from_arrow_refs(tables).groupby("partition", num_partitions=groups).map_groups(
-                    _group_task, batch_format="pyarrow", fn_kwargs=self._task_kwargs(step, fn, kwargs),
-                    **_remote_args(self.config.ray))
+                remote = _remote_args(self.config.ray)
+                ds = ray.data.from_arrow_refs(tables).map_batches(
+                    _group_column, batch_format="pyarrow", fn_kwargs={"groups": groups},
+                    udf_modifying_row_count=False, **remote,
+                ).groupby("group", num_partitions=groups).map_groups(
+                    _group_task, batch_format="pyarrow", fn_kwargs=self._task_kwargs(step, fn, kwargs), **remote)
                 results = self._collect(step, (json.loads(row["result"]) for row in ds.iter_rows()), groups)
         seen = {r["shard"] for r in results}
         for p in range(groups):
@@ -391,7 +404,8 @@ class _Run:
         return {"wall_s": round(time.perf_counter() - self.started, 3), "task_cpu_s": round(cpu, 3),
                 "shards": len({(u["step"], u["shard"]) for u in self.usage}),
                 "workers": len({u["pid"] for u in self.usage}),
-                "peak_worker_rss_mb": round(max((u["peak_rss_mb"] for u in self.usage), default=0.0), 1)}
+                "peak_worker_rss_mb": round(max((u["peak_rss_mb"] for u in self.usage), default=0.0), 1),
+                **self.counts}
 
 
 def _run_task(shard: Shard, *, fn: Callable[..., dict[str, Any]], root: str, staging: str, step: str,
@@ -415,11 +429,16 @@ def _table_task(item: dict[str, Any], **task: Any) -> tuple[str, pa.Table]:
     return json.dumps(result, default=str), table
 
 
+def _group_column(batch: pa.Table, *, groups: int) -> pa.Table:
+    """The group key of `_Run.map_groups`, vectorized: ``group = slot & (groups - 1)``."""
+    return batch.append_column("group", pc.bit_wise_and(batch.column("slot"), pa.scalar(groups - 1, pa.int32())))
+
+
 def _group_task(group: pa.Table, **task: Any) -> pa.Table:
-    """One group of `_Run.map_groups`: the task of partition ``group["partition"][0]``."""
-    partition = group.column("partition")[0].as_py()
+    """One group of `_Run.map_groups`: the task of group ``group["group"][0]``."""
+    index = group.column("group")[0].as_py()
     task["kwargs"] = {**task["kwargs"], "table": group}
-    result = _run_task(Shard(partition, "", "", "", 0, 0), **task)
+    result = _run_task(Shard(index, "", "", "", 0, 0), **task)
     return pa.table({"result": [json.dumps(result, default=str)]})
 
 
@@ -530,7 +549,10 @@ SIGNATURE_SCHEMA = pa.schema([
     pa.field("row_id", pa.string()), pa.field("source", pa.string()), pa.field("rank", pa.int64()),
     pa.field("ground_truth", pa.string()), pa.field("digest", pa.binary()), pa.field("hashvalues", pa.binary()),
 ])
-BUCKET_SCHEMA = pa.schema([pa.field("partition", pa.int32()), pa.field("bucket", pa.binary()),
+# Band records: ``slot`` is a hash of the bucket mod BAND_SLOTS; the bucket reducer of a record is
+# ``slot & (R - 1)`` for R (a power of two) reducers chosen from the pool's band records (`_bucket_reducers`).
+BAND_SLOTS = 1 << 16
+BUCKET_SCHEMA = pa.schema([pa.field("slot", pa.int32()), pa.field("bucket", pa.binary()),
                            pa.field("row_id", pa.string()), pa.field("shard", pa.int32())])
 MEMBER_SCHEMA = SIGNATURE_SCHEMA.append(pa.field("cluster", pa.string())).append(pa.field("partition", pa.int32()))
 # Candidate-pair graph, each undirected edge stored twice, partitioned by hash of its first end ``a``.
@@ -593,18 +615,17 @@ def _read_partition(store: Store, rels: list[str], partition: int) -> pa.Table |
     return pa.concat_tables(tables) if tables else None
 
 
-def _signature_shard(store: Store, shard: Shard, staging: str, *, config: dict[str, Any],
-                     partitions: int) -> dict[str, Any]:
+def _signature_shard(store: Store, shard: Shard, staging: str, *, config: dict[str, Any]) -> dict[str, Any]:
     """Per row: sha256 and MinHash (`Deduplicator.signature`) and the shard's rows as a run sorted in
-    `dedup_order` (the driver merges the runs), both written beside the shard; its band records, by
-    partition, returned as an Arrow table (``table``) for the shuffle through the object store."""
+    `dedup_order` (the driver merges the runs), both written beside the shard; its band records, each
+    with its bucket's slot, returned as an Arrow table (``table``) for the shuffle through the object store."""
     dedup_config = DedupConfig(**config)
     dedup = Deduplicator(dedup_config, _NoSink())
     ranks = source_ranks(dedup_config.source_priority)
     bands = lsh_bands(dedup_config) if dedup_config.near_duplicates else (0, 0)
     rows = sorted(read_shard(store, shard), key=lambda row: dedup_order_key(row, ranks))
     signatures: list[dict[str, Any]] = []
-    buckets: dict[str, list[Any]] = {"partition": [], "bucket": [], "row_id": []}
+    buckets: dict[str, list[Any]] = {"slot": [], "bucket": [], "row_id": []}
     for row in rows:
         digest, minhash = dedup.signature(row)
         values = None if minhash is None else minhash.hashvalues
@@ -612,7 +633,7 @@ def _signature_shard(store: Store, shard: Shard, staging: str, *, config: dict[s
                            "ground_truth": row.get("ground_truth"), "digest": digest,
                            "hashvalues": b"" if values is None else values.astype("<u8").tobytes()})
         for key in _buckets(digest, values, bands):
-            buckets["partition"].append(_partition(key, partitions))
+            buckets["slot"].append(_partition(key, BAND_SLOTS))
             buckets["bucket"].append(key)
             buckets["row_id"].append(row["row_id"])
     _write_parquet(store, _shard_file(staging, shard.index, "sorted.parquet"), rows, ROW_SCHEMA)
@@ -624,6 +645,14 @@ def _signature_shard(store: Store, shard: Shard, staging: str, *, config: dict[s
             "key_sample": [dedup_order_key(row, ranks) for row in rows[::step]]}
 
 
+def _bucket_reducers(records: int, partitions: int, per_reducer: int) -> int:
+    """Bucket reducers for ``records`` band records: the least power of two at least ``partitions`` and
+    ``records / per_reducer`` (so reducers hold ``per_reducer`` records or fewer on average), at most
+    BAND_SLOTS."""
+    need = max(1, partitions, -(-records // per_reducer))
+    return min(BAND_SLOTS, 1 << (need - 1).bit_length())
+
+
 def _write_edges(store: Store, rel: str, edges: Iterable[tuple[str, str]], partitions: int) -> int:
     """Undirected ``edges`` (each once) stored both ways, partitioned by their first end."""
     rows = [{"partition": _partition(x, partitions), "a": x, "b": y}
@@ -633,11 +662,12 @@ def _write_edges(store: Store, rel: str, edges: Iterable[tuple[str, str]], parti
 
 
 def _bucket_edges(store: Store, shard: Shard, staging: str, *, table: pa.Table, partitions: int) -> dict[str, Any]:
-    """Reducer of partition ``shard.index`` (its band records from every shard, ``table``, grouped by Ray
-    Data): every bucket with two or more rows ties them to its first (the candidate-pair graph, round 0 of
-    the components), and each such row's home shard is recorded. The output does not depend on the
-    order of ``table``'s rows (sets, sorted), so not on the shuffle."""
-    partition = shard.index
+    """Bucket reducer ``shard.index`` (its band records from every shard, ``table``, grouped by Ray Data):
+    every bucket with two or more rows ties them to its first (the candidate-pair graph, round 0 of the
+    components), and each such row's home shard is recorded, both written under the reducer's index and
+    partitioned by node hash into ``partitions``. The output does not depend on the order of ``table``'s
+    rows (sets, sorted), so not on the shuffle."""
+    reducer = shard.index
     edges: set[tuple[str, str]] = set()
     homes: dict[str, int] = {}
     records = table.num_rows
@@ -649,17 +679,20 @@ def _bucket_edges(store: Store, shard: Shard, staging: str, *, table: pa.Table, 
             homes.update(zip(ids, shards))
             ids = sorted(set(ids))
             edges.update((ids[0], other) for other in ids[1:])
-    count = _write_edges(store, _shard_file(staging, partition, "cc-000.parquet"), sorted(edges), partitions)
+    count = _write_edges(store, _shard_file(staging, reducer, "cc-000.parquet"), sorted(edges), partitions)
     nodes = [{"partition": _partition(r, partitions), "row_id": r, "shard": s} for r, s in sorted(homes.items())]
-    _write_partitioned(store, _shard_file(staging, partition, "nodes.parquet"), nodes, NODE_SCHEMA)
+    _write_partitioned(store, _shard_file(staging, reducer, "nodes.parquet"), nodes, NODE_SCHEMA)
     return {"rows_in": records, "edges": count,
-            "shuffle_bytes": _sizes(store, _shard_file(staging, partition, "cc-000.parquet"),
-                                    _shard_file(staging, partition, "nodes.parquet"))}
+            "shuffle_bytes": _sizes(store, _shard_file(staging, reducer, "cc-000.parquet"),
+                                    _shard_file(staging, reducer, "nodes.parquet"))}
 
 
-def _neighbours(store: Store, staging: str, round_: int, partition: int, partitions: int) -> dict[str, set[str]]:
-    """Each node of ``partition`` and its neighbours in the graph of ``round_``."""
-    table = _read_partition(store, [_shard_file(staging, p, f"cc-{round_:03d}.parquet") for p in range(partitions)],
+def _neighbours(store: Store, staging: str, round_: int, partition: int, partitions: int,
+                bucket_reducers: int | None = None) -> dict[str, set[str]]:
+    """Each node of ``partition`` and its neighbours in the graph of ``round_`` (round 0 written by the
+    ``bucket_reducers`` bucket reducers, default ``partitions``; later rounds by the ``partitions`` rounds)."""
+    sources = (bucket_reducers or partitions) if round_ == 0 else partitions
+    table = _read_partition(store, [_shard_file(staging, p, f"cc-{round_:03d}.parquet") for p in range(sources)],
                             partition)
     graph: dict[str, set[str]] = {}
     if table is not None:
@@ -669,7 +702,7 @@ def _neighbours(store: Store, staging: str, round_: int, partition: int, partiti
 
 
 def _star_round(store: Store, shard: Shard, staging: str, *, round_: int, partitions: int,
-                large: bool) -> dict[str, Any]:
+                large: bool, bucket_reducers: int | None = None) -> dict[str, Any]:
     """One round of the large-star / small-star connected components (Kiveris et al., 2014) over the nodes
     of partition ``shard.index``: reads the graph of ``round_`` and writes that of ``round_ + 1``.
 
@@ -679,7 +712,7 @@ def _star_round(store: Store, shard: Shard, staging: str, *, round_: int, partit
     graph read was already that (every node a centre with larger neighbours only, or a leaf with one
     smaller neighbour), i.e. whether the components are done.
     """
-    graph = _neighbours(store, staging, round_, shard.index, partitions)
+    graph = _neighbours(store, staging, round_, shard.index, partitions, bucket_reducers)
     edges: set[tuple[str, str]] = set()
     stars = True
     for u, around in graph.items():
@@ -698,12 +731,14 @@ def _star_round(store: Store, shard: Shard, staging: str, *, round_: int, partit
             "shuffle_bytes": _sizes(store, _shard_file(staging, shard.index, f"cc-{round_ + 1:03d}.parquet"))}
 
 
-def _label_nodes(store: Store, shard: Shard, staging: str, *, round_: int, partitions: int) -> dict[str, Any]:
+def _label_nodes(store: Store, shard: Shard, staging: str, *, round_: int, partitions: int,
+                 bucket_reducers: int | None = None) -> dict[str, Any]:
     """Reducer of partition ``shard.index`` once the graph of ``round_`` is stars: each candidate row's
-    cluster is its star's centre; labels are written partitioned by the row's home shard."""
-    graph = _neighbours(store, staging, round_, shard.index, partitions)
-    table = _read_partition(store, [_shard_file(staging, p, "nodes.parquet") for p in range(partitions)],
-                            shard.index)
+    cluster is its star's centre; labels are written partitioned by the row's home shard. The nodes were
+    written by the ``bucket_reducers`` bucket reducers (default ``partitions``)."""
+    graph = _neighbours(store, staging, round_, shard.index, partitions, bucket_reducers)
+    table = _read_partition(store, [_shard_file(staging, p, "nodes.parquet")
+                                    for p in range(bucket_reducers or partitions)], shard.index)
     labels = []
     if table is not None:
         homes = dict(zip(table.column("row_id").to_pylist(), table.column("shard").to_pylist()))
@@ -833,24 +868,29 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
                 # A reducer is a task over one partition: the same shard machinery, indexed by partition.
                 reducers = [Shard(p, "", "", "", 0, 0) for p in range(partitions)]
                 signed, bands = run.map_shards_to_tables("signatures", shards, _signature_shard,
-                                                         config=dedup_config, partitions=partitions)
+                                                         config=dedup_config)
                 boundaries = _range_boundaries(chain.from_iterable(r["key_sample"] for r in signed), partitions)
                 ranges = [Shard(p, "", "", "", 0, 0) for p in range(len(boundaries) + 1)]
-                # The shuffle: Ray Data groups the band records by partition through the object store.
-                run.map_groups("buckets", bands, partitions, BUCKET_SCHEMA, _bucket_edges, partitions=partitions)
+                # The shuffle: Ray Data groups the band records by bucket reducer through the object store,
+                # with as many reducers as the pool's band records need (a reducer's memory stays bounded).
+                band_records = sum(r["bucket_records"] for r in signed)
+                bucket_reducers = _bucket_reducers(band_records, partitions, config.ray.max_band_records_per_reducer)
+                run.counts["bucket_reducers"] = bucket_reducers
+                run.map_groups("buckets", bands, bucket_reducers, BUCKET_SCHEMA, _bucket_edges, partitions=partitions)
                 del bands  # the object store frees the band records
                 # Connected components on the workers: star rounds until every component is a star.
                 round_, large = 0, True
                 while True:
                     done = run.map_shards("components", reducers, _star_round, round_=round_,
-                                          partitions=partitions, large=large)
+                                          partitions=partitions, large=large, bucket_reducers=bucket_reducers)
                     if all(r["stars"] for r in done):
                         break
                     round_, large = round_ + 1, not large
                     if round_ > MAX_STAR_ROUNDS:
                         raise RuntimeError(f"connected components did not converge in {MAX_STAR_ROUNDS} rounds")
-                labelled = run.map_shards("labels", reducers, _label_nodes, round_=round_, partitions=partitions)
-                run.report(step="clusters", bucket_records=sum(r["bucket_records"] for r in signed),
+                labelled = run.map_shards("labels", reducers, _label_nodes, round_=round_, partitions=partitions,
+                                          bucket_reducers=bucket_reducers)
+                run.report(step="clusters", bucket_records=band_records, bucket_reducers=bucket_reducers,
                            candidate_rows=sum(r["rows_in"] for r in labelled),
                            clusters=sum(r["clusters"] for r in labelled), component_rounds=round_ + 1)
                 split = run.map_shards("split", shards, _split_shard, partitions=partitions, boundaries=boundaries,
