@@ -1474,27 +1474,27 @@ class Decontaminator:
         include = config.include_response
         found = self.index.match_found(_joined_texts(batch, include), config.threshold, config.rule,
                                        config.short_items, _LazyTurns(batch, include))
-        stats, checked = self.stats, self.checked
+        stats = self.stats
         stats.rows += len(batch)
         stats.scanned["all"] += len(batch)
         stats.clean += len(batch) - len(found)
-        if not found:
-            record_many(self.sink, list(map(_ROW_ID, batch)), "kept", "clean", checked)
+        if not found:  # the common batch: handed on as it is
+            record_many(self.sink, list(map(_ROW_ID, batch)), "kept", "clean", self.checked)
             return batch
         clean: list[dict[str, Any]] = []
         done = 0
         for k in sorted(found):
-            if k > done:
-                run = batch[done:k]
-                record_many(self.sink, list(map(_ROW_ID, run)), "kept", "clean", checked)
-                clean += run
+            self._keep(batch[done:k], clean)
             self._quarantine_row(batch[k], found[k])
             done = k + 1
-        if done < len(batch):
-            run = batch[done:]
-            record_many(self.sink, list(map(_ROW_ID, run)), "kept", "clean", checked)
-            clean += run
+        self._keep(batch[done:], clean)
         return clean
+
+    def _keep(self, run: list[dict[str, Any]], clean: list[dict[str, Any]]) -> None:
+        """A run of clean rows: their ``kept`` events in one `record_many`, the rows onto ``clean``."""
+        if run:
+            record_many(self.sink, list(map(_ROW_ID, run)), "kept", "clean", self.checked)
+            clean += run
 
     def _quarantine_row(self, row: dict[str, Any], matches: list[Match]) -> None:
         self.stats.count_quarantined(row, matches)
