@@ -51,7 +51,7 @@ def ray_local():
 
 def _config(executor: str, shard_rows: int = 2_500) -> CurationConfig:
     return CurationConfig(train_sources=TRAIN, evals=EvalSelection(benchmarks=BENCHMARKS), executor=executor,
-                          ray=RaySettings(shard_rows=shard_rows))
+                          ray=RaySettings(shard_rows=shard_rows, partition_rows=1))
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_duplicates_split_across_shards_are_caught_with_the_local_keep_rule(tmp_
     rows = [_row(i, t) for i, t in enumerate(texts)]
     # shard_rows=4: 6 shards of 4 rows, so every duplicate pair below spans two shards.
     store.write_dataset("normalized_prompts", "synthetic", (rows[i:i + 4] for i in range(0, len(rows), 4)), ROW_SCHEMA)
-    config = CurationConfig(executor="ray", ray=RaySettings(shard_rows=4))
+    config = CurationConfig(executor="ray", ray=RaySettings(shard_rows=4, partition_rows=1))
     assert len(plan_shards(store, {"normalized_prompts": "synthetic"}, 4)) == 6
 
     result = deduplicate_prompts_ray(store, config, "run-1")
@@ -276,9 +276,11 @@ def test_planted_clusters_across_many_shards_get_the_same_answers_on_both_execut
     sharded = _copy(Path(store.url), "planted-sharded")
 
     def config(executor: str) -> CurationConfig:
-        # 128-row shards: about 17 per stage, and every planted cluster crosses many of them.
+        # 128-row shards: about 17 per stage, and every planted cluster crosses many of them; dedup's later
+        # shuffles get one partition per 400 rows (fewer than the shards and shuffle_partitions).
         return CurationConfig(train_sources=list(pools), evals=EvalSelection(benchmarks=["truthfulqa"]),
-                              executor=executor, ray=RaySettings(shard_rows=128, shuffle_partitions=7))
+                              executor=executor,
+                              ray=RaySettings(shard_rows=128, partition_rows=400, shuffle_partitions=7))
 
     local_results, ray_results = _run_all(store, config("local")), _run_all(on_ray, config("ray"))
     for stage in STAGES:
@@ -298,6 +300,8 @@ def test_planted_clusters_across_many_shards_get_the_same_answers_on_both_execut
     # What was planted was exercised: clusters crossing shards, decided by the keep rule.
     normalized = {"normalized_prompts": ray_results["normalized_prompts"].version}
     assert len(plan_shards(on_ray, normalized, 128)) >= 15
+    pool = ray_results["normalized_prompts"].dataset.rows
+    assert 2 <= ray_results["deduplicated_prompts"].ray_metrics["partitions"] == -(-pool // 400) < 7
     kept = {r["row_id"] for r in store.iter_rows("deduplicated_prompts")}
     dropped = {d["row_id"]: d for d in store.iter_jsonl_parts(
         stages.quarantine_dir("deduplicated_prompts", local_results["deduplicated_prompts"].version))}
@@ -338,7 +342,8 @@ def test_band_records_go_through_the_object_store_not_files_under_tulu_home(tmp_
                            if path.is_file())
 
     events: list[dict] = []
-    result = deduplicate_prompts_ray(store, CurationConfig(executor="ray", ray=RaySettings(shard_rows=4)), "run-1",
+    config = CurationConfig(executor="ray", ray=RaySettings(shard_rows=4, partition_rows=1))
+    result = deduplicate_prompts_ray(store, config, "run-1",
                                      progress=events.append, shard_hook=list_staged)
 
     staged = listing.read_text().splitlines()
@@ -367,9 +372,9 @@ def test_a_failing_signature_or_bucket_task_fails_the_dedup_run_and_publishes_no
             if at == step and shard == 1:
                 raise ValueError(f"injected failure in {at} {shard}")
 
+        config = CurationConfig(executor="ray", ray=RaySettings(shard_rows=2, partition_rows=1))
         with pytest.raises(Exception, match=f"injected failure in {step} 1"):
-            deduplicate_prompts_ray(store, CurationConfig(executor="ray", ray=RaySettings(shard_rows=2)), "run-1",
-                                    shard_hook=fail)
+            deduplicate_prompts_ray(store, config, "run-1", shard_hook=fail)
         assert store.latest_version("deduplicated_prompts") is None
         assert not _events(store, "deduplicated_prompts")
         assert not store.fs.find(store.path(RAY_DIR))
@@ -384,7 +389,7 @@ def test_distinct_answers_keep_near_identical_prompts_across_shards(tmp_path, ra
             _row(3, " ".join(base[:79] + ["level"]), answer="30"),   # near, same answer: a duplicate
             _row(4, " ".join(base), answer="60")]                    # exact: answers are not compared
     store.write_dataset("normalized_prompts", "answers", ([r] for r in rows), ROW_SCHEMA)
-    config = CurationConfig(executor="ray", ray=RaySettings(shard_rows=1))
+    config = CurationConfig(executor="ray", ray=RaySettings(shard_rows=1, partition_rows=1))
     result = deduplicate_prompts_ray(store, config, "run-1")
     local = Deduplicator(config.dedup, MemorySink())
     expected = [r["row_id"] for r in local(dedup_order(rows, config.dedup.source_priority))]
@@ -619,7 +624,8 @@ def test_bucket_reducers_follow_the_pool_and_each_holds_about_the_configured_rec
         store.write_dataset("normalized_prompts", "planted", (rows[i:i + 500] for i in range(0, len(rows), 500)),
                             ROW_SCHEMA)
     per_reducer = 1_000
-    settings = RaySettings(shard_rows=128, shuffle_partitions=4, max_band_records_per_reducer=per_reducer)
+    settings = RaySettings(shard_rows=128, partition_rows=1, shuffle_partitions=4,
+                           max_band_records_per_reducer=per_reducer)
     config = CurationConfig(train_sources=list(pools), executor="ray", ray=settings)
     local = pipeline.deduplicate_prompts(homes["local"], config.model_copy(update={"executor": "local"}), "run-1")
     events: list[dict] = []
@@ -638,6 +644,7 @@ def test_bucket_reducers_follow_the_pool_and_each_holds_about_the_configured_rec
 
     # 16 shards, and shuffle_partitions caps the later shuffles' partitions at 4.
     assert len(plan_shards(on_ray, {"normalized_prompts": "planted"}, 128)) >= 15
+    assert result.ray_metrics["partitions"] == 4
     clusters = next(e for e in events if e.get("step") == "clusters")
     reducers = clusters["bucket_reducers"]
     assert reducers == result.ray_metrics["bucket_reducers"]
@@ -674,3 +681,18 @@ def test_the_bucket_reducers_are_the_least_power_of_two_over_partitions_and_reco
     assert _bucket_reducers(32_000, 4, 1_000) == 32 and _bucket_reducers(32_001, 4, 1_000) == 64
     assert _bucket_reducers(12 * 10**9, 256, 4_000_000) == 4_096
     assert _bucket_reducers(10**15, 256, 4_000_000) == BAND_SLOTS  # capped at the slots
+
+
+def test_the_shuffle_partitions_follow_the_pools_rows_up_to_the_shards_and_the_cap() -> None:
+    from tulu_pipeline.curation.ray_executor import Shard, _shuffle_partitions
+
+    def shards(count: int, rows: int) -> list[Shard]:
+        return [Shard(i, "d", "v", "p", 0, rows) for i in range(count)]
+
+    settings = RaySettings()  # one partition per 50,000 rows, at most 256
+    assert _shuffle_partitions([], settings) == 1
+    assert _shuffle_partitions(shards(401, 5_000), settings) == 41      # 2M rows in small shards: the rows decide
+    assert _shuffle_partitions(shards(40, 50_000), settings) == 40      # default shards: one per shard
+    assert _shuffle_partitions(shards(20_000, 50_000), settings) == 256  # 10^9 rows: the cap
+    assert _shuffle_partitions(shards(3, 100_000), settings) == 3       # never more than the shards
+    assert _shuffle_partitions(shards(16, 128), RaySettings(partition_rows=1, shuffle_partitions=4)) == 4

@@ -34,9 +34,11 @@ class RaySettings(BaseModel):
     num_cpus: int | None = None  # CPUs of a Ray started locally (None: all)
     object_store_memory: int | None = None  # bytes, for a Ray started locally (None: Ray's default)
     max_retries: int = Field(default=3, ge=0)  # re-runs of a task whose worker died
-    # Reducers of dedup's shuffles through files (and the fewest bucket reducers). Each reads its slice of
-    # every shard's file, so shards × partitions reads in all: keep it near the cluster's CPU count.
+    # Reducers of dedup's shuffles through files (and the fewest bucket reducers): one per partition_rows
+    # rows of the pool, at most shuffle_partitions (and the shards). Each reads its slice of every shard's
+    # file, so shards × partitions reads in all: keep the most near the cluster's CPU count.
     shuffle_partitions: int = Field(default=256, ge=1)
+    partition_rows: int = Field(default=50_000, ge=1)
     # Bounds a dedup bucket reducer's memory (~55 bytes of Arrow per band record, so ~220 MB by default).
     max_band_records_per_reducer: int = Field(default=4_000_000, ge=1)
     # An eval index larger than this (`EvalIndex.table_bytes`) is split by n-gram hash into parts held by
@@ -55,7 +57,7 @@ class CurationConfig(BaseModel):
     decontam: DecontamConfig = Field(default_factory=DecontamConfig)
     evals: EvalSelection = Field(default_factory=EvalSelection)
     flag_share: float = Field(default=0.02, gt=0, le=1)  # Tülu flags a benchmark above 2% of items hit
-    # "ray": the same steps as a Ray Data pipeline (tulu_pipeline.curation.ray_executor); same outputs.
+    # "ray": the same steps as Ray tasks (tulu_pipeline.curation.ray_executor); same outputs.
     executor: Literal["local", "ray"] = "local"
     ray: RaySettings = Field(default_factory=RaySettings)
 

@@ -1,4 +1,5 @@
-"""The curation stages as Ray Data pipelines: the same library steps, shard by shard on a Ray cluster.
+"""The curation stages on Ray: the same library steps, shard by shard on a Ray cluster, as Ray tasks,
+with the band-bucket shuffle through Ray Data.
 
 `pipeline.normalize_prompts` / `deduplicate_prompts` / `decontaminate_prompts` call into this module
 when ``CurationConfig.executor == "ray"``; they publish the same datasets, quarantines and ledger
@@ -40,7 +41,7 @@ local path's rows and events.
    depend on the order the shuffle delivers them in). The edges and their nodes are written as
    files under the reducer's index, partitioned by node hash, for the later steps, whose shuffles
    still go through TULU_HOME (the first component round reads R files, the later ones
-   ``partitions``). Its connected components are computed on the workers, by rounds of large-star /
+   ``partitions``: one per ``ray.partition_rows`` rows of the pool, at most ``ray.shuffle_partitions``). Its connected components are computed on the workers, by rounds of large-star /
    small-star (`_star_round`, each a shuffle of the edges by node hash) until every component is a
    star around its least row id, which names the cluster; the labels go back partitioned by each
    row's home shard, so the driver never holds one entry per candidate row;
@@ -166,8 +167,8 @@ def _configure_data_context() -> None:
 
 
 def _remote_args(settings: RaySettings) -> dict[str, Any]:
-    # Ray Data retries a task whose worker died forever by default; a shard that kills every worker
-    # (out of memory) must fail the run instead. max_retries is only accepted as a raw remote arg.
+    # A shard that kills every worker (out of memory) must fail the run, not be retried forever (Ray
+    # Data's default for its tasks; max_retries is only accepted there as a raw remote arg).
     return {"num_cpus": 1, "max_retries": settings.max_retries}
 
 
@@ -320,29 +321,33 @@ class _Run:
 
     def map_shards(self, step: str, shards: list[Shard], fn: Callable[..., dict[str, Any]],
                    **kwargs: Any) -> list[dict[str, Any]]:
-        """Run ``fn(shard item, ...)`` once per shard as a Ray Data map; results in shard order."""
-        import ray.data
-
-        if not shards:
-            return []
-        items = [asdict(s) for s in shards]
-        with _quiet_remote_args():
-            ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
-                _shard_task, fn_kwargs=self._task_kwargs(step, fn, kwargs), **_remote_args(self.config.ray))
-        return self._collect(step, (json.loads(row["result"]) for row in ds.iter_rows()), len(shards))
+        """Run ``fn(shard item, ...)`` once per shard as a Ray task; results in shard order."""
+        return self._run_tasks(step, shards, fn, kwargs, tables=False)[0]
 
     def map_shards_to_tables(self, step: str, shards: list[Shard], fn: Callable[..., dict[str, Any]],
                              **kwargs: Any) -> tuple[list[dict[str, Any]], list[Any]]:
-        """`map_shards` for a step whose tasks also output an Arrow table (``result["table"]``): one Ray task
-        per shard, the table left in the object store. Returns the results and the tables' object refs,
-        both in shard order; the driver owns the refs, so Ray rebuilds a lost table by re-running its task."""
+        """`map_shards` for a step whose tasks also output an Arrow table (``result["table"]``), left in the
+        object store. Returns the results and the tables' object refs, both in shard order; the driver owns
+        the refs, so Ray rebuilds a lost table by re-running its task."""
+        return self._run_tasks(step, shards, fn, kwargs, tables=True)
+
+    def _run_tasks(self, step: str, shards: list[Shard], fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any],
+                   *, tables: bool) -> tuple[list[dict[str, Any]], list[Any]]:
+        # Plain Ray tasks, not a Ray Data map: a Dataset execution costs the driver ~7-13 ms of CPU per
+        # task, a task ~0.3 ms (benchmarks/CURATION_AT_SCALE.md), and the driver's time is what limits
+        # a billion-row pool. The step's arguments go to the object store once, not once per task.
         import ray
 
-        task = ray.remote(_table_task).options(num_returns=2, **_remote_args(self.config.ray))
-        refs = [task.remote(asdict(shard), **self._task_kwargs(step, fn, kwargs)) for shard in shards]
+        if not shards:
+            return [], []
+        shared = ray.put(self._task_kwargs(step, fn, kwargs))
+        task = ray.remote(_table_task if tables else _plain_task).options(
+            num_returns=2 if tables else 1, **_remote_args(self.config.ray))
+        refs = [task.remote(asdict(shard), shared) for shard in shards]
+        results = [ref[0] for ref in refs] if tables else refs
 
         def finished() -> Iterator[dict[str, Any]]:
-            pending = [result for result, _ in refs]
+            pending = results
             while pending:
                 # All that finished within a second: one wait per second, not one per task, over all the refs.
                 ready, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
@@ -350,10 +355,12 @@ class _Run:
                     yield json.loads(result)
 
         try:
-            return self._collect(step, finished(), len(shards)), [table for _, table in refs]
+            return self._collect(step, finished(), len(shards)), [ref[1] for ref in refs] if tables else []
         except BaseException:
-            for result, _ in refs:  # a failed shard fails the run: stop the others writing to the staging dir
-                ray.cancel(result)
+            # A failed shard fails the run: stop the others, and let them stop, before the staging dir goes.
+            for ref in results:
+                ray.cancel(ref)
+            ray.wait(results, num_returns=len(results), timeout=60)
             raise
 
     def map_groups(self, step: str, tables: list[Any], groups: int, schema: pa.Schema,
@@ -418,12 +425,12 @@ def _run_task(shard: Shard, *, fn: Callable[..., dict[str, Any]], root: str, sta
     return result
 
 
-def _shard_task(item: dict[str, Any], **task: Any) -> dict[str, Any]:
-    # One JSON column: Ray Data infers block schemas from values, and nested stats vary per shard.
-    return {"result": json.dumps(_run_task(_shard_of(item), **task), default=str)}
+def _plain_task(item: dict[str, Any], task: dict[str, Any]) -> str:
+    # JSON, as the group tasks' results are (Ray Data infers block schemas from values): one decoding.
+    return json.dumps(_run_task(_shard_of(item), **task), default=str)
 
 
-def _table_task(item: dict[str, Any], **task: Any) -> tuple[str, pa.Table]:
+def _table_task(item: dict[str, Any], task: dict[str, Any]) -> tuple[str, pa.Table]:
     result = _run_task(_shard_of(item), **task)
     table = result.pop("table")
     return json.dumps(result, default=str), table
@@ -645,6 +652,14 @@ def _signature_shard(store: Store, shard: Shard, staging: str, *, config: dict[s
             "key_sample": [dedup_order_key(row, ranks) for row in rows[::step]]}
 
 
+def _shuffle_partitions(shards: list[Shard], settings: RaySettings) -> int:
+    """Partitions of dedup's shuffles through files: one per ``partition_rows`` rows of the pool, at most
+    ``shuffle_partitions`` and the shards. Following the rows, not the shards, keeps the shards × partitions
+    ranged reads per row the same for small shards as for the default ones."""
+    rows = sum(s.rows for s in shards)
+    return max(1, min(len(shards), settings.shuffle_partitions, -(-rows // settings.partition_rows)))
+
+
 def _bucket_reducers(records: int, partitions: int, per_reducer: int) -> int:
     """Bucket reducers for ``records`` band records: the least power of two at least ``partitions`` and
     ``records / per_reducer`` (so reducers hold ``per_reducer`` records or fewer on average), at most
@@ -864,7 +879,8 @@ def deduplicate_prompts_ray(store: Store, config: CurationConfig, run_id: str, p
         with LedgerWriter(store, "curation", "deduplicated_prompts", version, run_id) as ledger:
             with ray_session(config.ray):
                 shards = plan_shards(store, inputs, config.ray.shard_rows)
-                partitions = max(1, min(len(shards), config.ray.shuffle_partitions))
+                partitions = _shuffle_partitions(shards, config.ray)
+                run.counts["partitions"] = partitions
                 # A reducer is a task over one partition: the same shard machinery, indexed by partition.
                 reducers = [Shard(p, "", "", "", 0, 0) for p in range(partitions)]
                 signed, bands = run.map_shards_to_tables("signatures", shards, _signature_shard,
