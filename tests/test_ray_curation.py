@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tulu_pipeline.curation.ray_executor import (
     normalize_prompts_ray,
     plan_shards,
 )
-from tulu_pipeline.data.ingest import ingest_source
+from tulu_pipeline.data.ingest import ingest_source, raw_dataset_name
 from tulu_pipeline.data.registry import registry
 from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.provenance.ledger import Ledger, MemorySink
@@ -530,18 +531,28 @@ def test_kuberay_manifests_use_known_fields_and_the_pinned_ray(tmp_path) -> None
     assert output.count("passed for resource") == len(plain) + len(templates), output
 
 
-def test_a_failing_shard_publishes_nothing(raw_home: Path, ray_local) -> None:
+def test_a_failing_shard_publishes_nothing_and_stops_the_shards_not_yet_started(
+        raw_home: Path, ray_local, tmp_path: Path) -> None:
     store = _copy(raw_home, "failing")
+    ran = tmp_path / "ran"
+    ran.mkdir()
 
     def fail(step: str, shard: int) -> None:
         if shard == 2:
             raise ValueError(f"injected failure in {step} shard {shard}")
+        (ran / str(shard)).touch()
+        time.sleep(0.3)  # the driver sees the failure while most shards are still queued
 
+    config = _config("ray", shard_rows=50)
+    shards = -(-sum(store.dataset_info(raw_dataset_name(s)).rows for s in TRAIN) // 50)
     with pytest.raises(Exception, match="injected failure in normalize shard 2"):
-        normalize_prompts_ray(store, _config("ray"), "run-1", shard_hook=fail)
+        normalize_prompts_ray(store, config, "run-1", shard_hook=fail)
     assert store.latest_version("normalized_prompts") is None
     assert not _events(store, "normalized_prompts")
     assert not store.fs.find(store.path(RAY_DIR))  # the other shards' files are gone too
+    # The queued shards saw the abort marker and returned without running (no ray.cancel: it can crash
+    # the driver when it races a task's completion).
+    assert shards >= 20 and 0 < len(list(ran.iterdir())) < shards / 2
 
 
 def test_components_on_the_workers_match_a_union_find(tmp_path) -> None:

@@ -117,6 +117,8 @@ from tulu_pipeline.provenance.ledger import EventPart, LedgerWriter, MemorySink
 from tulu_pipeline.storage import Store
 
 RAY_DIR = "_ray"  # per-run shard outputs under TULU_HOME, removed once the stage is published
+_ABORTED = "_aborted"  # marker in a run's staging dir: a shard failed, tasks not yet started return at once
+_ABORT_WAIT_S = 600  # how long a failed run waits for its running tasks before removing the staging dir
 
 # progress(event): one dict per finished shard (and per dedup step); the Pipes job streams them to Dagster.
 Progress = Callable[[dict[str, Any]], None]
@@ -357,10 +359,11 @@ class _Run:
         try:
             return self._collect(step, finished(), len(shards)), [ref[1] for ref in refs] if tables else []
         except BaseException:
-            # A failed shard fails the run: stop the others, and let them stop, before the staging dir goes.
-            for ref in results:
-                ray.cancel(ref)
-            ray.wait(results, num_returns=len(results), timeout=60)
+            # A failed shard fails the run. The others stop cooperatively (a task not yet started sees the
+            # marker and returns at once; a running one finishes its shard) before the staging dir goes:
+            # ray.cancel can crash the driver when it races a task's completion (ray-project/ray#54846).
+            self.store.write_bytes(f"{self.staging}/{_ABORTED}", b"")
+            ray.wait(results, num_returns=len(results), timeout=_ABORT_WAIT_S)
             raise
 
     def map_groups(self, step: str, tables: list[Any], groups: int, schema: pa.Schema,
@@ -378,8 +381,12 @@ class _Run:
         if tables:
             with _quiet_remote_args():
                 remote = _remote_args(self.config.ray)
+                # Batches of up to a reducer's share of records: Ray Data bundles several shards' tables
+                # into one map task, and its driver-side cost is per task (~9 ms a table unbundled, ~1.5 ms
+                # bundled; benchmarks/CURATION_AT_SCALE.md).
                 ds = ray.data.from_arrow_refs(tables).map_batches(
                     _group_column, batch_format="pyarrow", fn_kwargs={"groups": groups},
+                    batch_size=self.config.ray.max_band_records_per_reducer,
                     udf_modifying_row_count=False, **remote,
                 ).groupby("group", num_partitions=groups).map_groups(
                     _group_task, batch_format="pyarrow", fn_kwargs=self._task_kwargs(step, fn, kwargs), **remote)
@@ -418,7 +425,10 @@ class _Run:
 def _run_task(shard: Shard, *, fn: Callable[..., dict[str, Any]], root: str, staging: str, step: str,
               hook: ShardHook | None, kwargs: dict[str, Any]) -> dict[str, Any]:
     started_cpu, started_wall = time.process_time(), time.perf_counter()
-    result = fn(Store(root), shard, staging, **kwargs)
+    store = Store(root)
+    if store.exists(staging, _ABORTED):
+        return {"aborted": True, "shard": shard.index}  # another shard failed: the run is being cleaned up
+    result = fn(store, shard, staging, **kwargs)
     if hook is not None:
         hook(step, shard.index)
     result.update(shard=shard.index, usage=_worker_usage(started_cpu, started_wall))
@@ -430,9 +440,9 @@ def _plain_task(item: dict[str, Any], task: dict[str, Any]) -> str:
     return json.dumps(_run_task(_shard_of(item), **task), default=str)
 
 
-def _table_task(item: dict[str, Any], task: dict[str, Any]) -> tuple[str, pa.Table]:
+def _table_task(item: dict[str, Any], task: dict[str, Any]) -> tuple[str, pa.Table | None]:
     result = _run_task(_shard_of(item), **task)
-    table = result.pop("table")
+    table = result.pop("table", None)
     return json.dumps(result, default=str), table
 
 
