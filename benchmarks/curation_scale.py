@@ -11,9 +11,10 @@ many CPUs (one worker process per CPU, warmed up first), ``--shard-rows`` rows p
 
 Per stage and run:
 
-- ``driver_cpu_s_per_m_rows``: CPU seconds of the driver process during the stage (Ray Data's
-  scheduling in the driver included) per million rows read; ``driver_publish_s_per_m_rows``: wall
-  seconds from the last task's end to the stage's return (the commit of the parts);
+- ``driver_cpu_s_per_m_rows``: CPU seconds of the driver process during the stage (Ray's task
+  submission and Ray Data's shuffle scheduling in the driver included) per million rows read;
+  ``driver_publish_s_per_m_rows``: wall seconds from the last task's end to the stage's return (the
+  commit of the parts);
 - ``worker_cpu_ms_per_row``: CPU inside shard tasks per row (contention does not inflate it);
 - ``shuffle_bytes_per_row``: bytes handed from one step to the next (dedup: the band records' Arrow
   bytes, shuffled through the object store by Ray Data, then files under TULU_HOME for the candidate
@@ -21,7 +22,9 @@ Per stage and run:
   ``--index-parts K``: the texts sent to each of the K index parts plus the verified windows back);
   ``shuffle_bytes_per_row_by_step`` splits them by step (``signatures``: the band records);
 - dedup's ``bucket_reducers`` (they follow the band records: ``ray.max_band_records_per_reducer``) and
-  ``max_bucket_reducer_records``, the most band records one of them received;
+  ``max_bucket_reducer_records``, the most band records one of them received; ``partitions``, the
+  reducers of the shuffles through files (they follow the rows: ``ray.partition_rows``);
+- ``driver_cpu_ms_per_task``: the driver's CPU per task of the stage (what a larger pool multiplies);
 - ``peak_worker_rss_mb``; ``driver_rss_mb``: the driver's resident memory after the stage.
 
 The smallest pool is also curated in process (``executor: local``) and each stage's rows and ledger
@@ -29,7 +32,7 @@ events are checked equal (the tests check every field).
 
     .venv/bin/python benchmarks/curation_scale.py [--rows 20000 200000] [--workers 1 2] [--shard-rows 5000]
         [--index-parts 0 3]   # 0: the eval index broadcast (default); K: split by n-gram hash into K parts
-        [--max-band-records-per-reducer 4000000]
+        [--max-band-records-per-reducer 4000000] [--partition-rows 50000]
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ def synthetic_pool(store: Store, rows: int, seed: int = 0) -> None:
                                                     {"role": "assistant", "content": "ok"}],
                      "ground_truth": None, "constraints": None, "eval_id": None, "extra": None})
     for source, pool in pools.items():
-        store.write_dataset(f"raw/{source}", f"synthetic-{rows}", (pool[i:i + 10_000] for i in range(0, len(pool), 10_000)),
+        store.write_dataset(f"raw/{source}", f"synthetic-{rows}",
+                            (pool[i:i + 10_000] for i in range(0, len(pool), 10_000)),
                             ROW_SCHEMA)
 
 
@@ -154,6 +158,7 @@ def run_ray(home: Path, config: CurationConfig, workers: int, object_store_mb: i
                 "shards": len({u["shard"] for u in usage if u["step"] == STEP_OF[name]}),
                 "tasks": len(usage),
                 "driver_cpu_s": round(cpu, 3), "driver_cpu_s_per_m_rows": round(cpu * per_m, 2),
+                "driver_cpu_ms_per_task": round(1000 * cpu / len(usage), 2),
                 "driver_publish_s": round(result.ray_metrics["wall_s"] - publish_at, 3),
                 "driver_publish_s_per_m_rows": round((result.ray_metrics["wall_s"] - publish_at) * per_m, 2),
                 "worker_cpu_ms_per_row": round(1000 * sum(u["cpu_s"] for u in usage) / rows_in, 4),
@@ -169,6 +174,7 @@ def run_ray(home: Path, config: CurationConfig, workers: int, object_store_mb: i
                              candidate_row_share=round(clusters["candidate_rows"] / rows_in, 5),
                              clusters=clusters["clusters"], component_rounds=clusters["component_rounds"],
                              bucket_reducers=clusters["bucket_reducers"],
+                             partitions=result.ray_metrics["partitions"],
                              max_bucket_reducer_records=max((u["rows"] for u in usage if u["step"] == "buckets"),
                                                             default=0))
             stages[name] = entry
@@ -207,6 +213,8 @@ def main() -> int:
     parser.add_argument("--max-band-records-per-reducer", type=int,
                         default=RaySettings().max_band_records_per_reducer,
                         help="ray.max_band_records_per_reducer (smaller: more bucket reducers)")
+    parser.add_argument("--partition-rows", type=int, default=RaySettings().partition_rows,
+                        help="ray.partition_rows: pool rows per partition of dedup's shuffles through files")
     parser.add_argument("--index-parts", type=int, nargs="+", default=[0],
                         help="0: broadcast the eval index; K: split it by n-gram hash into K actor-held parts")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -214,7 +222,8 @@ def main() -> int:
 
     load_start = list(os.getloadavg())
     config = CurationConfig(train_sources=SOURCES, ray=RaySettings(
-        shard_rows=args.shard_rows, max_band_records_per_reducer=args.max_band_records_per_reducer))
+        shard_rows=args.shard_rows, max_band_records_per_reducer=args.max_band_records_per_reducer,
+        partition_rows=args.partition_rows))
     work = Path(tempfile.mkdtemp(prefix="curation-scale-"))
     runs: dict = {}
     try:
@@ -247,7 +256,8 @@ def main() -> int:
                         run[stage]["same_output_as_local"] = \
                             (run[stage]["rows_out"], run[stage]["ledger_events"]) == \
                             (local[stage]["rows_out"], local[stage]["ledger_events"])
-                        run[stage]["same_output_as_local"] &= run[stage]["output_digest"] == local[stage]["output_digest"]
+                        run[stage]["same_output_as_local"] &= \
+                            run[stage]["output_digest"] == local[stage]["output_digest"]
                 shutil.rmtree(home)
             shutil.rmtree(raw)
     finally:
@@ -255,7 +265,8 @@ def main() -> int:
 
     summary = {
         stage: {key: {name: run[stage][key] for name, run in runs.items()}
-                for key in ("driver_cpu_s_per_m_rows", "driver_publish_s_per_m_rows", "worker_cpu_ms_per_row",
+                for key in ("driver_cpu_s_per_m_rows", "driver_cpu_ms_per_task", "driver_publish_s_per_m_rows",
+                            "worker_cpu_ms_per_row",
                             "shuffle_bytes_per_row", "peak_worker_rss_mb", "driver_rss_mb")}
         for stage in STAGES
     }
@@ -267,6 +278,7 @@ def main() -> int:
         "ray_version": __import__("ray").__version__,
         "shard_rows": args.shard_rows,
         "max_band_records_per_reducer": args.max_band_records_per_reducer,
+        "partition_rows": args.partition_rows,
         "summary": summary,
         "runs": runs,
     }
