@@ -41,10 +41,11 @@ local path's rows and events.
    depend on the order the shuffle delivers them in). The edges and their nodes are written as
    files under the reducer's index, partitioned by node hash, for the later steps, whose shuffles
    still go through TULU_HOME (the first component round reads R files, the later ones
-   ``partitions``: one per ``ray.partition_rows`` rows of the pool, at most ``ray.shuffle_partitions``). Its connected components are computed on the workers, by rounds of large-star /
-   small-star (`_star_round`, each a shuffle of the edges by node hash) until every component is a
-   star around its least row id, which names the cluster; the labels go back partitioned by each
-   row's home shard, so the driver never holds one entry per candidate row;
+   ``partitions``: one per ``ray.partition_rows`` rows of the pool, at most
+   ``ray.shuffle_partitions``). Its connected components are computed on the workers, by rounds of
+   large-star / small-star (`_star_round`, each a shuffle of the edges by node hash) until every
+   component is a star around its least row id, which names the cluster; the labels go back
+   partitioned by each row's home shard, so the driver never holds one entry per candidate row;
 3. per shard, the sorted rows are cut into the publish ranges (and counted per range), and the
    members of each cluster, with their signatures, are partitioned by cluster and resolved by a
    `Deduplicator` fed in `dedup_order`: two rows can only interact when they share a band, so
