@@ -426,24 +426,28 @@ class _Run:
 def _run_task(shard: Shard, *, fn: Callable[..., dict[str, Any]], root: str, staging: str, step: str,
               hook: ShardHook | None, kwargs: dict[str, Any]) -> dict[str, Any]:
     started_cpu, started_wall = time.process_time(), time.perf_counter()
-    store = Store(root)
-    if store.exists(staging, _ABORTED):
-        return {"aborted": True, "shard": shard.index}  # another shard failed: the run is being cleaned up
-    result = fn(store, shard, staging, **kwargs)
+    result = fn(Store(root), shard, staging, **kwargs)
     if hook is not None:
         hook(step, shard.index)
     result.update(shard=shard.index, usage=_worker_usage(started_cpu, started_wall))
     return result
 
 
+def _shard_task(item: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+    shard = _shard_of(item)
+    if Store(task["root"]).exists(task["staging"], _ABORTED):
+        return {"aborted": True, "shard": shard.index}  # another shard failed: the run is being cleaned up
+    return _run_task(shard, **task)
+
+
 def _plain_task(item: dict[str, Any], task: dict[str, Any]) -> str:
     # JSON, as the group tasks' results are (Ray Data infers block schemas from values): one decoding.
-    return json.dumps(_run_task(_shard_of(item), **task), default=str)
+    return json.dumps(_shard_task(item, task), default=str)
 
 
 def _table_task(item: dict[str, Any], task: dict[str, Any]) -> tuple[str, pa.Table | None]:
-    result = _run_task(_shard_of(item), **task)
-    table = result.pop("table", None)
+    result = _shard_task(item, task)
+    table = None if result.get("aborted") else result.pop("table")
     return json.dumps(result, default=str), table
 
 
