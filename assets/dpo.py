@@ -5,7 +5,7 @@ from typing import Any
 import dagster as dg
 
 from assets.automation import GPU_STAGE
-from assets.metadata import TRAINING_OWNERS, checkpoint_metadata, latest_checkpoint_id
+from assets.metadata import TRAINING_OWNERS, checkpoint_metadata, heldout_effect_metadata, latest_checkpoint_id
 from resources import ComputeLauncher, TuluStorage
 from tulu_pipeline.training.dpo import DPO_CODE_VERSION, LOSS_CURVE_FILE
 from tulu_pipeline.training.dpo_reference import REFERENCE_CODE_VERSION
@@ -70,6 +70,7 @@ def dpo_checkpoint(context: dg.AssetExecutionContext, config: DPOStageConfig, st
         "ledger_events": dg.MetadataValue.json(record_dpo_ledger(store, plan, manifest, context.run.run_id)),
         "heldout_before": dg.MetadataValue.json(metrics["heldout_before"]),
         "heldout_after": dg.MetadataValue.json(metrics["heldout_after"]),
+        **heldout_effect_metadata(metrics.get("heldout_effect")),
         "manifest": dg.MetadataValue.json({k: v for k, v in manifest.items() if k != "metrics"}),
     })
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(plan.version))

@@ -70,6 +70,29 @@ def checkpoint_metadata(store: Store, checkpoint_id: str, checkpoint_dir: str, r
     return metadata, manifest
 
 
+def heldout_effect_metadata(effect: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    """A training run's paired held-out effect (``{metric: paired_delta}``, Δ = after − before on the same
+    held-out items) as json and as a table: metric, Δ, 95% CI, sign-test p, n (changed). Nothing for a
+    checkpoint published before the effect was measured."""
+    if not effect:
+        return {}
+    rows = [{"metric": metric, "Δ": _signed(d.get("delta")),
+             "95% CI": f"[{_signed(d.get('ci_low'))}, {_signed(d.get('ci_high'))}]",
+             "sign-test p": "–" if d.get("p_value") is None else
+             ("<0.001" if d["p_value"] < 0.001 else f"{d['p_value']:.3f}"),
+             "n (changed)": f"{d.get('n')} ({d.get('changed')})"} for metric, d in effect.items()]
+    table = markdown_table(rows, ["metric", "Δ", "95% CI", "sign-test p", "n (changed)"])
+    return {"heldout_effect": dg.MetadataValue.json(dict(effect)),
+            "heldout_effect_table": dg.MetadataValue.md(
+                f"{table}\n\nΔ = after − before, paired on the same held-out items (seeded bootstrap interval; "
+                "sign test over the items that changed).")}
+
+
+def _signed(value: float | None) -> str:
+    # 3 significant digits: accuracies, losses and DPO margins differ by orders of magnitude
+    return "–" if value is None else f"{value:+.3g}"
+
+
 def config_hash(config: Any) -> str:
     """A short, stable hash of an asset's configuration (pydantic model or plain data)."""
     data = config.model_dump(mode="json") if hasattr(config, "model_dump") else config

@@ -6,7 +6,15 @@ import dagster as dg
 
 from assets.automation import GPU_STAGE
 from assets.base_model import BASE_MODEL_ID
-from assets.metadata import TRAINING_OWNERS, checkpoint_metadata, config_hash, image, samples, table_schema
+from assets.metadata import (
+    TRAINING_OWNERS,
+    checkpoint_metadata,
+    config_hash,
+    heldout_effect_metadata,
+    image,
+    samples,
+    table_schema,
+)
 from resources import ComputeLauncher, TuluStorage
 from tulu_pipeline.data.schema import ROW_SCHEMA
 from tulu_pipeline.mixing.config import load_mix_config
@@ -75,6 +83,7 @@ def sft_checkpoint(context: dg.AssetExecutionContext, config: SFTCheckpointConfi
                                              invocation.get_materialize_result().metadata or {},
                                              plots={"loss_curve": (curve, curve)}, mix_hash=plan.mix_version)
     metadata["trained_rows"] = record_trained_on(store, plan, manifest, context.run.run_id)
+    metadata.update(heldout_effect_metadata(manifest["metrics"].get("heldout_effect")))
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(plan.version))
 
 

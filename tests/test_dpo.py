@@ -61,6 +61,47 @@ def test_reference_logprobs_equal_the_model_loss():
         assert row["chosen_logps"] == pytest.approx(-float(mean_nll) * encoded["tokens"], rel=1e-4)
 
 
+@pytest.mark.parametrize("loss_type", ["dpo", "dpo_norm", "simpo"])
+def test_per_pair_values_average_to_the_heldout_metrics(loss_type):
+    """`preference_scores`' per-pair values are what `preference_metrics` averages: the mean of ``preferred`` is
+    ``preference_accuracy`` and the mean of ``reward_correct`` is ``reward_accuracy`` (exactly), the mean of
+    ``margin`` is ``mean_margin``; `heldout_effect` pairs them by pair id."""
+    import random
+
+    from tulu_pipeline.training.dpo import heldout_effect, preference_metrics, preference_scores
+    from tulu_pipeline.training.dpo_reference import PairScores
+
+    rng = random.Random(3)
+    ids = [f"p{i}" for i in range(15)]
+
+    def scores() -> PairScores:
+        return PairScores(list(ids), [-rng.uniform(5, 40) for _ in ids], [-rng.uniform(5, 40) for _ in ids],
+                          [rng.randint(3, 20) for _ in ids], [rng.randint(3, 20) for _ in ids])
+
+    reference, policy = scores(), scores()
+    config = DPOTrainingConfig(**{**TINY_DPO, "loss_type": loss_type, "beta": 2.0})
+    metrics, per_pair = preference_scores(policy, reference, config)
+    assert metrics == preference_metrics(policy, reference, config)
+    assert all(list(values) == ids for values in per_pair.values())
+    assert 0 < metrics["preference_accuracy"] < 1 and 0 < metrics["reward_accuracy"] < 1  # both kinds of pair
+    assert sum(per_pair["preferred"].values()) / len(ids) == metrics["preference_accuracy"]
+    assert sum(per_pair["reward_correct"].values()) / len(ids) == metrics["reward_accuracy"]
+    assert sum(per_pair["margin"].values()) / len(ids) == pytest.approx(metrics["mean_margin"], rel=1e-12)
+    assert {v > 0 for v in per_pair["margin"].values()} == {True, False}
+    assert all(per_pair["reward_correct"][i] == float(per_pair["margin"][i] > 0) for i in ids)
+
+    start, start_pairs = preference_scores(reference, reference, config)
+    if loss_type != "simpo":  # the policy is the reference: every margin 0, no pair counted correct
+        assert set(start_pairs["margin"].values()) == {0.0} and start["reward_accuracy"] == 0.0
+    effect = heldout_effect(per_pair, start_pairs, seed=config.seed)
+    assert {d["n"] for d in effect.values()} == {len(ids)}
+    assert effect["preference_accuracy"]["delta"] == pytest.approx(
+        metrics["preference_accuracy"] - start["preference_accuracy"])
+    assert effect["margin"]["delta"] == pytest.approx(metrics["mean_margin"] - start["mean_margin"])
+    assert preference_scores(PairScores([], [], [], [], []), PairScores([], [], [], [], []), config) == (
+        {"pairs": 0}, {"preferred": {}, "reward_correct": {}, "margin": {}})
+
+
 @pytest.mark.integration  # the reference-logprobs job, then DPO training until held-out preference improves
 def test_dpo_improves_heldout_preference_and_never_reruns_the_reference(tmp_path, monkeypatch):
     model_dir, pairs = tiny_setup()
@@ -82,6 +123,16 @@ def test_dpo_improves_heldout_preference_and_never_reruns_the_reference(tmp_path
     assert after["preference_accuracy"] > before["preference_accuracy"]
     assert after["reward_accuracy"] > 0.5 and after["mean_margin"] > 0
     assert after["loss"] < before["loss"]
+    # the paired per-pair change: every held-out pair, the deltas those of the aggregates
+    effect = result.metrics["heldout_effect"]
+    assert set(effect) == {"preference_accuracy", "reward_accuracy", "margin"}
+    assert all(d["n"] == len(heldout) and d["same_items"] for d in effect.values())
+    assert effect["preference_accuracy"]["delta"] == pytest.approx(
+        after["preference_accuracy"] - before["preference_accuracy"])
+    assert effect["reward_accuracy"]["delta"] == pytest.approx(after["reward_accuracy"])  # from 0 (no margins)
+    assert effect["reward_accuracy"]["down"] == 0 and effect["reward_accuracy"]["up"] > len(heldout) / 2
+    assert effect["margin"]["delta"] == pytest.approx(after["mean_margin"])
+    assert effect["margin"]["ci_low"] <= effect["margin"]["delta"] <= effect["margin"]["ci_high"]
     losses = [point["loss"] for point in result.metrics["train_loss"]]
     assert len(losses) == result.metrics["steps"] == 8
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
@@ -91,6 +142,7 @@ def test_dpo_improves_heldout_preference_and_never_reruns_the_reference(tmp_path
     assert manifest["reference_logprobs_source"] == "precomputed"
     assert manifest["pairs_version"] == "pairs-test" and manifest["config"]["loss_type"] == "dpo_norm"
     assert manifest["heldout_pair_ids"] == [p["pair_id"] for p in heldout]
+    assert manifest["metrics"]["heldout_effect"] == effect
     assert set((out / TRAINED_PAIRS_FILE).read_text().split()) == {p["pair_id"] for p in train}
     assert (out / LOSS_CURVE_FILE).read_bytes()[:4] == b"\x89PNG"
     assert not (out / "_checkpoints").exists()

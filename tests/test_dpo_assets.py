@@ -58,7 +58,13 @@ def test_materialize_reference_logprobs_and_dpo_checkpoint(tmp_path):
     assert meta["checkpoint_id"].value == plan.checkpoint_id
     assert meta["steps"].value == 2 and meta["reference_logprobs_version"].value == plan.reference_version
     assert {"heldout_preference_accuracy_before", "heldout_preference_accuracy_after", "heldout_reward_accuracy_after",
-            "heldout_mean_margin_after", "loss_curve", "manifest", "config"} <= meta.keys()
+            "heldout_mean_margin_after", "loss_curve", "manifest", "config", "heldout_effect",
+            "heldout_effect_table"} <= meta.keys()
+    n_heldout = len(split_pairs(tiny_setup()[1])[1])
+    assert {d["n"] for d in meta["heldout_effect"].value.values()} == {n_heldout}
+    table = meta["heldout_effect_table"].value
+    assert "| metric | Δ | 95% CI | sign-test p | n (changed) |" in table
+    assert all(f"| {name} |" in table for name in ("preference_accuracy", "reward_accuracy", "margin"))
     manifest = store.read_json(f"{plan.checkpoint_dir}/{MANIFEST_FILE}")
     assert manifest["reference_logprobs_source"] == "precomputed"
     assert manifest["reference_checkpoint"] == SFT_ID and manifest["pairs_version"] == "pairs-v1"

@@ -200,5 +200,7 @@ def test_reference_logprobs_scored_in_another_dtype_are_recomputed(tmp_path, mon
     assert recomputed == ["bfloat16", "float32"]
     assert result.manifest["reference_logprobs_source"] == "precomputed"
     assert result.manifest["reference_logprobs_dtype"] == "float32"
+    effect = result.metrics["heldout_effect"]  # paired over both held-out pairs, before vs after
+    assert {d["n"] for d in effect.values()} == {len(heldout)} == {result.metrics["heldout_pairs"]}
     assert result.manifest["batch"] == {"world_size": 1, "global_batch_size": 4, "per_device_batch_size": 2,
                                         "gradient_accumulation_steps": 2, "unit": "pairs"}

@@ -171,6 +171,49 @@ def test_training_loss_falls_and_heldout_improves(trained):
     assert {"loss", "learning_rate", "tokens_per_s"} <= reporter.history[0].keys()
 
 
+def test_heldout_effect_pairs_the_heldout_rows(trained, rows):
+    """The per-row paired change of the held-out loss: every held-out row, and the same direction as the
+    aggregate held-out loss on this run, where training lowers it."""
+    result, _ = trained
+    m = result.metrics
+    effect = m["heldout_effect"]["loss"]
+    assert effect["n"] == m["heldout_rows"] == len(rows[1]) and effect["same_items"]
+    aggregate_change = m["heldout_loss_after"] - m["heldout_loss_before"]
+    assert aggregate_change < 0 and effect["delta"] < 0  # negative: the loss went down
+    assert effect["ci_low"] <= effect["delta"] <= effect["ci_high"]
+    assert effect["changed"] == effect["up"] + effect["down"] and effect["down"] > effect["up"]
+    manifest = json.loads((result.checkpoint_dir / MANIFEST_FILE).read_text())
+    assert manifest["metrics"]["heldout_effect"] == m["heldout_effect"]
+
+
+def test_per_row_heldout_losses_weight_back_to_the_aggregate(tiny_model, rows):
+    """`heldout_losses` gives `heldout_loss` and each row's own mean NLL per trained token from one pass: the
+    rows' losses weighted by their trained tokens are the aggregate, and each is the row's loss scored alone
+    (padding and batch neighbours change nothing)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tulu_pipeline.training.sft import heldout_loss, heldout_losses
+
+    tokenizer = apply_tulu_chat_template(smollm2_tokenizer())
+    held = encode_rows(rows[1], tokenizer, max_length=128)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    result = heldout_losses(model, held.examples, tokenizer.pad_token_id, batch_size=3)  # padded, 3 batches
+    aggregate = heldout_loss(model, held.examples, tokenizer.pad_token_id, batch_size=3)
+    assert result.mean == aggregate
+    assert result.row_tokens == [sum(label != -100 for label in ex["labels"][1:]) for ex in held.examples]
+    weighted = sum(loss * n for loss, n in zip(result.row_losses, result.row_tokens)) / sum(result.row_tokens)
+    assert weighted == pytest.approx(aggregate, rel=1e-12)
+    assert len(set(result.row_losses)) == len(held.examples)  # per-row values, not the mean repeated
+    for example, loss in zip(held.examples, result.row_losses):
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([example["input_ids"]]),
+                          labels=torch.tensor([example["labels"]])).loss
+        assert loss == pytest.approx(float(alone), abs=1e-5)
+    assert list(result.by_row(held.row_ids)) == [row["row_id"] for row in rows[1]]
+    assert heldout_losses(model, [], tokenizer.pad_token_id).mean is None and heldout_loss(model, [], 0) is None
+
+
 def test_checkpoint_loads_and_explains_itself(trained, tiny_model, rows):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -342,6 +385,7 @@ def test_sft_job_under_pipes_subprocess_client(tiny_model, rows, tmp_path):
     metadata = materialization.metadata
     assert metadata["steps"].value == 2
     assert metadata["heldout_loss_after"].value < metadata["heldout_loss_before"].value
+    assert metadata["heldout_effect"].value["loss"]["n"] == len(rows[1])
     assert metadata["checkpoint_path"].value == store.uri("models/sft-test")
     assert Path(metadata["loss_curve_path"].value).read_bytes()[:4] == b"\x89PNG"
     assert "data:image/png;base64," in metadata["loss_curve"].value

@@ -16,7 +16,8 @@ What it does, in order:
 4. Held-out metrics (pairs the caller marks ``heldout``), before (the reference itself) and after: the
    implicit-reward accuracy and mean margin, the DPO loss, and the policy's *length-normalized preference
    accuracy* (mean log-prob per token of chosen > rejected), which needs no reference and so is meaningful
-   for the SFT checkpoint too.
+   for the SFT checkpoint too; and their paired per-pair change (``heldout_effect``: bootstrap interval and sign
+   test of after − before on the same pairs).
 
 Trainer: `tulu_pipeline.training.hf_trainers.TuluDPOTrainer`, a `transformers.Trainer` subclass whose
 ``compute_loss`` is `preference_loss` (`tulu_pipeline.training.dpo_losses`), not TRL's `DPOTrainer`. Why: TRL 1.16
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tulu_pipeline.evaluation.paired import paired_delta
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.plots import dpo_curve_png
 from tulu_pipeline.progress import NullReporter, Reporter
@@ -81,6 +83,9 @@ LOSS_CURVE_FILE = "loss_curve.png"
 TRAINED_PAIRS_FILE = "trained_pair_ids.txt"
 # Test knob: sleep this many seconds after every optimizer step (widens the kill window of the resume test).
 STEP_DELAY_ENV = "TULU_DPO_STEP_DELAY_S"
+# Per held-out pair values of `preference_scores`, and the aggregate each one's mean is (`heldout_effect`'s keys).
+PAIR_VALUES = ("preferred", "reward_correct", "margin")
+EFFECT_METRICS = {"preference_accuracy": "preferred", "reward_accuracy": "reward_correct", "margin": "margin"}
 
 
 @dataclass
@@ -99,23 +104,48 @@ def preference_metrics(policy: PairScores, reference: PairScores, config: DPOTra
     the policy (reference-free); ``reward_accuracy``/``mean_margin``/``loss``: the configured loss's implicit
     rewards (β-scaled, length-normalized for dpo_norm) against the reference.
     """
+    return preference_scores(policy, reference, config)[0]
+
+
+def preference_scores(policy: PairScores, reference: PairScores, config: DPOTrainingConfig
+                      ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """`preference_metrics` and, per pair (``{pair_id: value}``), the values they average over.
+
+    Per pair: ``preferred`` (1.0 when chosen has the higher mean log-prob per token), ``reward_correct`` (1.0
+    when the implicit reward margin is positive) and ``margin`` (that margin). Their means are
+    ``preference_accuracy``, ``reward_accuracy`` and ``mean_margin``.
+    """
     if not policy.pair_ids:
-        return {"pairs": 0}
+        return {"pairs": 0}, {key: {} for key in PAIR_VALUES}
     if policy.pair_ids != reference.pair_ids:
         raise ValueError("policy and reference scores are for different pairs")
     chosen, rejected, chosen_n, rejected_n = policy.tensors()
     ref_chosen, ref_rejected, _, _ = reference.tensors()
     result = preference_loss(config.loss_type, chosen, rejected, chosen_n, rejected_n, ref_chosen, ref_rejected,
                              beta=config.beta, gamma=config.gamma)
-    return {
+    preferred = (chosen / chosen_n > rejected / rejected_n).double()
+    # `PreferenceLoss.accuracy`'s comparison, averaged in float64 (its float32 mean would differ from the mean of
+    # the per-pair values in the last digits)
+    correct = (result.chosen_rewards > result.rejected_rewards).double()
+    metrics = {
         "pairs": len(policy.pair_ids),
-        "preference_accuracy": float((chosen / chosen_n > rejected / rejected_n).double().mean()),
-        "reward_accuracy": float(result.accuracy),
+        "preference_accuracy": float(preferred.mean()),
+        "reward_accuracy": float(correct.mean()),
         "mean_margin": float(result.margins.mean()),
         "loss": float(result.loss),
         "chosen_mean_logp": float((chosen / chosen_n).mean()),
         "rejected_mean_logp": float((rejected / rejected_n).mean()),
     }
+    per_pair = {name: dict(zip(policy.pair_ids, values.tolist()))
+                for name, values in zip(PAIR_VALUES, (preferred, correct, result.margins))}
+    return metrics, per_pair
+
+
+def heldout_effect(after: Mapping[str, Mapping[str, float]], before: Mapping[str, Mapping[str, float]],
+                   seed: int) -> dict[str, dict[str, Any]]:
+    """The paired (after − before) change of each per-pair value of `preference_scores` over the held-out pairs,
+    named after the aggregate it moves: `paired_delta` (bootstrap interval, sign test) per metric."""
+    return {metric: paired_delta(after[value], before[value], seed=seed) for metric, value in EFFECT_METRICS.items()}
 
 
 def run_dpo(
@@ -202,7 +232,7 @@ def run_dpo(
 
     transformers.set_seed(config.seed)
     device = training_device()
-    before = preference_metrics(held_reference, held_reference, config)
+    before, before_pairs = preference_scores(held_reference, held_reference, config)
     reporter.log(f"held-out before (the reference): {json.dumps(before, sort_keys=True)}")
     model = load_scoring_model(model_dir, config)
     args = TrainingArguments(**{**trainer_arguments(process_config, run.root, use_bf16, device),
@@ -241,7 +271,7 @@ def run_dpo(
         final_model = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32).to(device)
         after_scores = score_pairs(final_model, held, tokenizer.pad_token_id, config.eval_batch_size, use_bf16)
         del final_model
-        after = preference_metrics(after_scores, held_reference, config)
+        after, after_pairs = preference_scores(after_scores, held_reference, config)
         seen_ids = [pid for pid, n in zip(train.pair_ids, times_seen) if n > 0]
         metrics = {
             "train_loss": curve,
@@ -249,6 +279,8 @@ def run_dpo(
             "final_loss": curve[-1]["loss"] if curve else None,
             "heldout_before": before,
             "heldout_after": after,
+            # paired over the held-out pairs (the same pairs before and after): {metric: paired_delta}
+            "heldout_effect": heldout_effect(after_pairs, before_pairs, config.seed),
             "steps": steps,
             "train_s": train_seconds,
             "wall_s": time.perf_counter() - wall_start,

@@ -132,6 +132,8 @@ def materialization_metadata(result: DPOResult, location: str) -> dict[str, Any]
         "loss_curve": png_markdown(png, "loss curve"),
         "heldout_before": typed(m.get("heldout_before", {}), "json"),
         "heldout_after": typed(m.get("heldout_after", {}), "json"),
+        # {metric: paired_delta}; {} for a checkpoint published before the effect was measured
+        "heldout_effect": typed(m.get("heldout_effect", {}), "json"),
         "config": typed(result.manifest.get("config", {}), "json"),
         "fingerprint": result.manifest.get("fingerprint"),
         "base_model_sha256": result.manifest.get("base_model_sha256"),

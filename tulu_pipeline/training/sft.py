@@ -15,7 +15,8 @@ What it does, in order:
    ``loss_curve.png``, ``trained_row_ids.txt`` (the rows that were in at least one micro-batch: fewer than
    given when ``max_steps`` stops early) and ``training_manifest.json``, measures the held-out loss of the
    saved model (loaded back from disk), and publishes the directory atomically (``_checkpoints`` goes with
-   the directory it replaces).
+   the directory it replaces). ``heldout_effect`` pairs the two per held-out row (bootstrap interval and sign
+   test of the change in each row's mean NLL per trained token).
 
 Resume: the Trainer's own checkpoint restores weights, optimizer, scheduler and RNG states and skips the
 batches already seen; token counters and per-row counts come from ``tulu_progress.json``. On CPU in fp32 a
@@ -53,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tulu_pipeline.evaluation.paired import paired_delta
 from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.models.base_model import weights_sha256
 from tulu_pipeline.progress import NullReporter, Reporter, loss_curve_png
@@ -97,21 +99,44 @@ class SFTResult(TrainingResult):
         return self.checkpoint_dir / LOSS_CURVE_FILE
 
 
+@dataclass
+class HeldoutLoss:
+    """NLL of held-out examples: ``mean`` per trained token over all of them (None without trained tokens), and
+    per example (in the order given) its ``row_losses`` (mean NLL per trained token) and ``row_tokens``."""
+
+    mean: float | None
+    row_losses: list[float]
+    row_tokens: list[int]
+
+    def by_row(self, row_ids: Sequence[str]) -> dict[str, float]:
+        """``{row_id: mean NLL}`` (``row_ids`` parallel to the examples, e.g. `EncodedRows.row_ids`)."""
+        if len(row_ids) != len(self.row_losses):
+            raise ValueError(f"{len(row_ids)} row ids for {len(self.row_losses)} held-out examples")
+        return dict(zip(row_ids, self.row_losses))
+
+
 def heldout_loss(model: Any, examples: Sequence[dict[str, list[int]]], pad_token_id: int,
                  batch_size: int = 8, bf16: bool = False) -> float | None:
     """Mean NLL per trained (assistant) token of ``examples`` under ``model``; None without examples.
 
     ``bf16`` runs the forward pass under bf16 autocast, like training (the loss itself is taken in fp32).
     """
+    return heldout_losses(model, examples, pad_token_id, batch_size, bf16).mean
+
+
+def heldout_losses(model: Any, examples: Sequence[dict[str, list[int]]], pad_token_id: int,
+                   batch_size: int = 8, bf16: bool = False) -> HeldoutLoss:
+    """`heldout_loss` and each example's own mean NLL per trained token, from the same forward passes."""
     import torch
 
     if not examples:
-        return None
-    collate = SFTCollator(pad_token_id=pad_token_id, packing=False)
+        return HeldoutLoss(None, [], [])
+    collate = SFTCollator(pad_token_id=pad_token_id, packing=False)  # one example per row
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     with torch.no_grad(), autocast:
         for start in range(0, len(examples), batch_size):
@@ -119,14 +144,17 @@ def heldout_loss(model: Any, examples: Sequence[dict[str, list[int]]], pad_token
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
             targets = batch["labels"][:, 1:].to(device)
-            losses = torch.nn.functional.cross_entropy(
+            token_losses = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum")
-            total += float(losses)
-            count += int((targets != IGNORE_INDEX).sum())
+                ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)  # 0 where ignored
+            # per-row sums in float64: the rows' token-weighted mean is then the aggregate to rounding
+            sums += token_losses.double().sum(dim=1).tolist()
+            counts += (targets != IGNORE_INDEX).sum(dim=1).tolist()
             del logits
     model.train(was_training)
-    return total / count if count else None
+    total, count = math.fsum(sums), sum(counts)
+    return HeldoutLoss(total / count if count else None,
+                       [s / n if n else math.nan for s, n in zip(sums, counts)], counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +226,8 @@ def run_sft(
     device = training_device()
     model = load_training_model(base_model_dir, config).to(device)
     use_bf16 = resolve_bf16(config)
-    heldout_before = heldout_loss(model, held.examples, tokenizer.pad_token_id, config.eval_batch_size, use_bf16)
+    before = heldout_losses(model, held.examples, tokenizer.pad_token_id, config.eval_batch_size, use_bf16)
+    heldout_before = before.mean
     if heldout_before is not None:
         reporter.log(f"held-out loss of the base model: {heldout_before:.4f} ({len(held.examples)} rows)")
 
@@ -264,8 +293,9 @@ def run_sft(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         final_model = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32).to(device)
-        heldout_after = heldout_loss(final_model, held.examples, tokenizer.pad_token_id, config.eval_batch_size,
-                                     use_bf16)
+        after = heldout_losses(final_model, held.examples, tokenizer.pad_token_id, config.eval_batch_size,
+                               use_bf16)
+        heldout_after = after.mean
         del final_model
 
         metrics = {
@@ -274,6 +304,9 @@ def run_sft(
             "final_loss": curve[-1]["loss"] if curve else None,
             "heldout_loss_before": heldout_before,
             "heldout_loss_after": heldout_after,
+            # paired over the held-out rows (after − before per row: negative = the loss went down)
+            "heldout_effect": {"loss": paired_delta(after.by_row(held.row_ids), before.by_row(held.row_ids),
+                                                    seed=config.seed)},
             "tokens": progress.real_tokens,
             "computed_tokens": progress.computed_tokens,
             "tokens_per_s": progress.tokens_per_s(),

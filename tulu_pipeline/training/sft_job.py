@@ -75,6 +75,8 @@ def materialization_metadata(result: SFTResult, location: str) -> dict[str, Any]
         "loss_curve_path": typed(f"{location.rstrip('/')}/{LOSS_CURVE_FILE}", "path"),
         "loss_curve": png_markdown(png, "loss curve"),
         "train_loss": typed(m.get("train_loss", []), "json"),
+        # {"loss": paired_delta}; {} for a checkpoint published before the effect was measured
+        "heldout_effect": typed(m.get("heldout_effect", {}), "json"),
         "config": typed(result.manifest.get("config", {}), "json"),
         **{k: v for k, v in (("fingerprint", result.manifest.get("fingerprint")),
                              ("base_model_sha256", result.manifest.get("base_model_sha256"))) if v is not None},
