@@ -36,6 +36,7 @@ from tulu_pipeline.preference.judged_completions import (
     judge_requests_path,
     judged_version,
     publish_judgments,
+    verifiable_prompts,
     write_judge_requests,
 )
 from tulu_pipeline.preference.pairs import (
@@ -92,10 +93,12 @@ def _per_key_table(counts: dict[str, Any], key: str, value: str) -> dg.MetadataV
 
 # ---------------------------------------------------------------------------------------------
 class PreferencePromptsConfig(dg.Config):
-    size: int = 16
+    size: int = 96
     """prompts to sample (Tülu 3 uses hundreds of thousands; the CPU default is small)"""
-    sources: list[str] | None = None
-    """sources to sample from; None: every source of the pool but the human preference sources"""
+    sources: list[str] | None = Field(default_factory=lambda: ["gsm8k_train"])
+    """sources to sample from; None: every source of the pool but the human preference sources. The CPU
+    default, GSM8K, has a verifier: its pairs (rank_by verified) need no judge and teach the policy something
+    a 135M model can learn in minutes"""
     seed: int = 0
     exclude_sft_mix: bool = True
     """leave out every row of the latest sft_mix, held-out rows included"""
@@ -141,7 +144,9 @@ class PolicyCompletionsConfig(dg.Config):
     include_sft: bool = True
     """the on-policy model: the latest sft_checkpoint (or sft_checkpoint_id)"""
     sft_checkpoint_id: str | None = None
-    include_base: bool = True
+    include_base: bool = False
+    """the base model as a generator too (Tülu 3's pool is many models; the verified CPU pairs need only the
+    policy's own samples and the reference)"""
     include_reference: bool = True
     """the prompt row's own assistant turn, where it has one"""
     extra_models: list[dict[str, Any]] = Field(default_factory=list)
@@ -223,6 +228,9 @@ class JudgedCompletionsConfig(dg.Config):
     temperature: float = 0.0
     retry_temperature: float = 0.7
     max_new_tokens: int = 64
+    judge_verifiable: bool = False
+    """also rate the completions of prompts a verifier can check (GSM8K, MATH, IFEval constraints); off by
+    default: preference_pairs (rank_by verified) pairs those by their verifier"""
 
 
 @dg.asset(group_name="preference", kinds={"pytorch", "parquet"}, owners=TRAINING_OWNERS,
@@ -230,7 +238,8 @@ class JudgedCompletionsConfig(dg.Config):
           description="1–5 ratings of every completion on helpfulness, honesty, instruction following and "
           "truthfulness (UltraFeedback-style, versioned rubric), by the judge job in its own process: a local "
           "model by constrained log-likelihood choice, or an OpenAI-compatible endpoint with strict parsing, "
-          "retries and a quarantine for unparseable judgments.")
+          "retries and a quarantine for unparseable judgments. Prompts with a verifier are not judged (their "
+          "pairs come from the verifier) unless judge_verifiable is set.")
 def judged_completions(context: dg.AssetExecutionContext, config: JudgedCompletionsConfig, storage: TuluStorage,
                        launcher: ComputeLauncher, judge: JudgeResource) -> dg.MaterializeResult:
     store = storage.store()
@@ -239,14 +248,21 @@ def judged_completions(context: dg.AssetExecutionContext, config: JudgedCompleti
     judge_id = judge_identity(judge.kind, spec.resolved_model_id)
     settings = {"kind": judge.kind, "judge_id": judge_id, "max_retries": judge.max_retries, "seed": config.seed,
                 "temperature": config.temperature, "retry_temperature": config.retry_temperature,
-                "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size}
+                "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
+                **({} if config.judge_verifiable else {"skip_verifiable": True})}
     version = judged_version(completions, judge_id, {**settings, "backend": spec.model_dump(mode="json")})
     requests_rel, output_rel = judge_requests_path(version), judge_output_path(version)
-    count = write_judge_requests(store, completions, requests_rel)
-    judge_run = _reported(launcher.run(context, JUDGE_JOB, kind="generate",
-                                       extras={"tulu_home": store.url, "requests": requests_rel, "output": output_rel,
-                                               "backend": spec.model_dump(mode="json"), "judge": settings}))
-    result = publish_judgments(store, completions, version, output_rel, judge_id, context.run.run_id)
+    skip = frozenset() if config.judge_verifiable else frozenset(verifiable_prompts(store, completions))
+    count = write_judge_requests(store, completions, requests_rel, skip)
+    if count:
+        judge_run = _reported(launcher.run(context, JUDGE_JOB, kind="generate",
+                                           extras={"tulu_home": store.url, "requests": requests_rel,
+                                                   "output": output_rel, "backend": spec.model_dump(mode="json"),
+                                                   "judge": settings}))
+    else:  # every prompt is paired by its verifier: no judge process, no model load
+        store.write_jsonl(output_rel, [])
+        judge_run = {"skipped": "no completion to judge: every prompt has a verifier"}
+    result = publish_judgments(store, completions, version, output_rel, judge_id, context.run.run_id, skip)
     histogram_rows = [{"aspect": a, **{str(r): result.aspect_histograms[a].get(r, 0) for r in range(1, 6)}}
                       for a in ASPECTS]
     return dg.MaterializeResult(
@@ -278,12 +294,15 @@ def judged_completions(context: dg.AssetExecutionContext, config: JudgedCompleti
 # ---------------------------------------------------------------------------------------------
 class PreferencePairsConfig(dg.Config):
     seed: int = 0
-    rank_by: str = "auto"
+    rank_by: str = "verified"
     """rating: mean of the 1-5 ratings (Tülu 3); expected: mean expected rating of the log-likelihood judge
-    (breaks the ties a small local judge leaves); auto: expected where the judge gave one, else rating"""
+    (breaks the ties a small local judge leaves); auto: expected where the judge gave one, else rating;
+    verified: a verified completion against a failing SFT sample where a verifier applies, else auto"""
     heldout_fraction: float = 0.2
     """share of prompts held out for DPO evaluation (by seeded hash of the prompt row id)"""
-    human_sources: list[str] = Field(default_factory=lambda: PairConfig().human_sources)
+    human_sources: list[str] = Field(default_factory=list)
+    """human preference sources to ingest as pairs (hh_rlhf_harmless, fine_grained_rlhf_qa); none on the CPU
+    default: a 135M model does not separate HH-RLHF pairs in a few steps"""
     human_rows_per_source: int | None = 32
     """rows read per human preference source (a seeded sample; None: all)"""
     eval_suites: list[str] = Field(default_factory=lambda: ["dev", "unseen"])

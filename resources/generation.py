@@ -22,7 +22,9 @@ class GenerationResource(dg.ConfigurableResource):
     kind: str = Field(default="transformers", description=f"one of {GENERATION_KINDS}")
     base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint, e.g. http://host:8000/v1")
     api_key_env: str = Field(default="OPENAI_API_KEY", description="environment variable holding the API key")
-    batch_size: int = Field(default=8, ge=1)
+    # 32: on 2 CPU cores, sampling 96 tokens for 32 GSM8K prompts from SmolLM2-135M ran 3.4x faster than in batches
+    # of 8 (37 against 11 tokens/s); the transformers backend's outputs do not depend on the batch (fp32)
+    batch_size: int = Field(default=32, ge=1)
     device: str = Field(default="cpu", description="transformers: cpu, cuda, or auto")
     dtype: str = Field(default="auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     extra: dict = Field(default_factory=dict, description="backend keyword arguments (gpu_memory_utilization, ...)")

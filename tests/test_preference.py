@@ -21,6 +21,7 @@ from tulu_pipeline.preference.pairs import NoPair, select_pair, split_of
 from tulu_pipeline.preference.prompts import PromptSelectionConfig, select_preference_prompts
 from tulu_pipeline.preference.rubric import ASPECTS, UnparseableJudgment, aspect_messages, parse_ratings, rubric_hash
 from tulu_pipeline.preference.schema import PROMPTS_DATASET, pair_id, prompt_messages
+from tulu_pipeline.preference.verified import VerifiedNoPair, select_verified, verification_of, verify_completion
 from tulu_pipeline.provenance.ledger import Ledger
 from tulu_pipeline.settings import data_dir
 
@@ -374,3 +375,51 @@ def test_generate_pool_reuses_complete_outputs_and_generates_the_rest(store):
     assert runs == {"done": {"reused": output_path("v1", done)}, "todo": {"ok": 1}}
     assert outputs == {"done": (done, output_path("v1", done)), "todo": (todo, output_path("v1", todo))}
     assert len(logged) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# verified pairs
+# ---------------------------------------------------------------------------------------------
+def _verified_completion(cid: str, role: str, text: str) -> dict:
+    return {"completion_id": cid, "model_role": role, "text": text}
+
+
+def test_verified_selection_prefers_the_reference_and_a_wrong_policy_sample():
+    completions = [_verified_completion("ref", "reference", "ref"), _verified_completion("s1", "sft", "s1"),
+                   _verified_completion("s2", "sft", "s2"), _verified_completion("s3", "sft", "s3"),
+                   _verified_completion("b1", "base", "b1")]
+    verdicts = {"ref": True, "s1": True, "s2": False, "s3": False, "b1": False}
+    chosen, rejected = select_verified("p", completions, verdicts, seed=0)
+    assert chosen["completion_id"] == "ref" and rejected["completion_id"] in {"s2", "s3"}  # never the base model
+    picks = {select_verified("p", completions, verdicts, seed)[1]["completion_id"] for seed in range(16)}
+    assert picks == {"s2", "s3"}  # the seed decides among the wrong samples
+    assert select_verified("p", completions[::-1], verdicts, seed=0)[1] == rejected  # not the row order
+    # the reference fails: a verified sample of any model is chosen
+    chosen, _ = select_verified("p", completions, {**verdicts, "ref": False}, seed=0)
+    assert chosen["completion_id"] == "s1"
+
+
+@pytest.mark.parametrize("verdicts, roles, code", [
+    ({"ref": True, "s1": True}, ("reference", "sft"), "all_correct"),
+    ({"ref": False, "s1": False}, ("reference", "sft"), "none_correct"),
+    ({"ref": True, "s1": False}, ("reference", "base"), "no_policy_sample"),
+])
+def test_verified_selection_says_why_a_prompt_gives_no_pair(verdicts, roles, code):
+    completions = [_verified_completion(cid, role, cid) for cid, role in zip(verdicts, roles)]
+    with pytest.raises(VerifiedNoPair, match=code) as raised:
+        select_verified("p", completions, verdicts, seed=0)
+    assert raised.value.code == code
+
+
+def test_verification_of_reads_gsm8k_truth_and_ifeval_constraints():
+    row = bundled_rows("gsm8k_train", 1)[0]
+    found = verification_of(row)
+    assert found["task"] == "gsm8k" and found["ground_truth"] == row["ground_truth"]
+    right = f"So the answer is {row['ground_truth']}."
+    assert verify_completion(found, right) and not verify_completion(found, "So the answer is 123456789.")
+    constraints = {"instruction_id_list": ["length_constraints:number_words"],
+                   "kwargs": [{"relation": "less than", "num_words": 5}]}
+    found = verification_of({"source": "self_instruct_seed", "constraints": json.dumps(constraints)})
+    assert found == {"task": "ifeval", "constraints": constraints}
+    assert verify_completion(found, "Short.") and not verify_completion(found, "This answer has far too many words.")
+    assert verification_of(bundled_rows("code_alpaca", 1)[0]) is None

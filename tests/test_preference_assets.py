@@ -31,6 +31,10 @@ def _requests(store: Store, rel: str) -> list[dict]:
 
 
 LAUNCHED: list[str] = []
+HUMAN_SOURCES = ["fine_grained_rlhf_qa", "hh_rlhf_harmless"]
+# Tülu 3's judged recipe, which the CPU defaults leave for verified pairs: every prompt source, the base model in
+# the pool, every completion judged, human pairs ingested
+JUDGED_PATH = {"judged_completions": {"config": {"judge_verifiable": True}}}
 
 
 class FakeLauncher(ComputeLauncher):
@@ -85,11 +89,11 @@ def test_preference_assets_materialize(tiny_home, tmp_path):
     store, pool, eval_text = tiny_home
     launcher = FakeLauncher(eval_text=eval_text)
     LAUNCHED.clear()
-    config = {"ops": {
-        "preference_prompts": {"config": {"size": 6, "seed": 1}},
-        "policy_completions": {"config": {"samples_per_model": 2, "max_new_tokens": 16}},
-        "preference_pairs": {"config": {"eval_suites": ["dev"], "eval_benchmarks": ["gsm8k"],
-                                        "human_rows_per_source": None}},
+    config = {"ops": JUDGED_PATH | {
+        "preference_prompts": {"config": {"size": 6, "seed": 1, "sources": None}},
+        "policy_completions": {"config": {"samples_per_model": 2, "max_new_tokens": 16, "include_base": True}},
+        "preference_pairs": {"config": {"eval_suites": ["dev"], "eval_benchmarks": ["gsm8k"], "rank_by": "auto",
+                                        "human_sources": HUMAN_SOURCES, "human_rows_per_source": None}},
     }}
     resources = {"storage": TuluStorage(root=store.url), "launcher": launcher,
                  "generation": GenerationResource(), "judge": JudgeResource()}
@@ -136,3 +140,65 @@ def test_preference_assets_materialize(tiny_home, tmp_path):
         "preference_pairs": config["ops"]["preference_pairs"]}}, instance=dg.DagsterInstance.ephemeral())
     assert again.success
     assert [p["pair_id"] for p in store.iter_rows("preference_pairs")] == [p["pair_id"] for p in pairs]
+
+
+class VerifiedFakeLauncher(ComputeLauncher):
+    """Generation only (a judge launch fails the test): the SFT model answers prompt 0 right every time,
+    prompt 1 right then wrong, and every other prompt wrong, against the prompt rows' GSM8K ground truth."""
+
+    def run(self, context, module, extras, **hints):
+        store = Store(extras["tulu_home"])
+        LAUNCHED.append(module)
+        if module != GENERATION_JOB:
+            raise AssertionError(f"unexpected module {module}: verified prompts need no judge")
+        params = SamplingParams.from_json(extras["params"])
+        truth = {r["row_id"]: r["ground_truth"] for r in store.iter_rows("preference_prompts")}
+        out = []
+        for i, request in enumerate(_requests(store, extras["requests"])):
+            answer = float(truth[request["request_id"]])
+            completions = []
+            for j in range(params.n):
+                right = i == 0 or (i == 1 and j == 0)
+                text = f"Let me think step by step. The answer is {answer if right else answer + 7:g}."
+                completions.append(Completion(text, extras["backend"]["model_id"], "stop", 10, 8, params.seed + i,
+                                              params.to_json(), j).to_json())
+            out.append({"request_id": request["request_id"], "completions": completions})
+        store.write_jsonl(extras["output"], out)
+
+
+def test_cpu_defaults_pair_gsm8k_prompts_by_their_verifier_without_a_judge(tiny_home):
+    store, pool, _ = tiny_home
+    LAUNCHED.clear()
+    resources = {"storage": TuluStorage(root=store.url), "launcher": VerifiedFakeLauncher(),
+                 "generation": GenerationResource(), "judge": JudgeResource()}
+    config = {"ops": {"preference_prompts": {"config": {"size": 4}},
+                      "preference_pairs": {"config": {"eval_suites": ["dev"], "eval_benchmarks": ["gsm8k"]}}}}
+    result = dg.materialize(preference_assets, resources=resources, run_config=config,
+                            instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    assert LAUNCHED == [GENERATION_JOB]  # the SFT model only: no base model, no judge process
+
+    prompts = list(store.iter_rows("preference_prompts"))
+    assert len(prompts) == 4 and {p["source"] for p in prompts} == {"gsm8k_train"}
+    completions = list(store.iter_rows("policy_completions"))
+    assert {c["model_role"] for c in completions} == {"sft", "reference"}
+    assert store.dataset_info("judged_completions").rows == 0
+    judge_run = result.asset_materializations_for_node("judged_completions")[0].metadata["judge_run"].value
+    assert "every prompt has a verifier" in judge_run["skipped"]
+
+    pairs = {p["prompt_row_id"]: p for p in store.iter_rows("preference_pairs")}
+    assert set(pairs) == {p["row_id"] for p in prompts[1:]}  # prompt 0: every SFT sample is right
+    for row_id, pair in pairs.items():
+        assert pair["origin"] == "on_policy" and pair["judge_id"] == "verifier:gsm8k"
+        assert (pair["chosen_model"], pair["rejected_model"]) == ("dataset_reference", "sft-fake")
+        assert (pair["chosen_rating"], pair["rejected_rating"]) == (1.0, 0.0)
+        truth = float(next(p["ground_truth"] for p in prompts if p["row_id"] == row_id))
+        assert f"The answer is {truth + 7:g}." in pair["rejected"]  # the wrong sample, never the right one
+        assert json.loads(pair["ratings"])["rank_by"] == "verified"
+    dropped = [(d["prompt_row_id"], d["reason"]) for d in store.iter_rows("preference_pairs_quarantine")]
+    assert dropped == [(prompts[0]["row_id"], "all_correct")]
+
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks == {"chosen_differs_from_rejected": True, "same_prompt": True, "no_eval_overlap": True}
+    not_paired = Ledger(store).query("SELECT row_id, reason FROM events WHERE event = 'not_paired'")
+    assert [(e["row_id"], e["reason"]) for e in not_paired] == dropped

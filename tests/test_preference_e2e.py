@@ -10,7 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from test_preference_assets import tiny_home  # noqa: F401  (fixture)
+from test_preference_assets import HUMAN_SOURCES, tiny_home  # noqa: F401  (fixture)
 from test_sft_support import save_tiny_model
 
 from assets.preference import preference_assets
@@ -28,12 +28,12 @@ def test_preference_assets_with_real_jobs(tiny_home):  # noqa: F811
     shutil.rmtree(store.path("models", "sft-fake"))
     shutil.copytree(tiny, store.path("models", "sft-fake"))
     store.write_json("models/sft-fake/training_manifest.json", {"checkpoint_id": "sft-fake"})
-    config = {"ops": {
-        "preference_prompts": {"config": {"size": 3}},
-        "policy_completions": {"config": {"samples_per_model": 1, "max_new_tokens": 8}},
-        "judged_completions": {"config": {"batch_size": 4}},
-        "preference_pairs": {"config": {"eval_suites": ["dev"], "eval_benchmarks": ["gsm8k"],
-                                        "human_rows_per_source": 2}},
+    config = {"ops": {  # the judged recipe (tests/test_preference_assets.py: JUDGED_PATH)
+        "preference_prompts": {"config": {"size": 3, "sources": None}},
+        "policy_completions": {"config": {"samples_per_model": 1, "max_new_tokens": 8, "include_base": True}},
+        "judged_completions": {"config": {"batch_size": 4, "judge_verifiable": True}},
+        "preference_pairs": {"config": {"eval_suites": ["dev"], "eval_benchmarks": ["gsm8k"], "rank_by": "auto",
+                                        "human_sources": HUMAN_SOURCES, "human_rows_per_source": 2}},
     }}
     resources = {"storage": TuluStorage(root=store.url),
                  "launcher": LocalLauncher(extra_env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}),

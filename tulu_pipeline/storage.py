@@ -444,6 +444,10 @@ class Store:
         meta = self.read_json(posixpath.join(self.dataset_dir(name, version), "_dataset.json"))
         return DatasetInfo(name, version, self.uri(self.dataset_dir(name, version)), meta["rows"], tuple(meta["parts"]))
 
+    def dataset_inputs(self, name: str, version: str) -> dict[str, str]:
+        """The input dataset versions ``name@version`` was published with (``write_rows(inputs=...)``)."""
+        return self.read_json(posixpath.join(self.dataset_dir(name, version), "_dataset.json")).get("inputs") or {}
+
     def iter_dataset(self, name: str, version: str | None = None, batch_size: int = 10_000) -> Iterator[list[dict]]:
         """Yield a dataset's rows in batches of dicts, one Parquet row group at a time."""
         info = self.dataset_info(name, version)

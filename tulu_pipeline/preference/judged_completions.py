@@ -1,5 +1,6 @@
 """judged_completions: the stage around the judge job. Writes the job's requests from policy_completions,
-then publishes its judgments: rated completions as a dataset (with judge id, rubric version and hash),
+then publishes its judgments: rated completions as a dataset (with judge id, rubric version and hash;
+optionally without the prompts a verifier can check, which preference_pairs pairs by verifier),
 quarantined ones (raw judge text and reason) to ``quarantine/judged_completions/<version>.jsonl`` with a
 ``quarantined`` ledger event on their prompt row."""
 
@@ -13,7 +14,10 @@ from typing import Any
 
 from tulu_pipeline.preference.prompts import PREFERENCE_CODE_VERSION
 from tulu_pipeline.preference.rubric import ASPECTS, RUBRIC_VERSION, rubric_hash
-from tulu_pipeline.preference.schema import COMPLETIONS_DATASET, JUDGED_DATASET, JUDGED_SCHEMA, content_hash
+from tulu_pipeline.preference.schema import (
+    COMPLETIONS_DATASET, JUDGED_DATASET, JUDGED_SCHEMA, PROMPTS_DATASET, content_hash
+)
+from tulu_pipeline.preference.verified import verification_of
 from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.storage import DatasetInfo, Store
 
@@ -35,10 +39,20 @@ def quarantine_path(version: str) -> str:
     return posixpath.join("quarantine", JUDGED_DATASET, f"{version}.jsonl")
 
 
-def write_judge_requests(store: Store, completions_version: str, rel: str) -> int:
-    """``{"completion_id", "prompt", "response"}`` per completion, the judge job's input."""
+def verifiable_prompts(store: Store, completions_version: str) -> set[str]:
+    """Row ids of the completions' prompts that a verifier can check (`verification_of`): preference_pairs
+    with ``rank_by: verified`` pairs them without ratings."""
+    prompts_version = store.dataset_inputs(COMPLETIONS_DATASET, completions_version)[PROMPTS_DATASET]
+    return {r["row_id"] for r in store.iter_rows(PROMPTS_DATASET, prompts_version) if verification_of(r) is not None}
+
+
+def write_judge_requests(store: Store, completions_version: str, rel: str, skip_prompts: frozenset[str] = frozenset()
+                         ) -> int:
+    """``{"completion_id", "prompt", "response"}`` per completion, the judge job's input; completions of
+    ``skip_prompts`` are left out."""
     rows = [{"completion_id": r["completion_id"], "prompt": r["prompt"], "response": r["text"]}
-            for r in store.iter_rows(COMPLETIONS_DATASET, completions_version)]
+            for r in store.iter_rows(COMPLETIONS_DATASET, completions_version)
+            if r["prompt_row_id"] not in skip_prompts]
     store.write_jsonl(rel, rows)
     return len(rows)
 
@@ -68,9 +82,10 @@ class JudgedResult:
 
 
 def publish_judgments(store: Store, completions_version: str, version: str, output_rel: str, judge_id: str,
-                      run_id: str) -> JudgedResult:
+                      run_id: str, skip_prompts: frozenset[str] = frozenset()) -> JudgedResult:
     """Join the judge's output with the completions; rated rows to ``judged_completions``, the rest to the
-    quarantine. A completion the judge output lacks is an error (the job did not finish)."""
+    quarantine; completions of ``skip_prompts`` were not judged and are left out. A completion the judge
+    output lacks is an error (the job did not finish)."""
     judgments = read_judgments(store, output_rel)
     digest = rubric_hash()
     quarantine: list[dict[str, Any]] = []
@@ -81,6 +96,8 @@ def publish_judgments(store: Store, completions_version: str, version: str, outp
 
     def rows(ledger: LedgerWriter):
         for row in store.iter_rows(COMPLETIONS_DATASET, completions_version):
+            if row["prompt_row_id"] in skip_prompts:
+                continue
             judgment = judgments.get(row["completion_id"])
             if judgment is None:
                 raise ValueError(f"{output_rel}: no judgment for completion {row['completion_id']}; "

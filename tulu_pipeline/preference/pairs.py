@@ -6,6 +6,9 @@ completion with a strictly lower mean rating and a different text; among equals 
 smallest sha256 of ``[seed, prompt row id, "chosen"|"rejected", completion id]`` is taken, so the
 choice does not depend on row order. A prompt with no strictly lower-rated completion is a tie: it is
 dropped, with its reason, into ``preference_pairs_quarantine`` and the ledger (``not_paired``).
+With ``rank_by: verified``, a prompt a verifier can check (GSM8K, MATH, IFEval constraints) is paired by it
+instead: a verified completion against a failing sample of the SFT model (`tulu_pipeline.preference.verified`),
+read from ``policy_completions``, so the judge need not rate it.
 Every prompt row of a pair gets a ``paired`` ledger event naming the pair.
 
 The held-out split is by prompt: sha256 of ``["heldout", seed, prompt row id]`` below the fraction.
@@ -31,9 +34,10 @@ from tulu_pipeline.mixing.publish import SOURCE_DATASET
 from tulu_pipeline.preference.human import HUMAN_PAIR_BUILDERS, HumanPairProblem, expected_human_texts, human_pair
 from tulu_pipeline.preference.prompts import PREFERENCE_CODE_VERSION, rank_key
 from tulu_pipeline.preference.schema import (
-    JUDGED_DATASET, PAIR_QUARANTINE_SCHEMA, PAIR_SCHEMA, PAIRS_DATASET, PAIRS_QUARANTINE_DATASET, content_hash, pair_id,
-    prompt_messages
+    COMPLETIONS_DATASET, JUDGED_DATASET, PAIR_QUARANTINE_SCHEMA, PAIR_SCHEMA, PAIRS_DATASET, PAIRS_QUARANTINE_DATASET,
+    PROMPTS_DATASET, content_hash, pair_id, prompt_messages
 )
+from tulu_pipeline.preference.verified import VerifiedNoPair, verification_of, verified_pair
 from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.storage import DatasetInfo, Store
 
@@ -46,10 +50,12 @@ class PairConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
-    rank_by: Literal["auto", "rating", "expected"] = Field(
+    rank_by: Literal["auto", "rating", "expected", "verified"] = Field(
         "auto", description="rating: the mean of the 1-5 ratings (Tülu 3); expected: the mean expected rating "
         "of a log-likelihood judge, which separates completions a small judge rates alike (SmolLM2-135M gives "
-        "rating 1 to nearly everything); auto: expected where every completion of the prompt has one, else rating")
+        "rating 1 to nearly everything); auto: expected where every completion of the prompt has one, else "
+        "rating; verified: prompts with a verifier (GSM8K, MATH, IFEval constraints) pair a verified completion "
+        "with a failing SFT sample (`tulu_pipeline.preference.verified`), the others as auto")
     heldout_fraction: float = Field(0.2, ge=0, lt=1, description="share of prompts held out for DPO evaluation")
     human_sources: list[str] = Field(default_factory=lambda: sorted(HUMAN_PAIR_BUILDERS),
                                      description="human preference sources to ingest ([] for none)")
@@ -103,7 +109,7 @@ def split_of(prompt_row_id: str, fraction: float, seed: int) -> str:
 
 
 def resolve_rank_by(rank_by: str, completions: list[dict[str, Any]]) -> str:
-    if rank_by != "auto":
+    if rank_by not in ("auto", "verified"):  # verified: a prompt with no verifier is ranked as auto
         return rank_by
     return "expected" if all(c.get("mean_expected") is not None for c in completions) else "rating"
 
@@ -200,12 +206,38 @@ def build_preference_pairs(store: Store, config: PairConfig, run_id: str, judged
 
     pairs: list[dict[str, Any]] = []
     dropped: list[dict[str, Any]] = []
-    for prompt_row_id, group in sorted(group_by_prompt(store.iter_rows(JUDGED_DATASET, judged_version)).items()):
+    completions_version = store.dataset_inputs(JUDGED_DATASET, judged_version)[COMPLETIONS_DATASET]
+    judged = group_by_prompt(store.iter_rows(JUDGED_DATASET, judged_version))
+    completions = group_by_prompt(store.iter_rows(COMPLETIONS_DATASET, completions_version))
+    verifications: dict[str, dict[str, Any]] = {}
+    if config.rank_by == "verified":
+        prompts_version = store.dataset_inputs(COMPLETIONS_DATASET, completions_version)[PROMPTS_DATASET]
+        inputs.update({COMPLETIONS_DATASET: completions_version, PROMPTS_DATASET: prompts_version})
+        verifications = {r["row_id"]: v for r in store.iter_rows(PROMPTS_DATASET, prompts_version)
+                         if (v := verification_of(r)) is not None}
+        version = pairs_version(config, inputs, decontam if index is not None else None)
+    for prompt_row_id in sorted(set(judged) | set(completions)):
+        split = split_of(prompt_row_id, config.heldout_fraction, config.seed)
+        group = judged.get(prompt_row_id) or completions[prompt_row_id]
         try:
-            pairs.append(on_policy_pair(prompt_row_id, group, config.seed, config.heldout_fraction, config.rank_by))
+            if prompt_row_id in verifications:
+                pairs.append(verified_pair(prompt_row_id, completions[prompt_row_id], verifications[prompt_row_id],
+                                           config.seed, split))
+            elif prompt_row_id not in judged:
+                raise NoPair("not_judged", f"judged_completions@{judged_version} has no rating for it (the judge "
+                             "skipped verifiable prompts: pair them with rank_by verified, or judge them)")
+            else:
+                pairs.append(on_policy_pair(prompt_row_id, group, config.seed, config.heldout_fraction,
+                                            config.rank_by))
+        except VerifiedNoPair as exc:
+            details = {"message": str(exc), "rank_by": "verified", "task": verifications[prompt_row_id]["task"]}
+            dropped.append({"prompt_row_id": prompt_row_id, "source": group[0]["source"], "origin": "on_policy",
+                            "reason": exc.code, "details": json.dumps(details)})
         except NoPair as exc:
-            field_name = RANK_FIELDS[resolve_rank_by(config.rank_by, group)]
-            details = {"message": str(exc), "rank_field": field_name, "scores": [c[field_name] for c in group]}
+            details = {"message": str(exc)}
+            if prompt_row_id in judged:
+                field_name = RANK_FIELDS[resolve_rank_by(config.rank_by, group)]
+                details.update(rank_field=field_name, scores=[c[field_name] for c in group])
             dropped.append({"prompt_row_id": prompt_row_id, "source": group[0]["source"], "origin": "on_policy",
                             "reason": exc.code, "details": json.dumps(details)})
     for row in human_rows(store, decontam_version, config) if config.human_sources else []:
@@ -286,15 +318,16 @@ def identical_pairs(store: Store, version: str, limit: int = 20) -> list[str]:
 def prompt_mismatches(store: Store, version: str, judged_version: str, decontam_version: str,
                       limit: int = 20) -> list[dict[str, Any]]:
     """Pairs whose chosen and rejected do not answer the pair's prompt: on-policy pairs are re-joined to
-    both judged completions (same prompt row and prompt); human pairs to their source row (same prompt,
-    and both texts among that row's replies)."""
+    both completions (``policy_completions``, which the judged ones are a subset of: same prompt row and
+    prompt); human pairs to their source row (same prompt, and both texts among that row's replies)."""
     pairs = list(store.iter_rows(PAIRS_DATASET, version))
     wanted = set()
     for p in pairs:
         if p["origin"] == "on_policy":
             extra = json.loads(p["extra"])
             wanted |= {extra["chosen_completion_id"], extra["rejected_completion_id"]}
-    completions = {r["completion_id"]: r for r in store.iter_rows(JUDGED_DATASET, judged_version)
+    completions_version = store.dataset_inputs(JUDGED_DATASET, judged_version)[COMPLETIONS_DATASET]
+    completions = {r["completion_id"]: r for r in store.iter_rows(COMPLETIONS_DATASET, completions_version)
                    if r["completion_id"] in wanted}
     human_ids = {p["prompt_row_id"] for p in pairs if p["origin"] == "human"}
     sources = {r["row_id"]: r for r in store.iter_rows(SOURCE_DATASET, decontam_version) if r["row_id"] in human_ids}
@@ -306,7 +339,7 @@ def prompt_mismatches(store: Store, version: str, judged_version: str, decontam_
             for side in ("chosen", "rejected"):
                 c = completions.get(extra[f"{side}_completion_id"])
                 if c is None:
-                    problem = f"{side} completion {extra[f'{side}_completion_id']} not in {JUDGED_DATASET}"
+                    problem = f"{side} completion {extra[f'{side}_completion_id']} not in {COMPLETIONS_DATASET}"
                 elif c["prompt_row_id"] != p["prompt_row_id"] or c["prompt"] != p["prompt"]:
                     problem = f"{side} completion answers {c['prompt_row_id']}, not {p['prompt_row_id']}"
                 elif c["text"] != p[side]:
