@@ -245,3 +245,35 @@ def test_an_effect_needs_the_sign_test_too():
     assert not significant(d)
     child = {**parent, **{f"i{k}": 1.0 for k in range(8)}}
     assert significant(paired_delta(child, parent))
+
+
+def test_training_objectives_come_from_the_trainers_paired_held_out_effects(tmp_path):
+    from tulu_pipeline.evaluation.comparison import comparison_markdown, comparison_table
+    from tulu_pipeline.evaluation.run_summary import run_summary
+
+    store = _home(tmp_path)
+    # SFT lowered the loss of 12 of 12 held-out rows; DPO flipped 6 of 20 held-out pairs to chosen, none back
+    loss = paired_delta({f"r{i}": 1.0 - 0.01 * i for i in range(12)}, {f"r{i}": 1.2 for i in range(12)})
+    preferred = paired_delta({f"p{i}": float(i < 14) for i in range(20)}, {f"p{i}": float(i < 8) for i in range(20)})
+    unchanged = paired_delta({f"p{i}": 0.5 for i in range(20)}, {f"p{i}": 0.5 for i in range(20)})
+    store.write_json("models/sft-1/training_manifest.json",
+                     {"checkpoint_id": "sft-1", "metrics": {"heldout_effect": {"loss": loss}}})
+    store.write_json("models/dpo-2/training_manifest.json", {
+        "checkpoint_id": "dpo-2", "start_checkpoint": "sft-1",
+        "metrics": {"heldout_effect": {"preference_accuracy": preferred, "reward_accuracy": unchanged}}})
+    table = comparison_table(store)
+    rows = {(r["checkpoint"], r["key"]): r for r in table["objectives"]}
+    assert set(rows) == {("sft-1", "loss"), ("dpo-2", "preference_accuracy"), ("dpo-2", "reward_accuracy")}
+    assert rows["sft-1", "loss"]["stage"] == "sft − base" and rows["dpo-2", "preference_accuracy"]["stage"] == "dpo − sft"
+    assert rows["dpo-2", "preference_accuracy"]["delta"] == pytest.approx(0.3)
+
+    section = comparison_markdown(table).split("### Training objectives (held-out, paired)", 1)[1]
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in section.splitlines() if line.startswith("| held-out")}
+    assert "| sft − base | -0.255 [" in lines["held-out SFT loss (nats/token)"]
+    assert lines["held-out SFT loss (nats/token)"].endswith("| yes ▲ |")  # a lower loss is the improvement
+    pair_line = lines["held-out pair accuracy, length-normalised (×100)"]
+    assert "| dpo − sft | +30.0 [" in pair_line and "| 0.031 | 20 (6) |" in pair_line and pair_line.endswith("yes ▲ |")
+    assert lines["held-out reward accuracy (×100)"].endswith("| not shown |")
+    summary = run_summary(store, table, prefix="")
+    assert summary.startswith("## Run summary\n\n### Training objectives (held-out, paired)")
+    assert summary.index("### Training objectives") < summary.index("### Stage effects")

@@ -5,7 +5,8 @@
   noise of an 8-item CPU sample is visible. Each row's ``deltas`` hold every stage's paired effect
   (child − parent on the shared items: `tulu_pipeline.evaluation.paired`).
 - `comparison_markdown` / `comparison_png`: the same table for the UI (with the stage effects,
-  `stage_effects_markdown`) and as a chart with error bars.
+  `stage_effects_markdown`, and the trainers' own held-out targets, `objectives_markdown`) and as a chart
+  with error bars.
 - `regression(store, benchmark, checkpoint_id, max_drop)`: a checkpoint against its parent.
 - `contamination(store, benchmark, checkpoint_id)`: whether every training run upstream of the
   checkpoint was decontaminated against the benchmark's eval sources.
@@ -27,7 +28,9 @@ from tulu_pipeline.data.coverage import eval_coverage
 from tulu_pipeline.data.registry import registry_version
 from tulu_pipeline.evaluation.benchmarks import benchmarks, get_benchmark
 from tulu_pipeline.evaluation.judge_scoring import LOW_CONFIDENCE_RULE
-from tulu_pipeline.evaluation.lineage import BASE_MODEL_ID, ancestors, lineage_order, parent_of, read_manifest, stage_of
+from tulu_pipeline.evaluation.lineage import (
+    BASE_MODEL_ID, ancestors, lineage_order, parent_of, read_manifest, stage_of
+)
 from tulu_pipeline.evaluation.paired import paired_delta, significant
 from tulu_pipeline.evaluation.results import REPORTS, item_scores, read_summary
 from tulu_pipeline.plots import figure_png, markdown_table, pyplot
@@ -36,8 +39,8 @@ from tulu_pipeline.storage import Store
 COMPARISON_REPORT = f"{REPORTS}/comparison"  # comparison.{json,md,png} and the run summary
 # eval_comparison's code version, apart from the evaluations' (EVAL_CODE_VERSION): a new table or summary
 # marks the comparison stale without re-versioning every evaluation. 2: stage effects and the run summary.
-# 3: low-confidence judged cells (‡) and the win-rate-vs-parent rows.
-COMPARISON_CODE_VERSION = "3"
+# 3: low-confidence judged cells (‡) and the win-rate-vs-parent rows. 4: the training objectives' paired effects.
+COMPARISON_CODE_VERSION = "4"
 LOW_CONFIDENCE_MARK = "‡"
 
 
@@ -111,7 +114,59 @@ def comparison_table(store: Store, resamples: int = 1000, seed: int = 0) -> dict
         rows.append({"benchmark": name, "suite": spec.suite if spec else "?", "metric": spec.metric if spec else "",
                      "kind": spec.kind if spec else None, "cells": cells, "deltas": deltas,
                      "low_confidence": any(c["low_confidence"] for c in cells.values())})
-    return {"columns": columns, "stages": {c: stage_of(c) for c in columns}, "pairs": pairs, "rows": rows}
+    return {"columns": columns, "stages": {c: stage_of(c) for c in columns}, "pairs": pairs, "rows": rows,
+            "objectives": objective_effects(store, columns)}
+
+
+# Each training stage's own held-out target, measured by the trainer on items it never trained on, before (the
+# starting weights: the parent) and after: (stage, key under the manifest's metrics.heldout_effect, label, scale,
+# whether a decrease is the improvement).
+OBJECTIVES = (
+    ("sft", "loss", "held-out SFT loss (nats/token)", 1.0, True),
+    ("dpo", "preference_accuracy", "held-out pair accuracy, length-normalised (×100)", 100.0, False),
+    ("dpo", "reward_accuracy", "held-out reward accuracy (×100)", 100.0, False),
+)
+
+
+def objective_effects(store: Store, columns: list[str]) -> list[dict[str, Any]]:
+    """The trainers' paired held-out effects (`tulu_pipeline.evaluation.paired.paired_delta` of after against
+    before on the same held-out rows or pairs) of every checkpoint in ``columns`` that recorded them."""
+    rows = []
+    for checkpoint_id in columns:
+        effects = ((read_manifest(store, checkpoint_id) or {}).get("metrics") or {}).get("heldout_effect") or {}
+        parent = parent_of(store, checkpoint_id)
+        for stage, key, label, scale, lower_is_better in OBJECTIVES:
+            if stage_of(checkpoint_id) == stage and effects.get(key):
+                rows.append({"objective": label, "key": key, "checkpoint": checkpoint_id, "parent": parent,
+                             "stage": f"{stage} − {stage_of(parent) if parent else 'start'}", "scale": scale,
+                             "lower_is_better": lower_is_better, **effects[key]})
+    return rows
+
+
+def objectives_markdown(table: dict[str, Any]) -> str:
+    """The training objectives' paired effects: Δ [95% CI], sign test p, n (changed), MDD, and whether the
+    stage improved its own target (an interval excluding zero on the better side and p < 0.05)."""
+    headers = ["objective", "stage", "Δ [95% CI]", "p", "n (changed)", "MDD", "improved"]
+    lines = []
+    for row in table.get("objectives", []):
+        scale = row["scale"]
+
+        def fmt(value: float | None, signed: bool = True) -> str:
+            if value is None:
+                return "–"
+            digits = 3 if scale == 1.0 else 1
+            return f"{scale * value:+.{digits}f}" if signed else f"{scale * value:.{digits}f}"
+        better = row["delta"] is not None and (row["delta"] < 0) == row["lower_is_better"] and row["delta"] != 0
+        lines.append({"objective": row["objective"], "stage": row["stage"],
+                      "Δ [95% CI]": f"{fmt(row['delta'])} [{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]",
+                      "p": _p(row["p_value"]), "n (changed)": f"{row['n']} ({row['changed']})",
+                      "MDD": fmt(row["mdd"], signed=False),
+                      "improved": ("yes ▲" if better else "no, worse ▼") if significant(row) else "not shown"})
+    return "### Training objectives (held-out, paired)\n\n" + markdown_table(lines, headers, max_chars=60) + (
+        "\n\nEach stage's own target on held-out items it never trained on, the checkpoint against its starting "
+        "weights: SFT's per-token loss on the mix's held-out rows (Δ < 0 is better), DPO's accuracy on held-out "
+        "preference pairs (Δ > 0 is better). Δ, interval, p and MDD as in the stage effects; improved = the "
+        "interval excludes zero on the better side and p < 0.05.")
 
 
 def comparison_markdown(table: dict[str, Any]) -> str:
@@ -133,7 +188,8 @@ def comparison_markdown(table: dict[str, Any]) -> str:
         "\n\nScores ×100 with seeded 95% bootstrap intervals over items; overlapping intervals do not rule out "
         "a difference (the stage effects compare checkpoints item by item). ⚠ = possibly contaminated: a training run upstream of the checkpoint was not "
         "decontaminated against the benchmark.") + _judged_legend(table) + (
-        "\n\n" + stage_effects_markdown(table) if any(row.get("deltas") for row in table["rows"]) else "")
+        "\n\n" + stage_effects_markdown(table) if any(row.get("deltas") for row in table["rows"]) else "") + (
+        "\n\n" + objectives_markdown(table) if table.get("objectives") else "")
 
 
 def _judged_legend(table: dict[str, Any]) -> str:

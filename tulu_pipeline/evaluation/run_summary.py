@@ -1,6 +1,7 @@
 """The end of a run on one page (what `tulu-evaluate` prints last and ``eval_comparison`` shows): each
-stage's paired effect, the checkpoint ids per stage, where the reports and plots are, and the commands to
-go further. Written to ``reports/eval/comparison/summary.md``.
+training stage's paired effect on its own held-out target, each stage's paired effect on the benchmarks,
+the checkpoint ids per stage, where the reports and plots are, and the commands to go further. Written to
+``reports/eval/comparison/summary.md``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tulu_pipeline.evaluation.comparison import COMPARISON_REPORT, stage_effects_markdown
+from tulu_pipeline.evaluation.comparison import COMPARISON_REPORT, objectives_markdown, stage_effects_markdown
 from tulu_pipeline.evaluation.lineage import BASE_MODEL_ID
 from tulu_pipeline.evaluation.results import REPORTS
 from tulu_pipeline.plots import markdown_table
@@ -104,7 +105,8 @@ def run_summary(store: Store, table: dict[str, Any], prefix: str = "", ui_port: 
     ui_port = ui_port or os.environ.get("PORT") or "3000"
     effects = (stage_effects_markdown(table) if any(row.get("deltas") for row in table["rows"])
                else "### Stage effects\n\nNone yet: a checkpoint and its parent must both be evaluated on a benchmark.")
-    parts = ["## Run summary", effects, "### Checkpoints", _checkpoints(table),
+    objectives = [objectives_markdown(table)] if table.get("objectives") else []
+    parts = ["## Run summary", *objectives, effects, "### Checkpoints", _checkpoints(table),
              "### Where the results are", "\n".join(_locations(store, table)),
              "### Next", "\n".join(_commands(store, table, prefix, ui_port))]
     return "\n\n".join(parts)
