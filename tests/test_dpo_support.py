@@ -68,7 +68,7 @@ def make_pairs(model_dir: Path, n_train: int, n_heldout: int, source: str = "gsm
 
 
 # A tiny run: 16 train pairs, 4 per step, 2 epochs = 8 optimizer steps. lr 1e-3 because the tiny random model
-# needs large steps (the cpu_demo preset's 1e-5 is for the 135M SFT checkpoint).
+# needs large steps (the cpu_demo preset's 5e-5 is for the 135M SFT checkpoint).
 TINY_DPO = {
     "learning_rate": 1e-3, "num_epochs": 2, "per_device_batch_size": 2, "gradient_accumulation_steps": 2,
     "max_length": 192, "warmup_ratio": 0.1, "save_steps": 3, "logging_steps": 1, "bf16": False, "seed": 7,

@@ -51,7 +51,9 @@ def test_identity_is_code_version_config_and_inputs():
 PRESET_FINGERPRINTS = {
     ("sft", "cpu_demo"): "c7b94fa6b507a5fc3ec613b58f4c8982652284c9fe53c41aa71db303e87b8620",
     ("sft", "tulu3_8b"): "2fef6fd2b2709f4e3cee3d7c3e3943c8dcd0b48f992faabb617580df6baaea42",
-    ("dpo", "cpu_demo"): "283b5471d3091c62accbb5fa470ef82cc37e4264b3eb8c231bf61064e89c0a06",
+    # cpu_demo's learning rate went from 1e-5 to 5e-5 (#24) after 2e73db9: pinned as it is now, and its old value
+    # is checked below against the fingerprint pinned then
+    ("dpo", "cpu_demo"): "db0da62f51fe20e5e900ea43e8053770533be3e157e1d2a86d5921f760ec435f",
     ("dpo", "tulu3_8b"): "e846766c777c4229ffeb7d6a0279f3e4189540c107c166ea344ded24371f94d2",
     # RLVR's before its sharding field (main at de2a811)
     ("rlvr", "cpu_demo"): "e8a8515d71403bf7ca5263267cb3e5e08631e494807f90c2212a886c83968bfe",
@@ -67,6 +69,9 @@ def test_default_sharding_leaves_preset_fingerprints_unchanged():
         assert config.sharding == ShardingConfig()
         assert "sharding" not in config.model_dump(mode="json")
         assert fingerprint(config.model_dump(mode="json")) == expected, (method, name)
+    before_lr_change = DPO_PRESETS["cpu_demo"].model_copy(update={"learning_rate": 1e-5})
+    assert fingerprint(before_lr_change.model_dump(mode="json")) == (
+        "283b5471d3091c62accbb5fa470ef82cc37e4264b3eb8c231bf61064e89c0a06")
 
 
 @pytest.mark.parametrize("config_cls", [SFTTrainingConfig, DPOTrainingConfig, RLVRTrainingConfig])
