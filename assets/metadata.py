@@ -10,6 +10,7 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
+from tulu_pipeline.evaluation.paired import format_p
 from tulu_pipeline.hashing import json_hash
 from tulu_pipeline.layout import MANIFEST_FILE
 from tulu_pipeline.plots import markdown_table
@@ -78,8 +79,7 @@ def heldout_effect_metadata(effect: Mapping[str, Mapping[str, Any]] | None) -> d
         return {}
     rows = [{"metric": metric, "Δ": _signed(d.get("delta")),
              "95% CI": f"[{_signed(d.get('ci_low'))}, {_signed(d.get('ci_high'))}]",
-             "sign-test p": "–" if d.get("p_value") is None else
-             ("<0.001" if d["p_value"] < 0.001 else f"{d['p_value']:.3f}"),
+             "sign-test p": "–" if d.get("p_value") is None else format_p(d["p_value"]),
              "n (changed)": f"{d.get('n')} ({d.get('changed')})"} for metric, d in effect.items()]
     table = markdown_table(rows, ["metric", "Δ", "95% CI", "sign-test p", "n (changed)"])
     return {"heldout_effect": dg.MetadataValue.json(dict(effect)),

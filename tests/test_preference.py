@@ -21,7 +21,7 @@ from tulu_pipeline.preference.pairs import NoPair, select_pair, split_of
 from tulu_pipeline.preference.prompts import PromptSelectionConfig, select_preference_prompts
 from tulu_pipeline.preference.rubric import ASPECTS, UnparseableJudgment, aspect_messages, parse_ratings, rubric_hash
 from tulu_pipeline.preference.schema import PROMPTS_DATASET, pair_id, prompt_messages
-from tulu_pipeline.preference.verified import VerifiedNoPair, select_verified, verification_of, verify_completion
+from tulu_pipeline.preference.verified import select_verified, verification_of, verify_completion
 from tulu_pipeline.provenance.ledger import Ledger
 from tulu_pipeline.settings import data_dir
 
@@ -406,7 +406,7 @@ def test_verified_selection_prefers_the_reference_and_a_wrong_policy_sample():
 ])
 def test_verified_selection_says_why_a_prompt_gives_no_pair(verdicts, roles, code):
     completions = [_verified_completion(cid, role, cid) for cid, role in zip(verdicts, roles)]
-    with pytest.raises(VerifiedNoPair, match=code) as raised:
+    with pytest.raises(NoPair, match=code) as raised:
         select_verified("p", completions, verdicts, seed=0)
     assert raised.value.code == code
 

@@ -31,7 +31,7 @@ from tulu_pipeline.evaluation.judge_scoring import LOW_CONFIDENCE_RULE
 from tulu_pipeline.evaluation.lineage import (
     BASE_MODEL_ID, ancestors, lineage_order, parent_of, read_manifest, stage_of
 )
-from tulu_pipeline.evaluation.paired import paired_delta, significant
+from tulu_pipeline.evaluation.paired import format_p, paired_delta, significant
 from tulu_pipeline.evaluation.results import REPORTS, item_scores, read_summary
 from tulu_pipeline.plots import figure_png, markdown_table, pyplot
 from tulu_pipeline.storage import Store
@@ -143,6 +143,14 @@ def objective_effects(store: Store, columns: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _scaled(value: float | None, scale: float, signed: bool = True) -> str:
+    """``value × scale``: 3 decimals for a loss (scale 1), 1 for a share ×100."""
+    if value is None:
+        return "–"
+    digits = 3 if scale == 1.0 else 1
+    return f"{scale * value:+.{digits}f}" if signed else f"{scale * value:.{digits}f}"
+
+
 def objectives_markdown(table: dict[str, Any]) -> str:
     """The training objectives' paired effects: Δ [95% CI], sign test p, n (changed), MDD, and whether the
     stage improved its own target (an interval excluding zero on the better side and p < 0.05)."""
@@ -150,17 +158,12 @@ def objectives_markdown(table: dict[str, Any]) -> str:
     lines = []
     for row in table.get("objectives", []):
         scale = row["scale"]
-
-        def fmt(value: float | None, signed: bool = True) -> str:
-            if value is None:
-                return "–"
-            digits = 3 if scale == 1.0 else 1
-            return f"{scale * value:+.{digits}f}" if signed else f"{scale * value:.{digits}f}"
         better = row["delta"] is not None and (row["delta"] < 0) == row["lower_is_better"] and row["delta"] != 0
+        interval = f"[{_scaled(row['ci_low'], scale)}, {_scaled(row['ci_high'], scale)}]"
         lines.append({"objective": row["objective"], "stage": row["stage"],
-                      "Δ [95% CI]": f"{fmt(row['delta'])} [{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]",
-                      "p": _p(row["p_value"]), "n (changed)": f"{row['n']} ({row['changed']})",
-                      "MDD": fmt(row["mdd"], signed=False),
+                      "Δ [95% CI]": f"{_scaled(row['delta'], scale)} {interval}",
+                      "p": format_p(row["p_value"]), "n (changed)": f"{row['n']} ({row['changed']})",
+                      "MDD": _scaled(row["mdd"], scale, signed=False),
                       "improved": ("yes ▲" if better else "no, worse ▼") if significant(row) else "not shown"})
     return "### Training objectives (held-out, paired)\n\n" + markdown_table(lines, headers, max_chars=60) + (
         "\n\nEach stage's own target on held-out items it never trained on, the checkpoint against its starting "
@@ -224,10 +227,6 @@ def _signed(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:+.1f}"
 
 
-def _p(value: float) -> str:
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
-
-
 def stage_effects_markdown(table: dict[str, Any]) -> str:
     """The stage effects (benchmark × stage): Δ ×100 [low, high], sign test p, n (changed), MDD ×100."""
     headers = ["benchmark", "stage", "Δ ×100 [95% CI]", "p", "n (changed)", "MDD ×100", "effect"]
@@ -238,7 +237,7 @@ def stage_effects_markdown(table: dict[str, Any]) -> str:
             lines.append({
                 "benchmark": row["benchmark"], "stage": d["stage"],
                 "Δ ×100 [95% CI]": f"{_signed(d['delta'])} [{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]",
-                "p": _p(d["p_value"]), "n (changed)": f"{d['n']} ({d['changed']}){'' if d['same_items'] else ' †'}",
+                "p": format_p(d["p_value"]), "n (changed)": f"{d['n']} ({d['changed']}){'' if d['same_items'] else ' †'}",
                 "MDD ×100": "–" if d["mdd"] is None else f"{100 * d['mdd']:.1f}",
                 "effect": (("▲" if d["delta"] > 0 else "▼") if marked else "")
                           + (LOW_CONFIDENCE_MARK if d.get("low_confidence") else "")})

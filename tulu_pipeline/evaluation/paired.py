@@ -7,6 +7,7 @@ between-item variance that makes per-column intervals of an 8-item sample overla
   exact sign test, the number of paired and changed items and the minimum detectable difference;
 - `sign_test_p(ups, downs)`: exact two-sided binomial test of ``ups`` against ``downs`` at p = 0.5;
 - `min_detectable_difference(diffs)`: the smallest true mean difference this design detects with 80% power.
+- `format_p(p)`: a p-value as every table prints it.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def paired_delta(child: Mapping[str, float], parent: Mapping[str, float], resamp
         "child_only": len(set(child) - set(parent)), "parent_only": len(set(parent) - set(child)),
         "same_items": set(child) == set(parent),
     }
+
+
+def format_p(value: float) -> str:
+    """A sign test's p as the tables print it: three decimals, ``<0.001`` below that."""
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def excludes_zero(delta: Mapping[str, Any]) -> bool:

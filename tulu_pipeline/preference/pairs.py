@@ -35,9 +35,9 @@ from tulu_pipeline.preference.human import HUMAN_PAIR_BUILDERS, HumanPairProblem
 from tulu_pipeline.preference.prompts import PREFERENCE_CODE_VERSION, rank_key
 from tulu_pipeline.preference.schema import (
     COMPLETIONS_DATASET, JUDGED_DATASET, PAIR_QUARANTINE_SCHEMA, PAIR_SCHEMA, PAIRS_DATASET, PAIRS_QUARANTINE_DATASET,
-    PROMPTS_DATASET, content_hash, pair_id, prompt_messages
+    PROMPTS_DATASET, NoPair, content_hash, pair_id, prompt_messages
 )
-from tulu_pipeline.preference.verified import VerifiedNoPair, verification_of, verified_pair
+from tulu_pipeline.preference.verified import verification_of, verified_pair
 from tulu_pipeline.provenance.ledger import LedgerWriter
 from tulu_pipeline.storage import DatasetInfo, Store
 
@@ -66,14 +66,6 @@ class PairConfig(BaseModel):
 # ---------------------------------------------------------------------------------------------
 # selection
 # ---------------------------------------------------------------------------------------------
-class NoPair(ValueError):
-    """Why a prompt's completions give no pair (``code``: ``too_few_completions`` | ``tie``)."""
-
-    def __init__(self, code: str, message: str):
-        self.code = code
-        super().__init__(f"{code}: {message}")
-
-
 RANK_FIELDS = {"rating": "mean_rating", "expected": "mean_expected"}
 
 
@@ -202,40 +194,36 @@ def build_preference_pairs(store: Store, config: PairConfig, run_id: str, judged
     require_checks_passed(store, decontam_version)
     decontam = decontam or DecontamConfig()
     inputs = {JUDGED_DATASET: judged_version, SOURCE_DATASET: decontam_version, **(eval_inputs or {})}
-    version = pairs_version(config, inputs, decontam if index is not None else None)
-
-    pairs: list[dict[str, Any]] = []
-    dropped: list[dict[str, Any]] = []
     completions_version = store.dataset_inputs(JUDGED_DATASET, judged_version)[COMPLETIONS_DATASET]
-    judged = group_by_prompt(store.iter_rows(JUDGED_DATASET, judged_version))
-    completions = group_by_prompt(store.iter_rows(COMPLETIONS_DATASET, completions_version))
     verifications: dict[str, dict[str, Any]] = {}
     if config.rank_by == "verified":
         prompts_version = store.dataset_inputs(COMPLETIONS_DATASET, completions_version)[PROMPTS_DATASET]
         inputs.update({COMPLETIONS_DATASET: completions_version, PROMPTS_DATASET: prompts_version})
         verifications = {r["row_id"]: v for r in store.iter_rows(PROMPTS_DATASET, prompts_version)
                          if (v := verification_of(r)) is not None}
-        version = pairs_version(config, inputs, decontam if index is not None else None)
+    version = pairs_version(config, inputs, decontam if index is not None else None)
+
+    pairs: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
+    judged = group_by_prompt(store.iter_rows(JUDGED_DATASET, judged_version))
+    completions = group_by_prompt(store.iter_rows(COMPLETIONS_DATASET, completions_version))
     for prompt_row_id in sorted(set(judged) | set(completions)):
-        split = split_of(prompt_row_id, config.heldout_fraction, config.seed)
         group = judged.get(prompt_row_id) or completions[prompt_row_id]
         try:
             if prompt_row_id in verifications:
                 pairs.append(verified_pair(prompt_row_id, completions[prompt_row_id], verifications[prompt_row_id],
-                                           config.seed, split))
+                                           config.seed, split_of(prompt_row_id, config.heldout_fraction, config.seed)))
             elif prompt_row_id not in judged:
                 raise NoPair("not_judged", f"judged_completions@{judged_version} has no rating for it (the judge "
                              "skipped verifiable prompts: pair them with rank_by verified, or judge them)")
             else:
                 pairs.append(on_policy_pair(prompt_row_id, group, config.seed, config.heldout_fraction,
                                             config.rank_by))
-        except VerifiedNoPair as exc:
-            details = {"message": str(exc), "rank_by": "verified", "task": verifications[prompt_row_id]["task"]}
-            dropped.append({"prompt_row_id": prompt_row_id, "source": group[0]["source"], "origin": "on_policy",
-                            "reason": exc.code, "details": json.dumps(details)})
         except NoPair as exc:
-            details = {"message": str(exc)}
-            if prompt_row_id in judged:
+            details: dict[str, Any] = {"message": str(exc)}
+            if prompt_row_id in verifications:
+                details.update(rank_by="verified", task=verifications[prompt_row_id]["task"])
+            elif prompt_row_id in judged:
                 field_name = RANK_FIELDS[resolve_rank_by(config.rank_by, group)]
                 details.update(rank_field=field_name, scores=[c[field_name] for c in group])
             dropped.append({"prompt_row_id": prompt_row_id, "source": group[0]["source"], "origin": "on_policy",

@@ -14,6 +14,15 @@ import pyarrow as pa
 
 from tulu_pipeline.data.schema import MESSAGE_TYPE, ROW_SCHEMA
 
+class NoPair(ValueError):
+    """Why a prompt's completions give no pair: ``code`` is the quarantine's ``reason`` (judged: ``tie``,
+    ``too_few_completions``, ``not_judged``; verified: ``all_correct``, ``none_correct``, ``no_policy_sample``)."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(f"{code}: {message}")
+
+
 PROMPTS_DATASET = "preference_prompts"
 COMPLETIONS_DATASET = "policy_completions"
 JUDGED_DATASET = "judged_completions"

@@ -8,7 +8,7 @@ prompts have verifiers (`tulu_pipeline.rewards`). For such a prompt the pair is:
 
 Among equals the smallest seeded hash wins (`tulu_pipeline.preference.prompts.rank_key`), as in the judged
 selection. A prompt gives no pair, with its reason, when every SFT sample verifies (``all_correct``), no
-completion verifies (``none_correct``) or the pool has no SFT sample (``no_policy_sample``).
+completion verifies (``none_correct``) or the pool has no SFT sample (``no_policy_sample``): `NoPair`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from tulu_pipeline.preference.prompts import rank_key
-from tulu_pipeline.preference.schema import pair_id
+from tulu_pipeline.preference.schema import NoPair, pair_id
+from tulu_pipeline.rlvr.prompts import TASK_OF_SOURCE  # the pool sources whose ground truth a verifier checks
 
 VERIFIER_JUDGE_PREFIX = "verifier:"
-# the pool sources whose ground truth a verifier checks (evaluation sources never reach the preference pool)
-TASK_OF_SOURCE = {"gsm8k_train": "gsm8k", "math_train": "math"}
 
 
 def verification_of(prompt_row: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -43,30 +42,23 @@ def verify_completion(verification: Mapping[str, Any], text: str) -> bool:
                   constraints=verification.get("constraints")).ok
 
 
-class VerifiedNoPair(ValueError):
-    """Why a verifiable prompt gives no pair (``code``: ``all_correct`` | ``none_correct`` | ``no_policy_sample``)."""
-
-    def __init__(self, code: str, message: str):
-        self.code = code
-        super().__init__(f"{code}: {message}")
-
-
 def select_verified(prompt_row_id: str, completions: list[dict[str, Any]], verdicts: Mapping[str, bool],
                     seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(chosen, rejected) among one prompt's completions (``model_role``, ``completion_id``, ``text``) given
-    ``verdicts`` (completion id -> passes); raises `VerifiedNoPair`."""
+    ``verdicts`` (completion id -> passes); raises `NoPair` (``all_correct``, ``none_correct`` or
+    ``no_policy_sample``)."""
     def first(candidates: list[dict[str, Any]], tag: str) -> dict[str, Any]:
         return min(candidates, key=lambda c: rank_key(seed, prompt_row_id, tag, c["completion_id"]))
 
     policy = [c for c in completions if c["model_role"] == "sft" and c["text"].strip()]
     if not policy:
-        raise VerifiedNoPair("no_policy_sample", "the pool has no non-empty sample of the SFT model")
+        raise NoPair("no_policy_sample", "the pool has no non-empty sample of the SFT model")
     wrong = [c for c in policy if not verdicts[c["completion_id"]]]
     if not wrong:
-        raise VerifiedNoPair("all_correct", f"all {len(policy)} SFT samples pass the verifier")
+        raise NoPair("all_correct", f"all {len(policy)} SFT samples pass the verifier")
     right = [c for c in completions if verdicts[c["completion_id"]] and c["text"].strip()]
     if not right:
-        raise VerifiedNoPair("none_correct", f"none of {len(completions)} completions passes the verifier")
+        raise NoPair("none_correct", f"none of {len(completions)} completions passes the verifier")
     references = [c for c in right if c["model_role"] == "reference"]
     return first(references or right, "chosen"), first(wrong, "rejected")
 

@@ -51,6 +51,7 @@ SOURCE_DATASET = "decontaminated_prompts"
 IF_SOURCE = "rlvr_if"
 TASKS = ("gsm8k", "math", "ifeval")
 TASK_SOURCES = {"gsm8k": "gsm8k_train", "math": "math_train"}
+TASK_OF_SOURCE = {source: task for task, source in TASK_SOURCES.items()}
 
 ConstraintSampler = Callable[[random.Random, int], dict[str, Any]]
 
@@ -195,7 +196,6 @@ def build_rlvr_prompts(store: Store, config: RLVRPromptsConfig, run_id: str,
         raise FileNotFoundError(f"{SOURCE_DATASET} has not been materialized under {store.url}")
     require_checks_passed(store, source_version)
     inputs = {SOURCE_DATASET: source_version}
-    by_source = {source: task for task, source in TASK_SOURCES.items()}
     if_sources = set(config.if_sources)
     candidates: dict[str, list[tuple[str, dict[str, Any]]]] = {task: [] for task in TASKS}
     quarantine: list[dict[str, Any]] = []
@@ -204,7 +204,7 @@ def build_rlvr_prompts(store: Store, config: RLVRPromptsConfig, run_id: str,
     # Only row ids, rank keys and small rows are kept: prompts of the tasks we draw from.
     for row in store.iter_rows(SOURCE_DATASET, source_version):
         source = row["source"]
-        task = by_source.get(source) or ("ifeval" if source in if_sources else None)
+        task = TASK_OF_SOURCE.get(source) or ("ifeval" if source in if_sources else None)
         if task is None:
             continue
         available[task] += 1
