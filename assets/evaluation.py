@@ -48,6 +48,7 @@ checkpoint_partitions = dg.DynamicPartitionsDefinition(name=CHECKPOINT_PARTITION
 REGRESSION_CHECK = "no_regression_vs_parent"
 CONTAMINATION_CHECK = "decontaminated_upstream"
 TEMPLATE_CHECK = "template_matches_checkpoint"
+EVALUATE_CHECKPOINT = "evaluate_checkpoint"
 # the assets that write models/<checkpoint_id>/ (lineage in the UI; the partition names the checkpoint)
 CHECKPOINT_ASSETS = ["base_model", *TRAINED_CHECKPOINT_ASSETS]
 
@@ -90,6 +91,16 @@ def _benchmark_config(name: str, config: EvalConfig):
                                    "max_new_tokens": config.max_new_tokens, "seed": config.seed}.items()
                  if v is not None}
     return benchmark_config(name, config.preset, **overrides)
+
+
+def _companions(context: dg.AssetExecutionContext, config: EvalConfig) -> dict[str, Any] | None:
+    """The other benchmarks this run evaluates on the checkpoint, when they run in this process after this one
+    (`evaluate_checkpoint` runs its steps in one process): their answers are generated in the same batches."""
+    if context.job_name != EVALUATE_CHECKPOINT:
+        return None
+    selected = context.run.asset_selection  # empty (or None) when the run is the whole job
+    names = [name for name in benchmarks() if not selected or dg.AssetKey(["eval", name]) in selected]
+    return {name: _benchmark_config(name, config) for name in names}
 
 
 def _pct(value: float) -> str:
@@ -135,7 +146,7 @@ def build_eval_asset(name: str) -> dg.AssetsDefinition:
                                     backend_spec=generation.spec(model, checkpoint_id), judge_spec=judge.spec(),
                                     execution=config.execution, run_job=run_job, log=context.log.info,
                                     backend_spec_for=lambda parent: generation.spec(f"models/{parent}", parent),
-                                    missing_parent=config.missing_parent)
+                                    missing_parent=config.missing_parent, companions=_companions(context, config))
         except MissingParentOutputs as error:
             raise dg.Failure(str(error), allow_retries=False) from error
         rows = list(store.iter_rows(dataset_name(name, checkpoint_id), summary["version"]))
@@ -221,9 +232,13 @@ def no_possibly_contaminated_scores(storage: TuluStorage) -> dg.AssetCheckResult
 
 # Partitioned eval assets cannot run in an unpartitioned job (full_pipeline): one job evaluates a
 # checkpoint (a partition), another redraws the comparison.
+# One process for a checkpoint's benchmarks: its model and the judge load once, and the answers of every
+# benchmark are generated in shared batches by the first step that needs them.
 evaluate_checkpoint = dg.define_asset_job(
-    "evaluate_checkpoint", selection=dg.AssetSelection.assets(*[a.key for a in eval_assets]),
-    description="Every benchmark of the dev and unseen suites on one checkpoint (a partition of `checkpoints`).")
+    EVALUATE_CHECKPOINT, selection=dg.AssetSelection.assets(*[a.key for a in eval_assets]),
+    executor_def=dg.in_process_executor,
+    description="Every benchmark of the dev and unseen suites on one checkpoint (a partition of `checkpoints`), "
+                "in one process.")
 eval_report = dg.define_asset_job("eval_report", selection=dg.AssetSelection.assets(eval_comparison),
                                   description="Redraw the side-by-side comparison of every evaluated checkpoint.")
 

@@ -94,6 +94,58 @@ def test_greedy_matches_transformers_generate_and_is_batch_independent(backend):
         assert completion.model_id == "tiny" and completion.params == GREEDY.to_json()
 
 
+FEW_SHOT = [m for k in range(3) for m in (
+    {"role": "user", "content": f"Example question number {k}: what is the sum of {k} and {k + 1}, step by step?"},
+    {"role": "assistant", "content": f"We add {k} and {k + 1} to get {2 * k + 1}. So the answer is {2 * k + 1}."})]
+
+
+def test_a_shared_few_shot_context_runs_once_and_changes_nothing(backend):
+    """Few-shot prompts share their exemplars: that context is run once per call and cached, and each
+    prompt's logits, greedy text and samples are those of a plain forward over the whole prompt."""
+    import torch
+
+    prompts = [[*FEW_SHOT, {"role": "user", "content": question}]
+               for question in ("What is 2 + 2?", "And 3 + 5?", "Is 7 prime? Answer yes or no.")]
+    ids = [backend.encoder.prompt_ids(m) for m in prompts]
+    split = backend.shared_prefix_length(prompts[0], ids[0])
+    assert split >= 64 and all(backend.shared_prefix_length(m, i) == split for m, i in zip(prompts, ids))
+    assert len({tuple(i[:split]) for i in ids}) == 1 and all(len(i) > split for i in ids)
+    assert backend.shared_prefix_length(PROMPTS[2], backend.encoder.prompt_ids(PROMPTS[2])) == 0  # short context
+
+    calls = []
+    forward = backend._forward
+    backend._forward = lambda input_ids, *a: calls.append(tuple(input_ids.shape)) or forward(input_ids, *a)
+    try:
+        batched = backend.generate(prompts, GREEDY)
+    finally:
+        backend._forward = forward
+    assert calls[0] == (1, split) and calls.count((1, split)) == 1  # the context once, then each prompt's rest
+    assert sorted(calls[1:4]) == sorted((1, len(i) - split) for i in ids)
+    assert _texts(batched) == [_texts(backend.generate([m], GREEDY))[0] for m in prompts]
+    for messages, prompt_ids, completions in zip(prompts, ids, batched):
+        with torch.inference_mode():
+            whole = backend.model(input_ids=torch.tensor([prompt_ids])).logits[0, -1]
+            reference = backend.model.generate(torch.tensor([prompt_ids]), max_new_tokens=GREEDY.max_new_tokens,
+                                               attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                                               do_sample=False, pad_token_id=backend.pad_token_id,
+                                               eos_token_id=sorted(backend.stop_token_ids))
+        backend._split = {tuple(prompt_ids): split}
+        with torch.inference_mode():
+            logits = backend._prefill([_row(prompt_ids)], {})[0][0]
+        torch.testing.assert_close(logits, whole, rtol=1e-5, atol=1e-5)
+        new = [t for t in reference[0, len(prompt_ids):].tolist() if t not in backend.stop_token_ids]
+        assert completions[0].text == backend.encoder.decode(new)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, n=2, seed=3)
+    assert _texts(backend.generate(prompts, params))[1] == _texts(backend.generate(prompts[1:2], SamplingParams(
+        max_new_tokens=8, temperature=1.0, n=2, seed=4)))[0]
+
+
+def _row(prompt_ids):
+    from tulu_pipeline.generation.transformers_backend import _Row
+
+    return _Row(0, 0, list(prompt_ids), seed=0, budget=1)
+
+
 def test_greedy_n_copies(backend):
     results = backend.generate(PROMPTS[:1], SamplingParams(max_new_tokens=6, temperature=0, n=3, seed=7))
     assert [c.index for c in results[0]] == [0, 1, 2]
@@ -188,9 +240,14 @@ def test_tulu_template_when_model_dir_has_none(tmp_path):
 def test_loglikelihood_matches_a_direct_forward(backend):
     import torch
 
-    requests = [(PROMPTS[0], " Paris is the capital."), (PROMPTS[1], "Yes"), (PROMPTS[2], ""), (PROMPTS[2], "4")]
+    # one-token continuations of one prompt share its forward ("A"/"B" after a judge prompt)
+    requests = [(PROMPTS[0], " Paris is the capital."), (PROMPTS[1], "Yes"), (PROMPTS[2], ""), (PROMPTS[2], "4"),
+                (PROMPTS[1], "No"), (PROMPTS[0], "A"), (PROMPTS[0], "B")]
+    assert [len(backend.encoder.continuation_ids(c)) for _, c in requests] == [5, 1, 0, 1, 1, 1, 1]
     scores = backend.loglikelihood(requests)
     assert scores[2] == (0.0, 0)
+    alone = backend.loglikelihood(requests[3:4])[0]  # alone or beside others (padding): the same number
+    assert alone[1] == 1 and alone[0] == pytest.approx(scores[3][0], abs=1e-5)
     for (messages, continuation), (total, count) in zip(requests, scores):
         if not continuation:
             continue

@@ -95,10 +95,15 @@ class BenchmarkConfig(BaseModel):
 
 
 Preset = Literal["cpu", "full"]
+# The CPU preset's stated budget: a generated benchmark decodes at most this many tokens per checkpoint (items x
+# max_new_tokens). Decoding is batched, so a benchmark costs its tokens rather than its items: shorter answers
+# buy more items (8 at 128 tokens, 4 at 256 for code, 16 at 64 for BBH). The judged open-ended sets are bounded
+# by their judge passes instead (4 per item, each reading both answers), so they name their own size.
+CPU_DECODE_BUDGET = 1024
 _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
         "humaneval": {"max_new_tokens": 256}, "mbpp": {"max_new_tokens": 256},
-        "bbh": {"few_shot": 3, "sample_size": 9, "max_new_tokens": 64},
+        "bbh": {"few_shot": 3, "max_new_tokens": 64},
         "alpaca_eval": {"max_new_tokens": 128}, "safety": {"max_new_tokens": 96},
         "truthfulqa": {"sample_size": 16}, "truthfulqa_2025": {"sample_size": 16},
         # judged against the parent: each item costs two generations (this checkpoint's, and its parent's in
@@ -118,10 +123,14 @@ _PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def benchmark_config(name: str, preset: Preset = "cpu", **overrides: Any) -> BenchmarkConfig:
-    """A benchmark's config: the preset's values for it, then ``overrides``."""
+    """A benchmark's config: the preset's values for it, then ``overrides``; on the CPU preset a generated
+    benchmark without a set size gets as many items as `CPU_DECODE_BUDGET` allows at its answer length."""
     if preset not in _PRESETS:
         raise ValueError(f"unknown eval preset {preset!r}; expected one of {sorted(_PRESETS)}")
     values = {**_PRESETS[preset].get("*", {}), **_PRESETS[preset].get(name, {}), **overrides}
+    if preset == "cpu" and "sample_size" not in values and KIND_OF.get(name, "") != "mc1":
+        max_new_tokens = values.get("max_new_tokens", BenchmarkConfig.model_fields["max_new_tokens"].default)
+        values["sample_size"] = max(1, CPU_DECODE_BUDGET // max_new_tokens)
     return BenchmarkConfig(**values)
 
 

@@ -4,7 +4,8 @@ for out-of-process generation, a function that runs the generation job through t
 
 Execution modes (``execution``):
 
-- ``in_process``: the model loads in this process (`build_backend`). Meant for the small CPU configs
+- ``in_process``: the model loads in this process (`spec.shared_backends`: it stays loaded for the next
+  benchmark on the same checkpoint, and the judge for the next judged one). Meant for the small CPU configs
   (a handful of items on the embedded model), where starting a process costs more than generating.
 - ``launcher``: the prompts are written to ``reports/eval/<benchmark>/<checkpoint>/_generation/<digest>/
   requests.jsonl``; ``run_job(requests_rel, output_rel, backend_spec, params)`` runs
@@ -106,11 +107,17 @@ def run_benchmark(store: Store, benchmark: str, checkpoint_id: str, config: Benc
                   backend_spec: Any, judge_spec: Any = None, execution: str = "auto", run_job: RunJob | None = None,
                   build: Callable[[Any, Store], Any] | None = None, log: Callable[[str], None] = print,
                   backend_spec_for: Callable[[str], Any] | None = None, missing_parent: str = "generate",
-                  ) -> dict[str, Any]:
+                  companions: dict[str, BenchmarkConfig] | None = None) -> dict[str, Any]:
     """Evaluate and publish; returns the published summary (see `tulu_pipeline.evaluation.results`).
-    ``backend_spec_for(checkpoint_id)`` gives the parent's generation spec when its answers must be generated."""
+    ``backend_spec_for(checkpoint_id)`` gives the parent's generation spec when its answers must be generated.
+    ``companions`` are the benchmarks (and configs) this process evaluates next on the same checkpoint: their
+    answers are generated in the same batches as this one's and kept for them (`batched_answers`)."""
+    release = _closer(build)
+    answers = _batched if build is None else None  # answers are only kept for models from the process's pool
     if build is None:
-        from tulu_pipeline.generation.spec import build_backend as build
+        from tulu_pipeline.generation.spec import shared_backends
+
+        build = shared_backends.get
     if missing_parent not in MISSING_PARENT:
         raise ValueError(f"missing_parent must be one of {MISSING_PARENT}, got {missing_parent!r}")
     spec = get_benchmark(benchmark)
@@ -130,19 +137,21 @@ def run_benchmark(store: Store, benchmark: str, checkpoint_id: str, config: Benc
     try:
         if spec.kind == "pairwise_vs_parent":
             responses, lineage = _answers(store, benchmark, checkpoint_id, samples, config, mode, backend_spec,
-                                          run_job, build, log)
+                                          run_job, build, release, log, batched=answers, companions=companions)
             if parent is not None and parent_answers is None:
                 log(f"{benchmark}: parent {parent} has no saved answers to these items; generating them")
                 parent_answers, _ = _answers(store, benchmark, checkpoint_id, samples, config, mode,
-                                             backend_spec_for(parent), run_job, build, log, answering=parent)
+                                             backend_spec_for(parent), run_job, build, release, log, answering=parent)
         elif mode == "launcher":
             responses, lineage = _answers(store, benchmark, checkpoint_id, samples, config, mode, backend_spec,
-                                          run_job, build, log)
+                                          run_job, build, release, log)
         else:
             log(f"{benchmark}: loading {checkpoint_id} in process for {len(samples)} items")
             backend = build(backend_spec, store)
             encoder = getattr(backend, "encoder", None)
             lineage = encoder.lineage() if encoder is not None else None
+            if needs_generation(benchmark) and answers is not None:
+                responses = answers.get(backend, backend_spec, store, benchmark, samples, config, companions, log)
         judge = None
         needs_judge = spec.kind in JUDGED_KINDS and (spec.kind != "pairwise_vs_parent" or parent is not None)
         if needs_judge and judge_spec is not None:
@@ -163,7 +172,7 @@ def run_benchmark(store: Store, benchmark: str, checkpoint_id: str, config: Benc
     finally:
         for loaded in (backend, judge_backend):
             if loaded is not None:
-                loaded.close()
+                release(loaded)
     verdict = contamination(store, benchmark, checkpoint_id)
     extra = {"contamination": verdict, "execution": mode, "template_lineage": lineage,
              "judge": None if judge_spec is None or spec.kind not in JUDGED_KINDS else getattr(judge_spec, "model", None)}
@@ -172,9 +181,11 @@ def run_benchmark(store: Store, benchmark: str, checkpoint_id: str, config: Benc
 
 def _answers(store: Store, benchmark: str, checkpoint_id: str, samples: list, config: BenchmarkConfig, mode: str,
              backend_spec: Any, run_job: RunJob | None, build: Callable[[Any, Store], Any],
-             log: Callable[[str], None], answering: str | None = None) -> tuple[list[str], Any]:
+             release: Callable[[Any], None], log: Callable[[str], None], answering: str | None = None,
+             batched: BatchedAnswers | None = None, companions: dict[str, BenchmarkConfig] | None = None,
+             ) -> tuple[list[str], Any]:
     """One answer per sample from ``backend_spec``'s model (``answering``, default the evaluated checkpoint),
-    in the generation job or in process (the model is closed after); and the template lineage it prompted with.
+    in the generation job or in process (the model is released after); and the template lineage it prompted with.
     Generation files go under the evaluated checkpoint's reports (``parent-<id>/`` for a parent's answers)."""
     who = answering or checkpoint_id
     if mode == "launcher":
@@ -192,6 +203,66 @@ def _answers(store: Store, benchmark: str, checkpoint_id: str, samples: list, co
     backend = build(backend_spec, store)
     try:
         encoder = getattr(backend, "encoder", None)
-        return generate_in_process(backend, samples, config), (encoder.lineage() if encoder is not None else None)
+        lineage = encoder.lineage() if encoder is not None else None
+        if batched is not None:
+            return batched.get(backend, backend_spec, store, benchmark, samples, config, companions, log), lineage
+        return generate_in_process(backend, samples, config), lineage
     finally:
-        backend.close()
+        release(backend)
+
+
+class BatchedAnswers:
+    """Answers generated in this process, kept per model (its pool key: spec, TULU_HOME, files) and per
+    (benchmark, generation digest, item).
+
+    The first benchmark of a checkpoint to need answers generates those of its ``companions`` too, in shared
+    batches (`generation.base.generate_many`), and the companions' steps then read theirs from here. What is
+    kept is exactly what each benchmark would have generated alone (greedy rows do not depend on their batch);
+    a companion whose config turns out different, or whose items are not all here, generates its own."""
+
+    def __init__(self, models: int = 2):
+        self.models = models
+        self._kept: dict[tuple, dict[tuple[str, str], dict[str, str]]] = {}
+
+    def get(self, backend: Any, spec: Any, store: Store, benchmark: str, samples: list, config: BenchmarkConfig,
+            companions: dict[str, BenchmarkConfig] | None, log: Callable[[str], None] = print) -> list[str]:
+        """This benchmark's answers to ``samples`` (generating them, and the companions', when not kept)."""
+        from tulu_pipeline.generation.base import generate_many
+        from tulu_pipeline.generation.spec import BackendPool
+
+        model = BackendPool.key(spec, store)
+        if model is None:  # not a pooled model: nothing to keep its answers under
+            return generate_in_process(backend, samples, config)
+        kept = self._kept.pop(model, {})
+        self._kept[model] = kept  # most recently used last
+        while len(self._kept) > self.models:
+            self._kept.pop(next(iter(self._kept)))
+        wanted = (benchmark, generation_digest(benchmark, config))
+        have = kept.get(wanted, {})
+        if all(s.item_id in have for s in samples):
+            return [have[s.item_id] for s in samples]
+        jobs = [(wanted, samples, config)]
+        for name, other in (companions or {}).items():
+            key = (name, generation_digest(name, other))
+            if (name != benchmark and needs_generation(name) and key not in kept
+                    and resolve_execution("auto", other) == "in_process"):
+                jobs.append((key, load_samples(name, other), other))
+        log(f"{benchmark}: generating in shared batches with {', '.join(name for (name, _), _, _ in jobs[1:]) or 'no other benchmark'}")
+        results = generate_many(backend, [([s.prompt for s in items], sampling_params(cfg)) for _, items, cfg in jobs])
+        for (key, items, _), completions in zip(jobs, results):
+            kept.setdefault(key, {}).update({s.item_id: c[0].text for s, c in zip(items, completions)})
+        return [kept[wanted][s.item_id] for s in samples]
+
+
+# the process's kept answers (models from `spec.shared_backends` only)
+_batched = BatchedAnswers()
+
+
+def _closer(build: Callable[[Any, Store], Any] | None) -> Callable[[Any], None]:
+    """How to let go of a backend: models from the process's pool (``build`` None) stay loaded for the next
+    benchmark on the same checkpoint; a caller's ``build`` gets its backends closed."""
+    if build is not None:
+        return lambda backend: backend.close()
+    from tulu_pipeline.generation.spec import shared_backends
+
+    return lambda backend: None if shared_backends.owns(backend) else backend.close()

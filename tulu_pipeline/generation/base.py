@@ -110,3 +110,13 @@ class GenerationBackend(Protocol):
 
 class LogLikelihoodUnsupported(NotImplementedError):
     """The backend cannot score continuations (e.g. a chat-completions HTTP API returns no prompt log-probs)."""
+
+
+def generate_many(backend: Any, requests: Sequence[tuple[Sequence[Messages], SamplingParams]],
+                  ) -> list[list[list[Completion]]]:
+    """Several ``generate`` calls: in shared batches where the backend can (``backend.generate_many``), else
+    one after the other. Result ``k`` is ``backend.generate(*requests[k])``."""
+    many = getattr(backend, "generate_many", None)
+    if callable(many):
+        return many(requests)
+    return [backend.generate(prompts, params) for prompts, params in requests]

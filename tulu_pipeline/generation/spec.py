@@ -84,3 +84,51 @@ def build_backend(spec: BackendSpec, store: Any = None) -> GenerationBackend:
 
     return OpenAICompatBackend(spec.base_url or "", spec.model, model_id=spec.resolved_model_id,
                                api_key_env=spec.api_key_env, max_retries=spec.max_retries, **extra)
+
+
+class BackendPool:
+    """Local transformers backends kept loaded across calls in one process: an evaluation run scores one
+    checkpoint on every benchmark, with the same judge, so each model loads once instead of once per benchmark.
+
+    A backend is reused only for an equal spec under the same TULU_HOME whose model files are unchanged (their
+    sizes and modification times); the least recently used beyond ``size`` is closed. Other kinds are built
+    afresh every time (``owns`` says which ones the caller must close)."""
+
+    def __init__(self, size: int = 3):
+        self.size = size
+        self._loaded: dict[tuple, GenerationBackend] = {}
+
+    @staticmethod
+    def key(spec: BackendSpec, store: Any) -> tuple | None:
+        """What identifies a loaded model: the spec, TULU_HOME and the model files (None: not pooled)."""
+        if spec.kind != "transformers":
+            return None
+        path = resolve_model_path(spec.model, store)
+        files = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
+        return spec.model_dump_json(), str(getattr(store, "url", None)), str(path.resolve()), files
+
+    def get(self, spec: BackendSpec, store: Any = None) -> GenerationBackend:
+        """A loaded backend for ``spec``: a kept one when it matches, else a new one (kept when pooled)."""
+        key = self.key(spec, store)
+        if key is None:
+            return build_backend(spec, store)
+        if key in self._loaded:
+            self._loaded[key] = self._loaded.pop(key)  # most recently used last
+            return self._loaded[key]
+        backend = build_backend(spec, store)
+        self._loaded[key] = backend
+        while len(self._loaded) > self.size:
+            self._loaded.pop(next(iter(self._loaded))).close()
+        return backend
+
+    def owns(self, backend: Any) -> bool:
+        return any(backend is kept for kept in self._loaded.values())
+
+    def close(self) -> None:
+        while self._loaded:
+            self._loaded.popitem()[1].close()
+
+
+# the process's pool: evaluation steps running in one process (`tulu-evaluate`, a run's in-process executor)
+# share their models
+shared_backends = BackendPool()
