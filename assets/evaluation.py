@@ -36,7 +36,7 @@ from tulu_pipeline.evaluation.comparison import (
     regression,
 )
 from tulu_pipeline.evaluation.lineage import BASE_MODEL_ID, lineage_order, list_checkpoints
-from tulu_pipeline.evaluation.pipeline import MissingParentOutputs, run_benchmark
+from tulu_pipeline.evaluation.pipeline import MissingParentOutputs, is_current, run_benchmark
 from tulu_pipeline.evaluation.results import dataset_name
 from tulu_pipeline.evaluation.run_summary import write_run_summary
 from tulu_pipeline.evaluation.runner import EVAL_CODE_VERSION
@@ -293,29 +293,60 @@ def current_checkpoints(instance: dg.DagsterInstance, store) -> list[str]:
 
 
 def evaluate_all_checkpoints(instance: dg.DagsterInstance | None = None, checkpoints: list | None = None,
-                             defs: dg.Definitions | None = None, run_config: dict | None = None) -> dict:
-    """Register and evaluate every checkpoint under TULU_HOME (or ``checkpoints``), then redraw the
-    comparison; for ``make run`` after ``full_pipeline``. Returns ``{checkpoint_id: success}``."""
+                             defs: dg.Definitions | None = None, run_config: dict | None = None,
+                             force: bool = False) -> dict[str, str]:
+    """Register and evaluate every checkpoint under TULU_HOME (or ``checkpoints``), then redraw the comparison;
+    for ``make run`` after ``full_pipeline``. Only the benchmarks whose evaluation is not current run
+    (`pipeline.is_current`: same eval code, weights, config, items and parent answers), all of them with
+    ``force``. Returns ``{checkpoint_id: "evaluated" | "unchanged" | "FAILED"}``."""
     if defs is None:
         from definitions import (
             defs,  # the code location, with the deployment's resources
         )
 
     instance = instance or dg.DagsterInstance.get()
-    ids = checkpoints if checkpoints is not None else current_checkpoints(instance, TuluStorage().store())
+    store = TuluStorage().store()
+    ids = checkpoints if checkpoints is not None else current_checkpoints(instance, store)
+    job = defs.resolve_job_def(EVALUATE_CHECKPOINT)
     outcome = {}
     for checkpoint_id in ids:
         register_checkpoint(instance, checkpoint_id)
-        job = defs.resolve_job_def("evaluate_checkpoint")
-        outcome[checkpoint_id] = job.execute_in_process(instance=instance, partition_key=checkpoint_id,
-                                                        run_config=run_config, raise_on_error=False).success
+        stale = [a.key for a in eval_assets if force or not _is_current(store, a, checkpoint_id, run_config)]
+        if not stale:
+            outcome[checkpoint_id] = "unchanged"
+            continue
+        result = job.execute_in_process(instance=instance, partition_key=checkpoint_id, run_config=_subset(run_config, stale),
+                                        asset_selection=stale if len(stale) < len(eval_assets) else None,
+                                        raise_on_error=False)
+        outcome[checkpoint_id] = "evaluated" if result.success else "FAILED"
     defs.resolve_job_def("eval_report").execute_in_process(instance=instance)
     return outcome
 
 
+def _op_config(asset: dg.AssetsDefinition, run_config: dict | None) -> EvalConfig:
+    ops = (run_config or {}).get("ops", {})
+    return EvalConfig(**ops.get(asset.node_def.name, {}).get("config", {}))
+
+
+def _is_current(store, asset: dg.AssetsDefinition, checkpoint_id: str, run_config: dict | None) -> bool:
+    name = asset.key.path[-1]
+    if not store.exists("models", checkpoint_id, "config.json"):
+        return False  # let the step say what is missing
+    return is_current(store, name, checkpoint_id, _benchmark_config(name, _op_config(asset, run_config)))
+
+
+def _subset(run_config: dict | None, keys: list[dg.AssetKey]) -> dict | None:
+    """``run_config`` with only the ops of ``keys`` (a run rejects config for ops it does not execute)."""
+    if not run_config:
+        return run_config
+    names = {a.node_def.name for a in eval_assets if a.key in keys}
+    return {**run_config, "ops": {op: value for op, value in run_config.get("ops", {}).items() if op in names}}
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``tulu-evaluate``: evaluate every current checkpoint (or those named) through the eval partitions, then
-    redraw the comparison table and print the run summary; exits non-zero when any checkpoint's evaluation failed."""
+    """``tulu-evaluate``: evaluate every current checkpoint (or those named) through the eval partitions, skipping
+    benchmarks whose evaluation is current, then redraw the comparison table and print the run summary; exits
+    non-zero when any checkpoint's evaluation failed."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="tulu-evaluate", description=main.__doc__.split(";")[0])
@@ -323,19 +354,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="a checkpoint id (repeatable); default: the base model and every stage's latest")
     parser.add_argument("--sample-size", type=int, help="items per benchmark (overrides each benchmark's config)")
     parser.add_argument("--max-new-tokens", type=int, help="answer length (overrides each benchmark's config)")
+    parser.add_argument("--force", action="store_true",
+                        help="evaluate every benchmark, also those whose evaluation is current")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("sample_size", args.sample_size), ("max_new_tokens", args.max_new_tokens))
                  if v is not None}
     run_config = ({"ops": {a.node_def.name: {"config": overrides} for a in eval_assets}} if overrides else None)
-    outcome = evaluate_all_checkpoints(checkpoints=args.checkpoints, run_config=run_config)
-    for checkpoint_id, ok in outcome.items():
-        print(f"{checkpoint_id}: {'evaluated' if ok else 'FAILED'}")
+    outcome = evaluate_all_checkpoints(checkpoints=args.checkpoints, run_config=run_config, force=args.force)
+    for checkpoint_id, status in outcome.items():
+        print(f"{checkpoint_id}: {status}{' (every benchmark current; --force re-runs)' if status == 'unchanged' else ''}")
     # rebuilt rather than read back: the same function on the same results as eval_comparison's, and
     # present even where the report job did not run (a fake evaluate_all_checkpoints in tests)
     store = TuluStorage().store()
     print()
     print(write_run_summary(store, comparison_table(store)))
-    raise SystemExit(0 if outcome and all(outcome.values()) else 1)
+    raise SystemExit(0 if outcome and "FAILED" not in outcome.values() else 1)
 
 
 evaluation_assets = [*eval_assets, eval_comparison]

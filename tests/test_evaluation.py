@@ -11,6 +11,7 @@ import pytest
 
 from tulu_pipeline.evaluation import scoring
 from tulu_pipeline.evaluation.benchmarks import (
+    KIND_OF,
     BenchmarkConfig,
     benchmark_config,
     benchmarks,
@@ -240,6 +241,23 @@ def test_bbh_few_shot_exemplars_come_from_the_task_file_and_are_not_evaluated():
         assert s.prompt[-1]["content"] not in [m["content"] for m in s.prompt[:-1]]
 
 
+def test_cpu_sample_sizes_come_from_the_decode_budget():
+    from tulu_pipeline.evaluation.benchmarks import CPU_DECODE_BUDGET
+
+    for name in benchmarks():
+        config = benchmark_config(name)
+        if KIND_OF[name] == "mc1":
+            assert config.sample_size == 16  # scored by log-likelihood: no decoding to budget
+        elif KIND_OF[name] == "pairwise_vs_parent":
+            assert config.sample_size == 3  # bounded by the judge's passes, named in the preset
+        else:
+            assert config.sample_size == CPU_DECODE_BUDGET // config.max_new_tokens
+            assert config.sample_size * config.max_new_tokens <= CPU_DECODE_BUDGET
+    assert benchmark_config("humaneval").sample_size == 4 and benchmark_config("bbh").sample_size == 16
+    assert benchmark_config("gsm8k", max_new_tokens=64).sample_size == 16  # shorter answers buy more items
+    assert benchmark_config("gsm8k", sample_size=5, max_new_tokens=64).sample_size == 5  # a set size wins
+
+
 def test_presets_and_config_validation():
     assert benchmark_config("gsm8k", "full").sample_size is None
     assert benchmark_config("gsm8k", "full").few_shot == 8
@@ -322,6 +340,40 @@ def test_truthfulqa_mc1_with_loglikelihoods():
     assert result.summary["score"] == 1.0 and result.records[0]["response"] == samples[0].reference["choices"][0]
     with pytest.raises(ValueError, match="loglikelihood"):
         evaluate("truthfulqa", "base_model", samples, BenchmarkConfig(sample_size=4), backend=ScriptedBackend(str))
+
+
+def test_batched_answers_decode_the_companions_once_and_keep_them(tmp_path):
+    from tulu_pipeline.evaluation.pipeline import BatchedAnswers
+    from tulu_pipeline.generation.spec import BackendSpec
+
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "config.json").write_text("{}")
+    store = Store(str(tmp_path))
+    spec = BackendSpec(model="models/m", device="cpu")
+
+    class Many(ScriptedBackend):
+        def generate_many(self, requests):
+            self.calls.append([len(prompts) for prompts, _ in requests])
+            return [self.generate(prompts, params) for prompts, params in requests]
+
+    backend = Many(lambda prompt: "answer to " + prompt[-1]["content"][:30])
+    backend.calls = []
+    configs = {name: benchmark_config(name, sample_size=2) for name in ("gsm8k", "ifeval", "truthfulqa", "mbpp")}
+    samples = {name: load_samples(name, config) for name, config in configs.items()}
+    kept = BatchedAnswers()
+    first = kept.get(backend, spec, store, "gsm8k", samples["gsm8k"], configs["gsm8k"], configs, log=lambda _: None)
+    assert backend.calls == [[2, 2, 2]]  # gsm8k, then ifeval and mbpp; truthfulqa is not generated
+    assert first == [backend.reply(s.prompt) for s in samples["gsm8k"]]
+    ifeval = kept.get(backend, spec, store, "ifeval", samples["ifeval"], configs["ifeval"], configs, log=lambda _: None)
+    assert ifeval == [backend.reply(s.prompt) for s in samples["ifeval"]] and len(backend.calls) == 1  # kept
+    # another config (answer length) is another set of answers: generated on its own
+    longer = benchmark_config("mbpp", sample_size=2, max_new_tokens=300)
+    kept.get(backend, spec, store, "mbpp", samples["mbpp"], longer, configs, log=lambda _: None)
+    assert backend.calls[-1] == [2]
+    # more items than were kept: generated again (with nothing left to share)
+    three = benchmark_config("gsm8k", sample_size=3)
+    kept.get(backend, spec, store, "gsm8k", load_samples("gsm8k", three), three, configs, log=lambda _: None)
+    assert backend.calls[-1] == [3]
 
 
 def test_generation_job_records_round_trip():

@@ -179,3 +179,88 @@ def test_open_ended_set_judged_against_the_parent_by_the_local_tiny_judge(home, 
     assert metadata["low_confidence"].value is True
     markdown = comparison_markdown(comparison_table(store))
     assert "| vicuna_bench | unseen | win rate vs parent |" in markdown and "‡ = low confidence" in markdown
+
+
+def test_evaluate_checkpoint_decodes_every_benchmark_in_one_batched_pass(tmp_path, monkeypatch):
+    """The evaluate_checkpoint job runs in one process: its first generated benchmark decodes the others'
+    answers in the same batches (one generate_many call for the checkpoint), the model loads once, and each
+    benchmark's answers are the ones it gets evaluated alone."""
+    from assets.evaluation import evaluation_assets, evaluation_checks, evaluation_jobs
+    from tulu_pipeline.evaluation import pipeline
+    from tulu_pipeline.evaluation.results import read_summary
+    from tulu_pipeline.generation import spec as spec_module
+    from tulu_pipeline.generation.transformers_backend import TransformersBackend
+    from tulu_pipeline.storage import Store
+
+    home = tmp_path / "home"
+    save_tiny_model(home / "models" / "base_model", seed=0)
+    calls, loads = [], []
+    many, build = TransformersBackend.generate_many, spec_module.build_backend
+    monkeypatch.setattr(TransformersBackend, "generate_many",
+                        lambda self, requests: calls.append(len(requests)) or many(self, requests))
+    monkeypatch.setattr(spec_module, "build_backend", lambda spec, store=None: loads.append(spec.model) or build(spec, store))
+    monkeypatch.setattr(spec_module, "shared_backends", spec_module.BackendPool())
+    monkeypatch.setattr(pipeline, "_batched", pipeline.BatchedAnswers())
+    defs = dg.Definitions(assets=evaluation_assets, asset_checks=evaluation_checks, jobs=evaluation_jobs,
+                          resources=_resources(home))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("checkpoints", ["base_model"])
+    names = ("gsm8k", "ifeval", "truthfulqa")
+    config = {"ops": {f"eval__{name}": {"config": {"sample_size": 2, "max_new_tokens": 8}} for name in names}}
+    result = defs.resolve_job_def("evaluate_checkpoint").execute_in_process(
+        instance=instance, partition_key="base_model", run_config=config,
+        asset_selection=[dg.AssetKey(["eval", name]) for name in names])
+    assert result.success
+    assert calls == [2]  # gsm8k and ifeval together; truthfulqa is scored by log-likelihood
+    assert loads.count("models/base_model") == 1  # the judge spec differs; the policy model loads once
+    store = Store(str(home))
+    batched = [r["response"] for r in store.iter_rows("eval/ifeval/base_model")]
+    assert read_summary(store, "ifeval", "base_model")["n"] == 2 and len(batched) == 2
+
+    # ifeval evaluated alone (no companions, nothing kept) answers the same
+    calls.clear()
+    monkeypatch.setattr(pipeline, "_batched", pipeline.BatchedAnswers())
+    alone = dg.materialize([a for a in evaluation_assets if a.key == dg.AssetKey(["eval", "ifeval"])],
+                           instance=instance, partition_key="base_model", resources=_resources(home),
+                           run_config=_config("ifeval"))
+    assert alone.success and calls == [1]
+    assert [r["response"] for r in store.iter_rows("eval/ifeval/base_model")] == batched
+
+
+def test_tulu_evaluate_skips_what_is_current(tmp_path, monkeypatch):
+    """A second `tulu-evaluate` over unchanged checkpoints runs nothing; a benchmark whose config changed is
+    the only one evaluated again."""
+    from assets.evaluation import eval_assets, evaluate_all_checkpoints, evaluation_assets, evaluation_checks, evaluation_jobs
+    from tulu_pipeline.evaluation.benchmarks import benchmark_config
+    from tulu_pipeline.evaluation.pipeline import is_current
+    from tulu_pipeline.storage import Store
+
+    home = tmp_path / "home"
+    save_tiny_model(home / "models" / "base_model", seed=0)
+    monkeypatch.setenv("TULU_HOME", str(home))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    defs = dg.Definitions(assets=evaluation_assets, asset_checks=evaluation_checks, jobs=evaluation_jobs,
+                          resources=_resources(home))
+    instance = dg.DagsterInstance.ephemeral()
+    small = {"sample_size": 1, "max_new_tokens": 4}
+    config = {"ops": {a.node_def.name: {"config": small} for a in eval_assets}}
+    runs = []
+    execute = dg.JobDefinition.execute_in_process
+    monkeypatch.setattr(dg.JobDefinition, "execute_in_process",
+                        lambda self, **kw: runs.append((self.name, kw.get("asset_selection"))) or execute(self, **kw))
+
+    assert evaluate_all_checkpoints(instance, ["base_model"], defs, config) == {"base_model": "evaluated"}
+    assert runs[0] == ("evaluate_checkpoint", None) and runs[-1][0] == "eval_report"
+    store = Store(str(home))
+    assert is_current(store, "gsm8k", "base_model", benchmark_config("gsm8k", **small))
+    assert not is_current(store, "gsm8k", "base_model", benchmark_config("gsm8k", sample_size=2, max_new_tokens=4))
+
+    runs.clear()
+    assert evaluate_all_checkpoints(instance, ["base_model"], defs, config) == {"base_model": "unchanged"}
+    assert [name for name, _ in runs] == ["eval_report"]
+
+    runs.clear()
+    config["ops"]["eval__gsm8k"]["config"] = {"sample_size": 2, "max_new_tokens": 4}
+    assert evaluate_all_checkpoints(instance, ["base_model"], defs, config) == {"base_model": "evaluated"}
+    assert runs[0] == ("evaluate_checkpoint", [dg.AssetKey(["eval", "gsm8k"])])
+    assert evaluate_all_checkpoints(instance, ["base_model"], defs, config, force=True) == {"base_model": "evaluated"}

@@ -211,12 +211,14 @@ def test_tulu_evaluate_prints_the_summary_after_the_checkpoints(home, monkeypatc
 
     monkeypatch.setenv("TULU_HOME", str(home))
     monkeypatch.setattr(evaluation, "evaluate_all_checkpoints",
-                        lambda checkpoints=None, run_config=None: {"base_model": True, "sft-1": True, "dpo-2": True})
+                        lambda checkpoints=None, run_config=None, force=False:
+                        {"base_model": "unchanged", "sft-1": "evaluated", "dpo-2": "evaluated"})
     with pytest.raises(SystemExit) as exit_:
         evaluation.main([])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("base_model: evaluated\nsft-1: evaluated\ndpo-2: evaluated\n\n## Run summary\n")
+    assert out.startswith("base_model: unchanged (every benchmark current; --force re-runs)\nsft-1: evaluated\n"
+                          "dpo-2: evaluated\n\n## Run summary\n")
     assert "| gsm8k | sft − base | +62.5 [" in out and f"tulu trace {TRAINED_ROW} --tree" in out
     assert out.rstrip("\n").endswith((home / "reports/eval/comparison/summary.md").read_text().rstrip("\n"))
 

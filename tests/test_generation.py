@@ -146,6 +146,63 @@ def _row(prompt_ids):
     return _Row(0, 0, list(prompt_ids), seed=0, budget=1)
 
 
+def test_generate_many_shares_batches_and_returns_each_call_s_result(backend):
+    """Requests with different lengths and sampling share batches where they can; each result is the one its
+    own ``generate`` call gives (and a backend without generate_many is called once per request)."""
+    from tulu_pipeline.generation.base import generate_many
+
+    sampled = SamplingParams(max_new_tokens=6, temperature=1.0, n=2, seed=5)
+    requests = [(PROMPTS, GREEDY), (PROMPTS[1:], SamplingParams(max_new_tokens=4, temperature=0)),
+                (PROMPTS[:2], sampled), ([], GREEDY)]
+    decoded = []
+    original = backend._decode
+    backend._decode = lambda batch, *a: decoded.append(len(batch)) or original(batch, *a)
+    try:
+        together = backend.generate_many(requests)
+    finally:
+        backend._decode = original
+    assert sum(decoded) == 3 + 2 + 4 and len(decoded) == 3  # greedy rows in batches of 4 (5 rows), then sampled ones
+    assert [len(r) for r in together] == [3, 2, 2, 0]
+    assert together == [backend.generate(prompts, params) for prompts, params in requests]
+    assert together[1][0][0].completion_tokens <= 4 and together[1][0][0].params == requests[1][1].to_json()
+
+    class Plain:
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, prompts, params):
+            self.calls.append(len(prompts))
+            return [[p[-1]["content"]] for p in prompts]
+
+    plain = Plain()
+    assert generate_many(plain, requests[:2]) == [[[m[-1]["content"]] for m in PROMPTS],
+                                                  [[m[-1]["content"]] for m in PROMPTS[1:]]]
+    assert plain.calls == [3, 2]
+
+
+def test_backend_pool_keeps_a_model_until_its_files_or_spec_change(tmp_path, model_dir):
+    import os
+
+    from tulu_pipeline.generation.spec import BackendPool
+
+    shutil.copytree(model_dir, tmp_path / "models" / "a")
+    shutil.copytree(model_dir, tmp_path / "models" / "b")
+    store = Store(str(tmp_path))
+    pool = BackendPool(size=1)
+    spec = BackendSpec(model="models/a", device="cpu")
+    first = pool.get(spec, store)
+    assert pool.get(BackendSpec(model="models/a", device="cpu"), store) is first and pool.owns(first)
+    assert pool.get(BackendSpec(model="models/a", device="cpu", batch_size=3), store) is not first  # another spec
+    assert first.model is None and not pool.owns(first)  # evicted (size 1) and closed
+    again = pool.get(spec, store)
+    config = tmp_path / "models" / "a" / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 1_000_000))
+    assert pool.get(spec, store) is not again  # the checkpoint was rewritten: load it anew
+    pool.close()
+    assert not pool.owns(again)
+    assert BackendPool.key(BackendSpec(kind="openai", model="m", base_url="http://x/v1"), store) is None
+
+
 def test_greedy_n_copies(backend):
     results = backend.generate(PROMPTS[:1], SamplingParams(max_new_tokens=6, temperature=0, n=3, seed=7))
     assert [c.index for c in results[0]] == [0, 1, 2]

@@ -41,12 +41,21 @@ from tulu_pipeline.evaluation.benchmarks import (
 from tulu_pipeline.evaluation.comparison import contamination
 from tulu_pipeline.evaluation.judge_scoring import Judge
 from tulu_pipeline.evaluation.lineage import parent_of
-from tulu_pipeline.evaluation.results import REPORTS, publish_result, saved_responses
+from tulu_pipeline.evaluation.results import (
+    REPORTS,
+    checkpoint_identity,
+    dataset_name,
+    publish_result,
+    read_summary,
+    saved_responses,
+    version_of,
+)
 from tulu_pipeline.evaluation.runner import (
     evaluate,
     generate_in_process,
     generation_digest,
     generation_requests,
+    item_ids_sha256,
     needs_generation,
     responses_from_output,
     sampling_params,
@@ -72,6 +81,26 @@ def resolve_execution(execution: str, config: BenchmarkConfig) -> str:
         return execution
     small = config.sample_size is not None and config.sample_size <= AUTO_IN_PROCESS_MAX_ITEMS
     return "in_process" if small else "launcher"
+
+
+def is_current(store: Store, benchmark: str, checkpoint_id: str, config: BenchmarkConfig) -> bool:
+    """Whether the latest published evaluation of ``benchmark`` on ``checkpoint_id`` is the one ``config`` would
+    give now: the same version (eval code, weights identity, config, items), its item dataset present, and for
+    a set judged against the parent, the parent's answers it was judged against still the parent's latest."""
+    summary = read_summary(store, benchmark, checkpoint_id)
+    if summary is None:
+        return False
+    samples = load_samples(benchmark, config)
+    version = version_of(benchmark, checkpoint_id, checkpoint_identity(store, checkpoint_id), config.digest(),
+                         item_ids_sha256(samples))
+    dataset = posixpath.join(store.dataset_dir(dataset_name(benchmark, checkpoint_id), version), "_dataset.json")
+    if summary.get("version") != version or not store.exists(dataset):
+        return False
+    parent = summary.get("parent") or {}
+    if parent.get("source") == "saved":
+        latest = read_summary(store, benchmark, parent["checkpoint_id"])
+        return latest is not None and latest.get("version") == parent.get("version")
+    return not parent  # answers generated here for a parent: evaluate the parent, then this again
 
 
 def _model_dir_exists(store: Store, model: str) -> bool:
@@ -111,7 +140,7 @@ def run_benchmark(store: Store, benchmark: str, checkpoint_id: str, config: Benc
     """Evaluate and publish; returns the published summary (see `tulu_pipeline.evaluation.results`).
     ``backend_spec_for(checkpoint_id)`` gives the parent's generation spec when its answers must be generated.
     ``companions`` are the benchmarks (and configs) this process evaluates next on the same checkpoint: their
-    answers are generated in the same batches as this one's and kept for them (`batched_answers`)."""
+    answers are generated in the same batches as this one's and kept for them (`BatchedAnswers`)."""
     release = _closer(build)
     answers = _batched if build is None else None  # answers are only kept for models from the process's pool
     if build is None:

@@ -65,9 +65,15 @@ def checkpoint_identity(store: Store, checkpoint_id: str) -> str:
 
 
 def result_version(result: EvalResult, identity: str) -> str:
-    payload = {"code": EVAL_CODE_VERSION, "benchmark": result.benchmark, "checkpoint": result.checkpoint_id,
-               "identity": identity, "config": result.summary["config_digest"],
-               "items": result.summary["item_ids_sha256"]}
+    return version_of(result.benchmark, result.checkpoint_id, identity, result.summary["config_digest"],
+                      result.summary["item_ids_sha256"])
+
+
+def version_of(benchmark: str, checkpoint_id: str, identity: str, config_digest: str, item_ids_sha256: str) -> str:
+    """An evaluation's version: the eval code, the benchmark, the checkpoint and its weights' identity, the
+    config and the items. Equal versions are the same evaluation (`pipeline.is_current`)."""
+    payload = {"code": EVAL_CODE_VERSION, "benchmark": benchmark, "checkpoint": checkpoint_id,
+               "identity": identity, "config": config_digest, "items": item_ids_sha256}
     return json_hash(payload)
 
 

@@ -193,10 +193,15 @@ def summarize(benchmark: str, checkpoint_id: str, samples: Sequence[EvalSample],
         "n": len(values), "score": scoring.mean_score(values), "ci_low": low, "ci_high": high,
         "confidence": 0.95, "metrics": metrics, "scores": values,
         "config": config.model_dump(mode="json"), "config_digest": config.digest(),
-        "item_ids_sha256": hashlib.sha256("\n".join(s.item_id for s in samples).encode()).hexdigest(),
+        "item_ids_sha256": item_ids_sha256(samples),
         "decontamination_target": spec.decontamination_target, "code_version": EVAL_CODE_VERSION,
         "kind": spec.kind, "generation_digest": generation_digest(benchmark, config), "outputs_only": outputs_only,
     }
+
+
+def item_ids_sha256(samples: Sequence[EvalSample]) -> str:
+    """Which items an evaluation scored, in order (part of its version)."""
+    return hashlib.sha256("\n".join(s.item_id for s in samples).encode()).hexdigest()
 
 
 def build_result(benchmark: str, checkpoint_id: str, samples: Sequence[EvalSample], responses: Sequence[str] | None,

@@ -381,17 +381,8 @@ class TransformersBackend:
                 raise ValueError(f"a prompt + continuation of {width} tokens exceeds the model's "
                                  f"{self.max_positions}-token context")
             keep = max(len(encoded[k][1]) for k in chunk) + 1
-            input_ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, seq in enumerate(sequences):  # left padding: every continuation ends in the last column
-                input_ids[r, width - len(seq):] = torch.tensor(seq)
-                attention[r, width - len(seq):] = 1
-            input_ids, attention = input_ids.to(self.device), attention.to(self.device)
-            positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
-            kwargs = {"logits_to_keep": keep} if self._logits_to_keep else {}
             with torch.inference_mode():
-                logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                    use_cache=False, **kwargs).logits[:, -keep:, :]
+                input_ids, logits = self._last_logits(sequences, keep)
                 # Position t predicts token t + 1: the last ``keep - 1`` logits predict the last tokens.
                 logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
                 targets = input_ids[:, -(keep - 1):]
@@ -400,6 +391,23 @@ class TransformersBackend:
                 count = len(encoded[k][1])
                 results[k] = (float(picked[r, -count:].sum()), count)
         return results
+
+    def _last_logits(self, sequences: Sequence[Sequence[int]], keep: int) -> tuple[Any, Any]:
+        """One uncached forward over ``sequences`` left-padded into a batch (every sequence ends in the last
+        column): the padded ids and the logits of the last ``keep`` positions."""
+        torch = self._torch
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(sequences), width), dtype=torch.long)
+        for r, seq in enumerate(sequences):
+            input_ids[r, width - len(seq):] = torch.tensor(list(seq))
+            attention[r, width - len(seq):] = 1
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
+        kwargs = {"logits_to_keep": keep} if self._logits_to_keep else {}
+        logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                            use_cache=False, **kwargs).logits[:, -keep:, :]
+        return input_ids, logits
 
     def _next_token_logprobs(self, prompts: list[tuple[int, ...]]) -> list[Any]:
         """The log-softmax over the vocabulary after each prompt (left-padded batches, last position only)."""
@@ -412,17 +420,8 @@ class TransformersBackend:
             if self.max_positions and width + 1 > self.max_positions:
                 raise ValueError(f"a prompt + continuation of {width + 1} tokens exceeds the model's "
                                  f"{self.max_positions}-token context")
-            input_ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, k in enumerate(chunk):
-                input_ids[r, width - len(prompts[k]):] = torch.tensor(prompts[k])
-                attention[r, width - len(prompts[k]):] = 1
-            input_ids, attention = input_ids.to(self.device), attention.to(self.device)
-            positions = (attention.cumsum(dim=-1) - 1).clamp(min=0)
-            kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
             with torch.inference_mode():
-                logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                    use_cache=False, **kwargs).logits[:, -1, :]
+                logits = self._last_logits([prompts[k] for k in chunk], 1)[1][:, -1, :]
                 logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
             for r, k in enumerate(chunk):
                 out[k] = logprobs[r]
